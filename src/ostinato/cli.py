@@ -1,0 +1,103 @@
+"""The ``ostinato`` command: the same verbs for every model family.
+
+    ostinato prep corpus --out data/demo         render the demo corpus (music21 + fluidsynth) and shard it
+    ostinato prep shards SRC OUT [options]       any audio folder -> WebDataset shards + manifest.json
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _prep_corpus(args: argparse.Namespace) -> None:
+    from ostinato.data.corpus import render_corpus
+    from ostinato.data.shards import build_shards
+
+    out = Path(args.out)
+    summary = render_corpus(out, sample_rate=args.sample_rate, channels=args.channels, hours=args.hours,
+                            clip_seconds=args.clip_seconds, seed=args.seed, workers=args.workers,
+                            soundfont=args.soundfont, overwrite=args.overwrite)
+    if not args.no_shards:
+        for split in ("train", "valid", "test"):
+            manifest = build_shards(out / "audio" / split, out / "shards" / split, sample_rate=args.sample_rate,
+                                    channels=args.channels, workers=args.workers or os.cpu_count() or 1,
+                                    files_per_shard=args.files_per_shard, overwrite=args.overwrite)
+            print(f"shards/{split}: {len(manifest.shards)} shards, {manifest.total_samples} clips "
+                  f"-> {out / 'shards' / split / 'manifest.json'}")
+    print(summary.format())
+
+
+def _prep_shards(args: argparse.Namespace) -> None:
+    from ostinato.data.shards import build_shards
+
+    m = build_shards(args.src, args.out, sample_rate=args.sample_rate, channels=args.channels,
+                     loudness=args.loudness, segment_seconds=args.segment, overlap_seconds=args.overlap,
+                     min_segment_seconds=args.min_segment, metadata=args.metadata,
+                     files_per_shard=args.files_per_shard, bits=args.bits, workers=args.workers,
+                     overwrite=args.overwrite)
+    print(f"{len(m.shards)} shards, {m.total_samples} samples, {m.total_seconds / 3600:.2f} h at "
+          f"{m.sample_rate} Hz x {m.channels} ch; {m.skipped} files skipped")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    if m.skipped:
+        print(f"skipped files and reasons: {Path(args.out) / 'report.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ostinato", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    prep = verbs.add_parser("prep", help="prepare data: demo corpus, audio folder -> shards")
+    prep_verbs = prep.add_subparsers(dest="what", required=True)
+
+    c = prep_verbs.add_parser("corpus", help="render the demo corpus from music21's bundled scores")
+    c.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    c.add_argument("--sample-rate", type=int, default=24000, choices=[16000, 22050, 24000, 32000, 44100, 48000])
+    c.add_argument("--channels", choices=["mono", "stereo"], default="mono")
+    c.add_argument("--hours", type=float, default=1.0, help="total audio to render (default 1.0)")
+    c.add_argument("--clip-seconds", type=float, default=10.0)
+    c.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
+    c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    c.add_argument("--soundfont", default=None, help="a GM .sf2 (default: $OSTINATO_SOUNDFONT or Debian's)")
+    c.add_argument("--files-per-shard", type=int, default=256)
+    c.add_argument("--no-shards", action="store_true", help="render clips only, do not write shards")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
+    c.set_defaults(func=_prep_corpus)
+
+    s = prep_verbs.add_parser("shards", help="audio folder -> WebDataset shards (FLAC + JSON) + manifest.json")
+    s.add_argument("src", help="folder of wav/flac/mp3/ogg files, searched recursively")
+    s.add_argument("out", help="output folder for shard-*.tar, manifest.json and report.json")
+    s.add_argument("--sample-rate", type=int, default=None, help="target rate (default: the most common)")
+    s.add_argument("--channels", choices=["mono", "stereo", "keep"], default="keep")
+    s.add_argument("--loudness", type=float, default=None, metavar="LUFS", help="normalise to this loudness")
+    s.add_argument("--segment", type=float, default=None, metavar="SECONDS",
+                   help="cut into fixed-length segments (default: whole files)")
+    s.add_argument("--overlap", type=float, default=0.0, metavar="SECONDS")
+    s.add_argument("--min-segment", type=float, default=None, metavar="SECONDS",
+                   help="shortest tail segment kept (default: half a segment)")
+    s.add_argument("--metadata", default=None, help="CSV or JSONL table with a `path` column (captions, fields)")
+    s.add_argument("--files-per-shard", type=int, default=64)
+    s.add_argument("--bits", type=int, choices=[16, 24], default=16)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--overwrite", action="store_true", help="rebuild a finished output folder")
+    s.set_defaults(func=_prep_shards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"ostinato: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""``AudioDataModule``: WebDataset shards -> ``AudioBatch`` for training, validation and test."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ostinato.data.sources import ShardSource, resolve_shards
+from ostinato.data.streams import EvalSet, TrainStream, count_samples
+
+log = logging.getLogger(__name__)
+Spec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset which epoch starts, before workers copy it."""
+
+    def __init__(self, dataset: TrainStream, next_epoch, **kw: Any):
+        super().__init__(dataset, batch_size=None, **kw)
+        self._next_epoch = next_epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self._next_epoch()
+        return super().__iter__()
+
+
+class AudioDataModule(L.LightningDataModule):
+    """Audio shards for training (random crops, endless, resampled) and evaluation (fixed, equal per rank).
+
+    ``batch_size`` is global: each of the ``world_size`` ranks gets ``batch_size // world_size``. An epoch is
+    ``batches_per_epoch`` optimizer steps' worth of batches on every rank. Shards whose rate or channel count
+    differ from ``sample_rate``/``channels`` are converted on the fly.
+    """
+
+    def __init__(self, train: Spec | None = None, valid: Spec | None = None, test: Spec | None = None, *,
+                 sample_rate: int, channels: int = 1, segment_seconds: float = 10.0,
+                 eval_segment_seconds: float | None = None, min_segment_ratio: float = 0.5,
+                 batch_size: int = 16, eval_batch_size: int | None = None, batches_per_epoch: int = 1000,
+                 num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0, pin_memory: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if channels not in (1, 2):
+            raise ValueError(f"data.channels must be 1 or 2, got {channels}")
+        self.specs = {"train": train, "valid": valid, "test": test}
+        self.sample_rate, self.channels = int(sample_rate), int(channels)
+        self.segment_seconds = float(segment_seconds)
+        self.eval_segment_seconds = float(eval_segment_seconds or segment_seconds)
+        self.min_segment_ratio = min_segment_ratio
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
+        self.shuffle_buffer, self.seed, self.pin_memory = shuffle_buffer, seed, pin_memory
+        self._rank, self._world_size = rank, world_size
+        self._sources: dict[str, ShardSource] = {}
+        self.train_epoch = 0
+
+    # -- distributed layout -------------------------------------------------------------------------------
+    @property
+    def world(self) -> tuple[int, int]:
+        """(rank, world_size): explicit values first, then the attached Trainer, then torch.distributed."""
+        if self._world_size is not None:
+            return int(self._rank or 0), int(self._world_size)
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def per_rank(self, global_batch: int, key: str) -> int:
+        _, world = self.world
+        if global_batch % world:
+            raise ValueError(f"data.{key}={global_batch} does not divide over {world} ranks; "
+                             f"use a multiple of {world}")
+        return global_batch // world
+
+    # -- sources --------------------------------------------------------------------------------------------
+    def source(self, split: str) -> ShardSource:
+        if split not in self._sources:
+            spec = self.specs[split]
+            if spec is None:
+                raise ValueError(f"no shards configured for the {split} split (data.{split})")
+            src = resolve_shards(spec)
+            if src.sample_rate and src.sample_rate != self.sample_rate:
+                log.info("%s shards are at %d Hz; resampling to %d Hz on the fly", split, src.sample_rate,
+                         self.sample_rate)
+            self._sources[split] = src
+        return self._sources[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",)}.get(stage or "fit",
+                                                                                            ())
+        for split in splits:
+            if self.specs[split] is not None:
+                self.source(split)
+        if stage in (None, "fit"):
+            self.per_rank(self.batch_size, "batch_size")
+
+    # -- loaders --------------------------------------------------------------------------------------------
+    def _next_train_epoch(self) -> int:
+        self.train_epoch += 1
+        return self.train_epoch
+
+    def train_dataset(self) -> TrainStream:
+        rank, world = self.world
+        return TrainStream(self.source("train").urls, sample_rate=self.sample_rate, channels=self.channels,
+                           segment_seconds=self.segment_seconds,
+                           batch_size=self.per_rank(self.batch_size, "batch_size"),
+                           batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
+                           shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world)
+
+    def eval_dataset(self, split: str) -> EvalSet:
+        rank, world = self.world
+        src = self.source(split)
+        n = src.num_samples if src.num_samples is not None else count_samples(src.urls)
+        return EvalSet(src.urls, num_samples=n, sample_rate=self.sample_rate, channels=self.channels,
+                       segment_seconds=self.eval_segment_seconds,
+                       batch_size=self.per_rank(self.eval_batch_size, "eval_batch_size"),
+                       num_workers=self.num_workers, rank=rank, world_size=world)
+
+    def _loader_kw(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            kw["prefetch_factor"] = 4
+        return kw
+
+    def train_dataloader(self) -> DataLoader:
+        return _EpochLoader(self.train_dataset(), self._next_train_epoch, **self._loader_kw())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_dataset("valid"), batch_size=None, **self._loader_kw())
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_dataset("test"), batch_size=None, **self._loader_kw())
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_epoch": self.train_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_epoch = int(state.get("train_epoch", 0))

@@ -1,0 +1,123 @@
+"""Where shards come from: manifests, brace-expanded specs, local paths, ``http(s)://``, ``s3://`` and ``pipe:``.
+
+Remote shards are opened through webdataset's ``gopen`` table; ``s3://`` is registered here as a pipe through a
+command line that users can change with ``OSTINATO_S3_CMD`` (default ``aws s3 cp {url} -``), so any S3-compatible
+tool (s5cmd, rclone) works without code changes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+from webdataset.gopen import gopen, gopen_pipe, gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from ostinato.data.manifest import MANIFEST_NAME, Manifest
+
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
+S3_CMD_ENV = "OSTINATO_S3_CMD"
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    template = os.environ.get(S3_CMD_ENV, "aws s3 cp {url} -")
+    return gopen_pipe("pipe:" + template.format(url=shlex.quote(url)), mode=mode, bufsize=bufsize)
+
+
+gopen_schemes.setdefault("s3", _gopen_s3)
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES)
+
+
+@dataclass
+class ShardSource:
+    """Resolved shard URLs plus what the manifests (when given) say about them."""
+
+    urls: list[str]
+    sample_rate: int | None = None
+    channels: int | None = None
+    num_samples: int | None = None  # known only when every part came from a manifest
+
+
+def _read_remote_manifest(url: str) -> Manifest:
+    with gopen(url) as f:
+        return Manifest.from_dict(json.loads(f.read()), origin=url)
+
+
+def _resolve_one(spec: str) -> ShardSource:
+    spec = str(spec)
+    if spec.endswith(MANIFEST_NAME) and is_remote(spec):
+        m = _read_remote_manifest(spec)
+        base = spec[: -len(MANIFEST_NAME)]
+        return ShardSource([base + s.name for s in m.shards], m.sample_rate, m.channels, m.total_samples)
+    path = Path(spec)
+    if not is_remote(spec) and (path.name == MANIFEST_NAME or path.is_dir()):
+        m = Manifest.load(path)
+        folder = path if path.is_dir() else path.parent
+        urls = m.shard_paths(folder)
+        _check_local(urls, f"manifest {folder / MANIFEST_NAME}")
+        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples)
+    urls = list(braceexpand.braceexpand(spec))
+    if not is_remote(spec):
+        _check_local(urls, f"spec {spec!r}")
+    return ShardSource(urls)
+
+
+def _check_local(paths: list[str], origin: str) -> None:
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}, listed by {origin}")
+
+
+def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> ShardSource:
+    """Expand a spec (or a list of specs) into shard URLs.
+
+    A spec is a folder holding ``manifest.json``, a manifest path or URL, or a brace pattern such as
+    ``data/train/shard-{000000..000031}.tar`` or ``s3://bucket/music/shard-{0..99}.tar``. Local shards are
+    checked up front: a missing one raises ``FileNotFoundError`` naming it.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise ValueError("empty shard spec: give a manifest, a folder with manifest.json, or a brace pattern")
+    parts = [_resolve_one(str(s)) for s in specs]
+    rates = {p.sample_rate for p in parts if p.sample_rate}
+    chans = {p.channels for p in parts if p.channels}
+    counts = [p.num_samples for p in parts]
+    return ShardSource(
+        urls=[u for p in parts for u in p.urls],
+        sample_rate=rates.pop() if len(rates) == 1 else None,
+        channels=chans.pop() if len(chans) == 1 else None,
+        num_samples=sum(counts) if all(c is not None for c in counts) else None,
+    )
+
+
+def open_shard(url: str):
+    """A readable binary stream for a local path or any URL webdataset's ``gopen`` knows."""
+    if not is_remote(url):
+        if not Path(url).is_file():
+            raise FileNotFoundError(f"shard not found: {url}")
+        return open(url, "rb")
+    return gopen(url)
+
+
+def iter_raw_samples(url: str) -> Iterator[dict]:
+    """Yield raw samples ``{"__key__": str, "flac": bytes, "json": bytes, ...}`` of one shard, in order.
+
+    Opening errors (missing shard, failed download) propagate; a tar that is truncated part-way raises
+    ``tarfile.ReadError`` after the complete samples before the damage were yielded.
+    """
+    stream = open_shard(url)
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        for sample in group_by_keys(files):
+            sample.pop("__url__", None)
+            yield sample
+    finally:
+        stream.close()

@@ -1,0 +1,45 @@
+"""Synthetic test data in the real shard format."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from ostinato.data.audio import encode_flac
+from ostinato.data.manifest import Manifest, ShardInfo
+
+
+
+def tone(freq: float, seconds: float, sr: int, channels: int = 1) -> torch.Tensor:
+    t = torch.arange(round(seconds * sr)) / sr
+    wav = 0.5 * torch.sin(2 * torch.pi * freq * t)
+    return wav.expand(channels, -1).clone()
+
+
+def write_shards(folder: Path, *, n_shards: int = 3, per_shard: int = 8, sample_rate: int = 16000,
+                 channels: int = 1, seconds: float | list[float] = 1.0, corrupt: set[int] = frozenset()) -> Manifest:
+    """Shards of pure tones; sample i has frequency 100 + 10 i Hz and caption 'clip i'.
+
+    ``seconds`` may be a list giving each sample's length; indices in ``corrupt`` get garbage audio bytes.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, i = [], 0
+    for s in range(n_shards):
+        name = f"shard-{s:06d}.tar"
+        total = 0.0
+        with wds.TarWriter(str(folder / name)) as w:
+            for _ in range(per_shard):
+                dur = seconds[i] if isinstance(seconds, list) else seconds
+                audio = b"not a flac" * 10 if i in corrupt else encode_flac(tone(100 + 10 * i, dur, sample_rate, channels), sample_rate)
+                meta = {"caption": f"clip {i}", "index": i, "piece": f"p{i // 4}"}
+                w.write({"__key__": f"s{i:05d}", "flac": audio, "json": json.dumps(meta).encode()})
+                total += dur
+                i += 1
+        shards.append(ShardInfo(name=name, samples=per_shard, seconds=total, bytes=(folder / name).stat().st_size))
+    m = Manifest(shards=shards, sample_rate=sample_rate, channels=channels)
+    m.save(folder)
+    return m
