@@ -2,6 +2,10 @@
 
     ostinato prep corpus --out data/demo         render the demo corpus (music21 + fluidsynth) and shard it
     ostinato prep shards SRC OUT [options]       any audio folder -> WebDataset shards + manifest.json
+    ostinato train [-d] [overrides ...]          train an experiment (== dora -P ostinato run ...)
+    ostinato grid NAME [dora grid options]       launch/monitor a grid from grids/ (== dora -P ostinato grid)
+    ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
+    ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
 """
 from __future__ import annotations
 
@@ -45,6 +49,29 @@ def _prep_shards(args: argparse.Namespace) -> None:
         print(f"skipped files and reasons: {Path(args.out) / 'report.json'}")
 
 
+DORA_VERBS = {"train": "run", "grid": "grid", "launch": "launch", "info": "info"}
+
+
+def _dora(verb: str, rest: list[str]) -> None:
+    """Hand the verb to dora with this package, so `ostinato train` and `dora -P ostinato run` are one."""
+    from dora.__main__ import main as dora_main
+
+    sys.argv = ["dora", "-P", "ostinato", DORA_VERBS[verb], *rest]
+    dora_main()
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ostinato.engine.weights import export
+    from ostinato.train import main as train_main
+
+    ref = args.ref
+    xps = Path(train_main.dora.dir) / train_main.dora.xps
+    if not ref.startswith("//") and not Path(ref).exists() and (xps / ref).is_dir():
+        ref = f"//sig/{ref}"
+    out = export(ref, args.out, xps_dir=xps, trust=args.trust)
+    print(f"exported {ref} -> {out} (model.safetensors, config.yaml, export.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ostinato", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,10 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--overwrite", action="store_true", help="rebuild a finished output folder")
     s.set_defaults(func=_prep_shards)
+
+    for verb, dora_verb in DORA_VERBS.items():
+        verbs.add_parser(verb, help=f"dora {dora_verb} for ostinato (see `ostinato {verb} --help`)", add_help=False)
+
+    e = verbs.add_parser("export", help="write an XP's EMA weights as safetensors + config for ostinato.load")
+    e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file")
+    e.add_argument("out", help="output folder")
+    e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    e.set_defaults(func=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DORA_VERBS:
+        return _dora(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

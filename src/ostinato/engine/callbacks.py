@@ -1,0 +1,154 @@
+"""Callbacks every family gets: dora history, throughput, audio samples, preemption checkpoints."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from ostinato.data.batch import AudioBatch
+
+log = logging.getLogger(__name__)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        v = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else v
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def grouped(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{"train/loss": 1.0, "valid/loss": 2.0} -> {"train": {"loss": 1.0}, "valid": {"loss": 2.0}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        group, _, name = key.partition("/")
+        out.setdefault(group if name else "other", {})[name or group] = value
+    return out
+
+
+class DoraHistory(L.Callback):
+    """Push each epoch's train and valid metrics to dora's history, so `dora grid` tables show them live."""
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:  # a resumed run drops the epochs it is about to redo
+            self.xp.link.load()
+            self.xp.link.update_history(self.xp.link.history[: trainer.current_epoch])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        entry: dict[str, Any] = grouped(_floats(trainer.callback_metrics))
+        entry["step"], entry["epoch"] = trainer.global_step, trainer.current_epoch
+        self.xp.link.push_metrics(entry)
+
+
+class Throughput(L.Callback):
+    """Log samples/s and audio-seconds/s of training (shown on the progress bar)."""
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._t0 is None or not isinstance(batch, AudioBatch):
+            return
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        n = len(batch) * trainer.world_size
+        sr = getattr(pl_module, "sample_rate", None)
+        pl_module.log("perf/samples_per_s", n / dt, batch_size=len(batch))
+        if sr:
+            pl_module.log("perf/audio_s_per_s", n * batch.audio.shape[-1] / sr / dt, prog_bar=True,
+                          batch_size=len(batch))
+        if batch.skipped:
+            pl_module.log("data/corrupt_skipped", float(batch.skipped), reduce_fx="sum", batch_size=len(batch))
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Write ``last.ckpt`` when SLURM preempts or requeues the job, then let submitit requeue it.
+
+    SIGUSR2 (submitit's timeout/preemption signal) and SIGTERM (sent by ``scontrol requeue`` and
+    preemption) only raise a flag; at the next batch end all ranks agree through an all-reduce, save together,
+    then chain to the previous handler (submitit requeues on SIGUSR2) or exit (SIGTERM).
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self, last_path: str | Path) -> None:
+        self.last_path = str(last_path)
+        self._caught: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        log.warning("caught %s: a checkpoint will be written at the end of this batch", signal.Signals(signum).name)
+        self._caught = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _agreed_signal(self, device: torch.device) -> int:
+        flag = torch.tensor([self._caught or 0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        signum = self._agreed_signal(pl_module.device)
+        if not signum:
+            return
+        trainer.save_checkpoint(self.last_path)
+        log.warning("preemption checkpoint written to %s at step %d", self.last_path, trainer.global_step)
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+        raise SystemExit(0 if signum == signal.SIGTERM else 1)
+
+
+class AudioSamples(L.Callback):
+    """Every ``every_steps``, write the family's ``sample_audio`` waveforms (wav + mel PNG) and log them."""
+
+    def __init__(self, folder: str | Path, every_steps: int = 1000, max_items: int = 2) -> None:
+        self.folder, self.every_steps, self.max_items = Path(folder), every_steps, max_items
+        self._last = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step  # every rank samples (FSDP needs all of them), rank 0 writes
+        if self.every_steps <= 0 or step == self._last or step % self.every_steps or not isinstance(batch, AudioBatch):
+            return
+        self._last = step
+        sr = pl_module.sample_rate
+        items = AudioBatch(batch.audio[: self.max_items], batch.lengths[: self.max_items],
+                           batch.captions[: self.max_items], batch.meta[: self.max_items])
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            waves = pl_module.sample_audio(items)
+        finally:
+            pl_module.train(was_training)
+        if waves and sr and trainer.is_global_zero:
+            from ostinato.engine.media import log_audio
+
+            log_audio(trainer.loggers, self.folder / f"step_{step:08d}", waves, sr, step, items.captions)

@@ -1,0 +1,106 @@
+"""A Lightning ``Trainer`` from the ``trainer`` config group, wired to the XP folder and dora."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+
+from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
+from ostinato.engine.checkpoint import SafeCheckpointIO
+from ostinato.engine.cluster import DoraEnvironment
+from ostinato.engine.ema import EMA
+from ostinato.engine.family import FamilyModule
+from ostinato.engine.guard import NonFiniteGuard
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(folder: Path) -> Path:
+    return Path(folder) / "checkpoints"
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    path = checkpoint_dir(folder) / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def _strategy(cfg: Any, family: FamilyModule, env: DoraEnvironment | LightningEnvironment,
+              accelerator: str) -> Strategy | str:
+    name = cfg.strategy
+    plugins = {"cluster_environment": env}
+    backend = "nccl" if accelerator == "gpu" else "gloo"
+    if name == "ddp":
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=cfg.find_unused_parameters,
+                           checkpoint_io=SafeCheckpointIO(cfg.trust_checkpoints), **plugins)
+    if name == "fsdp":
+        blocks = family.block_classes()
+        return FSDPStrategy(auto_wrap_policy=blocks or None, process_group_backend=backend,
+                            activation_checkpointing_policy=blocks if cfg.activation_checkpointing else None,
+                            sharding_strategy=cfg.fsdp_sharding, state_dict_type="sharded", **plugins)
+    if name == "auto":
+        return "auto"
+    raise ValueError(f"trainer.strategy={name!r}: use auto, ddp or fsdp")
+
+
+def apply_compile_and_checkpointing(cfg: Any, family: FamilyModule) -> None:
+    """``trainer.compile``: submodules to ``torch.compile``; ``activation_checkpointing`` for DDP/single."""
+    for name in cfg.compile or []:
+        module = family.get_submodule(name)
+        module.compile()
+        log.info("torch.compile(%s)", name)
+    if cfg.activation_checkpointing and cfg.strategy != "fsdp":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        blocks = tuple(family.block_classes())
+        if not blocks:
+            raise ValueError("trainer.activation_checkpointing=true but this family declares no block_classes()")
+        apply_activation_checkpointing(family, check_fn=lambda m: isinstance(m, blocks))
+
+
+def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None = None,
+                  loggers: list | None = None) -> L.Trainer:
+    """``cfg`` is the whole resolved config; ``folder`` the XP folder (default_root_dir)."""
+    t = cfg.trainer
+    # dora's processes (run -d, SLURM tasks) or Lightning's own; never Lightning's SLURM requeue (submitit's)
+    dora_env = DoraEnvironment() if DoraEnvironment.detect() else None
+    env = dora_env or LightningEnvironment()
+    accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    devices, num_nodes = (dora_env.devices_per_node, dora_env.num_nodes) if dora_env else (t.devices, t.num_nodes)
+    ckpt_dir = checkpoint_dir(folder)
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                        every_n_train_steps=t.checkpoint_every_steps, save_last=True,
+                        save_top_k=-1 if t.keep_checkpoints else 0, save_on_train_epoch_end=True),
+        NonFiniteGuard(max_in_row=t.nonfinite_max_in_row),
+        Throughput(),
+        PreemptionCheckpoint(ckpt_dir / "last.ckpt"),
+    ]
+    if cfg.ema.decay > 0:
+        callbacks.append(EMA(modules=cfg.ema.modules or family.ema_modules, decay=cfg.ema.decay,
+                             every_n_steps=cfg.ema.every_n_steps, start_step=cfg.ema.start_step))
+    if cfg.samples.every_steps > 0:
+        callbacks.append(AudioSamples(Path(folder) / "samples", cfg.samples.every_steps, cfg.samples.max_items))
+    if xp is not None:
+        callbacks.append(DoraHistory(xp))
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins: list[Any] = []
+    strategy = _strategy(t, family, env, accelerator)
+    if strategy == "auto":
+        plugins += [SafeCheckpointIO(t.trust_checkpoints), env]
+    return L.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, plugins=plugins,
+        precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
+        check_val_every_n_epoch=t.val_every_epochs, limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.sanity_val_steps,
+        gradient_clip_val=(t.gradient_clip_val or None) if family.automatic_optimization else None,
+        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        default_root_dir=str(folder), logger=loggers or False, callbacks=callbacks,
+        enable_progress_bar=t.progress_bar, enable_model_summary=t.model_summary,
+        use_distributed_sampler=False, deterministic=t.deterministic, benchmark=None)

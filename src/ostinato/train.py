@@ -1,0 +1,111 @@
+"""The training entry point: ``ostinato train [overrides]`` == ``dora -P ostinato run [overrides]``.
+
+config -> checks -> datamodule + family module + Trainer -> fit, resuming the XP's ``last.ckpt`` when present.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from dora import get_xp, hydra_main
+from dora.distrib import get_distrib_spec
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ostinato.engine.config import ConfigError, check_global_batch, validate
+from ostinato.engine.family import plain
+from ostinato.engine.guard import NonFiniteError
+from ostinato.engine.loggers import build_loggers
+from ostinato.engine.trainer import apply_compile_and_checkpointing, build_trainer, last_checkpoint
+from ostinato.engine.weights import CONFIG_KEY, load_weights
+from ostinato.fileio import atomic_write_text
+
+log = logging.getLogger("ostinato.train")
+
+
+def conf_dir() -> str:
+    """``$OSTINATO_CONF``, else the repository's ``conf/`` (the package is installed from a checkout)."""
+    env = os.environ.get("OSTINATO_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"no config.yaml in {path}; set OSTINATO_CONF to your conf/ folder")
+    return str(path)
+
+
+def _setup_logging(folder: Path, rank: int) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    folder.mkdir(parents=True, exist_ok=True)
+    handlers.append(logging.FileHandler(folder / ("train.log" if rank == 0 else f"train.rank{rank}.log")))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def _preflight(cfg: DictConfig, world_size: int):
+    """Everything that can fail before training: config checks, data paths, batch division."""
+    validate(cfg)
+    check_global_batch(cfg, world_size)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    for split in ("train", "valid", "test"):
+        if cfg.data.get(split) is not None:
+            try:
+                datamodule.source(split)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.{split}: {e}") from None
+    return datamodule
+
+
+def run(cfg: DictConfig) -> L.Trainer:
+    xp = get_xp()
+    folder = Path(xp.folder)
+    spec = get_distrib_spec()
+    _setup_logging(folder, spec.rank)
+    world = spec.world_size if spec.world_size > 1 else (
+        int(cfg.trainer.devices if str(cfg.trainer.devices).isdigit() else 1) * int(cfg.trainer.num_nodes))
+    datamodule = _preflight(cfg, world)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    family = instantiate(cfg.family, optim=plain(cfg.optim), _convert_="all")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    family.__dict__[CONFIG_KEY] = resolved  # stored in every checkpoint (see FamilyModule.on_save_checkpoint)
+    if spec.rank == 0:
+        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resume = last_checkpoint(folder)
+    if cfg.continue_from and resume is None:
+        load_weights(family, cfg.continue_from, xps_dir=Path(xp.dora.dir) / xp.dora.xps,
+                     trust=cfg.trainer.trust_checkpoints)
+    apply_compile_and_checkpointing(cfg.trainer, family)
+    loggers = build_loggers(cfg.logger, folder, xp.sig) if cfg.logger.kind != "none" else []
+    trainer = build_trainer(cfg, folder, family, xp=xp, loggers=loggers)
+    log.info("XP %s in %s%s", xp.sig, folder, f", resuming {resume}" if resume else "")
+    if cfg.eval_only:
+        trainer.validate(family, datamodule)
+        if cfg.data.get("test") is not None:
+            trainer.test(family, datamodule)
+        if trainer.is_global_zero:
+            from ostinato.engine.callbacks import grouped
+
+            xp.link.push_metrics({**grouped({k: float(v) for k, v in trainer.callback_metrics.items()}),
+                                  "step": 0})
+        return trainer
+    try:
+        trainer.fit(family, datamodule, ckpt_path=str(resume) if resume else None)
+    except NonFiniteError as e:
+        kept = last_checkpoint(folder)
+        raise NonFiniteError(f"{e} ({kept or 'no checkpoint was written yet'})") from None
+    return trainer
+
+
+@hydra_main(config_path=conf_dir(), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        print(f"ostinato: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Families with fault injection and introspection, for engine tests (selected with family._target_=...)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ostinato.data.batch import AudioBatch
+from ostinato.families.debug import DebugFamily
+
+
+class NaNFamily(DebugFamily):
+    """DebugFamily whose loss is NaN at the given global steps (every step when ``always``)."""
+
+    def __init__(self, nan_steps: list[int] | None = None, always: bool = False, **kw):
+        super().__init__(**kw)
+        self.nan_steps, self.always = set(nan_steps or []), always
+
+    def training_step(self, batch: AudioBatch, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.always or self.global_step in self.nan_steps:
+            loss = loss * float("nan")
+        return loss
+
+
+class RankDumpFamily(DebugFamily):
+    """DebugFamily that writes each rank's final weights to ``$OSTINATO_DUMP/rank{r}.pt``."""
+
+    def on_train_end(self) -> None:
+        folder = Path(os.environ["OSTINATO_DUMP"])
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"state": state, "world": self.trainer.world_size, "step": self.global_step},
+                   folder / f"rank{self.global_rank}.pt")

@@ -1,0 +1,162 @@
+"""The training engine end to end: XP folders and signatures, resume after SIGKILL, DDP, EMA export, guards,
+config errors. Runs the real `ostinato train` CLI in subprocesses on small synthetic shards."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ostinato
+from tests.synth import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["logger=csv", "data.segment_seconds=0.5", "data.batch_size=4", "data.batches_per_epoch=10",
+        "data.num_workers=0", "trainer.progress_bar=false", "trainer.model_summary=false",
+        "trainer.log_every_n_steps=1", "optim.schedule.warmup_steps=0", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("engine")
+    for split in ("train", "valid", "test"):
+        write_shards(root / "data" / "demo" / "shards" / split, n_shards=2, per_shard=8, sample_rate=24000)
+    return {**os.environ, "OSTINATO_DATA": str(root / "data"), "OSTINATO_OUTPUTS": str(root / "out"),
+            "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def train(env: dict[str, str], *overrides: str, check: bool = True, ddp: int = 0) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ostinato.cli", "train"] + (["-d", "--ddp_workers", str(ddp)] if ddp else [])
+    proc = subprocess.run(cmd + FAST + list(overrides), env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def xp_folder(env: dict[str, str], *overrides: str) -> Path:
+    """The XP folder dora derives for these overrides (computed in-process, as dora does)."""
+    code = ("import sys; from ostinato.train import main; "
+            "print(main.get_xp(sys.argv[1:]).folder)")
+    out = subprocess.run([sys.executable, "-c", code, *FAST, *overrides], env=env, capture_output=True,
+                         text=True, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def losses(folder: Path) -> list[tuple[int, float]]:
+    """(step, train loss) rows of the XP's CSV log, in the order they were written."""
+    with open(folder / "csv" / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_xp_folder_resume_and_signature(env):
+    run = ["trainer.max_steps=20", "trainer.checkpoint_every_steps=5"]
+    train(env, *run)
+    folder = xp_folder(env, *run)
+    assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20
+    history = (folder / "history.json").read_text()
+    assert '"valid"' in history and '"train"' in history
+
+    mtime = (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = train(env, *run)
+    assert "resuming" in again.stderr
+    assert (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime  # nothing trained, nothing written
+
+    assert xp_folder(env, *run, "data.num_workers=1", "logger=wandb") == folder  # excluded keys
+    assert xp_folder(env, *run, "optim.lr=1e-3") != folder  # a signature key
+
+
+def test_sigkill_resumes_from_last_checkpoint(env):
+    run = ["trainer.max_steps=400", "trainer.checkpoint_every_steps=10", "ema.decay=0.9"]
+    folder = xp_folder(env, *run)
+    cmd = [sys.executable, "-m", "ostinato.cli", "train", *FAST, *run]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    saved = 0
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            saved = torch.load(last, weights_only=True)["global_step"]
+            if saved >= 30:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 30 <= saved < 400, f"could not catch the run mid-way (step {saved})"
+    saved = torch.load(last, weights_only=True)["global_step"]  # the file is whole after the kill
+    before = losses(folder)
+    result = train(env, *run)
+    assert f"resuming {last}" in result.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 400
+    new_rows = losses(folder)[len(before):]
+    assert new_rows and new_rows[0][0] >= saved - 1, f"restarted from {new_rows[:1]}, checkpoint at {saved}"
+    # the loss continues from where it was: nearer the loss at the checkpoint than the loss at the start
+    start = before[0][1]
+    at_ckpt = [loss for step, loss in before if step <= saved][-1]
+    assert abs(new_rows[0][1] - at_ckpt) < abs(new_rows[0][1] - start)
+
+
+def test_two_process_ddp_keeps_ranks_identical(env, tmp_path):
+    dump = tmp_path / "dump"
+    train({**env, "OSTINATO_DUMP": str(dump)}, "trainer.max_steps=8", "trainer.strategy=ddp",
+          "trainer.accelerator=cpu", "family._target_=tests.engine_models.RankDumpFamily", ddp=2)
+    r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert r0["world"] == r1["world"] == 2 and r0["step"] == r1["step"] == 8
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+
+
+def test_ema_export_and_load(env, tmp_path):
+    run = ["trainer.max_steps=20", "ema.decay=0.9", "seed=3"]
+    train(env, *run)
+    folder = xp_folder(env, *run)
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    from ostinato.engine.ema import ema_weights_from_checkpoint
+
+    ema = ema_weights_from_checkpoint(ckpt)
+    raw = ckpt["state_dict"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "ostinato.cli", "export", folder.name, str(out)], env=env, check=True,
+                   capture_output=True)
+    model = ostinato.load(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ema[key]), key
+    x = torch.randn(2, 1, 4000)
+    reloaded = ostinato.load(out)
+    assert torch.equal(model(x), reloaded(x))
+
+
+def test_nan_step_is_skipped_and_nan_run_stops(env):
+    target = "family._target_=tests.engine_models.NaNFamily"
+    ok = train(env, "trainer.max_steps=12", target, "+family.nan_steps=[4]")
+    assert "non-finite" in ok.stderr.lower()
+    folder = xp_folder(env, "trainer.max_steps=12", target, "+family.nan_steps=[4]")
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+    bad = train(env, "trainer.max_steps=50", target, "+family.always=true", "trainer.nonfinite_max_in_row=3",
+                check=False)
+    assert bad.returncode != 0
+    assert "3 non-finite" in bad.stderr or "3 in a row" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.bogus=1", "trainer.bogus"),
+    ("data.train=/nonexistent/shards", "data.train"),
+    ("trainer.max_steps=many", "trainer.max_steps"),
+    ("family.hidden=wide", "family.hidden"),
+    ("data.batch_size=5 trainer.devices=2", "data.batch_size"),
+])
+def test_bad_configs_fail_before_training_naming_the_key(env, override, key):
+    proc = train(env, *override.split(), check=False)
+    assert proc.returncode != 0
+    assert key in proc.stderr, proc.stderr[-1500:]
+    assert "Epoch" not in proc.stderr and "global_step" not in proc.stderr
