@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
     c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     c.add_argument("--soundfont", default=None, help="a GM .sf2 (default: $OSTINATO_SOUNDFONT or Debian's)")
-    c.add_argument("--files-per-shard", type=int, default=256)
+    c.add_argument("--files-per-shard", type=int, default=64)
     c.add_argument("--no-shards", action="store_true", help="render clips only, do not write shards")
     c.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     c.set_defaults(func=_prep_corpus)
