@@ -63,6 +63,9 @@ def _resolve_one(spec: str) -> ShardSource:
         urls = m.shard_paths(folder)
         _check_local(urls, f"manifest {folder / MANIFEST_NAME}")
         return ShardSource(urls, m.sample_rate, m.channels, m.total_samples)
+    if not is_remote(spec) and "{" not in spec and not path.exists():
+        raise FileNotFoundError(f"no shards at {spec}: expected a folder with {MANIFEST_NAME}, a manifest, "
+                                "shard .tar files or a brace pattern (create them with `ostinato prep shards`)")
     urls = list(braceexpand.braceexpand(spec))
     if not is_remote(spec):
         _check_local(urls, f"spec {spec!r}")

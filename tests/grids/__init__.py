@@ -1,0 +1,1 @@
+"""Grids used by the tests (selected with OSTINATO_GRIDS=tests.grids)."""
