@@ -3,7 +3,9 @@ config errors. Runs the real `ostinato train` CLI in subprocesses on small synth
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import ostinato
 from tests.synth import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["logger=csv", "data.segment_seconds=0.5", "data.batch_size=4", "data.batches_per_epoch=10",
+FAST = ["data.segment_seconds=0.5", "data.batch_size=4", "data.batches_per_epoch=10",
         "data.num_workers=0", "trainer.progress_bar=false", "trainer.model_summary=false",
         "trainer.log_every_n_steps=1", "optim.schedule.warmup_steps=0", "optim.lr=3e-3"]
 
@@ -31,9 +33,14 @@ def env(tmp_path_factory) -> dict[str, str]:
             "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
+def _args(overrides) -> list[str]:
+    logger = [] if any(o.startswith("logger=") for o in overrides) else ["logger=csv"]
+    return FAST + logger + list(overrides)
+
+
 def train(env: dict[str, str], *overrides: str, check: bool = True, ddp: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ostinato.cli", "train"] + (["-d", "--ddp_workers", str(ddp)] if ddp else [])
-    proc = subprocess.run(cmd + FAST + list(overrides), env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + _args(overrides), env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -43,7 +50,7 @@ def xp_folder(env: dict[str, str], *overrides: str) -> Path:
     """The XP folder dora derives for these overrides (computed in-process, as dora does)."""
     code = ("import sys; from ostinato.train import main; "
             "print(main.get_xp(sys.argv[1:]).folder)")
-    out = subprocess.run([sys.executable, "-c", code, *FAST, *overrides], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, *_args(overrides)], env=env, capture_output=True,
                          text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -69,14 +76,14 @@ def test_xp_folder_resume_and_signature(env):
     assert "resuming" in again.stderr
     assert (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime  # nothing trained, nothing written
 
-    assert xp_folder(env, *run, "data.num_workers=1", "logger=wandb") == folder  # excluded keys
+    assert xp_folder(env, *run, "data.num_workers=1", "logger=tensorboard") == folder  # excluded keys
     assert xp_folder(env, *run, "optim.lr=1e-3") != folder  # a signature key
 
 
 def test_sigkill_resumes_from_last_checkpoint(env):
     run = ["trainer.max_steps=400", "trainer.checkpoint_every_steps=10", "ema.decay=0.9"]
     folder = xp_folder(env, *run)
-    cmd = [sys.executable, "-m", "ostinato.cli", "train", *FAST, *run]
+    cmd = [sys.executable, "-m", "ostinato.cli", "train", *_args(run)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = folder / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
@@ -113,10 +120,16 @@ def test_two_process_ddp_keeps_ranks_identical(env, tmp_path):
         assert torch.equal(value, r1["state"][key]), key
 
 
-def test_ema_export_and_load(env, tmp_path):
-    run = ["trainer.max_steps=20", "ema.decay=0.9", "seed=3"]
+def test_ema_export_load_samples_and_wandb(env, tmp_path):
+    run = ["trainer.max_steps=20", "ema.decay=0.9", "seed=3", "logger=wandb", "samples.every_steps=10"]
     train(env, *run)
     folder = xp_folder(env, *run)
+    assert list((folder / "wandb").glob("offline-run-*")), "wandb should log offline without a login"
+    step = folder / "samples" / "step_00000010"
+    assert sorted(p.name for p in step.iterdir()) == ["original_0.png", "original_0.wav", "original_1.png",
+                                                     "original_1.wav", "reconstruction_0.png",
+                                                     "reconstruction_0.wav", "reconstruction_1.png",
+                                                     "reconstruction_1.wav"]
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     from ostinato.engine.ema import ema_weights_from_checkpoint
 
@@ -160,3 +173,25 @@ def test_bad_configs_fail_before_training_naming_the_key(env, override, key):
     assert proc.returncode != 0
     assert key in proc.stderr, proc.stderr[-1500:]
     assert "Epoch" not in proc.stderr and "global_step" not in proc.stderr
+
+
+def test_eval_only_scores_a_trained_xp_without_training(env):
+    trained = ["trainer.max_steps=10", "seed=5"]
+    train(env, *trained)
+    source = xp_folder(env, *trained)
+    evaluation = [f"continue_from=//sig/{source.name}", "eval_only=true"]
+    proc = train(env, *evaluation)
+    folder = xp_folder(env, *evaluation)
+    assert folder != source and not (folder / "checkpoints").exists()
+    assert "loaded from" in proc.stderr and "(EMA)" in proc.stderr
+    history = json.loads((folder / "history.json").read_text())
+    assert history[-1]["valid"]["loss"] > 0 and history[-1]["test"]["loss"] > 0
+
+
+def test_example_grids_expand_without_a_cluster(env, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "grid", "debug_sweep", "--dry_run",
+                           "--no_monitoring"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if "opt.lr=" in line]
+    sigs = {re.search(r"N/A\s+([0-9a-f]{8})", r).group(1) for r in rows}
+    assert len(rows) == 4 and len(sigs) == 4  # four distinct experiments

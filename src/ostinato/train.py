@@ -15,6 +15,7 @@ from dora.distrib import get_distrib_spec
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ostinato.engine.callbacks import grouped
 from ostinato.engine.config import ConfigError, check_global_batch, validate
 from ostinato.engine.family import plain
 from ostinato.engine.guard import NonFiniteError
@@ -80,14 +81,11 @@ def run(cfg: DictConfig) -> L.Trainer:
     trainer = build_trainer(cfg, folder, family, xp=xp, loggers=loggers)
     log.info("XP %s in %s%s", xp.sig, folder, f", resuming {resume}" if resume else "")
     if cfg.eval_only:
-        trainer.validate(family, datamodule)
+        metrics = {k: v for r in trainer.validate(family, datamodule) for k, v in r.items()}
         if cfg.data.get("test") is not None:
-            trainer.test(family, datamodule)
+            metrics.update({k: v for r in trainer.test(family, datamodule) for k, v in r.items()})
         if trainer.is_global_zero:
-            from ostinato.engine.callbacks import grouped
-
-            xp.link.push_metrics({**grouped({k: float(v) for k, v in trainer.callback_metrics.items()}),
-                                  "step": 0})
+            xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0})
         return trainer
     try:
         trainer.fit(family, datamodule, ckpt_path=str(resume) if resume else None)

@@ -164,8 +164,8 @@ def validate(cfg: DictConfig) -> None:
         value = str(cfg[group][name])
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+    check_target(cfg.data, "data")  # first: the family interpolates data values
     check_target(cfg.family, "family", provided=("optim",))
-    check_target(cfg.data, "data")
     world = int(cfg.trainer.devices if str(cfg.trainer.devices).isdigit() else 1) * int(cfg.trainer.num_nodes)
     check_global_batch(cfg, world)
 

@@ -1,0 +1,112 @@
+"""Engine pieces in-process: checkpoint safety, continue_from resolution, config checks, loggers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ostinato.engine.checkpoint import (SafeCheckpointIO, UntrustedCheckpointError, load_checkpoint,
+                                        resolve_checkpoint)
+from ostinato.engine.config import ConfigError, check_target, validate
+from ostinato.engine.loggers import wandb_mode
+from ostinato.engine.trainer import apply_compile_and_checkpointing
+from ostinato.families.debug import DebugFamily
+from ostinato.train import conf_dir
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+class Payload:
+    """Any class: unpickling it runs its module's code, which a weights-only load refuses."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path):
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {}, "extra": Payload(7)}, path)
+    with pytest.raises(UntrustedCheckpointError, match="trust_checkpoints=true"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, trust=True)["extra"].value == 7
+
+
+def test_continue_from_references(tmp_path):
+    xps = tmp_path / "xps"
+    ckpt = xps / "abc123" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    assert resolve_checkpoint("//sig/abc123", xps) == ckpt
+    assert resolve_checkpoint(xps / "abc123") == ckpt
+    assert resolve_checkpoint(ckpt) == ckpt
+    with pytest.raises(FileNotFoundError, match="no experiment folder"):
+        resolve_checkpoint("//sig/nope", xps)
+
+
+def _cfg(**overrides):
+    cfg = OmegaConf.load(f"{conf_dir()}/config.yaml")
+    groups = {"family": "debug", "data": "demo", "trainer": "default", "optim": "adamw", "logger": "csv"}
+    for group, name in groups.items():
+        cfg[group] = OmegaConf.load(f"{conf_dir()}/{group}/{name}.yaml")
+    cfg.trainer.pop("defaults", None)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("trainer.max_steps", "lots", "trainer.max_steps"),
+    ("trainer.strategy", "horovod", "trainer.strategy='horovod'"),
+    ("optim.betas", "fast", "optim.betas"),
+    ("family.hidden", "wide", "family.hidden='wide'"),
+    ("family.depth", 3, "family.depth: unknown key for DebugFamily"),
+    ("data.channels", "two", "data.channels"),
+])
+def test_config_errors_name_the_key(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(**{key: value}))
+    assert message in str(err.value)
+
+
+def test_required_family_argument_is_named():
+    node = OmegaConf.create({"_target_": "torch.nn.Linear", "in_features": 3})
+    with pytest.raises(ConfigError, match="family.out_features is required"):
+        check_target(node, "family")
+
+
+def test_compile_and_activation_checkpointing_from_config():
+    family = DebugFamily()
+    apply_compile_and_checkpointing(OmegaConf.create({"compile": ["model.encoder"], "activation_checkpointing":
+                                                      False, "strategy": "auto"}), family)
+    assert family.model.encoder._compiled_call_impl is not None
+    with pytest.raises(ValueError, match="declares no block_classes"):
+        apply_compile_and_checkpointing(OmegaConf.create({"compile": [], "activation_checkpointing": True,
+                                                          "strategy": "ddp"}), DebugFamily())
+
+
+def test_wandb_is_offline_until_logged_in(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert wandb_mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
