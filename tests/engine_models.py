@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ostinato.data.batch import AudioBatch
+from ostinato.families.codec import CodecFamily
 from ostinato.families.debug import DebugFamily
 
 
@@ -24,12 +25,20 @@ class NaNFamily(DebugFamily):
         return loss
 
 
-class RankDumpFamily(DebugFamily):
-    """DebugFamily that writes each rank's final weights to ``$OSTINATO_DUMP/rank{r}.pt``."""
+class RankDumpMixin:
+    """Writes each rank's final state (weights and buffers) to ``$OSTINATO_DUMP/rank{r}.pt``."""
 
     def on_train_end(self) -> None:
         folder = Path(os.environ["OSTINATO_DUMP"])
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         torch.save({"state": state, "world": self.trainer.world_size, "step": self.global_step},
                    folder / f"rank{self.global_rank}.pt")
+
+
+class RankDumpFamily(RankDumpMixin, DebugFamily):
+    pass
+
+
+class RankDumpCodec(RankDumpMixin, CodecFamily):
+    pass

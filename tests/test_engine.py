@@ -2,64 +2,18 @@
 config errors. Runs the real `ostinato train` CLI in subprocesses on small synthetic shards."""
 from __future__ import annotations
 
-import csv
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import ostinato
-from tests.synth import write_shards
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["data.segment_seconds=0.5", "data.batch_size=4", "data.batches_per_epoch=10",
-        "data.num_workers=0", "trainer.progress_bar=false", "trainer.model_summary=false",
-        "trainer.log_every_n_steps=1", "optim.schedule.warmup_steps=0", "optim.lr=3e-3"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("engine")
-    for split in ("train", "valid", "test"):
-        write_shards(root / "data" / "demo" / "shards" / split, n_shards=2, per_shard=8, sample_rate=24000)
-    return {**os.environ, "OSTINATO_DATA": str(root / "data"), "OSTINATO_OUTPUTS": str(root / "out"),
-            "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
-def _args(overrides) -> list[str]:
-    logger = [] if any(o.startswith("logger=") for o in overrides) else ["logger=csv"]
-    return FAST + logger + list(overrides)
-
-
-def train(env: dict[str, str], *overrides: str, check: bool = True, ddp: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ostinato.cli", "train"] + (["-d", "--ddp_workers", str(ddp)] if ddp else [])
-    proc = subprocess.run(cmd + _args(overrides), env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def xp_folder(env: dict[str, str], *overrides: str) -> Path:
-    """The XP folder dora derives for these overrides (computed in-process, as dora does)."""
-    code = ("import sys; from ostinato.train import main; "
-            "print(main.get_xp(sys.argv[1:]).folder)")
-    out = subprocess.run([sys.executable, "-c", code, *_args(overrides)], env=env, capture_output=True,
-                         text=True, check=True)
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
-def losses(folder: Path) -> list[tuple[int, float]]:
-    """(step, train loss) rows of the XP's CSV log, in the order they were written."""
-    with open(folder / "csv" / "metrics.csv") as f:
-        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
-
+from tests.runner import cli_args, losses, train, xp_folder
 
 def test_xp_folder_resume_and_signature(env):
     run = ["trainer.max_steps=20", "trainer.checkpoint_every_steps=5"]
@@ -83,7 +37,7 @@ def test_xp_folder_resume_and_signature(env):
 def test_sigkill_resumes_from_last_checkpoint(env):
     run = ["trainer.max_steps=400", "trainer.checkpoint_every_steps=10", "ema.decay=0.9"]
     folder = xp_folder(env, *run)
-    cmd = [sys.executable, "-m", "ostinato.cli", "train", *_args(run)]
+    cmd = [sys.executable, "-m", "ostinato.cli", "train", *cli_args(run)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = folder / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120

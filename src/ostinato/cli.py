@@ -6,6 +6,7 @@
     ostinato grid NAME [dora grid options]       launch/monitor a grid from grids/ (== dora -P ostinato grid)
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
+    ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
 """
 from __future__ import annotations
 
@@ -62,14 +63,23 @@ def _dora(verb: str, rest: list[str]) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from ostinato.engine.weights import export
-    from ostinato.train import main as train_main
+    from ostinato.interop.codecs import resolve_ref, xps_dir
 
-    ref = args.ref
-    xps = Path(train_main.dora.dir) / train_main.dora.xps
-    if not ref.startswith("//") and not Path(ref).exists() and (xps / ref).is_dir():
-        ref = f"//sig/{ref}"
-    out = export(ref, args.out, xps_dir=xps, trust=args.trust)
+    ref = resolve_ref(args.ref)
+    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust)
     print(f"exported {ref} -> {out} (model.safetensors, config.yaml, export.json)")
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from ostinato.tokenize import tokenize
+
+    devices = None if args.devices == "auto" else args.devices.split(",")
+    m = tokenize(args.codec, args.shards, args.out, n_q=args.n_q, batch_size=args.batch_size,
+                 workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust)
+    c = m.codec
+    print(f"{len(m.shards)} token shards, {m.total_samples} samples, {m.total_frames} frames "
+          f"({m.total_frames / c.frame_rate / 3600:.2f} h) of {c.n_q} x {c.cardinality} codes at {c.frame_rate:g} Hz "
+          f"-> {Path(args.out) / 'manifest.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="output folder")
     e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     e.set_defaults(func=_export)
+
+    t = verbs.add_parser("tokenize", help="audio shards -> token shards with a codec")
+    t.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
+    t.add_argument("out", help="output folder for the token shards")
+    t.add_argument("--codec", required=True,
+                   help="an ostinato codec (XP signature, export folder, .ckpt), a transformers EncodecModel "
+                        "folder, or audiocraft's compression_state_dict.bin")
+    t.add_argument("--n-q", type=int, default=None, help="codebooks to keep (default: all)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--workers", type=int, default=2, help="audio decoding processes per device")
+    t.add_argument("--devices", default="auto", help="comma-separated (cuda:0,cuda:1 or cpu); auto = all GPUs")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    t.set_defaults(func=_tokenize)
     return parser
 
 

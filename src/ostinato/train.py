@@ -87,6 +87,10 @@ def run(cfg: DictConfig) -> L.Trainer:
         if trainer.is_global_zero:
             xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0})
         return trainer
+    if cfg.trainer.validate_first and resume is None:  # the untrained baseline, as history's epoch -1
+        metrics = {k: v for r in trainer.validate(family, datamodule) for k, v in r.items()}
+        if trainer.is_global_zero:
+            xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0, "epoch": -1})
     try:
         trainer.fit(family, datamodule, ckpt_path=str(resume) if resume else None)
     except NonFiniteError as e:

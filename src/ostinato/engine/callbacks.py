@@ -44,7 +44,8 @@ class DoraHistory(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:  # a resumed run drops the epochs it is about to redo
             self.xp.link.load()
-            self.xp.link.update_history(self.xp.link.history[: trainer.current_epoch])
+            kept = [e for e in self.xp.link.history if e.get("epoch", -1) < trainer.current_epoch]
+            self.xp.link.update_history(kept)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:

@@ -30,6 +30,7 @@ class TrainerSchema:
     precision: str = "32-true"
     max_steps: int = 1000
     val_every_epochs: int = 1
+    validate_first: bool = False
     limit_val_batches: float = 1.0
     sanity_val_steps: int = 0
     gradient_clip_val: float = 1.0

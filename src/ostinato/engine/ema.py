@@ -105,6 +105,7 @@ class EMA(L.Callback):
                     tracked[name] = tensor
         return tracked, aliases
 
+    @torch.inference_mode(False)  # a bind during validate() must not create inference tensors
     @torch.no_grad()
     def _bind(self, pl_module: L.LightningModule) -> None:
         """(Re)attach to the module's tensors; create shadows on first use, apply a loaded state if pending."""
@@ -120,6 +121,7 @@ class EMA(L.Callback):
             self._apply_state(pending)
         self._follow_devices()
 
+    @torch.inference_mode(False)
     def _follow_devices(self) -> None:
         for name, tensor in self._live.items():
             if self.shadow[name].device != tensor.device:

@@ -27,6 +27,7 @@ class FamilyModule(L.LightningModule):
     """
 
     ema_modules: tuple[str, ...] = ("model",)
+    manual_gradient_clip: float = 0.0  # set from trainer.gradient_clip_val for manual-optimization families
 
     def __init__(self, optim: Mapping[str, Any] | None = None) -> None:
         super().__init__()

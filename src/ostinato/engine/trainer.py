@@ -90,6 +90,8 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
         callbacks.append(DoraHistory(xp))
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if not family.automatic_optimization:  # Lightning clips only automatic optimization; the family clips itself
+        family.manual_gradient_clip = float(t.gradient_clip_val or 0)
     plugins: list[Any] = []
     strategy = _strategy(t, family, env, accelerator)
     if strategy == "auto":
@@ -103,4 +105,5 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         default_root_dir=str(folder), logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=t.progress_bar, enable_model_summary=t.model_summary,
-        use_distributed_sampler=False, deterministic=t.deterministic, benchmark=None)
+        use_distributed_sampler=False, deterministic=t.deterministic, benchmark=None,
+        inference_mode=False)  # no_grad evaluation: states created there (EMA, metrics) stay trainable tensors

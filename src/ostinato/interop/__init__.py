@@ -1,0 +1,1 @@
+"""Importers for checkpoints of other toolkits (transformers, audiocraft)."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics (torchmetrics) for audio models."""

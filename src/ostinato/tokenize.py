@@ -1,0 +1,177 @@
+"""``ostinato tokenize``: audio shards -> token shards with a codec; batched, multi-worker, multi-device, resumable.
+
+Each audio shard becomes one token shard of the same name, written atomically with a done marker, so a re-run
+skips finished shards. Items of equal length are encoded together, so a batch gives exactly the codes that
+encoding each item alone gives. Several devices each take every n-th pending shard in their own process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
+from ostinato.data.sources import ShardSource, iter_raw_samples, resolve_shards
+from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
+from ostinato.fileio import atomic_path, atomic_write_json, read_json
+from ostinato.interop.codecs import load_codec, weights_hash
+from ostinato.nn.codec import Codec
+
+log = logging.getLogger(__name__)
+PROGRESS_NAME = ".progress.json"
+
+
+def _shard_name(url: str) -> str:
+    name = url.rstrip("/").split("/")[-1]
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
+class _AudioItems(IterableDataset):
+    """(shard, key, wav [C, T] at the codec's rate, meta) for whole shards split over DataLoader workers; a
+    ``None`` key closes a shard."""
+
+    def __init__(self, urls: list[str], sample_rate: int, channels: int):
+        super().__init__()
+        self.urls, self.sample_rate, self.channels = urls, sample_rate, channels
+
+    def __iter__(self) -> Iterator[tuple[str, str | None, torch.Tensor | None, dict]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[worker::workers]:
+            for raw in iter_raw_samples(url):
+                key = raw["__key__"]
+                try:
+                    wav, sr = load_audio(raw["flac"])
+                except (AudioDecodeError, KeyError) as e:
+                    log.warning("%s: sample %s skipped: %s", url, key, e)
+                    continue
+                wav = resample(convert_channels(wav, self.channels), sr, self.sample_rate)
+                yield url, key, wav, json.loads(raw.get("json", b"{}"))
+            yield url, None, None, {}
+
+
+def _encode_group(codec: Codec, wavs: list[torch.Tensor], n_q: int | None, device: torch.device,
+                  batch_size: int) -> list[torch.Tensor]:
+    out = []
+    for i in range(0, len(wavs), batch_size):
+        x = torch.stack(wavs[i: i + batch_size]).to(device)
+        with torch.inference_mode():
+            codes = codec.encode(x, n_q=n_q)
+        codes = codes.codes if hasattr(codes, "codes") else codes
+        frames = math.ceil(x.shape[-1] / codec.hop_length)
+        out.extend(c[:, :frames].cpu() for c in codes)
+    return out
+
+
+def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]], codec: Codec,
+                 n_q: int | None, device: torch.device, batch_size: int) -> TokenShard:
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, (_, wav, _) in enumerate(items):
+        by_length[wav.shape[-1]].append(i)
+    codes: dict[int, torch.Tensor] = {}
+    for indices in by_length.values():
+        for i, c in zip(indices, _encode_group(codec, [items[i][1] for i in indices], n_q, device, batch_size)):
+            codes[i] = c
+    name = _shard_name(url)
+    frames = 0
+    with atomic_path(out / name) as tmp:
+        with wds.TarWriter(str(tmp)) as writer:
+            for i, (key, _, meta) in enumerate(items):
+                c = codes[i]
+                frames += c.shape[-1]
+                meta = {**meta, "frames": int(c.shape[-1]), "frame_rate": codec.frame_rate}
+                writer.write({"__key__": key, "npy": encode_codes(c), "json": json.dumps(meta).encode()})
+    shard = TokenShard(name=name, samples=len(items), frames=frames)
+    atomic_write_json(out / name.replace(".tar", ".json"), shard.__dict__)
+    return shard
+
+
+def _run_device(codec_ref: str, urls: list[str], out: Path, n_q: int | None, batch_size: int, workers: int,
+                device: str, trust: bool, progress: bool) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    dev = torch.device(device)
+    codec = load_codec(codec_ref, trust=trust).to(dev)
+    loader = DataLoader(_AudioItems(urls, codec.sample_rate, codec.channels), batch_size=None,
+                        num_workers=min(workers, len(urls)))
+    pending: dict[str, list] = defaultdict(list)
+    bar = tqdm(total=len(urls), desc=f"tokenize [{device}]", unit="shard", disable=not progress)
+    for url, key, wav, meta in loader:
+        if key is None:
+            _write_shard(out, url, pending.pop(url, []), codec, n_q, dev, batch_size)
+            bar.update()
+        else:
+            pending[url].append((key, wav, meta))
+    bar.close()
+
+
+def _done(out: Path, url: str) -> bool:
+    name = _shard_name(url)
+    marker = out / name.replace(".tar", ".json")
+    return marker.is_file() and (out / name).is_file()
+
+
+def _check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
+    progress = out / PROGRESS_NAME
+    if (out / "manifest.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'manifest.json'} exists: these token shards are complete; "
+                              "pass --overwrite to rebuild them")
+    if overwrite:
+        for p in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.json")) + [out / "manifest.json", progress]:
+            p.unlink(missing_ok=True)
+    if progress.is_file():
+        saved = read_json(progress)
+        diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+        if diff:
+            raise ValueError(f"{out} holds a partial run with other {', '.join(diff)}; "
+                             "pass --overwrite to start again")
+    atomic_write_json(progress, fingerprint)
+
+
+def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = None, batch_size: int = 16,
+             workers: int = 1, devices: list[str] | None = None, overwrite: bool = False, trust: bool = False,
+             progress: bool = True) -> TokenManifest:
+    """Encode every sample of ``shards`` (any spec ``resolve_shards`` takes) into token shards in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source: ShardSource = resolve_shards(shards)
+    codec = load_codec(codec_ref, trust=trust)
+    n_q = n_q or codec.n_q
+    if not 1 <= n_q <= codec.n_q:
+        raise ValueError(f"--n-q {n_q}: this codec has {codec.n_q} codebooks")
+    info = CodecInfo(id=str(codec_ref), hash=weights_hash(codec), sample_rate=codec.sample_rate,
+                     channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
+                     cardinality=codec.cardinality)
+    _check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite)
+    todo = [u for u in source.urls if not _done(out, u)]
+    devices = devices or (["cuda:%d" % i for i in range(torch.cuda.device_count())] or ["cpu"])
+    devices = devices[: max(1, len(todo))]
+    log.info("tokenizing %d of %d shards with %s on %s", len(todo), len(source.urls), info.id, ", ".join(devices))
+    if len(devices) == 1:
+        _run_device(codec_ref, todo, out, n_q, batch_size, workers, devices[0], trust, progress)
+    elif todo:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_run_device, args=(codec_ref, todo[i::len(devices)], out, n_q, batch_size,
+                                                       workers, d, trust, progress and i == 0))
+                 for i, d in enumerate(devices)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [d for d, p in zip(devices, procs) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"tokenization failed on {', '.join(failed)}; re-run to finish the remaining shards")
+    shards_done = [TokenShard(**read_json(out / _shard_name(u).replace(".tar", ".json"))) for u in source.urls]
+    manifest = TokenManifest(shards=shards_done, codec=info,
+                             source={"shards": source.urls, "samples": source.num_samples})
+    manifest.save(out)
+    return manifest
