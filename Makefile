@@ -24,7 +24,7 @@ sysdeps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); }
 
 demo: install
-	$(BIN)/ostinato prep corpus --out $(DEMO_DIR)
+	OSTINATO_DATA=$(dir $(abspath $(DEMO_DIR))) $(BIN)/ostinato demo --data $(DEMO_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q

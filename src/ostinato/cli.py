@@ -7,6 +7,7 @@
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
+    ostinato demo                                the embedded default end to end (what `make demo` runs)
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ def _tokenize(args: argparse.Namespace) -> None:
           f"-> {Path(args.out) / 'manifest.json'}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from ostinato.demo import run_demo
+
+    run_demo(Path(args.data), Path(args.outputs))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ostinato", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)
+
+    d = verbs.add_parser("demo", help="demo corpus -> tiny codec -> reconstructions -> tokens, with a summary")
+    d.add_argument("--data", default="data/demo")
+    d.add_argument("--outputs", default=os.environ.get("OSTINATO_OUTPUTS", "outputs"))
+    d.set_defaults(func=_demo)
     return parser
 
 
