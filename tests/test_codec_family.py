@@ -80,3 +80,13 @@ def test_tokenize_with_an_imported_transformers_encodec(env, tmp_path):
     assert manifest.codec.cardinality == 64 and manifest.total_samples == 16
     first = next(iter_token_samples(str(tmp_path / "tokens" / manifest.shards[0].name)))
     assert first[1].dtype == torch.int64 and int(first[1].max()) < 64 and json.dumps(first[2])
+
+    # two device processes (one shard each) write the same tokens as one process
+    split = tokenize(str(tmp_path / "hf"), shards, tmp_path / "tokens2", workers=0, devices=["cpu", "cpu"],
+                     progress=False)
+    assert [s.name for s in split.shards] == [s.name for s in manifest.shards]
+    for shard in manifest.shards:
+        one = list(iter_token_samples(str(tmp_path / "tokens" / shard.name)))
+        two = list(iter_token_samples(str(tmp_path / "tokens2" / shard.name)))
+        assert [k for k, _, _ in one] == [k for k, _, _ in two]
+        assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(one, two))
