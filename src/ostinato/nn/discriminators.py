@@ -54,6 +54,30 @@ def _check_waveform(x: Tensor, channels: int) -> None:
         raise ValueError(f"expected a waveform batch [B, {channels}, T], got shape {tuple(x.shape)}")
 
 
+class DiscriminatorGroup(nn.Module):
+    """Sub-discriminators that all see the input: ``self.discriminators`` (a ModuleList), ``self.channels``."""
+
+    channels: int
+    discriminators: nn.ModuleList
+
+    @property
+    def num_discriminators(self) -> int:
+        return len(self.discriminators)
+
+    def inputs(self, x: Tensor) -> list[Tensor]:
+        """The waveform each sub-discriminator sees (all the same here; MSD downsamples)."""
+        return [x] * len(self.discriminators)
+
+    def forward(self, x: Tensor) -> DiscriminatorOutput:
+        _check_waveform(x, self.channels)
+        logits, features = [], []
+        for disc, xi in zip(self.discriminators, self.inputs(x)):
+            logit, feats = disc(xi)
+            logits.append(logit)
+            features.append(feats)
+        return logits, features
+
+
 class STFTDiscriminator(nn.Module):
     """One resolution of the MS-STFT discriminator.
 
@@ -150,7 +174,7 @@ class STFTDiscriminator(nn.Module):
         return self.conv_post(z), features
 
 
-class MultiScaleSTFTDiscriminator(nn.Module):
+class MultiScaleSTFTDiscriminator(DiscriminatorGroup):
     """EnCodec's multi-scale STFT discriminator: one ``STFTDiscriminator`` per ``(n_fft, hop, win)`` triple.
 
     Input ``[B, C, T]`` with ``T >= max(n_ffts)``; returns 5 logits ``[B, 1, frames_i, freqs_i]`` and, per
@@ -185,18 +209,6 @@ class MultiScaleSTFTDiscriminator(nn.Module):
             for n_fft, hop, win in zip(n_ffts, hop_lengths, win_lengths)
         )
 
-    @property
-    def num_discriminators(self) -> int:
-        return len(self.discriminators)
-
-    def forward(self, x: Tensor) -> DiscriminatorOutput:
-        _check_waveform(x, self.channels)
-        logits, features = [], []
-        for disc in self.discriminators:
-            logit, feats = disc(x)
-            logits.append(logit)
-            features.append(feats)
-        return logits, features
 
 
 class PeriodDiscriminator(nn.Module):
@@ -252,7 +264,7 @@ class PeriodDiscriminator(nn.Module):
         return z, features
 
 
-class MultiPeriodDiscriminator(nn.Module):
+class MultiPeriodDiscriminator(DiscriminatorGroup):
     """HiFi-GAN's MPD: one ``PeriodDiscriminator`` per period; ``kwargs`` go to each of them."""
 
     def __init__(self, periods: Sequence[int] = (2, 3, 5, 7, 11), channels: int = 1, **kwargs: Any) -> None:
@@ -260,18 +272,6 @@ class MultiPeriodDiscriminator(nn.Module):
         self.channels = channels
         self.discriminators = nn.ModuleList(PeriodDiscriminator(p, channels=channels, **kwargs) for p in periods)
 
-    @property
-    def num_discriminators(self) -> int:
-        return len(self.discriminators)
-
-    def forward(self, x: Tensor) -> DiscriminatorOutput:
-        _check_waveform(x, self.channels)
-        logits, features = [], []
-        for disc in self.discriminators:
-            logit, feats = disc(x)
-            logits.append(logit)
-            features.append(feats)
-        return logits, features
 
 
 class ScaleDiscriminator(nn.Module):
@@ -326,7 +326,7 @@ class ScaleDiscriminator(nn.Module):
         return x, features
 
 
-class MultiScaleDiscriminator(nn.Module):
+class MultiScaleDiscriminator(DiscriminatorGroup):
     """MelGAN / HiFi-GAN MSD: ``scales`` ``ScaleDiscriminator``s, the ``i``-th seeing the waveform average-pooled
     ``i`` times by ``AvgPool1d(4, 2, padding=2)``. ``first_spectral_norm=True`` gives HiFi-GAN's spectral norm on
     the full-rate discriminator; ``kwargs`` go to each ``ScaleDiscriminator``.
@@ -343,20 +343,11 @@ class MultiScaleDiscriminator(nn.Module):
         )
         self.pool = nn.AvgPool1d(4, 2, padding=2)
 
-    @property
-    def num_discriminators(self) -> int:
-        return len(self.discriminators)
-
-    def forward(self, x: Tensor) -> DiscriminatorOutput:
-        _check_waveform(x, self.channels)
-        logits, features = [], []
-        for i, disc in enumerate(self.discriminators):
-            if i:
-                x = self.pool(x)
-            logit, feats = disc(x)
-            logits.append(logit)
-            features.append(feats)
-        return logits, features
+    def inputs(self, x: Tensor) -> list[Tensor]:
+        out = [x]
+        for _ in range(len(self.discriminators) - 1):
+            out.append(self.pool(out[-1]))
+        return out
 
 
 class CombinedDiscriminator(nn.Module):
