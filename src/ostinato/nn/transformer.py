@@ -1,0 +1,371 @@
+"""MusicGen-style language model over K parallel codebook streams, with a static KV cache.
+
+Architecture (numerically identical to transformers' ``MusicgenForCausalLM``, see ``ostinato.interop.musicgen``):
+
+    x = sum_k Emb_k(codes[:, k])            K embeddings of ``card + 1`` rows (row ``card`` = special / pad / BOS)
+      + PE(offset + s)                      sinusoidal [cos | sin] (or RoPE inside self-attention)
+    for each layer (pre-norm):
+      x = x + SelfAttn(LN(x))               causal, SDPA, no Linear bias
+      x = x + CrossAttn(LN(x), cond)        optional, keys/values from ``cond [B, Tc, cond_dim]``
+      x = x + fc2(act(fc1(LN(x))))          no Linear bias
+    logits_k = Head_k(LN(x))                K heads, ``dim -> card``, no bias
+
+LayerNorms have an affine weight and bias (``eps = layer_norm_eps``). transformers' ``scale_embedding`` flag is
+ignored by its own forward pass (the embedding scale is computed but never applied), so there is none here.
+
+Initialisation: every Linear and Embedding weight ~ N(0, ``init_std`` = 0.02), Linear biases 0, LayerNorm 1 / 0
+(transformers' MusicGen initialiser; audiocraft's depth-scaled variants are not reproduced).
+
+``KVCache`` preallocates ``[B, H, max_len, head_dim]`` key/value buffers per layer; new keys are written with
+``index_copy_`` and queries attend to the whole buffer under a position mask, so a one-token decoding step has
+static shapes (CUDA-graph friendly). Cross-attention keys/values are computed on the first cached call and reused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ostinato.nn.patterns import CodebookPattern
+
+__all__ = [
+    "LMConfig", "LM_PRESETS", "KVCache", "CodebookLM", "sinusoidal_embedding", "generate_greedy",
+]
+
+_ACTIVATIONS: dict[str, Any] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+LM_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, num_heads=4, num_layers=2, ffn_dim=256),
+    "small": dict(dim=1024, num_heads=16, num_layers=24, ffn_dim=4096),
+    "medium": dict(dim=1536, num_heads=24, num_layers=48, ffn_dim=6144),
+    "large": dict(dim=2048, num_heads=32, num_layers=48, ffn_dim=8192),
+}
+
+
+@dataclass
+class LMConfig:
+    """Hyper-parameters of ``CodebookLM``; the defaults are MusicGen-small's."""
+
+    n_q: int = 4
+    card: int = 2048
+    dim: int = 1024
+    num_heads: int = 16
+    num_layers: int = 24
+    ffn_dim: int = 4096
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation: str = "gelu"
+    cross_attention: bool = True
+    cond_dim: int | None = None
+    positional: Literal["sin", "rope"] = "sin"
+    max_period: float = 10_000.0
+    bias: bool = False
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} not divisible by num_heads {self.num_heads}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; known: {sorted(_ACTIVATIONS)}")
+        if self.positional not in ("sin", "rope"):
+            raise ValueError(f"positional must be 'sin' or 'rope', got {self.positional!r}")
+
+    @property
+    def special(self) -> int:
+        """Id of the special (empty / pad / BOS) token: ``card``."""
+        return self.card
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the conditioning that cross-attention reads."""
+        return self.dim if self.cond_dim is None else self.cond_dim
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LMConfig:
+        """``LMConfig.preset("small", n_q=4, card=2048)``; names: tiny, small, medium, large."""
+        if name not in LM_PRESETS:
+            raise KeyError(f"unknown preset {name!r}; known: {sorted(LM_PRESETS)}")
+        return cls(**{**LM_PRESETS[name], **overrides})
+
+    def with_(self, **changes: Any) -> LMConfig:
+        return replace(self, **changes)
+
+
+def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """MusicGen / tensor2tensor sinusoids: ``[cos(p w_i) | sin(p w_i)]``, ``w_i = max_period^(-i/(dim/2-1))``.
+
+    Args:
+        positions: ``[S]`` positions (any numeric dtype).
+    Returns:
+        ``[S, dim]`` float32 (a zero column is appended for odd ``dim``).
+    """
+    half = dim // 2
+    scale = math.log(max_period) / (half - 1)
+    freqs = torch.exp(torch.arange(half, device=positions.device, dtype=torch.int64).float() * -scale)
+    angles = positions.float().unsqueeze(1) * freqs.unsqueeze(0)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _apply_rope(x: Tensor, positions: Tensor, max_period: float) -> Tensor:
+    """Rotary embedding (rotate-half convention). ``x [B, H, S, Dh]``, ``positions [S]``."""
+    dh = x.shape[-1]
+    half = dh // 2
+    freqs = max_period ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]  # [S, half]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    if dh % 2:
+        out = torch.cat([out, x[..., -1:]], dim=-1)
+    return out
+
+
+class KVCache:
+    """Static key/value cache for incremental decoding.
+
+    Attributes:
+        keys, values: per layer ``[B, H, max_len, head_dim]`` self-attention buffers.
+        cross: per layer ``(k, v)`` of cross-attention, each ``[B, H, Tc, head_dim]``, or None before the first
+            call with conditioning.
+        cross_mask: ``[B, 1, 1, Tc]`` bool or None.
+        length: number of positions already written (the position offset of the next call).
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.cross: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self.cross_mask: Tensor | None = None
+        self.max_len = max_len
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget everything (buffers are kept, their stale contents are masked out)."""
+        self.length = 0
+        self.cross = [None] * len(self.cross)
+        self.cross_mask = None
+
+
+class _Attention(nn.Module):
+    """Multi-head attention; ``kv_dim`` is the width of the key/value source (cross-attention conditioning)."""
+
+    def __init__(self, dim: int, num_heads: int, kv_dim: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.dropout = num_heads, dim // num_heads, dropout
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, S, D] -> [B, H, S, Dh]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """``src [B, T, kv_dim]`` -> keys, values ``[B, H, T, Dh]``."""
+        return self._heads(self.k_proj(src)), self._heads(self.v_proj(src))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """``q [B, H, S, Dh]`` over ``k, v [B, H, T, Dh]`` -> ``[B, S, D]`` after the output projection."""
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        b, h, s, dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, h * dh))
+
+
+class _Block(nn.Module):
+    """Pre-norm decoder layer: causal self-attention, optional cross-attention, FFN."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.self_attn = _Attention(cfg.dim, cfg.num_heads, cfg.dim, cfg.bias, cfg.attention_dropout)
+        self.norm_self = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.cross_attn: _Attention | None = None
+        self.norm_cross: nn.LayerNorm | None = None
+        if cfg.cross_attention:
+            self.cross_attn = _Attention(cfg.dim, cfg.num_heads, cfg.kv_dim, cfg.bias, cfg.attention_dropout)
+            self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.norm_ffn = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.cfg.dropout, self.training)
+
+    def forward(self, x: Tensor, positions: Tensor, cond: Tensor | None = None, cond_mask: Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """``x [B, S, D]``, ``positions [S]`` (absolute), ``cond [B, Tc, kv_dim]``, ``cond_mask [B, 1, 1, Tc]``."""
+        attn = self.self_attn
+        h = self.norm_self(x)
+        q = attn._heads(attn.q_proj(h))
+        k, v = attn.project_kv(h)
+        if self.cfg.positional == "rope":
+            q = _apply_rope(q, positions, self.cfg.max_period)
+            k = _apply_rope(k, positions, self.cfg.max_period)
+        if cache is None:
+            h = attn.attend(q, k, v, None, causal=True)
+        else:
+            kb, vb = cache.keys[layer], cache.values[layer]
+            kb.index_copy_(2, positions, k.to(kb.dtype))
+            vb.index_copy_(2, positions, v.to(vb.dtype))
+            key_pos = torch.arange(cache.max_len, device=x.device)
+            mask = key_pos[None, :] <= positions[:, None]  # [S, max_len]
+            h = attn.attend(q, kb, vb, mask, causal=False)
+        x = x + self._drop(h)
+
+        if self.cross_attn is not None and self.norm_cross is not None:
+            kv: tuple[Tensor, Tensor] | None
+            if cache is not None and cache.cross[layer] is not None:
+                kv, cmask = cache.cross[layer], cache.cross_mask
+            elif cond is not None:
+                kv, cmask = self.cross_attn.project_kv(cond), cond_mask
+                if cache is not None:
+                    cache.cross[layer] = kv
+            else:
+                kv, cmask = None, None
+            if kv is not None:
+                h = self.norm_cross(x)
+                q = self.cross_attn._heads(self.cross_attn.q_proj(h))
+                x = x + self._drop(self.cross_attn.attend(q, kv[0], kv[1], cmask, causal=False))
+
+        h = self.fc2(F.dropout(self.act(self.fc1(self.norm_ffn(x))), self.cfg.activation_dropout, self.training))
+        return x + self._drop(h)
+
+
+class CodebookLM(nn.Module):
+    """Decoder LM over K codebooks (MusicGen's ``LMModel`` / transformers' ``MusicgenForCausalLM``)."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
+        self.layers = nn.ModuleList([_Block(cfg) for _ in range(cfg.num_layers)])
+        self.out_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_q)])
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def special(self) -> int:
+        return self.cfg.card
+
+    def make_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> KVCache:
+        """A ``KVCache`` for ``batch_size`` sequences of up to ``max_len`` steps, on this model's device/dtype."""
+        p = next(self.parameters())
+        return KVCache(self.cfg.num_layers, batch_size, self.cfg.num_heads, max_len, self.cfg.head_dim,
+                       device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
+
+    def forward(self, codes: Tensor, cond: Tensor | None = None, cond_mask: Tensor | None = None,
+                cache: KVCache | None = None, offset: int = 0) -> Tensor:
+        """Next-step logits.
+
+        Args:
+            codes: ``[B, K, S]`` int64 in ``[0, card]`` (``card`` = special token).
+            cond: ``[B, Tc, cond_dim]`` cross-attention conditioning, or None (no cross-attention). With a cache
+                it is only read on the first call (keys/values are cached).
+            cond_mask: ``[B, Tc]`` bool, True = attend; None = all valid.
+            cache: ``KVCache``; the call appends S positions at ``cache.length`` (prefill with S > 1, then steps
+                of 1). Without a cache the attention is causal over the S given steps.
+            offset: position of ``codes[..., 0]`` when no cache is given.
+        Returns:
+            ``[B, K, S, card]`` logits; ``[:, :, s]`` predicts step s + 1.
+        """
+        b, k, s = codes.shape
+        if k != self.cfg.n_q:
+            raise ValueError(f"expected {self.cfg.n_q} codebooks, got {k}")
+        start = offset if cache is None else cache.length
+        if cache is not None and start + s > cache.max_len:
+            raise ValueError(f"cache overflow: {start} + {s} > max_len {cache.max_len}")
+        positions = torch.arange(start, start + s, device=codes.device)
+
+        x = self.emb[0](codes[:, 0])
+        for i in range(1, k):
+            x = x + self.emb[i](codes[:, i])
+        if self.cfg.positional == "sin":
+            x = x + sinusoidal_embedding(positions, self.cfg.dim, self.cfg.max_period).to(x.dtype)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+
+        mask4 = None
+        if cond_mask is not None:
+            mask4 = cond_mask.to(torch.bool)[:, None, None, :]
+        if cache is not None and cache.cross_mask is None and cond is not None:
+            cache.cross_mask = mask4
+
+        use_ckpt = self.cfg.checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if use_ckpt:
+                x = checkpoint(layer, x, positions, cond, mask4, None, i, use_reentrant=False)
+            else:
+                x = layer(x, positions, cond, mask4, cache, i)
+        if cache is not None:
+            cache.length = start + s
+
+        x = self.out_norm(x)
+        return torch.stack([head(x) for head in self.heads], dim=1)
+
+
+@torch.no_grad()
+def generate_greedy(model: CodebookLM, pattern: CodebookPattern, n_frames: int, batch_size: int = 1,
+                    cond: Tensor | None = None, cond_mask: Tensor | None = None,
+                    use_cache: bool = True) -> tuple[Tensor, Tensor]:
+    """Greedy (argmax) decoding of ``n_frames`` frames through ``pattern``.
+
+    Starts from the all-special BOS step; at every step the argmax token is kept where the pattern has a code and
+    replaced by the special token elsewhere (transformers' ``apply_delay_pattern_mask``).
+
+    Args:
+        cond: ``[B, Tc, cond_dim]`` (fixes the batch size), ``cond_mask [B, Tc]`` bool.
+        use_cache: decode with a ``KVCache`` (one step at a time) or re-run the full prefix each step.
+    Returns:
+        ``(codes [B, K, T], sequence [B, K, S])``.
+    """
+    special = model.special
+    b = cond.shape[0] if cond is not None else batch_size
+    device = next(model.parameters()).device
+    steps = pattern.max_steps(n_frames)
+    valid = pattern.valid_mask(n_frames, device)  # [K, S]
+    seq = torch.full((b, model.cfg.n_q, steps), special, dtype=torch.long, device=device)
+    cache = model.make_cache(b, steps) if use_cache else None
+    for s in range(steps - 1):
+        if cache is not None:
+            logits = model(seq[:, :, s:s + 1], cond, cond_mask, cache=cache)
+        else:
+            logits = model(seq[:, :, :s + 1], cond, cond_mask)
+        nxt = logits[:, :, -1].argmax(dim=-1)  # [B, K]
+        seq[:, :, s + 1] = torch.where(valid[:, s + 1], nxt, torch.full_like(nxt, special))
+    codes, _ = pattern.revert(seq, n_frames)
+    return codes, seq
