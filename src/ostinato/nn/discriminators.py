@@ -54,6 +54,17 @@ def _check_waveform(x: Tensor, channels: int) -> None:
         raise ValueError(f"expected a waveform batch [B, {channels}, T], got shape {tuple(x.shape)}")
 
 
+def _conv_stack(z: Tensor, convs: nn.ModuleList, post: nn.Module, slope: float) -> tuple[Tensor, list[Tensor]]:
+    """Leaky-ReLU conv stack then the output conv -> (logits, every activation including the logits)."""
+    features: list[Tensor] = []
+    for conv in convs:
+        z = F.leaky_relu(conv(z), slope)
+        features.append(z)
+    z = post(z)
+    features.append(z)
+    return z, features
+
+
 class DiscriminatorGroup(nn.Module):
     """Sub-discriminators that all see the input: ``self.discriminators`` (a ModuleList), ``self.channels``."""
 
@@ -254,14 +265,7 @@ class PeriodDiscriminator(nn.Module):
         b, c, t = x.shape
         if t % self.period:
             x = F.pad(x, (0, self.period - t % self.period), mode="reflect")
-        z = x.reshape(b, c, -1, self.period)
-        features: list[Tensor] = []
-        for conv in self.convs:
-            z = F.leaky_relu(conv(z), self.negative_slope)
-            features.append(z)
-        z = self.conv_post(z)
-        features.append(z)
-        return z, features
+        return _conv_stack(x.reshape(b, c, -1, self.period), self.convs, self.conv_post, self.negative_slope)
 
 
 class MultiPeriodDiscriminator(DiscriminatorGroup):
@@ -271,7 +275,6 @@ class MultiPeriodDiscriminator(DiscriminatorGroup):
         super().__init__()
         self.channels = channels
         self.discriminators = nn.ModuleList(PeriodDiscriminator(p, channels=channels, **kwargs) for p in periods)
-
 
 
 class ScaleDiscriminator(nn.Module):
@@ -317,13 +320,7 @@ class ScaleDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """``x: [B, C, T]`` -> ``(logits [B, 1, T / prod(downsample_scales)], features)``."""
-        features: list[Tensor] = []
-        for layer in self.convs:
-            x = F.leaky_relu(layer(x), self.negative_slope)
-            features.append(x)
-        x = self.conv_post(x)
-        features.append(x)
-        return x, features
+        return _conv_stack(x, self.convs, self.conv_post, self.negative_slope)
 
 
 class MultiScaleDiscriminator(DiscriminatorGroup):
