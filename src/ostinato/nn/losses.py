@@ -36,6 +36,14 @@ def _as_3d(x: Tensor) -> Tensor:
     return x
 
 
+def _matching_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Both as [B, C, T]; a shape mismatch is an error."""
+    pred, target = _as_3d(pred), _as_3d(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"shape mismatch: pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
+    return pred, target
+
+
 class _MelScale:
     """A torchaudio ``MelSpectrogram`` (power 2, ``center=False``) with audiocraft's framing: reflect-pad
     ``(n_fft - hop) // 2`` on both sides, then zero-pad on the right so every frame is full, giving
@@ -107,9 +115,7 @@ class MultiScaleMelLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """``pred, target: [B, C, T]`` -> fp32 scalar."""
-        pred, target = _as_3d(pred), _as_3d(target)
-        if pred.shape != target.shape:
-            raise ValueError(f"shape mismatch: pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        pred, target = _matching_pair(pred, target)
         with torch.autocast(device_type=pred.device.type, enabled=False):
             pred, target = pred.float(), target.float()
             loss = pred.new_zeros(())
@@ -156,9 +162,7 @@ class MultiScaleSTFTLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """``pred, target: [B, C, T]`` -> fp32 scalar."""
-        pred, target = _as_3d(pred), _as_3d(target)
-        if pred.shape != target.shape:
-            raise ValueError(f"shape mismatch: pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        pred, target = _matching_pair(pred, target)
         with torch.autocast(device_type=pred.device.type, enabled=False):
             pred, target = pred.float(), target.float()
             sc = pred.new_zeros(())
