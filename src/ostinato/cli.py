@@ -20,6 +20,7 @@ from pathlib import Path
 
 def _prep_corpus(args: argparse.Namespace) -> None:
     from ostinato.data.corpus import render_corpus
+    from ostinato.data.manifest import Manifest
     from ostinato.data.shards import build_shards
 
     out = Path(args.out)
@@ -28,9 +29,13 @@ def _prep_corpus(args: argparse.Namespace) -> None:
                             soundfont=args.soundfont, overwrite=args.overwrite)
     if not args.no_shards:
         for split in ("train", "valid", "test"):
-            manifest = build_shards(out / "audio" / split, out / "shards" / split, sample_rate=args.sample_rate,
-                                    channels=args.channels, workers=args.workers or os.cpu_count() or 1,
-                                    files_per_shard=args.files_per_shard, overwrite=args.overwrite)
+            folder = out / "shards" / split
+            if (folder / "manifest.json").is_file() and not args.overwrite:  # same corpus: its shards stand
+                manifest = Manifest.load(folder)
+            else:
+                manifest = build_shards(out / "audio" / split, folder, sample_rate=args.sample_rate,
+                                        channels=args.channels, workers=args.workers or os.cpu_count() or 1,
+                                        files_per_shard=args.files_per_shard, overwrite=args.overwrite)
             print(f"shards/{split}: {len(manifest.shards)} shards, {manifest.total_samples} clips "
                   f"-> {out / 'shards' / split / 'manifest.json'}")
     print(summary.format())

@@ -50,8 +50,7 @@ def run_demo(data: Path, outputs: Path) -> None:
     from ostinato.train import main as train_main
 
     start = time.time()
-    if not (data / "shards" / "test" / "manifest.json").is_file():
-        _run(["prep", "corpus", "--out", str(data)])
+    _run(["prep", "corpus", "--out", str(data)])  # returns the existing corpus (and its summary) when done
     xp = train_main.get_xp(CODEC_EXPERIMENT)
     t0 = time.time()
     _run(["train", *CODEC_EXPERIMENT])
