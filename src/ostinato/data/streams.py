@@ -2,6 +2,11 @@
 
 Both batch inside the dataset (the DataLoader runs with ``batch_size=None``) so each worker's batch count is
 known up front: every rank yields exactly the same number of batches, which is what keeps DDP from hanging.
+
+The sampling machinery does not depend on what a sample holds: ``decode`` turns a raw shard sample into an
+item ``(tensor [C, N], valid_length, meta)`` and ``collate`` stacks items into a batch. Audio (``decode_clip`` +
+``collate_audio``) is the default; token shards plug in their own pair (``ostinato.data.tokens``). Lengths are
+counted along the item's last axis, whose rate is ``sample_rate`` (samples or frames per second).
 """
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,6 +30,8 @@ from ostinato.data.sources import iter_raw_samples
 log = logging.getLogger(__name__)
 
 Item = tuple[torch.Tensor, int, dict[str, Any]]
+Decode = Callable[..., Item]            # decode(sample, rng=None) -> item; raises CorruptSample
+Collate = Callable[..., Any]            # collate(items, skipped=0) -> batch
 MAX_CONSECUTIVE_FAILURES = 1000
 
 
@@ -85,14 +93,18 @@ class TrainStream(IterableDataset):
     see different samples and a resumed run does not replay its first epoch.
     """
 
-    def __init__(self, urls: list[str], *, sample_rate: int, channels: int, segment_seconds: float,
+    def __init__(self, urls: list[str], *, sample_rate: float, channels: int, segment_seconds: float,
                  batch_size: int, batches_per_epoch: int, min_segment_ratio: float = 0.5,
-                 shuffle_buffer: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle_buffer: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 decode: Decode | None = None, collate: Collate = collate_audio):
         super().__init__()
         if not urls:
             raise ValueError("TrainStream needs at least one shard")
         self.urls = list(urls)
         self.sample_rate, self.channels, self.segment_seconds = sample_rate, channels, segment_seconds
+        self.decode = decode or partial(decode_clip, sample_rate=sample_rate, channels=channels,
+                                        seconds=segment_seconds)
+        self.collate = collate
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.min_segment_ratio, self.shuffle_buffer = min_segment_ratio, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -132,8 +144,7 @@ class TrainStream(IterableDataset):
         min_len = self.min_segment_ratio * self.segment_seconds * self.sample_rate
         for sample in self._shuffled(rng):
             try:
-                wav, n, meta = decode_clip(sample, sample_rate=self.sample_rate, channels=self.channels,
-                                           seconds=self.segment_seconds, rng=rng)
+                wav, n, meta = self.decode(sample, rng=rng)
             except CorruptSample as e:
                 self._count_skip(str(e))
                 failures += 1
@@ -153,7 +164,7 @@ class TrainStream(IterableDataset):
         reported = self.skipped
         for _ in range(n_batches):
             batch = [next(items) for _ in range(self.batch_size)]
-            yield collate_audio(batch, skipped=self.skipped - reported)
+            yield self.collate(batch, skipped=self.skipped - reported)
             reported = self.skipped
 
 
@@ -164,9 +175,10 @@ class EvalSet(IterableDataset):
     sample is counted and replaced by silence of length 0, so counts stay equal across ranks.
     """
 
-    def __init__(self, urls: list[str], *, num_samples: int, sample_rate: int, channels: int,
+    def __init__(self, urls: list[str], *, num_samples: int, sample_rate: float, channels: int,
                  segment_seconds: float, batch_size: int, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, decode: Decode | None = None, collate: Collate = collate_audio,
+                 blank: Callable[[], torch.Tensor] | None = None):
         super().__init__()
         self.per_rank = num_samples // world_size
         if self.per_rank == 0:
@@ -176,6 +188,11 @@ class EvalSet(IterableDataset):
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size = rank, world_size
         self.skipped = 0
+        self.decode = decode or partial(decode_clip, sample_rate=sample_rate, channels=channels,
+                                        seconds=segment_seconds)
+        self.collate = collate
+        # what replaces a corrupt sample (at length 0): silence by default
+        self.blank = blank or partial(torch.zeros, channels, round(segment_seconds * sample_rate))
 
     def __len__(self) -> int:
         return sum(math.ceil(_split_count(self.per_rank, self.num_workers, w) / self.batch_size)
@@ -197,23 +214,21 @@ class EvalSet(IterableDataset):
 
     def _decode(self, sample: dict) -> Item:
         try:
-            return decode_clip(sample, sample_rate=self.sample_rate, channels=self.channels,
-                               seconds=self.segment_seconds)
+            return self.decode(sample)
         except CorruptSample as e:
             self.skipped += 1
-            log.warning("evaluation sample replaced by silence (%d so far): %s", self.skipped, e)
-            n = round(self.segment_seconds * self.sample_rate)
-            return torch.zeros(self.channels, n), 0, {"__key__": sample.get("__key__"), "corrupt": True}
+            log.warning("evaluation sample replaced by a blank of length 0 (%d so far): %s", self.skipped, e)
+            return self.blank(), 0, {"__key__": sample.get("__key__"), "corrupt": True}
 
     def __iter__(self) -> Iterator[AudioBatch]:
         batch: list[Item] = []
         for sample in self._mine():
             batch.append(self._decode(sample))
             if len(batch) == self.batch_size:
-                yield collate_audio(batch)
+                yield self.collate(batch)
                 batch = []
         if batch:
-            yield collate_audio(batch)
+            yield self.collate(batch)
 
 
 def count_samples(urls: list[str]) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ostinato.data.sources import iter_raw_samples
+from ostinato.data.streams import CorruptSample
 from ostinato.fileio import atomic_write_json, read_json
 
 FORMAT = "ostinato.token-shards/1"
@@ -102,3 +103,71 @@ def iter_token_samples(url: str) -> Iterator[tuple[str, torch.Tensor, dict[str, 
     """(key, codes [K, F] int64, meta) of one token shard, in order."""
     for raw in iter_raw_samples(url):
         yield raw["__key__"], decode_codes(raw["npy"]), json.loads(raw["json"])
+
+
+# -- reading token shards for training ------------------------------------------------------------------------
+@dataclass
+class TokenSource:
+    """Resolved token shard paths plus their codec and sample count (from the manifests)."""
+
+    urls: list[str]
+    codec: CodecInfo
+    num_samples: int
+
+
+def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path, ...]) -> TokenSource:
+    """A token shard folder (or its ``manifest.json``), or a list of them, -> paths, codec and sample count.
+
+    Token shards are always read through their manifests: the manifest is where the codec (frame rate, n_q,
+    cardinality) is written. Every part of a list must come from the same codec.
+    """
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if not specs:
+        raise ValueError("empty token shard spec: give a folder holding a token manifest.json")
+    urls: list[str] = []
+    codec: CodecInfo | None = None
+    total = 0
+    for s in specs:
+        path = Path(s)
+        manifest = TokenManifest.load(path)
+        folder = path if path.is_dir() else path.parent
+        paths = [folder / sh.name for sh in manifest.shards]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"token shard not found: {missing[0]}, listed by {folder / MANIFEST_NAME}")
+        if codec is not None and _codec_key(codec) != _codec_key(manifest.codec):
+            raise ValueError(f"token shards in {folder} come from another codec ({manifest.codec.id}, "
+                             f"{_codec_key(manifest.codec)}) than the others ({codec.id}, {_codec_key(codec)})")
+        codec = codec or manifest.codec
+        urls += [str(p) for p in paths]
+        total += manifest.total_samples
+    assert codec is not None
+    return TokenSource(urls, codec, total)
+
+
+def _codec_key(codec: CodecInfo) -> tuple[float, int, int]:
+    return (float(codec.frame_rate), int(codec.n_q), int(codec.cardinality))
+
+
+def decode_token_clip(sample: dict, *, frames: int, n_q: int | None = None,
+                      rng: np.random.Generator | None = None) -> tuple[torch.Tensor, int, dict[str, Any]]:
+    """A raw token-shard sample -> ``(codes [K, frames] int64, valid_frames, meta)``.
+
+    The crop starts at a random frame when ``rng`` is given, else at frame 0; shorter items are padded with 0
+    past ``valid_frames``. Raises ``CorruptSample`` for undecodable codes or JSON, or a wrong ``n_q``.
+    """
+    key = sample.get("__key__", "?")
+    try:
+        codes = decode_codes(sample["npy"])
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except Exception as e:
+        raise CorruptSample(f"token sample {key}: {type(e).__name__}: {e}") from e
+    if codes.ndim != 2 or (n_q is not None and codes.shape[0] != n_q) or codes.shape[1] == 0:
+        raise CorruptSample(f"token sample {key}: codes of shape {tuple(codes.shape)}, expected [{n_q}, F>0]")
+    total = codes.shape[1]
+    start = int(rng.integers(0, total - frames + 1)) if rng is not None and total > frames else 0
+    clip = codes[:, start:start + frames]
+    valid = clip.shape[1]
+    if valid < frames:
+        clip = torch.nn.functional.pad(clip, (0, frames - valid))
+    return clip.contiguous(), valid, {**meta, "__key__": key, "offset_frames": start}

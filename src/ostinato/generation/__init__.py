@@ -1,0 +1,1 @@
+"""Sampling and autoregressive generation (KV-cached, pattern-aware, CFG, sliding window, chaining) for ``CodebookLM``."""

@@ -1,0 +1,307 @@
+"""Autoregressive generation with a ``CodebookLM`` through a codebook pattern.
+
+``generate`` decodes step by step with a ``KVCache`` (or, with ``use_cache=False``, by re-running the whole prefix
+every step, a slow reference path). At sequence step s the model reads the K tokens of step s and its logits
+predict step s + 1; a token is sampled only where the pattern has a code at step s + 1 (``valid_mask``), the
+special token (``card``) is kept elsewhere, and positions holding prompt codes are teacher-forced, so the first
+P output frames are the prompt exactly. All steps before the first one that needs sampling are fed at once
+(prefill).
+
+Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B rows) and mixes the two halves
+with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
+contributes nothing (SDPA yields zeros for fully masked rows, and the values of a zero input are zero without
+Linear biases). CFG is skipped (single B-row forward) when ``cond`` is None or ``cfg_scale == 1``.
+
+Long outputs (audiocraft's sliding window, ``MusicGen._generate_tokens``): with ``max_window_frames = W`` and
+``extend_stride_frames = stride``, the first window decodes ``W`` frames; then, while frames are missing, the last
+``W - stride`` frames become the prompt of a fresh window (new cache, positions restart at 0) that adds up to
+``stride`` frames. ``CodebookLM`` has no positional limit of its own (sinusoidal / RoPE), so ``W`` defaults to
+None = one window of ``n_frames``.
+
+``generate_chained`` is UnlimitedMusicGen-style chaining: independent segments of ``segment_frames`` each prompted
+with the last ``overlap_frames`` of the previous segment; decode every segment separately and join the audio with
+``crossfade``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import math
+
+import torch
+from torch import Tensor
+
+from ostinato.generation.sampling import cfg_logits, sample_next
+from ostinato.nn.patterns import CodebookPattern
+from ostinato.nn.transformer import CodebookLM
+
+__all__ = ["GenerationParams", "ChainedCodes", "generate", "generate_chained", "crossfade"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class GenerationParams:
+    """Sampling settings.
+
+    Attributes:
+        temperature: ``<= 0`` = greedy argmax.
+        top_k, top_p: filtering (``0`` disables; top-k first, then top-p).
+        cfg_scale: classifier-free guidance scale (1 = off).
+        seed: seeds a private ``torch.Generator`` (same seed -> same codes); None uses the global RNG.
+        extend_stride_frames: frames added per extra window once ``max_window_frames`` is exceeded
+            (default ``max(1, W // 2)``).
+        max_window_frames: most frames one window decodes (None = unlimited).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 250
+    top_p: float = 0.0
+    cfg_scale: float = 3.0
+    seed: int | None = None
+    extend_stride_frames: int | None = None
+    max_window_frames: int | None = None
+
+
+@dataclass
+class ChainedCodes:
+    """Result of ``generate_chained``.
+
+    Attributes:
+        codes: ``[B, K, T]`` joined codes (each overlap counted once).
+        segments: per segment ``[B, K, L_i]``; segment i > 0 starts with the last ``overlap_frames`` frames of
+            segment i - 1 (identical codes).
+        overlap_frames: frames shared by consecutive segments.
+        starts: frame offset of every segment inside ``codes``.
+    """
+
+    codes: Tensor
+    segments: list[Tensor]
+    overlap_frames: int
+    starts: list[int] = field(default_factory=list)
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+class _Decoder:
+    """Shared state of one ``generate`` call (conditioning, RNG, progress accounting)."""
+
+    def __init__(self, model: CodebookLM, pattern: CodebookPattern, b: int, cond: Tensor | None,
+                 cond_mask: Tensor | None, params: GenerationParams, generator: torch.Generator | None,
+                 use_cache: bool, progress: Progress | None) -> None:
+        self.model, self.pattern, self.b, self.params = model, pattern, b, params
+        self.generator, self.use_cache, self.progress = generator, use_cache, progress
+        self.device = next(model.parameters()).device
+        self.cfg_on = cond is not None and params.cfg_scale != 1.0
+        if cond is not None and cond_mask is None:
+            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        if self.cfg_on:
+            assert cond is not None and cond_mask is not None
+            self.cond = torch.cat([cond, torch.zeros_like(cond)])
+            self.cond_mask = torch.cat([cond_mask.bool(), torch.zeros_like(cond_mask, dtype=torch.bool)])
+        else:
+            self.cond, self.cond_mask = cond, cond_mask
+        self.done, self.total = 0, 0
+
+    def _logits(self, inp: Tensor, cache) -> Tensor:  # inp [B, K, s] -> [B, K, card] for the step after inp
+        if self.cfg_on:
+            inp = torch.cat([inp, inp])
+        logits = self.model(inp, self.cond, self.cond_mask, cache=cache)[:, :, -1]
+        if self.cfg_on:
+            cond_l, uncond_l = logits.float().split(self.b)
+            logits = cfg_logits(cond_l, uncond_l, self.params.cfg_scale)
+        return logits
+
+    def segment(self, n_frames: int, prompt: Tensor | None) -> Tensor:
+        """Decode one window of ``n_frames`` frames whose first ``P`` frames are ``prompt [B, K, P]``."""
+        model, pattern, b, p = self.model, self.pattern, self.b, self.params
+        k, special = model.cfg.n_q, model.special
+        steps = pattern.max_steps(n_frames)
+        valid = pattern.valid_mask(n_frames, self.device)  # [K, S]
+        seq = torch.full((b, k, steps), special, dtype=torch.long, device=self.device)
+        forced = torch.zeros_like(valid)
+        if prompt is not None and prompt.shape[-1] > 0:
+            n_p = prompt.shape[-1]
+            pos = pattern.positions(n_frames)[:, :n_p].to(self.device)  # [K, P]
+            seq.scatter_(2, pos.unsqueeze(0).expand(b, k, n_p), prompt.to(self.device, torch.long))
+            forced.scatter_(1, pos, True)
+        free = (valid & ~forced).any(0)  # steps with at least one code to sample
+        free[0] = False
+        idx = free.nonzero()
+        base = self.done
+        if idx.numel() == 0:
+            self._tick(base + steps - 1)
+            out, _ = pattern.revert(seq, n_frames)
+            return out
+        first = int(idx[0])
+        nb = 2 * b if self.cfg_on else b
+        cache = model.make_cache(nb, steps) if self.use_cache else None
+        for s in range(first - 1, steps - 1):
+            if cache is None:
+                inp = seq[:, :, :s + 1]
+            elif s == first - 1:
+                inp = seq[:, :, :first]
+            else:
+                inp = seq[:, :, s:s + 1]
+            logits = self._logits(inp, cache)
+            if bool(free[s + 1]):
+                tok = sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator)  # [B, K]
+                sampled = torch.where(valid[:, s + 1], tok, torch.full_like(tok, special))
+                seq[:, :, s + 1] = torch.where(forced[:, s + 1], seq[:, :, s + 1], sampled)
+            self._tick(base + s + 1)
+        out, _ = pattern.revert(seq, n_frames)
+        return out
+
+    def _tick(self, done: int) -> None:
+        self.done = done
+        if self.progress is not None:
+            self.progress(done, self.total)
+
+
+def _window_plan(n_frames: int, n_prompt: int, window: int | None, stride: int | None) -> list[tuple[int, int]]:
+    """``[(frames decoded in the window, frames kept from before as its prompt), ...]``."""
+    if window is None or n_frames <= window:
+        return [(n_frames, n_prompt)]
+    if window < 1:
+        raise ValueError(f"max_window_frames must be >= 1, got {window}")
+    stride = max(1, window // 2) if stride is None else stride
+    if not 0 < stride <= window:
+        raise ValueError(f"extend_stride_frames must be in [1, {window}], got {stride}")
+    if n_prompt >= window:
+        raise ValueError(f"prompt of {n_prompt} frames leaves no room in a window of {window} frames")
+    plan, have, keep = [(window, n_prompt)], window, window - stride
+    while have < n_frames:
+        add = min(stride, n_frames - have)
+        plan.append((keep + add, keep))
+        have += add
+    return plan
+
+
+def _batch_size(cond: Tensor | None, prompt: Tensor | None, batch_size: int) -> int:
+    sizes = {t.shape[0] for t in (cond, prompt) if t is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"cond and prompt batch sizes differ: {sorted(sizes)}")
+    return sizes.pop() if sizes else batch_size
+
+
+def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: Tensor | None,
+              cond_mask: Tensor | None, prompt: Tensor | None, params: GenerationParams, batch_size: int,
+              progress: Progress | None, use_cache: bool, generator: torch.Generator | None) -> Tensor:
+    if pattern.n_q != model.cfg.n_q:
+        raise ValueError(f"pattern has {pattern.n_q} codebooks, model {model.cfg.n_q}")
+    n_prompt = 0 if prompt is None else prompt.shape[-1]
+    if prompt is not None and (prompt.dim() != 3 or prompt.shape[1] != model.cfg.n_q):
+        raise ValueError(f"prompt must be [B, {model.cfg.n_q}, P], got {tuple(prompt.shape)}")
+    if n_prompt > n_frames:
+        raise ValueError(f"prompt ({n_prompt} frames) longer than n_frames ({n_frames})")
+    b = _batch_size(cond, prompt, batch_size)
+    dec = _Decoder(model, pattern, b, cond, cond_mask, params, generator, use_cache, progress)
+    plan = _window_plan(n_frames, n_prompt, params.max_window_frames, params.extend_stride_frames)
+    dec.total = sum(pattern.max_steps(frames) - 1 for frames, _ in plan)
+    out = dec.segment(plan[0][0], prompt)
+    for frames, keep in plan[1:]:
+        seg = dec.segment(frames, out[:, :, out.shape[-1] - keep:] if keep > 0 else None)
+        out = torch.cat([out, seg[:, :, keep:]], dim=-1)
+    return out
+
+
+@torch.no_grad()
+def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond: Tensor | None = None,
+             cond_mask: Tensor | None = None, prompt: Tensor | None = None,
+             params: GenerationParams | None = None, batch_size: int = 1, progress: Progress | None = None,
+             use_cache: bool = True) -> Tensor:
+    """Sample ``codes [B, K, n_frames]`` (prompt included) from ``model`` through ``pattern``.
+
+    Args:
+        cond: ``[B, Tc, cond_dim]`` cross-attention conditioning; ``cond_mask [B, Tc]`` bool (None = all valid).
+        prompt: ``[B, K, P]`` codes to continue; they are the first P frames of the output.
+        params: ``GenerationParams`` (default: its defaults).
+        batch_size: B when neither ``cond`` nor ``prompt`` fixes it.
+        progress: called as ``progress(done_steps, total_steps)`` over all windows' sequence steps.
+        use_cache: KV-cached decoding (default) or a full recompute of the prefix every step (reference path).
+    """
+    params = GenerationParams() if params is None else params
+    was_training = model.training
+    model.eval()
+    try:
+        gen = _make_generator(params.seed, next(model.parameters()).device)
+        return _generate(model, pattern, n_frames, cond, cond_mask, prompt, params, batch_size, progress,
+                         use_cache, gen)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_chained(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, segment_frames: int,
+                     overlap_frames: int, cond: Tensor | None = None, cond_mask: Tensor | None = None,
+                     prompt: Tensor | None = None, params: GenerationParams | None = None, batch_size: int = 1,
+                     progress: Progress | None = None, use_cache: bool = True) -> ChainedCodes:
+    """UnlimitedMusicGen-style chaining: segments of ``segment_frames`` (the last one may be shorter), each
+    prompted with the last ``overlap_frames`` of the previous one, ``n_frames`` frames in all.
+
+    Decode ``result.segments`` one by one and join the audio with ``crossfade(wavs, overlap_frames * hop)``.
+    """
+    params = GenerationParams() if params is None else params
+    if not 0 <= overlap_frames < segment_frames:
+        raise ValueError(f"need 0 <= overlap_frames < segment_frames, got {overlap_frames}, {segment_frames}")
+    was_training = model.training
+    model.eval()
+    try:
+        gen = _make_generator(params.seed, next(model.parameters()).device)
+        first_len = min(segment_frames, n_frames)
+        segs = [_generate(model, pattern, first_len, cond, cond_mask, prompt, params, batch_size, progress,
+                          use_cache, gen)]
+        starts, have = [0], first_len
+        while have < n_frames:
+            length = overlap_frames + min(segment_frames - overlap_frames, n_frames - have)
+            tail = segs[-1][:, :, segs[-1].shape[-1] - overlap_frames:] if overlap_frames else None
+            segs.append(_generate(model, pattern, length, cond, cond_mask, tail, params, batch_size, progress,
+                                  use_cache, gen))
+            starts.append(have - overlap_frames)
+            have += length - overlap_frames
+        codes = torch.cat([segs[0]] + [s[:, :, overlap_frames:] for s in segs[1:]], dim=-1)
+        return ChainedCodes(codes=codes, segments=segs, overlap_frames=overlap_frames, starts=starts)
+    finally:
+        model.train(was_training)
+
+
+def crossfade(wavs: list[Tensor], overlap_samples: int, mode: str = "linear") -> Tensor:
+    """Join ``wavs`` (each ``[B, C, T_i]``) whose consecutive ends/starts overlap by ``overlap_samples``.
+
+    Over each overlap the previous signal fades out and the next fades in, with ``t = (n + 0.5) / N``:
+
+    * ``"linear"`` (default): gains ``1 - t`` / ``t`` (sum 1): exact for identical (correlated) overlaps, which is
+      the case for chained segments whose overlap was decoded from the same codes.
+    * ``"equal_power"``: gains ``cos(pi t / 2)`` / ``sin(pi t / 2)`` (squares sum to 1): constant loudness for
+      uncorrelated overlaps, up to +3 dB in the middle of correlated ones.
+
+    Returns ``[B, C, sum(T_i) - (len(wavs) - 1) * overlap_samples]``.
+    """
+    if not wavs:
+        raise ValueError("no signals to crossfade")
+    if mode not in ("linear", "equal_power"):
+        raise ValueError(f"mode must be 'linear' or 'equal_power', got {mode!r}")
+    n = int(overlap_samples)
+    out = wavs[0]
+    for w in wavs[1:]:
+        if n == 0:
+            out = torch.cat([out, w], dim=-1)
+            continue
+        if n < 0 or n > out.shape[-1] or n > w.shape[-1]:
+            raise ValueError(f"overlap {n} does not fit signals of {out.shape[-1]} and {w.shape[-1]} samples")
+        t = (torch.arange(n, device=w.device, dtype=torch.float64) + 0.5) / n
+        if mode == "linear":
+            fin, fout = t, 1.0 - t
+        else:
+            fin, fout = torch.sin(0.5 * math.pi * t), torch.cos(0.5 * math.pi * t)
+        fin, fout = fin.to(w.dtype), fout.to(w.dtype)
+        mixed = out[..., -n:] * fout + w[..., :n] * fin
+        out = torch.cat([out[..., :-n], mixed, w[..., n:]], dim=-1)
+    return out
