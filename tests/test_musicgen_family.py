@@ -2,14 +2,19 @@
 `ostinato train experiment=musicgen_tiny` run that overfits a repeated token pattern."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import soundfile as sf
 import torch
+import transformers
 import webdataset as wds
 
 from ostinato.data.token_datamodule import TokenBatch, TokenDataModule
@@ -180,9 +185,30 @@ def test_musicgen_tiny_trains_and_overfits_a_repeated_pattern(env, tmp_path):
     valid_ce = [float(e["valid"]["ce"]) for e in history if "ce" in e.get("valid", {})]
     assert len(valid_ce) >= 2 and all(torch.isfinite(torch.tensor(valid_ce)))
     assert valid_ce[-1] < valid_ce[0] - 1.0  # the untrained baseline (ln 256 = 5.5) against the trained model
-    import csv
     with open(folder / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     first, last = float(rows[0]["train/loss"]), float(rows[-1]["train/loss"])
     assert last < 0.5 * first, (first, last)
     assert all(rows[-1].get(f"train/ce_q{k}") and rows[-1].get(f"train/ppl_q{k}") for k in range(4))
+
+    # text -> audio through the CLI, decoded by a codec of the same code layout (4 x 256 at 75 Hz)
+    torch.manual_seed(0)
+    hf = transformers.EncodecConfig(sampling_rate=24000, audio_channels=1, num_filters=8,
+                                    upsampling_ratios=[8, 5, 4, 2], codebook_size=256, hidden_size=16,
+                                    codebook_dim=16, num_lstm_layers=1, target_bandwidths=[2.4],
+                                    use_causal_conv=False, normalize=False)
+    transformers.EncodecModel(hf).save_pretrained(tmp_path / "codec")
+    outs = []
+    for name in ("gen_a", "gen_b"):
+        cmd = [sys.executable, "-m", "ostinato.cli", "generate", "--model", str(folder), "--codec",
+               str(tmp_path / "codec"), "--prompt", "a baroque chorale for organ", "--prompt", "",
+               "--duration", "1.0", "--seed", "7", "--top-k", "20", "--out", str(tmp_path / name)]
+        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(tmp_path / name)
+    for i in range(2):
+        wav, sr = sf.read(outs[0] / f"{i:03d}.wav")
+        assert sr == 24000 and wav.shape == (24000,) and abs(wav).max() > 0
+        meta = json.loads((outs[0] / f"{i:03d}.json").read_text())
+        assert meta["seed"] == 7 and meta["top_k"] == 20 and meta["cfg_scale"] == 3.0
+        assert (outs[0] / f"{i:03d}.wav").read_bytes() == (outs[1] / f"{i:03d}.wav").read_bytes()  # seeded

@@ -7,6 +7,7 @@
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
+    ostinato generate --model REF --prompt TEXT  text -> wav with a trained MusicGen (+ its codec)
     ostinato demo                                the embedded default end to end (what `make demo` runs)
 """
 from __future__ import annotations
@@ -88,6 +89,41 @@ def _tokenize(args: argparse.Namespace) -> None:
           f"-> {Path(args.out) / 'manifest.json'}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import soundfile as sf
+
+    from ostinato.engine.weights import read_weights
+    from ostinato.fileio import atomic_path, atomic_write_json
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.musicgen import generate_audio
+    from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
+
+    ref = resolve_ref(args.model)
+    module = __import__("ostinato").load(ref, xps_dir=xps_dir(), trust=args.trust)
+    codec_ref = args.codec
+    if codec_ref is None:  # the codec recorded in the training token shards
+        from ostinato.data.tokens import TokenManifest
+
+        _, cfg, _ = read_weights(ref, xps_dir(), args.trust)
+        codec_ref = TokenManifest.load(cfg["data"]["train"]).codec.id
+    codec = load_codec(codec_ref, trust=args.trust)
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+    prompts = prompts or [""]
+    params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              cfg_scale=args.cfg, seed=args.seed)
+    wavs = generate_audio(module, codec, prompts, args.duration, params)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, wav) in enumerate(zip(prompts, wavs)):
+        with atomic_path(out / f"{i:03d}.wav") as tmp:
+            sf.write(tmp, wav.clamp(-1, 1).T.cpu().numpy(), codec.sample_rate, format="WAV")
+        atomic_write_json(out / f"{i:03d}.json", {"prompt": prompt, "model": args.model, "codec": str(codec_ref),
+                                                  "duration": args.duration, **params.__dict__})
+    print(f"wrote {len(prompts)} clip(s) of {args.duration:g} s to {out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
@@ -157,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)
+
+    g = verbs.add_parser("generate", help="text -> audio with a trained MusicGen")
+    g.add_argument("--model", required=True, help="XP signature, export folder or checkpoint of a MusicGen")
+    g.add_argument("--codec", default=None, help="codec to decode with (default: the one of its token shards)")
+    g.add_argument("--prompt", action="append", help="a text prompt (repeatable; none = unconditional)")
+    g.add_argument("--prompts", default=None, help="a file with one prompt per line")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--top-k", type=int, default=250)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
+    g.add_argument("--trust", action="store_true")
+    g.set_defaults(func=_generate)
 
     d = verbs.add_parser("demo", help="demo corpus -> tiny codec -> reconstructions -> tokens, with a summary")
     d.add_argument("--data", default="data/demo")
