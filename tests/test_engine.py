@@ -62,6 +62,10 @@ def test_sigkill_resumes_from_last_checkpoint(env):
     start = before[0][1]
     at_ckpt = [loss for step, loss in before if step <= saved][-1]
     assert abs(new_rows[0][1] - at_ckpt) < abs(new_rows[0][1] - start)
+    history = json.loads((folder / "history.json").read_text())
+    epochs = [e["epoch"] for e in history]  # epochs finished before the checkpoint survive the resume, none twice
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 39
+    assert set(range(saved // 10 - 1)) <= set(epochs)
 
 
 def test_two_process_ddp_keeps_ranks_identical(env, tmp_path):

@@ -1,7 +1,7 @@
 """``ostinato demo`` (what ``make demo`` runs): the embedded default end to end on this machine.
 
-demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards. Each step is skipped when its
-output already exists, so a second run only prints the summary.
+demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny text-conditioned
+MusicGen -> a few generated prompts. Finished steps are skipped (experiments resume), so a second run is quick.
 """
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ import soundfile as sf
 import torch
 
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
+MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny"]
+PROMPTS = ["A baroque chorale by Johann Sebastian Bach for church organ, in G major, at 90 BPM (andante).",
+           "A traditional irish reel for fiddle, in D major, at 112 BPM (allegro).",
+           "A classical string quartet, in C minor, at 70 BPM (adagio)."]
 
 
 def _run(args: list[str]) -> None:
@@ -45,6 +49,19 @@ def _reconstructions(codec, shards: Path, out: Path, count: int = 3) -> list[Pat
     return written
 
 
+def unigram_entropy(tokens: Path) -> float:
+    """Mean over codebooks of the entropy (nats) of the code frequencies in a token shard folder."""
+    from ostinato.data.tokens import TokenManifest, iter_token_samples
+
+    manifest = TokenManifest.load(tokens)
+    counts = torch.zeros(manifest.codec.n_q, manifest.codec.cardinality, dtype=torch.float64)
+    for shard in manifest.shards:
+        for _, codes, _ in iter_token_samples(str(tokens / shard.name)):
+            counts.scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float64))
+    p = counts / counts.sum(1, keepdim=True)
+    return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
+
+
 def run_demo(data: Path, outputs: Path) -> None:
     from ostinato.interop.codecs import load_codec
     from ostinato.train import main as train_main
@@ -63,9 +80,18 @@ def run_demo(data: Path, outputs: Path) -> None:
         if not (data / "tokens" / split / "manifest.json").is_file():
             _run(["tokenize", str(data / "shards" / split), str(data / "tokens" / split), "--codec", str(export)])
 
+    lm_xp = train_main.get_xp(MUSICGEN_EXPERIMENT)
+    _run(["train", *MUSICGEN_EXPERIMENT])
+    generated = outputs / "demo" / "generated"
+    args = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--duration", "10", "--seed", "0",
+            "--out", str(generated)]
+    _run(args + [a for p in PROMPTS for a in ("--prompt", p)])
+
     history = _history(Path(xp.folder))
     before = next((h["valid"]["mel_distance"] for h in history if h.get("epoch") == -1), None)
     after = next((h["valid"]["mel_distance"] for h in reversed(history) if "valid" in h), None)
+    lm_history = _history(Path(lm_xp.folder))
+    lm_ce = next((h["valid"]["ce"] for h in reversed(lm_history) if "ce" in h.get("valid", {})), None)
     print("\n== ostinato demo ==")
     print(f"codec: XP {xp.sig} ({xp.folder}), exported to {export}; training took {codec_minutes:.1f} min")
     if before is not None and after is not None:
@@ -74,4 +100,8 @@ def run_demo(data: Path, outputs: Path) -> None:
     print(f"  reconstructions: {recon[0].parent} ({len(recon) // 2} originals + reconstructions)")
     print(f"tokens: {data / 'tokens'}/{{train,valid,test}} ({codec.n_q} x {codec.cardinality} codes at "
           f"{codec.frame_rate:g} Hz)")
+    entropy = unigram_entropy(data / "tokens" / "train")
+    print(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram entropy "
+          f"{entropy:.3f} nats" if lm_ce is not None else f"musicgen: XP {lm_xp.sig}")
+    print(f"  generated: {generated} ({len(PROMPTS)} x 10 s, prompts and parameters in the .json files)")
     print(f"total {(time.time() - start) / 60:.1f} min")

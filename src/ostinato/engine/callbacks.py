@@ -41,8 +41,9 @@ class DoraHistory(L.Callback):
     def __init__(self, xp: Any) -> None:
         self.xp = xp
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:  # a resumed run drops the epochs it is about to redo
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the checkpoint is restored (current_epoch is right): drop the epochs a resumed run will redo
+        if trainer.is_global_zero:
             self.xp.link.load()
             kept = [e for e in self.xp.link.history if e.get("epoch", -1) < trainer.current_epoch]
             self.xp.link.update_history(kept)
