@@ -46,8 +46,21 @@ class AudioDataModule(L.LightningDataModule):
         super().__init__()
         if channels not in (1, 2):
             raise ValueError(f"data.channels must be 1 or 2, got {channels}")
-        self.specs = {"train": train, "valid": valid, "test": test}
         self.sample_rate, self.channels = int(sample_rate), int(channels)
+        self._init_loading(train, valid, test, segment_seconds=segment_seconds,
+                           eval_segment_seconds=eval_segment_seconds, min_segment_ratio=min_segment_ratio,
+                           batch_size=batch_size, eval_batch_size=eval_batch_size,
+                           batches_per_epoch=batches_per_epoch, num_workers=num_workers,
+                           shuffle_buffer=shuffle_buffer, seed=seed, pin_memory=pin_memory, rank=rank,
+                           world_size=world_size)
+
+    def _init_loading(self, train: Any, valid: Any, test: Any, *, segment_seconds: float,
+                      eval_segment_seconds: float | None, min_segment_ratio: float, batch_size: int,
+                      eval_batch_size: int | None, batches_per_epoch: int, num_workers: int,
+                      shuffle_buffer: int, seed: int, pin_memory: bool, rank: int | None,
+                      world_size: int | None) -> None:
+        """The settings every shard datamodule shares (audio here, tokens in ``TokenDataModule``)."""
+        self.specs = {"train": train, "valid": valid, "test": test}
         self.segment_seconds = float(segment_seconds)
         self.eval_segment_seconds = float(eval_segment_seconds or segment_seconds)
         self.min_segment_ratio = min_segment_ratio
@@ -55,7 +68,7 @@ class AudioDataModule(L.LightningDataModule):
         self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
         self.shuffle_buffer, self.seed, self.pin_memory = shuffle_buffer, seed, pin_memory
         self._rank, self._world_size = rank, world_size
-        self._sources: dict[str, ShardSource] = {}
+        self._sources: dict[str, Any] = {}
         self.train_epoch = 0
 
     # -- distributed layout -------------------------------------------------------------------------------

@@ -74,17 +74,14 @@ class TokenDataModule(AudioDataModule):
                  batches_per_epoch: int = 1000, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
                  pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
         L.LightningDataModule.__init__(self)  # AudioDataModule's __init__ wants a sample rate and channels
-        self.specs = {"train": train, "valid": valid, "test": test}
-        if all(s is None for s in self.specs.values()):
+        if train is None and valid is None and test is None:
             raise ValueError("TokenDataModule needs at least one of data.train, data.valid, data.test")
-        self.segment_seconds = float(segment_seconds)
-        self.eval_segment_seconds = float(eval_segment_seconds or segment_seconds)
-        self.min_segment_ratio = min_segment_ratio
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
-        self.shuffle_buffer, self.seed, self.pin_memory = shuffle_buffer, seed, pin_memory
-        self._rank, self._world_size = rank, world_size
-        self._sources: dict[str, TokenSource] = {}  # type: ignore[assignment]
+        self._init_loading(train, valid, test, segment_seconds=segment_seconds,
+                           eval_segment_seconds=eval_segment_seconds, min_segment_ratio=min_segment_ratio,
+                           batch_size=batch_size, eval_batch_size=eval_batch_size,
+                           batches_per_epoch=batches_per_epoch, num_workers=num_workers,
+                           shuffle_buffer=shuffle_buffer, seed=seed, pin_memory=pin_memory, rank=rank,
+                           world_size=world_size)
         self.train_epoch = 0
 
     # -- sources --------------------------------------------------------------------------------------------
