@@ -82,7 +82,6 @@ class TokenDataModule(AudioDataModule):
                            batches_per_epoch=batches_per_epoch, num_workers=num_workers,
                            shuffle_buffer=shuffle_buffer, seed=seed, pin_memory=pin_memory, rank=rank,
                            world_size=world_size)
-        self.train_epoch = 0
 
     # -- sources --------------------------------------------------------------------------------------------
     def source(self, split: str) -> TokenSource:  # type: ignore[override]
