@@ -52,11 +52,13 @@ class MusicGenFamily(FamilyModule):
         delays: the delay pattern (default ``[0, 1, ..., n_q - 1]``).
         cfg_dropout: probability, per training item, of the null (empty) condition.
         attribute_dropout: probability, per training item and structured field, of leaving the field out.
+        codec: the codec the tokens come from (anything ``load_codec`` takes); None = the one recorded in the
+            token shards' manifest. Generation decodes with it.
     """
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
                  text: Mapping[str, Any] | None = None, delays: Sequence[int] | None = None,
-                 cfg_dropout: float = 0.1, attribute_dropout: float = 0.0,
+                 cfg_dropout: float = 0.1, attribute_dropout: float = 0.0, codec: str | None = None,
                  optim: Mapping[str, Any] | None = None):
         super().__init__(optim)
         self.n_q, self.card = int(n_q), int(card)
@@ -72,6 +74,7 @@ class MusicGenFamily(FamilyModule):
             self.text = TextConditioner(**kw)
         self.pattern = DelayPattern(self.n_q, delays)
         self.cfg_dropout, self.attribute_dropout = float(cfg_dropout), float(attribute_dropout)
+        self.codec_ref = None if codec is None else str(codec)
         self.ema_modules = ("lm", "text") if self.text is not None else ("lm",)
 
     # -- engine hooks ---------------------------------------------------------------------------------------
