@@ -1,0 +1,143 @@
+"""Chroma features for melody conditioning, as in MusicGen-melody.
+
+A chromagram folds the power spectrum of each frame onto 12 pitch classes (C = 0, C# = 1, ..., B = 11, A440
+tuning). MusicGen-melody quantizes every frame to a one-hot vector of its strongest pitch class (audiocraft's
+``ChromaExtractor(argmax=True)``), projects it to the LM width and prepends it to the LM input sequence.
+
+Written in plain torch because torchaudio 2.11 dropped its chroma transform and librosa is not a dependency.
+
+Design:
+
+* Filterbank: hard assignment. FFT bin ``k`` (frequency ``f_k >= fmin``) goes entirely to the pitch class nearest
+  to ``f_k`` (rounded on the semitone scale); bins below ``fmin`` (and DC) are dropped. With the large FFTs used here
+  (``n_fft >= 4 * hop``, about 2 Hz per bin at 32 kHz) a bin is narrower than a semitone down to ~C1, so nothing
+  is smeared over neighbouring classes, and the result is the same on every device.
+* Framing: frame ``f`` is a periodic-Hann window of ``n_fft`` samples centred at ``f * hop``; the signal is
+  zero-padded (not reflected: that would invent notes around a short clip) so that there are exactly
+  ``ceil(T / hop)`` frames for any ``T >= 1``.
+* Silence: a frame is all-zero when the Hann-weighted RMS of its window is below ``silence_db`` dBFS (RMS 1 = 0 dB).
+  The RMS comes from the same power spectrum via Parseval, so the gate sees exactly what the chroma sees.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["chroma_filterbank", "chromagram", "default_n_fft", "MelodyConditioner"]
+
+C4_HZ = 440.0 * 2.0 ** (-9 / 12)  # the pitch class of C is bin 0
+
+
+def default_n_fft(hop_length: int) -> int:
+    """The power of two ``>= 4 * hop_length`` (16384 for audiocraft's hop of 4096 at 32 kHz)."""
+    return 1 << max(0, math.ceil(math.log2(4 * hop_length)))
+
+
+@functools.lru_cache(maxsize=16)
+def _filterbank(sample_rate: int, n_fft: int, n_chroma: int, fmin: float) -> Tensor:
+    freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sample_rate / n_fft
+    keep = freqs >= max(fmin, 1e-6)
+    pitch = n_chroma * torch.log2(freqs.clamp_min(1e-6) / C4_HZ)
+    cls = torch.round(pitch).long().remainder(n_chroma)
+    fb = torch.zeros(n_chroma, freqs.numel(), dtype=torch.float32)
+    fb[cls[keep], torch.nonzero(keep).squeeze(1)] = 1.0
+    return fb
+
+
+def chroma_filterbank(sample_rate: int, n_fft: int, n_chroma: int = 12, fmin: float = 32.7) -> Tensor:
+    """Fixed 0/1 matrix mapping FFT power bins to pitch classes.
+
+    Returns ``[n_chroma, n_fft // 2 + 1]`` float32; each column is one-hot (the bin's nearest pitch class, A440
+    tuning, C = row 0) or all-zero for bins below ``fmin`` (default C1).
+    """
+    if n_fft < 2 or sample_rate <= 0 or n_chroma < 1:
+        raise ValueError(f"bad filterbank settings: sample_rate={sample_rate}, n_fft={n_fft}, n_chroma={n_chroma}")
+    return _filterbank(int(sample_rate), int(n_fft), int(n_chroma), float(fmin)).clone()
+
+
+def _frames_power(wav: Tensor, hop_length: int, n_fft: int) -> Tensor:
+    """``[N, T]`` -> one-sided power spectrum ``[N, ceil(T / hop), n_fft // 2 + 1]``, frame f centred at f * hop."""
+    length = wav.shape[-1]
+    n_frames = -(-length // hop_length)
+    left = n_fft // 2
+    total = (n_frames - 1) * hop_length + n_fft
+    padded = nn.functional.pad(wav, (left, max(0, total - left - length)))[..., :total]
+    window = torch.hann_window(n_fft, periodic=True, device=wav.device, dtype=wav.dtype)
+    spec = torch.stft(padded, n_fft=n_fft, hop_length=hop_length, window=window, center=False, return_complex=True)
+    return spec.abs().square().transpose(1, 2)
+
+
+def chromagram(wav: Tensor, sample_rate: int, hop_length: int, n_fft: int | None = None, *, argmax: bool = True,
+               silence_db: float = -60.0) -> Tensor:
+    """Chroma of ``wav`` ``[B, C, T]`` (channels averaged) or ``[B, T]`` -> ``[B, ceil(T / hop_length), 12]``.
+
+    Each frame is normalised to max 1 (inf-norm); with ``argmax`` it becomes the one-hot of its strongest pitch
+    class. Frames whose windowed RMS is below ``silence_db`` dBFS are all-zero. ``n_fft`` defaults to
+    ``default_n_fft(hop_length)``. Runs on ``wav``'s device, float32, no gradient needed.
+    """
+    if wav.dim() == 3:
+        wav = wav.mean(dim=1)
+    if wav.dim() != 2 or wav.shape[-1] < 1:
+        raise ValueError(f"expected wav [B, C, T] or [B, T] with T >= 1, got {tuple(wav.shape)}")
+    if hop_length < 1:
+        raise ValueError(f"hop_length must be >= 1, got {hop_length}")
+    n_fft = default_n_fft(hop_length) if n_fft is None else int(n_fft)
+    wav = wav.float()
+    power = _frames_power(wav, hop_length, n_fft)  # [B, F, K]
+    fb = _filterbank(int(sample_rate), n_fft, 12, 32.7).to(wav.device)
+    chroma = power @ fb.t()  # [B, F, 12]
+
+    # Parseval on the one-sided spectrum: sum_k |X_k|^2 = n_fft * sum_n (w_n x_n)^2.
+    weights = torch.full((power.shape[-1],), 2.0, device=wav.device)
+    weights[0] = 1.0
+    if n_fft % 2 == 0:
+        weights[-1] = 1.0
+    window = torch.hann_window(n_fft, periodic=True, device=wav.device)
+    mean_square = (power @ weights) / (n_fft * window.square().sum())
+    voiced = mean_square >= 10.0 ** (silence_db / 10.0)  # [B, F]
+
+    peak = chroma.amax(dim=-1, keepdim=True)
+    chroma = chroma / peak.clamp_min(torch.finfo(chroma.dtype).tiny)
+    if argmax:
+        chroma = nn.functional.one_hot(chroma.argmax(dim=-1), 12).to(chroma.dtype)
+    return chroma * (voiced & (peak.squeeze(-1) > 0)).unsqueeze(-1).to(chroma.dtype)
+
+
+class MelodyConditioner(nn.Module):
+    """Chromagram of a reference audio, projected to the LM width (to be prepended to the LM input).
+
+    ``features`` turns audio into the (untrained, deterministic) chroma; ``forward`` applies the trainable
+    projection, so the chroma can be computed once in the data pipeline and stored.
+    """
+
+    def __init__(self, dim: int, sample_rate: int, hop_seconds: float = 0.128, n_fft: int | None = None,
+                 argmax: bool = True) -> None:
+        super().__init__()
+        self.sample_rate = int(sample_rate)
+        self.hop_length = max(1, round(hop_seconds * sample_rate))
+        self.n_fft = default_n_fft(self.hop_length) if n_fft is None else int(n_fft)
+        self.argmax = argmax
+        self.proj = nn.Linear(12, dim)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def num_frames(self, num_samples: int) -> int:
+        return -(-int(num_samples) // self.hop_length)
+
+    @torch.no_grad()
+    def features(self, wav: Tensor, sample_rate: int | None = None) -> Tensor:
+        """``[B, C, T]`` or ``[B, T]`` at ``sample_rate`` (default: the conditioner's) -> chroma ``[B, F, 12]``."""
+        if sample_rate is not None and int(sample_rate) != self.sample_rate:
+            import torchaudio.functional as AF
+
+            wav = AF.resample(wav.float(), int(sample_rate), self.sample_rate)
+        return chromagram(wav, self.sample_rate, self.hop_length, self.n_fft, argmax=self.argmax)
+
+    def forward(self, chroma: Tensor) -> Tensor:
+        """``[B, F, 12]`` -> ``[B, F, dim]``."""
+        return self.proj(chroma.to(self.proj.weight.dtype))
