@@ -162,10 +162,10 @@ def test_sliding_window_three_windows_long(model, cond, monkeypatch) -> None:
     resets: list[int] = []
     real_forward = model.forward
 
-    def counting_forward(codes, cond=None, cond_mask=None, cache=None, offset=0):
+    def counting_forward(codes, cond=None, cond_mask=None, cache=None, offset=0, prefix=None):
         if cache is not None and cache.length == 0:
             resets.append(codes.shape[-1])
-        return real_forward(codes, cond, cond_mask, cache=cache, offset=offset)
+        return real_forward(codes, cond, cond_mask, cache=cache, offset=offset, prefix=prefix)
 
     monkeypatch.setattr(model, "forward", counting_forward)
     calls: list[tuple[int, int]] = []
@@ -233,3 +233,71 @@ def test_crossfade_length_and_continuity() -> None:
     gains_in = crossfade([torch.zeros_like(ones), ones], n_ov, mode="equal_power")
     gains_out = crossfade([ones, torch.zeros_like(ones)], n_ov, mode="equal_power")
     torch.testing.assert_close(gains_in ** 2 + gains_out ** 2, torch.ones_like(ones))
+
+
+# ----------------------------------------------------------------------------------------------- prefix
+
+
+def _prefix(b: int = 2, p: int = 3, seed: int = 5) -> torch.Tensor:
+    return torch.randn(b, p, 32, generator=torch.Generator().manual_seed(seed)) * 2.0
+
+
+def test_prefix_cached_logits_match_full_forward_and_change_output(model, cond) -> None:
+    c, m = cond
+    pattern, pre = DelayPattern(K), _prefix()
+    codes = generate(model, pattern, 6, cond=c, cond_mask=m, prefix=pre, params=GenerationParams(seed=0))
+    seq, _ = pattern.build(codes, model.special)
+    full = model(seq, c, m, prefix=pre)
+    assert full.shape == (2, K, seq.shape[-1], CARD)
+    cache = model.make_cache(2, pre.shape[1] + seq.shape[-1])
+    steps = [model(seq[:, :, :1], c, m, cache=cache, prefix=pre)]
+    steps += [model(seq[:, :, s:s + 1], c, m, cache=cache) for s in range(1, seq.shape[-1])]
+    torch.testing.assert_close(torch.cat(steps, dim=2), full, atol=1e-4, rtol=1e-4)
+    for params in (GREEDY, GenerationParams(temperature=0.0, cfg_scale=3.0)):
+        fast = generate(model, pattern, 7, cond=c, cond_mask=m, prefix=pre, params=params)
+        slow = generate(model, pattern, 7, cond=c, cond_mask=m, prefix=pre, params=params, use_cache=False)
+        assert torch.equal(fast, slow)
+    assert not torch.equal(generate(model, pattern, 8, cond=c, cond_mask=m, prefix=pre, params=GREEDY),
+                           generate(model, pattern, 8, cond=c, cond_mask=m, params=GREEDY))
+
+
+def test_prefix_function_gets_each_window_span(model) -> None:
+    spans: list[tuple[int, int]] = []
+
+    def prefix_fn(start: int, n: int) -> torch.Tensor:
+        spans.append((start, n))
+        return _prefix(seed=start)
+
+    params = GenerationParams(temperature=0.0, cfg_scale=2.0, max_window_frames=6, extend_stride_frames=4)
+    out = generate(model, DelayPattern(K), 14, prefix=prefix_fn, params=params, batch_size=2)
+    assert out.shape == (2, K, 14)
+    assert spans == [(0, 6), (4, 6), (8, 6)]  # window i covers output frames [start, start + n)
+    spans.clear()
+    res = generate_chained(model, DelayPattern(K), 20, segment_frames=8, overlap_frames=3, prefix=prefix_fn,
+                           params=GenerationParams(temperature=0.0, cfg_scale=1.0), batch_size=2)
+    assert res.codes.shape == (2, K, 20) and spans == [(0, 8), (5, 8), (10, 8), (15, 5)]
+
+
+def test_double_cfg_matches_three_manual_forwards(model, cond) -> None:
+    c, m = cond
+    pattern, pre, n = DelayPattern(K), _prefix(), 6
+    alpha, beta = 3.0, 2.0
+    out = generate(model, pattern, n, cond=c, cond_mask=m, prefix=pre,
+                   params=GenerationParams(temperature=0.0, cfg_scale=alpha, cfg_beta=beta))
+    steps, valid = pattern.max_steps(n), pattern.valid_mask(n)
+    seq = torch.full((2, K, steps), model.special, dtype=torch.long)
+    off = torch.zeros_like(m)
+    with torch.no_grad():
+        for s in range(steps - 1):
+            full = model(seq[:, :, :s + 1], c, m, prefix=pre)[:, :, -1]
+            style = model(seq[:, :, :s + 1], torch.zeros_like(c), off, prefix=pre)[:, :, -1]
+            null = model(seq[:, :, :s + 1], torch.zeros_like(c), off, prefix=torch.zeros_like(pre))[:, :, -1]
+            nxt = double_cfg_logits(full, style, null, alpha, beta).argmax(-1)
+            seq[:, :, s + 1] = torch.where(valid[:, s + 1], nxt, torch.full_like(nxt, model.special))
+    manual, _ = pattern.revert(seq, n)
+    assert torch.equal(out, manual)
+    plain = generate(model, pattern, n, cond=c, cond_mask=m, prefix=pre,
+                     params=GenerationParams(temperature=0.0, cfg_scale=alpha))
+    assert not torch.equal(out, plain)
+    with pytest.raises(ValueError, match="double CFG"):
+        generate(model, pattern, n, cond=c, cond_mask=m, params=GenerationParams(cfg_scale=3.0, cfg_beta=1.0))

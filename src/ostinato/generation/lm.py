@@ -7,10 +7,16 @@ special token (``card``) is kept elsewhere, and positions holding prompt codes a
 P output frames are the prompt exactly. All steps before the first one that needs sampling are fed at once
 (prefill).
 
+Conditioning is cross-attention states ``cond [B, Tc, D]`` and/or a ``prefix [B, P, dim]`` of embeddings
+prepended to every window (melody chroma, style tokens). A prefix may be a function ``(start_frame, n_frames) ->
+[B, P, dim]`` so that each sliding window gets the part of a time-aligned condition (the melody) it covers.
+
 Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B rows) and mixes the two halves
 with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
 contributes nothing (SDPA yields zeros for fully masked rows, and the values of a zero input are zero without
-Linear biases). CFG is skipped (single B-row forward) when ``cond`` is None or ``cfg_scale == 1``.
+Linear biases), and a zero prefix (the null condition the family trains with). CFG is skipped (single B-row
+forward) when there is no condition or ``cfg_scale == 1``. With ``cfg_beta`` set, MusicGen-Style's double CFG
+runs 3B rows: ``[text + prefix; prefix only; nothing]`` mixed by ``double_cfg_logits``.
 
 Long outputs (audiocraft's sliding window, ``MusicGen._generate_tokens``): with ``max_window_frames = W`` and
 ``extend_stride_frames = stride``, the first window decodes ``W`` frames; then, while frames are missing, the last
@@ -32,13 +38,14 @@ import math
 import torch
 from torch import Tensor
 
-from ostinato.generation.sampling import cfg_logits, sample_next
+from ostinato.generation.sampling import cfg_logits, double_cfg_logits, sample_next
 from ostinato.nn.patterns import CodebookPattern
 from ostinato.nn.transformer import CodebookLM
 
 __all__ = ["GenerationParams", "ChainedCodes", "generate", "generate_chained", "crossfade"]
 
 Progress = Callable[[int, int], None]
+PrefixFn = Callable[[int, int], Tensor]  # (start_frame, n_frames) -> [B, P, dim]
 
 
 @dataclass
@@ -48,7 +55,8 @@ class GenerationParams:
     Attributes:
         temperature: ``<= 0`` = greedy argmax.
         top_k, top_p: filtering (``0`` disables; top-k first, then top-p).
-        cfg_scale: classifier-free guidance scale (1 = off).
+        cfg_scale: classifier-free guidance scale (1 = off); alpha of double CFG.
+        cfg_beta: MusicGen-Style double CFG (None = plain CFG): weight of the text given the prefix (style).
         seed: seeds a private ``torch.Generator`` (same seed -> same codes); None uses the global RNG.
         extend_stride_frames: frames added per extra window once ``max_window_frames`` is exceeded
             (default ``max(1, W // 2)``).
@@ -59,6 +67,7 @@ class GenerationParams:
     top_k: int = 250
     top_p: float = 0.0
     cfg_scale: float = 3.0
+    cfg_beta: float | None = None
     seed: int | None = None
     extend_stride_frames: int | None = None
     max_window_frames: int | None = None
@@ -94,33 +103,55 @@ class _Decoder:
     """Shared state of one ``generate`` call (conditioning, RNG, progress accounting)."""
 
     def __init__(self, model: CodebookLM, pattern: CodebookPattern, b: int, cond: Tensor | None,
-                 cond_mask: Tensor | None, params: GenerationParams, generator: torch.Generator | None,
-                 use_cache: bool, progress: Progress | None) -> None:
+                 cond_mask: Tensor | None, prefix: Tensor | PrefixFn | None, params: GenerationParams,
+                 generator: torch.Generator | None, use_cache: bool, progress: Progress | None) -> None:
         self.model, self.pattern, self.b, self.params = model, pattern, b, params
         self.generator, self.use_cache, self.progress = generator, use_cache, progress
         self.device = next(model.parameters()).device
-        self.cfg_on = cond is not None and params.cfg_scale != 1.0
+        self.prefix = prefix
+        has_cond = cond is not None or prefix is not None
+        self.cfg_on = has_cond and params.cfg_scale != 1.0
+        self.double = self.cfg_on and params.cfg_beta is not None
+        if self.double and (cond is None or prefix is None):
+            raise ValueError("double CFG (cfg_beta) needs both a text condition and a prefix (style)")
         if cond is not None and cond_mask is None:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
-        if self.cfg_on:
-            assert cond is not None and cond_mask is not None
-            self.cond = torch.cat([cond, torch.zeros_like(cond)])
-            self.cond_mask = torch.cat([cond_mask.bool(), torch.zeros_like(cond_mask, dtype=torch.bool)])
+        self.rows = (3 if self.double else 2) if self.cfg_on else 1
+        if self.cfg_on and cond is not None and cond_mask is not None:
+            zeros, off = torch.zeros_like(cond), torch.zeros_like(cond_mask, dtype=torch.bool)
+            self.cond = torch.cat([cond, zeros] + ([zeros] if self.double else []))
+            self.cond_mask = torch.cat([cond_mask.bool(), off] + ([off] if self.double else []))
         else:
             self.cond, self.cond_mask = cond, cond_mask
         self.done, self.total = 0, 0
 
-    def _logits(self, inp: Tensor, cache) -> Tensor:  # inp [B, K, s] -> [B, K, card] for the step after inp
+    def window_prefix(self, start: int, n_frames: int) -> Tensor | None:
+        """The prefix rows of one window: ``[rows * B, P, dim]`` (full; [prefix only]; zeros)."""
+        if self.prefix is None:
+            return None
+        pre = self.prefix(start, n_frames) if callable(self.prefix) else self.prefix
+        pre = pre.to(self.device)
+        if not self.cfg_on:
+            return pre
+        return torch.cat([pre] + ([pre] if self.double else []) + [torch.zeros_like(pre)])
+
+    def _logits(self, inp: Tensor, cache, prefix: Tensor | None) -> Tensor:
+        # inp [B, K, s] -> [B, K, card] for the step after inp
         if self.cfg_on:
-            inp = torch.cat([inp, inp])
-        logits = self.model(inp, self.cond, self.cond_mask, cache=cache)[:, :, -1]
-        if self.cfg_on:
+            inp = torch.cat([inp] * self.rows)
+        logits = self.model(inp, self.cond, self.cond_mask, cache=cache, prefix=prefix)[:, :, -1]
+        if self.double:
+            full, partial, null = logits.float().split(self.b)
+            assert self.params.cfg_beta is not None
+            logits = double_cfg_logits(full, partial, null, self.params.cfg_scale, self.params.cfg_beta)
+        elif self.cfg_on:
             cond_l, uncond_l = logits.float().split(self.b)
             logits = cfg_logits(cond_l, uncond_l, self.params.cfg_scale)
         return logits
 
-    def segment(self, n_frames: int, prompt: Tensor | None) -> Tensor:
-        """Decode one window of ``n_frames`` frames whose first ``P`` frames are ``prompt [B, K, P]``."""
+    def segment(self, n_frames: int, prompt: Tensor | None, start: int = 0) -> Tensor:
+        """Decode one window of ``n_frames`` frames, starting at output frame ``start``, whose first frames are
+        ``prompt [B, K, P]``."""
         model, pattern, b, p = self.model, self.pattern, self.b, self.params
         k, special = model.cfg.n_q, model.special
         steps = pattern.max_steps(n_frames)
@@ -141,16 +172,17 @@ class _Decoder:
             out, _ = pattern.revert(seq, n_frames)
             return out
         first = int(idx[0])
-        nb = 2 * b if self.cfg_on else b
-        cache = model.make_cache(nb, steps) if self.use_cache else None
+        prefix = self.window_prefix(start, n_frames)
+        n_prefix = 0 if prefix is None else prefix.shape[1]
+        cache = model.make_cache(self.rows * b, n_prefix + steps) if self.use_cache else None
         for s in range(first - 1, steps - 1):
             if cache is None:
-                inp = seq[:, :, :s + 1]
+                inp, pre = seq[:, :, :s + 1], prefix
             elif s == first - 1:
-                inp = seq[:, :, :first]
+                inp, pre = seq[:, :, :first], prefix
             else:
-                inp = seq[:, :, s:s + 1]
-            logits = self._logits(inp, cache)
+                inp, pre = seq[:, :, s:s + 1], None
+            logits = self._logits(inp, cache, pre)
             if bool(free[s + 1]):
                 tok = sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator)  # [B, K]
                 sampled = torch.where(valid[:, s + 1], tok, torch.full_like(tok, special))
@@ -184,16 +216,18 @@ def _window_plan(n_frames: int, n_prompt: int, window: int | None, stride: int |
     return plan
 
 
-def _batch_size(cond: Tensor | None, prompt: Tensor | None, batch_size: int) -> int:
-    sizes = {t.shape[0] for t in (cond, prompt) if t is not None}
+def _batch_size(cond: Tensor | None, prompt: Tensor | None, prefix: Tensor | PrefixFn | None,
+                batch_size: int) -> int:
+    sizes = {t.shape[0] for t in (cond, prompt, prefix) if isinstance(t, Tensor)}
     if len(sizes) > 1:
-        raise ValueError(f"cond and prompt batch sizes differ: {sorted(sizes)}")
+        raise ValueError(f"cond, prompt and prefix batch sizes differ: {sorted(sizes)}")
     return sizes.pop() if sizes else batch_size
 
 
 def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: Tensor | None,
               cond_mask: Tensor | None, prompt: Tensor | None, params: GenerationParams, batch_size: int,
-              progress: Progress | None, use_cache: bool, generator: torch.Generator | None) -> Tensor:
+              progress: Progress | None, use_cache: bool, generator: torch.Generator | None,
+              prefix: Tensor | PrefixFn | None = None, frame_offset: int = 0) -> Tensor:
     if pattern.n_q != model.cfg.n_q:
         raise ValueError(f"pattern has {pattern.n_q} codebooks, model {model.cfg.n_q}")
     n_prompt = 0 if prompt is None else prompt.shape[-1]
@@ -201,13 +235,14 @@ def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: 
         raise ValueError(f"prompt must be [B, {model.cfg.n_q}, P], got {tuple(prompt.shape)}")
     if n_prompt > n_frames:
         raise ValueError(f"prompt ({n_prompt} frames) longer than n_frames ({n_frames})")
-    b = _batch_size(cond, prompt, batch_size)
-    dec = _Decoder(model, pattern, b, cond, cond_mask, params, generator, use_cache, progress)
+    b = _batch_size(cond, prompt, prefix, batch_size)
+    dec = _Decoder(model, pattern, b, cond, cond_mask, prefix, params, generator, use_cache, progress)
     plan = _window_plan(n_frames, n_prompt, params.max_window_frames, params.extend_stride_frames)
     dec.total = sum(pattern.max_steps(frames) - 1 for frames, _ in plan)
-    out = dec.segment(plan[0][0], prompt)
+    out = dec.segment(plan[0][0], prompt, frame_offset)
     for frames, keep in plan[1:]:
-        seg = dec.segment(frames, out[:, :, out.shape[-1] - keep:] if keep > 0 else None)
+        start = out.shape[-1] - keep
+        seg = dec.segment(frames, out[:, :, start:] if keep > 0 else None, frame_offset + start)
         out = torch.cat([out, seg[:, :, keep:]], dim=-1)
     return out
 
@@ -216,7 +251,7 @@ def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: 
 def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond: Tensor | None = None,
              cond_mask: Tensor | None = None, prompt: Tensor | None = None,
              params: GenerationParams | None = None, batch_size: int = 1, progress: Progress | None = None,
-             use_cache: bool = True) -> Tensor:
+             use_cache: bool = True, prefix: Tensor | PrefixFn | None = None) -> Tensor:
     """Sample ``codes [B, K, n_frames]`` (prompt included) from ``model`` through ``pattern``.
 
     Args:
@@ -226,6 +261,7 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
         batch_size: B when neither ``cond`` nor ``prompt`` fixes it.
         progress: called as ``progress(done_steps, total_steps)`` over all windows' sequence steps.
         use_cache: KV-cached decoding (default) or a full recompute of the prefix every step (reference path).
+        prefix: ``[B, P, dim]`` prepended embeddings, or ``fn(start_frame, n_frames)`` giving them per window.
     """
     params = GenerationParams() if params is None else params
     was_training = model.training
@@ -233,7 +269,7 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
     try:
         gen = _make_generator(params.seed, next(model.parameters()).device)
         return _generate(model, pattern, n_frames, cond, cond_mask, prompt, params, batch_size, progress,
-                         use_cache, gen)
+                         use_cache, gen, prefix)
     finally:
         model.train(was_training)
 
@@ -242,7 +278,8 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
 def generate_chained(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, segment_frames: int,
                      overlap_frames: int, cond: Tensor | None = None, cond_mask: Tensor | None = None,
                      prompt: Tensor | None = None, params: GenerationParams | None = None, batch_size: int = 1,
-                     progress: Progress | None = None, use_cache: bool = True) -> ChainedCodes:
+                     progress: Progress | None = None, use_cache: bool = True,
+                     prefix: Tensor | PrefixFn | None = None) -> ChainedCodes:
     """UnlimitedMusicGen-style chaining: segments of ``segment_frames`` (the last one may be shorter), each
     prompted with the last ``overlap_frames`` of the previous one, ``n_frames`` frames in all.
 
@@ -255,21 +292,42 @@ def generate_chained(model: CodebookLM, pattern: CodebookPattern, n_frames: int,
     model.eval()
     try:
         gen = _make_generator(params.seed, next(model.parameters()).device)
-        first_len = min(segment_frames, n_frames)
-        segs = [_generate(model, pattern, first_len, cond, cond_mask, prompt, params, batch_size, progress,
-                          use_cache, gen)]
-        starts, have = [0], first_len
-        while have < n_frames:
+        spans, have = [(0, min(segment_frames, n_frames))], min(segment_frames, n_frames)
+        while have < n_frames:  # (start frame, length) of every segment
             length = overlap_frames + min(segment_frames - overlap_frames, n_frames - have)
-            tail = segs[-1][:, :, segs[-1].shape[-1] - overlap_frames:] if overlap_frames else None
-            segs.append(_generate(model, pattern, length, cond, cond_mask, tail, params, batch_size, progress,
-                                  use_cache, gen))
-            starts.append(have - overlap_frames)
+            spans.append((have - overlap_frames, length))
             have += length - overlap_frames
+        tracker = _ChainProgress(progress, pattern, spans, overlap_frames, params)
+        segs: list[Tensor] = []
+        for i, (start, length) in enumerate(spans):
+            tail = prompt if i == 0 else (segs[-1][:, :, segs[-1].shape[-1] - overlap_frames:]
+                                          if overlap_frames else None)
+            segs.append(_generate(model, pattern, length, cond, cond_mask, tail, params, batch_size,
+                                  tracker.for_segment(i), use_cache, gen, prefix, start))
+        starts = [start for start, _ in spans]
         codes = torch.cat([segs[0]] + [s[:, :, overlap_frames:] for s in segs[1:]], dim=-1)
         return ChainedCodes(codes=codes, segments=segs, overlap_frames=overlap_frames, starts=starts)
     finally:
         model.train(was_training)
+
+
+class _ChainProgress:
+    """Turns per-segment progress into one count over all segments of a chained generation."""
+
+    def __init__(self, progress: Progress | None, pattern: CodebookPattern, spans: list[tuple[int, int]],
+                 overlap: int, params: GenerationParams) -> None:
+        self.progress = progress
+        self.sizes = []
+        for i, (_, length) in enumerate(spans):
+            plan = _window_plan(length, overlap if i else 0, params.max_window_frames, params.extend_stride_frames)
+            self.sizes.append(sum(pattern.max_steps(frames) - 1 for frames, _ in plan))
+        self.total = sum(self.sizes)
+
+    def for_segment(self, i: int) -> Progress | None:
+        if self.progress is None:
+            return None
+        before, report = sum(self.sizes[:i]), self.progress
+        return lambda done, _total: report(before + done, self.total)
 
 
 def crossfade(wavs: list[Tensor], overlap_samples: int, mode: str = "linear") -> Tensor:

@@ -290,7 +290,7 @@ class CodebookLM(nn.Module):
                        device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
 
     def forward(self, codes: Tensor, cond: Tensor | None = None, cond_mask: Tensor | None = None,
-                cache: KVCache | None = None, offset: int = 0) -> Tensor:
+                cache: KVCache | None = None, offset: int = 0, prefix: Tensor | None = None) -> Tensor:
         """Next-step logits.
 
         Args:
@@ -301,20 +301,28 @@ class CodebookLM(nn.Module):
             cache: ``KVCache``; the call appends S positions at ``cache.length`` (prefill with S > 1, then steps
                 of 1). Without a cache the attention is causal over the S given steps.
             offset: position of ``codes[..., 0]`` when no cache is given.
+            prefix: ``[B, P, dim]`` embeddings prepended to the sequence (melody chroma, style tokens): they take
+                positions ``offset .. offset + P - 1`` and the codes follow; no logits are returned for them.
+                With a cache, pass it on the first (prefill) call only.
         Returns:
             ``[B, K, S, card]`` logits; ``[:, :, s]`` predicts step s + 1.
         """
         b, k, s = codes.shape
         if k != self.cfg.n_q:
             raise ValueError(f"expected {self.cfg.n_q} codebooks, got {k}")
+        n_prefix = 0 if prefix is None else prefix.shape[1]
         start = offset if cache is None else cache.length
-        if cache is not None and start + s > cache.max_len:
-            raise ValueError(f"cache overflow: {start} + {s} > max_len {cache.max_len}")
-        positions = torch.arange(start, start + s, device=codes.device)
+        if cache is not None and start + n_prefix + s > cache.max_len:
+            raise ValueError(f"cache overflow: {start} + {n_prefix + s} > max_len {cache.max_len}")
+        positions = torch.arange(start, start + n_prefix + s, device=codes.device)
 
         x = self.emb[0](codes[:, 0])
         for i in range(1, k):
             x = x + self.emb[i](codes[:, i])
+        if prefix is not None:
+            if prefix.shape[0] != b or prefix.shape[2] != self.cfg.dim:
+                raise ValueError(f"prefix must be [{b}, P, {self.cfg.dim}], got {tuple(prefix.shape)}")
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if self.cfg.positional == "sin":
             x = x + sinusoidal_embedding(positions, self.cfg.dim, self.cfg.max_period).to(x.dtype)
         x = F.dropout(x, self.cfg.dropout, self.training)
@@ -332,9 +340,9 @@ class CodebookLM(nn.Module):
             else:
                 x = layer(x, positions, cond, mask4, cache, i)
         if cache is not None:
-            cache.length = start + s
+            cache.length = start + n_prefix + s
 
-        x = self.out_norm(x)
+        x = self.out_norm(x[:, n_prefix:])
         return torch.stack([head(x) for head in self.heads], dim=1)
 
 
