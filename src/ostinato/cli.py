@@ -8,6 +8,7 @@
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
     ostinato generate --model REF --prompt TEXT  text -> wav with a trained MusicGen (+ its codec)
+    ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato demo                                the embedded default end to end (what `make demo` runs)
 """
 from __future__ import annotations
@@ -124,6 +125,15 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(prompts)} clip(s) of {args.duration:g} s to {out}")
 
 
+def _import(args: argparse.Namespace) -> None:
+    from ostinato.interop.musicgen_import import import_musicgen
+
+    result = import_musicgen(args.src, args.out, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                             codec=args.codec, trust=args.trust, overwrite=args.overwrite)
+    print(result.summary())
+    print(result.finetune_hint())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
@@ -208,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
     g.add_argument("--trust", action="store_true")
     g.set_defaults(func=_generate)
+
+    i = verbs.add_parser("import", help="a transformers or audiocraft MusicGen -> an export folder "
+                                        "(ostinato.load, continue_from, generate)")
+    i.add_argument("src", help="a transformers MusicgenForConditionalGeneration / MusicgenForCausalLM folder, or "
+                               "an audiocraft state_dict.bin (or a folder holding one)")
+    i.add_argument("out", help="the export folder to write")
+    i.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                   help="audiocraft only: a local text-encoder folder (e.g. t5-base) with its tokenizer")
+    i.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="tokenizer files, when SRC (or --text-encoder) has none")
+    i.add_argument("--codec", default=None, metavar="REF",
+                   help="the codec: a transformers EncodecModel folder, a compression_state_dict.bin or an "
+                        "ostinato codec (default: the source's audio encoder / a compression_state_dict.bin "
+                        "beside an audiocraft file); local ones are copied into OUT/codec")
+    i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    i.set_defaults(func=_import)
 
     d = verbs.add_parser("demo", help="demo corpus -> tiny codec -> reconstructions -> tokens, with a summary")
     d.add_argument("--data", default="data/demo")

@@ -22,6 +22,17 @@ Name mapping (transformers on the left, ours on the right; ``P = model.decoder.`
 
 The special token of ``CodebookLM`` is ``card`` (= transformers' ``vocab_size``), which is MusicGen's
 ``pad_token_id`` / ``bos_token_id``. Loading is strict: missing or unexpected keys raise a ``KeyError`` listing them.
+
+audiocraft's ``LMModel`` (``best_state`` of a MusicGen ``state_dict.bin``; ``T = transformer.layers.{i}``):
+
+    emb.{k}.weight                                  -> emb.{k}.weight
+    T.self_attn[.mha].in_proj_{weight,bias}         -> layers.{i}.self_attn.{q,k,v}_proj (rows split in 3)
+    T.self_attn[.mha].out_proj                      -> layers.{i}.self_attn.out_proj
+    T.cross_attention[.mha].in_proj_* / out_proj    -> layers.{i}.cross_attn.*  (same split)
+    T.norm1 / T.norm_cross / T.norm2                -> layers.{i}.norm_self / norm_cross / norm_ffn
+    T.linear1 / T.linear2                           -> layers.{i}.fc1 / fc2
+    out_norm / linears.{k}.weight                   -> out_norm / heads.{k}.weight
+    condition_provider.conditioners.description.output_proj -> the text projection (``enc_to_dec_proj``)
 """
 from __future__ import annotations
 
@@ -38,7 +49,8 @@ from ostinato.nn.transformer import CodebookLM, LMConfig
 
 __all__ = [
     "MUSICGEN_DECODER_DEFAULTS", "MusicgenImport", "decoder_config_to_lm_config", "transformers_state_to_lm",
-    "load_transformers_musicgen_decoder", "load_transformers_musicgen",
+    "load_transformers_musicgen_decoder", "load_transformers_musicgen", "AUDIOCRAFT_TEXT_PROJ",
+    "audiocraft_lm_config", "audiocraft_delays", "audiocraft_state_to_lm",
 ]
 
 # MusicgenDecoderConfig's defaults: config.json files written with ``use_diff`` omit them.
@@ -185,3 +197,107 @@ def load_transformers_musicgen(folder_or_state: str | Path | Mapping[str, Tensor
     """Like ``load_transformers_musicgen_decoder`` but also returns ``enc_to_dec_proj`` (or None) and the
     number of audio channels."""
     return _load(folder_or_state, config)
+
+
+# ----- audiocraft -----
+
+AUDIOCRAFT_TEXT_PROJ = "condition_provider.conditioners.description.output_proj."
+_AC_LAYER = r"^transformer\.layers\.(\d+)\."
+_AC_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^emb\.(\d+)\.weight$"), r"emb.\1.weight"),
+    (re.compile(_AC_LAYER + r"self_attn\.(?:mha\.)?out_proj\.(weight|bias)$"), r"layers.\1.self_attn.out_proj.\2"),
+    (re.compile(_AC_LAYER + r"cross_attention\.(?:mha\.)?out_proj\.(weight|bias)$"),
+     r"layers.\1.cross_attn.out_proj.\2"),
+    (re.compile(_AC_LAYER + r"norm1\.(weight|bias)$"), r"layers.\1.norm_self.\2"),
+    (re.compile(_AC_LAYER + r"norm_cross\.(weight|bias)$"), r"layers.\1.norm_cross.\2"),
+    (re.compile(_AC_LAYER + r"norm2\.(weight|bias)$"), r"layers.\1.norm_ffn.\2"),
+    (re.compile(_AC_LAYER + r"linear1\.(weight|bias)$"), r"layers.\1.fc1.\2"),
+    (re.compile(_AC_LAYER + r"linear2\.(weight|bias)$"), r"layers.\1.fc2.\2"),
+    (re.compile(r"^out_norm\.(weight|bias)$"), r"out_norm.\1"),
+    (re.compile(r"^linears\.(\d+)\.weight$"), r"heads.\1.weight"),
+]
+_AC_FUSED = re.compile(_AC_LAYER + r"(self_attn|cross_attention)\.(?:mha\.)?in_proj_(weight|bias)$")
+
+# transformer_lm values this import reproduces exactly; anything else is refused (key: required value)
+_AC_REQUIRED: dict[str, Any] = dict(norm_first=True, norm="layer_norm", layer_scale=None, positional_embedding="sin",
+                                    positional_scale=1.0, xpos=False, past_context=None, qk_layer_norm=False,
+                                    qk_layer_norm_cross=False, kv_repeat=1, bias_proj=False)
+
+
+def audiocraft_lm_config(cfg: Mapping[str, Any]) -> LMConfig:
+    """audiocraft experiment config (``xp.cfg`` as plain containers) -> ``LMConfig`` of the same decoder.
+
+    Raises ``ValueError`` naming the ``transformer_lm`` / ``fuser`` key for what ``CodebookLM`` cannot reproduce
+    (post-norm, LayerScale, RoPE, limited context, qk-norm, grouped kv, biased heads, prepended/summed conditions).
+    """
+    tlm = dict(cfg.get("transformer_lm") or {})
+    for key in ("dim", "num_heads", "num_layers", "n_q", "card"):
+        if key not in tlm:
+            raise ValueError(f"xp.cfg: transformer_lm.{key} is missing (not a MusicGen LM checkpoint?)")
+    for key, want in _AC_REQUIRED.items():
+        if key in tlm and tlm[key] != want:
+            raise ValueError(f"xp.cfg: transformer_lm.{key}={tlm[key]!r} is not supported (only {want!r})")
+    if bool(tlm.get("bias_ff", False)) != bool(tlm.get("bias_attn", False)):
+        raise ValueError("xp.cfg: transformer_lm.bias_ff and bias_attn differ; CodebookLM has one bias flag")
+    fuser = dict(cfg.get("fuser") or {})
+    for method in ("sum", "prepend", "input_interpolate"):
+        if fuser.get(method):
+            raise ValueError(f"xp.cfg: fuser.{method}={fuser[method]} is not supported (only text cross-attention: "
+                             "text-to-music MusicGen, not melody/style models)")
+    cross = list(fuser.get("cross") or [])
+    if cross not in ([], ["description"]):
+        raise ValueError(f"xp.cfg: fuser.cross={cross} is not supported (only ['description'])")
+    if fuser.get("cross_attention_pos_emb"):
+        raise ValueError("xp.cfg: fuser.cross_attention_pos_emb=true is not supported")
+    dim, dropout = int(tlm["dim"]), float(tlm.get("dropout") or 0.0)
+    attention_dropout = tlm.get("attention_dropout")
+    return LMConfig(
+        n_q=int(tlm["n_q"]), card=int(tlm["card"]), dim=dim, num_heads=int(tlm["num_heads"]),
+        num_layers=int(tlm["num_layers"]), ffn_dim=int(float(tlm.get("hidden_scale", 4)) * dim), dropout=dropout,
+        attention_dropout=dropout if attention_dropout is None else float(attention_dropout),
+        activation_dropout=dropout, activation=str(tlm.get("activation", "gelu")),
+        cross_attention=bool(cross) or bool(tlm.get("cross_attention", False)), cond_dim=None, positional="sin",
+        max_period=float(tlm.get("max_period", 10_000.0)), bias=bool(tlm.get("bias_attn", False)),
+        layer_norm_eps=1e-5, init_std=0.02)
+
+
+def audiocraft_delays(cfg: Mapping[str, Any], n_q: int) -> list[int]:
+    """The codebook delays of an audiocraft LM (``codebooks_pattern``): ``delay`` or ``parallel`` modeling."""
+    pattern = dict(cfg.get("codebooks_pattern") or {})
+    modeling = pattern.get("modeling") or "delay"
+    if modeling == "parallel":
+        return [0] * n_q
+    if modeling != "delay":
+        raise ValueError(f"xp.cfg: codebooks_pattern.modeling={modeling!r} is not supported (delay or parallel)")
+    delay = dict(pattern.get("delay") or {})
+    if delay.get("flatten_first", 0) or delay.get("empty_initial", 0):
+        raise ValueError("xp.cfg: codebooks_pattern.delay.flatten_first / empty_initial must be 0")
+    delays = [int(d) for d in (delay.get("delays") or range(n_q))]
+    if len(delays) != n_q:
+        raise ValueError(f"xp.cfg: codebooks_pattern.delay.delays={delays} needs {n_q} entries (transformer_lm.n_q)")
+    return delays
+
+
+def audiocraft_state_to_lm(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """audiocraft ``LMModel`` state -> (``CodebookLM`` state, text projection ``{weight, bias}``).
+
+    Fused ``in_proj_weight [3D, D]`` (and ``in_proj_bias``) are split into q, k, v rows. Unknown keys are kept
+    under their own names in the LM state, so that strict loading names them.
+    """
+    lm: dict[str, Tensor] = {}
+    proj: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(AUDIOCRAFT_TEXT_PROJ):
+            proj[key[len(AUDIOCRAFT_TEXT_PROJ):]] = value
+        elif match := _AC_FUSED.match(key):
+            module = "self_attn" if match[2] == "self_attn" else "cross_attn"
+            for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                lm[f"layers.{match[1]}.{module}.{name}_proj.{match[3]}"] = part.contiguous()
+        else:
+            for pattern, repl in _AC_RULES:
+                if pattern.match(key):
+                    lm[pattern.sub(repl, key)] = value
+                    break
+            else:
+                lm[key] = value
+    return lm, proj

@@ -1,0 +1,556 @@
+"""Import whole MusicGen models (transformers or audiocraft) as an ostinato export folder.
+
+``import_musicgen(SRC, OUT)`` (CLI: ``ostinato import SRC OUT``) accepts:
+
+* a transformers ``MusicgenForConditionalGeneration`` ``save_pretrained`` folder (decoder, ``text_encoder.*``,
+  ``audio_encoder.*``, ``enc_to_dec_proj``); the tokenizer files must sit in the folder (a processor saved with
+  it) or come from ``tokenizer=``;
+* a transformers ``MusicgenForCausalLM`` folder (decoder only: no text conditioning; ``codec=`` or none);
+* audiocraft's MusicGen ``state_dict.bin`` (``{'xp.cfg', 'best_state'}``), or a folder holding one. audiocraft does
+  not ship the T5 weights: ``text_encoder=`` names a local encoder folder (with its tokenizer), and ``codec=`` the
+  codec (default: a ``compression_state_dict.bin`` beside the file).
+
+The export folder ``OUT`` (built in ``OUT.tmp``, then renamed):
+
+    OUT/model.safetensors   MusicGenFamily state: lm.* (CodebookLM), text.proj.* (= enc_to_dec_proj / output_proj)
+    OUT/config.yaml         family: {_target_: ostinato.families.musicgen.MusicGenFamily, n_q, card, lm: {...},
+                                     text: {model: OUT/text_encoder, ...}, delays, codec: OUT/codec, ...}; optim
+    OUT/export.json         source, kind, tensor count
+    OUT/text_encoder/       the frozen text encoder (HF folder, encoder only for T5) + tokenizer files
+    OUT/codec/              the codec: a transformers EncodecModel folder (or a copy of ``codec=``)
+
+``ostinato.load(OUT)`` builds the family; ``continue_from=OUT`` fine-tunes it, with ``family=musicgen_import
+family.export=OUT`` (``ImportedMusicGenFamily`` rebuilds the architecture from ``OUT/config.yaml``). Paths inside
+``config.yaml`` are absolute: re-import (or edit them) after moving ``OUT``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ostinato.families.musicgen import MusicGenFamily
+from ostinato.interop.musicgen import (
+    AUDIOCRAFT_TEXT_PROJ, MUSICGEN_DECODER_DEFAULTS, _read_weights, audiocraft_delays, audiocraft_lm_config,
+    audiocraft_state_to_lm, decoder_config_to_lm_config, transformers_state_to_lm,
+)
+from ostinato.nn.patterns import stereo_delays
+from ostinato.nn.transformer import LMConfig
+
+__all__ = ["ImportResult", "ImportedMusicGenFamily", "detect_source", "import_musicgen", "exported_family",
+           "TEXT_DIR", "CODEC_DIR"]
+
+FAMILY_TARGET = "ostinato.families.musicgen.MusicGenFamily"
+TEXT_DIR, CODEC_DIR = "text_encoder", "codec"
+TEXT_MAX_LENGTH = 256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "merges.txt")
+AUDIOCRAFT_FILES = ("state_dict.bin", "state_dict.th")
+_FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")
+
+
+# ----- result -----------------------------------------------------------------------------------------------
+
+@dataclass
+class ImportResult:
+    """What ``import_musicgen`` wrote."""
+
+    out: Path
+    source: str
+    kind: str  # transformers-conditional | transformers-causal | audiocraft
+    family: dict[str, Any]
+    tensors: int
+    codec_n_q: int | None = None  # codebooks of the codec (the LM may use fewer: tokenize --n-q)
+
+    def summary(self) -> str:
+        f = self.family
+        lm = f["lm"]
+        lines = [f"imported {self.kind} MusicGen {self.source} -> {self.out}",
+                 f"  model.safetensors  {self.tensors} tensors: lm ({lm['num_layers']} layers, dim {lm['dim']}, "
+                 f"{f['n_q']} x {f['card']} codes, delays {f['delays']})"
+                 + (", text.proj" if f["text"] else ""),
+                 "  config.yaml        family MusicGenFamily (ostinato.load / continue_from)",
+                 "  export.json        source and kind"]
+        if f["text"]:
+            lines.append(f"  {TEXT_DIR}/      frozen text encoder + tokenizer")
+        codec = f["codec"]
+        if codec and Path(codec).is_relative_to(self.out):
+            lines.append(f"  {Path(codec).relative_to(self.out)}{'/' if Path(codec).is_dir() else ''}"
+                         f"             the codec")
+        elif codec:
+            lines.append(f"  codec: {codec} (referenced, not copied)")
+        else:
+            lines.append("  codec: none (pass --codec REF to record one)")
+        return "\n".join(lines)
+
+    def finetune_hint(self) -> str:
+        """The commands that tokenize audio with this codec, fine-tune from the import and generate with it."""
+        out, f = self.out, self.family
+        codec = f["codec"] or "CODEC"
+        n_q = f" --n-q {f['n_q']}" if self.codec_n_q is not None and self.codec_n_q != f["n_q"] else ""
+        lines = ["fine-tune it: tokenize audio shards (ostinato prep shards) with its codec, then train from it:",
+                 f"  ostinato tokenize SHARDS/train TOKENS/train --codec {codec}{n_q}",
+                 f"  ostinato tokenize SHARDS/valid TOKENS/valid --codec {codec}{n_q}",
+                 f"  ostinato train family=musicgen_import family.export={out} continue_from={out} \\",
+                 "      data=demo_tokens data.train=TOKENS/train data.valid=TOKENS/valid data.test=null",
+                 "  (family.cfg_dropout=..., family.lm.dropout=..., family.lm.checkpointing=true adjust it)",
+                 "generate with it:",
+                 f"  ostinato generate --model {out} --codec {codec} --prompt \"...\" --out samples"]
+        if not f["codec"]:
+            lines.insert(0, "no codec recorded (pass --codec REF to ostinato import): CODEC = the codec whose "
+                            f"codes this LM models ({f['n_q']} x {f['card']})")
+        return "\n".join(lines)
+
+
+# ----- detection ---------------------------------------------------------------------------------------------
+
+def detect_source(src: str | Path) -> tuple[str, Path]:
+    """``(kind, path)``: a transformers MusicGen folder (``config.json`` model_type / architectures) or an audiocraft
+    checkpoint (a ``.bin``/``.th``/``.pt`` file, or a folder holding ``state_dict.bin``)."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        kind = _transformers_kind(config)
+        if kind:
+            return kind, path
+        if not any((path / name).is_file() for name in AUDIOCRAFT_FILES):
+            raise ValueError(f"{path / 'config.json'}: model_type={config.get('model_type')!r}, architectures="
+                             f"{config.get('architectures')}; expected a transformers MusicGen "
+                             "(MusicgenForConditionalGeneration / MusicgenForCausalLM)")
+    if path.is_dir():
+        found = [path / name for name in AUDIOCRAFT_FILES if (path / name).is_file()]
+        if not found:
+            raise ValueError(f"{path}: neither a transformers MusicGen folder (config.json) nor an audiocraft one "
+                             f"({' / '.join(AUDIOCRAFT_FILES)})")
+        return "audiocraft", found[0]
+    if path.suffix in (".bin", ".th", ".pt"):
+        return "audiocraft", path
+    raise ValueError(f"{path}: expected a transformers MusicGen folder or an audiocraft state_dict.bin")
+
+
+def _transformers_kind(config: Mapping[str, Any]) -> str | None:
+    model_type, archs = config.get("model_type"), list(config.get("architectures") or [])
+    if model_type == "musicgen_melody" or any("Melody" in a for a in archs):
+        raise ValueError("MusicGen-Melody (model_type musicgen_melody) is not supported: chroma conditioning")
+    if model_type == "musicgen" or "MusicgenForConditionalGeneration" in archs:
+        return "transformers-conditional"
+    if model_type == "musicgen_decoder" or "MusicgenForCausalLM" in archs:
+        return "transformers-causal"
+    return None
+
+
+# ----- the pieces of an import -------------------------------------------------------------------------------
+
+@dataclass
+class _Parts:
+    """Everything an export folder is written from (state dicts in ostinato names)."""
+
+    source: str
+    kind: str
+    lm: LMConfig
+    lm_state: dict[str, Tensor]
+    delays: list[int]
+    proj: dict[str, Tensor] | None = None  # text projection {weight [D, H], bias [D]}; None = no text
+    cfg_dropout: float = 0.1
+    channels: int = 1  # 2: stereo MusicGen, L/R codebooks interleaved (a mono codec per channel)
+    codec: str | None = None  # relative to the export folder when inside it (see _codec_ref)
+
+
+def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any], dict[str, Tensor],
+                                                            dict[str, Tensor]]:
+    """A transformers folder -> (parts, full config, text-encoder state, audio-encoder state)."""
+    config = json.loads((folder / "config.json").read_text())
+    state = _read_weights(folder)
+    if kind == "transformers-causal":
+        dec_cfg, dec_state, text_state, audio_state, proj = config, state, {}, {}, None
+    else:
+        dec_cfg = dict(config["decoder"])
+        groups = _split_prefixes(state, ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj."), folder)
+        dec_state, text_state, audio_state = groups["decoder."], groups["text_encoder."], groups["audio_encoder."]
+        proj = groups["enc_to_dec_proj."] or None
+    lm = decoder_config_to_lm_config(dec_cfg)
+    channels = int({**MUSICGEN_DECODER_DEFAULTS, **dec_cfg}["audio_channels"])
+    delays = stereo_delays(lm.n_q // 2) if channels == 2 else list(range(lm.n_q))
+    if kind == "transformers-conditional":
+        proj = proj or _identity_proj(_text_width(config["text_encoder"]), lm.dim, folder)
+    parts = _Parts(str(folder), kind, lm, transformers_state_to_lm(dec_state), delays, proj, channels=channels)
+    return parts, config, text_state, audio_state
+
+
+def _split_prefixes(state: Mapping[str, Tensor], prefixes: Sequence[str], source: Path) -> dict[str, dict]:
+    groups: dict[str, dict[str, Tensor]] = {p: {} for p in prefixes}
+    stray = []
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            stray.append(key)
+        else:
+            groups[prefix][key[len(prefix):]] = value
+    if stray:
+        raise ValueError(f"{source}: unexpected keys outside {', '.join(prefixes)}: {sorted(stray)[:10]}")
+    return groups
+
+
+def _text_width(text_cfg: Mapping[str, Any]) -> int:
+    width = text_cfg.get("hidden_size") or text_cfg.get("d_model")
+    if width is None:
+        raise ValueError("config.json: text_encoder has neither hidden_size nor d_model")
+    return int(width)
+
+
+def _identity_proj(width: int, dim: int, source: Path) -> dict[str, Tensor]:
+    """transformers skips ``enc_to_dec_proj`` when the text width equals the decoder width: an identity."""
+    if width != dim:
+        raise ValueError(f"{source}: no enc_to_dec_proj weights, but the text encoder width {width} differs "
+                         f"from the decoder width {dim}")
+    return {"weight": torch.eye(dim), "bias": torch.zeros(dim)}
+
+
+def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
+    """audiocraft ``state_dict.bin`` -> (parts, its xp.cfg as plain containers)."""
+    from ostinato.interop.encodec import _plain_config
+
+    package = _load_audiocraft_package(path, trust)
+    cfg = _plain_config(package["xp.cfg"])
+    lm = audiocraft_lm_config(cfg)
+    lm_state, proj = audiocraft_state_to_lm(package["best_state"])
+    if lm.cross_attention and not proj:
+        raise ValueError(f"{path}: a cross-attention LM without {AUDIOCRAFT_TEXT_PROJ}* weights")
+    cfg_dropout = float((cfg.get("classifier_free_guidance") or {}).get("training_dropout", 0.1))
+    parts = _Parts(str(path), "audiocraft", lm, lm_state, audiocraft_delays(cfg, lm.n_q), proj or None,
+                   cfg_dropout, channels=int(cfg.get("channels") or 1))
+    return parts, cfg
+
+
+def _load_audiocraft_package(path: Path, trust: bool) -> dict[str, Any]:
+    from ostinato.interop.encodec import _load_package
+
+    try:
+        package = _load_package(path, trust)
+    except ValueError as e:
+        raise ValueError(f"{path} holds pickled Python objects (an OmegaConf xp.cfg) that weights-only loading "
+                         "refuses; if you trust this file, pass --trust (ostinato import) / trust=True") from e
+    if not isinstance(package, Mapping) or "best_state" not in package or "xp.cfg" not in package:
+        keys = sorted(package)[:8] if isinstance(package, Mapping) else type(package).__name__
+        raise ValueError(f"{path}: not an audiocraft LM checkpoint (expected 'xp.cfg' and 'best_state', got {keys})")
+    return dict(package)
+
+
+# ----- text encoder ------------------------------------------------------------------------------------------
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _copy_tokenizer(src: Path, dst: Path, flag: str) -> None:
+    if not _has_tokenizer(src):
+        raise FileNotFoundError(f"{src}: no tokenizer files (tokenizer.json / tokenizer_config.json); pass "
+                                f"{flag} FOLDER (a folder with the text encoder's tokenizer, e.g. a t5-base folder)")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_text_from_state(text_cfg: Mapping[str, Any], state: Mapping[str, Tensor], dst: Path) -> None:
+    """The ``text_encoder.*`` tensors and sub-config of a transformers MusicGen -> an encoder-only HF folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+
+    config = AutoConfig.for_model(**dict(text_cfg))
+    arch = MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(config.model_type)
+    if arch:
+        config.architectures = [arch]
+    dst.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(dst)
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    _check_text_folder(dst)
+
+
+def _check_text_folder(folder: Path) -> None:
+    """Every weight of the encoder class is in the folder and every tensor of the folder is used."""
+    from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    auto = AutoModelForTextEncoding if config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES else AutoModel
+    _, info = auto.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    bad = {k: sorted(v)[:10] for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
+                                                                "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"{folder}: the text encoder weights do not match its config: {bad}")
+
+
+def _write_text_from_folder(src: Path, dst: Path) -> None:
+    """A local encoder folder (``--text-encoder``) -> ``dst``: re-saved encoder-only when transformers has a
+    text-encoding class for it (t5 -> T5EncoderModel), else copied (without TF/Flax/ONNX weights)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+
+    from ostinato.nn.conditioners import load_text_encoder
+
+    encoder = load_text_encoder(src)
+    if encoder.config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES and hasattr(encoder, "save_pretrained"):
+        encoder.save_pretrained(dst)
+    else:
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*_FOREIGN_WEIGHTS))
+
+
+def _check_text(folder: Path, width: int) -> None:
+    """The encoder loads, its width is the projection's input, and the tokenizer's ids fit its embedding."""
+    from transformers import AutoTokenizer
+
+    from ostinato.nn.conditioners import hidden_size, load_text_encoder
+
+    encoder = load_text_encoder(folder)
+    if hidden_size(encoder) != width:
+        raise ValueError(f"{folder}: text encoder width {hidden_size(encoder)} != the checkpoint's text projection "
+                         f"input {width}; use the text encoder the model was trained with")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    rows = encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the encoder embeds only {rows}; "
+                         "pass the encoder's own tokenizer (--tokenizer FOLDER)")
+
+
+# ----- codec -------------------------------------------------------------------------------------------------
+
+def _write_codec_from_state(codec_cfg: Mapping[str, Any], state: Mapping[str, Tensor], dst: Path) -> str:
+    """The ``audio_encoder.*`` tensors of a transformers MusicGen -> a transformers EncodecModel folder."""
+    from safetensors.torch import save_file
+
+    cfg = dict(codec_cfg)
+    if cfg.get("model_type", "encodec") != "encodec":
+        raise ValueError(f"audio_encoder model_type {cfg.get('model_type')!r} is not supported (only encodec)")
+    cfg.setdefault("model_type", "encodec")
+    cfg.setdefault("architectures", ["EncodecModel"])
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    return CODEC_DIR
+
+
+def _place_codec(ref: str, out: Path) -> str:
+    """A copy of a local codec in ``out/codec`` (transformers folder, ostinato export folder, audiocraft file);
+    returns its path relative to ``out``, or ``ref`` itself when it is no local file/folder (an XP signature)."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and ((path / "config.json").is_file() or (path / "model.safetensors").is_file()):
+        shutil.copytree(path, out / CODEC_DIR, ignore=shutil.ignore_patterns(*_FOREIGN_WEIGHTS))
+        return CODEC_DIR
+    if path.is_file() and path.suffix in (".bin", ".th", ".pt"):
+        (out / CODEC_DIR).mkdir()
+        shutil.copy2(path, out / CODEC_DIR / "compression_state_dict.bin")
+        return f"{CODEC_DIR}/compression_state_dict.bin"
+    return str(path.resolve()) if path.exists() else ref
+
+
+def _codec_ref(root: Path, codec: str | None) -> str | None:
+    """``codec`` as the family records it: under ``root`` when it was placed in the export folder."""
+    if codec is not None and (codec == CODEC_DIR or codec.startswith(CODEC_DIR + "/")):
+        return str(root / codec)
+    return codec
+
+
+def _check_codec(ref: str, parts: _Parts, trust: bool) -> int:
+    """The codec loads and writes codes the LM reads (cardinality, enough codebooks); returns its ``n_q``."""
+    from ostinato.interop.codecs import load_codec
+
+    codec = load_codec(ref, trust=trust)
+    per_code = parts.channels if codec.channels == 1 else 1  # stereo MusicGen: a mono codec on each channel
+    if codec.cardinality != parts.lm.card:
+        raise ValueError(f"codec {ref}: codebook size {codec.cardinality} != the LM's card {parts.lm.card}; "
+                         "pass --codec with the codec the LM was trained on")
+    if codec.n_q * per_code < parts.lm.n_q:
+        raise ValueError(f"codec {ref}: {codec.n_q} codebooks, the LM models {parts.lm.n_q}; pass --codec with the "
+                         "codec the LM was trained on")
+    return int(codec.n_q)
+
+
+# ----- the export folder -------------------------------------------------------------------------------------
+
+def _family_config(parts: _Parts, root: Path) -> dict[str, Any]:
+    """``MusicGenFamily`` kwargs (``lm`` = exact ``LMConfig`` kwargs, paths under ``root``)."""
+    lm = {k: v for k, v in asdict(parts.lm).items() if k not in ("n_q", "card")}
+    text = None if parts.proj is None else {"model": str(root / TEXT_DIR), "max_length": TEXT_MAX_LENGTH,
+                                            "dropout": 0.0}
+    return {"_target_": FAMILY_TARGET, "n_q": parts.lm.n_q, "card": parts.lm.card, "lm": lm, "text": text,
+            "delays": list(parts.delays), "cfg_dropout": parts.cfg_dropout, "attribute_dropout": 0.0,
+            "codec": _codec_ref(root, parts.codec)}
+
+
+def _family_state(parts: _Parts) -> dict[str, Tensor]:
+    state = {f"lm.{k}": v for k, v in parts.lm_state.items()}
+    if parts.proj is not None:
+        weight = parts.proj["weight"]
+        state["text.proj.weight"] = weight
+        state["text.proj.bias"] = parts.proj.get("bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+    return state
+
+
+def _build_family(family_cfg: Mapping[str, Any], state: Mapping[str, Tensor], source: str) -> MusicGenFamily:
+    """The family of ``family_cfg`` with ``state`` loaded strictly (a ``ValueError`` names the keys)."""
+    kwargs = {k: v for k, v in family_cfg.items() if k != "_target_"}
+    family = MusicGenFamily(**kwargs)
+    own = family.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not match MusicGenFamily(lm={family.cfg}); missing keys: "
+                       f"{missing[:12]}; unexpected keys: {unexpected[:12]}")
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if shapes:
+        raise ValueError(f"{source}: shape mismatches: {shapes[:12]}")
+    family.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return family.eval()
+
+
+def _write_folder(tmp: Path, out: Path, parts: _Parts) -> int:
+    """Weights (checked by building the family from ``tmp``), ``config.yaml`` (paths under ``out``), export.json."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    family = _build_family(_family_config(parts, tmp), _family_state(parts), parts.source)
+    tensors = {k: v.detach().contiguous() for k, v in family.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    # optim: what ostinato.load passes the family (training takes the optim config group instead)
+    config = {"family": _family_config(parts, out), "optim": {"name": "adamw", "lr": 3e-4}}
+    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    info = {"source": parts.source, "kind": parts.kind, "tensors": len(tensors), "family": FAMILY_TARGET,
+            "imported_by": "ostinato import"}
+    (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return len(tensors)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out`` (an existing ``out`` is removed only after the rename)."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Path | None = None,
+                    tokenizer: str | Path | None = None, codec: str | None = None, trust: bool = False,
+                    overwrite: bool = False) -> ImportResult:
+    """Convert a transformers or audiocraft MusicGen into the export folder ``out`` (see the module docstring).
+
+    Args:
+        src: a transformers MusicGen folder, an audiocraft ``state_dict.bin`` or a folder holding one.
+        out: the export folder to write (built in ``out.tmp`` and renamed when complete).
+        text_encoder: audiocraft only: a local text-encoder folder (e.g. t5-base) with its tokenizer.
+        tokenizer: a folder with tokenizer files, when ``src`` / ``text_encoder`` has none (or to replace them).
+        codec: the codec reference (a transformers EncodecModel folder, a compression_state_dict.bin, an ostinato
+            codec); replaces a transformers MusicGen's audio encoder. Local ones are copied into ``out/codec``.
+        trust: allow full unpickling of audiocraft files that weights-only loading refuses.
+        overwrite: replace an existing ``out``.
+    """
+    kind, path = detect_source(src)
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if text_encoder is not None and kind != "audiocraft":
+        raise ValueError("--text-encoder is for audiocraft checkpoints; a transformers MusicGen brings its own "
+                         "(MusicgenForCausalLM has none: it is imported unconditional)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        parts = _prepare(kind, path, tmp, text_encoder=text_encoder, tokenizer=tokenizer, codec=codec, trust=trust)
+        codec_n_q = None if parts.codec is None else _check_codec(_codec_ref(tmp, parts.codec), parts, trust)
+        tensors = _write_folder(tmp, out, parts)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ImportResult(out, str(path), kind, _family_config(parts, out), tensors, codec_n_q)
+
+
+def _prepare(kind: str, path: Path, tmp: Path, *, text_encoder: str | Path | None, tokenizer: str | Path | None,
+             codec: str | None, trust: bool) -> _Parts:
+    """Read the source and write ``text_encoder/`` and ``codec/`` into ``tmp``."""
+    if kind == "audiocraft":
+        parts, _ = _audiocraft_parts(path, trust)
+        if parts.proj is not None:
+            if text_encoder is None:
+                raise ValueError(f"{path}: audiocraft checkpoints do not hold the text encoder; pass --text-encoder "
+                                 "FOLDER (a local T5 folder such as t5-base, with its tokenizer)")
+            _write_text_from_folder(Path(text_encoder).expanduser(), tmp / TEXT_DIR)
+            _copy_tokenizer(Path(tokenizer or text_encoder).expanduser(), tmp / TEXT_DIR, "--tokenizer")
+        sibling = path.parent / "compression_state_dict.bin"
+        codec = codec if codec is not None else (str(sibling) if sibling.is_file() else None)
+    else:
+        parts, config, text_state, audio_state = _transformers_parts(path, kind)
+        if kind == "transformers-conditional":
+            _write_text_from_state(config["text_encoder"], text_state, tmp / TEXT_DIR)
+            _copy_tokenizer(Path(tokenizer).expanduser() if tokenizer else path, tmp / TEXT_DIR, "--tokenizer")
+            if codec is None:
+                codec = _write_codec_from_state(config["audio_encoder"], audio_state, tmp / CODEC_DIR)
+    if parts.proj is not None:
+        _check_text(tmp / TEXT_DIR, int(parts.proj["weight"].shape[1]))
+    if codec is not None and codec != CODEC_DIR:
+        codec = _place_codec(codec, tmp)
+    parts.codec = codec
+    return parts
+
+
+# ----- fine-tuning an import ---------------------------------------------------------------------------------
+
+def exported_family(export: str | Path) -> dict[str, Any]:
+    """The ``family`` section of an export folder's ``config.yaml`` (plain containers, no ``_target_``)."""
+    from omegaconf import OmegaConf
+
+    path = Path(export).expanduser() / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"family.export={export}: no config.yaml there; give the folder that "
+                                "`ostinato import` (or `ostinato export`) wrote")
+    family = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("family")  # type: ignore[union-attr]
+    target = family.get("_target_") if isinstance(family, dict) else None
+    if target != FAMILY_TARGET:
+        raise ValueError(f"{path}: family._target_ is {target!r}, expected {FAMILY_TARGET}")
+    return {k: v for k, v in family.items() if k != "_target_"}
+
+
+def _merge(base: Mapping[str, Any] | None, changes: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
+    """``base`` updated with the non-null ``changes``; changes to an absent section are an error."""
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
+    if base is None:
+        if changes:
+            raise ValueError(f"family.{key}: the imported model has no {key} section to change ({sorted(changes)})")
+        return None
+    return {**base, **changes}
+
+
+class ImportedMusicGenFamily(MusicGenFamily):
+    """``MusicGenFamily`` with the architecture, text encoder, delays and codec of an import (``export``'s
+    config.yaml), for fine-tuning: ``ostinato train family=musicgen_import family.export=OUT continue_from=OUT``.
+
+    Args:
+        export: the folder ``ostinato import`` wrote.
+        lm, text: changes to the import's ``LMConfig`` / ``TextConditioner`` kwargs (null values keep the import's).
+        delays, cfg_dropout, attribute_dropout, codec: replace the import's values when not null.
+    """
+
+    def __init__(self, export: str, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
+                 delays: Sequence[int] | None = None, cfg_dropout: float | None = None,
+                 attribute_dropout: float | None = None, codec: str | None = None,
+                 optim: Mapping[str, Any] | None = None):
+        base = exported_family(export)
+        kwargs = dict(base, lm=_merge(base.get("lm") or {}, lm, "lm"), text=_merge(base.get("text"), text, "text"))
+        for key, value in (("delays", delays), ("cfg_dropout", cfg_dropout),
+                           ("attribute_dropout", attribute_dropout), ("codec", codec)):
+            if value is not None:
+                kwargs[key] = list(value) if key == "delays" else value
+        super().__init__(**kwargs, optim=optim)
+        self.export_dir = str(export)

@@ -1,0 +1,355 @@
+"""Whole-MusicGen import: T5 text conditioning, transformers and audiocraft checkpoints -> an export folder that
+``ostinato.load`` and ``continue_from`` take (logit and greedy parity with transformers), and fine-tuning it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import ostinato
+from ostinato.cli import main
+from ostinato.engine.weights import load_weights
+from ostinato.interop.codecs import load_codec
+from ostinato.interop.musicgen_import import ImportedMusicGenFamily, detect_source, import_musicgen
+from ostinato.nn.conditioners import TextConditioner, default_text_model
+from ostinato.nn.patterns import DelayPattern
+from ostinato.nn.transformer import generate_greedy
+from tests.runner import train
+from tests.synth import write_shards
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+K, CARD, DIM, T5_DIM, LAYERS, SR = 4, 64, 48, 32, 2, 16000
+TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_tokenizer(dst: Path) -> None:
+    """The MiniLM tokenizer (the only one offline; its vocabulary size is the tiny T5's)."""
+    for name in TOKENIZER_FILES:
+        if (default_text_model() / name).is_file():
+            shutil.copy2(default_text_model() / name, dst / name)
+
+
+def t5_config(**kw):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                    **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and do not stall when the other core is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def hf_musicgen(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random MusicgenForConditionalGeneration (T5 32 wide, EnCodec 16 kHz 4 x 64 at 50 Hz, decoder 48
+    wide) saved with the MiniLM tokenizer files beside it, as a processor would."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration)
+
+    torch.manual_seed(0)
+    codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
+                          codebook_size=CARD, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
+                          target_bandwidths=[1.2], use_causal_conv=False, normalize=False)
+    decoder = MusicgenDecoderConfig(num_codebooks=K, vocab_size=CARD, hidden_size=DIM, num_attention_heads=4,
+                                    num_hidden_layers=LAYERS, ffn_dim=96, max_position_embeddings=256, dropout=0.0,
+                                    pad_token_id=CARD, bos_token_id=CARD)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5_config(), audio_encoder=codec,
+                                                            decoder=decoder)).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init, so that greedy decoding has no near-ties
+        for head in model.decoder.lm_heads:
+            head.weight.mul_(20)
+    folder = tmp_path_factory.mktemp("hf_musicgen")
+    model.save_pretrained(folder)
+    copy_tokenizer(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def imported(hf_musicgen, tmp_path_factory: pytest.TempPathFactory):
+    _, folder = hf_musicgen
+    out = tmp_path_factory.mktemp("imports") / "musicgen"
+    return import_musicgen(folder, out)
+
+
+def tokens(texts: list[str]) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_text_model(), local_files_only=True)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def codes_seq(b: int = 2, t: int = 6, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    seq, _ = DelayPattern(K).build(torch.randint(0, CARD, (b, K, t), generator=g), CARD)
+    return seq
+
+
+def hf_logits(model, enc: dict[str, torch.Tensor], seq: torch.Tensor) -> torch.Tensor:
+    b, k, s = seq.shape
+    with torch.no_grad():
+        out = model(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False)
+    return out.logits.reshape(b, k, s, -1)
+
+
+def hf_greedy(model, enc: dict[str, torch.Tensor], n_frames: int) -> torch.Tensor:
+    """transformers' full model, argmax step by step without a cache, under the delay pattern."""
+    pat = DelayPattern(K)
+    b = enc["input_ids"].shape[0]
+    valid = pat.valid_mask(n_frames)
+    seq = torch.full((b, K, pat.max_steps(n_frames)), CARD)
+    for s in range(seq.shape[-1] - 1):
+        nxt = hf_logits(model, enc, seq[:, :, :s + 1])[:, :, -1].argmax(-1)
+        seq[:, :, s + 1] = torch.where(valid[:, s + 1], nxt, CARD)
+    return pat.revert(seq, n_frames)[0]
+
+
+def assert_parity(family, model, texts: list[str] = TEXTS) -> None:
+    """Logits (<= 1e-4) and greedy codes of ``family`` equal transformers' for the same (non-empty) texts."""
+    enc = tokens(texts)
+    seq = codes_seq(len(texts))
+    with torch.no_grad():
+        cond, mask = family.condition(texts)
+        ours = family.lm(seq, cond, mask)
+        ref = hf_logits(model, enc, seq)
+        assert ours.shape == ref.shape == (len(texts), K, seq.shape[-1], CARD)
+        assert (ours - ref).abs().max().item() <= 1e-4
+        greedy, _ = generate_greedy(family.lm, family.pattern, 6, cond=cond, cond_mask=mask)
+    ref_codes = hf_greedy(model, enc, 6)
+    assert torch.equal(greedy, ref_codes) and len(torch.unique(greedy)) > 3
+
+
+# -- text encoders --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["T5EncoderModel", "T5Model"])
+def test_text_conditioner_takes_a_t5_encoder(tmp_path: Path, arch: str) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(t5_config()).eval()
+    model.save_pretrained(tmp_path)
+    copy_tokenizer(tmp_path)
+    cond = TextConditioner(str(tmp_path), dim=24, max_length=16)
+    assert type(cond.__dict__["encoder"]).__name__ == "T5EncoderModel"  # the encoder only, also of a T5Model
+    texts = [*TEXTS, ""]
+    out, mask = cond(texts)
+    counts = [len(cond.tokenizer(t)["input_ids"]) for t in TEXTS]
+    assert out.shape == (3, min(max(counts), 16), 24) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [min(c, 16) for c in counts] + [0]
+    assert bool((out[2] == 0).all()) and bool((out[0, counts[0]:] == 0).all())  # padding and the null text
+    assert not torch.allclose(out[0, :3], out[1, :3])
+    enc = {k: v[:, :16] for k, v in tokens(TEXTS).items()}
+    with torch.no_grad():
+        ref = model.get_encoder()(**enc).last_hidden_state
+        proj = cond.proj(ref) * enc["attention_mask"][..., None]
+    assert torch.allclose(out[:2], proj, atol=1e-6)
+    assert set(cond.state_dict()) == {"proj.weight", "proj.bias"}
+
+
+def test_text_conditioner_keeps_bert_models_whole() -> None:
+    cond = TextConditioner(dim=8)
+    assert type(cond.__dict__["encoder"]).__name__ == "BertModel"
+
+
+# -- transformers MusicgenForConditionalGeneration -------------------------------------------------------------
+def test_import_writes_an_export_folder(imported, hf_musicgen) -> None:
+    _, src = hf_musicgen
+    out = imported.out
+    assert detect_source(src) == ("transformers-conditional", src)
+    assert sorted(p.name for p in out.iterdir()) == ["codec", "config.yaml", "export.json", "model.safetensors",
+                                                     "text_encoder"]
+    assert not out.with_name(out.name + ".tmp").exists()
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    family = cfg["family"]
+    assert family["_target_"] == "ostinato.families.musicgen.MusicGenFamily" and cfg["optim"]["name"] == "adamw"
+    assert (family["n_q"], family["card"], family["delays"]) == (K, CARD, [0, 1, 2, 3])
+    assert "preset" not in family["lm"] and family["lm"]["dim"] == DIM and family["lm"]["cross_attention"] is True
+    assert family["text"]["model"] == str(out / "text_encoder") and family["codec"] == str(out / "codec")
+    weights = load_file(out / "model.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"lm", "text"}
+    assert sorted(k for k in weights if k.startswith("text.")) == ["text.proj.bias", "text.proj.weight"]
+    assert json.loads((out / "export.json").read_text())["kind"] == "transformers-conditional"
+    text_cfg = json.loads((out / "text_encoder" / "config.json").read_text())
+    assert text_cfg["architectures"] == ["T5EncoderModel"] and (out / "text_encoder" / "tokenizer.json").is_file()
+    codec = load_codec(out / "codec")
+    assert (codec.sample_rate, codec.n_q, codec.cardinality, codec.frame_rate) == (SR, K, CARD, 50)
+
+
+def test_imported_model_matches_transformers(imported, hf_musicgen) -> None:
+    model, _ = hf_musicgen
+    family = ostinato.load(imported.out)
+    assert type(family).__name__ == "MusicGenFamily" and family.codec_ref == str(imported.out / "codec")
+    assert_parity(family, model)
+    # the codec is transformers' audio encoder: the same codes
+    wav = torch.sin(torch.arange(SR) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
+    with torch.no_grad():
+        ref = model.audio_encoder.encode(wav, bandwidth=1.2).audio_codes[0]
+        ours = load_codec(imported.out / "codec").encode(wav).codes
+    assert torch.equal(ours, ref)
+
+
+def test_import_cli_refuses_and_overwrites(hf_musicgen, tmp_path: Path, capsys) -> None:
+    _, src = hf_musicgen
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "vocab.txt"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", str(bare), str(out)])
+    assert exit_info.value.code == 2 and "--tokenizer FOLDER" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+    main(["import", str(bare), str(out), "--tokenizer", str(default_text_model())])
+    printed = capsys.readouterr().out
+    assert "model.safetensors" in printed and f"family.export={out.resolve()}" in printed
+    assert f"continue_from={out.resolve()}" in printed and "ostinato tokenize" in printed
+    with pytest.raises(SystemExit):
+        main(["import", str(bare), str(out), "--tokenizer", str(default_text_model())])
+    assert "--overwrite" in capsys.readouterr().err
+    main(["import", str(src), str(out), "--overwrite"])
+    assert (out / "text_encoder" / "vocab.txt").is_file() and not (tmp_path / "out.old").exists()
+
+
+def test_import_causal_lm_keeps_cross_attention(hf_musicgen, imported, tmp_path: Path) -> None:
+    model, _ = hf_musicgen
+    model.decoder.save_pretrained(tmp_path / "decoder")
+    out = import_musicgen(tmp_path / "decoder", tmp_path / "out", codec=str(imported.out / "codec"))
+    assert out.kind == "transformers-causal" and out.family["text"] is None
+    assert out.family["lm"]["cross_attention"] is True and out.family["codec"] == str(tmp_path / "out" / "codec")
+    family = ostinato.load(tmp_path / "out")
+    assert family.text is None and family.lm.layers[0].cross_attn is not None
+    seq = codes_seq()
+    with torch.no_grad():
+        ref = model.decoder(input_ids=seq.reshape(-1, seq.shape[-1])).logits.reshape(*seq.shape, CARD)
+        assert (family.lm(seq) - ref).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="--text-encoder is for audiocraft"):
+        import_musicgen(tmp_path / "decoder", tmp_path / "out2", text_encoder=str(tmp_path))
+
+
+# -- audiocraft state_dict.bin --------------------------------------------------------------------------------
+AC_RENAMES = {"self_attn.out_proj": "self_attn.out_proj", "encoder_attn.out_proj": "cross_attention.out_proj",
+              "self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm_cross",
+              "final_layer_norm": "norm2", "fc1": "linear1", "fc2": "linear2"}
+
+
+def to_audiocraft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers MusicGen state -> audiocraft ``LMModel`` names: the inverse of transformers' conversion
+    script, written out (fused q/k/v ``in_proj_weight`` for self- and cross-attention)."""
+    p = "decoder.model.decoder."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(p + "embed_tokens."):
+            out["emb." + key[len(p + "embed_tokens."):]] = value
+        elif key.startswith(p + "layer_norm."):
+            out["out_norm." + key[len(p + "layer_norm."):]] = value
+        elif key.startswith("decoder.lm_heads."):
+            out["linears." + key[len("decoder.lm_heads."):]] = value
+        elif key.startswith("enc_to_dec_proj."):
+            out["condition_provider.conditioners.description.output_proj." + key[len("enc_to_dec_proj."):]] = value
+        elif m := re.match(re.escape(p) + r"layers\.(\d+)\.(.+)\.(weight|bias)$", key):
+            if m[2] in AC_RENAMES:
+                out[f"transformer.layers.{m[1]}.{AC_RENAMES[m[2]]}.{m[3]}"] = value
+    for i in range(LAYERS):
+        for ours, theirs in (("self_attn", "self_attn"), ("encoder_attn", "cross_attention")):
+            qkv = [state[f"{p}layers.{i}.{ours}.{x}_proj.weight"] for x in "qkv"]
+            out[f"transformer.layers.{i}.{theirs}.in_proj_weight"] = torch.cat(qkv)
+    return out
+
+
+XP_CFG = {
+    "transformer_lm": {"dim": DIM, "num_heads": 4, "num_layers": LAYERS, "hidden_scale": 2, "n_q": K, "card": CARD,
+                       "dropout": 0.0, "activation": "gelu", "norm_first": True, "bias_ff": False,
+                       "bias_attn": False, "bias_proj": False, "past_context": None, "causal": True,
+                       "custom": False, "memory_efficient": True, "layer_scale": None,
+                       "positional_embedding": "sin", "xpos": False, "norm": "layer_norm", "cross_attention": False,
+                       "qk_layer_norm": False, "qk_layer_norm_cross": False, "attention_dropout": None,
+                       "kv_repeat": 1, "two_step_cfg": False},
+    "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [0, 1, 2, 3], "flatten_first": 0,
+                                                         "empty_initial": 0}},
+    "conditioners": {"description": {"model": "t5", "t5": {"name": "t5-base", "finetune": False}}},
+    "fuser": {"cross_attention_pos_emb": False, "sum": [], "prepend": [], "cross": ["description"],
+              "input_interpolate": []},
+    "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
+    "attribute_dropout": {}, "channels": 1, "sample_rate": SR,
+}
+
+
+def test_import_audiocraft_state_dict_matches_transformers(hf_musicgen, tmp_path: Path, capsys) -> None:
+    model, _ = hf_musicgen
+    t5, encodec = tmp_path / "t5", tmp_path / "encodec"
+    model.text_encoder.save_pretrained(t5)
+    copy_tokenizer(t5)
+    model.audio_encoder.save_pretrained(encodec)
+    package = {"best_state": to_audiocraft(model.state_dict()), "xp.cfg": OmegaConf.to_yaml(XP_CFG),
+               "version": "1.3.0", "exported": True}
+    torch.save(package, tmp_path / "state_dict.bin")
+    with pytest.raises(ValueError, match="--text-encoder FOLDER"):
+        import_musicgen(tmp_path / "state_dict.bin", tmp_path / "out")
+    main(["import", str(tmp_path), str(tmp_path / "out"), "--text-encoder", str(t5), "--codec", str(encodec)])
+    assert "audiocraft" in capsys.readouterr().out
+    family = ostinato.load(tmp_path / "out")
+    assert family.cfg_dropout == 0.3 and family.pattern.delays == [0, 1, 2, 3]
+    assert_parity(family, model)
+
+    # an OmegaConf object as xp.cfg (older releases) is pickled Python: only with --trust
+    torch.save({**package, "xp.cfg": OmegaConf.create(XP_CFG)}, tmp_path / "pickled.bin")
+    with pytest.raises(ValueError, match="--trust"):
+        import_musicgen(tmp_path / "pickled.bin", tmp_path / "out2", text_encoder=t5, codec=str(encodec))
+    import_musicgen(tmp_path / "pickled.bin", tmp_path / "out2", text_encoder=t5, codec=str(encodec), trust=True)
+    assert torch.equal(load_file(tmp_path / "out2" / "model.safetensors")["lm.heads.0.weight"],
+                       model.decoder.lm_heads[0].weight)
+    bad = {**package, "xp.cfg": OmegaConf.to_yaml({**XP_CFG, "transformer_lm": {**XP_CFG["transformer_lm"],
+                                                                                "layer_scale": 1e-4}})}
+    torch.save(bad, tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match=r"transformer_lm\.layer_scale"):
+        import_musicgen(tmp_path / "bad.bin", tmp_path / "out3", text_encoder=t5, codec=str(encodec))
+
+
+# -- fine-tuning an import ------------------------------------------------------------------------------------
+def test_finetune_an_import_with_continue_from(imported, env, tmp_path: Path) -> None:
+    out = imported.out
+    for split, n in (("train", 8), ("valid", 4)):
+        write_shards(tmp_path / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR)
+        main(["tokenize", str(tmp_path / "audio" / split), str(tmp_path / "tokens" / split), "--codec",
+              str(out / "codec"), "--devices", "cpu", "--workers", "1"])
+    run_env = {**env, "OSTINATO_OUTPUTS": str(tmp_path / "xps"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = ["family=musicgen_import", f"family.export={out}", f"continue_from={out}", "data=demo_tokens",
+           f"data.train={tmp_path / 'tokens' / 'train'}", f"data.valid={tmp_path / 'tokens' / 'valid'}",
+           "data.test=null", "trainer.max_steps=4", "trainer.checkpoint_every_steps=4",
+           "trainer.limit_val_batches=1", "family.cfg_dropout=0.5", "ema.decay=0.5"]
+    proc = train(run_env, *run)
+    folder = Path(re.search(r"XP \w+ in (\S+)", proc.stderr)[1])
+    log = (folder / "train.log").read_text()
+    imported_weights = load_file(out / "model.safetensors")
+    loaded = re.search(r"continue_from: (\d+) tensors loaded from (\S+)(.*)", log)
+    assert int(loaded[1]) == len(imported_weights) and loaded[2] == str(out / "model.safetensors")
+    assert loaded[3].strip() == ""  # nothing missing, unexpected or mismatched
+    report = load_weights(ImportedMusicGenFamily(export=str(out)), out)
+    assert not (report.missing or report.unexpected or report.mismatched)
+    assert len(report.loaded) == len(imported_weights)
+
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["ostinato_config"]["family"]["cfg_dropout"] == 0.5
+    state = ckpt["state_dict"]
+    assert set(state) == set(imported_weights)
+    changed = [k for k, v in imported_weights.items() if not torch.equal(state[k], v)]
+    assert "text.proj.weight" in changed and any(k.startswith("lm.layers.") for k in changed)
+    tuned = ostinato.load(folder)
+    assert isinstance(tuned, ImportedMusicGenFamily) and tuned.text.model_path == str(out / "text_encoder")
+    with torch.no_grad():
+        cond, mask = tuned.condition(TEXTS)
+        assert torch.isfinite(tuned.lm(codes_seq(), cond, mask)).all()
