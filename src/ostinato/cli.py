@@ -7,7 +7,7 @@
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
-    ostinato generate --model REF --prompt TEXT  text -> wav with a trained MusicGen (+ its codec)
+    ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato demo                                the embedded default end to end (what `make demo` runs)
 """
@@ -90,38 +90,71 @@ def _tokenize(args: argparse.Namespace) -> None:
           f"-> {Path(args.out) / 'manifest.json'}")
 
 
+def _audio_input(path: str | None, option: str):
+    from ostinato.data.audio import AudioDecodeError, load_audio
+    from ostinato.generation.musicgen import AudioInput
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    try:
+        wav, sr = load_audio(path)
+    except AudioDecodeError as e:
+        raise ValueError(f"{option}: {e}") from e
+    return AudioInput(wav, sr)
+
+
 def _generate(args: argparse.Namespace) -> None:
     import soundfile as sf
+    from tqdm import tqdm
 
     from ostinato.engine.weights import read_weights
     from ostinato.fileio import atomic_path, atomic_write_json
     from ostinato.generation.lm import GenerationParams
-    from ostinato.generation.musicgen import generate_audio
+    from ostinato.generation.musicgen import LongForm, generate_audio
     from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
 
     ref = resolve_ref(args.model)
     module = __import__("ostinato").load(ref, xps_dir=xps_dir(), trust=args.trust)
-    codec_ref = args.codec
+    _, cfg, _ = read_weights(ref, xps_dir(), args.trust)
+    cfg = cfg or {}
+    codec_ref = args.codec or cfg.get("family", {}).get("codec")
     if codec_ref is None:  # the codec recorded in the training token shards
         from ostinato.data.tokens import TokenManifest
 
-        _, cfg, _ = read_weights(ref, xps_dir(), args.trust)
-        codec_ref = TokenManifest.load(cfg["data"]["train"]).codec.id
+        train = (cfg.get("data") or {}).get("train")
+        if train is None:
+            raise ValueError(f"{args.model}: no codec recorded (family.codec or token shards); pass --codec")
+        codec_ref = TokenManifest.load(train).codec.id
     codec = load_codec(codec_ref, trust=args.trust)
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
     prompts = prompts or [""]
+    window = args.window if args.window is not None else (cfg.get("data") or {}).get("segment_seconds")
+    long_form = LongForm(mode=args.long_form, window=window, stride=args.extend_stride, overlap=args.overlap)
     params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              cfg_scale=args.cfg, seed=args.seed)
-    wavs = generate_audio(module, codec, prompts, args.duration, params)
+                              cfg_scale=args.cfg, cfg_beta=args.cfg_beta, seed=args.seed)
+    with tqdm(total=1, desc="generating", unit="step", disable=args.quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        wavs = generate_audio(module, codec, prompts, args.duration, params, melody=_audio_input(args.melody, "--melody"),
+                              style=_audio_input(args.style, "--style"),
+                              continuation=_audio_input(args.continue_, "--continue"),
+                              long_form=long_form, progress=progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, wav) in enumerate(zip(prompts, wavs)):
         with atomic_path(out / f"{i:03d}.wav") as tmp:
             sf.write(tmp, wav.clamp(-1, 1).T.cpu().numpy(), codec.sample_rate, format="WAV")
-        atomic_write_json(out / f"{i:03d}.json", {"prompt": prompt, "model": args.model, "codec": str(codec_ref),
-                                                  "duration": args.duration, **params.__dict__})
+        atomic_write_json(out / f"{i:03d}.json", {
+            "prompt": prompt, "model": args.model, "codec": str(codec_ref), "duration": args.duration,
+            "melody": args.melody, "style": args.style, "continue": args.continue_,
+            "long_form": long_form.__dict__, **params.__dict__})
     print(f"wrote {len(prompts)} clip(s) of {args.duration:g} s to {out}")
 
 
@@ -204,18 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)
 
-    g = verbs.add_parser("generate", help="text -> audio with a trained MusicGen")
+    g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained MusicGen")
     g.add_argument("--model", required=True, help="XP signature, export folder or checkpoint of a MusicGen")
-    g.add_argument("--codec", default=None, help="codec to decode with (default: the one of its token shards)")
+    g.add_argument("--codec", default=None,
+                   help="codec to decode with (default: family.codec, else the one of its token shards)")
     g.add_argument("--prompt", action="append", help="a text prompt (repeatable; none = unconditional)")
     g.add_argument("--prompts", default=None, help="a file with one prompt per line")
-    g.add_argument("--duration", type=float, default=10.0, help="seconds")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--melody", default=None, help="audio whose chromagram the output follows (melody models)")
+    g.add_argument("--style", default=None, help="audio whose style the output takes (style models)")
+    g.add_argument("--continue", dest="continue_", default=None,
+                   help="audio to continue: the output starts with it and lasts --duration in all")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds of output (default 10)")
+    g.add_argument("--window", type=float, default=None,
+                   help="seconds decoded per window (default: the training segment length)")
+    g.add_argument("--long-form", choices=["window", "chain"], default="window",
+                   help="past one window: sliding window (audiocraft) or chained segments with a crossfade")
+    g.add_argument("--extend-stride", type=float, default=None,
+                   help="window mode: seconds added per extra window (default: half a window)")
+    g.add_argument("--overlap", type=float, default=2.0, help="chain mode: seconds shared by segments")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (alpha of double CFG)")
+    g.add_argument("--cfg-beta", type=float, default=None,
+                   help="double CFG (text + style, MusicGen-Style): weight of the text given the style")
     g.add_argument("--top-k", type=int, default=250)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--trust", action="store_true")
     g.set_defaults(func=_generate)
 

@@ -109,6 +109,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", xps_dir: st
     if cfg is None:
         raise ValueError(f"{source}: no config.yaml beside the weights; cannot tell which family to build")
     conf = OmegaConf.create(cfg)
-    module = instantiate(conf.family, optim=OmegaConf.to_container(conf.get("optim") or {}), _convert_="all")
+    optim = conf.get("optim")
+    optim = OmegaConf.to_container(optim) if OmegaConf.is_config(optim) else dict(optim or {})
+    module = instantiate(conf.family, optim=optim or None, _convert_="all")
     module.load_state_dict(weights, strict=True)
     return module.to(map_location).eval()

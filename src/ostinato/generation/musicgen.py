@@ -1,23 +1,146 @@
-"""Text -> audio with a trained MusicGen family and its codec: prompts -> conditioned LM decoding -> codec."""
+"""Audio out of a trained MusicGen family: text, melody, style and audio-prompt conditioning, any length.
+
+``generate_audio`` builds the conditions the family was trained with (``MusicGenFamily.condition`` for text, the
+melody chromagram and the style tokens as a prefix), decodes codes with ``ostinato.generation.lm`` and turns them
+into audio with the family's codec.
+
+Long outputs: ``LongForm("window", ...)`` is audiocraft's sliding window (each new window is prompted with the
+last ``window - stride`` seconds); ``LongForm("chain", ...)`` is UnlimitedMusicGen's chaining of independent
+segments joined by a crossfade over their shared ``overlap``. In both, the melody prefix of every window is the
+part of the melody (looped when shorter than the output) under that window, as in training, where the chroma of
+a segment conditions that segment.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from ostinato.generation.lm import GenerationParams, generate
+from ostinato.data.audio import convert_channels, resample
+from ostinato.generation.lm import GenerationParams, Progress, crossfade, generate, generate_chained
 from ostinato.nn.codec import Codec
+
+__all__ = ["AudioInput", "LongForm", "generate_audio"]
+
+
+@dataclass
+class AudioInput:
+    """A reference recording: ``wav [C, T]`` at ``sample_rate``."""
+
+    wav: Tensor
+    sample_rate: int
+
+    def at(self, sample_rate: int, channels: int) -> Tensor:
+        """``[1, channels, T']`` at ``sample_rate``."""
+        wav = convert_channels(self.wav.float(), "mono" if channels == 1 else "stereo")
+        return resample(wav, self.sample_rate, sample_rate).unsqueeze(0)
+
+
+@dataclass
+class LongForm:
+    """How to go past one window: ``mode`` "window" (sliding, ``stride`` s added per extra window) or "chain"
+    (segments of ``window`` s sharing ``overlap`` s, crossfaded). ``window`` None = the whole output at once."""
+
+    mode: str = "window"
+    window: float | None = None
+    stride: float | None = None
+    overlap: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("window", "chain"):
+            raise ValueError(f"long-form mode must be 'window' or 'chain', got {self.mode!r}")
+
+
+def _check_codec(module: torch.nn.Module, codec: Codec) -> None:
+    if module.n_q > codec.n_q or module.card != codec.cardinality:
+        raise ValueError(f"the model predicts {module.n_q} x {module.card} codes but the codec has "
+                         f"{codec.n_q} x {codec.cardinality}; pass the codec it was trained with (--codec)")
+
+
+def _style_prefix(module, codec: Codec, style: AudioInput | None, b: int) -> Tensor | None:
+    if module.style is None:
+        if style is not None:
+            raise ValueError("--style given, but this model has no style conditioner (family.style)")
+        return None
+    if style is None:  # the dropped-style condition the model also trained on
+        frames = int(module.style.eval_excerpt_seconds * codec.frame_rate)
+        return torch.zeros(b, module.style.num_tokens(frames), module.cfg.dim, device=module.lm.emb[0].weight.device)
+    wav = style.at(codec.sample_rate, codec.channels).to(module.lm.emb[0].weight.device)
+    codes = codec.encode(wav, n_q=module.n_q).codes
+    module.style.eval()
+    tokens, _ = module.style_tokens(codes, train=False, wav=wav)
+    return tokens.expand(b, -1, -1)
+
+
+def _melody_prefix(module, codec: Codec, melody: AudioInput | None, b: int,
+                   total_frames: int) -> Callable[[int, int], Tensor] | None:
+    if module.melody is None:
+        if melody is not None:
+            raise ValueError("--melody given, but this model has no melody conditioner (family.melody)")
+        return None
+    device = module.lm.emb[0].weight.device
+    fr, mel = float(codec.frame_rate), module.melody
+    if melody is None:
+        return lambda start, n: torch.zeros(b, module.melody_frames(n, fr), module.cfg.dim, device=device)
+    chroma = mel.features(melody.wav[None].float().to(device), melody.sample_rate)  # [1, F, 12]
+    need = module.melody_frames(total_frames, fr) + 1
+    if chroma.shape[1] < need:  # loop a short melody over the whole output
+        chroma = chroma.repeat(1, -(-need // chroma.shape[1]), 1)
+
+    def window(start: int, n: int) -> Tensor:
+        first = round(start / fr * mel.frame_rate)
+        part = chroma[:, first:first + module.melody_frames(n, fr)]
+        return mel(part).expand(b, -1, -1)
+
+    return window
 
 
 @torch.no_grad()
 def generate_audio(module: torch.nn.Module, codec: Codec, prompts: Sequence[str], seconds: float,
-                   params: GenerationParams) -> torch.Tensor:
-    """One clip per prompt ("" = unconditional) -> wav [B, C, round(seconds * sample_rate)]."""
-    if module.n_q != codec.n_q or module.card != codec.cardinality:
-        raise ValueError(f"the model predicts {module.n_q} x {module.card} codes but the codec has "
-                         f"{codec.n_q} x {codec.cardinality}; pass the codec it was trained with (--codec)")
+                   params: GenerationParams, *, melody: AudioInput | None = None, style: AudioInput | None = None,
+                   continuation: AudioInput | None = None, long_form: LongForm | None = None,
+                   progress: Progress | None = None) -> Tensor:
+    """One clip per prompt ("" = no text) -> wav ``[B, C, round(seconds * sample_rate)]``.
+
+    ``continuation``: the clips start with this audio (its codes are the prompt) and go on to ``seconds`` in all.
+    ``melody`` / ``style``: one reference for every prompt. ``long_form``: see ``LongForm`` (default: one window).
+    """
+    _check_codec(module, codec)
+    module.eval()
+    module.attach_codec(codec)
+    long_form = long_form or LongForm()
+    fr, b = float(codec.frame_rate), len(prompts)
+    frames = max(1, round(seconds * fr))
+    device = module.lm.emb[0].weight.device
     cond, mask = module.condition(list(prompts))
-    frames = max(1, round(seconds * codec.frame_rate))
-    codes = generate(module.lm, module.pattern, frames, cond=cond, cond_mask=mask, params=params,
-                     batch_size=len(prompts))
-    return codec.decode(codes)[..., : round(seconds * codec.sample_rate)]
+    style_tokens = _style_prefix(module, codec, style, b)
+    melody_fn = _melody_prefix(module, codec, melody, b, frames)
+    prefix = None
+    if style_tokens is not None or melody_fn is not None:
+        def prefix(start: int, n: int) -> Tensor:
+            return module.prefix(style_tokens, None if melody_fn is None else melody_fn(start, n))
+    prompt = None
+    if continuation is not None:
+        wav = continuation.at(codec.sample_rate, codec.channels).to(device)
+        prompt = codec.encode(wav, n_q=module.n_q).codes.expand(b, -1, -1)
+        if prompt.shape[-1] >= frames:
+            raise ValueError(f"the continued audio ({prompt.shape[-1] / fr:.2f} s) is not shorter than the "
+                             f"requested duration ({seconds:g} s); ask for a longer --duration")
+    window = None if long_form.window is None else max(1, round(long_form.window * fr))
+    n_samples = round(seconds * codec.sample_rate)
+    if long_form.mode == "chain" and window is not None and window < frames:
+        overlap = round(long_form.overlap * fr)
+        res = generate_chained(module.lm, module.pattern, frames, segment_frames=window, overlap_frames=overlap,
+                               cond=cond, cond_mask=mask, prompt=prompt, params=params, batch_size=b,
+                               progress=progress, prefix=prefix)
+        wavs = [codec.decode(seg) for seg in res.segments]
+        return crossfade(wavs, overlap * codec.hop_length)[..., :n_samples]
+    if window is not None:
+        stride = None if long_form.stride is None else max(1, round(long_form.stride * fr))
+        params = GenerationParams(**{**params.__dict__, "max_window_frames": window,
+                                     "extend_stride_frames": stride})
+    codes = generate(module.lm, module.pattern, frames, cond=cond, cond_mask=mask, prompt=prompt, params=params,
+                     batch_size=b, progress=progress, prefix=prefix)
+    return codec.decode(codes)[..., :n_samples]
