@@ -150,3 +150,25 @@ def test_cli_every_option_writes_wavs_and_parameters(trained: dict, tmp_path: Pa
     bad = subprocess.run(cmd[:-2] + ["--melody", str(tmp_path / "missing.wav"), "--out", str(out)],
                          env=trained["env"], capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.wav" in bad.stderr
+
+
+def test_trains_on_audio_shards_tokenized_on_the_fly(trained: dict, tmp_path: Path) -> None:
+    from tests.runner import losses
+    from tests.synth import write_shards
+
+    for split in ("train", "valid", "test"):
+        write_shards(tmp_path / "data" / "demo" / "shards" / split, n_shards=1, per_shard=4, sample_rate=24000,
+                     seconds=1.5)
+    run_env = {**trained["env"], "OSTINATO_DATA": str(tmp_path / "data"), "OSTINATO_OUTPUTS": str(tmp_path / "out")}
+    run = ["experiment=musicgen_tiny", "data=demo", "data.sample_rate=24000", "data.channels=1",
+           f"family.codec={trained['root'] / 'codec'}", "family.melody={sample_rate:24000}",
+           "family.lm.num_layers=1", "family.lm.dim=64", "family.lm.ffn_dim=128", f"data.segment_seconds={SEGMENT}",
+           "data.batch_size=4", "data.eval_batch_size=4", "trainer.max_steps=4", "trainer.checkpoint_every_steps=4",
+           "data.batches_per_epoch=4", "trainer.limit_val_batches=1", "data.num_workers=0",
+           "trainer.log_every_n_steps=1"]
+    train(run_env, *run)
+    folder = xp_folder(run_env, *run)
+    steps = losses(folder)
+    assert len(steps) >= 2 and all(torch.isfinite(torch.tensor([v for _, v in steps])))
+    module = ostinato.load(folder)
+    assert module.melody is not None and module.codec_ref == str(trained["root"] / "codec")

@@ -46,6 +46,10 @@ class AudioDataModule(L.LightningDataModule):
         super().__init__()
         if channels not in (1, 2):
             raise ValueError(f"data.channels must be 1 or 2, got {channels}")
+        if sample_rate is None or channels is None:
+            raise ValueError("data.sample_rate and data.channels are unset: this family has no sample_rate / "
+                             "channels of its own (e.g. MusicGen); give the codec's, e.g. data.sample_rate=24000 "
+                             "data.channels=1")
         self.sample_rate, self.channels = int(sample_rate), int(channels)
         self._init_loading(train, valid, test, segment_seconds=segment_seconds,
                            eval_segment_seconds=eval_segment_seconds, min_segment_ratio=min_segment_ratio,
