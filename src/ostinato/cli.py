@@ -109,25 +109,11 @@ def _generate(args: argparse.Namespace) -> None:
     import soundfile as sf
     from tqdm import tqdm
 
-    from ostinato.engine.weights import read_weights
     from ostinato.fileio import atomic_path, atomic_write_json
     from ostinato.generation.lm import GenerationParams
-    from ostinato.generation.musicgen import LongForm, generate_audio
-    from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
+    from ostinato.generation.musicgen import LongForm, generate_audio, load_generator
 
-    ref = resolve_ref(args.model)
-    module = __import__("ostinato").load(ref, xps_dir=xps_dir(), trust=args.trust)
-    _, cfg, _ = read_weights(ref, xps_dir(), args.trust)
-    cfg = cfg or {}
-    codec_ref = args.codec or cfg.get("family", {}).get("codec")
-    if codec_ref is None:  # the codec recorded in the training token shards
-        from ostinato.data.tokens import TokenManifest
-
-        train = (cfg.get("data") or {}).get("train")
-        if train is None:
-            raise ValueError(f"{args.model}: no codec recorded (family.codec or token shards); pass --codec")
-        codec_ref = TokenManifest.load(train).codec.id
-    codec = load_codec(codec_ref, trust=args.trust)
+    module, codec, cfg, codec_ref = load_generator(args.model, args.codec, trust=args.trust)
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]

@@ -1,7 +1,9 @@
 """``ostinato demo`` (what ``make demo`` runs): the embedded default end to end on this machine.
 
-demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny text-conditioned
-MusicGen -> a few generated prompts. Finished steps are skipped (experiments resume), so a second run is quick.
+demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny MusicGen conditioned on
+text, melody and style -> generation in every mode (text, melody, style, continuation; sliding window and
+chaining), each 10 s = five training windows. Finished steps are skipped (experiments resume), so a second run is
+quick.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import soundfile as sf
 import torch
 
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
-MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny"]
+MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny_melody_style"]
 PROMPTS = ["A baroque chorale by Johann Sebastian Bach for church organ, in G major, at 90 BPM (andante).",
            "A traditional irish reel for fiddle, in D major, at 112 BPM (allegro).",
            "A classical string quartet, in C minor, at 70 BPM (adagio)."]
@@ -62,6 +64,24 @@ def unigram_entropy(tokens: Path) -> float:
     return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
 
 
+def _generation_modes(data: Path, inputs: Path) -> dict[str, list[str]]:
+    """The demo's generation calls: reference clips from the test split (a melody, a style, a 3 s intro)."""
+    clips = sorted(p for p in (data / "audio" / "test").rglob("*") if p.suffix in (".flac", ".wav"))
+    if len(clips) < 3:
+        raise FileNotFoundError(f"{data / 'audio' / 'test'}: the demo needs three test clips as references")
+    inputs.mkdir(parents=True, exist_ok=True)
+    wav, sr = sf.read(clips[2], dtype="float32")
+    sf.write(inputs / "intro.wav", wav[: 3 * sr], sr)
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    return {
+        "text": prompts,
+        "text_chained": prompts[:2] + ["--long-form", "chain", "--overlap", "0.5"],
+        "melody": prompts[:2] + ["--melody", str(clips[0])],
+        "style": prompts[2:4] + ["--style", str(clips[1]), "--cfg-beta", "2"],
+        "continuation": prompts[:2] + ["--continue", str(inputs / "intro.wav")],
+    }
+
+
 def run_demo(data: Path, outputs: Path) -> None:
     from ostinato.interop.codecs import load_codec
     from ostinato.train import main as train_main
@@ -83,9 +103,10 @@ def run_demo(data: Path, outputs: Path) -> None:
     lm_xp = train_main.get_xp(MUSICGEN_EXPERIMENT)
     _run(["train", *MUSICGEN_EXPERIMENT])
     generated = outputs / "demo" / "generated"
-    args = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--duration", "10", "--seed", "0",
-            "--out", str(generated)]
-    _run(args + [a for p in PROMPTS for a in ("--prompt", p)])
+    modes = _generation_modes(data, outputs / "demo" / "inputs")
+    base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--duration", "10", "--seed", "0"]
+    for mode, extra in modes.items():
+        _run(base + extra + ["--out", str(generated / mode), "--quiet"])
 
     history = _history(Path(xp.folder))
     before = next((h["valid"]["mel_distance"] for h in history if h.get("epoch") == -1), None)
@@ -103,5 +124,10 @@ def run_demo(data: Path, outputs: Path) -> None:
     entropy = unigram_entropy(data / "tokens" / "train")
     print(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram entropy "
           f"{entropy:.3f} nats" if lm_ce is not None else f"musicgen: XP {lm_xp.sig}")
-    print(f"  generated: {generated} ({len(PROMPTS)} x 10 s, prompts and parameters in the .json files)")
+    ce_text = next((h["valid"]["ce_text_only"] for h in reversed(lm_history)
+                    if "ce_text_only" in h.get("valid", {})), None)
+    if ce_text is not None:
+        print(f"  without its melody and style prefix (text only): {ce_text:.3f} nats")
+    print(f"  generated (10 s each, 5 training windows; parameters in the .json files): {generated}/"
+          f"{{{','.join(modes)}}}")
     print(f"total {(time.time() - start) / 60:.1f} min")

@@ -336,8 +336,13 @@ class MusicGenFamily(FamilyModule):
         return loss
 
     def _eval(self, batch: TokenBatch | AudioBatch, split: str) -> None:
-        ce, _ = self._step(batch, train=False)
+        codes, lengths, wav = self.batch_codes(batch)
+        c = self.batch_conditions(batch, codes, lengths, wav, train=False)
+        ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix)
         n = len(batch)
+        if c.prefix is not None:  # what melody / style add: the same batch with a null (zero) prefix
+            ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, torch.zeros_like(c.prefix))
+            self.log(f"{split}/ce_text_only", ce_text.mean(), sync_dist=True, batch_size=n)
         self.log(f"{split}/ce", ce.mean(), prog_bar=split == "valid", sync_dist=True, batch_size=n)
         self.log(f"{split}/loss", ce.mean(), sync_dist=True, batch_size=n)
         for q in range(self.n_q):

@@ -22,7 +22,7 @@ from ostinato.data.audio import convert_channels, resample
 from ostinato.generation.lm import GenerationParams, Progress, crossfade, generate, generate_chained
 from ostinato.nn.codec import Codec
 
-__all__ = ["AudioInput", "LongForm", "generate_audio"]
+__all__ = ["AudioInput", "LongForm", "generate_audio", "load_generator"]
 
 
 @dataclass
@@ -51,6 +51,36 @@ class LongForm:
     def __post_init__(self) -> None:
         if self.mode not in ("window", "chain"):
             raise ValueError(f"long-form mode must be 'window' or 'chain', got {self.mode!r}")
+
+
+def load_generator(model: str, codec: str | None = None, trust: bool = False,
+                   ) -> tuple[torch.nn.Module, Codec, dict, str]:
+    """A MusicGen (XP signature, //sig/SIG, XP folder, checkpoint, export or ``ostinato import`` folder) and its
+    codec -> ``(module in eval mode, codec, the stored config, codec reference)``.
+
+    The codec is ``codec`` if given, else ``family.codec`` of the stored config, else the one recorded in the
+    training token shards' manifest.
+    """
+    import ostinato
+    from ostinato.engine.weights import read_weights
+    from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
+
+    ref = resolve_ref(model)
+    module = ostinato.load(ref, xps_dir=xps_dir(), trust=trust)
+    _, cfg, _ = read_weights(ref, xps_dir(), trust)
+    cfg = cfg or {}
+    codec_ref = codec or (cfg.get("family") or {}).get("codec") or getattr(module, "codec_ref", None)
+    if codec_ref is None:  # the codec recorded in the training token shards
+        from ostinato.data.tokens import TokenManifest
+
+        train = (cfg.get("data") or {}).get("train")
+        if train is None:
+            raise ValueError(f"{model}: no codec recorded (family.codec or token shards); pass --codec")
+        codec_ref = TokenManifest.load(train).codec.id
+    loaded = load_codec(codec_ref, trust=trust)
+    _check_codec(module, loaded)
+    module.attach_codec(loaded)
+    return module, loaded, cfg, str(codec_ref)
 
 
 def _check_codec(module: torch.nn.Module, codec: Codec) -> None:
