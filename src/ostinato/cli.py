@@ -125,8 +125,7 @@ def _generate(args: argparse.Namespace) -> None:
     with tqdm(total=1, desc="generating", unit="step", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done - bar.n)  # tqdm rate-limits the redraws
 
         wavs = generate_audio(module, codec, prompts, args.duration, params, melody=_audio_input(args.melody, "--melody"),
                               style=_audio_input(args.style, "--style"),
