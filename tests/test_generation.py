@@ -19,7 +19,7 @@ GREEDY = GenerationParams(temperature=0.0, cfg_scale=1.0)
 def model() -> CodebookLM:
     torch.manual_seed(0)
     cfg = LMConfig.preset("tiny", n_q=K, card=CARD, dim=32, num_heads=2, num_layers=2, ffn_dim=64,
-                          cross_attention=True, cond_dim=16, init_std=0.3)
+                          cross_attention=True, cond_dim=16, init="transformers", init_std=0.3)
     return CodebookLM(cfg).eval()
 
 

@@ -250,3 +250,20 @@ def test_greedy_generation_parity(hf_folder: tuple[object, Path]) -> None:
             ref_seq[:, :, s + 1] = torch.where(valid[:, s + 1], nxt, CARD)
     assert torch.equal(seq_m, ref_seq)
     assert not torch.equal(codes_m[1], codes[1])  # the mask changed the conditioning of item 1
+
+
+def test_audiocraft_initialisation_scales_with_depth() -> None:
+    torch.manual_seed(0)
+    cfg = LMConfig(n_q=2, card=64, dim=256, num_heads=4, num_layers=4, ffn_dim=512)
+    assert cfg.init == "audiocraft"
+    lm = CodebookLM(cfg)
+    for i, layer in enumerate(lm.layers):
+        for lin in (layer.self_attn.q_proj, layer.fc1, layer.fc2):
+            want = 1 / (lin.in_features ** 0.5) / (2 * (i + 1)) ** 0.5
+            w = lin.weight
+            assert abs(float(w.std()) / want - 0.986) < 0.05  # a +-3 std truncated normal keeps ~0.986 std
+            assert float(w.abs().max()) <= 3 * want + 1e-6
+    emb_want = 1 / 256 ** 0.5
+    assert abs(float(lm.emb[0].weight.std()) / emb_want - 0.986) < 0.03
+    ref = CodebookLM(cfg.with_(init="transformers", init_std=0.02))
+    assert abs(float(ref.layers[3].fc1.weight.std()) - 0.02) < 0.002

@@ -13,8 +13,10 @@ Architecture (numerically identical to transformers' ``MusicgenForCausalLM``, se
 LayerNorms have an affine weight and bias (``eps = layer_norm_eps``). transformers' ``scale_embedding`` flag is
 ignored by its own forward pass (the embedding scale is computed but never applied), so there is none here.
 
-Initialisation: every Linear and Embedding weight ~ N(0, ``init_std`` = 0.02), Linear biases 0, LayerNorm 1 / 0
-(transformers' MusicGen initialiser; audiocraft's depth-scaled variants are not reproduced).
+Initialisation (``init``): "audiocraft" (default, MusicGen's ``weight_init=gaussian, depthwise_init=current,
+zero_bias_init``): truncated normal (+-3 std) with ``std = 1 / sqrt(fan_in)``, divided by ``sqrt(2 (i + 1))`` inside
+layer ``i``, embeddings ``1 / sqrt(dim)``, biases 0; or "transformers": every weight ~ N(0, ``init_std``).
+LayerNorms start at 1 / 0. Imported weights replace either.
 
 ``KVCache`` preallocates ``[B, H, max_len, head_dim]`` key/value buffers per layer; new keys are written with
 ``index_copy_`` and queries attend to the whole buffer under a position mask, so a one-token decoding step has
@@ -75,6 +77,7 @@ class LMConfig:
     bias: bool = False
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    init: Literal["audiocraft", "transformers"] = "audiocraft"
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class LMConfig:
             raise ValueError(f"unknown activation {self.activation!r}; known: {sorted(_ACTIVATIONS)}")
         if self.positional not in ("sin", "rope"):
             raise ValueError(f"positional must be 'sin' or 'rope', got {self.positional!r}")
+        if self.init not in ("audiocraft", "transformers"):
+            raise ValueError(f"init must be 'audiocraft' or 'transformers', got {self.init!r}")
 
     @property
     def special(self) -> int:
@@ -268,14 +273,30 @@ class CodebookLM(nn.Module):
         self.out_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_q)])
         self.apply(self._init_weights)
+        if cfg.init == "audiocraft":
+            for i, layer in enumerate(self.layers):
+                layer.apply(lambda m, depth=i + 1: self._init_audiocraft(m, depth))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if self.cfg.init == "audiocraft":
+                self._init_audiocraft(module, None)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def _init_audiocraft(module: nn.Module, depth: int | None) -> None:
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return
+        fan_in = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+        std = 1.0 / math.sqrt(fan_in) / (math.sqrt(2 * depth) if depth else 1.0)
+        nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
     @property
