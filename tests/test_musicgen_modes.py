@@ -137,6 +137,7 @@ def test_cli_every_option_writes_wavs_and_parameters(trained: dict, tmp_path: Pa
            "--prompts", str(tmp_path / "prompts.txt"), "--melody", str(tmp_path / "melody.wav"),
            "--style", str(tmp_path / "style.wav"), "--continue", str(tmp_path / "prompt.wav"),
            "--duration", str(3 * SEGMENT), "--long-form", "chain", "--overlap", "0.2", "--cfg-beta", "1.5",
+           "--style-eval-q", "1", "--style-excerpt", "0.4",
            "--seed", "1", "--out", str(out)]
     proc = subprocess.run(cmd, env=trained["env"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,6 +147,7 @@ def test_cli_every_option_writes_wavs_and_parameters(trained: dict, tmp_path: Pa
         assert rate == sr and wav.shape == (round(3 * SEGMENT * sr),)
         meta = json.loads((out / f"{i:03d}.json").read_text())
         assert meta["melody"].endswith("melody.wav") and meta["cfg_beta"] == 1.5
+        assert meta["style_eval_q"] == 1 and meta["style_excerpt"] == 0.4
         assert meta["long_form"] == {"mode": "chain", "window": SEGMENT, "stride": None, "overlap": 0.2}
     bad = subprocess.run(cmd[:-2] + ["--melody", str(tmp_path / "missing.wav"), "--out", str(out)],
                          env=trained["env"], capture_output=True, text=True)

@@ -114,6 +114,15 @@ def _generate(args: argparse.Namespace) -> None:
     from ostinato.generation.musicgen import LongForm, generate_audio, load_generator
 
     module, codec, cfg, codec_ref = load_generator(args.model, args.codec, trust=args.trust)
+    if args.style_eval_q is not None or args.style_excerpt is not None:
+        if module.style is None:
+            raise ValueError("--style-eval-q / --style-excerpt: this model has no style conditioner")
+        if args.style_eval_q is not None:
+            if not 1 <= args.style_eval_q <= module.style.n_q:
+                raise ValueError(f"--style-eval-q must be in [1, {module.style.n_q}], got {args.style_eval_q}")
+            module.style.eval_q = args.style_eval_q
+        if args.style_excerpt is not None:
+            module.style.eval_excerpt_seconds = args.style_excerpt
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
@@ -139,6 +148,8 @@ def _generate(args: argparse.Namespace) -> None:
         atomic_write_json(out / f"{i:03d}.json", {
             "prompt": prompt, "model": args.model, "codec": str(codec_ref), "duration": args.duration,
             "melody": args.melody, "style": args.style, "continue": args.continue_,
+            "style_eval_q": None if module.style is None else module.style.eval_q,
+            "style_excerpt": None if module.style is None else module.style.eval_excerpt_seconds,
             "long_form": long_form.__dict__, **params.__dict__})
     print(f"wrote {len(prompts)} clip(s) of {args.duration:g} s to {out}")
 
@@ -230,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="a file with one prompt per line")
     g.add_argument("--melody", default=None, help="audio whose chromagram the output follows (melody models)")
     g.add_argument("--style", default=None, help="audio whose style the output takes (style models)")
+    g.add_argument("--style-eval-q", type=int, default=None,
+                   help="style bottleneck codebooks at inference (fewer = looser style; default: the model's)")
+    g.add_argument("--style-excerpt", type=float, default=None,
+                   help="seconds of the style reference used (default: the model's eval_excerpt_seconds)")
     g.add_argument("--continue", dest="continue_", default=None,
                    help="audio to continue: the output starts with it and lasts --duration in all")
     g.add_argument("--duration", type=float, default=10.0, help="seconds of output (default 10)")
