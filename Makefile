@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+# laion-clap pins numpy<2 (it runs on numpy 2): installed without its requirements, which are in pyproject.toml.
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt laion-clap==1.1.7
 	@touch $@
 
 sysdeps:
