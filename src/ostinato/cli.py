@@ -9,6 +9,7 @@
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
     ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
+    ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
     ostinato demo                                the embedded default end to end (what `make demo` runs)
 """
 from __future__ import annotations
@@ -163,6 +164,28 @@ def _import(args: argparse.Namespace) -> None:
     print(result.finetune_hint())
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from ostinato.evaluation.report import format_table
+    from ostinato.evaluation.runner import default_out_dir, run_suite, setup_distributed
+    from ostinato.evaluation.suite import load_suite
+
+    overrides = list(args.set or []) + ([f"num_samples={args.num_samples}"] if args.num_samples else [])
+    suite = load_suite(args.suite, overrides)
+    device = setup_distributed(args.device)
+    try:
+        out = Path(args.out) if args.out else default_out_dir(suite, args.model, overrides)
+        result = run_suite(suite, args.model, out, codec=args.codec, device=device, trust=args.trust,
+                           progress=not args.quiet)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table(result["metrics"]))
+        print(f"report: {result['report']} (and report.html); metrics: {out / 'metrics.json'}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
@@ -283,6 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
     i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     i.set_defaults(func=_import)
+
+    v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
+                         description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "
+                                     "Under torchrun the clips are shared by the ranks.")
+    v.add_argument("suite", help="a suite YAML file or the name of one in evaluation/ (demo, codec_demo, ...)")
+    v.add_argument("--model", required=True,
+                   help="text_to_music: a MusicGen (XP signature, XP folder, checkpoint, export or import folder); "
+                        "reconstruction: a codec (anything --codec of tokenize takes)")
+    v.add_argument("--codec", default=None, help="the MusicGen's codec when it records none")
+    v.add_argument("--out", default=None,
+                   help="output folder (default: $OSTINATO_OUTPUTS/eval/<suite>/<model>[_<overrides>])")
+    v.add_argument("--num-samples", type=int, default=None, help="clips to evaluate (overrides num_samples)")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a suite key, e.g. --set generation.cfg_scale=1 --set embedding=codec:/m/codec "
+                        "(repeatable)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    v.set_defaults(func=_eval)
 
     d = verbs.add_parser("demo", help="demo corpus -> tiny codec -> reconstructions -> tokens, with a summary")
     d.add_argument("--data", default="data/demo")

@@ -84,7 +84,15 @@ class SamplesSchema:
     max_items: int = 2
 
 
-SCHEMAS = {"trainer": TrainerSchema, "optim": OptimSchema, "ema": EmaSchema, "samples": SamplesSchema}
+@dataclass
+class EvaluateSchema:
+    suite: Optional[str] = None
+    every_steps: int = 0
+    num_samples: int = 8
+
+
+SCHEMAS = {"trainer": TrainerSchema, "optim": OptimSchema, "ema": EmaSchema, "samples": SamplesSchema,
+           "evaluate": EvaluateSchema}
 CHOICES = {"trainer.strategy": ("auto", "ddp", "fsdp"),
            "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
            "trainer.accelerator": ("auto", "cpu", "gpu", "cuda")}
@@ -165,10 +173,28 @@ def validate(cfg: DictConfig) -> None:
         value = str(cfg[group][name])
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+    _check_evaluate(cfg)
     check_target(cfg.data, "data")  # first: the family interpolates data values
     check_target(cfg.family, "family", provided=("optim",))
     world = int(cfg.trainer.devices if str(cfg.trainer.devices).isdigit() else 1) * int(cfg.trainer.num_nodes)
     check_global_batch(cfg, world)
+
+
+def _check_evaluate(cfg: DictConfig) -> None:
+    ev = cfg.evaluate
+    if ev.suite is None:
+        return
+    if ev.every_steps <= 0:
+        raise ConfigError(f"evaluate.every_steps={ev.every_steps}: set a period in steps (> 0) with evaluate.suite")
+    from ostinato.evaluation.suite import load_suite
+
+    try:
+        suite = load_suite(ev.suite)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"evaluate.suite: {e}") from None
+    if suite.kind != "text_to_music":
+        raise ConfigError(f"evaluate.suite={ev.suite}: a {suite.kind} suite; the training evaluation generates "
+                          "music, use a text_to_music suite")
 
 
 def check_global_batch(cfg: DictConfig, world_size: int) -> None:

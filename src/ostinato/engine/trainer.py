@@ -86,6 +86,10 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
                              every_n_steps=cfg.ema.every_n_steps, start_step=cfg.ema.start_step))
     if cfg.samples.every_steps > 0:
         callbacks.append(AudioSamples(Path(folder) / "samples", cfg.samples.every_steps, cfg.samples.max_items))
+    if cfg.evaluate.suite and cfg.evaluate.every_steps > 0:
+        from ostinato.evaluation.callback import EvaluationCallback
+
+        callbacks.append(EvaluationCallback(cfg.evaluate.suite, cfg.evaluate.every_steps, cfg.evaluate.num_samples))
     if xp is not None:
         callbacks.append(DoraHistory(xp))
     if loggers:

@@ -1,0 +1,282 @@
+"""``run_suite``: generate (or reconstruct) a suite's clips, score them, write ``metrics.json``, the wavs and a report.
+
+Under DDP (an initialised process group, e.g. ``torchrun`` + ``ostinato eval``) every rank produces its share of the
+items (``rank_batches``) and writes their wavs; the metrics gather their states through torchmetrics; rank 0 writes
+``metrics.json`` and the report. Batches and seeds do not depend on the number of ranks, so one rank and several
+give the same clips and the same numbers (up to float64 summation order).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ostinato.evaluation.items import EvalItem, rank_batches, read_items, stack_references
+from ostinato.evaluation.scoring import SuiteMetrics, barrier, dist_info
+from ostinato.evaluation.suite import Suite, SuiteError, load_suite
+from ostinato.fileio import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["default_out_dir", "generate_items", "load_producer", "run_suite", "setup_distributed", "versions",
+           "write_wav"]
+
+
+def setup_distributed(device: str = "cpu") -> str:
+    """Initialise the process group from ``torchrun``'s environment (``WORLD_SIZE`` > 1): gloo on CPU, nccl on
+    GPU. Returns this rank's device (``cuda:LOCAL_RANK`` on GPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no GPU is visible (CUDA_VISIBLE_DEVICES?); use --device cpu")
+        if world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(torch.device(device))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ostinato", "torch", "torchaudio", "torchmetrics", "transformers", "lightning"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_wav(path: Path, wav: Tensor, sample_rate: int) -> None:
+    """``wav [C, T]`` -> 16-bit WAV, atomically."""
+    with atomic_path(path) as tmp:
+        sf.write(tmp, wav.detach().float().clamp(-1, 1).T.cpu().numpy(), sample_rate, format="WAV", subtype="PCM_16")
+
+
+def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], seconds: float, params: Any,
+                   long_form: Any, *, melody: bool = False,
+                   progress: Callable[[float], None] | None = None) -> Tensor:
+    """One clip per item -> wav ``[B, C, round(seconds * sample_rate)]``.
+
+    The seed of a call is ``params.seed + index of its first item``, so a clip does not depend on which rank made
+    it. With ``melody`` each item is generated alone, conditioned on its reference clip's chromagram.
+    """
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.musicgen import AudioInput, generate_audio
+
+    def run(group: list[EvalItem], first: int) -> Tensor:
+        seed = None if params.seed is None else params.seed + group[0].index
+        audio = AudioInput(group[0].reference, codec.sample_rate) if melody else None
+        report = None if progress is None else (
+            lambda s, t: progress((first + len(group) * s / max(t, 1)) / len(items)))
+        return generate_audio(module, codec, [it.prompt for it in group], seconds,
+                              GenerationParams(**{**params.__dict__, "seed": seed}), melody=audio,
+                              long_form=long_form, progress=report)
+
+    if melody and any(it.reference is None for it in items):
+        raise ValueError("melody from the reference: some items have no reference clip (more num_samples than "
+                         "reference clips); lower num_samples or set melody_from_reference: false")
+    if melody:  # generate_audio takes one melody per call
+        return torch.cat([run([it], k) for k, it in enumerate(items)])
+    return run(items, 0)
+
+
+class _Generator:
+    """A MusicGen writing the suite's clips (text, and the reference's melody when asked)."""
+
+    def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
+        from ostinato.generation.musicgen import load_generator
+
+        self.module, self.codec, self.cfg, self.codec_ref = load_generator(model_ref, codec, trust=trust)
+        self.module.to(device)
+        self.codec.to(device)
+        self.model_ref = model_ref
+        self.sample_rate, self.channels = self.codec.sample_rate, self.codec.channels
+        self.configure(suite)
+
+    def configure(self, suite: Suite) -> None:
+        """Take the generation settings of ``suite``."""
+        from ostinato.generation.lm import GenerationParams
+        from ostinato.generation.musicgen import LongForm
+
+        if suite.kind != "text_to_music":
+            raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a MusicGen")
+        self.suite = suite
+        has_melody = getattr(self.module, "melody", None) is not None
+        if suite.melody_from_reference is True and not has_melody:
+            raise SuiteError(f"{suite.path or suite.name}: melody_from_reference: true, but {self.model_ref} has no "
+                             "melody conditioner (family.melody); set it to auto or false")
+        self.melody = has_melody and suite.melody_from_reference in (True, "auto")
+        self.params = GenerationParams(**{"seed": 0, **suite.generation})
+        window = suite.long_form.get("window", (self.cfg.get("data") or {}).get("segment_seconds"))
+        self.long_form = LongForm(**{"mode": "window", **suite.long_form, "window": window})
+
+    def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
+        assert self.suite.seconds is not None
+        wav = generate_items(self.module, self.codec, items, self.suite.seconds, self.params, self.long_form,
+                             melody=self.melody, progress=progress)
+        return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
+
+    def describe(self) -> dict[str, Any]:
+        return {"generation": dict(self.params.__dict__), "long_form": dict(self.long_form.__dict__),
+                "melody_from_reference": self.melody}
+
+
+class _Reconstructor:
+    """A codec re-encoding the reference clips (all its codebooks)."""
+
+    def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
+        from ostinato.interop.codecs import load_codec, resolve_ref
+
+        if codec is not None:
+            raise ValueError(f"{suite.path or suite.name}: a reconstruction suite evaluates the codec given as "
+                             f"--model ({model_ref}); drop --codec {codec}")
+        self.codec = load_codec(resolve_ref(model_ref), trust=trust).to(device).eval()
+        self.codec_ref = str(model_ref)
+        self.sample_rate, self.channels = self.codec.sample_rate, self.codec.channels
+        self.device = device
+
+    def configure(self, suite: Suite) -> None:
+        if suite.kind != "reconstruction":
+            raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a codec")
+
+    @torch.no_grad()
+    def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
+        wav, lengths = stack_references(items)
+        return self.codec(wav.to(self.device)).recon, lengths
+
+    def describe(self) -> dict[str, Any]:
+        return {"n_q": self.codec.n_q, "bandwidth_kbps": self.codec.bandwidth_kbps()}
+
+
+def load_producer(suite: Suite, model_ref: str, *, codec: str | None = None, device: str | torch.device = "cpu",
+                  trust: bool = False) -> _Generator | _Reconstructor:
+    """The model of a suite, loaded: a MusicGen that generates (text_to_music) or a codec that reconstructs."""
+    cls = _Generator if suite.kind == "text_to_music" else _Reconstructor
+    return cls(suite, str(model_ref), codec, torch.device(device), trust)
+
+
+def _count_clips(suite: Suite) -> int:
+    """Clips of the reference (a reconstruction suite without ``num_samples`` takes them all)."""
+    from ostinato.data.sources import iter_raw_samples, resolve_shards
+
+    try:
+        source = resolve_shards(suite.reference)
+    except (FileNotFoundError, ValueError) as e:
+        raise SuiteError(f"{suite.path or suite.name}: reference: {e}") from None
+    if source.num_samples is not None:
+        return source.num_samples
+    return sum(1 for url in source.urls for _ in iter_raw_samples(url))
+
+
+def _clean(out: Path) -> None:
+    """Remove the wavs of a previous run of this folder (it may have had more items)."""
+    for sub in ("generated", "reference"):
+        for path in (out / sub).glob("*.wav"):
+            path.unlink()
+
+
+def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | os.PathLike, *,
+              codec: str | None = None, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+              device: str | torch.device = "cpu", trust: bool = False, progress: bool = True,
+              report: bool = True, cache: str | os.PathLike | None = None,
+              producer: Any | None = None) -> dict[str, Any]:
+    """Run ``suite`` (a ``Suite``, a YAML path or a suite name) on ``model_ref`` and write into ``out_dir``:
+    ``generated/NNN.wav`` (+ ``reference/NNN.wav``), ``metrics.json``, ``report.md`` / ``report.html``.
+
+    ``model_ref``: a MusicGen (XP signature, XP folder, checkpoint, export or import folder) for text_to_music,
+    a codec (anything ``load_codec`` takes) for reconstruction. ``codec``: the MusicGen's codec when it records
+    none. ``cache``: reference statistics cache (default ``$OSTINATO_OUTPUTS/eval_cache``). ``producer``: one from
+    ``load_producer`` to reuse (a sweep loads the model once). Returns what ``metrics.json`` holds, plus ``out_dir``
+    and ``report``; every rank returns it.
+    """
+    if not isinstance(suite, Suite):
+        suite = load_suite(suite, overrides)
+    elif overrides:
+        suite = suite.with_overrides(overrides)
+    rank, world = dist_info()
+    device = torch.device(device)
+    out = Path(out_dir)
+    t0 = time.time()
+    if producer is None:
+        producer = load_producer(suite, model_ref, codec=codec, device=device, trust=trust)
+    else:
+        producer.configure(suite)
+    n = suite.num_samples if suite.num_samples is not None else _count_clips(suite)
+    mine = rank_batches(n, suite.batch_size, rank, world)
+    items = read_items(suite, producer.sample_rate, producer.channels, n, keep={i for b in mine for i in b})
+    scores = SuiteMetrics(suite, suite.metrics, producer.sample_rate, device, progress=progress and rank == 0,
+                          cache=cache)
+    width = max(3, len(str(len(items) - 1)))
+    if rank == 0:
+        _clean(out)
+    barrier()
+    total = sum(len(b) for b in mine)
+    verb = "generating" if suite.kind == "text_to_music" else "reconstructing"
+    with tqdm(total=total, unit="clip", desc=f"{suite.name}: {verb}", disable=not progress or rank != 0,
+              dynamic_ncols=True) as bar:
+        for batch in mine:
+            group = [items[i] for i in batch]
+            done = bar.n
+
+            def on_progress(fraction: float, done: float = done, size: int = len(group)) -> None:
+                bar.update(round(done + size * fraction, 2) - bar.n)  # update() rate-limits the redraws
+
+            wav, lengths = producer(group, on_progress)
+            reference = ref_lengths = None
+            if all(it.reference is not None for it in group):
+                reference, ref_lengths = stack_references(group)
+            for it, w, valid in zip(group, wav, lengths.tolist()):
+                write_wav(out / "generated" / f"{it.index:0{width}d}.wav", w[:, :valid], producer.sample_rate)
+                if it.reference is not None:
+                    write_wav(out / "reference" / f"{it.index:0{width}d}.wav", it.reference, producer.sample_rate)
+            scores.update(wav, lengths, [it.prompt for it in group], [str(it.index) for it in group], reference,
+                          ref_lengths)
+            bar.update(done + len(group) - bar.n)
+    scalars, details = scores.compute()
+    result: dict[str, Any] = {
+        "suite": suite.name, "suite_file": None if suite.path is None else str(suite.path), "kind": suite.kind,
+        "model": str(model_ref), "codec": producer.codec_ref, "sample_rate": producer.sample_rate,
+        "num_items": len(items), "seconds": suite.seconds, "metrics": scalars, **details,
+        "settings": producer.describe(), "items": [
+            {"index": it.index, "prompt": it.prompt, "key": it.key,
+             "generated": f"generated/{it.index:0{width}d}.wav",
+             "reference": f"reference/{it.index:0{width}d}.wav" if it.has_reference else None}
+            for it in items],
+        "suite_config": suite.config, "device": str(device), "world_size": world,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+        "elapsed_seconds": round(time.time() - t0, 2),
+    }
+    barrier()  # every rank's wavs are on disk
+    if rank == 0:
+        atomic_write_json(out / "metrics.json", result)
+        if report:
+            from ostinato.evaluation.report import write_report
+
+            write_report(out)
+    barrier()
+    return {**result, "out_dir": str(out), "report": str(out / "report.md")}
+
+
+def default_out_dir(suite: Suite, model_ref: str, overrides: Sequence[str] = ()) -> Path:
+    """``$OSTINATO_OUTPUTS/eval/<suite>/<model>[_<overrides>]``."""
+    import re
+
+    model = Path(str(model_ref).rstrip("/")).name or "model"
+    tag = "_".join(re.sub(r"[^A-Za-z0-9=.,-]+", "-", o) for o in overrides)
+    base = Path(os.environ.get("OSTINATO_OUTPUTS", "outputs")) / "eval" / suite.name
+    return base / (f"{model}_{tag}" if tag else model)
