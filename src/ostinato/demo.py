@@ -2,7 +2,8 @@
 
 demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny MusicGen conditioned on
 text, melody and style -> generation in every mode (text, melody, style, continuation; sliding window and
-chaining), each 10 s = five training windows. Finished steps are skipped (experiments resume), so a second run is
+chaining), each 10 s = five training windows -> the demo evaluation suite (FAD, FAD-inf, per-song FAD, chroma)
+against the held-out split. Finished steps are skipped (experiments resume), so a second run is
 quick.
 """
 from __future__ import annotations
@@ -108,6 +109,12 @@ def run_demo(data: Path, outputs: Path) -> None:
     for mode, extra in modes.items():
         _run(base + extra + ["--out", str(generated / mode), "--quiet"])
 
+    from ostinato.evaluation.demo import run_demo_eval
+
+    print("$ ostinato eval demo (evaluation/demo.yaml)", flush=True)
+    report = run_demo_eval(data, outputs, str(lm_xp.folder), str(export))
+    metrics = json.loads((report.parent / "metrics.json").read_text()).get("metrics", {})
+
     history = _history(Path(xp.folder))
     before = next((h["valid"]["mel_distance"] for h in history if h.get("epoch") == -1), None)
     after = next((h["valid"]["mel_distance"] for h in reversed(history) if "valid" in h), None)
@@ -130,4 +137,8 @@ def run_demo(data: Path, outputs: Path) -> None:
         print(f"  without its melody and style prefix (text only): {ce_text:.3f} nats")
     print(f"  generated (10 s each, 5 training windows; parameters in the .json files): {generated}/"
           f"{{{','.join(modes)}}}")
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    print(f"evaluation (evaluation/demo.yaml vs the test split): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    print(f"  report: {report}")
     print(f"total {(time.time() - start) / 60:.1f} min")
