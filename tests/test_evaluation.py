@@ -224,6 +224,33 @@ def test_kld_and_text_audio_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert scores.compute()[0]["kld"] == pytest.approx(0.0, abs=1e-6)  # same audio, same labels
 
 
+def test_kld_zero_shot_through_a_text_audio_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ostinato.evaluation.classifier import ZeroShotClassifier, load_classifier
+    from ostinato.evaluation.scoring import SuiteMetrics
+    from ostinato.metrics.embeddings import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, "faketext", "tests.test_evaluation:FakeTextBackend")
+    clf = load_classifier("faketext:x", ["aaaa", "eeee", "iiii"])
+    assert isinstance(clf, ZeroShotClassifier) and clf.num_labels == 3
+    loud_low = torch.zeros(2, 1, SR)
+    loud_low[0, 0] = 0.5  # energy in all four "bands" of the fake backend
+    loud_low[1, 0].view(-1, 160)[:, :40] = 0.5  # energy in its first band only: the "aaaa" tag
+    logits = clf.logits(loud_low, SR)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all() and not torch.allclose(logits[0], logits[1])
+    path = _write_suite(tmp_path / "s.yaml", kind="text_to_music", reference="unused", num_samples=2, seconds=1.0,
+                        metrics={"kld": {"classifier": "faketext:x", "labels": ["aaaa", "eeee", "iiii"]}})
+    suite = load_suite(path)
+    scores = SuiteMetrics(suite, suite.metrics, SR, progress=False)
+    scores.update(loud_low, None, ["a", "b"], ["0", "1"], loud_low, None)
+    assert scores.compute()[0]["kld"] == pytest.approx(0.0, abs=1e-6)
+    scores.reset()
+    scores.update(loud_low, None, ["a", "b"], ["0", "1"], loud_low.flip(0), None)
+    assert scores.compute()[0]["kld"] > 1e-3
+    with pytest.raises(SuiteError, match="labels"):
+        _ = load_suite(_write_suite(tmp_path / "t.yaml", kind="text_to_music", reference="unused", num_samples=2,
+                                    seconds=1.0, metrics={"kld": {"classifier": "faketext:x", "labels": ["one"]}}))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["kind=mixing"], "kind (set by --set): 'mixing': use one of text_to_music, reconstruction"),
     (["metrics.fid={}"], "metrics.fid (set by --set): unknown metric"),

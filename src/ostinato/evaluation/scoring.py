@@ -67,7 +67,8 @@ class SuiteMetrics:
                 from ostinato.evaluation.classifier import load_classifier
 
                 self.classifiers.setdefault(spec.options["classifier"],
-                                            load_classifier(spec.options["classifier"]).to(self.device))
+                                            load_classifier(spec.options["classifier"],
+                                                            spec.options.get("labels")).to(self.device))
             elif spec.options.get("embedding"):
                 self._backend(spec)
         self._reference_stats(progress)

@@ -27,7 +27,7 @@ METRICS: dict[str, dict[str, Any]] = {
     "fad_inf": {"embedding": None, "per": "frame", "num_points": 15, "min_n": None, "seed": 0},
     "per_song_fad": {"embedding": None, "bins": 20},
     "text_audio": {"embedding": None},
-    "kld": {"classifier": None, "multilabel": False},
+    "kld": {"classifier": None, "multilabel": False, "labels": None},
     "chroma": {"hop_seconds": 0.128, "argmax": False},
     "mel": {"n_mels": 80, "n_fft": 1024, "hop_length": 256},
     "stft": {"n_ffts": [2048, 1024, 512, 256], "hop_ratio": 0.25},
@@ -302,7 +302,11 @@ def _metrics(value: Any, kind: str, embedding: str | None, err) -> list[MetricSp
                                     "(one mean embedding per clip)")
         if name == "kld" and not merged["classifier"]:
             raise err(f"{key}.classifier", "missing: an audio classifier backend (hf:/folder of an "
-                                           "audio-classification model)")
+                                           "audio-classification model, or a text-audio backend such as "
+                                           "clap:/ckpt.pt,text=/roberta with `labels: [...]` for zero-shot tags)")
+        if name == "kld" and merged["labels"] is not None and (
+                not isinstance(merged["labels"], (list, tuple)) or len(merged["labels"]) < 2):
+            raise err(f"{key}.labels", "a list of at least two tag texts (zero-shot classes)")
         if name in RECONSTRUCTION_ONLY and kind != "reconstruction":
             raise err(key, f"{name} compares a clip with its own reconstruction: use it in a reconstruction suite")
         if name in ("text_audio", "kld") and kind != "text_to_music":
