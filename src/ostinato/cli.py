@@ -2,11 +2,13 @@
 
     ostinato prep corpus --out data/demo         render the demo corpus (music21 + fluidsynth) and shard it
     ostinato prep shards SRC OUT [options]       any audio folder -> WebDataset shards + manifest.json
+    ostinato prep semantic SHARDS OUT [options]  fit a semantic tokenizer (k-means over MFCC / SSL features)
     ostinato train [-d] [overrides ...]          train an experiment (== dora -P ostinato run ...)
     ostinato grid NAME [dora grid options]       launch/monitor a grid from grids/ (== dora -P ostinato grid)
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
+    ostinato tokenize --semantic DIR SHARDS OUT  audio shards -> semantic token shards (one k-means stream)
     ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
@@ -59,6 +61,22 @@ def _prep_shards(args: argparse.Namespace) -> None:
         print(f"skipped files and reasons: {Path(args.out) / 'report.json'}")
 
 
+def _prep_semantic(args: argparse.Namespace) -> None:
+    from ostinato.data.semantic_fit import fit_semantic_tokenizer
+
+    tok = fit_semantic_tokenizer(args.shards, args.out, features=args.features, layer=args.layer,
+                                 frame_rate=args.frame_rate, k=args.k, batch_frames=args.batch_frames,
+                                 iterations=args.iterations, max_hours=args.max_hours, seed=args.seed,
+                                 workers=args.workers, init=args.init, device=args.device, overwrite=args.overwrite)
+    fit, last = tok.fit_stats, tok.fit_stats["passes"][-1]
+    print(f"{tok.id}: {tok.cardinality} centroids of {tok.dim}-dim {tok.features.kind} features at "
+          f"{tok.frame_rate:g} Hz, fitted on {fit['hours']:.2f} h ({fit['clips']} clips, {fit['skipped']} skipped) "
+          f"in {fit['seconds']:.0f} s")
+    print(f"last pass: inertia/frame {last['inertia_per_frame']:.4f}, {last['used']}/{last['k']} centroids used, "
+          f"entropy {last['entropy_bits']:.2f} bits")
+    print(f"tokenizer: {Path(args.out)}; next: ostinato tokenize SHARDS TOKENS --semantic {args.out}")
+
+
 DORA_VERBS = {"train": "run", "grid": "grid", "launch": "launch", "info": "info"}
 
 
@@ -80,10 +98,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
+    from ostinato.nn.semantic import is_semantic_tokenizer
     from ostinato.tokenize import tokenize
 
+    if args.semantic is not None and not is_semantic_tokenizer(args.semantic):
+        raise FileNotFoundError(f"--semantic {args.semantic}: no semantic_tokenizer.json there; fit one with "
+                                f"`ostinato prep semantic SHARDS {args.semantic}`")
     devices = None if args.devices == "auto" else args.devices.split(",")
-    m = tokenize(args.codec, args.shards, args.out, n_q=args.n_q, batch_size=args.batch_size,
+    m = tokenize(args.semantic or args.codec, args.shards, args.out, n_q=args.n_q, batch_size=args.batch_size,
                  workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust)
     c = m.codec
     print(f"{len(m.shards)} token shards, {m.total_samples} samples, {m.total_frames} frames "
@@ -233,6 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="rebuild a finished output folder")
     s.set_defaults(func=_prep_shards)
 
+    m = prep_verbs.add_parser("semantic", help="fit a semantic tokenizer (MusicLM family): k-means over frame "
+                                               "features of audio shards")
+    m.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
+    m.add_argument("out", help="output folder (semantic_tokenizer.safetensors + .json)")
+    m.add_argument("--features", default="mfcc", metavar="mfcc|logmel|hf:/folder",
+                   help="MFCC + deltas (default), log-mel, or a local transformers SSL model (HuBERT, MERT...)")
+    m.add_argument("--layer", type=int, default=None, help="hf features: hidden layer (default: the last)")
+    m.add_argument("--k", type=int, default=None, help="centroids (default 500 for mfcc/logmel, 1024 for hf)")
+    m.add_argument("--frame-rate", type=float, default=25.0, help="tokens per second (default 25)")
+    m.add_argument("--max-hours", type=float, default=None, help="audio to fit on (default: all)")
+    m.add_argument("--iterations", type=int, default=10, help="k-means passes over the audio (default 10)")
+    m.add_argument("--batch-frames", type=int, default=10000, help="frames per k-means mini-batch")
+    m.add_argument("--init", choices=["k-means++", "random"], default="k-means++")
+    m.add_argument("--seed", type=int, default=0, help="same seed, same tokenizer")
+    m.add_argument("--workers", type=int, default=1, help="audio decoding processes")
+    m.add_argument("--device", default=None, help="hf features: cpu or cuda (default: cuda when available)")
+    m.add_argument("--overwrite", action="store_true", help="replace a tokenizer fitted in OUT")
+    m.set_defaults(func=_prep_semantic)
+
     for verb, dora_verb in DORA_VERBS.items():
         verbs.add_parser(verb, help=f"dora {dora_verb} for ostinato (see `ostinato {verb} --help`)", add_help=False)
 
@@ -242,12 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     e.set_defaults(func=_export)
 
-    t = verbs.add_parser("tokenize", help="audio shards -> token shards with a codec")
+    t = verbs.add_parser("tokenize", help="audio shards -> token shards with a codec or a semantic tokenizer")
     t.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
     t.add_argument("out", help="output folder for the token shards")
-    t.add_argument("--codec", required=True,
-                   help="an ostinato codec (XP signature, export folder, .ckpt), a transformers EncodecModel "
-                        "folder, or audiocraft's compression_state_dict.bin")
+    which = t.add_mutually_exclusive_group(required=True)
+    which.add_argument("--semantic", default=None, metavar="DIR",
+                       help="a semantic tokenizer folder fitted by `ostinato prep semantic`")
+    which.add_argument("--codec", default=None,
+                       help="an ostinato codec (XP signature, export folder, .ckpt), a transformers EncodecModel "
+                            "folder, or audiocraft's compression_state_dict.bin")
     t.add_argument("--n-q", type=int, default=None, help="codebooks to keep (default: all)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--workers", type=int, default=2, help="audio decoding processes per device")

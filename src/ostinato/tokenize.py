@@ -1,14 +1,19 @@
-"""``ostinato tokenize``: audio shards -> token shards with a codec; batched, multi-worker, multi-device, resumable.
+"""``ostinato tokenize``: audio shards -> token shards with a codec or a semantic tokenizer; batched, multi-worker,
+multi-device, resumable.
 
 Each audio shard becomes one token shard of the same name, written atomically with a done marker, so a re-run
-skips finished shards. Items of equal length are encoded together, so a batch gives exactly the codes that
-encoding each item alone gives. Several devices each take every n-th pending shard in their own process.
+skips finished shards; corrupt samples are skipped and counted (per shard marker, and ``source.skipped`` in the
+manifest). The "codec" is anything ``load_tokenizer`` resolves: a neural codec, or a fitted ``SemanticTokenizer``
+folder (one stream of k-means tokens, ``n_q = 1``). Items of equal length are encoded together, so a batch gives
+exactly the codes that encoding each item alone gives. Several devices each take every n-th pending shard in their
+own process.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +31,7 @@ from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_co
 from ostinato.fileio import atomic_path, atomic_write_json, read_json
 from ostinato.interop.codecs import load_codec, weights_hash
 from ostinato.nn.codec import Codec
+from ostinato.nn.semantic import SemanticTokenizer, is_semantic_tokenizer
 
 log = logging.getLogger(__name__)
 PROGRESS_NAME = ".progress.json"
@@ -36,9 +42,20 @@ def _shard_name(url: str) -> str:
     return name if name.endswith(".tar") else f"{name}.tar"
 
 
+def load_tokenizer(ref: str | Path, trust: bool = False) -> Codec | SemanticTokenizer:
+    """A semantic tokenizer folder (``semantic_tokenizer.json``) or anything ``load_codec`` takes."""
+    if is_semantic_tokenizer(ref):
+        return SemanticTokenizer.load(ref)
+    return load_codec(str(ref), trust=trust)
+
+
+def tokenizer_hash(codec: Codec | SemanticTokenizer) -> str:
+    return codec.hash if isinstance(codec, SemanticTokenizer) else weights_hash(codec)
+
+
 class _AudioItems(IterableDataset):
     """(shard, key, wav [C, T] at the codec's rate, meta) for whole shards split over DataLoader workers; a
-    ``None`` key closes a shard."""
+    ``None`` key closes a shard, its meta ``{"skipped": n}`` counting the corrupt samples left out."""
 
     def __init__(self, urls: list[str], sample_rate: int, channels: int):
         super().__init__()
@@ -48,16 +65,23 @@ class _AudioItems(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
-            for raw in iter_raw_samples(url):
-                key = raw["__key__"]
-                try:
-                    wav, sr = load_audio(raw["flac"])
-                except (AudioDecodeError, KeyError) as e:
-                    log.warning("%s: sample %s skipped: %s", url, key, e)
-                    continue
-                wav = resample(convert_channels(wav, self.channels), sr, self.sample_rate)
-                yield url, key, wav, json.loads(raw.get("json", b"{}"))
-            yield url, None, None, {}
+            skipped = 0
+            try:
+                for raw in iter_raw_samples(url):
+                    key = raw["__key__"]
+                    try:
+                        wav, sr = load_audio(raw["flac"])
+                        meta = json.loads(raw.get("json", b"{}"))
+                    except (AudioDecodeError, KeyError, ValueError) as e:
+                        log.warning("%s: sample %s skipped: %s", url, key, e)
+                        skipped += 1
+                        continue
+                    wav = resample(convert_channels(wav, self.channels), sr, self.sample_rate)
+                    yield url, key, wav, meta
+            except tarfile.TarError as e:  # a truncated shard: keep the samples before the damage
+                log.warning("%s: the rest of the shard skipped: %s", url, e)
+                skipped += 1
+            yield url, None, None, {"skipped": skipped}
 
 
 def _encode_group(codec: Codec, wavs: list[torch.Tensor], n_q: int | None, device: torch.device,
@@ -74,7 +98,7 @@ def _encode_group(codec: Codec, wavs: list[torch.Tensor], n_q: int | None, devic
 
 
 def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]], codec: Codec,
-                 n_q: int | None, device: torch.device, batch_size: int) -> TokenShard:
+                 n_q: int | None, device: torch.device, batch_size: int, skipped: int = 0) -> TokenShard:
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, (_, wav, _) in enumerate(items):
         by_length[wav.shape[-1]].append(i)
@@ -92,7 +116,7 @@ def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]
                 meta = {**meta, "frames": int(c.shape[-1]), "frame_rate": codec.frame_rate}
                 writer.write({"__key__": key, "npy": encode_codes(c), "json": json.dumps(meta).encode()})
     shard = TokenShard(name=name, samples=len(items), frames=frames)
-    atomic_write_json(out / name.replace(".tar", ".json"), shard.__dict__)
+    atomic_write_json(out / name.replace(".tar", ".json"), {**shard.__dict__, "skipped": skipped})
     return shard
 
 
@@ -100,14 +124,14 @@ def _run_device(codec_ref: str, urls: list[str], out: Path, n_q: int | None, bat
                 device: str, trust: bool, progress: bool) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dev = torch.device(device)
-    codec = load_codec(codec_ref, trust=trust).to(dev)
+    codec = load_tokenizer(codec_ref, trust=trust).to(dev)
     loader = DataLoader(_AudioItems(urls, codec.sample_rate, codec.channels), batch_size=None,
                         num_workers=min(workers, len(urls)))
     pending: dict[str, list] = defaultdict(list)
     bar = tqdm(total=len(urls), desc=f"tokenize [{device}]", unit="shard", disable=not progress)
     for url, key, wav, meta in loader:
         if key is None:
-            _write_shard(out, url, pending.pop(url, []), codec, n_q, dev, batch_size)
+            _write_shard(out, url, pending.pop(url, []), codec, n_q, dev, batch_size, meta.get("skipped", 0))
             bar.update()
         else:
             pending[url].append((key, wav, meta))
@@ -140,15 +164,18 @@ def _check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> 
 def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = None, batch_size: int = 16,
              workers: int = 1, devices: list[str] | None = None, overwrite: bool = False, trust: bool = False,
              progress: bool = True) -> TokenManifest:
-    """Encode every sample of ``shards`` (any spec ``resolve_shards`` takes) into token shards in ``out``."""
+    """Encode every sample of ``shards`` (any spec ``resolve_shards`` takes) into token shards in ``out``.
+
+    ``codec_ref``: a semantic tokenizer folder (``ostinato prep semantic``) or anything ``load_codec`` takes.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source: ShardSource = resolve_shards(shards)
-    codec = load_codec(codec_ref, trust=trust)
+    codec = load_tokenizer(codec_ref, trust=trust)
     n_q = n_q or codec.n_q
     if not 1 <= n_q <= codec.n_q:
         raise ValueError(f"--n-q {n_q}: this codec has {codec.n_q} codebooks")
-    info = CodecInfo(id=str(codec_ref), hash=weights_hash(codec), sample_rate=codec.sample_rate,
+    info = CodecInfo(id=str(codec_ref), hash=tokenizer_hash(codec), sample_rate=codec.sample_rate,
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
                      cardinality=codec.cardinality)
     _check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite)
@@ -170,8 +197,13 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
         failed = [d for d, p in zip(devices, procs) if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"tokenization failed on {', '.join(failed)}; re-run to finish the remaining shards")
-    shards_done = [TokenShard(**read_json(out / _shard_name(u).replace(".tar", ".json"))) for u in source.urls]
-    manifest = TokenManifest(shards=shards_done, codec=info,
-                             source={"shards": source.urls, "samples": source.num_samples})
+    markers = [read_json(out / _shard_name(u).replace(".tar", ".json")) for u in source.urls]
+    shards_done = [TokenShard(name=m["name"], samples=m["samples"], frames=m["frames"]) for m in markers]
+    skipped = sum(int(m.get("skipped", 0)) for m in markers)
+    if skipped:
+        log.warning("%d corrupt samples skipped", skipped)
+    manifest = TokenManifest(shards=shards_done, codec=info, source={
+        "shards": source.urls, "samples": source.num_samples, "skipped": skipped,
+        **({"semantic": codec.id} if isinstance(codec, SemanticTokenizer) else {})})
     manifest.save(out)
     return manifest
