@@ -174,3 +174,18 @@ def test_trains_on_audio_shards_tokenized_on_the_fly(trained: dict, tmp_path: Pa
     assert len(steps) >= 2 and all(torch.isfinite(torch.tensor([v for _, v in steps])))
     module = ostinato.load(folder)
     assert module.melody is not None and module.codec_ref == str(trained["root"] / "codec")
+
+
+def test_one_melody_per_prompt_matches_separate_calls(model) -> None:
+    module, codec = model
+    sr = codec.sample_rate
+    melodies = [AudioInput(tone(440.0, 1.0, sr), sr), AudioInput(tone(261.6, 1.0, sr), sr)]
+    params = GenerationParams(temperature=0.0, cfg_scale=3.0)
+    both = generate_audio(module, codec, ["a chorale", "a reel"], 2 * SEGMENT, params, melody=melodies,
+                          long_form=LongForm(window=SEGMENT))
+    for i, (prompt, mel) in enumerate(zip(["a chorale", "a reel"], melodies)):
+        alone = generate_audio(module, codec, [prompt], 2 * SEGMENT, params, melody=mel,
+                               long_form=LongForm(window=SEGMENT))
+        torch.testing.assert_close(both[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate_audio(module, codec, ["a", "b", "c"], SEGMENT, params, melody=melodies)

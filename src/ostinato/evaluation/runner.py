@@ -73,14 +73,14 @@ def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], s
     """One clip per item -> wav ``[B, C, round(seconds * sample_rate)]``.
 
     The seed of a call is ``params.seed + index of its first item``, so a clip does not depend on which rank made
-    it. With ``melody`` each item is generated alone, conditioned on its reference clip's chromagram.
+    it. With ``melody`` each item is conditioned on its reference clip's chromagram.
     """
     from ostinato.generation.lm import GenerationParams
     from ostinato.generation.musicgen import AudioInput, generate_audio
 
     def run(group: list[EvalItem], first: int) -> Tensor:
         seed = None if params.seed is None else params.seed + group[0].index
-        audio = AudioInput(group[0].reference, codec.sample_rate) if melody else None
+        audio = [AudioInput(it.reference, codec.sample_rate) for it in group] if melody else None
         report = None if progress is None else (
             lambda s, t: progress((first + len(group) * s / max(t, 1)) / len(items)))
         return generate_audio(module, codec, [it.prompt for it in group], seconds,
@@ -90,8 +90,6 @@ def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], s
     if melody and any(it.reference is None for it in items):
         raise ValueError("melody from the reference: some items have no reference clip (more num_samples than "
                          "reference clips); lower num_samples or set melody_from_reference: false")
-    if melody:  # generate_audio takes one melody per call
-        return torch.cat([run([it], k) for k, it in enumerate(items)])
     return run(items, 0)
 
 

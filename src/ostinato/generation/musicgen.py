@@ -104,7 +104,15 @@ def _style_prefix(module, codec: Codec, style: AudioInput | None, b: int) -> Ten
     return tokens.expand(b, -1, -1)
 
 
-def _melody_prefix(module, codec: Codec, melody: AudioInput | None, b: int,
+def _melody_chroma(module, melody: AudioInput, need: int, device: torch.device) -> Tensor:
+    """``[1, need, 12]``: the reference's chromagram, looped when shorter than the output, cropped when longer."""
+    chroma = module.melody.features(melody.wav[None].float().to(device), melody.sample_rate)  # [1, F, 12]
+    if chroma.shape[1] < need:
+        chroma = chroma.repeat(1, -(-need // chroma.shape[1]), 1)
+    return chroma[:, :need]
+
+
+def _melody_prefix(module, codec: Codec, melody: AudioInput | Sequence[AudioInput] | None, b: int,
                    total_frames: int) -> Callable[[int, int], Tensor] | None:
     if module.melody is None:
         if melody is not None:
@@ -114,28 +122,29 @@ def _melody_prefix(module, codec: Codec, melody: AudioInput | None, b: int,
     fr, mel = float(codec.frame_rate), module.melody
     if melody is None:
         return lambda start, n: torch.zeros(b, module.melody_frames(n, fr), module.cfg.dim, device=device)
-    chroma = mel.features(melody.wav[None].float().to(device), melody.sample_rate)  # [1, F, 12]
     need = module.melody_frames(total_frames, fr) + 1
-    if chroma.shape[1] < need:  # loop a short melody over the whole output
-        chroma = chroma.repeat(1, -(-need // chroma.shape[1]), 1)
+    melodies = [melody] if isinstance(melody, AudioInput) else list(melody)
+    if len(melodies) not in (1, b):
+        raise ValueError(f"{len(melodies)} melodies for {b} prompts: give one melody, or one per prompt")
+    chroma = torch.cat([_melody_chroma(module, m, need, device) for m in melodies]).expand(b, -1, -1)
 
     def window(start: int, n: int) -> Tensor:
         first = round(start / fr * mel.frame_rate)
-        part = chroma[:, first:first + module.melody_frames(n, fr)]
-        return mel(part).expand(b, -1, -1)
+        return mel(chroma[:, first:first + module.melody_frames(n, fr)])
 
     return window
 
 
 @torch.no_grad()
 def generate_audio(module: torch.nn.Module, codec: Codec, prompts: Sequence[str], seconds: float,
-                   params: GenerationParams, *, melody: AudioInput | None = None, style: AudioInput | None = None,
+                   params: GenerationParams, *, melody: AudioInput | Sequence[AudioInput] | None = None,
+                   style: AudioInput | None = None,
                    continuation: AudioInput | None = None, long_form: LongForm | None = None,
                    progress: Progress | None = None) -> Tensor:
     """One clip per prompt ("" = no text) -> wav ``[B, C, round(seconds * sample_rate)]``.
 
     ``continuation``: the clips start with this audio (its codes are the prompt) and go on to ``seconds`` in all.
-    ``melody`` / ``style``: one reference for every prompt. ``long_form``: see ``LongForm`` (default: one window).
+    ``melody``: one reference for every prompt, or one per prompt; ``style``: one reference. ``long_form``: see ``LongForm`` (default: one window).
     """
     _check_codec(module, codec)
     module.eval()
