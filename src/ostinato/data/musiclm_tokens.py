@@ -1,0 +1,403 @@
+"""Aligned token streams of the same clips for the MusicLM stages: semantic tokens, codec tokens, MuLaN tokens.
+
+A split is a mapping of streams to folders::
+
+  train: {semantic: .../semantic/train, codec: .../tokens/train, mulan: .../mulan/train}
+
+``semantic`` and ``codec`` are token shard folders (``ostinato tokenize`` / ``--semantic``) of the same audio
+shards: same shard names, same sample keys. ``mulan`` is a folder written once by ``write_mulan_tokens``: the
+MuLaN audio embedding of every clip quantized per namespace (``mulan_tokens.npz``: ``keys [N]`` + one int16
+``[N, n_q]`` array per namespace, and ``manifest.json``), so nothing is re-embedded per step.
+
+Streams are joined by sample key (a shard's samples missing from another stream are skipped). Crops are
+time-aligned: the start time is drawn on the grid of the slowest stream and every stream is cut from
+``round(start * rate)`` for ``round(segment_seconds * rate)`` frames. The crop length is the stage's (MusicLM: 30 s
+semantic, 10 s coarse, 3 s fine), set per experiment with ``data.segment_seconds``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import json
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from ostinato.data.datamodule import AudioDataModule
+from ostinato.data.sources import iter_raw_samples
+from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
+from ostinato.data.tokens import CodecInfo, decode_codes, resolve_token_shards
+from ostinato.fileio import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MusicLMBatch", "MusicLMTokenDataModule", "MuLaNTokens", "write_mulan_tokens", "aligned_crop"]
+
+TOKEN_STREAMS = ("semantic", "codec")
+MULAN_FORMAT = "ostinato.mulan-tokens/1"
+
+
+# -- MuLaN tokens ---------------------------------------------------------------------------------------------
+@dataclass
+class MuLaNTokens:
+    """Per-clip MuLaN tokens: ``tokens[namespace]`` is ``[N, n_q]`` int64, row i belongs to ``keys[i]``."""
+
+    keys: list[str]
+    tokens: dict[str, Tensor]
+    bins: dict[str, int]
+    source: str = ""
+
+    def lookup(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"tokens_{ns}": t.numpy().astype(np.int16) for ns, t in self.tokens.items()}
+        np.savez(folder / "mulan_tokens.npz", keys=np.array(self.keys, dtype=str), **arrays)
+        atomic_write_json(folder / "manifest.json", {
+            "format": MULAN_FORMAT, "samples": len(self.keys), "source": self.source,
+            "namespaces": {ns: {"n_q": int(t.shape[1]), "bins": self.bins[ns]} for ns, t in self.tokens.items()}})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MuLaNTokens:
+        folder = Path(folder)
+        if not (folder / "manifest.json").is_file():
+            raise FileNotFoundError(f"no MuLaN tokens in {folder}; write them with write_mulan_tokens "
+                                    "(data.<split>.mulan must be its output folder)")
+        meta = read_json(folder / "manifest.json")
+        if meta.get("format") != MULAN_FORMAT:
+            raise ValueError(f"{folder}: format {meta.get('format')!r} is not {MULAN_FORMAT!r}")
+        with np.load(folder / "mulan_tokens.npz", allow_pickle=False) as z:
+            keys = [str(k) for k in z["keys"]]
+            tokens = {ns: torch.from_numpy(z[f"tokens_{ns}"].astype(np.int64)) for ns in meta["namespaces"]}
+        return cls(keys, tokens, {ns: int(o["bins"]) for ns, o in meta["namespaces"].items()}, meta.get("source", ""))
+
+
+@torch.no_grad()
+def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: Any, *,
+                       segment_seconds: float = 10.0, batch_size: int = 16) -> MuLaNTokens:
+    """Embed every clip of audio ``shards`` once with MuLaN (the first ``segment_seconds``, windowed by the
+    tower) and quantize it in every namespace of ``quantizer`` -> ``out/`` (``MuLaNTokens``).
+
+    ``mulan_ref``: a ``MuLaN``, a ``MuLaNFamily`` or an ``ostinato.load`` ref; ``quantizer``: a
+    ``MuLaNQuantizer`` or its safetensors path.
+    """
+    from ostinato.data.sources import resolve_shards
+    from ostinato.data.streams import count_samples
+
+    mulan = mulan_ref
+    if not hasattr(mulan, "embed_audio"):
+        from ostinato.families.mulan import as_mulan
+
+        mulan = as_mulan(mulan_ref)
+    if isinstance(quantizer, (str, Path)):
+        from ostinato.nn.mulan import MuLaNQuantizer
+
+        quantizer = MuLaNQuantizer.load(quantizer)
+    src = resolve_shards(shards)
+    n = src.num_samples if src.num_samples is not None else count_samples(src.urls)
+    clips = EvalSet(src.urls, num_samples=n, sample_rate=mulan.sample_rate, channels=1,
+                    segment_seconds=segment_seconds, batch_size=batch_size)
+    keys: list[str] = []
+    parts: dict[str, list[Tensor]] = {ns: [] for ns in quantizer.namespaces}
+    was_training = getattr(mulan, "training", False)
+    if hasattr(mulan, "eval"):
+        mulan.eval()
+    for batch in clips:
+        valid = batch.lengths > 0
+        if not bool(valid.any()):
+            continue
+        emb = mulan.embed_audio(batch.audio[valid], mulan.sample_rate, batch.lengths[valid])
+        keys += [m["__key__"] for m, v in zip(batch.meta, valid.tolist()) if v]
+        for ns in parts:
+            parts[ns].append(quantizer.tokens(emb, ns).cpu())
+    if hasattr(mulan, "train"):
+        mulan.train(was_training)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{shards}: sample keys repeat across shards; MuLaN tokens are joined by key")
+    tokens = MuLaNTokens(keys, {ns: torch.cat(p) for ns, p in parts.items()},
+                         {ns: int(quantizer.bins(ns)) for ns in parts}, source=str(mulan_ref))
+    tokens.save(out)
+    log.info("wrote MuLaN tokens of %d clips (%s) to %s", len(keys), list(parts), out)
+    return tokens
+
+
+# -- batches --------------------------------------------------------------------------------------------------
+@dataclass
+class MusicLMBatch:
+    """Time-aligned crops of the same clips (streams not loaded are None).
+
+    semantic:         [B, 1, Fs] int64, 0 past ``semantic_lengths [B]``
+    codes:            [B, K, Fc] int64, 0 past ``code_lengths [B]``
+    mulan:            namespace -> [B, n_q] int64
+    meta:             B dicts (the sample JSON, ``__key__``, ``offset_seconds``)
+    """
+
+    semantic: Tensor | None
+    semantic_lengths: Tensor | None
+    codes: Tensor | None
+    code_lengths: Tensor | None
+    mulan: dict[str, Tensor] = field(default_factory=dict)
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def collate_musiclm(items: list[tuple[dict[str, Tensor], int, dict[str, Any]]], skipped: int = 0) -> MusicLMBatch:
+    def stack(name: str) -> tuple[Tensor | None, Tensor | None]:
+        if name not in items[0][0]:
+            return None, None
+        return (torch.stack([x[name] for x, _, _ in items]),
+                torch.tensor([m.get("lengths", {}).get(name, 0) for _, _, m in items], dtype=torch.long))
+
+    semantic, sl = stack("semantic")
+    codes, cl = stack("codec")
+    names = [k[len("mulan_"):] for k in items[0][0] if k.startswith("mulan_")]
+    mulan = {ns: torch.stack([x[f"mulan_{ns}"] for x, _, _ in items]) for ns in names}
+    return MusicLMBatch(semantic, sl, codes, cl, mulan, [m for _, _, m in items], skipped)
+
+
+def aligned_crop(streams: Mapping[str, Tensor], rates: Mapping[str, float], seconds: float,
+                 rng: np.random.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, int], float]:
+    """Crop ``streams`` (name -> ``[K, F]`` at ``rates[name]`` frames/s) at one start time.
+
+    The start is drawn on the frame grid of the slowest stream (exact for 25 / 50 / 75 Hz), within the shortest
+    stream's duration. Returns ``(crops [K, round(seconds * rate)] zero-padded, valid frames, start seconds)``.
+    """
+    slow = min(rates[n] for n in streams)
+    duration = min(x.shape[-1] / rates[n] for n, x in streams.items())
+    start = 0.0
+    if rng is not None and duration > seconds:
+        start = int(rng.integers(0, math.floor((duration - seconds) * slow + 1e-6) + 1)) / slow
+    crops, valid = {}, {}
+    for name, x in streams.items():
+        rate = rates[name]
+        first, n = round(start * rate), round(seconds * rate)
+        total = min(x.shape[-1], math.floor(duration * rate + 1e-6))
+        clip = x[:, first:min(first + n, total)]
+        valid[name] = clip.shape[-1]
+        crops[name] = torch.nn.functional.pad(clip, (0, n - clip.shape[-1])).contiguous()
+    return crops, valid, start
+
+
+def decode_aligned(sample: dict, *, seconds: float, rates: Mapping[str, float], mulan: Mapping[str, Tensor] | None,
+                   primary: str, rng: np.random.Generator | None = None
+                   ) -> tuple[dict[str, Tensor], int, dict[str, Any]]:
+    """A joined sample (``<stream>.npy`` per token stream + ``json``) -> ``(crops, valid frames of primary, meta)``.
+
+    ``mulan`` (namespace -> ``[N, n_q]``) is indexed by the sample's ``__mulan_row__``.
+    """
+    key = sample.get("__key__", "?")
+    try:
+        streams = {name: decode_codes(sample[f"{name}.npy"]) for name in rates}
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except Exception as e:
+        raise CorruptSample(f"token sample {key}: {type(e).__name__}: {e}") from e
+    if any(x.ndim != 2 or x.shape[-1] == 0 for x in streams.values()):
+        raise CorruptSample(f"token sample {key}: empty or malformed token stream")
+    crops, valid, start = aligned_crop(streams, rates, seconds, rng)
+    if mulan:
+        row = sample["__mulan_row__"]
+        crops.update({f"mulan_{ns}": t[row] for ns, t in mulan.items()})
+    return crops, valid[primary], {**meta, "__key__": key, "offset_seconds": start, "lengths": valid}
+
+
+def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None) -> Iterator[dict]:
+    """The samples of the token shards ``paths`` (stream -> the same-named shard of each stream) joined by key.
+
+    The first stream is read in order; the others are read whole first (token shards are small)."""
+    names = list(paths)
+    others = {n: {s["__key__"]: s for s in iter_raw_samples(paths[n])} for n in names[1:]}
+    for raw in iter_raw_samples(paths[names[0]]):
+        key = raw["__key__"]
+        if any(key not in o for o in others.values()) or (mulan_rows is not None and key not in mulan_rows):
+            continue
+        out = {"__key__": key, f"{names[0]}.npy": raw["npy"], "json": raw.get("json", b"{}")}
+        out.update({f"{n}.npy": others[n][key]["npy"] for n in names[1:]})
+        if mulan_rows is not None:
+            out["__mulan_row__"] = mulan_rows[key]
+        yield out
+
+
+class _JoinedTrainStream(TrainStream):
+    """``TrainStream`` whose "urls" index groups of same-named shards of every stream."""
+
+    def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None, **kw: Any):
+        super().__init__([str(i) for i in range(len(groups))], **kw)
+        self.groups, self.mulan_rows = groups, mulan_rows
+
+    def _raw_samples(self, rng: np.random.Generator) -> Iterator[dict]:
+        while True:
+            group = self.groups[int(rng.integers(len(self.groups)))]
+            try:
+                yield from iter_joined(group, self.mulan_rows)
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # a truncated or unreadable tar: keep what was read, move on
+                self._count_skip(f"shard {group}: {type(e).__name__}: {e}")
+
+
+class _JoinedEvalSet(EvalSet):
+    """``EvalSet`` over joined samples (the first ``num_samples`` in shard order, dealt over the ranks)."""
+
+    def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None, **kw: Any):
+        super().__init__([str(i) for i in range(len(groups))], **kw)
+        self.groups, self.mulan_rows = groups, mulan_rows
+
+    def _mine(self) -> Iterator[dict]:
+        from ostinato.data.streams import _worker
+
+        worker, num_workers = _worker()
+        index = 0
+        for group in self.groups:
+            for sample in iter_joined(group, self.mulan_rows):
+                local, owner = divmod(index, self.world_size)
+                index += 1
+                if local >= self.per_rank:
+                    return
+                if owner == self.rank and local % num_workers == worker:
+                    yield sample
+
+
+@dataclass
+class _Split:
+    groups: list[dict[str, str]]
+    rates: dict[str, float]
+    codecs: dict[str, CodecInfo]
+    mulan: MuLaNTokens | None
+    rows: dict[str, int] | None
+    num_samples: int
+
+
+class MusicLMTokenDataModule(AudioDataModule):
+    """Joined semantic / codec / MuLaN token streams -> ``MusicLMBatch`` of time-aligned crops.
+
+    Args:
+        train, valid, test: ``{semantic: DIR, codec: DIR, mulan: DIR}`` (any subset; a stage reads what it needs).
+        streams: which of ``semantic``, ``codec``, ``mulan`` to load (default: all the splits give).
+        segment_seconds: the crop length in seconds (the stage's: 30 / 10 / 3 s in MusicLM).
+        The rest is ``TokenDataModule``'s.
+    """
+
+    def __init__(self, train: Mapping[str, Any] | None = None, valid: Mapping[str, Any] | None = None,
+                 test: Mapping[str, Any] | None = None, *, segment_seconds: float, batch_size: int,
+                 streams: Sequence[str] | None = None, eval_batch_size: int | None = None,
+                 eval_segment_seconds: float | None = None, min_segment_ratio: float = 0.5,
+                 batches_per_epoch: int = 1000, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
+                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
+        L.LightningDataModule.__init__(self)
+        if train is None and valid is None and test is None:
+            raise ValueError("MusicLMTokenDataModule needs at least one of data.train, data.valid, data.test")
+        for split, spec in (("train", train), ("valid", valid), ("test", test)):
+            if spec is not None and (not isinstance(spec, Mapping) or not set(spec) <= {*TOKEN_STREAMS, "mulan"}):
+                raise ValueError(f"data.{split} must map semantic / codec / mulan to folders, got {spec!r}")
+        self.streams = None if streams is None else [str(s) for s in streams]
+        if self.streams is not None and not set(self.streams) <= {*TOKEN_STREAMS, "mulan"}:
+            raise ValueError(f"data.streams must be a subset of [semantic, codec, mulan], got {self.streams}")
+        self._init_loading(train, valid, test, segment_seconds=segment_seconds,
+                           eval_segment_seconds=eval_segment_seconds, min_segment_ratio=min_segment_ratio,
+                           batch_size=batch_size, eval_batch_size=eval_batch_size,
+                           batches_per_epoch=batches_per_epoch, num_workers=num_workers,
+                           shuffle_buffer=shuffle_buffer, seed=seed, pin_memory=pin_memory, rank=rank,
+                           world_size=world_size)
+
+    def _wanted(self, spec: Mapping[str, Any]) -> list[str]:
+        names = [n for n in (*TOKEN_STREAMS, "mulan") if spec.get(n) is not None]
+        if self.streams is not None:
+            missing = [n for n in self.streams if n not in names]
+            if missing:
+                raise ValueError(f"data.streams asks for {missing} but the split gives only {names}")
+            names = [n for n in names if n in self.streams]
+        return names
+
+    def source(self, split: str) -> _Split:  # type: ignore[override]
+        if split in self._sources:
+            return self._sources[split]
+        spec = self.specs[split]
+        if spec is None:
+            raise ValueError(f"no token streams configured for the {split} split (data.{split})")
+        names = self._wanted(spec)
+        token_names = [n for n in TOKEN_STREAMS if n in names]
+        if not token_names:
+            raise ValueError(f"data.{split} needs a semantic or codec token folder")
+        srcs = {n: resolve_token_shards(spec[n]) for n in token_names}
+        by_name = {n: {Path(u).name: u for u in s.urls} for n, s in srcs.items()}
+        first = token_names[0]
+        groups = [{n: by_name[n][Path(u).name] for n in token_names} for u in srcs[first].urls
+                  if all(Path(u).name in by_name[n] for n in token_names)]
+        if not groups:
+            raise ValueError(f"data.{split}: the {token_names} token shards share no shard names; they must be "
+                             "tokenized from the same audio shards")
+        mulan = MuLaNTokens.load(spec["mulan"]) if "mulan" in names else None
+        rows = mulan.lookup() if mulan is not None else None
+        n = sum(1 for g in groups for _ in iter_joined(g, rows)) if split != "train" else srcs[first].num_samples
+        for other in self._sources.values():
+            for name in token_names:
+                if name in other.codecs and (other.codecs[name].frame_rate, other.codecs[name].n_q) != (
+                        srcs[name].codec.frame_rate, srcs[name].codec.n_q):
+                    raise ValueError(f"data.{split}.{name} tokens differ from the other splits' ({srcs[name].codec})")
+        self._sources[split] = _Split(groups, {k: float(s.codec.frame_rate) for k, s in srcs.items()},
+                                      {k: s.codec for k, s in srcs.items()}, mulan, rows, n)
+        return self._sources[split]
+
+    def _first(self) -> _Split:
+        return self.source(next(s for s in ("train", "valid", "test") if self.specs[s] is not None))
+
+    @property
+    def codec(self) -> CodecInfo | None:
+        """The codec token stream's ``CodecInfo`` (None without codec tokens)."""
+        return self._first().codecs.get("codec")
+
+    @property
+    def semantic(self) -> CodecInfo | None:
+        """The semantic token stream's info (frame_rate, cardinality; None without semantic tokens)."""
+        return self._first().codecs.get("semantic")
+
+    @property
+    def mulan_tokens(self) -> MuLaNTokens | None:
+        return self._first().mulan
+
+    def _decode(self, src: _Split, seconds: float) -> partial:
+        return partial(decode_aligned, seconds=seconds, rates=src.rates,
+                       mulan=None if src.mulan is None else src.mulan.tokens, primary=next(iter(src.rates)))
+
+    def train_dataset(self) -> TrainStream:
+        rank, world = self.world
+        src = self.source("train")
+        return _JoinedTrainStream(src.groups, src.rows, sample_rate=next(iter(src.rates.values())), channels=1,
+                                  segment_seconds=self.segment_seconds,
+                                  batch_size=self.per_rank(self.batch_size, "batch_size"),
+                                  batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
+                                  shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world,
+                                  decode=self._decode(src, self.segment_seconds), collate=collate_musiclm)
+
+    def eval_dataset(self, split: str) -> EvalSet:
+        rank, world = self.world
+        src = self.source(split)
+        return _JoinedEvalSet(src.groups, src.rows, num_samples=src.num_samples,
+                              sample_rate=next(iter(src.rates.values())), channels=1,
+                              segment_seconds=self.eval_segment_seconds,
+                              batch_size=self.per_rank(self.eval_batch_size, "eval_batch_size"),
+                              num_workers=self.num_workers, rank=rank, world_size=world,
+                              decode=self._decode(src, self.eval_segment_seconds), collate=collate_musiclm,
+                              blank=partial(_blank, src, self.eval_segment_seconds))
+
+
+def _blank(src: _Split, seconds: float) -> dict[str, Tensor]:
+    """What replaces a corrupt evaluation sample (at length 0): zeros of every stream."""
+    out = {n: torch.zeros(src.codecs[n].n_q, round(seconds * r), dtype=torch.long) for n, r in src.rates.items()}
+    if src.mulan is not None:
+        out.update({f"mulan_{ns}": torch.zeros_like(t[0]) for ns, t in src.mulan.tokens.items()})
+    return out

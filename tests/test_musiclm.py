@@ -1,0 +1,161 @@
+"""The MusicLM family: aligned semantic / codec / MuLaN token streams, the three stages (semantic, coarse, fine),
+the text -> audio pipeline with MuLaN reranking and continuation, and `ostinato generate --family musiclm`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from ostinato.data.musiclm_tokens import MuLaNTokens, MusicLMTokenDataModule, aligned_crop, write_mulan_tokens
+from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+SEM = CodecInfo(id="semantic", hash="0", sample_rate=16000, channels=1, frame_rate=25.0, n_q=1, cardinality=32)
+CODEC = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
+                  cardinality=64)
+MULAN_NQ, MULAN_BINS = 2, 8
+
+
+def _write(folder: Path, info: CodecInfo, items: list[tuple[str, torch.Tensor]], per_shard: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(0, len(items), per_shard):
+        name = f"shard-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as w:
+            for key, codes in items[s:s + per_shard]:
+                meta = {"caption": f"clip {key}", "frames": codes.shape[-1], "frame_rate": info.frame_rate}
+                w.write({"__key__": key, "npy": encode_codes(codes), "json": json.dumps(meta).encode()})
+        shards.append(TokenShard(name=name, samples=len(items[s:s + per_shard]),
+                                 frames=sum(c.shape[-1] for _, c in items[s:s + per_shard])))
+    TokenManifest(shards=shards, codec=info).save(folder)
+
+
+def sem_codes(frames: int, shift: int = 0) -> torch.Tensor:
+    """Semantic frame j -> (j + shift) % 8: a short repeating pattern, [1, F]."""
+    return ((torch.arange(frames) + shift) % 8)[None]
+
+
+def codec_codes(frames: int, shift: int = 0) -> torch.Tensor:
+    """Codec frame t (semantic frame t // 3), codebook k -> ((t // 3 + shift) % 8) * 4 + k + (t % 3) * 16 ... mod 64."""
+    t = torch.arange(frames)
+    return torch.stack([(((t // 3 + shift) % 8) * 4 + k + (t % 3) * 32) % 64 for k in range(4)])
+
+
+def write_streams(root: Path, seconds: list[float], first: int = 0, ramp: bool = False) -> dict[str, str]:
+    """Semantic (25 Hz) + codec (75 Hz) token shards and MuLaN tokens of the same clips; ``ramp``: frame values
+    count up (for alignment checks)."""
+    keys = [f"s{first + i:05d}" for i in range(len(seconds))]
+    sem, cod = [], []
+    for i, (key, sec) in enumerate(zip(keys, seconds)):
+        fs, fc = round(sec * 25), round(sec * 75)
+        if ramp:
+            sem.append((key, torch.arange(fs)[None] % 32))
+            cod.append((key, (torch.arange(fc)[None].repeat(4, 1)) % 64))
+        else:
+            sem.append((key, sem_codes(fs, i)))
+            cod.append((key, codec_codes(fc, i)))
+    _write(root / "semantic", SEM, sem)
+    _write(root / "codec", CODEC, cod)
+    idx = torch.arange(len(keys))
+    MuLaNTokens(keys, {"semantic": torch.stack([idx % MULAN_BINS, (idx + 1) % MULAN_BINS], 1),
+                       "coarse": torch.stack([(idx + 2) % MULAN_BINS, idx % MULAN_BINS], 1)},
+                {"semantic": MULAN_BINS, "coarse": MULAN_BINS}).save(root / "mulan")
+    return {"semantic": str(root / "semantic"), "codec": str(root / "codec"), "mulan": str(root / "mulan")}
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+def test_aligned_crop_starts_at_the_same_time_in_every_stream():
+    sem, cod = torch.arange(50)[None], torch.arange(150)[None]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        crops, valid, start = aligned_crop({"semantic": sem, "codec": cod}, {"semantic": 25.0, "codec": 75.0},
+                                           0.4, rng)
+        assert crops["semantic"].shape == (1, 10) and crops["codec"].shape == (1, 30)
+        assert int(crops["codec"][0, 0]) == 3 * int(crops["semantic"][0, 0]) == round(start * 75)
+        assert valid == {"semantic": 10, "codec": 30}
+    # a clip shorter than the crop: padded, valid frames count the same duration in both streams
+    crops, valid, start = aligned_crop({"semantic": sem[:, :5], "codec": cod[:, :16]},
+                                       {"semantic": 25.0, "codec": 75.0}, 0.4, rng)
+    assert start == 0 and valid == {"semantic": 5, "codec": 15}
+
+
+def test_datamodule_joins_streams_by_key_with_aligned_crops(tmp_path):
+    spec = write_streams(tmp_path / "train", [2.0] * 6 + [0.1], ramp=True)
+    valid_spec = write_streams(tmp_path / "valid", [1.0] * 3, first=100, ramp=True)
+    dm = MusicLMTokenDataModule(spec, valid_spec, segment_seconds=0.4, batch_size=3, batches_per_epoch=4,
+                                num_workers=0, shuffle_buffer=2)
+    dm.setup("fit")
+    assert dm.codec.n_q == 4 and dm.semantic.frame_rate == 25.0 and dm.mulan_tokens.bins["coarse"] == MULAN_BINS
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4
+    mulan = MuLaNTokens.load(spec["mulan"])
+    rows = mulan.lookup()
+    for b in batches:
+        assert b.semantic.shape == (3, 1, 10) and b.codes.shape == (3, 4, 30)
+        assert b.semantic_lengths.tolist() == [10] * 3 and b.code_lengths.tolist() == [30] * 3
+        for m, sem, codes in zip(b.meta, b.semantic, b.codes):  # both cut at the same start time
+            start = m["offset_seconds"]
+            assert torch.equal(sem[0], (round(start * 25) + torch.arange(10)) % 32)
+            assert torch.equal(codes[0], (round(start * 75) + torch.arange(30)) % 64)
+        for m, tok in zip(b.meta, b.mulan["semantic"]):
+            assert torch.equal(tok, mulan.tokens["semantic"][rows[m["__key__"]]])
+        assert all(m["__key__"] != "s00006" for m in b.meta)  # 0.1 s: under half a crop
+    evals = list(dm.val_dataloader())
+    assert sum(len(b) for b in evals) == 3 and all(m["offset_seconds"] == 0 for b in evals for m in b.meta)
+    only = MusicLMTokenDataModule(spec, segment_seconds=0.4, batch_size=2, streams=["codec"], num_workers=0)
+    b = next(iter(only.train_dataloader()))
+    assert b.semantic is None and b.mulan == {} and b.codes.shape == (2, 4, 30)
+
+
+class StubMuLaN(torch.nn.Module):
+    """MuLaN's interface: ``embed_audio(wav [B, C, T], sr) -> [B, D]`` and ``embed_text(texts) -> [B, D]``,
+    L2-normalised. Audio: a few band energies; text: a hash of the words."""
+
+    sample_rate, dim = 8000, 4
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def embed_audio(self, wav, sample_rate=None, lengths=None):
+        x = wav.float().mean(1) if wav.dim() == 3 else wav.float()
+        spec = torch.fft.rfft(x, dim=-1).abs()
+        bands = torch.stack([b.sum(-1) for b in spec.chunk(self.dim, dim=-1)], -1)
+        return F.normalize(bands + 1e-6, dim=-1)
+
+    def embed_text(self, texts):
+        rows = [torch.tensor([float((hash(w) % 7) + 1) for w in (t + " a b c d").split()[:self.dim]]) for t in texts]
+        return F.normalize(torch.stack(rows), dim=-1)
+
+
+class StubQuantizer:
+    """``MuLaNQuantizer``'s interface: ``tokens(emb [B, D], namespace) -> [B, n_q]``."""
+
+    namespaces = ("semantic", "coarse")
+
+    def tokens(self, emb, namespace):
+        q = (emb[:, :MULAN_NQ].abs() * MULAN_BINS).long().clamp(max=MULAN_BINS - 1)
+        return q if namespace == "semantic" else q.flip(1)
+
+    def bins(self, namespace):
+        return MULAN_BINS
+
+
+def test_write_mulan_tokens_embeds_every_clip_once(tmp_path):
+    from tests.synth import write_shards
+
+    write_shards(tmp_path / "audio", n_shards=2, per_shard=3, sample_rate=8000, seconds=0.5)
+    mulan, quantizer = StubMuLaN(), StubQuantizer()
+    tokens = write_mulan_tokens(tmp_path / "audio", tmp_path / "mulan", mulan, quantizer, batch_size=4)
+    loaded = MuLaNTokens.load(tmp_path / "mulan")
+    assert loaded.keys == [f"s{i:05d}" for i in range(6)] and loaded.bins == {"semantic": 8, "coarse": 8}
+    assert loaded.tokens["semantic"].shape == (6, MULAN_NQ)
+    assert torch.equal(loaded.tokens["coarse"], tokens.tokens["coarse"])
