@@ -21,6 +21,7 @@ BACKENDS: dict[str, str] = {
     "vggish": "ostinato.metrics.embeddings.vggish:VGGishBackend",
     "hf": "ostinato.metrics.embeddings.hf:HFBackend",
     "clap": "ostinato.metrics.embeddings.clap:ClapBackend",
+    "mulan": "ostinato.metrics.embeddings.mulan:MuLaNBackend",
 }
 
 # Short spec keys -> constructor arguments.
