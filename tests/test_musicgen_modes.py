@@ -126,6 +126,24 @@ def test_continuation_starts_with_the_prompt_codes(model) -> None:
     assert torch.equal(seen["codes"][:, :, :p], codes.expand(2, -1, -1))
     assert seen["codes"].shape[-1] == round(3 * SEGMENT * codec.frame_rate)
 
+    # a prompt longer than the 1 s window: kept whole, its last frames are the context of the next window
+    long_prompt = AudioInput(tone(330.0, 1.5, sr), sr)
+    codes = codec.encode(long_prompt.at(sr, 1), n_q=module.n_q).codes
+    for mode in ("window", "chain"):
+        out = _gen(model, continuation=long_prompt, long_form=LongForm(mode=mode, window=SEGMENT, overlap=0.25))
+        assert out.shape == (2, 1, round(3 * SEGMENT * sr))
+    mg.generate, saved = spy, mg.generate
+    try:
+        _gen(model, continuation=long_prompt)
+    finally:
+        mg.generate = saved
+    window = round(SEGMENT * codec.frame_rate)
+    head = codes.shape[-1] - (window - window // 2)  # the context kept: a window minus the default stride
+    full = torch.cat([codes[:, :, :head].expand(2, -1, -1), seen["codes"]], dim=-1)
+    assert seen["codes"].shape[-1] == round(3 * SEGMENT * codec.frame_rate) - head
+    assert torch.equal(seen["codes"][:, :, :codes.shape[-1] - head], codes[:, :, head:].expand(2, -1, -1))
+    assert full.shape[-1] == round(3 * SEGMENT * codec.frame_rate)
+
 
 def test_cli_every_option_writes_wavs_and_parameters(trained: dict, tmp_path: Path) -> None:
     sr = trained["codec"].sample_rate

@@ -169,17 +169,33 @@ def generate_audio(module: torch.nn.Module, codec: Codec, prompts: Sequence[str]
                              f"requested duration ({seconds:g} s); ask for a longer --duration")
     window = None if long_form.window is None else max(1, round(long_form.window * fr))
     n_samples = round(seconds * codec.sample_rate)
-    if long_form.mode == "chain" and window is not None and window < frames:
+    chain = long_form.mode == "chain" and window is not None and window < frames
+    stride = None if long_form.stride is None else max(1, round(long_form.stride * fr))
+    head = None
+    if prompt is not None and window is not None and prompt.shape[-1] >= window:
+        # a prompt longer than a window: its start is kept as is, its last frames are the context of the decoding
+        keep = round(long_form.overlap * fr) if chain else window - (stride or max(1, window // 2))
+        keep = max(1, min(keep, window - 1))
+        head, prompt = prompt[..., :-keep], prompt[..., -keep:]
+        frames -= head.shape[-1]
+        if prefix is not None:
+            offset, whole = head.shape[-1], prefix
+            prefix = lambda start, n: whole(start + offset, n)  # noqa: E731
+    if chain:
         overlap = round(long_form.overlap * fr)
         res = generate_chained(module.lm, module.pattern, frames, segment_frames=window, overlap_frames=overlap,
                                cond=cond, cond_mask=mask, prompt=prompt, params=params, batch_size=b,
                                progress=progress, prefix=prefix)
-        wavs = [codec.decode(seg) for seg in res.segments]
+        segments = list(res.segments)
+        if head is not None:
+            segments[0] = torch.cat([head, segments[0]], dim=-1)
+        wavs = [codec.decode(seg) for seg in segments]
         return crossfade(wavs, overlap * codec.hop_length)[..., :n_samples]
     if window is not None:
-        stride = None if long_form.stride is None else max(1, round(long_form.stride * fr))
         params = GenerationParams(**{**params.__dict__, "max_window_frames": window,
                                      "extend_stride_frames": stride})
     codes = generate(module.lm, module.pattern, frames, cond=cond, cond_mask=mask, prompt=prompt, params=params,
                      batch_size=b, progress=progress, prefix=prefix)
+    if head is not None:
+        codes = torch.cat([head, codes], dim=-1)
     return codec.decode(codes)[..., :n_samples]
