@@ -43,3 +43,34 @@ def write_shards(folder: Path, *, n_shards: int = 3, per_shard: int = 8, sample_
     m = Manifest(shards=shards, sample_rate=sample_rate, channels=channels)
     m.save(folder)
     return m
+
+
+def write_tiny_encodec(folder: Path, sample_rate: int = 24000) -> Path:
+    """A random transformers EncodecModel (75 Hz at 24 kHz, 4 x 256 codes, 16-dim latents) saved to ``folder``.
+
+    transformers leaves the codebooks at zero, which would make every code decode alike: they are drawn at random.
+    """
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.EncodecConfig(sampling_rate=sample_rate, audio_channels=1, num_filters=8,
+                                     upsampling_ratios=[8, 5, 4, 2], codebook_size=256, hidden_size=16,
+                                     codebook_dim=16, num_lstm_layers=1, target_bandwidths=[2.4],
+                                     use_causal_conv=False, normalize=False)
+    model = transformers.EncodecModel(cfg)
+    for layer in model.quantizer.layers:
+        layer.codebook.embed.normal_()
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_hubert(folder: Path, do_normalize: bool = False) -> Path:
+    """A random 2-layer, 32-wide HubertModel + its 16 kHz feature extractor saved to ``folder``."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    torch.manual_seed(0)
+    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    HubertModel(config).eval().save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=do_normalize).save_pretrained(folder)
+    return folder

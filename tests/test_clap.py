@@ -91,10 +91,7 @@ def clap_files(tmp_path_factory) -> dict:
     loaded the checkpoint with its own ``load_ckpt``."""
     with pytest.MonkeyPatch.context() as mp:
         _forbid_network(mp)  # laion_clap loads 3 tokenizers from the hub when imported: import_laion_clap stops it
-        try:
-            import_laion_clap()
-        except ImportError as e:
-            pytest.skip(f"{e}")
+        import_laion_clap()  # installed by `make install`: an ImportError is a broken install, not a skip
         root = tmp_path_factory.mktemp("clap")
         _write_text_model(root / "roberta")
         torch.manual_seed(0)

@@ -55,15 +55,9 @@ def vggish(vggish_pth: Path) -> EmbeddingBackend:
 
 @pytest.fixture(scope="module")
 def hubert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from tests.synth import write_tiny_hubert
 
-    torch.manual_seed(0)
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-    folder = tmp_path_factory.mktemp("hubert")
-    HubertModel(config).eval().save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
-    return folder
+    return write_tiny_hubert(tmp_path_factory.mktemp("hubert"))
 
 
 class Bands(EmbeddingBackend):
@@ -263,7 +257,7 @@ def test_load_backend_specs_and_errors(vggish_pth: Path, monkeypatch: pytest.Mon
     assert parse_spec("codec://sig/abc") == {"name": "codec", "path": "//sig/abc"}
     assert parse_spec("hf:/m/mert,layer=-3,trust_remote_code=true,x=1e-3,y=none,z=v1") == {
         "name": "hf", "path": "/m/mert", "layer": -3, "trust_remote_code": True, "x": 1e-3, "y": None, "z": "v1"}
-    with pytest.raises(ValueError, match=r"unknown embedding backend 'openl3'.*'clap', 'codec', 'hf', 'vggish'"):
+    with pytest.raises(ValueError, match=r"unknown embedding backend 'openl3'.*'clap', 'codec', 'hf', 'mulan', 'vggish'"):
         load_backend("openl3:/m/x")
     with pytest.raises(ValueError, match="needs a path"):
         load_backend("vggish")

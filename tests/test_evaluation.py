@@ -25,7 +25,7 @@ from ostinato.evaluation.runner import run_suite
 from ostinato.evaluation.suite import SuiteError, load_suite
 from ostinato.metrics.embeddings import EmbeddingBackend
 from tests.runner import train, xp_folder
-from tests.synth import write_shards
+from tests.synth import write_shards, write_tiny_encodec
 
 SR = 24000
 
@@ -47,14 +47,7 @@ def _write_suite(path: Path, **cfg) -> Path:
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> dict:
     root = tmp_path_factory.mktemp("evaluation")
-    torch.manual_seed(0)
-    hf = transformers.EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
-                                    codebook_size=256, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
-                                    target_bandwidths=[2.4], use_causal_conv=False, normalize=False)
-    hf_codec = transformers.EncodecModel(hf)
-    for layer in hf_codec.quantizer.layers:  # transformers leaves codebooks at zero: every code would sound alike
-        layer.codebook.embed.normal_()
-    hf_codec.save_pretrained(root / "codec")
+    write_tiny_encodec(root / "codec", SR)
     for split, n in (("train", 8), ("valid", 4), ("test", 8)):
         write_shards(root / "data" / "demo" / "shards" / split, n_shards=1, per_shard=n, sample_rate=SR, seconds=1.5)
     test = root / "data" / "demo" / "shards" / "test"

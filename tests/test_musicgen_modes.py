@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-import transformers
 
 import ostinato
 from ostinato.generation.lm import GenerationParams
 from ostinato.generation.musicgen import AudioInput, LongForm, generate_audio
 from ostinato.interop.codecs import load_codec
 from tests.runner import train, xp_folder
-from tests.synth import tone
+from tests.synth import tone, write_tiny_encodec
 from tests.test_musicgen_family import write_token_shards
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -29,15 +28,7 @@ SEGMENT = 1.0  # training window (s); generation asks for three of them
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> dict:
     root = tmp_path_factory.mktemp("modes")
-    torch.manual_seed(0)
-    hf = transformers.EncodecConfig(sampling_rate=24000, audio_channels=1, num_filters=8,
-                                    upsampling_ratios=[8, 5, 4, 2], codebook_size=256, hidden_size=16,
-                                    codebook_dim=16, num_lstm_layers=1, target_bandwidths=[2.4],
-                                    use_causal_conv=False, normalize=False)
-    hf_codec = transformers.EncodecModel(hf)
-    for layer in hf_codec.quantizer.layers:  # transformers leaves codebooks at zero: every code would sound alike
-        layer.codebook.embed.normal_()
-    hf_codec.save_pretrained(root / "codec")
+    write_tiny_encodec(root / "codec")
     codec = load_codec(root / "codec")
     for i, split in enumerate(("train", "valid", "test")):
         write_token_shards(root / "data" / "demo" / "tokens" / split, [150] * 4, first_index=100 * i)

@@ -69,15 +69,9 @@ def tones(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hubert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from tests.synth import write_tiny_hubert
 
-    torch.manual_seed(0)
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-    folder = tmp_path_factory.mktemp("hubert")
-    HubertModel(config).eval().save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(folder)
-    return folder
+    return write_tiny_hubert(tmp_path_factory.mktemp("hubert"), do_normalize=True)
 
 
 # -- features -------------------------------------------------------------------------------------------------

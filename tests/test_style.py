@@ -194,15 +194,9 @@ def test_probe_separates_two_styles() -> None:
 
 @pytest.fixture(scope="module")
 def hubert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from tests.synth import write_tiny_hubert
 
-    torch.manual_seed(0)
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-    folder = tmp_path_factory.mktemp("hubert")
-    HubertModel(config).eval().save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
-    return folder
+    return write_tiny_hubert(tmp_path_factory.mktemp("hubert"))
 
 
 def test_hf_features_shape_and_parity(hubert_folder: Path) -> None:

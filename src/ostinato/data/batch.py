@@ -7,6 +7,11 @@ from typing import Any
 import torch
 
 
+def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``lengths [B]`` -> ``[B, size]`` bool, True before each item's length."""
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
 @dataclass
 class AudioBatch:
     """A batch of fixed-length waveforms with their valid lengths and metadata.
@@ -27,8 +32,7 @@ class AudioBatch:
     @property
     def mask(self) -> torch.Tensor:
         """[B, T] bool, True on valid samples."""
-        t = torch.arange(self.audio.shape[-1], device=self.audio.device)
-        return t[None, :] < self.lengths[:, None]
+        return length_mask(self.lengths, self.audio.shape[-1])
 
     def __len__(self) -> int:
         return self.audio.shape[0]

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ostinato.data.batch import length_mask
 from ostinato.data.datamodule import AudioDataModule
 from ostinato.data.streams import EvalSet, TrainStream
 from ostinato.data.tokens import CodecInfo, TokenSource, decode_token_clip, resolve_token_shards
@@ -45,8 +46,7 @@ class TokenBatch:
     @property
     def mask(self) -> torch.Tensor:
         """[B, T] bool, True on valid frames."""
-        t = torch.arange(self.codes.shape[-1], device=self.codes.device)
-        return t[None, :] < self.lengths[:, None]
+        return length_mask(self.lengths, self.codes.shape[-1])
 
     def __len__(self) -> int:
         return self.codes.shape[0]
