@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -128,14 +129,60 @@ def _audio_input(path: str | None, option: str):
     return AudioInput(wav, sr)
 
 
-def _generate(args: argparse.Namespace) -> None:
-    import soundfile as sf
+# ``ostinato generate --family F``: every family but MusicGen has a module here with
+# ``cli_generate(args, progress) -> (wavs [B, C, T], sample_rate, one record dict per clip)``.
+GENERATORS = {"musiclm": "ostinato.generation.musiclm", "musika": "ostinato.generation.musika",
+              "jukebox": "ostinato.generation.jukebox"}
+
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool):
     from tqdm import tqdm
 
+    with tqdm(total=1, desc="generating", unit="step", disable=quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)  # tqdm rate-limits the redraws
+
+        yield progress
+
+
+def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None:
+    """NNN.wav + NNN.json (prompt and every parameter) per clip, each written atomically."""
+    import soundfile as sf
+
     from ostinato.fileio import atomic_path, atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (wav, record) in enumerate(zip(wavs, records)):
+        with atomic_path(out / f"{i:03d}.wav") as tmp:
+            sf.write(tmp, wav.clamp(-1, 1).T.cpu().numpy(), sample_rate, format="WAV")
+        atomic_write_json(out / f"{i:03d}.json", record)
+    print(f"wrote {len(records)} clip(s) of {wavs.shape[-1] / sample_rate:g} s to {out}")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
+        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import importlib
+
+    if args.family != "musicgen":
+        with _progress_bar(args.quiet) as progress:
+            wavs, sample_rate, records = importlib.import_module(GENERATORS[args.family]).cli_generate(args, progress)
+        _write_clips(Path(args.out), wavs, sample_rate, records)
+        return
     from ostinato.generation.lm import GenerationParams
     from ostinato.generation.musicgen import LongForm, generate_audio, load_generator
 
+    if args.model is None:
+        raise ValueError("--model is required for --family musicgen (an XP signature, export or import folder)")
     module, codec, cfg, codec_ref = load_generator(args.model, args.codec, trust=args.trust)
     if args.style_eval_q is not None or args.style_excerpt is not None:
         if module.style is None:
@@ -146,35 +193,22 @@ def _generate(args: argparse.Namespace) -> None:
             module.style.eval_q = args.style_eval_q
         if args.style_excerpt is not None:
             module.style.eval_excerpt_seconds = args.style_excerpt
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
-    prompts = prompts or [""]
+    prompts = _prompts(args) or [""]
     window = args.window if args.window is not None else (cfg.get("data") or {}).get("segment_seconds")
     long_form = LongForm(mode=args.long_form, window=window, stride=args.extend_stride, overlap=args.overlap)
     params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               cfg_scale=args.cfg, cfg_beta=args.cfg_beta, seed=args.seed)
-    with tqdm(total=1, desc="generating", unit="step", disable=args.quiet) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)  # tqdm rate-limits the redraws
-
+    with _progress_bar(args.quiet) as progress:
         wavs = generate_audio(module, codec, prompts, args.duration, params, melody=_audio_input(args.melody, "--melody"),
                               style=_audio_input(args.style, "--style"),
                               continuation=_audio_input(args.continue_, "--continue"),
                               long_form=long_form, progress=progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, wav) in enumerate(zip(prompts, wavs)):
-        with atomic_path(out / f"{i:03d}.wav") as tmp:
-            sf.write(tmp, wav.clamp(-1, 1).T.cpu().numpy(), codec.sample_rate, format="WAV")
-        atomic_write_json(out / f"{i:03d}.json", {
-            "prompt": prompt, "model": args.model, "codec": str(codec_ref), "duration": args.duration,
-            "melody": args.melody, "style": args.style, "continue": args.continue_,
-            "style_eval_q": None if module.style is None else module.style.eval_q,
-            "style_excerpt": None if module.style is None else module.style.eval_excerpt_seconds,
-            "long_form": long_form.__dict__, **params.__dict__})
-    print(f"wrote {len(prompts)} clip(s) of {args.duration:g} s to {out}")
+    records = [{"prompt": prompt, "family": "musicgen", "model": args.model, "codec": str(codec_ref),
+                "duration": args.duration, "melody": args.melody, "style": args.style, "continue": args.continue_,
+                "style_eval_q": None if module.style is None else module.style.eval_q,
+                "style_excerpt": None if module.style is None else module.style.eval_excerpt_seconds,
+                "long_form": long_form.__dict__, **params.__dict__} for prompt in prompts]
+    _write_clips(Path(args.out), wavs, codec.sample_rate, records)
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -300,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)
 
-    g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained MusicGen")
-    g.add_argument("--model", required=True, help="XP signature, export folder or checkpoint of a MusicGen")
+    g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained model")
+    g.add_argument("--family", choices=["musicgen", *GENERATORS], default="musicgen",
+                   help="which model family generates (default musicgen)")
+    g.add_argument("--model", default=None,
+                   help="XP signature, export folder or checkpoint (musicgen, musika, jukebox)")
     g.add_argument("--codec", default=None,
                    help="codec to decode with (default: family.codec, else the one of its token shards)")
     g.add_argument("--prompt", action="append", help="a text prompt (repeatable; none = unconditional)")
