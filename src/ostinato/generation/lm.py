@@ -14,7 +14,8 @@ prepended to every window (melody chroma, style tokens). A prefix may be a funct
 Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B rows) and mixes the two halves
 with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
 contributes nothing (SDPA yields zeros for fully masked rows, and the values of a zero input are zero without
-Linear biases), and a zero prefix (the null condition the family trains with). CFG is skipped (single B-row
+Linear biases), and a zero prefix (the null condition the family trains with), unless the prefix function
+returns a pair ``(prefix, null_prefix)`` (MusicLM's coarse stage: MuLaN tokens dropped, semantic tokens kept). CFG is skipped (single B-row
 forward) when there is no condition or ``cfg_scale == 1``. With ``cfg_beta`` set, MusicGen-Style's double CFG
 runs 3B rows: ``[text + prefix; prefix only; nothing]`` mixed by ``double_cfg_logits``.
 
@@ -45,7 +46,8 @@ from ostinato.nn.transformer import CodebookLM
 __all__ = ["GenerationParams", "ChainedCodes", "generate", "generate_chained", "crossfade"]
 
 Progress = Callable[[int, int], None]
-PrefixFn = Callable[[int, int], Tensor]  # (start_frame, n_frames) -> [B, P, dim]
+# (start_frame, n_frames) -> [B, P, dim], or a pair (prefix, null prefix) when CFG must keep part of the prefix
+PrefixFn = Callable[[int, int], "Tensor | tuple[Tensor, Tensor]"]
 
 
 @dataclass
@@ -130,10 +132,14 @@ class _Decoder:
         if self.prefix is None:
             return None
         pre = self.prefix(start, n_frames) if callable(self.prefix) else self.prefix
+        null = None
+        if isinstance(pre, tuple):  # (prefix, its null condition): only a part of the prefix is guided
+            pre, null = pre
         pre = pre.to(self.device)
         if not self.cfg_on:
             return pre
-        return torch.cat([pre] + ([pre] if self.double else []) + [torch.zeros_like(pre)])
+        null = torch.zeros_like(pre) if null is None else null.to(self.device)
+        return torch.cat([pre] + ([pre] if self.double else []) + [null])
 
     def _logits(self, inp: Tensor, cache, prefix: Tensor | None) -> Tensor:
         # inp [B, K, s] -> [B, K, card] for the step after inp
