@@ -216,6 +216,130 @@ def test_each_stage_learns_a_repeated_pattern_in_a_few_steps():
         assert loss.item() < 0.8 * first, (type(stage).__name__, first, loss.item())
 
 
+# -- the pipeline -------------------------------------------------------------------------------------------
+def tiny_semantic_tokenizer(seed: int = 0):
+    """A real MFCC k-means tokenizer (16 kHz, 25 Hz, K = 32) with random centroids."""
+    from ostinato.nn.semantic import MFCCFeatures, SemanticTokenizer
+
+    g = torch.Generator().manual_seed(seed)
+    feats = MFCCFeatures(16000, 25.0)
+    return SemanticTokenizer(feats, torch.randn(SEM.cardinality, feats.dim, generator=g),
+                             torch.zeros(feats.dim), torch.full((feats.dim,), 10.0))
+
+
+def tiny_codec():
+    """A random ostinato codec shaped like CODEC: 24 kHz, hop 320 (75 Hz), 4 x 64 codes."""
+    from ostinato.nn.codec import Codec
+
+    torch.manual_seed(1)
+    return Codec.from_config(sample_rate=24000, dimension=8, n_filters=4, ratios=[8, 5, 8], n_q=4, bins=64,
+                             kmeans_init=False).eval()
+
+
+def pipeline(window: float | None = 0.4):
+    from ostinato.generation.musiclm import MusicLM
+    from ostinato.nn.mulan import MuLaNQuantizer
+
+    sem, coarse, fine = stages()
+    for stage in (sem, coarse, fine):
+        stage.rates.copy_(torch.tensor([25.0, 75.0]))
+        stage.eval()
+    mulan = StubMuLaN()
+    quantizer = MuLaNQuantizer(mulan.dim, n_q=MULAN_NQ, bins=MULAN_BINS, kmeans_iters=5)
+    quantizer.fit_(F.normalize(torch.rand(64, mulan.dim, generator=torch.Generator().manual_seed(0)), dim=-1))
+    model = MusicLM(sem, coarse, fine, mulan, quantizer, tiny_codec(), tiny_semantic_tokenizer(),
+                    windows={"semantic": window, "coarse": window, "fine": window})
+    model.check()
+    return model
+
+
+def test_pipeline_gives_the_requested_length_and_keeps_the_best_mulan_candidate():
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.musiclm import generate_musiclm
+
+    model = pipeline(window=0.4)  # 1.03 s = past two and a half windows in every stage
+    calls = []
+    out = generate_musiclm(model, ["a chorale for organ", "a fiddle reel", ""], 1.03,
+                           GenerationParams(top_k=8, seed=0), num_candidates=3,
+                           progress=lambda done, total: calls.append((done, total)))
+    n = round(1.03 * 24000)
+    assert out.wav.shape == (3, 1, n) and out.candidates.shape == (3, 3, 1, n)
+    assert out.semantic.shape == (3, 3, 1, round(1.03 * 25)) and out.codes.shape == (3, 3, 4, round(1.03 * 75))
+    assert calls[-1][0] == calls[-1][1] and all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+    # the scores are the MuLaN cosines of each candidate's audio with its prompt, and the best one is kept
+    texts = model.mulan.embed_text(["a chorale for organ", "a fiddle reel"])
+    for p in range(2):
+        scores = model.mulan.embed_audio(out.candidates[p], 24000) @ texts[p]
+        assert torch.allclose(out.scores[p], scores, atol=1e-5)
+        assert len(set(out.scores[p].tolist())) == 3  # distinct candidates: the choice means something
+        assert int(out.best[p]) == int(scores.argmax()) and torch.equal(out.wav[p], out.candidates[p, scores.argmax()])
+    assert out.scores[2].abs().sum() == 0 and int(out.best[2]) == 0  # unconditional: not reranked
+    # the candidates differ; the seed reproduces the whole pipeline
+    assert not torch.equal(out.codes[0, 0], out.codes[0, 1])
+    again = generate_musiclm(model, ["a chorale for organ", "a fiddle reel", ""], 1.03,
+                             GenerationParams(top_k=8, seed=0), num_candidates=3)
+    assert torch.equal(again.codes, out.codes)
+
+
+def test_pipeline_continuation_starts_with_the_prompt_tokens():
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.musicgen import AudioInput
+    from ostinato.generation.musiclm import generate_musiclm
+
+    model = pipeline(window=0.4)
+    t = torch.arange(round(0.6 * 24000)) / 24000
+    audio = AudioInput((0.3 * torch.sin(2 * torch.pi * 330 * t) * (1 + torch.sin(2 * torch.pi * 3 * t)))[None], 24000)
+    out = generate_musiclm(model, ["a chorale"], 1.0, GenerationParams(top_k=8, seed=1), num_candidates=2,
+                           continuation=audio)
+    sem_prompt = model.semantic_tokenizer.encode(audio.at(16000, 1))
+    codes_prompt = model.codec.encode(audio.at(24000, 1)).codes
+    assert sem_prompt.shape[-1] == 15 and codes_prompt.shape[-1] == 45
+    for c in range(2):
+        assert torch.equal(out.semantic[0, c, :, :15], sem_prompt[0])
+        assert torch.equal(out.codes[0, c, :, :45], codes_prompt[0])
+    assert out.codes.shape[-1] == 75 and out.wav.shape == (1, 1, 24000)
+    with pytest.raises(ValueError, match="not shorter than the requested duration"):
+        generate_musiclm(model, ["x"], 0.5, GenerationParams(seed=1), continuation=audio)
+
+
+def test_coarse_guidance_keeps_the_semantic_tokens_in_the_null_condition():
+    """CFG's null condition of the coarse stage drops the MuLaN tokens only: with a guidance scale, the coarse
+    codes still follow the semantic tokens (the stage sees them in both halves)."""
+    from ostinato.generation import lm
+
+    model = pipeline(window=None)
+    seen = []
+    real = lm._Decoder.window_prefix
+
+    def spy(self, start, n_frames):
+        pre = real(self, start, n_frames)
+        seen.append((self.cfg_on, pre))
+        return pre
+
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.musiclm import generate_musiclm
+
+    lm._Decoder.window_prefix = spy
+    try:
+        generate_musiclm(model, ["a chorale"], 0.4, GenerationParams(top_k=8, seed=0, cfg_scale=3.0))
+    finally:
+        lm._Decoder.window_prefix = real
+    (sem_cfg, sem_pre), (coarse_cfg, coarse_pre), (fine_cfg, fine_pre) = seen
+    assert sem_cfg and coarse_cfg and not fine_cfg
+    assert sem_pre.shape[0] == 2 and sem_pre[1].abs().sum() == 0  # semantic: zero null prefix
+    full, null = coarse_pre[0], coarse_pre[1]
+    assert null[:MULAN_NQ].abs().sum() == 0 and full[:MULAN_NQ].abs().sum() > 0
+    assert torch.equal(full[MULAN_NQ:], null[MULAN_NQ:])  # the semantic part is kept
+    assert fine_pre.shape[0] == 1
+
+
+def test_parts_that_do_not_fit_are_named():
+    model = pipeline()
+    model.fine.coarse_q = 3
+    with pytest.raises(ValueError, match="fine stage expects 3 coarse codebooks"):
+        model.check()
+
+
 # -- end to end ----------------------------------------------------------------------------------------------
 STAGE_RUNS = {
     "semantic": ["family.card=32"],

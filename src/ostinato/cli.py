@@ -3,6 +3,7 @@
     ostinato prep corpus --out data/demo         render the demo corpus (music21 + fluidsynth) and shard it
     ostinato prep shards SRC OUT [options]       any audio folder -> WebDataset shards + manifest.json
     ostinato prep semantic SHARDS OUT [options]  fit a semantic tokenizer (k-means over MFCC / SSL features)
+    ostinato prep mulan --mulan REF              fit the MuLaN quantizer, write MuLaN tokens of every split
     ostinato train [-d] [overrides ...]          train an experiment (== dora -P ostinato run ...)
     ostinato grid NAME [dora grid options]       launch/monitor a grid from grids/ (== dora -P ostinato grid)
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
@@ -10,6 +11,7 @@
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
     ostinato tokenize --semantic DIR SHARDS OUT  audio shards -> semantic token shards (one k-means stream)
     ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
+    ostinato generate --family musiclm ...       text -> semantic -> coarse -> fine -> wav, MuLaN-reranked
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
     ostinato demo                                the embedded default end to end (what `make demo` runs)
@@ -76,6 +78,27 @@ def _prep_semantic(args: argparse.Namespace) -> None:
     print(f"last pass: inertia/frame {last['inertia_per_frame']:.4f}, {last['used']}/{last['k']} centroids used, "
           f"entropy {last['entropy_bits']:.2f} bits")
     print(f"tokenizer: {Path(args.out)}; next: ostinato tokenize SHARDS TOKENS --semantic {args.out}")
+
+
+def _prep_mulan(args: argparse.Namespace) -> None:
+    from ostinato.data.musiclm_tokens import write_mulan_tokens
+    from ostinato.families.mulan import as_mulan, fit_mulan_quantizer
+
+    shards, out = Path(args.shards), Path(args.out)
+    if not (shards / "train").is_dir():
+        raise FileNotFoundError(f"--shards {shards}: no train/ split there (expected SHARDS/train/manifest.json)")
+    mulan = as_mulan(args.mulan)
+    quantizer = fit_mulan_quantizer(mulan, str(shards / "train"), n_q=args.n_q, bins=args.bins,
+                                    segment_seconds=args.segment, with_text=args.with_text, seed=args.seed,
+                                    out=out / "quantizer.safetensors")
+    for split in ("train", "valid", "test"):
+        if (shards / split).is_dir():
+            tokens = write_mulan_tokens(str(shards / split), out / split, mulan, quantizer,
+                                        segment_seconds=args.segment)
+            tokens.source = args.mulan
+            tokens.save(out / split)
+            print(f"mulan/{split}: {len(tokens.keys)} clips x {list(tokens.tokens)} -> {out / split}")
+    print(f"quantizer: {out / 'quantizer.safetensors'} ({args.n_q} x {args.bins} per namespace)")
 
 
 DORA_VERBS = {"train": "run", "grid": "grid", "launch": "launch", "info": "info"}
@@ -308,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace a tokenizer fitted in OUT")
     m.set_defaults(func=_prep_semantic)
 
+    u = prep_verbs.add_parser("mulan", help="MuLaN tokens for the MusicLM stages: fit the quantizer on the "
+                                            "training clips' embeddings, then tokenize every split")
+    u.add_argument("--mulan", required=True, help="a trained MuLaN (XP signature, //sig/SIG, folder, export)")
+    u.add_argument("--shards", default="data/demo/shards", help="audio shard root with train/ valid/ test/")
+    u.add_argument("--out", default="data/demo/mulan", help="output root: quantizer.safetensors + one folder per split")
+    u.add_argument("--n-q", type=int, default=12, help="residual codebooks per namespace (MusicLM: 12)")
+    u.add_argument("--bins", type=int, default=1024, help="codes per codebook (MusicLM: 1024)")
+    u.add_argument("--segment", type=float, default=10.0, help="seconds of each clip embedded (default 10)")
+    u.add_argument("--with-text", action="store_true",
+                   help="fit on the captions' text embeddings too (generation quantizes text embeddings)")
+    u.add_argument("--seed", type=int, default=0)
+    u.set_defaults(func=_prep_mulan)
+
     for verb, dora_verb in DORA_VERBS.items():
         verbs.add_parser(verb, help=f"dora {dora_verb} for ostinato (see `ostinato {verb} --help`)", add_help=False)
 
@@ -366,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    lm = g.add_argument_group("musiclm", "--family musiclm: the three stages, MuLaN and reranking")
+    lm.add_argument("--semantic", default=None, help="the semantic stage (XP signature, folder, export)")
+    lm.add_argument("--coarse", default=None, help="the coarse stage")
+    lm.add_argument("--fine", default=None, help="the fine stage")
+    lm.add_argument("--mulan", default=None, help="the MuLaN (default: the one of the stages' MuLaN tokens)")
+    lm.add_argument("--quantizer", default=None, help="the MuLaN quantizer file (default: the stages' one)")
+    lm.add_argument("--semantic-tokenizer", default=None, metavar="DIR",
+                    help="for --continue (default: the one of the semantic stage's token shards)")
+    lm.add_argument("--num-candidates", type=int, default=1,
+                    help="samples per prompt, generated in one batch; the best MuLaN text-audio score is kept")
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--trust", action="store_true")

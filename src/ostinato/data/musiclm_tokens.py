@@ -53,7 +53,8 @@ class MuLaNTokens:
     keys: list[str]
     tokens: dict[str, Tensor]
     bins: dict[str, int]
-    source: str = ""
+    source: str = ""     # the MuLaN they come from
+    quantizer: str = ""  # the quantizer file (what generation uses to tokenize MuLaN text embeddings)
 
     def lookup(self) -> dict[str, int]:
         return {k: i for i, k in enumerate(self.keys)}
@@ -64,7 +65,7 @@ class MuLaNTokens:
         arrays = {f"tokens_{ns}": t.numpy().astype(np.int16) for ns, t in self.tokens.items()}
         np.savez(folder / "mulan_tokens.npz", keys=np.array(self.keys, dtype=str), **arrays)
         atomic_write_json(folder / "manifest.json", {
-            "format": MULAN_FORMAT, "samples": len(self.keys), "source": self.source,
+            "format": MULAN_FORMAT, "samples": len(self.keys), "source": self.source, "quantizer": self.quantizer,
             "namespaces": {ns: {"n_q": int(t.shape[1]), "bins": self.bins[ns]} for ns, t in self.tokens.items()}})
         return folder
 
@@ -80,7 +81,8 @@ class MuLaNTokens:
         with np.load(folder / "mulan_tokens.npz", allow_pickle=False) as z:
             keys = [str(k) for k in z["keys"]]
             tokens = {ns: torch.from_numpy(z[f"tokens_{ns}"].astype(np.int64)) for ns in meta["namespaces"]}
-        return cls(keys, tokens, {ns: int(o["bins"]) for ns, o in meta["namespaces"].items()}, meta.get("source", ""))
+        return cls(keys, tokens, {ns: int(o["bins"]) for ns, o in meta["namespaces"].items()}, meta.get("source", ""),
+                   meta.get("quantizer", ""))
 
 
 @torch.no_grad()
@@ -126,7 +128,9 @@ def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: 
     if len(set(keys)) != len(keys):
         raise ValueError(f"{shards}: sample keys repeat across shards; MuLaN tokens are joined by key")
     tokens = MuLaNTokens(keys, {ns: torch.cat(p) for ns, p in parts.items()},
-                         {ns: int(quantizer.bins(ns)) for ns in parts}, source=str(mulan_ref))
+                         {ns: int(quantizer.bins(ns)) for ns in parts},
+                         source=str(mulan_ref) if isinstance(mulan_ref, (str, Path)) else "",
+                         quantizer=str(getattr(quantizer, "path", "") or ""))
     tokens.save(out)
     log.info("wrote MuLaN tokens of %d clips (%s) to %s", len(keys), list(parts), out)
     return tokens

@@ -498,6 +498,7 @@ class MuLaNQuantizer(nn.Module):
         meta = {"format": QUANTIZER_FORMAT, "config": json.dumps(self.config), "source": str(source or "")}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
+        self.path = str(path.resolve())
         return path
 
     @classmethod
@@ -514,4 +515,5 @@ class MuLaNQuantizer(nn.Module):
         quantizer = cls(**json.loads(meta["config"]))
         quantizer.load_state_dict(load_file(str(path)), strict=True)
         quantizer.source = meta.get("source", "")
+        quantizer.path = str(path.resolve())
         return quantizer.eval()
