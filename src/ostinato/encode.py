@@ -1,0 +1,191 @@
+"""Audio shards -> array shards with a trained encoder: Musika autoencoder latents (float16) or Jukebox VQ-VAE codes
+per level (int16). Resumable, atomic, corrupt samples skipped and counted.
+
+    python -m ostinato.encode data/demo/shards/train data/demo/latents/train --model outputs/exports/musika_ae_tiny
+    python -m ostinato.encode data/demo/shards/train data/demo/jukebox/train --model outputs/exports/jukebox_vqvae_tiny
+
+The model is anything ``ostinato.load`` takes whose family writes arrays (``array_streams()`` +
+``encode_arrays(wav)``). Each audio shard becomes one array shard of the same name, written atomically with a
+done marker, so a re-run skips finished shards; the manifest is written last. Items of equal length are encoded
+together, so a batch gives exactly what encoding each item alone gives.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
+from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
+from ostinato.data.sources import iter_raw_samples, resolve_shards
+from ostinato.fileio import atomic_path, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+PROGRESS_NAME = ".progress.json"
+
+__all__ = ["encode_shards", "load_encoder", "main"]
+
+
+def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> Any:
+    """The family behind ``ref`` (XP signature, //sig/SIG, XP folder, .ckpt, export folder), checked to write
+    arrays, in eval mode on ``device``."""
+    from ostinato.engine.weights import load
+    from ostinato.interop.codecs import resolve_ref, xps_dir
+
+    module = load(resolve_ref(str(ref)), xps_dir=xps_dir(), trust=trust)
+    if not hasattr(module, "encode_arrays") or not hasattr(module, "array_streams"):
+        raise ValueError(f"{ref} holds a {type(module).__name__}, which writes no arrays: give a Musika autoencoder "
+                         "(family=musika_autoencoder_tiny) or a Jukebox VQ-VAE (family=jukebox_vqvae_tiny)")
+    return module.to(device).eval()
+
+
+def _shard_name(url: str) -> str:
+    name = url.rstrip("/").split("/")[-1]
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
+def _read_shard(url: str, sample_rate: int, channels: int) -> tuple[list[tuple[str, torch.Tensor, dict]], int]:
+    """(key, wav [C, T] at the model's rate, meta) of a shard, and how many samples were skipped."""
+    items, skipped = [], 0
+    try:
+        for raw in iter_raw_samples(url):
+            key = raw["__key__"]
+            audio = next((raw[k] for k in ("flac", "wav", "ogg", "mp3") if k in raw), None)
+            try:
+                if audio is None:
+                    raise KeyError("no audio entry")
+                wav, sr = load_audio(audio)
+                meta = json.loads(raw.get("json", b"{}"))
+            except (AudioDecodeError, KeyError, ValueError) as e:
+                log.warning("%s: sample %s skipped: %s", url, key, e)
+                skipped += 1
+                continue
+            items.append((key, resample(convert_channels(wav, channels), sr, sample_rate), meta))
+    except tarfile.TarError as e:  # a truncated shard: keep the samples before the damage
+        log.warning("%s: the rest of the shard skipped: %s", url, e)
+        skipped += 1
+    return items, skipped
+
+
+@torch.inference_mode()
+def _encode_items(model: Any, items: list[tuple[str, torch.Tensor, dict]], batch_size: int,
+                  device: torch.device) -> list[dict[str, torch.Tensor]]:
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, (_, wav, _) in enumerate(items):
+        by_length[wav.shape[-1]].append(i)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for indices in by_length.values():
+        for s in range(0, len(indices), batch_size):
+            group = indices[s:s + batch_size]
+            arrays = model.encode_arrays(torch.stack([items[i][1] for i in group]).to(device))
+            for j, i in enumerate(group):
+                out[i] = {name: x[j].cpu() for name, x in arrays.items()}
+    return [out[i] for i in range(len(items))]
+
+
+def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
+    items, skipped = _read_shard(url, model.sample_rate, model.channels)
+    arrays = _encode_items(model, items, batch_size, device)
+    name = _shard_name(url)
+    first = next(iter(model.array_streams()))
+    frames = 0
+    with atomic_path(out / name) as tmp:
+        with wds.TarWriter(str(tmp)) as writer:
+            for (key, _, meta), arr in zip(items, arrays):
+                frames += int(arr[first].shape[-1])
+                meta = {**meta, "frames": {n: int(x.shape[-1]) for n, x in arr.items()}}
+                sample = {"__key__": key, "json": json.dumps(meta).encode()}
+                sample.update({f"{n}.npy": encode_array(x) for n, x in arr.items()})
+                writer.write(sample)
+    marker = {"name": name, "samples": len(items), "frames": frames, "skipped": skipped}
+    atomic_write_json(out / name.replace(".tar", ".json"), marker)
+    return marker
+
+
+def _check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
+    progress = out / PROGRESS_NAME
+    if (out / "manifest.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'manifest.json'} exists: these array shards are complete; "
+                              "pass --overwrite to rebuild them")
+    if overwrite:
+        for p in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.json")) + [out / "manifest.json", progress]:
+            p.unlink(missing_ok=True)
+    if progress.is_file():
+        saved = read_json(progress)
+        diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+        if diff:
+            raise ValueError(f"{out} holds a partial run with other {', '.join(diff)}; pass --overwrite to start "
+                             "again")
+    atomic_write_json(progress, fingerprint)
+
+
+def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_size: int = 16,
+                  device: str = "cpu", overwrite: bool = False, trust: bool = False,
+                  progress: bool = True) -> ArrayManifest:
+    """Encode every sample of ``shards`` (any spec ``resolve_shards`` takes) into array shards in ``out``.
+
+    ``model_ref``: a reference ``load_encoder`` takes, or an already loaded family that writes arrays.
+    """
+    from ostinato.interop.codecs import weights_hash
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = resolve_shards(shards)
+    model = load_encoder(model_ref, trust, device) if isinstance(model_ref, (str, Path)) else model_ref
+    dev = torch.device(device)
+    info = ModelInfo(id=str(model_ref) if isinstance(model_ref, (str, Path)) else type(model).__name__,
+                     hash=weights_hash(model), kind=model.array_kind, sample_rate=int(model.sample_rate),
+                     channels=int(model.channels))
+    _check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite)
+    todo = [u for u in source.urls if not ((out / _shard_name(u)).is_file()
+                                           and (out / _shard_name(u).replace(".tar", ".json")).is_file())]
+    log.info("encoding %d of %d shards with %s (%s)", len(todo), len(source.urls), info.id, info.kind)
+    for url in tqdm(todo, desc="encode", unit="shard", disable=not progress):
+        _write_shard(out, url, model, batch_size, dev)
+    markers = [read_json(out / _shard_name(u).replace(".tar", ".json")) for u in source.urls]
+    skipped = sum(int(m.get("skipped", 0)) for m in markers)
+    if skipped:
+        log.warning("%d corrupt samples skipped", skipped)
+    manifest = ArrayManifest(shards=[ArrayShard(m["name"], m["samples"], m["frames"]) for m in markers],
+                             streams=dict(model.array_streams()), model=info,
+                             source={"shards": source.urls, "samples": source.num_samples, "skipped": skipped})
+    manifest.save(out)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ostinato.encode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
+    p.add_argument("out", help="output folder for the array shards")
+    p.add_argument("--model", required=True, help="a Musika autoencoder or Jukebox VQ-VAE (XP signature, XP folder, "
+                                                  ".ckpt or export folder)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
+                          overwrite=args.overwrite, trust=args.trust, progress=not args.quiet)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"ostinato.encode: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    streams = ", ".join(f"{n} [{s.channels}, {s.rate:g} Hz]" for n, s in m.streams.items())
+    print(f"{len(m.shards)} array shards, {m.total_samples} samples ({streams}), {m.source['skipped']} skipped "
+          f"-> {Path(args.out) / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

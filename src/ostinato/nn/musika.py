@@ -1,0 +1,335 @@
+"""Musika's building blocks: a spectrogram autoencoder with a bounded continuous latent, and a latent GAN whose
+generator reads a global style vector and a field of positional coordinates.
+
+Autoencoder (``SpectralAutoencoder``)::
+
+    wav [B, C, T] --STFT (n_fft = 4 hop, hann, "same" padding)--> log|X| [B, C * (n_fft/2 + 1), T / hop]
+        --SEANet encoder over frames (ratios)--> tanh --> latents [B, D, T / (hop * prod(ratios))]
+        --SEANet decoder--> [B, C * (n_fft + 2), T / hop]: log-magnitude and phase per bin
+        --ISTFT ("same" padding, overlap-add normalised by the window envelope)--> wav [B, C, T]
+
+The decoder works at the STFT frame rate and the waveform comes from an inverse FFT, which is what makes Musika
+fast on a CPU: no layer runs at the audio rate. Latents are bounded in [-1, 1] (tanh) so the GAN has a fixed range.
+
+Latent coordinates (Musika's "latent coordinate system"): random anchor vectors are placed every
+``anchor_spacing`` coordinate steps and interpolated in between (variance-preserving: the interpolant of two
+independent unit Gaussians stays a unit Gaussian), so the coordinate field is continuous along time. The generator
+is a fully convolutional network over that field (nearest upsampling + convolutions, FiLM modulation by the
+style vector, no normalisation over time), hence translation-equivariant: a window computed with ``halo``
+coordinate steps of context on both sides and cropped is *exactly* the corresponding part of the whole field
+computed at once. Generating many windows in parallel and concatenating them therefore has no seams by
+construction; training on windows at random phases relative to the anchors teaches every position, joins included.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ostinato.nn.conv import NormConv1d
+from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
+
+__all__ = ["stft_logmag", "istft_same", "SpectralAutoencoder", "MusikaGenerator", "LatentDiscriminator",
+           "coordinate_field", "window_coordinates", "truncated_normal"]
+
+
+# -- spectral front end / back end ------------------------------------------------------------------------------
+def _window(n_fft: int, device: torch.device) -> Tensor:
+    return torch.hann_window(n_fft, periodic=True, device=device, dtype=torch.float32)
+
+
+def stft_logmag(wav: Tensor, n_fft: int, hop: int, eps: float = 1e-5) -> Tensor:
+    """wav [B, C, T] (T a multiple of hop) -> log-magnitudes [B, C * (n_fft // 2 + 1), T // hop].
+
+    "Same" framing: reflect-pad ``(n_fft - hop) // 2`` on both sides, no centring, so frame ``f`` is centred on
+    samples ``[f * hop, (f + 1) * hop)`` and there are exactly ``T / hop`` frames.
+    """
+    b, c, t = wav.shape
+    pad = (n_fft - hop) // 2
+    x = F.pad(wav.reshape(b * c, 1, t).float(), (pad, pad), mode="reflect")[:, 0]
+    spec = torch.stft(x, n_fft, hop_length=hop, window=_window(n_fft, wav.device), center=False,
+                      return_complex=True)
+    return torch.log(spec.abs() + eps).reshape(b, c * (n_fft // 2 + 1), -1)
+
+
+def istft_same(spec: Tensor, n_fft: int, hop: int) -> Tensor:
+    """Complex spectrogram [B, n_fft // 2 + 1, F] -> wav [B, F * hop], the inverse of ``stft_logmag``'s framing.
+
+    ``torch.istft`` wants a non-zero window envelope everywhere, which "same" padding does not give at the edges;
+    this is the overlap-add written out (Vocos' ``ISTFT(padding="same")``).
+    """
+    frames = spec.shape[-1]
+    window = _window(n_fft, spec.device)
+    x = torch.fft.irfft(spec, n=n_fft, dim=1, norm="backward") * window[None, :, None]
+    size = (frames - 1) * hop + n_fft
+    y = F.fold(x, output_size=(1, size), kernel_size=(1, n_fft), stride=(1, hop))[:, 0, 0]
+    env = F.fold(window.square()[None, :, None].expand(1, -1, frames), output_size=(1, size),
+                 kernel_size=(1, n_fft), stride=(1, hop))[0, 0, 0]
+    pad = (n_fft - hop) // 2
+    return y[:, pad:size - pad] / env[pad:size - pad].clamp_min(1e-11)
+
+
+class SpectralAutoencoder(nn.Module):
+    """Musika-style autoencoder: wav [B, C, T] <-> latents [B, dimension, T / hop_length] in [-1, 1].
+
+    Args:
+        sample_rate, channels: the audio.
+        hop: STFT hop (even); ``n_fft = 4 * hop`` as in Musika.
+        dimension: latent size D.
+        n_filters, ratios, n_residual_layers, ...: the SEANet encoder / decoder over STFT frames (``ratios``
+            compress time further: latent hop = ``hop * prod(ratios)``); any key of ``SEANetEncoder`` passes.
+        max_log_magnitude: clamp of the predicted log-magnitude (keeps ``exp`` finite early in training).
+    ``config`` holds the constructor arguments (``SpectralAutoencoder(**ae.config)`` rebuilds it).
+    """
+
+    def __init__(self, sample_rate: int, channels: int = 1, hop: int = 256, dimension: int = 64,
+                 n_filters: int = 64, ratios: Sequence[int] = (4, 4), n_residual_layers: int = 1,
+                 kernel_size: int = 7, last_kernel_size: int = 3, residual_kernel_size: int = 3,
+                 dilation_base: int = 2, activation: str = "ELU", norm: str = "weight_norm", lstm: int = 0,
+                 max_log_magnitude: float = 6.0) -> None:
+        super().__init__()
+        if hop % 2:
+            raise ValueError(f"hop must be even (n_fft - hop is split over both sides), got {hop}")
+        self.config: dict[str, Any] = dict(
+            sample_rate=sample_rate, channels=channels, hop=hop, dimension=dimension, n_filters=n_filters,
+            ratios=[int(r) for r in ratios], n_residual_layers=n_residual_layers, kernel_size=kernel_size,
+            last_kernel_size=last_kernel_size, residual_kernel_size=residual_kernel_size,
+            dilation_base=dilation_base, activation=activation, norm=norm, lstm=lstm,
+            max_log_magnitude=max_log_magnitude)
+        self.sample_rate, self.channels, self.hop, self.n_fft = int(sample_rate), int(channels), int(hop), 4 * int(hop)
+        self.dimension, self.max_log_magnitude = int(dimension), float(max_log_magnitude)
+        self.bins = self.n_fft // 2 + 1
+        seanet = dict(dimension=dimension, n_filters=n_filters, ratios=list(ratios), activation=activation,
+                      n_residual_layers=n_residual_layers, kernel_size=kernel_size, last_kernel_size=last_kernel_size,
+                      residual_kernel_size=residual_kernel_size, dilation_base=dilation_base, norm=norm, lstm=lstm,
+                      pad_mode="reflect", causal=False)
+        self.encoder = SEANetEncoder(channels=self.channels * self.bins, **seanet)
+        self.decoder = SEANetDecoder(channels=self.channels * 2 * self.bins, **seanet)
+        self.frame_ratio = self.encoder.hop_length
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per latent frame: ``hop * prod(ratios)``."""
+        return self.hop * self.frame_ratio
+
+    @property
+    def frame_rate(self) -> float:
+        """Latent frames per second."""
+        return self.sample_rate / self.hop_length
+
+    def _pad(self, wav: Tensor) -> Tensor:
+        return F.pad(wav, (0, -wav.shape[-1] % self.hop_length))
+
+    def encode(self, wav: Tensor) -> Tensor:
+        """wav [B, C, T] -> latents [B, D, ceil(T / hop_length)] in [-1, 1]."""
+        if wav.dim() != 3 or wav.shape[1] != self.channels:
+            raise ValueError(f"expected audio [B, {self.channels}, T], got {tuple(wav.shape)}")
+        return torch.tanh(self.encoder(stft_logmag(self._pad(wav), self.n_fft, self.hop)))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents [B, D, L] -> wav [B, C, L * hop_length]."""
+        out = self.decoder(latents)  # [B, C * 2 * bins, L * frame_ratio]
+        b, _, frames = out.shape
+        out = out.float().reshape(b * self.channels, 2, self.bins, frames)
+        magnitude = torch.exp(out[:, 0].clamp(max=self.max_log_magnitude))
+        phase = out[:, 1]
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return istft_same(spec, self.n_fft, self.hop).reshape(b, self.channels, frames * self.hop)
+
+    def decode_chunked(self, latents: Tensor, chunk: int = 256, context: int | None = None,
+                       progress: Any = None) -> Tensor:
+        """``decode`` in chunks of ``chunk`` latent frames with ``context`` frames on both sides (default: enough
+        for the decoder's receptive field and the STFT overlap), for long outputs: memory stays bounded and the
+        result matches ``decode`` of the whole (up to float rounding)."""
+        context = self.decoder_context() if context is None else context
+        total = latents.shape[-1]
+        parts = []
+        for start in range(0, total, chunk):
+            end = min(total, start + chunk)
+            lo, hi = max(0, start - context), min(total, end + context)
+            wav = self.decode(latents[..., lo:hi])
+            parts.append(wav[..., (start - lo) * self.hop_length:(end - lo) * self.hop_length])
+            if progress is not None:
+                progress(end, total)
+        return torch.cat(parts, dim=-1)
+
+    def decoder_context(self) -> int:
+        """Latent frames of context that make chunked decoding match whole decoding: the decoder's one-sided
+        receptive field (every convolution at its own rate) plus the STFT overlap, rounded up."""
+        reach, scale = 0.0, 1  # one-sided receptive field in latent frames; STFT frames per latent frame so far
+        for m in self.decoder.model.modules():
+            if isinstance(m, nn.ConvTranspose1d):
+                scale *= m.stride[0]
+                reach += m.kernel_size[0] / scale
+            elif isinstance(m, nn.Conv1d):
+                reach += (m.kernel_size[0] - 1) * m.dilation[0] / 2 / scale
+        reach += self.n_fft / self.hop / self.frame_ratio
+        return int(math.ceil(reach)) + 1
+
+    def forward(self, wav: Tensor) -> tuple[Tensor, Tensor]:
+        """wav [B, C, T] -> (reconstruction [B, C, T], latents [B, D, L])."""
+        length = wav.shape[-1]
+        z = self.encode(wav)
+        return self.decode(z)[..., :length], z
+
+
+# -- latent GAN -------------------------------------------------------------------------------------------------
+def truncated_normal(shape: Sequence[int], bound: float | None, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
+    """N(0, 1) samples resampled until ``|x| <= bound`` (None: plain normal); Musika's truncation trick."""
+    x = torch.randn(*shape, generator=generator, device=device)
+    if bound is None or bound <= 0:
+        return x
+    for _ in range(100):
+        bad = x.abs() > bound
+        if not bool(bad.any()):
+            break
+        x = torch.where(bad, torch.randn(*shape, generator=generator, device=device), x)
+    return x.clamp(-bound, bound)
+
+
+def coordinate_field(anchors: Tensor, spacing: int, start: int, length: int) -> Tensor:
+    """Coordinates at steps ``start .. start + length - 1`` of the field through ``anchors [B, C, N]`` placed every
+    ``spacing`` steps (anchor k at step k * spacing): ``[B, C, length]``.
+
+    Between anchors a and b at fraction s: ``((1 - s) a + s b) / sqrt((1 - s)^2 + s^2)``, which keeps unit variance
+    for independent unit-Gaussian anchors and passes through every anchor exactly.
+    """
+    steps = torch.arange(start, start + length, device=anchors.device)
+    k = torch.div(steps, spacing, rounding_mode="floor")
+    if int(k.min()) < 0 or int(k.max()) + 1 >= anchors.shape[-1]:
+        raise ValueError(f"steps [{start}, {start + length}) need anchors 0..{int(k.max()) + 1}, "
+                         f"have {anchors.shape[-1]}")
+    s = ((steps - k * spacing).float() / spacing)[None, None]
+    a, b = anchors[..., k], anchors[..., k + 1]
+    return ((1 - s) * a + s * b) / torch.sqrt((1 - s) ** 2 + s ** 2)
+
+
+class _FiLMBlock(nn.Module):
+    """Residual block [B, C, T] -> [B, C, T]: two convolutions, each followed by a FiLM of the style and a
+    LeakyReLU. No normalisation over time (it would make windows depend on each other)."""
+
+    def __init__(self, channels: int, style_dim: int, kernel_size: int, dilation: int, norm: str) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([NormConv1d(channels, channels, kernel_size, dilation=dilation, norm=norm,
+                                               pad_mode="constant") for _ in range(2)])
+        self.film = nn.Linear(style_dim, 4 * channels)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        film = self.film(style)[:, :, None].chunk(4, dim=1)
+        h = x
+        for i, conv in enumerate(self.convs):
+            h = conv(h) * (1 + film[2 * i]) + film[2 * i + 1]
+            h = F.leaky_relu(h, 0.2)
+        return x + h
+
+
+class MusikaGenerator(nn.Module):
+    """G(style [B, S], coordinates [B, Cc, Lc]) -> latents [B, dimension, Lc * upsample] in [-1, 1].
+
+    The coordinates live on a coarse grid, ``upsample = prod(up_ratios)`` latent frames per step. Layers:
+    a 1x1 projection, ``blocks`` FiLM residual blocks (dilations cycling through ``dilations``) at the coarse rate,
+    then per up ratio a nearest upsampling, a convolution and ``blocks_per_up`` blocks, and a last convolution +
+    tanh. ``halo``: coarse steps of context a window needs on each side for an exact crop (see module docstring).
+    """
+
+    def __init__(self, dimension: int = 64, coord_dim: int = 64, style_dim: int = 64, channels: int = 256,
+                 up_ratios: Sequence[int] = (2, 2), up_channels: Sequence[int] | None = None, blocks: int = 3,
+                 blocks_per_up: int = 1, kernel_size: int = 3, dilations: Sequence[int] = (1, 2, 4),
+                 norm: str = "weight_norm") -> None:
+        super().__init__()
+        up_ratios = [int(r) for r in up_ratios]
+        up_channels = [int(c) for c in (up_channels or [max(channels // 2 ** (i + 1), 32)
+                                                        for i in range(len(up_ratios))])]
+        if len(up_channels) != len(up_ratios):
+            raise ValueError(f"up_channels {up_channels} must have one entry per up ratio {up_ratios}")
+        self.dimension, self.coord_dim, self.style_dim = int(dimension), int(coord_dim), int(style_dim)
+        self.up_ratios = up_ratios
+        self.upsample = math.prod(up_ratios)
+        self.proj = NormConv1d(coord_dim, channels, 1, norm=norm)
+        self.style_mlp = nn.Sequential(nn.Linear(style_dim, style_dim), nn.LeakyReLU(0.2),
+                                       nn.Linear(style_dim, style_dim))
+        self.coarse = nn.ModuleList([_FiLMBlock(channels, style_dim, kernel_size, dilations[i % len(dilations)], norm)
+                                     for i in range(blocks)])
+        self.ups = nn.ModuleList()
+        width = channels
+        for ratio, out in zip(up_ratios, up_channels):
+            stage = nn.ModuleDict({
+                "conv": NormConv1d(width, out, kernel_size, norm=norm, pad_mode="constant"),
+                "blocks": nn.ModuleList([_FiLMBlock(out, style_dim, kernel_size, dilations[i % len(dilations)], norm)
+                                         for i in range(blocks_per_up)])})
+            self.ups.append(stage)
+            width = out
+        self.out = NormConv1d(width, dimension, kernel_size, norm=norm, pad_mode="constant")
+        self.halo = self._halo()
+
+    def _halo(self) -> int:
+        reach = 0.0  # one-sided receptive field in coarse steps
+        scale = 1
+        convs: list[tuple[nn.Module, int]] = [(b, 1) for b in self.coarse]
+        for ratio, stage in zip(self.up_ratios, self.ups):
+            scale *= ratio
+            convs += [(stage["conv"], scale)] + [(b, scale) for b in stage["blocks"]]
+        convs.append((self.out, scale))
+        for module, at in convs:
+            for m in module.modules():
+                if isinstance(m, nn.Conv1d):
+                    reach += (m.kernel_size[0] - 1) * m.dilation[0] / 2 / at
+        return int(math.ceil(reach)) + 1
+
+    def forward(self, coords: Tensor, style: Tensor) -> Tensor:
+        """coords [B, coord_dim, Lc], style [B, style_dim] -> [B, dimension, Lc * upsample]."""
+        if coords.dim() != 3 or coords.shape[1] != self.coord_dim:
+            raise ValueError(f"expected coordinates [B, {self.coord_dim}, L], got {tuple(coords.shape)}")
+        s = self.style_mlp(style)
+        x = F.leaky_relu(self.proj(coords), 0.2)
+        for block in self.coarse:
+            x = block(x, s)
+        for ratio, stage in zip(self.up_ratios, self.ups):
+            x = F.interpolate(x, scale_factor=ratio, mode="nearest")
+            x = F.leaky_relu(stage["conv"](x), 0.2)
+            for block in stage["blocks"]:
+                x = block(x, s)
+        return torch.tanh(self.out(x))
+
+    def windows(self, coords: Tensor, style: Tensor) -> Tensor:
+        """Windows given with ``halo`` coordinate steps of context on each side, ``coords [N, coord_dim, L + 2 halo]``
+        and ``style [N, style_dim]`` -> their latents without the context, ``[N, dimension, L * upsample]``."""
+        cut = self.halo * self.upsample
+        out = self(coords, style)
+        return out[..., cut:out.shape[-1] - cut]
+
+
+def window_coordinates(anchors: Tensor, spacing: int, starts: Sequence[int], length: int, halo: int) -> Tensor:
+    """The coordinates of windows ``[start, start + length)`` (coordinate steps of the field through ``anchors
+    [B, Cc, A]``) with ``halo`` steps of context on each side: ``[B * len(starts), Cc, length + 2 halo]``, batch
+    item-major (all windows of item 0 first)."""
+    rows = [coordinate_field(anchors, spacing, s - halo, length + 2 * halo) for s in starts]
+    return torch.stack(rows, dim=1).flatten(0, 1)
+
+
+class LatentDiscriminator(nn.Module):
+    """D(latents [B, dimension, W]) -> logits [B, 1, W / 2^len(strides)...]: strided 1-D convolutions with
+    LeakyReLU (a patch discriminator over time)."""
+
+    def __init__(self, dimension: int = 64, channels: Sequence[int] = (128, 256, 256), kernel_size: int = 5,
+                 norm: str = "none") -> None:
+        super().__init__()
+        layers: list[nn.Module] = [NormConv1d(dimension, channels[0], 3, norm=norm)]
+        for a, b in zip(channels[:-1], channels[1:]):
+            layers += [nn.LeakyReLU(0.2), NormConv1d(a, b, kernel_size, stride=2, norm=norm)]
+        layers += [nn.LeakyReLU(0.2), NormConv1d(channels[-1], channels[-1], 3, norm=norm), nn.LeakyReLU(0.2),
+                   NormConv1d(channels[-1], 1, 3, norm=norm)]
+        self.model = nn.Sequential(*layers)
+        self.dimension = int(dimension)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        if latents.dim() != 3 or latents.shape[1] != self.dimension:
+            raise ValueError(f"expected latents [B, {self.dimension}, W], got {tuple(latents.shape)}")
+        return self.model(latents)
