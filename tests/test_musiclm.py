@@ -49,7 +49,8 @@ def codec_codes(frames: int, shift: int = 0) -> torch.Tensor:
     return torch.stack([(((t // 3 + shift) % 8) * 4 + k + (t % 3) * 32) % 64 for k in range(4)])
 
 
-def write_streams(root: Path, seconds: list[float], first: int = 0, ramp: bool = False) -> dict[str, str]:
+def write_streams(root: Path, seconds: list[float], first: int = 0, ramp: bool = False, sem_info: CodecInfo = SEM,
+                  codec_info: CodecInfo = CODEC, mulan_source: str = "", quantizer: str = "") -> dict[str, str]:
     """Semantic (25 Hz) + codec (75 Hz) token shards and MuLaN tokens of the same clips; ``ramp``: frame values
     count up (for alignment checks)."""
     keys = [f"s{first + i:05d}" for i in range(len(seconds))]
@@ -62,12 +63,12 @@ def write_streams(root: Path, seconds: list[float], first: int = 0, ramp: bool =
         else:
             sem.append((key, sem_codes(fs, i)))
             cod.append((key, codec_codes(fc, i)))
-    _write(root / "semantic", SEM, sem)
-    _write(root / "codec", CODEC, cod)
+    _write(root / "semantic", sem_info, sem)
+    _write(root / "codec", codec_info, cod)
     idx = torch.arange(len(keys))
     MuLaNTokens(keys, {"semantic": torch.stack([idx % MULAN_BINS, (idx + 1) % MULAN_BINS], 1),
                        "coarse": torch.stack([(idx + 2) % MULAN_BINS, idx % MULAN_BINS], 1)},
-                {"semantic": MULAN_BINS, "coarse": MULAN_BINS}).save(root / "mulan")
+                {"semantic": MULAN_BINS, "coarse": MULAN_BINS}, mulan_source, quantizer).save(root / "mulan")
     return {"semantic": str(root / "semantic"), "codec": str(root / "codec"), "mulan": str(root / "mulan")}
 
 
@@ -343,20 +344,56 @@ def test_parts_that_do_not_fit_are_named():
 # -- end to end ----------------------------------------------------------------------------------------------
 STAGE_RUNS = {
     "semantic": ["family.card=32"],
-    "coarse": ["family.card=64", "family.semantic_card=32"],
-    "fine": ["family.card=64", "family.n_q=4"],
+    "coarse": ["family.card=256", "family.semantic_card=32"],
+    "fine": ["family.card=256", "family.n_q=4"],
 }
+TINY_MULAN = {"sample_rate": 24000, "dim": 8, "text": {"model": None},
+              "audio": {"window_seconds": 0.5, "depth": 1, "patch_time": 4, "dim": 16, "heads": 2, "ffn_dim": 32}}
+
+
+def write_parts(root: Path) -> dict[str, str]:
+    """What the stages' data records: a codec (tiny transformers EnCodec, 4 x 256 at 75 Hz), a semantic tokenizer,
+    a MuLaN export and its fitted quantizer (2 x 8 per namespace)."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from ostinato.families.mulan import MuLaNFamily
+    from ostinato.nn.mulan import MuLaNQuantizer
+    from tests.synth import write_tiny_encodec
+
+    codec = write_tiny_encodec(root / "codec", 24000)
+    tokenizer = tiny_semantic_tokenizer().save(root / "semantic_tokenizer")
+    torch.manual_seed(0)
+    family = MuLaNFamily(**TINY_MULAN)
+    (root / "mulan").mkdir()
+    save_file({k: v.contiguous() for k, v in family.state_dict().items()}, str(root / "mulan" / "model.safetensors"))
+    OmegaConf.save({"family": {"_target_": "ostinato.families.mulan.MuLaNFamily", **TINY_MULAN}},
+                   root / "mulan" / "config.yaml")
+    with torch.no_grad():
+        emb = family.mulan.embed_audio(torch.randn(32, 1, 12000) * 0.1, 24000)
+    quantizer = MuLaNQuantizer(8, n_q=MULAN_NQ, bins=MULAN_BINS, kmeans_iters=5).fit_(emb)
+    quantizer.save(root / "quantizer.safetensors")
+    return {"codec": str(codec), "semantic_tokenizer": str(tokenizer), "mulan": str(root / "mulan"),
+            "quantizer": str(root / "quantizer.safetensors")}
 
 
 @pytest.fixture(scope="module")
-def demo_streams(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("musiclm") / "data"
+def demo_streams(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Aligned token streams in the demo layout whose manifests name real parts (``write_parts``)."""
+    root = tmp_path_factory.mktemp("musiclm")
+    parts = write_parts(root)
+    data = root / "data"
+    sem = CodecInfo(id=parts["semantic_tokenizer"], hash="0", sample_rate=16000, channels=1, frame_rate=25.0, n_q=1,
+                    cardinality=32)
+    codec = CodecInfo(id=parts["codec"], hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
+                      cardinality=256)
     for i, split in enumerate(("train", "valid", "test")):
-        spec = write_streams(data / "staging" / split, [1.0] * 4, first=100 * i)
+        spec = write_streams(data / "staging" / split, [1.0] * 4, first=100 * i, sem_info=sem, codec_info=codec,
+                             mulan_source=parts["mulan"], quantizer=parts["quantizer"])
         for stream, folder in (("semantic", "semantic"), ("codec", "tokens"), ("mulan", "mulan")):
             (data / "demo" / folder).mkdir(parents=True, exist_ok=True)
             Path(spec[stream]).rename(data / "demo" / folder / split)
-    return data
+    return data, parts
 
 
 def _stage_run(stage: str, steps: int) -> list[str]:
@@ -367,38 +404,83 @@ def _stage_run(stage: str, steps: int) -> list[str]:
             "trainer.limit_val_batches=1", "data.batches_per_epoch=4"]
 
 
-@pytest.mark.parametrize("stage", ["coarse", "fine"])
-def test_stage_trains_through_the_engine(stage, env, demo_streams, tmp_path):
+@pytest.fixture(scope="module")
+def stage_xps(env, demo_streams, tmp_path_factory) -> dict:
+    """The three stages trained through `ostinato train` (3 steps each) on ``demo_streams``."""
     from tests.runner import train, xp_folder
 
-    run_env = {**env, "OSTINATO_DATA": str(demo_streams), "OSTINATO_OUTPUTS": str(tmp_path / "out")}
-    run = _stage_run(stage, 3)
-    train(run_env, *run)
-    folder = xp_folder(run_env, *run)
+    data, parts = demo_streams
+    run_env = {**env, "OSTINATO_DATA": str(data), "OSTINATO_OUTPUTS": str(tmp_path_factory.mktemp("out")),
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    folders = {}
+    for stage in ("semantic", "coarse", "fine"):
+        train(run_env, *_stage_run(stage, 3))
+        folders[stage] = xp_folder(run_env, *_stage_run(stage, 3))
+    return {"env": run_env, "folders": folders, "parts": parts}
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_stage_trains_through_the_engine(stage, stage_xps):
+    folder = stage_xps["folders"][stage]
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3 and float(ckpt["state_dict"]["rates"][1]) == 75.0
+    rates = ckpt["state_dict"]["rates"].tolist()  # frames/s of the streams the stage reads
+    assert ckpt["global_step"] == 3
+    assert rates[0] == (25.0 if stage != "fine" else 0.0) and rates[1] == (75.0 if stage != "semantic" else 0.0)
     metrics = (folder / "csv" / "metrics.csv").read_text()
-    assert "train/ce_q1" in metrics and "valid/ce" in metrics
+    assert "train/ce_q0" in metrics and "valid/ce" in metrics
+    assert ("train/ce_q1" in metrics) == (stage != "semantic")
 
 
-def test_semantic_stage_trains_resumes_exports_and_loads(env, demo_streams, tmp_path):
+def test_a_stage_resumes_and_exports(stage_xps, tmp_path):
     import subprocess
     import sys
 
     import ostinato
     from ostinato.families.musiclm import SemanticStage
-    from tests.runner import train, xp_folder
+    from tests.runner import train
 
-    run_env = {**env, "OSTINATO_DATA": str(demo_streams), "OSTINATO_OUTPUTS": str(tmp_path / "out")}
-    run = _stage_run("semantic", 4)
-    train(run_env, *run)
-    folder = xp_folder(run_env, *run)
-    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    proc = train(run_env, *run)  # the same XP again resumes from its last checkpoint (and stops: it is done)
+    folder = stage_xps["folders"]["semantic"]
+    before = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    proc = train(stage_xps["env"], *_stage_run("semantic", 3))  # the same XP again resumes (and stops: it is done)
     assert "resuming" in proc.stderr + proc.stdout
-    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    after = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == 3 and all(torch.equal(before[k], after["state_dict"][k]) for k in before)
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "ostinato.cli", "export", str(folder), str(out)], env=run_env, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "ostinato.cli", "export", str(folder), str(out)], env=stage_xps["env"],
+                   check=True, capture_output=True)
     module = ostinato.load(out)
     assert isinstance(module, SemanticStage) and module.semantic_rate == 25.0 and module.card == 32
+
+
+def test_cli_generates_from_text_and_continues_audio(stage_xps, tmp_path):
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    folders, env = stage_xps["folders"], stage_xps["env"]
+    base = [sys.executable, "-m", "ostinato.cli", "generate", "--family", "musiclm", "--semantic",
+            str(folders["semantic"]), "--coarse", str(folders["coarse"]), "--fine", str(folders["fine"]),
+            "--top-k", "8", "--seed", "0", "--quiet"]
+    out = tmp_path / "text"
+    proc = subprocess.run(base + ["--prompt", "an organ chorale", "--prompt", "a fiddle reel", "--num-candidates", "3",
+                                  "--duration", "1.1", "--out", str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in range(2):
+        wav, sr = sf.read(out / f"{i:03d}.wav")
+        assert sr == 24000 and len(wav) == round(1.1 * 24000)
+        record = json.loads((out / f"{i:03d}.json").read_text())
+        assert record["family"] == "musiclm" and len(record["mulan_scores"]) == 3
+        assert record["chosen"] == max(range(3), key=record["mulan_scores"].__getitem__)
+        # MuLaN and its quantizer were found through the stages' MuLaN tokens
+        assert record["mulan"] == stage_xps["parts"]["mulan"] and record["quantizer"] == stage_xps["parts"]["quantizer"]
+    prompt = tmp_path / "prompt.wav"
+    sf.write(prompt, (0.2 * np.sin(2 * np.pi * 220 * np.arange(12000) / 24000)).astype(np.float32), 24000)
+    cont = tmp_path / "cont"
+    proc = subprocess.run(base + ["--continue", str(prompt), "--duration", "1.0", "--out", str(cont)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(sf.read(cont / "000.wav")[0]) == 24000
+    bad = subprocess.run(base[:-6] + ["--quiet", "--out", str(tmp_path / "x")], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--fine" in bad.stderr
