@@ -3,7 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := fluidsynth fluid-soundfont-gm
+# chromium + chromium-driver: the headless browser of the app and demo-report tests
+APT_PACKAGES := fluidsynth fluid-soundfont-gm chromium chromium-driver
 DEMO_DIR ?= data/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

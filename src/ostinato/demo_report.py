@@ -1,0 +1,271 @@
+"""The HTML report of ``ostinato demo``: audio players with spectrograms, a metrics table and training curves.
+
+    from ostinato.demo_report import DemoClip, DemoSection, read_curves, write_demo_report
+
+    sections = [DemoSection("Text to music", [DemoClip("outputs/demo/generated/text/000.wav", "text 0",
+                                                       text="A baroque chorale ...")], note="10 s, 5 windows")]
+    curves = {"codec": read_curves("outputs/xps/49218716", ["train/loss", "valid/mel_distance"]),
+              "MusicGen": read_curves("outputs/xps/c1ed5f19", ["train/ce", "valid/ce"])}
+    metrics = {"fad": 1.23, "chroma": 0.61, "codec": {"mel_distance": 0.41}}
+    path = write_demo_report("outputs/demo/report.html", sections, metrics, curves)
+
+Layout on disk: ``report.html`` and, with ``media="copy"`` (default), a ``report_files/`` folder beside it holding
+copies of the audio files and the PNG figures; every link is relative, so the two can be moved or served
+together. ``media="embed"`` puts everything into the one HTML file as ``data:`` URIs instead (bigger: base64 of
+every clip). Files are written atomically; the HTML last, so a page on disk never links to a missing figure.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ostinato.evaluation.report import METRIC_INFO, format_value
+from ostinato.fileio import atomic_path, atomic_write_text
+
+__all__ = ["DemoClip", "DemoSection", "read_curves", "write_demo_report"]
+
+AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg",
+               ".opus": "audio/ogg"}
+Curve = Sequence[tuple[float, float]]  # (step, value) points
+
+
+@dataclass
+class DemoClip:
+    """One audio file of the report: ``wav`` (wav/flac/ogg/mp3), a short ``label`` and an optional ``text``
+    (the prompt or what the clip is)."""
+
+    wav: str | Path
+    label: str
+    text: str = ""
+
+
+@dataclass
+class DemoSection:
+    """A titled group of clips (one generation mode, the reconstructions, ...), with an optional ``note``."""
+
+    title: str
+    clips: Sequence[DemoClip] = field(default_factory=list)
+    note: str = ""
+
+
+def read_curves(xp_folder: str | Path, metrics: Sequence[str] | None = None) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` from an XP's ``csv/metrics.csv`` (Lightning's CSVLogger: one column per
+    metric, empty cells where a row logged something else).
+
+    ``metrics``: the columns to read (e.g. ``["train/loss", "valid/loss"]``); None = every ``train/`` and
+    ``valid/`` column. A named column that the file lacks is an error that lists the columns it has.
+    """
+    path = Path(xp_folder) / "csv" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; is {xp_folder} an XP folder written by `ostinato train`?")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    if "step" not in columns:
+        raise ValueError(f"{path}: no 'step' column (columns: {', '.join(columns)})")
+    wanted = list(metrics) if metrics is not None else [c for c in columns if c.startswith(("train/", "valid/"))]
+    missing = [m for m in wanted if m not in columns]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)}; it has {', '.join(columns)}")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name in wanted:
+        points = [(int(float(r["step"])), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        curves[name] = [(s, v) for s, v in points if math.isfinite(v)]
+    return curves
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch if ch.isalnum() else "_" for ch in text.lower())
+    return "_".join(part for part in keep.split("_") if part)[:40] or "x"
+
+
+class _Media:
+    """Where the report's files go: copied into ``<stem>_files/`` and linked, or embedded as data URIs."""
+
+    def __init__(self, out_html: Path, mode: str) -> None:
+        if mode not in ("copy", "embed"):
+            raise ValueError(f"media={mode!r}: use 'copy' (files beside the HTML) or 'embed' (data: URIs)")
+        self.mode, self.root = mode, out_html.parent
+        self.folder = out_html.parent / f"{out_html.stem}_files"
+        self.names: set[str] = set()
+
+    def _name(self, stem: str, suffix: str) -> str:
+        name, i = f"{stem}{suffix}", 1
+        while name in self.names:
+            name, i = f"{stem}_{i}{suffix}", i + 1
+        self.names.add(name)
+        return name
+
+    def audio(self, src: Path, stem: str) -> str:
+        mime = AUDIO_TYPES.get(src.suffix.lower())
+        if mime is None:
+            raise ValueError(f"{src}: not an audio file the report can play (use {', '.join(AUDIO_TYPES)})")
+        if self.mode == "embed":
+            return f"data:{mime};base64,{base64.b64encode(src.read_bytes()).decode()}"
+        dst = self.folder / "audio" / self._name(stem, src.suffix.lower())
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        return dst.relative_to(self.root).as_posix()
+
+    def figure(self, fig: Any, stem: str) -> str:
+        import io
+
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        data = buf.getvalue()
+        if self.mode == "embed":
+            return f"data:image/png;base64,{base64.b64encode(data).decode()}"
+        dst = self.folder / self._name(stem, ".png")
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(data)
+        return dst.relative_to(self.root).as_posix()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _spectrogram(wav_path: Path, title: str):
+    from ostinato.data.audio import load_audio
+    from ostinato.engine.media import log_mel
+
+    plt = _pyplot()
+    wav, sr = load_audio(wav_path)
+    seconds = wav.shape[-1] / sr
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + seconds / 3), 1.9), dpi=90)
+    ax.imshow(log_mel(wav, sr), origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, 80))
+    ax.set_xlabel("seconds", fontsize=7)
+    ax.set_yticks([])
+    ax.tick_params(labelsize=7)
+    ax.set_title(title[:90], fontsize=8)
+    fig.tight_layout()
+    return fig, seconds
+
+
+def _curve_figure(title: str, series: Mapping[str, Curve]):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=90)
+    for label, points in series.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _metric_rows(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, str, str, str]], dict[str, Mapping]]:
+    rows, groups = [], {}
+    for name, value in metrics.items():
+        if isinstance(value, Mapping):
+            groups[name] = value
+            continue
+        label, better = METRIC_INFO.get(name, ("", ""))
+        rows.append((name, label, format_value(value), better))
+    return rows, groups
+
+
+def _metrics_html(metrics: Mapping[str, Any]) -> list[str]:
+    e, parts = html.escape, []
+
+    def table(title: str | None, values: Mapping[str, Any]) -> None:
+        rows, groups = _metric_rows(values)
+        if rows:
+            if title:
+                parts.append(f"<h3>{e(title)}</h3>")
+            parts.append("<table class='metrics'><tr><th>metric</th><th>value</th><th>better</th></tr>")
+            for name, label, value, better in rows:
+                shown = f"{e(label)} (<code>{e(name)}</code>)" if label else f"<code>{e(name)}</code>"
+                parts.append(f"<tr><td>{shown}</td><td class='n'>{e(value)}</td><td>{e(better)}</td></tr>")
+            parts.append("</table>")
+        for name, sub in groups.items():
+            table(f"{title}: {name}" if title else name, sub)
+
+    table(None, metrics)
+    return parts or ["<p>No metrics.</p>"]
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px;color:#222}"
+         "table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+         "td.n{text-align:right}.clip{border:1px solid #ddd;border-radius:6px;padding:8px;margin:8px 0}"
+         ".clip p{margin:2px 0 6px;font-size:13px;color:#444}.clip img{max-width:100%;display:block}"
+         "audio{display:block;width:100%;max-width:600px}.curves img{margin:4px;border:1px solid #eee}")
+
+
+def write_demo_report(out_html: str | Path, sections: Sequence[DemoSection], metrics: Mapping[str, Any],
+                      curves: Mapping[str, Mapping[str, Curve]], *, title: str = "ostinato demo",
+                      summary: Sequence[str] = (), media: str = "copy") -> Path:
+    """Write the demo's HTML report and return its path.
+
+    Args:
+        out_html: the page to write (``.../report.html``); its folder is created.
+        sections: titled groups of clips; each clip gets an ``<audio controls>`` player and a log-mel
+            spectrogram (PNG). A missing audio file is an error naming it.
+        metrics: ``{name: value}`` shown as a table (labels and better-direction of
+            ``ostinato.evaluation.report.METRIC_INFO`` for known names); a value that is itself a mapping
+            becomes its own table titled by its key (``{"evaluation": {...}, "codec": {...}}``).
+        curves: ``{plot title: {series label: [(step, value), ...]}}``, one PNG plot per title; ``read_curves``
+            gives the series of an XP folder.
+        title: the page title; summary: lines shown under it (what ran, timings).
+        media: "copy" (audio and PNGs in ``<stem>_files/`` beside the page, relative links) or "embed"
+            (``data:`` URIs: one file).
+    """
+    out_html = Path(out_html)
+    for section in sections:
+        for clip in section.clips:
+            if not Path(clip.wav).is_file():
+                raise FileNotFoundError(f"report section {section.title!r}, clip {clip.label!r}: {clip.wav} "
+                                        f"does not exist")
+    out = _Media(out_html, media)
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{e(title)}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    if summary:
+        parts.append("<ul class='summary'>" + "".join(f"<li>{e(line)}</li>" for line in summary) + "</ul>")
+    parts.append("<h2>Metrics</h2>")
+    parts += _metrics_html(metrics)
+    parts.append("<h2>Training curves</h2><div class='curves'>")
+    plotted = 0
+    for name, series in curves.items():
+        if any(series.values()):
+            src = out.figure(_curve_figure(name, series), f"curve_{_slug(name)}")
+            parts.append(f"<img class='curve' src='{e(src)}' alt='training curves: {e(name)}'>")
+            plotted += 1
+    parts.append("</div>" if plotted else "<p>No training curves.</p></div>")
+    for section in sections:
+        parts.append(f"<h2>{e(section.title)}</h2>")
+        if section.note:
+            parts.append(f"<p>{e(section.note)}</p>")
+        for clip in section.clips:
+            wav = Path(clip.wav)
+            stem = f"{_slug(section.title)}_{_slug(clip.label)}"
+            fig, seconds = _spectrogram(wav, clip.label)
+            png = out.figure(fig, f"spec_{stem}")
+            audio = out.audio(wav, stem)
+            text = f"<p>{e(clip.text)}</p>" if clip.text else ""
+            parts.append(f"<div class='clip'><b>{e(clip.label)}</b> <small>({seconds:.1f} s)</small>{text}"
+                         f"<audio controls preload='metadata' src='{e(audio)}'></audio>"
+                         f"<img class='spectrogram' src='{e(png)}' alt='log-mel spectrogram of {e(clip.label)}'>"
+                         f"</div>")
+    parts.append("</body></html>")
+    atomic_write_text(out_html, "\n".join(parts) + "\n")
+    return out_html
