@@ -352,3 +352,13 @@ def test_text_towers_scratch_and_finetuned_minilm() -> None:
     frozen = TextTower(8)
     assert set(frozen.state_dict()) == {"proj.weight", "proj.bias"}
     assert torch.equal(frozen(texts[:2]), frozen(texts[:2]))  # the second call reads the cache
+
+
+def test_demo_prints_held_out_retrieval_of_the_trained_mulan(trained: dict) -> None:
+    from ostinato.demo import mulan_retrieval
+
+    metrics = mulan_retrieval(str(trained["export"]), trained["data"] / "demo" / "shards" / "test")
+    assert metrics["n"] == 16 and metrics["chance_r10"] == 10 / 16
+    for key in ("t2a_r10", "a2t_r10"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert 1.0 <= metrics["t2a_median_rank"] <= 16.0

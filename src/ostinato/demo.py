@@ -1,7 +1,7 @@
 """``ostinato demo`` (what ``make demo`` runs): the embedded default end to end on this machine.
 
 demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny MusicGen conditioned on
-text, melody and style -> generation in every mode (text, melody, style, continuation; sliding window and
+text, melody and style -> a tiny MuLaN (held-out text <-> audio retrieval printed) -> generation in every mode (text, melody, style, continuation; sliding window and
 chaining), each 10 s = five training windows -> the demo evaluation suite (FAD, FAD-inf, per-song FAD, chroma)
 against the held-out split. Finished steps are skipped (experiments resume), so a second run is
 quick.
@@ -19,6 +19,7 @@ import torch
 
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
 MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny_melody_style"]
+MULAN_EXPERIMENT = ["experiment=mulan_tiny"]
 PROMPTS = ["A baroque chorale by Johann Sebastian Bach for church organ, in G major, at 90 BPM (andante).",
            "A traditional irish reel for fiddle, in D major, at 112 BPM (allegro).",
            "A classical string quartet, in C minor, at 70 BPM (adagio)."]
@@ -83,6 +84,17 @@ def _generation_modes(data: Path, inputs: Path) -> dict[str, list[str]]:
     }
 
 
+def mulan_retrieval(mulan_ref: str, shards: Path) -> dict[str, float]:
+    """Held-out retrieval of a trained MuLaN: every clip of ``shards`` (whole, windowed) against its caption."""
+    from ostinato.families.mulan import as_mulan, mulan_embeddings
+    from ostinato.nn.contrastive import retrieval_metrics
+
+    mulan = as_mulan(mulan_ref)
+    emb = mulan_embeddings(mulan, str(shards), segment_seconds=10.0, with_text=True)
+    audio, text = emb.chunk(2)
+    return {k: float(v) for k, v in retrieval_metrics(audio, text).items()}
+
+
 def run_demo(data: Path, outputs: Path) -> None:
     from ostinato.interop.codecs import load_codec
     from ostinato.train import main as train_main
@@ -108,6 +120,10 @@ def run_demo(data: Path, outputs: Path) -> None:
     base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--duration", "10", "--seed", "0"]
     for mode, extra in modes.items():
         _run(base + extra + ["--out", str(generated / mode), "--quiet"])
+
+    mulan_xp = train_main.get_xp(MULAN_EXPERIMENT)
+    _run(["train", *MULAN_EXPERIMENT])
+    retrieval = mulan_retrieval(str(mulan_xp.folder), data / "shards" / "test")
 
     from ostinato.evaluation.demo import run_demo_eval
 
@@ -137,6 +153,15 @@ def run_demo(data: Path, outputs: Path) -> None:
         print(f"  without its melody and style prefix (text only): {ce_text:.3f} nats")
     print(f"  generated (10 s each, 5 training windows; parameters in the .json files): {generated}/"
           f"{{{','.join(modes)}}}")
+    mulan_valid = next((h["valid"] for h in reversed(_history(Path(mulan_xp.folder))) if "t2a_r10" in h.get("valid", {})),
+                       {})
+    print(f"mulan: XP {mulan_xp.sig}; held-out test split ({retrieval['n']:.0f} clips vs their captions): R@10 "
+          f"text->audio {retrieval['t2a_r10']:.3f}, audio->text {retrieval['a2t_r10']:.3f} vs chance "
+          f"{retrieval['chance_r10']:.3f}; median rank {retrieval['t2a_median_rank']:.0f} / "
+          f"{retrieval['a2t_median_rank']:.0f}")
+    if mulan_valid:
+        print(f"  validation: R@10 text->audio {mulan_valid['t2a_r10']:.3f}, audio->text "
+              f"{mulan_valid['a2t_r10']:.3f} vs chance {mulan_valid['chance_r10']:.3f}")
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(f"evaluation (evaluation/demo.yaml vs the test split): "
           + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
