@@ -25,6 +25,13 @@ Long outputs (audiocraft's sliding window, ``MusicGen._generate_tokens``): with 
 ``stride`` frames. ``CodebookLM`` has no positional limit of its own (sinusoidal / RoPE), so ``W`` defaults to
 None = one window of ``n_frames``.
 
+Backends of the cached path (``GenerationParams.backend``): ``"cache"`` runs the model's own forward with a
+``KVCache`` every step (the reference); ``"static"`` runs ``ostinato.generation.fast``'s static-shape decode step
+(fused inference weights in ``GenerationParams.dtype``, CFG mixing and Gumbel-max sampling inside the step);
+``"graph"`` replays that step as a CUDA graph. ``"auto"`` (default) is ``"graph"`` on CUDA and ``"cache"``
+elsewhere (and for sharded FSDP modules). Greedy decoding gives the same tokens on every backend; seeded
+sampling is reproducible per backend but draws differently on the fast ones.
+
 ``generate_chained`` is UnlimitedMusicGen-style chaining: independent segments of ``segment_frames`` each prompted
 with the last ``overlap_frames`` of the previous segment; decode every segment separately and join the audio with
 ``crossfade``.
@@ -39,11 +46,12 @@ import math
 import torch
 from torch import Tensor
 
+from ostinato.generation.fast import SamplingSpec, fast_decoder
 from ostinato.generation.sampling import cfg_logits, double_cfg_logits, sample_next
 from ostinato.nn.patterns import CodebookPattern
 from ostinato.nn.transformer import CodebookLM
 
-__all__ = ["GenerationParams", "ChainedCodes", "generate", "generate_chained", "crossfade"]
+__all__ = ["GenerationParams", "ChainedCodes", "generate", "generate_chained", "crossfade", "resolve_backend"]
 
 Progress = Callable[[int, int], None]
 # (start_frame, n_frames) -> [B, P, dim], or a pair (prefix, null prefix) when CFG must keep part of the prefix
@@ -63,6 +71,10 @@ class GenerationParams:
         extend_stride_frames: frames added per extra window once ``max_window_frames`` is exceeded
             (default ``max(1, W // 2)``).
         max_window_frames: most frames one window decodes (None = unlimited).
+        backend: cached decoding with ``"cache"`` (the model's forward), ``"static"`` (the fast static step),
+            ``"graph"`` (that step as a CUDA graph) or ``"auto"`` (graph on CUDA, else cache).
+        dtype: weights of the fast backends: ``"bf16"``, ``"fp16"``, ``"fp32"`` or None (the autocast dtype when
+            autocast is on, else the model's).
     """
 
     temperature: float = 1.0
@@ -73,6 +85,38 @@ class GenerationParams:
     seed: int | None = None
     extend_stride_frames: int | None = None
     max_window_frames: int | None = None
+    backend: str = "auto"
+    dtype: str | None = None
+
+
+BACKENDS = ("auto", "cache", "static", "graph")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """True for FSDP-wrapped modules (their parameters are shards until a forward gathers them)."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def resolve_backend(model: CodebookLM, params: GenerationParams) -> tuple[str, torch.dtype]:
+    """``(backend, inference dtype)`` that ``generate`` uses for ``model`` with ``params``."""
+    if params.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {params.backend!r}")
+    p = next(model.parameters())
+    backend = params.backend
+    if backend == "auto":
+        backend = "graph" if p.device.type == "cuda" and not _sharded(model) else "cache"
+    if backend == "graph" and p.device.type != "cuda":
+        raise ValueError(f"backend='graph' needs a CUDA model, this one is on {p.device}")
+    if params.dtype is not None:
+        if params.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {params.dtype!r}")
+        return backend, DTYPES[params.dtype]
+    if torch.is_autocast_enabled(p.device.type):
+        return backend, torch.get_autocast_dtype(p.device.type)
+    return backend, p.dtype
 
 
 @dataclass
@@ -126,6 +170,7 @@ class _Decoder:
         else:
             self.cond, self.cond_mask = cond, cond_mask
         self.done, self.total = 0, 0
+        self.backend, self.dtype = resolve_backend(model, params) if use_cache else ("none", torch.float32)
 
     def window_prefix(self, start: int, n_frames: int) -> Tensor | None:
         """The prefix rows of one window: ``[rows * B, P, dim]`` (full; [prefix only]; zeros)."""
@@ -180,6 +225,10 @@ class _Decoder:
         first = int(idx[0])
         prefix = self.window_prefix(start, n_frames)
         n_prefix = 0 if prefix is None else prefix.shape[1]
+        if self.backend in ("static", "graph"):
+            seq = self._fast_segment(seq, valid, forced, first, prefix, base)
+            out, _ = pattern.revert(seq, n_frames)
+            return out
         cache = model.make_cache(self.rows * b, n_prefix + steps) if self.use_cache else None
         for s in range(first - 1, steps - 1):
             if cache is None:
@@ -196,6 +245,24 @@ class _Decoder:
             self._tick(base + s + 1)
         out, _ = pattern.revert(seq, n_frames)
         return out
+
+    def _fast_segment(self, seq: Tensor, valid: Tensor, forced: Tensor, first: int, prefix: Tensor | None,
+                      base: int) -> Tensor:
+        """The decoding loop of ``segment`` on a ``FastDecoder``: prefill up to ``first``, then one static step
+        (or graph replay) per sequence step; returns the window's ``seq [B, K, S]``."""
+        p, steps = self.params, seq.shape[-1]
+        spec = SamplingSpec(rows=self.rows, cfg_scale=p.cfg_scale if self.cfg_on else 1.0,
+                            cfg_beta=p.cfg_beta if self.double else None, temperature=p.temperature,
+                            top_k=p.top_k, top_p=p.top_p)
+        cond_len = 0 if self.cond is None else self.cond.shape[1]
+        dec = fast_decoder(self.model, self.dtype, self.b, steps, 0 if prefix is None else prefix.shape[1],
+                           cond_len, spec, graph=self.backend == "graph")
+        dec.start(seq, valid, forced, first, self.cond, self.cond_mask, prefix, self.generator)
+        self._tick(base + first)
+        for s in range(first, steps - 1):
+            dec.step(s)
+            self._tick(base + s + 1)
+        return dec.result()
 
     def _tick(self, done: int) -> None:
         self.done = done
