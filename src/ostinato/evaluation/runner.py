@@ -161,10 +161,75 @@ class _Reconstructor:
         return {"n_q": self.codec.n_q, "bandwidth_kbps": self.codec.bandwidth_kbps()}
 
 
+class _Unconditional:
+    """A Musika GAN (with its autoencoder) or a Jukebox bundle writing ``seconds``-long clips; Jukebox is conditioned
+    on each reference clip's metadata. Item ``i`` is seeded with ``seed + i``, so clips do not depend on ranks."""
+
+    def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
+        from ostinato.generation import jukebox, musika
+
+        self.model_ref, self.device = model_ref, device
+        try:
+            jukebox_spec = jukebox._spec(model_ref)
+        except FileNotFoundError:
+            jukebox_spec = None
+        if jukebox_spec is not None:
+            self.family = "jukebox"
+            self.models = jukebox.load_bundle(model_ref, codec, trust=trust).to(device)
+            self.sample_rate, self.codec_ref = self.models.sample_rate, self.models.refs["vqvae"]
+            self.channels = self.models.vqvae.vqvae.channels
+        else:
+            self.family = "musika"
+            self.gan, self.autoencoder, self.codec_ref = musika.load_musika(model_ref, codec, trust=trust)
+            self.gan.to(device)
+            self.autoencoder.to(device)
+            self.sample_rate, self.channels = self.autoencoder.sample_rate, self.autoencoder.channels
+        self.configure(suite)
+
+    def configure(self, suite: Suite) -> None:
+        if suite.kind != "unconditional":
+            raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a {self.family} "
+                             "model; use an unconditional suite")
+        self.suite = suite
+        self.settings = {"seed": 0, **suite.generation}
+        if self.family == "musika":
+            bad = sorted(set(self.settings) - {"seed", "truncation"})
+            if bad:
+                raise SuiteError(f"{suite.path or suite.name}: generation.{bad[0]}: Musika takes seed and truncation")
+        elif "truncation" in self.settings:
+            raise SuiteError(f"{suite.path or suite.name}: generation.truncation: Jukebox samples codes; use "
+                             "temperature, top_k, top_p, cfg_scale")
+
+    @torch.no_grad()
+    def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
+        from ostinato.generation import jukebox, musika
+        from ostinato.generation.lm import GenerationParams
+
+        assert self.suite.seconds is not None
+        seed = self.settings.get("seed")
+        wavs = []
+        for k, it in enumerate(items):
+            item_seed = None if seed is None else seed + it.index
+            report = lambda d, t, k=k: progress((k + d / max(t, 1)) / len(items))  # noqa: E731
+            if self.family == "musika":
+                params = musika.MusikaParams(truncation=self.settings.get("truncation", 2.0), seed=item_seed)
+                wavs.append(musika.generate_audio(self.gan, self.autoencoder, self.suite.seconds, params=params,
+                                                  progress=report))
+            else:
+                params = GenerationParams(**{"cfg_scale": 3.0, **self.settings, "seed": item_seed})
+                wavs.append(jukebox.generate_audio(self.models, [it.meta], self.suite.seconds, params, report))
+        wav = torch.cat(wavs)
+        return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "generation": dict(self.settings)}
+
+
 def load_producer(suite: Suite, model_ref: str, *, codec: str | None = None, device: str | torch.device = "cpu",
-                  trust: bool = False) -> _Generator | _Reconstructor:
-    """The model of a suite, loaded: a MusicGen that generates (text_to_music) or a codec that reconstructs."""
-    cls = _Generator if suite.kind == "text_to_music" else _Reconstructor
+                  trust: bool = False) -> _Generator | _Reconstructor | _Unconditional:
+    """The model of a suite, loaded: a MusicGen that generates (text_to_music), a codec that reconstructs
+    (reconstruction), or a Musika GAN / Jukebox bundle that generates without text (unconditional)."""
+    cls = {"text_to_music": _Generator, "reconstruction": _Reconstructor, "unconditional": _Unconditional}[suite.kind]
     return cls(suite, str(model_ref), codec, torch.device(device), trust)
 
 
@@ -224,7 +289,7 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
         _clean(out)
     barrier()
     total = sum(len(b) for b in mine)
-    verb = "generating" if suite.kind == "text_to_music" else "reconstructing"
+    verb = "reconstructing" if suite.kind == "reconstruction" else "generating"
     with tqdm(total=total, unit="clip", desc=f"{suite.name}: {verb}", disable=not progress or rank != 0,
               dynamic_ncols=True) as bar:
         for batch in mine:

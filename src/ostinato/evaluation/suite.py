@@ -1,7 +1,9 @@
 """Evaluation suites: YAML files (OmegaConf) that say what to generate and how to score it.
 
 A suite is ``kind: text_to_music`` (a MusicGen writes ``num_samples`` clips of ``seconds`` from prompts) or
-``kind: reconstruction`` (a codec re-encodes the reference clips). Prompts are the reference clips' captions
+``kind: reconstruction`` (a codec re-encodes the reference clips) or ``kind: unconditional`` (a Musika GAN or a
+Jukebox bundle writes ``num_samples`` clips of ``seconds``; Jukebox is conditioned on reference clip ``i``'s
+metadata, e.g. genre and composer). Prompts are the reference clips' captions
 (``description(meta)``, as MusicGen trains on them) unless ``prompts`` or ``prompts_file`` gives them. Item ``i``
 pairs with reference clip ``i`` (shard order), which the paired metrics (chroma, kld, mel, sisnr, stft) and the
 melody condition use. See ``evaluation/README.md`` for every key.
@@ -19,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["KINDS", "METRICS", "MetricSpec", "Suite", "SuiteError", "find_suite", "load_suite", "suites_dir"]
 
-KINDS = ("text_to_music", "reconstruction")
+KINDS = ("text_to_music", "reconstruction", "unconditional")
 
 # metric -> its settings and their defaults ("embedding": None = the suite's top-level ``embedding``)
 METRICS: dict[str, dict[str, Any]] = {
@@ -36,7 +38,7 @@ METRICS: dict[str, dict[str, Any]] = {
 EMBEDDING_METRICS = ("fad", "fad_inf", "per_song_fad", "text_audio")
 PAIRED_METRICS = ("chroma", "kld", "mel", "stft", "sisnr")
 RECONSTRUCTION_ONLY = ("mel", "stft", "sisnr")
-GENERATION_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_beta", "seed")
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_beta", "seed", "truncation")
 LONG_FORM_KEYS = ("mode", "window", "stride", "overlap")
 
 TOP_KEYS = ("name", "description", "kind", "reference", "reference_max_items", "prompts", "prompts_file",
@@ -183,13 +185,17 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
     prompts = _prompts(cfg, path, err)
     if kind == "reconstruction" and prompts is not None:
         raise err("prompts", "a reconstruction suite re-encodes the reference clips; it takes no prompts")
+    if kind == "unconditional" and prompts is not None:
+        raise err("prompts", "an unconditional suite takes no prompts (Jukebox reads the reference clips' metadata)")
     num_samples = _int(cfg, "num_samples", err, minimum=1, optional=True)
+    if num_samples is None and kind == "unconditional":
+        raise err("num_samples", "missing: how many clips to generate")
     if num_samples is None and kind == "text_to_music":
         if prompts is None:
             raise err("num_samples", "missing: how many clips to generate (from the first reference captions)")
         num_samples = len(prompts)
     seconds = cfg.get("seconds")
-    if seconds is None and kind == "text_to_music":
+    if seconds is None and kind in ("text_to_music", "unconditional"):
         raise err("seconds", "missing: the length of each generated clip in seconds")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
         raise err("seconds", f"{seconds!r}: a positive number of seconds")
