@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from ostinato.demo_report import DemoClip, DemoSection, read_curves, write_demo_report
+from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, read_curves, write_demo_report
 from tests.browser import chromium, full_page_screenshot, media_duration
 
 SR = 16000
@@ -93,6 +93,19 @@ def test_report_renders_players_plots_and_metrics_in_chromium(inputs: dict, tmp_
         bottom = browser.execute_script("return document.querySelectorAll('audio')[2].getBoundingClientRect().bottom")
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[0] >= bottom and len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # the whole page, drawn
+
+
+def test_clips_from_a_generate_folder(tmp_path: Path) -> None:
+    out = tmp_path / "melody"
+    out.mkdir()
+    for i, prompt in enumerate(["a reel", ""]):
+        _tone(out / f"{i:03d}.wav", 200, 0.5)
+        (out / f"{i:03d}.json").write_text(f'{{"prompt": "{prompt}", "melody": "/data/theme.wav", "style": null}}')
+    clips = clips_from_folder(out)
+    assert [(c.wav, c.label, c.text) for c in clips] == [
+        (out / "000.wav", "melody 0", "a reel; melody: theme.wav"), (out / "001.wav", "melody 1", "(no text); melody: theme.wav")]
+    with pytest.raises(FileNotFoundError, match="no NNN.wav clips"):
+        clips_from_folder(tmp_path / "clips")
 
 
 def test_report_names_a_missing_clip(inputs: dict, tmp_path: Path) -> None:

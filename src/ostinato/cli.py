@@ -265,6 +265,13 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"report: {result['report']} (and report.html); metrics: {out / 'metrics.json'}")
 
 
+def _app(args: argparse.Namespace) -> None:
+    from ostinato.app import launch_app
+
+    launch_app(args.model, args.codec, host=args.host, port=args.port, out=args.out, window=args.window,
+               device=args.device, trust=args.trust)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
@@ -452,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     v.set_defaults(func=_eval)
+
+    a = verbs.add_parser("app", help="a Gradio web app to generate with a MusicGen (prompt, duration or unlimited, "
+                                     "CFG, sampling, seed, melody / style / continuation uploads)")
+    a.add_argument("--model", required=True, help="XP signature, XP folder, checkpoint, export or import folder")
+    a.add_argument("--codec", default=None, help="codec to decode with (default: the model's)")
+    a.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--out", default=None, help="folder for the clips (default: $OSTINATO_OUTPUTS/app)")
+    a.add_argument("--window", type=float, default=None,
+                   help="seconds decoded per window (default: the training segment length)")
+    a.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    a.set_defaults(func=_app)
 
     d = verbs.add_parser("demo", help="demo corpus -> tiny codec -> reconstructions -> tokens, with a summary")
     d.add_argument("--data", default="data/demo")

@@ -1,9 +1,10 @@
 """The HTML report of ``ostinato demo``: audio players with spectrograms, a metrics table and training curves.
 
-    from ostinato.demo_report import DemoClip, DemoSection, read_curves, write_demo_report
+    from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, read_curves, write_demo_report
 
-    sections = [DemoSection("Text to music", [DemoClip("outputs/demo/generated/text/000.wav", "text 0",
-                                                       text="A baroque chorale ...")], note="10 s, 5 windows")]
+    sections = [DemoSection("Text to music", clips_from_folder("outputs/demo/generated/text"), note="10 s"),
+                DemoSection("Codec", [DemoClip("outputs/demo/reconstructions/x_original.wav", "original",
+                                               text="a test clip")])]
     curves = {"codec": read_curves("outputs/xps/49218716", ["train/loss", "valid/mel_distance"]),
               "MusicGen": read_curves("outputs/xps/c1ed5f19", ["train/ce", "valid/ce"])}
     metrics = {"fad": 1.23, "chroma": 0.61, "codec": {"mel_distance": 0.41}}
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ostinato.evaluation.report import METRIC_INFO, format_value
-from ostinato.fileio import atomic_path, atomic_write_text
+from ostinato.fileio import atomic_path, atomic_write_text, read_json
 
-__all__ = ["DemoClip", "DemoSection", "read_curves", "write_demo_report"]
+__all__ = ["DemoClip", "DemoSection", "clips_from_folder", "read_curves", "write_demo_report"]
 
 AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg",
                ".opus": "audio/ogg"}
@@ -53,6 +54,22 @@ class DemoSection:
     title: str
     clips: Sequence[DemoClip] = field(default_factory=list)
     note: str = ""
+
+
+def clips_from_folder(folder: str | Path, label: str | None = None) -> list[DemoClip]:
+    """The clips ``ostinato generate`` wrote to ``folder`` (``NNN.wav`` + ``NNN.json``), labelled ``"<label> N"``
+    (default: the folder's name) with their prompt and the references they used as text."""
+    folder = Path(folder)
+    wavs = sorted(folder.glob("[0-9][0-9][0-9].wav"))
+    if not wavs:
+        raise FileNotFoundError(f"{folder}: no NNN.wav clips (written by `ostinato generate --out {folder}`)")
+    clips = []
+    for i, wav in enumerate(wavs):
+        record = read_json(wav.with_suffix(".json")) if wav.with_suffix(".json").is_file() else {}
+        refs = [f"{key}: {Path(str(record[key])).name}" for key in ("melody", "style", "continue") if record.get(key)]
+        text = "; ".join([record.get("prompt") or "(no text)"] + refs)
+        clips.append(DemoClip(wav, f"{label or folder.name} {i}", text if record else ""))
+    return clips
 
 
 def read_curves(xp_folder: str | Path, metrics: Sequence[str] | None = None) -> dict[str, list[tuple[int, float]]]:
