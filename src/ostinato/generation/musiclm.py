@@ -144,13 +144,14 @@ def load_musiclm(semantic: str, coarse: str, fine: str, mulan: str | None = None
         if folder is None:
             raise ValueError("the coarse stage records no codec token folder; pass --codec")
         codec_ref = TokenManifest.load(folder).codec.id
-    sem_ref = semantic_tokenizer
+    sem_ref = semantic_tokenizer  # given: it must load; recorded: only continuation needs it, so it may be gone
     if sem_ref is None and _data_folder(cfgs["semantic"], "semantic"):
-        sem_ref = TokenManifest.load(_data_folder(cfgs["semantic"], "semantic")).codec.id
+        recorded_ref = TokenManifest.load(_data_folder(cfgs["semantic"], "semantic")).codec.id
+        sem_ref = recorded_ref if Path(recorded_ref).exists() else None
     model = MusicLM(semantic=stages["semantic"], coarse=stages["coarse"], fine=stages["fine"],
                     mulan=as_mulan(mulan), quantizer=MuLaNQuantizer.load(quantizer),
                     codec=load_codec(str(codec_ref), trust=trust).eval(),
-                    semantic_tokenizer=load_tokenizer(sem_ref) if sem_ref and Path(sem_ref).exists() else None,
+                    semantic_tokenizer=load_tokenizer(sem_ref) if sem_ref else None,
                     windows={k: _stage_window(c) for k, c in cfgs.items()},
                     sources={"semantic": semantic, "coarse": coarse, "fine": fine, "mulan": str(mulan),
                              "quantizer": str(quantizer), "codec": str(codec_ref), "semantic_tokenizer": str(sem_ref)})
@@ -184,7 +185,7 @@ class _Ticks:
     """One progress bar over the three stages: each reports (done, total) of its own steps."""
 
     def __init__(self, progress: Progress | None, totals: list[int]):
-        self.progress, self.totals, self.base = progress, totals, 0
+        self.progress, self.totals = progress, totals
 
     def stage(self, i: int) -> Progress | None:
         if self.progress is None:
