@@ -178,7 +178,9 @@ class Studio:
         for i in itertools.count():
             if piece is None:
                 lead = 0 if continuation is None else continuation.wav.shape[-1] / continuation.sample_rate
-                piece = chunk = self._generate(req, lead + new / sr, seed, melody, style, continuation, check)
+                # a whole window first, so that the piece is longer than the context of the next chunk
+                piece = chunk = self._generate(req, lead + (context + new) / sr, seed, melody, style, continuation,
+                                               check)
             else:
                 tail = AudioInput(piece[:, -context:], sr)
                 start = (piece.shape[-1] - context) / sr
