@@ -1,5 +1,8 @@
 """Checkpoint files: atomic writes, safe loading, and ``continue_from`` resolution.
 
+A checkpoint is a file, or (FSDP, ``state_dict_type="sharded"``) a directory of shards with ``meta.pt``; loading
+such a directory here consolidates it into the same dict on one process.
+
 Loading never unpickles arbitrary objects unless the user says so: checkpoints are read with
 ``torch.load(weights_only=True)``; one that needs more is refused with a message naming the file and the
 ``trust_checkpoints=true`` flag.
@@ -25,8 +28,18 @@ class UntrustedCheckpointError(RuntimeError):
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", trust: bool = False) -> dict[str, Any]:
-    """Read a ``.ckpt``/``.pt``/``.bin`` file; tensors and plain containers only unless ``trust``."""
+    """Read a ``.ckpt``/``.pt``/``.bin`` file or a sharded checkpoint directory; tensors and plain containers only
+    unless ``trust``."""
+    from ostinato.engine.fsdp import is_sharded_checkpoint, load_sharded_checkpoint
+
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        try:
+            return load_sharded_checkpoint(path, trust=trust)
+        except pickle.UnpicklingError as e:
+            raise UntrustedCheckpointError(
+                f"{path} holds pickled Python objects that a weights-only load refuses ({str(e).splitlines()[0]}). "
+                "If you trust its origin, pass trust_checkpoints=true (CLI: --trust).") from e
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if trust:
@@ -57,7 +70,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def resolve_checkpoint(ref: str | Path, xps_dir: str | Path | None = None) -> Path:
-    """``//sig/SIG`` (an XP of this project), an XP folder, or a checkpoint file -> a checkpoint file."""
+    """``//sig/SIG`` (an XP of this project), an XP folder, or a checkpoint -> a checkpoint file (or sharded
+    checkpoint directory)."""
+    from ostinato.engine.fsdp import is_checkpoint, is_sharded_checkpoint
+
     ref = str(ref)
     if ref.startswith(SIG_PREFIX):
         if xps_dir is None:
@@ -67,9 +83,11 @@ def resolve_checkpoint(ref: str | Path, xps_dir: str | Path | None = None) -> Pa
             raise FileNotFoundError(f"continue_from={ref}: no experiment folder {path}")
     else:
         path = Path(ref)
+    if is_sharded_checkpoint(path):
+        return path
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
+            if is_checkpoint(candidate):
                 return candidate
         raise FileNotFoundError(f"{path} holds no checkpoints/last.ckpt")
     if not path.is_file():

@@ -32,6 +32,7 @@ without warmup. The multiplier is the pure function :func:`lr_factor`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from functools import partial
@@ -55,8 +56,12 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+_WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
 def _is_no_decay(name: str, param: torch.Tensor, patterns: tuple[str, ...]) -> bool:
-    return param.ndim < 2 or any(fnmatchcase(name, p) for p in patterns)
+    ndim = getattr(param, "_ostinato_ndim", param.ndim)  # FSDP shards are 1-D views (engine.fsdp)
+    return ndim < 2 or any(fnmatchcase(name, p) for p in patterns)
 
 
 def _first_match(name: str, overrides: list[dict[str, Any]]) -> int | None:
@@ -79,6 +84,7 @@ def param_groups(module: torch.nn.Module, cfg: Mapping[str, Any]) -> list[dict[s
     buckets: dict[tuple[int | None, bool], list[torch.nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
+            name = _WRAPPERS.sub("", name)  # FSDP / activation-checkpoint wrappers are not part of the name
             key = (_first_match(name, overrides), _is_no_decay(name, param, patterns))
             buckets.setdefault(key, []).append(param)
 

@@ -9,14 +9,16 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
 from ostinato.engine.checkpoint import SafeCheckpointIO
 from ostinato.engine.cluster import DoraEnvironment
 from ostinato.engine.ema import EMA
 from ostinato.engine.family import FamilyModule
+from ostinato.engine.fsdp import ShardedFSDPStrategy, is_checkpoint, is_sharded_checkpoint, remember_parameter_ndims
 from ostinato.engine.guard import NonFiniteGuard
+from ostinato.nn.transformer import prefer_cudnn_attention
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,13 @@ def checkpoint_dir(folder: Path) -> Path:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
+    """``checkpoints/last.ckpt`` (a file, or a directory of FSDP shards), or None. A sharded save swaps the new
+    directory in by two renames; if it died between them, the previous one (``last.ckpt.old``) is still whole."""
     path = checkpoint_dir(folder) / "last.ckpt"
-    return path if path.is_file() else None
+    if is_checkpoint(path):
+        return path
+    old = path.with_name(path.name + ".old")
+    return old if is_sharded_checkpoint(old) else None
 
 
 def _strategy(cfg: Any, family: FamilyModule, env: DoraEnvironment | LightningEnvironment,
@@ -40,20 +47,25 @@ def _strategy(cfg: Any, family: FamilyModule, env: DoraEnvironment | LightningEn
                            checkpoint_io=SafeCheckpointIO(cfg.trust_checkpoints), **plugins)
     if name == "fsdp":
         blocks = family.block_classes()
-        return FSDPStrategy(auto_wrap_policy=blocks or None, process_group_backend=backend,
-                            activation_checkpointing_policy=blocks if cfg.activation_checkpointing else None,
-                            sharding_strategy=cfg.fsdp_sharding, state_dict_type="sharded", **plugins)
+        remember_parameter_ndims(family)
+        return ShardedFSDPStrategy(precision=cfg.precision, auto_wrap_policy=blocks or None,
+                                   process_group_backend=backend,
+                                   activation_checkpointing_policy=blocks if cfg.activation_checkpointing else None,
+                                   sharding_strategy=cfg.fsdp_sharding, state_dict_type="sharded", **plugins)
     if name == "auto":
         return "auto"
     raise ValueError(f"trainer.strategy={name!r}: use auto, ddp or fsdp")
 
 
 def apply_compile_and_checkpointing(cfg: Any, family: FamilyModule) -> None:
-    """``trainer.compile``: submodules to ``torch.compile``; ``activation_checkpointing`` for DDP/single."""
+    """``trainer.compile``: submodules to ``torch.compile`` (a ``ModuleList`` such as ``lm.layers``: each of its
+    blocks, which share one compiled graph); ``activation_checkpointing`` for DDP/single."""
     for name in cfg.compile or []:
         module = family.get_submodule(name)
-        module.compile()
-        log.info("torch.compile(%s)", name)
+        targets = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+        for target in targets:
+            target.compile()
+        log.info("torch.compile(%s)%s", name, f": {len(targets)} blocks" if len(targets) > 1 else "")
     if cfg.activation_checkpointing and cfg.strategy != "fsdp":
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -71,6 +83,8 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
     dora_env = DoraEnvironment() if DoraEnvironment.detect() else None
     env = dora_env or LightningEnvironment()
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    if accelerator in ("gpu", "cuda") and prefer_cudnn_attention():
+        log.info("attention: cuDNN SDPA first")
     devices, num_nodes = (dora_env.devices_per_node, dora_env.num_nodes) if dora_env else (t.devices, t.num_nodes)
     ckpt_dir = checkpoint_dir(folder)
     callbacks: list[L.Callback] = [

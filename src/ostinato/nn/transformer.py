@@ -37,6 +37,7 @@ from ostinato.nn.patterns import CodebookPattern
 
 __all__ = [
     "LMConfig", "LM_PRESETS", "KVCache", "CodebookLM", "sinusoidal_embedding", "generate_greedy",
+    "set_sdpa_priority", "prefer_cudnn_attention",
 ]
 
 _ACTIVATIONS: dict[str, Any] = {
@@ -113,6 +114,34 @@ class LMConfig:
 
     def with_(self, **changes: Any) -> LMConfig:
         return replace(self, **changes)
+
+
+def set_sdpa_priority(names: list[str]) -> list[int]:
+    """Make ``F.scaled_dot_product_attention`` try its kernels in this order (``cudnn``, ``flash``, ``efficient``,
+    ``math``; kernels left out keep their relative order after them). Process-wide, like torch's own setting;
+    returns the previous order (for ``torch._C._set_sdp_priority_order``)."""
+    from torch.nn.attention import SDPBackend
+
+    known = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown SDPA backends {unknown}; known: {sorted(known)}")
+    previous = list(torch._C._get_sdp_priority_order())
+    order = [int(known[n]) for n in names]
+    torch._C._set_sdp_priority_order(order + [b for b in previous if b not in order])
+    return previous
+
+
+def prefer_cudnn_attention() -> bool:
+    """On Hopper or newer GPUs, put cuDNN attention first (about 2x flash attention for MusicGen's training
+    shapes); True when it did. Shapes cuDNN does not take fall back to the next kernel."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        return False
+    if not torch.backends.cudnn.is_available():
+        return False
+    set_sdpa_priority(["cudnn", "flash", "efficient", "math"])
+    return True
 
 
 def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
