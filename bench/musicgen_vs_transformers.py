@@ -155,10 +155,7 @@ def make_step(forward, params, seq, device: torch.device):
 
 
 def bench_training(name: str, preset: dict, b: int, frames: int, device: torch.device, args) -> list[dict]:
-    from omegaconf import OmegaConf
     from transformers import MusicgenForCausalLM
-
-    from ostinato.engine.trainer import apply_compile_and_checkpointing
 
     rows = []
     seq, cond, mask = train_inputs(b, frames, preset["dim"], device)
@@ -182,50 +179,70 @@ def bench_training(name: str, preset: dict, b: int, frames: int, device: torch.d
     del hf, step, hf_losses
     free(device)
 
-    for variant in ("eager", "compiled"):
-        if variant == "compiled" and not args.compile:
-            continue
-        cudnn = prefer_cudnn_attention()
-        with torch.device(device):
-            lm = CodebookLM(decoder_config_to_lm_config(hf_cfg.to_dict())).train()
-        lm.load_state_dict(transformers_state_to_lm(state), strict=True)
-        holder = torch.nn.Module()
-        holder.lm = lm
-        compile_s = 0.0
-        if variant == "compiled":
-            apply_compile_and_checkpointing(OmegaConf.create({"compile": ["lm.layers"],
-                                                              "activation_checkpointing": False,
-                                                              "strategy": "auto"}), holder)
-        step, losses = make_step(lambda x: lm(x, cond, mask), lm.parameters(), seq, device)
-        if variant == "compiled":
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            compile_s = time.perf_counter() - t0
-        t = timed_steps(step, device, args.warmup, args.steps)
-        syncs = "none"
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("error")
+    variants = (["eager"] if name in args.eager.split(",") or not args.compile else []) + \
+        (["compiled"] if args.compile else [])
+    for variant in variants:
+        for cudnn_first in (True, False):  # cuDNN attention first; the default order if that fails
             try:
-                step()
-            except RuntimeError as e:
-                syncs = f"yes ({str(e).splitlines()[0][:60]})"
+                rows.append(ostinato_run(name, variant, cudnn_first, hf_cfg, state, seq, cond, mask, device, args))
+                break
+            except Exception as e:  # noqa: BLE001 - keep the other rows
+                traceback.print_exc()
+                rows.append(dict(what=f"ostinato {name}, {variant} (cuDNN first: {cudnn_first})", t=float("nan"),
+                                 peak=float("nan"), loss=float("nan"), error=str(e).splitlines()[0][:100]))
             finally:
-                torch.cuda.set_sync_debug_mode("default")
-        rows.append(dict(what=f"ostinato {name}, {variant}{', cuDNN SDPA' if cudnn else ''}", t=t,
-                         peak=peak_gb(device), loss=float(losses[0]), compile_s=compile_s, syncs=syncs))
-        if variant == "compiled" or not args.compile:
-            say(f"\nTop kernels of one ostinato {name} training step ({variant}):\n")
-            say("```")
-            say(top_kernels(step, device, args.profile_rows))
-            say("```")
-        del lm, holder, step, losses
-        torch._C._set_sdp_priority_order(default_order)
-        free(device)
+                torch._C._set_sdp_priority_order(default_order)
+                free(device)
     for r in rows:
         r["frames_s"] = b * frames / r["t"]
         r["tflops"] = r["frames_s"] * flops / 1e12
     return rows
+
+
+def ostinato_run(name: str, variant: str, cudnn_first: bool, hf_cfg, state: dict, seq, cond, mask,
+                 device: torch.device, args) -> dict:
+    from omegaconf import OmegaConf
+
+    from ostinato.engine.trainer import apply_compile_and_checkpointing
+
+    cudnn = prefer_cudnn_attention() if cudnn_first else False
+    if cudnn_first and not cudnn and device.type == "cuda":
+        raise RuntimeError("cuDNN attention not available here")
+    with torch.device(device):
+        lm = CodebookLM(decoder_config_to_lm_config(hf_cfg.to_dict())).train()
+    lm.load_state_dict(transformers_state_to_lm(state), strict=True)
+    holder = torch.nn.Module()
+    holder.lm = lm
+    compile_s = 0.0
+    if variant == "compiled":
+        torch._dynamo.reset()  # a fresh graph per preset (shapes that changed would be compiled as dynamic)
+        apply_compile_and_checkpointing(OmegaConf.create({"compile": ["lm.layers"], "activation_checkpointing": False,
+                                                          "strategy": "auto"}), holder)
+    step, losses = make_step(lambda x: lm(x, cond, mask), lm.parameters(), seq, device)
+    if variant == "compiled":
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        compile_s = time.perf_counter() - t0
+    t = timed_steps(step, device, args.warmup, args.steps)
+    peak = peak_gb(device)
+    syncs = "none"
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        except RuntimeError as e:
+            syncs = f"yes ({str(e).splitlines()[0][:60]})"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    if variant == "compiled" or not args.compile:
+        say(f"\nTop kernels of one ostinato {name} training step ({variant}):\n")
+        say("```")
+        say(top_kernels(step, device, args.profile_rows))
+        say("```")
+    attn = ", cuDNN SDPA" if cudnn else ", default SDPA order"
+    return dict(what=f"ostinato {name}, {variant}{attn}", t=t, peak=peak, loss=float(losses[0]),
+                compile_s=compile_s, syncs=syncs)
 
 
 # ------------------------------------------------------------------------------------------------- generation
@@ -290,11 +307,11 @@ def bench_generation(preset: dict, steps: int, batches: list[int], device: torch
             params = GenerationParams(temperature=1.0, top_k=250, cfg_scale=3.0, seed=1, backend=backend,
                                       dtype=None if backend == "cache" else "bf16")
 
-            def run() -> torch.Tensor:
+            def run(n: int = frames) -> torch.Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend == "cache"):
-                    return generate(lm, pattern, frames, cond=cond, params=params)
+                    return generate(lm, pattern, n, cond=cond, params=params)
 
-            run()  # warm-up (captures the graph)
+            run(8 if backend == "cache" else frames)  # warm-up (the fast backends: same window, graph captured)
             sync(device)
             reps = 1 if backend == "cache" else args.gen_repeats
             t0 = time.perf_counter()
@@ -336,6 +353,7 @@ def main() -> None:
     ap.add_argument("--gen-batches", default="1,8")
     ap.add_argument("--gen-repeats", type=int, default=3)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--eager", default="small", help="presets whose eager variant is timed too")
     ap.add_argument("--profile-rows", type=int, default=12)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -378,6 +396,8 @@ def main() -> None:
                     notes.append(f"first step (compile) {r['compile_s']:.0f} s")
                 if "syncs" in r:
                     notes.append(f"host syncs in a step: {r['syncs']}")
+                if "error" in r:
+                    notes.append(f"failed: {r['error']}")
                 notes.append(f"{r['frames_s'] / base:.2f}x transformers")
                 say(f"| {r['what']} | {b} x {args.frames} | {r['t'] * 1000:.1f} | {r['frames_s']:,.0f} | "
                     f"{r['tflops']:.0f} | {100 * r['tflops'] / ceiling:.0f} % | {r['peak']:.1f} | {r['loss']:.4f} | "
