@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ostinato.nn.musika import SpectralAutoencoder, truncated_normal, window_coordinates
 
-__all__ = ["MusikaParams", "generate_latents", "generate_audio", "load_autoencoder", "load_musika", "cli_generate"]
+__all__ = ["MusikaParams", "generate_latents", "generate_audio", "load_autoencoder", "load_musika", "cli_generate",
+           "spectral_flux", "seam_statistics"]
 
 Progress = Callable[[int, int], None]
 
@@ -64,14 +65,14 @@ def generate_latents(family: Any, n_frames: int, batch: int = 1, params: MusikaP
     rng = _rng(params.seed)
     if independent_windows:
         span = length + 2 * h
-        anchors = truncated_normal((batch * n_windows, g.coord_dim, span // spacing + 3), params.truncation, rng)
-        coords = torch.cat([window_coordinates(a[None], spacing, [h], length, h) for a in anchors])
         style = truncated_normal((batch * n_windows, g.style_dim), params.truncation, rng)
-    else:
+        anchors = truncated_normal((batch * n_windows, span // spacing + 3, g.coord_dim), params.truncation, rng)
+        coords = torch.cat([window_coordinates(a.T[None], spacing, [h], length, h) for a in anchors])
+    else:  # style first, then the anchors in time order: a shorter piece is the start of a longer one
         n_anchors = (n_windows * length + 2 * h) // spacing + 2
-        anchors = truncated_normal((batch, g.coord_dim, n_anchors), params.truncation, rng)
-        coords = window_coordinates(anchors, spacing, [h + i * length for i in range(n_windows)], length, h)
         style = truncated_normal((batch, g.style_dim), params.truncation, rng).repeat_interleave(n_windows, dim=0)
+        anchors = truncated_normal((batch, n_anchors, g.coord_dim), params.truncation, rng).transpose(1, 2)
+        coords = window_coordinates(anchors, spacing, [h + i * length for i in range(n_windows)], length, h)
     was_training = g.training
     g.eval()
     try:
@@ -117,6 +118,63 @@ def generate_audio(family: Any, autoencoder: SpectralAutoencoder, seconds: float
         dev = next(autoencoder.parameters()).device
         wavs.append(autoencoder.decode_chunked(latents[b:b + 1].to(dev), params.decode_chunk, progress=on_chunk))
     return torch.cat(wavs)[..., :round(seconds * autoencoder.sample_rate)]
+
+
+def spectral_flux(wav: Tensor, sample_rate: int, n_fft: int = 4096, hop: int = 1024, n_mels: int = 16,
+                  range_db: float = 60.0) -> Tensor:
+    """Spectral flux of a mono mix ``wav [C, T]``: per frame t (Hann, centred), the mean absolute difference of
+    log mel-band energies between frames t - 1 and t, energies floored ``range_db`` below the loudest band:
+    ``[frames]`` (frame 0 gets 0). Few wide bands measure changes of the spectral envelope, not of fine structure."""
+    import torchaudio
+
+    x = wav.detach().float().mean(dim=0)
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels,
+                                               power=2.0).to(x.device)(x)
+    logmel = torch.log(mel + float(mel.max()) * 10 ** (-range_db / 10) + 1e-20)
+    flux = (logmel[:, 1:] - logmel[:, :-1]).abs().mean(dim=0)
+    return torch.cat([flux.new_zeros(1), flux])
+
+
+def seam_statistics(wav: Tensor, sample_rate: int, joint_samples: int, phase_samples: int | None = None,
+                    hop: int = 1024, n_mels: int = 16) -> dict[str, float]:
+    """Is the spectral flux at window joints (every ``joint_samples`` samples) like the flux inside windows?
+
+    The statistic at a position is the largest flux of the frames whose windows (``n_fft = 4 hop``) can see it.
+    It is taken at every joint and, as the reference, at the positions inside windows that sit at the same phase
+    of the models' frame grids (multiples of ``phase_samples``: the generator's upsampling times the autoencoder's
+    hop) and are not next to a joint; ``hop`` is adjusted to divide ``phase_samples`` so both sets sit at the same
+    phase of the STFT grid too. Returns the reference's 99th percentile, the share of joints above it (about 1 %
+    when joints are like the inside), the medians, and the two-sample Kolmogorov-Smirnov statistic and p-value.
+    """
+    from scipy.stats import ks_2samp
+
+    period = phase_samples or hop
+    hop = period // max(1, round(period / hop))
+    n_fft = 4 * hop
+    flux = spectral_flux(wav, sample_rate, n_fft, hop, n_mels).double()
+    reach = n_fft // hop // 2 + 1
+    local = torch.nn.functional.max_pool1d(flux[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0]
+    frames, total = flux.shape[0], wav.shape[-1]
+    joints = torch.arange(joint_samples, total - joint_samples // 2, joint_samples)
+    positions = torch.arange(period, total - period // 2, period)
+    positions = positions[positions % joint_samples != 0]
+    if joints.numel():
+        positions = positions[(positions[:, None] - joints[None, :]).abs().min(dim=1).values > 2 * reach * hop]
+
+    def frames_of(samples: Tensor) -> Tensor:
+        f = torch.round(samples.double() / hop).long()
+        return f[(f >= 2 * reach) & (f < frames - 2 * reach)]
+
+    at_joints, inside = local[frames_of(joints)], local[frames_of(positions)]
+    if at_joints.numel() < 2 or inside.numel() < 2:
+        raise ValueError(f"{total / sample_rate:g} s hold {at_joints.numel()} joints and {inside.numel()} reference "
+                         "positions: generate more windows")
+    p99 = float(torch.quantile(inside, 0.99))
+    ks = ks_2samp(at_joints.numpy(), inside.numpy())
+    return {"joints": int(at_joints.numel()), "inside": int(inside.numel()), "inside_p99": p99,
+            "joints_above_p99": float((at_joints > p99).double().mean()),
+            "joint_median": float(at_joints.median()), "inside_median": float(inside.median()),
+            "ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue), "hop": hop}
 
 
 def load_autoencoder(ref: str, trust: bool = False) -> SpectralAutoencoder:

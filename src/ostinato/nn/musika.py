@@ -12,8 +12,8 @@ The decoder works at the STFT frame rate and the waveform comes from an inverse 
 fast on a CPU: no layer runs at the audio rate. Latents are bounded in [-1, 1] (tanh) so the GAN has a fixed range.
 
 Latent coordinates (Musika's "latent coordinate system"): random anchor vectors are placed every
-``anchor_spacing`` coordinate steps and interpolated in between (variance-preserving: the interpolant of two
-independent unit Gaussians stays a unit Gaussian), so the coordinate field is continuous along time. The generator
+``anchor_spacing`` coordinate steps and interpolated in between (along great circles, at constant speed), so the
+coordinate field is continuous along time. The generator
 is a fully convolutional network over that field (nearest upsampling + convolutions, FiLM modulation by the
 style vector, no normalisation over time), hence translation-equivariant: a window computed with ``halo``
 coordinate steps of context on both sides and cropped is *exactly* the corresponding part of the whole field
@@ -180,33 +180,38 @@ class SpectralAutoencoder(nn.Module):
 # -- latent GAN -------------------------------------------------------------------------------------------------
 def truncated_normal(shape: Sequence[int], bound: float | None, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> Tensor:
-    """N(0, 1) samples resampled until ``|x| <= bound`` (None: plain normal); Musika's truncation trick."""
-    x = torch.randn(*shape, generator=generator, device=device)
-    if bound is None or bound <= 0:
-        return x
-    for _ in range(100):
-        bad = x.abs() > bound
-        if not bool(bad.any()):
-            break
-        x = torch.where(bad, torch.randn(*shape, generator=generator, device=device), x)
-    return x.clamp(-bound, bound)
+    """N(0, 1) samples restricted to ``[-bound, bound]`` (None: untruncated), Musika's truncation trick.
+
+    Drawn by inverting the CDF of one uniform per value, so the i-th value depends only on the i-th draw: a
+    longer request extends a shorter one with the same generator state.
+    """
+    u = torch.rand(*shape, generator=generator, dtype=torch.float64)
+    lo = 0.0 if bound is None or bound <= 0 else float(torch.special.ndtr(torch.tensor(-float(bound), dtype=torch.float64)))
+    p = (lo + u * (1 - 2 * lo)).clamp(1e-12, 1 - 1e-12)
+    return torch.special.ndtri(p).float().to(device)
 
 
 def coordinate_field(anchors: Tensor, spacing: int, start: int, length: int) -> Tensor:
     """Coordinates at steps ``start .. start + length - 1`` of the field through ``anchors [B, C, N]`` placed every
     ``spacing`` steps (anchor k at step k * spacing): ``[B, C, length]``.
 
-    Between anchors a and b at fraction s: ``((1 - s) a + s b) / sqrt((1 - s)^2 + s^2)``, which keeps unit variance
-    for independent unit-Gaussian anchors and passes through every anchor exactly.
+    Between anchors a and b at fraction s the direction moves along the great circle from a to b (slerp) and the
+    norm from |a| to |b| linearly, so the field passes through every anchor, keeps the typical norm of a Gaussian
+    vector and moves at a constant speed inside each segment (random anchors are nearly orthogonal in high
+    dimension, so at nearly the same speed in every segment): no position along the field is special.
     """
     steps = torch.arange(start, start + length, device=anchors.device)
     k = torch.div(steps, spacing, rounding_mode="floor")
     if int(k.min()) < 0 or int(k.max()) + 1 >= anchors.shape[-1]:
         raise ValueError(f"steps [{start}, {start + length}) need anchors 0..{int(k.max()) + 1}, "
                          f"have {anchors.shape[-1]}")
-    s = ((steps - k * spacing).float() / spacing)[None, None]
+    s = ((steps - k * spacing).to(anchors.dtype) / spacing)[None, None]
     a, b = anchors[..., k], anchors[..., k + 1]
-    return ((1 - s) * a + s * b) / torch.sqrt((1 - s) ** 2 + s ** 2)
+    na, nb = a.norm(dim=1, keepdim=True).clamp_min(1e-8), b.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    cos = ((a / na) * (b / nb)).sum(dim=1, keepdim=True).clamp(-1 + 1e-6, 1 - 1e-6)
+    theta = torch.acos(cos)
+    direction = (torch.sin((1 - s) * theta) * a / na + torch.sin(s * theta) * b / nb) / torch.sin(theta)
+    return direction * ((1 - s) * na + s * nb)
 
 
 class _FiLMBlock(nn.Module):

@@ -1,0 +1,207 @@
+"""The Jukebox-style family: hierarchical VQ-VAE (hops 1 : 4 : 16), level priors with metadata and upper-level
+conditions, top -> middle -> bottom generation, and train / resume / export / generate / eval through the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+from hydra.utils import instantiate
+
+from ostinato.data.arrays import ArrayBatch, ArrayDataModule
+from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
+from ostinato.nn.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
+from tests.runner import train, xp_folder
+
+SR = 24000
+ROOT = Path(__file__).resolve().parents[1]
+VQ = dict(ratios=[[4, 4, 4], [8, 8, 4], [8, 8, 4, 4]], bins=32, dimension=16, n_filters=4)
+LM = {"preset": "tiny", "dim": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64}
+META = {"fields": ["genre", "composer"], "buckets": 64, "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from threads, and on a busy 2-core machine spinning threads cost 5-10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_full_preset_is_jukebox_shaped():
+    cfg = OmegaConf.load(ROOT / "conf/family/jukebox_vqvae.yaml")
+    family = instantiate(cfg, _convert_="all")
+    vq = family.vqvae
+    assert vq.hop_lengths == [8, 32, 128] and vq.bins == 2048 and vq.sample_rate == 44100
+    assert set(family.array_streams()) == {"top", "middle", "bottom"}
+    with pytest.raises(ValueError, match="must be 4 x the hop below"):
+        HierarchicalVQVAE(SR, ratios=[[2, 2], [4, 2], [4, 4, 4, 2]])
+    tiny = instantiate(OmegaConf.load(ROOT / "conf/family/jukebox_vqvae_tiny.yaml"), _convert_="all").vqvae
+    assert [h // tiny.hop_lengths[0] for h in tiny.hop_lengths] == [1, 4, 16]
+
+
+def test_metadata_prompts_hash_to_stable_rows():
+    assert parse_metadata("genre: baroque chorale, composer: Johann Sebastian Bach", ["genre", "composer"]) == {
+        "genre": "baroque chorale", "composer": "Johann Sebastian Bach"}
+    assert parse_metadata("Composer=Mozart; genre = string quartet.", ["genre", "composer"]) == {
+        "composer": "Mozart", "genre": "string quartet"}
+    with pytest.raises(ValueError, match="names no metadata field"):
+        parse_metadata("a happy song", ["genre", "composer"])
+    m = MetadataConditioner(8, ["genre", "composer"], buckets=64)
+    ids = m.ids([{"genre": "Baroque  Chorale", "composer": "Bach"}, {"genre": "baroque chorale"}, {}])
+    assert ids[0, 0] == ids[1, 0] > 0 and ids[1, 1] == 0 and ids[2].tolist() == [0, 0]
+    assert m(ids).shape == (3, 2, 8)
+    up = UpperConditioner(bins=32, dim=8, ratio=4)
+    codes = torch.randint(0, 32, (2, 1, 5))
+    assert up(codes).shape == (2, 20, 8)
+    # frames past the upper level's valid length read the padding row, whatever codes they hold
+    other = codes.clone()
+    other[0, 0, 3:] = 7
+    cut = torch.tensor([3, 5])
+    assert torch.allclose(up(codes, cut)[0, :8], up(other, cut)[0, :8])
+
+
+def test_vqvae_losses_fall_on_a_fixed_batch():
+    torch.manual_seed(0)
+    family = JukeboxVQVAEFamily(SR, 1, vqvae=VQ)
+    t = torch.arange(SR // 4) / SR
+    x = torch.stack([0.3 * torch.sin(2 * torch.pi * f * t) for f in (220.0, 330.0, 440.0, 550.0)])[:, None]
+    opt = torch.optim.Adam(family.parameters(), 3e-3)
+    history = []
+    for _ in range(25):
+        losses, _ = family.level_losses(x)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append({k: round(float(v.detach()), 3) for k, v in losses.items()})
+    print("VQ-VAE losses per level, first -> last:", history[0], "->", history[-1])
+    assert all(history[-1][k] < 0.8 * history[0][k] for k in history[0])
+    codes = family.encode_arrays(x)
+    assert {k: tuple(v.shape) for k, v in codes.items()} == {"top": (4, 1, 6), "middle": (4, 1, 24),
+                                                             "bottom": (4, 1, 94)}
+
+
+def _code_batch(level: str, upper: str | None, window: int, b: int = 8) -> ArrayBatch:
+    """Structured codes: each item repeats its own short motif; the level above holds the motif id."""
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randint(0, 32, (4, 4), generator=g)
+    ids = torch.arange(b) % 4
+    codes = motifs[ids].repeat(1, window // 4)[:, None]  # [B, 1, window]
+    up = ids[:, None, None].expand(b, 1, window // 4).clone()
+    metas = [{"genre": f"genre {int(i)}", "composer": "x"} for i in ids]
+    arrays = {level: codes}
+    lengths = {level: torch.full((b,), window)}
+    if upper is not None:
+        arrays[upper] = up
+        lengths[upper] = torch.full((b,), window // 4)
+    return ArrayBatch(arrays, lengths, metas)
+
+
+@pytest.mark.parametrize("level", ["top", "bottom"])
+def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
+    torch.manual_seed(0)
+    prior = JukeboxPrior(level, bins=32, lm=LM, metadata=META, cfg_dropout=0.0)
+    prior.window_frames.fill_(16)
+    batch = _code_batch(level, prior.upper, 16)
+    opt = torch.optim.Adam(prior.parameters(), 3e-3)
+    history = []
+    for _ in range(40):
+        loss = prior.losses(batch, train=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(round(float(loss), 3))
+    print(f"{level} prior cross-entropy, first -> last: {history[0]} -> {history[-1]} (uniform: 3.466)")
+    assert history[-1] < 0.5 * history[0]
+    # the prefix always spans the training window, so a frame's condition keeps its distance in shorter windows
+    cond = prior.upper_condition(torch.zeros(2, 1, 2, dtype=torch.long)) if level != "top" else None
+    pre = prior.prefix(prior.metadata_prefix([{}, {}], train=False), cond, 2)
+    assert pre.shape == (2, 2 + (16 if level != "top" else 0), 32)
+
+
+# -- through the CLI ---------------------------------------------------------------------------------------------
+VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.bins=32",
+          "family.vqvae.dimension=16", "data.segment_seconds=0.25", "data.eval_segment_seconds=0.5",
+          "data.eval_batch_size=8", "trainer.validate_first=false"]
+PRIOR_CLI = {"top": ["data.segment_seconds=0.512"], "middle": ["data.segment_seconds=0.128"],
+             "bottom": ["data.segment_seconds=0.032"]}
+
+
+def _prior_args(level: str) -> list[str]:
+    return [f"experiment=jukebox_{level}_tiny", "family.bins=32", "family.lm.dim=32", "family.lm.num_layers=1",
+            "family.lm.ffn_dim=64", "family.metadata.buckets=64", "data.eval_batch_size=8",
+            "trainer.validate_first=false", *PRIOR_CLI[level]]
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_path):
+    from ostinato.encode import encode_shards
+    from ostinato.evaluation.runner import run_suite
+    from ostinato.generation.jukebox import write_bundle
+    from tests.synth import write_tiny_encodec
+
+    data = Path(env["OSTINATO_DATA"]) / "demo"
+    train(env, *VQ_CLI, "trainer.max_steps=2")
+    _cli(env, "export", str(xp_folder(env, *VQ_CLI, "trainer.max_steps=2")), str(tmp_path / "vqvae"))
+    for split in ("train", "valid", "test"):
+        m = encode_shards(str(tmp_path / "vqvae"), data / "shards" / split, data / "jukebox" / split, progress=False)
+    assert list(m.streams) == ["top", "middle", "bottom"] and m.streams["bottom"].cardinality == 32
+    assert m.streams["bottom"].rate == 4 * m.streams["middle"].rate == 16 * m.streams["top"].rate
+    dm = ArrayDataModule(data / "jukebox" / "train", streams=["middle", "top"], segment_seconds=0.128, batch_size=4,
+                         num_workers=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.arrays["middle"].shape == (4, 1, 12) and batch.arrays["top"].shape == (4, 1, 3)
+
+    exports = {}
+    for level in ("top", "middle", "bottom"):
+        train(env, *_prior_args(level), "trainer.max_steps=2")
+        folder = xp_folder(env, *_prior_args(level), "trainer.max_steps=2")
+        exports[level] = tmp_path / level
+        _cli(env, "export", str(folder), str(exports[level]))
+    # the bottom upsampler resumes mid-way from a 2-step checkpoint
+    folder = xp_folder(env, *_prior_args("bottom"), "trainer.max_steps=2")
+    folder4 = xp_folder(env, *_prior_args("bottom"), "trainer.max_steps=4")
+    (folder4 / "checkpoints").mkdir(parents=True)
+    shutil.copy(folder / "checkpoints" / "last.ckpt", folder4 / "checkpoints" / "last.ckpt")
+    resumed = train(env, *_prior_args("bottom"), "trainer.max_steps=4")
+    assert "resuming" in resumed.stderr
+    written = max((folder4 / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert torch.load(written, weights_only=True)["global_step"] == 4
+
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, "-m", "ostinato.generation.jukebox", "bundle", str(bundle), "--top",
+                           str(exports["top"]), "--middle", str(exports["middle"]), "--bottom", str(exports["bottom"])],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "gen"
+    _cli(env, "generate", "--family", "jukebox", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
+         "--prompt", "genre: reel", "--duration", "1.0", "--seed", "0", "--out", str(out), "--quiet")
+    wav, sr = sf.read(out / "001.wav", dtype="float32")
+    record = json.loads((out / "000.json").read_text())
+    assert sr == SR and wav.shape == (SR,) and record["metadata"] == {"genre": "chorale", "composer": "Bach"}
+    assert record["models"]["vqvae"] == str(tmp_path / "vqvae")  # recorded by the priors' array shards
+    again = tmp_path / "again"
+    _cli(env, "generate", "--family", "jukebox", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
+         "--prompt", "genre: reel", "--duration", "1.0", "--seed", "0", "--out", str(again), "--quiet")
+    assert (again / "001.wav").read_bytes() == (out / "001.wav").read_bytes()  # seeded
+
+    encodec = write_tiny_encodec(tmp_path / "encodec")
+    result = run_suite("musika_demo", str(bundle), tmp_path / "eval", progress=False,
+                       overrides=["num_samples=2", "seconds=0.5", f"embedding=codec:{encodec}"],
+                       cache=tmp_path / "cache")
+    assert result["settings"]["family"] == "jukebox" and result["metrics"]["fad"] >= 0
+    write_bundle(tmp_path / "b2", str(exports["top"]), str(exports["middle"]), str(exports["bottom"]),
+                 vqvae=str(tmp_path / "vqvae"))
+    assert json.loads((tmp_path / "b2" / "jukebox.json").read_text())["vqvae"] == str(tmp_path / "vqvae")

@@ -1,0 +1,261 @@
+"""The Musika family: spectrogram autoencoder, latent array shards, the latent GAN (hinge + adaptive R1), seamless
+parallel-window generation of ten minutes, and train / resume / export / generate / eval through the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader
+
+from ostinato.data.arrays import ArrayBatch, ArrayDataModule, ArrayManifest
+from ostinato.families.musika import MusikaAutoencoderFamily, MusikaFamily
+from ostinato.generation.musika import MusikaParams, generate_audio, generate_latents, seam_statistics
+from ostinato.metrics.fad import FrechetAudioDistance
+from ostinato.nn.musika import (MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
+                                window_coordinates)
+from tests.runner import train, xp_folder
+from tests.synth import write_shards
+
+SR = 24000
+AE = dict(hop=240, dimension=16, n_filters=16, ratios=[4, 2])  # 12.5 latent frames / s
+GAN = dict(generator=dict(coord_dim=16, style_dim=16, channels=48, up_ratios=[2, 2], up_channels=[32, 32], blocks=2,
+                          dilations=[1, 2]), discriminator=dict(channels=[32, 32, 32]))
+
+
+def tones(n: int, seconds: float, seed: int) -> torch.Tensor:
+    """``[n, 1, T]`` sums of two steady tones with random pitches and levels."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(round(seconds * SR)) / SR
+    f = 110 * 2 ** (torch.rand(n, 2, 1, generator=g) * 3)
+    a = 0.1 + 0.2 * torch.rand(n, 2, 1, generator=g)
+    return (a * torch.sin(2 * torch.pi * f * t)).sum(1, keepdim=True)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from threads, and on a busy 2-core machine spinning threads cost 5-10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# -- building blocks ----------------------------------------------------------------------------------------------
+def test_istft_inverts_the_stft_framing_and_chunked_decoding_matches():
+    import torch.nn.functional as F
+
+    x = 0.1 * torch.randn(2, 4800)
+    n_fft, hop = 960, 240
+    pad = (n_fft - hop) // 2
+    spec = torch.stft(F.pad(x[:, None], (pad, pad), mode="reflect")[:, 0], n_fft, hop,
+                      window=torch.hann_window(n_fft), center=False, return_complex=True)
+    assert spec.shape[-1] == 4800 // hop
+    assert (istft_same(spec, n_fft, hop) - x).abs().max() < 1e-5
+    torch.manual_seed(0)
+    ae = SpectralAutoencoder(SR, **AE).eval()
+    assert ae.hop_length == 1920 and ae.frame_rate == 12.5
+    wav = tones(2, 1.0, 0)
+    with torch.no_grad():
+        recon, z = ae(wav)
+        assert recon.shape == wav.shape and z.shape == (2, 16, 13) and z.abs().max() <= 1
+        z = torch.tanh(torch.randn(1, 16, 50))
+        whole, chunked = ae.decode(z), ae.decode_chunked(z, chunk=7)
+    assert whole.shape == (1, 1, 50 * 1920) and (whole - chunked).abs().max() < 1e-5 * whole.abs().max() + 1e-7
+
+
+def test_windows_with_their_halo_are_exact_crops_of_the_whole_field():
+    torch.manual_seed(0)
+    g = MusikaGenerator(dimension=16, **GAN["generator"]).eval()
+    anchors, style = torch.randn(2, 16, 12), torch.randn(2, 16)
+    length, spacing = 4, 6
+    starts = [g.halo + i * length for i in range(8)]
+    with torch.no_grad():
+        whole = g(coordinate_field(anchors, spacing, 0, 60), style)
+        coords = window_coordinates(anchors, spacing, starts, length, g.halo)
+        windows = g.windows(coords, style.repeat_interleave(len(starts), dim=0))
+    stitched = windows.view(2, 8, 16, -1).permute(0, 2, 1, 3).reshape(2, 16, -1)
+    lo = g.halo * g.upsample
+    assert (stitched - whole[..., lo:lo + 8 * length * g.upsample]).abs().max() < 1e-5
+    # the field passes through its anchors and keeps a Gaussian vector's norm
+    field = coordinate_field(anchors, spacing, 0, 60)
+    assert torch.allclose(field[..., ::spacing], anchors[..., :10], atol=1e-5)
+
+
+def test_adaptive_gradient_penalty_follows_the_discriminators_certainty():
+    gan = MusikaFamily(dimension=16, window=16, gp_max_weight=10.0, gp_rate=0.1, **GAN)
+    assert float(gan.gp_weight) == 10.0
+    for _ in range(3):  # D barely separates real from fake: the penalty relaxes
+        gan.adapt_gp_weight(torch.tensor([0.1]), torch.tensor([0.0]))
+    assert float(gan.gp_weight) == pytest.approx(7.0)
+    for _ in range(5):  # D is sure (margin 1.9 of 2): the penalty grows back, capped at the maximum
+        gan.adapt_gp_weight(torch.tensor([1.0]), torch.tensor([-0.9]))
+    assert float(gan.gp_weight) == pytest.approx(10.0)
+
+
+# -- training on fixed batches: losses fall ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_autoencoder() -> MusikaAutoencoderFamily:
+    torch.manual_seed(0)
+    family = MusikaAutoencoderFamily(SR, 1, autoencoder=AE)
+    opt = torch.optim.Adam(family.autoencoder.parameters(), 2e-3)
+    x = tones(8, 0.64, 1)
+    history = []
+    for step in range(40):
+        recon, _ = family.autoencoder(x)
+        losses = family.losses(x, recon, adversarial=False)
+        total = sum(family.weights[k] * v for k, v in losses.items())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append({k: round(float(v.detach()), 3) for k, v in losses.items()})
+    print("autoencoder losses, first -> last:", history[0], "->", history[-1])
+    family.history = history
+    return family.eval()
+
+
+def test_autoencoder_losses_fall_on_a_fixed_batch(trained_autoencoder):
+    first, last = trained_autoencoder.history[0], trained_autoencoder.history[-1]
+    assert last["mel"] < 0.7 * first["mel"] and last["stft"] < 0.8 * first["stft"]
+
+
+class _FixedLatents(L.LightningDataModule):
+    def __init__(self, batch: ArrayBatch, steps: int):
+        super().__init__()
+        self.batch, self.steps = batch, steps
+
+    def train_dataloader(self):
+        return DataLoader([self.batch] * self.steps, batch_size=None)
+
+
+def _fd(gan: MusikaFamily, real: torch.Tensor) -> float:
+    fd = FrechetAudioDistance(real.shape[1])
+    fd.update(real.transpose(1, 2).reshape(-1, real.shape[1]), real=True)
+    with torch.no_grad():
+        fake = generate_latents(gan, real.shape[-1] * 4, batch=8, params=MusikaParams(seed=1))
+    fd.update(fake.transpose(1, 2).reshape(-1, real.shape[1]))
+    return float(fd.compute())
+
+
+@pytest.fixture(scope="module")
+def trained_gan(trained_autoencoder) -> MusikaFamily:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        latents = trained_autoencoder.autoencoder.encode(tones(16, 2.6, 2))  # [16, 16, 33]
+    batch = ArrayBatch({"latents": latents}, {"latents": torch.full((16,), latents.shape[-1])},
+                       [{} for _ in range(16)])
+    gan = MusikaFamily(dimension=16, window=32, gp_rate=0.01, optim={"name": "adam", "lr": 2e-3, "betas": [0.5, 0.9]},
+                       optim_disc={"name": "adam", "lr": 2e-3, "betas": [0.5, 0.9]}, **GAN)
+    gan.rates[0] = trained_autoencoder.autoencoder.frame_rate
+    before = _fd(gan, latents)
+    trainer = L.Trainer(accelerator="cpu", max_steps=60, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(gan, datamodule=_FixedLatents(batch, 60))
+    gan.fd = (before, _fd(gan, latents))
+    print(f"latent Frechet distance to the fixed batch: {before:.4g} -> {gan.fd[1]:.4g}; "
+          f"R1 weight {float(gan.gp_weight):.2f}")
+    return gan.eval()
+
+
+def test_gan_moves_towards_the_real_latents(trained_gan):
+    before, after = trained_gan.fd
+    assert after < 0.5 * before
+
+
+def test_ten_minutes_have_no_seams_and_the_control_has(trained_autoencoder, trained_gan):
+    ae = trained_autoencoder.autoencoder
+    joint = trained_gan.window * ae.hop_length  # samples per window
+    phase = trained_gan.generator.upsample * ae.hop_length
+    params = MusikaParams(seed=0, batch_windows=128)
+    wav = generate_audio(trained_gan, ae, 600.0, params=params)
+    assert wav.shape == (1, 1, 600 * SR) and bool(torch.isfinite(wav).all())
+    stitched = seam_statistics(wav[0], SR, joint, phase)
+    control = seam_statistics(generate_audio(trained_gan, ae, 600.0, params=params, independent_windows=True)[0],
+                              SR, joint, phase)
+    print("stitched windows:", stitched)
+    print("independent windows (control):", control)
+    assert stitched["joints"] > 200
+    # joints are like the inside of windows ...
+    assert stitched["ks_pvalue"] > 0.01 and stitched["joints_above_p99"] <= 0.03
+    # ... and the test sees seams where windows do not share a style and a coordinate field
+    assert control["ks_pvalue"] < 1e-4 and control["joint_median"] > control["inside_median"]
+    again = generate_audio(trained_gan, ae, 20.0, params=params)  # seeded: a shorter piece is the same beginning
+    assert torch.allclose(again[..., :15 * SR], wav[..., :15 * SR], atol=1e-5)
+
+
+# -- through the CLI ---------------------------------------------------------------------------------------------
+AE_CLI = ["experiment=musika_autoencoder_tiny", "family.autoencoder.n_filters=8", "family.autoencoder.dimension=8",
+          "data.segment_seconds=0.64", "data.eval_segment_seconds=1.0", "data.eval_batch_size=8",
+          "trainer.validate_first=false"]
+GAN_CLI = ["experiment=musika_tiny", "family.dimension=8", "family.window=8", "family.generator.channels=32",
+           "family.generator.up_channels=[16,16]", "family.discriminator.channels=[16,16]", "data.segment_seconds=0.64",
+           "data.eval_segment_seconds=1.0", "data.eval_batch_size=8", "trainer.validate_first=false"]
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_path):
+    from ostinato.encode import encode_shards
+    from ostinato.evaluation.runner import run_suite
+    from tests.synth import write_tiny_encodec
+
+    data = Path(env["OSTINATO_DATA"]) / "demo"
+    train(env, *AE_CLI, "trainer.max_steps=3")
+    _cli(env, "export", str(xp_folder(env, *AE_CLI, "trainer.max_steps=3")), str(tmp_path / "ae"))
+
+    # latents: one array shard per audio shard, a corrupt sample skipped and counted, complete folders kept
+    write_shards(tmp_path / "bad", n_shards=1, per_shard=4, sample_rate=SR, corrupt={2})
+    m = encode_shards(str(tmp_path / "ae"), tmp_path / "bad", tmp_path / "bad_latents", progress=False)
+    assert m.total_samples == 3 and m.source["skipped"] == 1 and m.streams["latents"].channels == 8
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        encode_shards(str(tmp_path / "ae"), tmp_path / "bad", tmp_path / "bad_latents", progress=False)
+    for split in ("train", "valid", "test"):
+        encode_shards(str(tmp_path / "ae"), data / "shards" / split, data / "latents" / split, progress=False)
+    manifest = ArrayManifest.load(data / "latents" / "train")
+    assert manifest.model.kind == "musika_autoencoder" and manifest.streams["latents"].rate == 12.5
+    dm = ArrayDataModule(data / "latents" / "train", segment_seconds=0.64, batch_size=4, num_workers=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.arrays["latents"].shape == (4, 8, 8) and batch.arrays["latents"].dtype == torch.float32
+
+    train(env, *GAN_CLI, "trainer.max_steps=3")
+    folder = xp_folder(env, *GAN_CLI, "trainer.max_steps=3")
+    # resume mid-way: the 3-step checkpoint placed in the 6-step experiment's folder continues to step 6 with both
+    # optimizers, the adaptive R1 weight and the EMA restored
+    first = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    folder6 = xp_folder(env, *GAN_CLI, "trainer.max_steps=6")
+    (folder6 / "checkpoints").mkdir(parents=True)
+    shutil.copy(folder / "checkpoints" / "last.ckpt", folder6 / "checkpoints" / "last.ckpt")
+    resumed = train(env, *GAN_CLI, "trainer.max_steps=6")
+    assert "resuming" in resumed.stderr
+    written = max((folder6 / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)  # last-v1: the
+    last = torch.load(written, weights_only=True)  # copied file was not written by this XP's checkpoint callback
+    assert first["global_step"] == 3 and last["global_step"] == 6 and len(last["optimizer_states"]) == 2
+    assert not torch.equal(last["state_dict"]["gp_weight"], torch.tensor(10.0))  # the switch kept moving
+    _cli(env, "export", str(folder), str(tmp_path / "gan"))
+    out = tmp_path / "gen"
+    _cli(env, "generate", "--family", "musika", "--model", str(tmp_path / "gan"), "--duration", "20", "--seed", "3",
+         "--out", str(out), "--quiet")
+    wav, sr = sf.read(out / "000.wav", dtype="float32")
+    record = json.loads((out / "000.json").read_text())
+    assert sr == SR and wav.shape == (20 * SR,) and record["autoencoder"] == str(tmp_path / "ae")
+    bad = subprocess.run([sys.executable, "-m", "ostinato.cli", "generate", "--family", "musika", "--model",
+                          str(tmp_path / "gan"), "--prompt", "x", "--out", str(tmp_path / "x")], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unconditional" in bad.stderr
+
+    encodec = write_tiny_encodec(tmp_path / "encodec")
+    result = run_suite("musika_demo", str(tmp_path / "gan"), tmp_path / "eval", progress=False,
+                       overrides=["num_samples=2", "seconds=1.0", f"embedding=codec:{encodec}"],
+                       cache=tmp_path / "cache")
+    assert result["kind"] == "unconditional" and result["settings"]["family"] == "musika"
+    assert result["metrics"]["fad"] >= 0 and len(list((tmp_path / "eval" / "generated").glob("*.wav"))) == 2
