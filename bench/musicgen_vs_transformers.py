@@ -297,40 +297,51 @@ def bench_generation(preset: dict, steps: int, batches: list[int], device: torch
         lm = CodebookLM(decoder_config_to_lm_config(dec_cfg.to_dict())).eval()
     lm.load_state_dict(transformers_state_to_lm(state), strict=True)
     pattern = DelayPattern(K)
+    variants = [("cache", "cache", None), ("static", "static", None), ("graph", "graph", None)]
+    variants += [(f"graph + compile {m}", "graph", m) for m in args.gen_compile.split(",") if m]
     frames = steps - (K - 1)  # pattern.max_steps(frames) - 1 == steps decoding steps
     assert pattern.max_steps(frames) - 1 == steps
     for b in batches:
         cond = torch.randn(b, TC, lm.cfg.dim, generator=g).to(device)
-        for backend in ("cache", "static", "graph"):
+        for label, backend, mode in variants:
             if backend == "graph" and device.type != "cuda":
                 continue
             params = GenerationParams(temperature=1.0, top_k=250, cfg_scale=3.0, seed=1, backend=backend,
-                                      dtype=None if backend == "cache" else "bf16")
+                                      dtype=None if backend == "cache" else "bf16", compile=mode)
 
             def run(n: int = frames) -> torch.Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend == "cache"):
                     return generate(lm, pattern, n, cond=cond, params=params)
 
-            run(8 if backend == "cache" else frames)  # warm-up (the fast backends: same window, graph captured)
+            t0 = time.perf_counter()
+            try:
+                run(8 if backend == "cache" else frames)  # warm-up (fast backends: same window, graph captured)
+            except Exception as e:  # noqa: BLE001 - a failing variant must not hide the others
+                traceback.print_exc()
+                say(f"- {label}, B={b}: failed: {str(e).splitlines()[0][:150]}")
+                continue
             sync(device)
+            first = time.perf_counter() - t0
             reps = 1 if backend == "cache" else args.gen_repeats
             t0 = time.perf_counter()
             for _ in range(reps):
                 codes = run()
             sync(device)
             t = (time.perf_counter() - t0) / reps
-            rows.append(dict(what=f"ostinato generate, {backend} backend, B={b}", b=b, t=t, steps_s=steps / t,
-                             codes=codes))
+            rows.append(dict(what=f"ostinato generate, {label}, B={b}", b=b, t=t, steps_s=steps / t, codes=codes,
+                             first=first))
         if device.type == "cuda":
-            static = next(r["codes"] for r in rows if r["what"] == f"ostinato generate, static backend, B={b}")
-            graph = next(r["codes"] for r in rows if r["what"] == f"ostinato generate, graph backend, B={b}")
+            static = next(r["codes"] for r in rows if r["what"] == f"ostinato generate, static, B={b}")
+            graph = next(r["codes"] for r in rows if r["what"] == f"ostinato generate, graph, B={b}")
             same = torch.equal(static, graph)
             say(f"- B={b}: graph replay and eager static step drew identical tokens (seed 1): {same}")
             assert same, "graph replay differs from the eager static step"
     if device.type == "cuda":
         cond = torch.randn(1, TC, lm.cfg.dim, generator=g).to(device)
-        params = GenerationParams(top_k=250, cfg_scale=3.0, seed=1, backend="graph", dtype="bf16")
-        say("\nTop kernels of one graph-decoded window (B=1, 500 steps):\n")
+        best = max((r for r in rows if r["b"] == 1 and "graph" in r["what"]), key=lambda r: r["steps_s"])
+        mode = next((m for label, _, m in variants if best["what"].endswith(f"{label}, B=1")), None)
+        params = GenerationParams(top_k=250, cfg_scale=3.0, seed=1, backend="graph", dtype="bf16", compile=mode)
+        say(f"\nTop kernels of one window decoded by the fastest graph variant ({best['what']}, 500 steps):\n")
         say("```")
         say(top_kernels(lambda: generate(lm, pattern, frames, cond=cond, params=params), device, args.profile_rows))
         say("```")
@@ -352,6 +363,8 @@ def main() -> None:
     ap.add_argument("--gen-steps", type=int, default=500)
     ap.add_argument("--gen-batches", default="1,8")
     ap.add_argument("--gen-repeats", type=int, default=3)
+    ap.add_argument("--gen-compile", default="default,max-autotune-no-cudagraphs",
+                    help="torch.compile modes of the graph-captured step to time too (comma list; empty: none)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--eager", default="small", help="presets whose eager variant is timed too")
     ap.add_argument("--profile-rows", type=int, default=12)
@@ -360,7 +373,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.tiny:
         args.train, args.frames, args.steps, args.warmup = "small:2", 40, 2, 1
-        args.gen_steps, args.gen_batches, args.gen_repeats = 20, "1,2", 1
+        args.gen_steps, args.gen_batches, args.gen_repeats, args.gen_compile = 20, "1,2", 1, "default"
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -413,12 +426,12 @@ def main() -> None:
             traceback.print_exc()
             rows = []
         say(f"\n| generation, small, CFG 3, top-k 250, {args.gen_steps} steps | s | steps / s | x real time (50 Hz) "
-            f"| vs transformers |")
-        say("|---|---|---|---|---|")
+            f"| vs transformers | first call (compile, capture) s |")
+        say("|---|---|---|---|---|---|")
         for r in rows:
             ref = next((x["t"] for x in rows if x["what"].startswith("transformers") and x["b"] == r["b"]), None)
             say(f"| {r['what']} | {r['t']:.3f} | {r['steps_s']:,.0f} | {r['steps_s'] / 50:.1f} | "
-                f"{(ref / r['t']) if ref else float('nan'):.1f}x |")
+                f"{(ref / r['t']) if ref else float('nan'):.1f}x | {r.get('first', float('nan')):.1f} |")
         say()
     if args.out:
         Path(args.out).write_text("\n".join(LINES) + "\n")

@@ -23,6 +23,7 @@ place (the graphs stay valid) whenever a parameter of the model changed since th
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -44,22 +45,25 @@ _NOISE_BYTES = 64 << 20  # at most this much uniform noise is generated at once
 class InferenceWeights:
     """The parameters of a ``CodebookLM`` in one dtype, laid out for decoding.
 
-    Per layer: ``qkv [3D, D]`` (q, k, v stacked), ``o``; cross-attention ``cq``, ``ck``, ``cv``, ``co``; ``fc1``,
-    ``fc2``; LayerNorm weights/biases; optional Linear biases. ``emb [K, card + 1, D]``, ``heads [K * card, D]``.
+    Per layer: ``qkv [3D, D]`` (rows ordered head, then q/k/v, then head_dim, so that one projection gives
+    ``[.., H, 3, head_dim]``), ``o``; cross-attention ``cq``, ``ck``, ``cv``, ``co``; ``fc1``, ``fc2``; LayerNorm
+    weights/biases; optional Linear biases. The attention scale ``1 / sqrt(head_dim)`` is folded into the q rows
+    (``qkv`` and ``cq``; exact for power-of-two head sizes). ``emb [K, card + 1, D]``, ``heads [K * card, D]``.
     Tensors that need no conversion alias the model's parameters; the others are copies that ``refresh`` updates
     in place when the model's parameters changed (``Tensor._version``).
     """
 
     def __init__(self, model: CodebookLM, dtype: torch.dtype) -> None:
         self.model, self.dtype = model, dtype
-        self._pairs: list[tuple[Tensor, Tensor]] = []
+        self._pairs: list[tuple[Tensor, Tensor, float]] = []
+        self.scale = 1.0 / math.sqrt(model.cfg.head_dim)
         self._params = list(model.parameters())
         self.pointers = self._read_pointers()
         self.layers = [self._layer(block) for block in model.layers]
         self.emb = self._stack([e.weight for e in model.emb])  # [K, card + 1, D]
         self.heads = self._stack([h.weight for h in model.heads]).flatten(0, 1)  # [K * card, D]
         self.out_norm = (self._own(model.out_norm.weight), self._own(model.out_norm.bias))
-        self._versions = self._read_versions()
+        self._copy_in()
 
     def _read_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._params)
@@ -73,34 +77,42 @@ class InferenceWeights:
         return len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)) \
             or self._read_pointers() != self.pointers
 
-    def _own(self, p: Tensor | None) -> Tensor | None:
+    def _own(self, p: Tensor | None, scale: float = 1.0) -> Tensor | None:
         if p is None:
             return None
-        if p.dtype == self.dtype:
+        if p.dtype == self.dtype and scale == 1.0:
             return p.detach()
-        out = p.detach().to(self.dtype).clone()
-        self._pairs.append((out, p))
+        out = torch.empty_like(p, dtype=self.dtype)
+        self._pairs.append((out, p, scale))
         return out
 
     def _stack(self, ps: list[Tensor | None]) -> Tensor | None:
         if ps[0] is None:
             return None
-        out = torch.cat([p.detach() for p in ps]).to(self.dtype).reshape(len(ps), *ps[0].shape)
-        for i, p in enumerate(ps):
-            self._pairs.append((out[i], p))
+        out = torch.empty(len(ps), *ps[0].shape, dtype=self.dtype, device=ps[0].device)
+        self._pairs += [(out[i], p, 1.0) for i, p in enumerate(ps)]
         return out
 
+    def _qkv(self, ps: list[Tensor | None], heads: int) -> Tensor | None:
+        """q, k, v weights ``[D, D]`` (or biases ``[D]``) -> ``[H, 3, Dh, ...]`` flattened to ``[3D, ...]``."""
+        if ps[0] is None:
+            return None
+        rest = ps[0].shape[1:]
+        out = torch.empty(heads, 3, ps[0].shape[0] // heads, *rest, dtype=self.dtype, device=ps[0].device)
+        self._pairs += [(out[:, i], p, self.scale if i == 0 else 1.0) for i, p in enumerate(ps)]
+        return out.flatten(0, 2)
+
     def _layer(self, block: torch.nn.Module) -> dict[str, Tensor | None]:
-        sa, w = block.self_attn, {}
-        w["qkv"] = self._stack([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]).flatten(0, 1)
-        b = self._stack([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias])
-        w["qkv_b"] = None if b is None else b.flatten()
+        sa, w, h = block.self_attn, {}, block.cfg.num_heads
+        w["qkv"] = self._qkv([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight], h)
+        w["qkv_b"] = self._qkv([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias], h)
         w["o"], w["o_b"] = self._own(sa.out_proj.weight), self._own(sa.out_proj.bias)
         w["ln1"], w["ln1_b"] = self._own(block.norm_self.weight), self._own(block.norm_self.bias)
         ca = block.cross_attn
         if ca is not None:
             for name, lin in (("cq", ca.q_proj), ("ck", ca.k_proj), ("cv", ca.v_proj), ("co", ca.out_proj)):
-                w[name], w[name + "_b"] = self._own(lin.weight), self._own(lin.bias)
+                scale = self.scale if name == "cq" else 1.0
+                w[name], w[name + "_b"] = self._own(lin.weight, scale), self._own(lin.bias, scale)
             w["ln2"], w["ln2_b"] = self._own(block.norm_cross.weight), self._own(block.norm_cross.bias)
         w["ln3"], w["ln3_b"] = self._own(block.norm_ffn.weight), self._own(block.norm_ffn.bias)
         w["fc1"], w["fc1_b"] = self._own(block.fc1.weight), self._own(block.fc1.bias)
@@ -110,13 +122,17 @@ class InferenceWeights:
     @torch.no_grad()
     def refresh(self) -> bool:
         """Copy the model's parameters in again if any changed; True when something was copied."""
-        versions = self._read_versions()
-        if versions == self._versions:
+        if self._read_versions() == self._versions:
             return False
-        for dst, src in self._pairs:
-            dst.copy_(src.detach().reshape(dst.shape))
-        self._versions = self._read_versions()
+        self._copy_in()
         return True
+
+    @torch.no_grad()
+    def _copy_in(self) -> None:
+        for dst, src, scale in self._pairs:
+            src = src.detach().reshape(dst.shape)
+            dst.copy_(src * scale if scale != 1.0 else src)
+        self._versions = self._read_versions()
 
 
 def inference_weights(model: CodebookLM, dtype: torch.dtype) -> InferenceWeights:
@@ -174,7 +190,7 @@ def gumbel_topk_sample(logits: Tensor, spec: SamplingSpec, uniform: Tensor | Non
     nucleus = 0.0 < spec.top_p < 1.0
     if n == card and not nucleus:
         return torch.argmax(x - torch.log(-torch.log(uniform)), dim=-1)
-    vals, idx = torch.topk(x, n, dim=-1)  # sorted, largest first
+    vals, idx = torch.topk(x, n, dim=-1, sorted=nucleus)  # the nucleus needs them sorted, largest first
     if nucleus:
         probs = torch.softmax(vals, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs
@@ -199,10 +215,13 @@ class FastDecoder:
         cond_len: cross-attention length Tc (0 = no cross-attention).
         spec: CFG and sampling settings.
         graph: capture the step in a CUDA graph on its first call and replay it afterwards.
+        compile_mode: ``torch.compile`` the step first (None = eager kernels), e.g. ``"default"`` or
+            ``"max-autotune-no-cudagraphs"`` (fused layer norms, residuals and softmaxes; tuned matrix-vector
+            kernels); the capture then records the compiled kernels.
     """
 
     def __init__(self, model: CodebookLM, weights: InferenceWeights, b: int, steps: int, n_prefix: int,
-                 cond_len: int, spec: SamplingSpec, graph: bool = False) -> None:
+                 cond_len: int, spec: SamplingSpec, graph: bool = False, compile_mode: str | None = None) -> None:
         cfg = model.cfg
         self.cfg, self.w, self.spec, self.b = cfg, weights, spec, b
         self.steps, self.n_prefix, self.cond_len = steps, n_prefix, cond_len
@@ -211,15 +230,15 @@ class FastDecoder:
         self.device, self.dtype = dev, dt
         self.act = _ACTIVATIONS[cfg.activation]
         self.max_len = _round_up(n_prefix + steps, 16)
-        shape = (self.rows, cfg.num_heads, self.max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
+        r, h, dh = self.rows, cfg.num_heads, cfg.head_dim
+        # keys and values of a position side by side: one write per layer and step
+        self.kv = [torch.zeros(r, h, self.max_len, 2, dh, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
         self.cross = cond_len > 0 and cfg.cross_attention
         if self.cross:
-            cshape = (self.rows, cfg.num_heads, cond_len, cfg.head_dim)
-            self.ckeys = [torch.zeros(cshape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
-            self.cvalues = [torch.zeros(cshape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
-            self.cross_bias = torch.zeros(self.rows, 1, 1, cond_len, device=dev, dtype=dt)
+            self.ckeys = [torch.zeros(r, h, cond_len, dh, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
+            self.cvalues = [torch.zeros(r, h, cond_len, dh, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
+            self.cross_bias = torch.zeros(r, 1, 1, cond_len, device=dev, dtype=dt)
+            self.cross_bias_heads = torch.zeros(r * h, 1, cond_len, device=dev, dtype=dt)
         self.key_pos = torch.arange(self.max_len, device=dev)
         self._zero = torch.zeros((), device=dev, dtype=dt)
         self._ninf = torch.full((), float("-inf"), device=dev, dtype=dt)
@@ -235,16 +254,16 @@ class FastDecoder:
         per_step = max(1, b * cfg.n_q * max(1, self.n_noise) * 4)
         self.noise_steps = max(1, min(steps, _NOISE_BYTES // per_step))
         self.noise = torch.rand(self.noise_steps, b, cfg.n_q, max(1, self.n_noise), device=dev)
+        self.generator: torch.Generator | None = None
         self.use_graph = graph
+        self._step_fn = self._step
+        if compile_mode is not None:
+            self._step_fn = torch.compile(self._step, mode=None if compile_mode == "default" else compile_mode,
+                                          fullgraph=True, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: Tensor | None = None
 
     # -- the network, functionally ---------------------------------------------------------------------------
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [R, H, S, Dh]
-        r, h, s, dh = out.shape
-        return out.transpose(1, 2).reshape(r, s, h * dh)
-
     @staticmethod
     def _linear_add(x: Tensor, h: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         """``x + h @ w.T (+ bias)``; one GEMM with the residual as its accumulator when there is no bias."""
@@ -252,26 +271,52 @@ class FastDecoder:
             return x + F.linear(h, w, bias)
         return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), w.t()).view(x.shape)
 
+    @staticmethod
+    def _decode_attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """One query per row: ``q [N, 1, Dh]`` (pre-scaled) over ``k, v [N, T, Dh]`` with the additive ``bias``
+        (``[.., 1, T]``) -> ``[N, 1, Dh]``, as two batched matrix-vector products around a softmax."""
+        p = torch.softmax(torch.bmm(q, k.transpose(1, 2)) + bias, dim=-1)
+        return torch.bmm(p, v)
+
+
     def forward(self, x: Tensor, positions: Tensor, bias: Tensor) -> Tensor:
         """``x [R, S, D]`` at ``positions [S]`` with the self-attention mask ``bias [S, L]`` (0 / -inf) ->
-        ``[R, S, D]`` before the output norm; writes the new keys/values into the cache."""
+        ``[R, S, D]`` before the output norm; writes the new keys/values into the cache. S = 1 (a decoding step)
+        attends with batched matrix-vector products, S > 1 (prefill) with SDPA."""
         cfg, eps = self.cfg, self.cfg.layer_norm_eps
         r, s, d = x.shape
         hd, nh = cfg.head_dim, cfg.num_heads
+        step = s == 1
         for i, w in enumerate(self.w.layers):
             h = F.layer_norm(x, (d,), w["ln1"], w["ln1_b"], eps)
-            qkv = F.linear(h, w["qkv"], w["qkv_b"]).view(r, s, 3, nh, hd)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [R, H, S, Dh]
+            qkv = F.linear(h, w["qkv"], w["qkv_b"]).view(r, s, nh, 3, hd)
+            q = qkv[:, :, :, 0]  # [R, S, H, Dh]
             if cfg.positional == "rope":
-                q = _apply_rope(q, positions, cfg.max_period)
-                k = _apply_rope(k, positions, cfg.max_period)
-            self.keys[i].index_copy_(2, positions, k)
-            self.values[i].index_copy_(2, positions, v)
-            x = self._linear_add(x, self._attend(q, self.keys[i], self.values[i], bias), w["o"], w["o_b"])
+                q = _apply_rope(q.transpose(1, 2), positions, cfg.max_period).transpose(1, 2)
+                k = _apply_rope(qkv[:, :, :, 1].transpose(1, 2), positions, cfg.max_period)
+                self.kv[i][:, :, positions, 0] = k
+                self.kv[i][:, :, positions, 1] = qkv[:, :, :, 2].transpose(1, 2)
+            else:  # keys and values of the new positions in one write
+                self.kv[i][:, :, positions] = qkv[:, :, :, 1:].transpose(1, 2)
+            keys, values = self.kv[i][:, :, :, 0], self.kv[i][:, :, :, 1]  # [R, H, L, Dh]
+            if step:
+                att = self._decode_attend(q.reshape(r * nh, 1, hd), keys.reshape(r * nh, -1, hd),
+                                          values.reshape(r * nh, -1, hd), bias).view(r, 1, d)
+            else:
+                att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=bias, scale=1.0)
+                att = att.transpose(1, 2).reshape(r, s, d)
+            x = self._linear_add(x, att, w["o"], w["o_b"])
             if self.cross:
                 h = F.layer_norm(x, (d,), w["ln2"], w["ln2_b"], eps)
-                q = F.linear(h, w["cq"], w["cq_b"]).view(r, s, nh, hd).transpose(1, 2)
-                att = self._attend(q, self.ckeys[i], self.cvalues[i], self.cross_bias)
+                q = F.linear(h, w["cq"], w["cq_b"])
+                if step:
+                    att = self._decode_attend(q.view(r * nh, 1, hd), self.ckeys[i].view(r * nh, -1, hd),
+                                              self.cvalues[i].view(r * nh, -1, hd), self.cross_bias_heads)
+                    att = att.view(r, 1, d)
+                else:
+                    att = F.scaled_dot_product_attention(q.view(r, s, nh, hd).transpose(1, 2), self.ckeys[i],
+                                                         self.cvalues[i], attn_mask=self.cross_bias, scale=1.0)
+                    att = att.transpose(1, 2).reshape(r, s, d)
                 x = self._linear_add(x, att, w["co"], w["co_b"])
             h = self.act(F.linear(F.layer_norm(x, (d,), w["ln3"], w["ln3_b"], eps), w["fc1"], w["fc1_b"]))
             x = self._linear_add(x, h, w["fc2"], w["fc2_b"])
@@ -324,6 +369,7 @@ class FastDecoder:
                 self.ckeys[i].copy_(k)
                 self.cvalues[i].copy_(v * keep)
             self.cross_bias.copy_(torch.where(attend, 0.0, float("-inf"))[:, None, None, :].to(self.dtype))
+            self.cross_bias_heads.view(r, -1, t).copy_(self.cross_bias.view(r, 1, t))
         self._refill_noise()
         n = self.n_prefix + first
         positions = torch.arange(n, device=self.device)
@@ -347,7 +393,7 @@ class FastDecoder:
         cur = self.seq.index_select(2, nxt)[..., 0]
         v, f = self.valid.index_select(1, nxt)[:, 0], self.forced.index_select(1, nxt)[:, 0]
         new = torch.where(f, cur, torch.where(v, tok, torch.full_like(tok, self.cfg.card)))
-        self.seq.index_copy_(2, nxt, new[..., None])
+        self.seq[:, :, nxt] = new[..., None]
         s.add_(1)
         return mixed
 
@@ -367,7 +413,7 @@ class FastDecoder:
         if self.n_noise and s % self.noise_steps == 0:
             self._refill_noise()
         if not self.use_graph:
-            return self._step()
+            return self._step_fn()
         if self._graph is None:
             self._capture()
         assert self._graph is not None and self._graph_logits is not None
@@ -379,13 +425,13 @@ class FastDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: the same step twice (each rewrites what it wrote)
-                self._step()
+            for _ in range(3):  # warm-up (and compilation): the same step again (each rewrites what it wrote)
+                self._step_fn()
                 self.step_index.copy_(saved)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._graph_logits = self._step()
+            self._graph_logits = self._step_fn()
         self.step_index.copy_(saved)
         self._graph = graph
 
@@ -395,14 +441,14 @@ class FastDecoder:
 
 
 def fast_decoder(model: CodebookLM, dtype: torch.dtype, b: int, steps: int, n_prefix: int, cond_len: int,
-                 spec: SamplingSpec, graph: bool) -> FastDecoder:
+                 spec: SamplingSpec, graph: bool, compile_mode: str | None = None) -> FastDecoder:
     """A cached ``FastDecoder`` for this window shape and sampling spec (a few are kept per model)."""
     weights = inference_weights(model, dtype)
     store: OrderedDict = model.__dict__.setdefault(_CACHE_KEY, OrderedDict())
-    key = (dtype, b, steps, n_prefix, cond_len, spec, graph, weights.heads.device)
+    key = (dtype, b, steps, n_prefix, cond_len, spec, graph, compile_mode, weights.heads.device)
     dec = store.get(key)
     if dec is None or dec.w is not weights:
-        dec = store[key] = FastDecoder(model, weights, b, steps, n_prefix, cond_len, spec, graph)
+        dec = store[key] = FastDecoder(model, weights, b, steps, n_prefix, cond_len, spec, graph, compile_mode)
         while len(store) > _MAX_DECODERS:
             store.popitem(last=False)
     store.move_to_end(key)

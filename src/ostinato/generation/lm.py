@@ -75,6 +75,8 @@ class GenerationParams:
             ``"graph"`` (that step as a CUDA graph) or ``"auto"`` (graph on CUDA, else cache).
         dtype: weights of the fast backends: ``"bf16"``, ``"fp16"``, ``"fp32"`` or None (the autocast dtype when
             autocast is on, else the model's).
+        compile: ``torch.compile`` mode of the fast step (``"default"``, ``"max-autotune-no-cudagraphs"``) or None
+            (eager kernels); compiled once per window shape, tens of seconds.
     """
 
     temperature: float = 1.0
@@ -87,6 +89,7 @@ class GenerationParams:
     max_window_frames: int | None = None
     backend: str = "auto"
     dtype: str | None = None
+    compile: str | None = None
 
 
 BACKENDS = ("auto", "cache", "static", "graph")
@@ -256,7 +259,7 @@ class _Decoder:
                             top_k=p.top_k, top_p=p.top_p)
         cond_len = 0 if self.cond is None else self.cond.shape[1]
         dec = fast_decoder(self.model, self.dtype, self.b, steps, 0 if prefix is None else prefix.shape[1],
-                           cond_len, spec, graph=self.backend == "graph")
+                           cond_len, spec, graph=self.backend == "graph", compile_mode=p.compile)
         dec.start(seq, valid, forced, first, self.cond, self.cond_mask, prefix, self.generator)
         self._tick(base + first)
         for s in range(first, steps - 1):
