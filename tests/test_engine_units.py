@@ -110,3 +110,26 @@ def test_wandb_is_offline_until_logged_in(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
+
+
+def test_csv_log_survives_resume_up_to_the_checkpoint_step(tmp_path):
+    import csv
+
+    from ostinato.engine.loggers import ResumableCSVLogger
+
+    (tmp_path / "csv").mkdir()
+    with open(tmp_path / "csv" / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "train/loss"])
+        w.writeheader()
+        w.writerows({"step": s, "train/loss": 10 - s} for s in range(10))
+    resumed = ResumableCSVLogger(str(tmp_path), resumed_step=5)
+    resumed.log_metrics({"train/loss": 0.5, "valid/ce": 2.0}, step=6)
+    resumed.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # steps 6..9 were trained again
+    assert rows[0]["train/loss"] == "10" and rows[-1]["valid/ce"] == "2.0" and rows[0]["valid/ce"] == ""
+    fresh = ResumableCSVLogger(str(tmp_path))  # a new run in the same folder starts a new file
+    fresh.log_metrics({"train/loss": 1.0}, step=0)
+    fresh.save()
+    assert (tmp_path / "csv" / "metrics.csv").read_text().splitlines() == ["step,train/loss", "0,1.0"]

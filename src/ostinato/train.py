@@ -77,7 +77,8 @@ def run(cfg: DictConfig) -> L.Trainer:
         load_weights(family, cfg.continue_from, xps_dir=Path(xp.dora.dir) / xp.dora.xps,
                      trust=cfg.trainer.trust_checkpoints)
     apply_compile_and_checkpointing(cfg.trainer, family)
-    loggers = build_loggers(cfg.logger, folder, xp.sig) if cfg.logger.kind != "none" else []
+    resumed_step = checkpoint_step(resume) if resume is not None else None
+    loggers = build_loggers(cfg.logger, folder, xp.sig, resumed_step) if cfg.logger.kind != "none" else []
     trainer = build_trainer(cfg, folder, family, xp=xp, loggers=loggers)
     log.info("XP %s in %s%s", xp.sig, folder, f", resuming {resume}" if resume else "")
     if cfg.eval_only:
@@ -97,6 +98,18 @@ def run(cfg: DictConfig) -> L.Trainer:
         kept = last_checkpoint(folder)
         raise NonFiniteError(f"{e} ({kept or 'no checkpoint was written yet'})") from None
     return trainer
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step of a checkpoint file (memory-mapped, no tensor is read) or of a sharded checkpoint folder;
+    when it cannot be read, a step past every logged one (a resumed run then keeps all its CSV rows)."""
+    import torch
+
+    meta = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)
+    try:
+        return int(torch.load(meta, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint: keep the rows
+        return 2**62
 
 
 @hydra_main(config_path=conf_dir(), config_name="config", version_base="1.3")
