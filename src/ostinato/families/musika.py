@@ -1,7 +1,7 @@
 """The Musika family: a spectrogram autoencoder with a continuous latent, and a GAN in that latent space.
 
-``MusikaAutoencoderFamily`` trains ``SpectralAutoencoder`` on audio shards: multi-scale mel + multi-resolution STFT
-+ L1 losses, optionally adversarial (the codec's waveform discriminators, hinge + feature matching) after
+``MusikaAutoencoderFamily`` trains ``SpectralAutoencoder`` on audio shards: an L1 between the decoded and the input
+(normalised) log-magnitude spectrograms, multi-scale mel + multi-resolution STFT + L1 waveform losses, optionally adversarial (the codec's waveform discriminators, hinge + feature matching) after
 ``disc_warmup_steps``. Its latents are then written once as array shards (``python -m ostinato.encode``).
 
 ``MusikaFamily`` trains ``MusikaGenerator`` against ``LatentDiscriminator`` on windows of those latents, as
@@ -36,11 +36,12 @@ from ostinato.metrics.fad import FrechetAudioDistance
 from ostinato.nn.discriminators import build_discriminator
 from ostinato.nn.losses import (MultiScaleMelLoss, MultiScaleSTFTLoss, feature_matching_loss,
                                 hinge_discriminator_loss, hinge_generator_loss, l1_waveform)
-from ostinato.nn.musika import LatentDiscriminator, MusikaGenerator, SpectralAutoencoder, window_coordinates
+from ostinato.nn.musika import (AutoencoderOutput, LatentDiscriminator, MusikaGenerator, SpectralAutoencoder,
+                                window_coordinates)
 
 __all__ = ["MusikaAutoencoderFamily", "MusikaFamily", "AE_WEIGHTS"]
 
-AE_WEIGHTS = {"mel": 1.0, "stft": 1.0, "l1": 0.1, "adv": 1.0, "feat": 1.0}
+AE_WEIGHTS = {"spec": 1.0, "mel": 1.0, "stft": 1.0, "l1": 0.1, "adv": 1.0, "feat": 1.0}
 
 
 def _optimizers(module: FamilyModule) -> tuple[Any, Any | None]:
@@ -80,7 +81,8 @@ class MusikaAutoencoderFamily(FamilyModule):
     Args:
         sample_rate, channels: the audio.
         autoencoder: ``SpectralAutoencoder`` keys (``hop``, ``dimension``, ``n_filters``, ``ratios``, ...).
-        loss_weights: ``mel``, ``stft``, ``l1``, ``adv``, ``feat`` (``adv``/``feat`` only with a discriminator).
+        loss_weights: ``spec`` (decoded vs input log-magnitudes), ``mel``, ``stft``, ``l1``, ``adv``, ``feat``
+            (``adv``/``feat`` only with a discriminator).
         discriminator: ``{kinds: [msstft, ...], <kind>: {...}}`` as for the codec, or None for no GAN.
         disc_warmup_steps: generator steps before the discriminator starts.
     It writes array shards: ``array_streams()`` / ``encode_arrays(wav)`` (stream ``latents``, float16 [D, F]).
@@ -105,7 +107,9 @@ class MusikaAutoencoderFamily(FamilyModule):
             self.discriminator = build_discriminator(kinds, channels=channels, **disc_cfg)
         self.disc_warmup_steps = int(disc_warmup_steps)
         self.optim_disc_cfg = plain(optim_disc) or {"name": "adam", "lr": 3e-4, "betas": [0.5, 0.9]}
-        self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels)
+        # normalized: each scale's L1 on power mels is divided by its window energy, keeping it the size of the
+        # log terms rather than hundreds of times the spectrogram loss
+        self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels, normalized=True)
         self.stft_loss = MultiScaleSTFTLoss(n_ffts=(512, 1024, 2048), hop_lengths=(128, 256, 512),
                                             win_lengths=(512, 1024, 2048), factor_sc=1.0, factor_mag=1.0)
         self.val_mel = MelDistance(sample_rate)
@@ -130,8 +134,10 @@ class MusikaAutoencoderFamily(FamilyModule):
                               if self.discriminator is not None else [])
         return optimizers, [sched] if sched else []
 
-    def losses(self, x: Tensor, recon: Tensor, adversarial: bool) -> dict[str, Tensor]:
-        losses = {"mel": self.mel_loss(recon, x), "stft": self.stft_loss(recon, x), "l1": l1_waveform(recon, x)}
+    def losses(self, x: Tensor, out: AutoencoderOutput, adversarial: bool) -> dict[str, Tensor]:
+        recon = out.recon
+        losses = {"spec": F.l1_loss(out.logmag.float(), out.target.float()), "mel": self.mel_loss(recon, x),
+                  "stft": self.stft_loss(recon, x), "l1": l1_waveform(recon, x)}
         if adversarial:
             assert self.discriminator is not None
             fake_logits, fake_features = self.discriminator(recon)
@@ -144,7 +150,8 @@ class MusikaAutoencoderFamily(FamilyModule):
     def training_step(self, batch: AudioBatch, batch_idx: int) -> None:
         opt_g, opt_d = _optimizers(self)
         x = batch.audio
-        recon, _ = self.autoencoder(x)
+        out = self.autoencoder(x)
+        recon = out.recon
         adversarial = self.discriminator is not None and self.global_step >= self.disc_warmup_steps
         n = len(batch)
         if adversarial:
@@ -154,12 +161,12 @@ class MusikaAutoencoderFamily(FamilyModule):
             d_loss = hinge_discriminator_loss(real_logits, fake_logits)
             _raw_step(self, d_loss, [p for p in self.discriminator.parameters() if p.requires_grad], opt_d)
             self.log("train/d_loss", d_loss.detach(), batch_size=n)
-        losses = self.losses(x, recon, adversarial)
+        losses = self.losses(x, out, adversarial)
         total = sum(self.weights[k] * v for k, v in losses.items())
         _generator_step(self, total, [p for p in self.autoencoder.parameters() if p.requires_grad], opt_g)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=n, prog_bar=name == "mel")
-        reconstruction = sum(self.weights[k] * losses[k] for k in ("mel", "stft", "l1") if k in losses)
+        reconstruction = sum(self.weights[k] * losses[k] for k in ("spec", "mel", "stft", "l1") if k in losses)
         self.log("train/loss", reconstruction.detach(), batch_size=n)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -168,7 +175,7 @@ class MusikaAutoencoderFamily(FamilyModule):
         if not bool(valid.any()):
             return
         x, lengths = batch.audio[valid], batch.lengths[valid]
-        recon, _ = self.autoencoder(x)
+        recon = self.autoencoder(x).recon
         for metric in (self.val_mel, self.val_stft, self.val_sisnr):
             metric.update(recon, x, lengths)
         n = int(valid.sum())
@@ -184,7 +191,7 @@ class MusikaAutoencoderFamily(FamilyModule):
 
     def sample_audio(self, batch: AudioBatch) -> dict[str, Tensor]:
         with torch.no_grad():
-            return {"original": batch.audio, "reconstruction": self.autoencoder(batch.audio)[0]}
+            return {"original": batch.audio, "reconstruction": self.autoencoder(batch.audio).recon}
 
 
 class MusikaFamily(FamilyModule):

@@ -3,10 +3,15 @@ generator reads a global style vector and a field of positional coordinates.
 
 Autoencoder (``SpectralAutoencoder``)::
 
-    wav [B, C, T] --STFT (n_fft = 4 hop, hann, "same" padding)--> log|X| [B, C * (n_fft/2 + 1), T / hop]
+    wav [B, C, T] --STFT (n_fft = 4 hop, hann, "same" padding)--> normalised log|X| [B, C * (n_fft/2 + 1), T / hop]
         --SEANet encoder over frames (ratios)--> tanh --> latents [B, D, T / (hop * prod(ratios))]
-        --SEANet decoder--> [B, C * (n_fft + 2), T / hop]: log-magnitude and phase per bin
+        --SEANet decoder--> [B, C * (n_fft + 2), T / hop]: normalised log-magnitude and phase per bin
         --ISTFT ("same" padding, overlap-add normalised by the window envelope)--> wav [B, C, T]
+
+Log-magnitudes are floored at ``log_floor`` (-60 dB) and normalised, ``(log(|X| + floor) - log_mean) / log_std``,
+both as the encoder's input and as the decoder's magnitude output, so the decoder can also be trained directly on
+the input spectrogram (``AutoencoderOutput.logmag`` vs ``.target``), which teaches it magnitudes far faster than
+waveform losses alone.
 
 The decoder works at the STFT frame rate and the waveform comes from an inverse FFT, which is what makes Musika
 fast on a CPU: no layer runs at the audio rate. Latents are bounded in [-1, 1] (tanh) so the GAN has a fixed range.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +39,7 @@ from torch import Tensor, nn
 from ostinato.nn.conv import NormConv1d
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
-__all__ = ["stft_logmag", "istft_same", "SpectralAutoencoder", "MusikaGenerator", "LatentDiscriminator",
+__all__ = ["stft_logmag", "istft_same", "AutoencoderOutput", "SpectralAutoencoder", "MusikaGenerator", "LatentDiscriminator",
            "coordinate_field", "window_coordinates", "truncated_normal"]
 
 
@@ -73,6 +79,17 @@ def istft_same(spec: Tensor, n_fft: int, hop: int) -> Tensor:
     return y[:, pad:size - pad] / env[pad:size - pad].clamp_min(1e-11)
 
 
+@dataclass
+class AutoencoderOutput:
+    """``SpectralAutoencoder.forward``: recon [B, C, T]; latents [B, D, L]; the decoder's normalised
+    log-magnitudes ``logmag`` and the input's ``target``, both [B, C * bins, L * frame_ratio]."""
+
+    recon: Tensor
+    latents: Tensor
+    logmag: Tensor
+    target: Tensor
+
+
 class SpectralAutoencoder(nn.Module):
     """Musika-style autoencoder: wav [B, C, T] <-> latents [B, dimension, T / hop_length] in [-1, 1].
 
@@ -82,7 +99,8 @@ class SpectralAutoencoder(nn.Module):
         dimension: latent size D.
         n_filters, ratios, n_residual_layers, ...: the SEANet encoder / decoder over STFT frames (``ratios``
             compress time further: latent hop = ``hop * prod(ratios)``); any key of ``SEANetEncoder`` passes.
-        max_log_magnitude: clamp of the predicted log-magnitude (keeps ``exp`` finite early in training).
+        log_floor, log_mean, log_std: the log-magnitude floor and normalisation (see the module docstring).
+        max_log_magnitude: clamp of the predicted (natural) log-magnitude, keeping ``exp`` finite.
     ``config`` holds the constructor arguments (``SpectralAutoencoder(**ae.config)`` rebuilds it).
     """
 
@@ -90,6 +108,7 @@ class SpectralAutoencoder(nn.Module):
                  n_filters: int = 64, ratios: Sequence[int] = (4, 4), n_residual_layers: int = 1,
                  kernel_size: int = 7, last_kernel_size: int = 3, residual_kernel_size: int = 3,
                  dilation_base: int = 2, activation: str = "ELU", norm: str = "weight_norm", lstm: int = 0,
+                 log_floor: float = 1e-3, log_mean: float = -3.0, log_std: float = 3.0,
                  max_log_magnitude: float = 6.0) -> None:
         super().__init__()
         if hop % 2:
@@ -98,10 +117,11 @@ class SpectralAutoencoder(nn.Module):
             sample_rate=sample_rate, channels=channels, hop=hop, dimension=dimension, n_filters=n_filters,
             ratios=[int(r) for r in ratios], n_residual_layers=n_residual_layers, kernel_size=kernel_size,
             last_kernel_size=last_kernel_size, residual_kernel_size=residual_kernel_size,
-            dilation_base=dilation_base, activation=activation, norm=norm, lstm=lstm,
-            max_log_magnitude=max_log_magnitude)
+            dilation_base=dilation_base, activation=activation, norm=norm, lstm=lstm, log_floor=log_floor,
+            log_mean=log_mean, log_std=log_std, max_log_magnitude=max_log_magnitude)
         self.sample_rate, self.channels, self.hop, self.n_fft = int(sample_rate), int(channels), int(hop), 4 * int(hop)
         self.dimension, self.max_log_magnitude = int(dimension), float(max_log_magnitude)
+        self.log_floor, self.log_mean, self.log_std = float(log_floor), float(log_mean), float(log_std)
         self.bins = self.n_fft // 2 + 1
         seanet = dict(dimension=dimension, n_filters=n_filters, ratios=list(ratios), activation=activation,
                       n_residual_layers=n_residual_layers, kernel_size=kernel_size, last_kernel_size=last_kernel_size,
@@ -124,21 +144,30 @@ class SpectralAutoencoder(nn.Module):
     def _pad(self, wav: Tensor) -> Tensor:
         return F.pad(wav, (0, -wav.shape[-1] % self.hop_length))
 
-    def encode(self, wav: Tensor) -> Tensor:
-        """wav [B, C, T] -> latents [B, D, ceil(T / hop_length)] in [-1, 1]."""
+    def features(self, wav: Tensor) -> Tensor:
+        """wav [B, C, T] -> normalised log-magnitudes [B, C * bins, ceil(T / hop_length) * frame_ratio]."""
         if wav.dim() != 3 or wav.shape[1] != self.channels:
             raise ValueError(f"expected audio [B, {self.channels}, T], got {tuple(wav.shape)}")
-        return torch.tanh(self.encoder(stft_logmag(self._pad(wav), self.n_fft, self.hop)))
+        logmag = stft_logmag(self._pad(wav), self.n_fft, self.hop, eps=self.log_floor)
+        return (logmag - self.log_mean) / self.log_std
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """latents [B, D, L] -> wav [B, C, L * hop_length]."""
-        out = self.decoder(latents)  # [B, C * 2 * bins, L * frame_ratio]
+    def encode(self, wav: Tensor) -> Tensor:
+        """wav [B, C, T] -> latents [B, D, ceil(T / hop_length)] in [-1, 1]."""
+        return torch.tanh(self.encoder(self.features(wav)))
+
+    def synthesize(self, out: Tensor) -> Tensor:
+        """Decoder output [B, C * 2 * bins, F] (normalised log-magnitude, phase) -> wav [B, C, F * hop]."""
         b, _, frames = out.shape
         out = out.float().reshape(b * self.channels, 2, self.bins, frames)
-        magnitude = torch.exp(out[:, 0].clamp(max=self.max_log_magnitude))
+        logmag = out[:, 0] * self.log_std + self.log_mean
+        magnitude = torch.exp(logmag.clamp(max=self.max_log_magnitude))
         phase = out[:, 1]
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         return istft_same(spec, self.n_fft, self.hop).reshape(b, self.channels, frames * self.hop)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents [B, D, L] -> wav [B, C, L * hop_length]."""
+        return self.synthesize(self.decoder(latents))
 
     def decode_chunked(self, latents: Tensor, chunk: int = 256, context: int | None = None,
                        progress: Any = None) -> Tensor:
@@ -170,11 +199,15 @@ class SpectralAutoencoder(nn.Module):
         reach += self.n_fft / self.hop / self.frame_ratio
         return int(math.ceil(reach)) + 1
 
-    def forward(self, wav: Tensor) -> tuple[Tensor, Tensor]:
-        """wav [B, C, T] -> (reconstruction [B, C, T], latents [B, D, L])."""
+    def forward(self, wav: Tensor) -> AutoencoderOutput:
+        """wav [B, C, T] -> ``AutoencoderOutput`` (reconstruction [B, C, T], latents, decoded and input spectra)."""
         length = wav.shape[-1]
-        z = self.encode(wav)
-        return self.decode(z)[..., :length], z
+        target = self.features(wav)
+        z = torch.tanh(self.encoder(target))
+        out = self.decoder(z)
+        b, _, frames = out.shape
+        logmag = out.reshape(b, self.channels, 2, self.bins, frames)[:, :, 0].reshape(b, -1, frames)
+        return AutoencoderOutput(self.synthesize(out)[..., :length], z, logmag, target)
 
 
 # -- latent GAN -------------------------------------------------------------------------------------------------
