@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ostinato.generation.lm import GenerationParams, generate
-from ostinato.nn.jukebox import LEVELS, parse_metadata
+from ostinato.nn.jukebox import parse_metadata
 
 __all__ = ["JukeboxModels", "generate_codes", "generate_audio", "load_bundle", "write_bundle", "cli_generate"]
 

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from ostinato.nn.conv import NormConv1d
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
-__all__ = ["stft_logmag", "istft_same", "AutoencoderOutput", "SpectralAutoencoder", "MusikaGenerator", "LatentDiscriminator",
-           "coordinate_field", "window_coordinates", "truncated_normal"]
+__all__ = ["stft_logmag", "istft_same", "AutoencoderOutput", "SpectralAutoencoder", "MusikaGenerator",
+           "LatentDiscriminator", "coordinate_field", "window_coordinates", "truncated_normal"]
 
 
 # -- spectral front end / back end ------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ def truncated_normal(shape: Sequence[int], bound: float | None, generator: torch
     longer request extends a shorter one with the same generator state.
     """
     u = torch.rand(*shape, generator=generator, dtype=torch.float64)
-    lo = 0.0 if bound is None or bound <= 0 else float(torch.special.ndtr(torch.tensor(-float(bound), dtype=torch.float64)))
+    lo = 0.0 if bound is None or bound <= 0 else float(torch.special.ndtr(torch.tensor(-float(bound),
+                                                                                       dtype=torch.float64)))
     p = (lo + u * (1 - 2 * lo)).clamp(1e-12, 1 - 1e-12)
     return torch.special.ndtri(p).float().to(device)
 
