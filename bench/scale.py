@@ -122,7 +122,7 @@ def worker(spec: dict) -> None:
     apply_compile_and_checkpointing(cfg.trainer, family)
     folder = Path(spec["folder"])
     trainer = build_trainer(cfg, folder, family, loggers=[])
-    clock = Clock(spec["warmup"], Path(spec["report"]) / f"rank{rank}.json", device)
+    clock = Clock(spec["warmup"], Path(spec["report"]) / f"rank{rank}.json", device, spec.get("profile", False))
     trainer.callbacks.append(clock)
     resume = last_checkpoint(folder)
     trainer.fit(family, datamodule, ckpt_path=str(resume) if resume else None)
@@ -137,10 +137,12 @@ def _checksum(module: torch.nn.Module) -> list[float]:
 class Clock(L.Callback):
     """Times the steps after ``warmup`` (synchronising only at both ends) and writes this rank's report."""
 
-    def __init__(self, warmup: int, out: Path, device: torch.device) -> None:
-        self.warmup, self.out, self.device = warmup, out, device
+    def __init__(self, warmup: int, out: Path, device: torch.device, profile: bool = False) -> None:
+        self.warmup, self.out, self.device, self.profile = warmup, out, device, profile
         self.t0 = self.t1 = None
-        self.info: dict = {}
+        self.info: dict = {"step_seconds": []}
+        self._last = time.perf_counter()
+        self._prof = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -151,8 +153,28 @@ class Clock(L.Callback):
         self.info["start_checksum"] = _checksum(pl_module)
         self.first = trainer.global_step + self.warmup
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.profile and trainer.global_rank == 0 and trainer.global_step == self.first - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        self._sync()  # the engine's non-finite guard syncs every step anyway
+        now = time.perf_counter()
+        self.info["step_seconds"].append(round(now - self._last, 4))
+        self._last = now
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            events = self._prof.key_averages()
+            tables = [events.table(sort_by=k, row_limit=15, max_name_column_width=70)
+                      for k in ("self_cuda_time_total", "cpu_time_total") if self.device.type == "cuda"
+                      or k.startswith("cpu")]
+            self.out.with_name("profile_rank0.txt").write_text("\n".join(tables))
+            self._prof = None
         if step == self.first:
             self._sync()
             self.t0, self.n0 = time.perf_counter(), step
@@ -186,10 +208,10 @@ def launch(run: dict, root: Path, args, logs: Path) -> list[dict]:
     name = run["name"]
     report = root / "reports" / name
     report.mkdir(parents=True, exist_ok=True)
-    for f in report.glob("rank*.json"):
+    for f in list(report.glob("rank*.json")) + list(report.glob("profile*.txt")):
         f.unlink()
     spec = {"overrides": overrides(run, root, args), "device": args.device, "folder": str(root / "xp" / run["xp"]),
-            "report": str(report), "warmup": run.get("warmup", args.warmup)}
+            "report": str(report), "warmup": run.get("warmup", args.warmup), "profile": args.profile}
     port = _free_port()
     procs = []
     for rank in range(run["world"]):
@@ -235,8 +257,9 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing for FSDP large")
     ap.add_argument("--workers", type=int, default=4, help="loader workers per rank")
     ap.add_argument("--threads", type=int, default=4, help="OMP threads per rank")
-    ap.add_argument("--skip", default="", help="comma list of: ddp, fsdp, fsdp1")
+    ap.add_argument("--skip", default="", help="comma list of: ddp, fsdp, fsdp1, resume")
     ap.add_argument("--run-timeout", type=float, default=400.0)
+    ap.add_argument("--profile", action="store_true", help="profile one step after warm-up on rank 0 (printed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.worker:
@@ -296,10 +319,14 @@ def main() -> None:
         say(f"| {job['strategy'].upper()} {job['preset']} ({reports[0]['params'] / 1e6:,.0f} M params on rank 0, "
             f"{reports[0]['wrapped']} FSDP units) | {job['world']} | {job['batch']} x {args.seconds:.0f} s | "
             f"{secs:.3f} | {fps:,.0f} | {fps / job['world']:,.0f} | {scale} | {peak:.1f} |")
-        print(f"  ({job['name']}: {time.time() - t:.0f} s wall)", flush=True)
+        print(f"  ({job['name']}: {time.time() - t:.0f} s wall; rank 0 step seconds "
+              f"{reports[0]['step_seconds']})", flush=True)
+        prof = root / "reports" / job["name"] / "profile_rank0.txt"
+        if prof.is_file():
+            print(f"\nprofile of one {job['name']} step (rank 0):\n{prof.read_text()}\n", flush=True)
     # resume the all-GPU FSDP run from its sharded checkpoint
     key = f"fsdp_{large}_{args.world}"
-    if key in results:
+    if key in results and "resume" not in skip:
         first = results[key]
         ckpt = root / "xp" / key / "checkpoints" / "last.ckpt"
         job = dict(name=f"{key}_resume", xp=key, preset=large, strategy="fsdp", world=args.world,

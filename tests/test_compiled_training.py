@@ -1,5 +1,6 @@
 """Training speed paths on CPU: blocks compiled by ``trainer.compile`` (torch.compile / Inductor, one graph shared
-by every block) train like the eager model: same losses and updates, step after step."""
+by every block) train like the eager model: same losses and updates, step after step; bf16-mixed with a fused
+optimizer and gradient clipping (the GPU defaults) trains."""
 from __future__ import annotations
 
 import copy
@@ -47,3 +48,15 @@ def test_compiled_blocks_train_like_eager() -> None:
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.equal(eager.lm.layers[0].fc1.weight, CodebookLM(cfg).layers[0].fc1.weight)
+
+
+def test_bf16_mixed_clips_gradients_with_a_fused_optimizer(env):
+    """GPU defaults (bf16-mixed, fused AdamW, gradient_clip_val=1) train: Lightning's own bf16 plugin refuses to
+    clip with an optimizer that unscales internally; the engine's clips (bf16 has no scaler)."""
+    from tests.runner import train, xp_folder
+
+    run = ["trainer.max_steps=3", "trainer.precision=bf16-mixed", "trainer.accelerator=cpu", "optim.fused=true",
+           "trainer.gradient_clip_val=0.01", "trainer.checkpoint_every_steps=3"]
+    train(env, *run)
+    ckpt = torch.load(xp_folder(env, *run) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3

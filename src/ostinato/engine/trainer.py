@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
@@ -37,6 +38,27 @@ def last_checkpoint(folder: Path) -> Path | None:
     return old if is_sharded_checkpoint(old) else None
 
 
+class BF16MixedPrecision(MixedPrecision):
+    """Lightning's ``bf16-mixed``, with gradient clipping also for optimizers that would unscale gradients
+    themselves (fused AdamW): Lightning refuses those in any mixed precision, but bf16 has no grad scaler, so
+    there is nothing to unscale and clipping is exact."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__("bf16-mixed", device)
+
+    def clip_gradients(self, optimizer: Any, clip_val: int | float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        algorithm = gradient_clip_algorithm or GradClipAlgorithmType.NORM
+        Precision.clip_gradients(self, optimizer, clip_val, algorithm)
+
+
+def _precision_plugin(cfg: Any, accelerator: str) -> Precision | None:
+    if cfg.precision == "bf16-mixed" and cfg.strategy != "fsdp":
+        return BF16MixedPrecision("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+    return None
+
+
 def _strategy(cfg: Any, family: FamilyModule, env: DoraEnvironment | LightningEnvironment,
               accelerator: str) -> Strategy | str:
     name = cfg.strategy
@@ -44,7 +66,8 @@ def _strategy(cfg: Any, family: FamilyModule, env: DoraEnvironment | LightningEn
     backend = "nccl" if accelerator == "gpu" else "gloo"
     if name == "ddp":
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=cfg.find_unused_parameters,
-                           checkpoint_io=SafeCheckpointIO(cfg.trust_checkpoints), **plugins)
+                           checkpoint_io=SafeCheckpointIO(cfg.trust_checkpoints),
+                           precision_plugin=_precision_plugin(cfg, accelerator), **plugins)
     if name == "fsdp":
         blocks = family.block_classes()
         remember_parameter_ndims(family)
@@ -112,11 +135,16 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
         family.manual_gradient_clip = float(t.gradient_clip_val or 0)
     plugins: list[Any] = []
     strategy = _strategy(t, family, env, accelerator)
+    precision: str | None = t.precision
     if strategy == "auto":
         plugins += [SafeCheckpointIO(t.trust_checkpoints), env]
+        plugin = _precision_plugin(t, accelerator)
+        if plugin is not None:
+            plugins.append(plugin)
+            precision = None  # given by the plugin
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, plugins=plugins,
-        precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
+        precision=precision, max_steps=t.max_steps, max_epochs=-1,
         check_val_every_n_epoch=t.val_every_epochs, limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=t.sanity_val_steps,
         gradient_clip_val=(t.gradient_clip_val or None) if family.automatic_optimization else None,

@@ -266,15 +266,20 @@ class FastDecoder:
     # -- the network, functionally ---------------------------------------------------------------------------
     @staticmethod
     def _linear_add(x: Tensor, h: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-        """``x + h @ w.T (+ bias)``; one GEMM with the residual as its accumulator when there is no bias."""
-        if bias is not None:
+        """``x + h @ w.T (+ bias)``. Eagerly one GEMM with the residual as its accumulator (when there is no
+        bias); compiled, the addition is left to fuse into the next layer norm."""
+        if bias is not None or torch.compiler.is_compiling():
             return x + F.linear(h, w, bias)
         return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), w.t()).view(x.shape)
 
     @staticmethod
     def _decode_attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         """One query per row: ``q [N, 1, Dh]`` (pre-scaled) over ``k, v [N, T, Dh]`` with the additive ``bias``
-        (``[.., 1, T]``) -> ``[N, 1, Dh]``, as two batched matrix-vector products around a softmax."""
+        (``[.., 1, T]``) -> ``[N, 1, Dh]``. Eagerly two batched matrix-vector products around a softmax; compiled,
+        products and sums that fuse with the softmax into a few reduction kernels."""
+        if torch.compiler.is_compiling():
+            p = torch.softmax((q * k).sum(-1).unsqueeze(1) + bias, dim=-1)  # [N, 1, T]
+            return (p.transpose(1, 2) * v).sum(1, keepdim=True)
         p = torch.softmax(torch.bmm(q, k.transpose(1, 2)) + bias, dim=-1)
         return torch.bmm(p, v)
 

@@ -133,14 +133,27 @@ def set_sdpa_priority(names: list[str]) -> list[int]:
     return previous
 
 
-def prefer_cudnn_attention() -> bool:
-    """On Hopper or newer GPUs, put cuDNN attention first (about 2x flash attention for MusicGen's training
-    shapes); True when it did. Shapes cuDNN does not take fall back to the next kernel."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+_SELF_ATTENTION_KERNELS: list[Any] | None = None  # SDPA priority of the causal self-attention on CUDA
+
+
+def prefer_cudnn_attention(enable: bool = True) -> bool:
+    """On Hopper or newer GPUs, run the causal self-attention of ``CodebookLM`` training (no cache) with cuDNN
+    attention first (faster than flash attention for MusicGen's training shapes); True when it does from now on.
+
+    Only the self-attention, whose length is fixed by the training segment: cuDNN builds (and compiles) a kernel
+    per new shape, and cross-attention lengths (tokenized texts) change from batch to batch. ``enable=False``
+    restores torch's own order everywhere.
+    """
+    global _SELF_ATTENTION_KERNELS
+    _SELF_ATTENTION_KERNELS = None
+    if not enable or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         return False
     if not torch.backends.cudnn.is_available():
         return False
-    set_sdpa_priority(["cudnn", "flash", "efficient", "math"])
+    from torch.nn.attention import SDPBackend
+
+    _SELF_ATTENTION_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return True
 
 
@@ -261,7 +274,12 @@ class _Block(nn.Module):
         if self.cfg.positional == "rope":
             q = _apply_rope(q, positions, self.cfg.max_period)
             k = _apply_rope(k, positions, self.cfg.max_period)
-        if cache is None:
+        if cache is None and _SELF_ATTENTION_KERNELS is not None and x.is_cuda:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(_SELF_ATTENTION_KERNELS, set_priority=True):
+                h = attn.attend(q, k, v, None, causal=True)
+        elif cache is None:
             h = attn.attend(q, k, v, None, causal=True)
         else:
             kb, vb = cache.keys[layer], cache.values[layer]
