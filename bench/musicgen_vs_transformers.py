@@ -10,7 +10,7 @@ model; the same inputs; dropout 0; cross-attention to 32 conditioning states):
 * Training step: forward under bf16 autocast, the same fp32 cross-entropy over all K x S x card logits, backward,
   fused AdamW. transformers: ``MusicgenForCausalLM`` (its default SDPA attention). ostinato: ``CodebookLM`` eager
   and with each block compiled (``trainer.compile: [lm.layers]``), cuDNN attention first
-  (``prefer_cudnn_attention``, what the engine does on Hopper GPUs). Model FLOPs count the matmuls (6 x params x
+  for the causal self-attention (``prefer_cudnn_attention``, what the engine does on Hopper GPUs). Model FLOPs count the matmuls (6 x params x
   tokens) and causal + cross attention; peak memory is everything the run allocated (weights, AdamW, activations).
 * Generation with CFG 3, top-k 250, 500 decoding steps (10 s at 50 Hz): transformers:
   ``MusicgenForConditionalGeneration.generate`` (bf16 weights) with a tiny random T5 (32 text tokens) and a tiny
@@ -192,6 +192,7 @@ def bench_training(name: str, preset: dict, b: int, frames: int, device: torch.d
                                  peak=float("nan"), loss=float("nan"), error=str(e).splitlines()[0][:100]))
             finally:
                 torch._C._set_sdp_priority_order(default_order)
+                prefer_cudnn_attention(False)
                 free(device)
     for r in rows:
         r["frames_s"] = b * frames / r["t"]
@@ -205,7 +206,7 @@ def ostinato_run(name: str, variant: str, cudnn_first: bool, hf_cfg, state: dict
 
     from ostinato.engine.trainer import apply_compile_and_checkpointing
 
-    cudnn = prefer_cudnn_attention() if cudnn_first else False
+    cudnn = prefer_cudnn_attention(cudnn_first)
     if cudnn_first and not cudnn and device.type == "cuda":
         raise RuntimeError("cuDNN attention not available here")
     with torch.device(device):
