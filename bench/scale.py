@@ -15,7 +15,7 @@ sharded checkpoints all come from config. Runs:
   the step continues and every rank's parameter shard is bitwise what was saved.
 
 Text conditioning is a tiny random BERT written on the fly (cross-attention to its 32 projected states); every
-run is eager (no ``trainer.compile``) with cuDNN attention first. Frames/s count codec frames (50 Hz) of all ranks
+run is eager (no ``trainer.compile``), attention as the engine picks it (cuDNN first for DDP, flash for FSDP). Frames/s count codec frames (50 Hz) of all ranks
 over the timed steps (after ``--warmup``); memory is each rank's peak allocation. Prints (and writes with --out) a
 Markdown report.
 """
@@ -123,7 +123,7 @@ def worker(spec: dict) -> None:
     folder = Path(spec["folder"])
     trainer = build_trainer(cfg, folder, family, loggers=[])
     clock = Clock(spec["warmup"], Path(spec["report"]) / f"rank{rank}.json", device, spec.get("profile", False))
-    trainer.callbacks.append(clock)
+    trainer.callbacks.insert(0, clock)  # before ModelCheckpoint: a step's time never includes a checkpoint save
     resume = last_checkpoint(folder)
     trainer.fit(family, datamodule, ckpt_path=str(resume) if resume else None)
 
