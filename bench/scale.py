@@ -296,7 +296,8 @@ def main() -> None:
                       batch=args.ddp_batch, steps=args.ddp_steps) for w in worlds]
     fsdp_worlds = [w for w in (1, args.world) if not (w == 1 and "fsdp1" in skip)] if "fsdp" not in skip else []
     jobs += [dict(name=f"fsdp_{large}_{w}", xp=f"fsdp_{large}_{w}", preset=large, strategy="fsdp", world=w,
-                  batch=args.fsdp_batch, steps=args.fsdp_steps, checkpoint=args.fsdp_steps)
+                  batch=args.fsdp_batch, steps=args.fsdp_steps,
+                  checkpoint=args.fsdp_steps if w == args.world else 10**9)  # the all-GPU run is resumed
              for w in sorted(set(fsdp_worlds))]
     results: dict[str, list[dict]] = {}
     for job in jobs:
