@@ -30,7 +30,7 @@ demo: install
 	OSTINATO_DATA=$(dir $(abspath $(DEMO_DIR))) $(BIN)/ostinato demo --data $(DEMO_DIR)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: install
 	$(BIN)/python bench/data_throughput.py --shards $(DEMO_DIR)/shards/train

@@ -11,7 +11,17 @@ from tests.runner import make_env
 from tests.synth import write_shards
 
 os.environ.setdefault("WANDB_MODE", "offline")
-torch.set_num_threads(2)
+# `make test` runs two xdist workers on the two cores: one thread each (2 x 2 threads spin-wait each other)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+SLURM_FILES = {"test_slurm", "test_journeys"}  # they start the real single-node SLURM: never at the same time
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``-n 2 --dist loadgroup`` a test file runs on one worker, so its module fixtures (trained models,
+    the quick demo) are built once; the files that start SLURM share a worker."""
+    for item in items:
+        stem = Path(str(item.fspath)).stem
+        item.add_marker(pytest.mark.xdist_group("slurm" if stem in SLURM_FILES else stem))
 
 
 @pytest.fixture

@@ -275,7 +275,7 @@ def _app(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
-    run_demo(Path(args.data), Path(args.outputs))
+    run_demo(Path(args.data), Path(args.outputs), quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,9 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     a.set_defaults(func=_app)
 
-    d = verbs.add_parser("demo", help="demo corpus -> tiny codec -> reconstructions -> tokens, with a summary")
+    d = verbs.add_parser("demo", help="the embedded default end to end: corpus -> codec, MusicGen, MuLaN -> "
+                                      "generation -> evaluation -> outputs/demo/report.html")
     d.add_argument("--data", default="data/demo")
     d.add_argument("--outputs", default=os.environ.get("OSTINATO_OUTPUTS", "outputs"))
+    d.add_argument("--quick", action="store_true",
+                   help="a few steps and seconds of everything (a smoke test of the demo, not a model)")
     d.set_defaults(func=_demo)
     return parser
 

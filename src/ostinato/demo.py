@@ -1,10 +1,14 @@
 """``ostinato demo`` (what ``make demo`` runs): the embedded default end to end on this machine.
 
 demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny MusicGen conditioned on
-text, melody and style -> a tiny MuLaN (held-out text <-> audio retrieval printed) -> generation in every mode (text, melody, style, continuation; sliding window and
-chaining), each 10 s = five training windows -> the demo evaluation suite (FAD, FAD-inf, per-song FAD, chroma)
-against the held-out split. Finished steps are skipped (experiments resume), so a second run is
-quick.
+text, melody and style -> a tiny MuLaN (held-out text <-> audio retrieval printed) -> generation: text, melody,
+style, continuation, chained segments (10 s = five training windows each) and a 60 s piece -> the demo evaluation
+suite (FAD, FAD-inf, per-song FAD, chroma) against the held-out split -> ``outputs/demo/report.html`` (players,
+spectrograms, metrics, training curves). Finished steps are skipped (experiments resume), so a second run is quick.
+
+On a machine with a GPU the same command trains on it with larger settings (``GPU_OVERRIDES``: bf16, bigger
+batches and a wider MusicGen). ``quick=True`` (``ostinato demo --quick``) shrinks everything to a few steps and
+seconds: the test of the demo itself.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
@@ -20,14 +25,48 @@ import torch
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
 MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny_melody_style"]
 MULAN_EXPERIMENT = ["experiment=mulan_tiny"]
+GPU_OVERRIDES = {  # what `ostinato demo` adds on a CUDA machine
+    "codec": ["trainer.precision=bf16-mixed", "data.batch_size=32", "trainer.max_steps=2000"],
+    "musicgen": ["trainer.precision=bf16-mixed", "data.batch_size=32", "trainer.max_steps=3000",
+                 "family.lm.dim=512", "family.lm.num_heads=8", "family.lm.num_layers=8", "family.lm.ffn_dim=2048"],
+    "mulan": ["data.batch_size=64", "trainer.max_steps=1000"],
+}
+QUICK_OVERRIDES = ["trainer.max_steps=6", "trainer.checkpoint_every_steps=6", "data.batches_per_epoch=3",
+                   "trainer.limit_val_batches=1", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=4"]
+
+
+@dataclass
+class DemoPlan:
+    """How big the demo is: corpus hours, extra training overrides per model, generated seconds."""
+
+    hours: float = 1.0
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 10.0
+    long_seconds: float = 60.0
+    eval_samples: int | None = None
+
+    @classmethod
+    def make(cls, quick: bool = False, gpu: bool | None = None) -> DemoPlan:
+        gpu = torch.cuda.is_available() if gpu is None else gpu
+        if quick:
+            return cls(hours=0.05, overrides={k: list(QUICK_OVERRIDES) for k in ("codec", "musicgen", "mulan")},
+                       seconds=3.0, long_seconds=5.0, eval_samples=4)
+        return cls(overrides={k: list(v) for k, v in GPU_OVERRIDES.items()} if gpu else {})
 PROMPTS = ["A baroque chorale by Johann Sebastian Bach for church organ, in G major, at 90 BPM (andante).",
            "A traditional irish reel for fiddle, in D major, at 112 BPM (allegro).",
            "A classical string quartet, in C minor, at 70 BPM (adagio)."]
 
 
-def _run(args: list[str]) -> None:
+def _run(args: list[str], in_process: bool = False) -> None:
+    """``ostinato ARGS`` in a subprocess (training: dora and Lightning own their process), or in this one (saves
+    the start-up of torch for the generation calls)."""
     print(f"$ ostinato {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "ostinato.cli", *args], check=True)
+    if in_process:
+        from ostinato.cli import main
+
+        main(list(args))
+    else:
+        subprocess.run([sys.executable, "-m", "ostinato.cli", *args], check=True)
 
 
 def _history(folder: Path) -> list[dict]:
@@ -66,22 +105,29 @@ def unigram_entropy(tokens: Path) -> float:
     return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
 
 
-def _generation_modes(data: Path, inputs: Path) -> dict[str, list[str]]:
-    """The demo's generation calls: reference clips from the test split (a melody, a style, a 3 s intro)."""
+def _generation_modes(data: Path, inputs: Path, plan: DemoPlan) -> dict[str, list[str]]:
+    """The demo's generation calls: reference clips from the test split (a melody, a style, a 1.5 s intro)."""
     clips = sorted(p for p in (data / "audio" / "test").rglob("*") if p.suffix in (".flac", ".wav"))
-    if len(clips) < 3:
-        raise FileNotFoundError(f"{data / 'audio' / 'test'}: the demo needs three test clips as references")
+    if not clips:
+        raise FileNotFoundError(f"{data / 'audio' / 'test'}: the demo needs test clips as references")
     inputs.mkdir(parents=True, exist_ok=True)
-    wav, sr = sf.read(clips[2], dtype="float32")
+    wav, sr = sf.read(clips[2 % len(clips)], dtype="float32")
     sf.write(inputs / "intro.wav", wav[: 3 * sr // 2], sr)  # 1.5 s: inside the 2 s training window
     prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    seconds = ["--duration", f"{plan.seconds:g}"]
     return {
-        "text": prompts,
-        "text_chained": prompts[:2] + ["--long-form", "chain", "--overlap", "0.5"],
-        "melody": prompts[:2] + ["--melody", str(clips[0])],
-        "style": prompts[2:4] + ["--style", str(clips[1]), "--cfg-beta", "2"],
-        "continuation": prompts[:2] + ["--continue", str(inputs / "intro.wav")],
+        "text": prompts + seconds,
+        "text_chained": prompts[:2] + seconds + ["--long-form", "chain", "--overlap", "0.5"],
+        "melody": prompts[:2] + seconds + ["--melody", str(clips[0])],
+        "style": prompts[2:4] + seconds + ["--style", str(clips[1 % len(clips)]), "--cfg-beta", "2"],
+        "continuation": prompts[:2] + seconds + ["--continue", str(inputs / "intro.wav")],
+        "long": prompts[:2] + ["--duration", f"{plan.long_seconds:g}"],
     }
+
+
+MODE_TITLES = {"text": "Text to music", "text_chained": "Text, chained segments with a crossfade",
+               "melody": "Text + melody (chromagram of a test clip)", "style": "Style of a test clip (double CFG)",
+               "continuation": "Continuation of a 1.5 s intro", "long": "A long piece (sliding window)"}
 
 
 def mulan_retrieval(mulan_ref: str, shards: Path) -> dict[str, float]:
@@ -95,15 +141,46 @@ def mulan_retrieval(mulan_ref: str, shards: Path) -> dict[str, float]:
     return {k: float(v) for k, v in retrieval_metrics(audio, text).items()}
 
 
-def run_demo(data: Path, outputs: Path) -> None:
+def _curves(folder: Path, wanted: list[str]) -> dict[str, list[tuple[int, float]]]:
+    from ostinato.demo_report import read_curves
+
+    path = Path(folder) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        have = f.readline().strip().split(",")
+    return read_curves(folder, [w for w in wanted if w in have])
+
+
+def _report(outputs: Path, generated: Path, modes: dict, plan: DemoPlan, recon: list[Path], metrics: dict,
+            xps: dict[str, Path], summary: list[str]) -> Path:
+    from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, write_demo_report
+
+    sections = [DemoSection("Codec reconstructions (test split)",
+                            [DemoClip(p, p.stem.rsplit("_", 1)[1], p.stem.rsplit("_", 1)[0]) for p in recon])]
+    for mode in modes:
+        seconds = plan.long_seconds if mode == "long" else plan.seconds
+        sections.append(DemoSection(MODE_TITLES[mode], clips_from_folder(generated / mode, mode),
+                                    note=f"{seconds:g} s each; parameters in the .json beside each clip"))
+    curves = {"codec": _curves(xps["codec"], ["train/loss", "valid/mel_distance"]),
+              "MusicGen": _curves(xps["musicgen"], ["train/ce", "valid/ce", "valid/ce_text_only"]),
+              "MuLaN": _curves(xps["mulan"], ["train/loss", "valid/t2a_r10", "valid/a2t_r10", "valid/chance_r10"])}
+    return write_demo_report(outputs / "demo" / "report.html", sections, metrics,
+                             {k: v for k, v in curves.items() if v}, summary=summary)
+
+
+def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
+    """Run (or finish) the demo; returns the path of its HTML report."""
     from ostinato.interop.codecs import load_codec
     from ostinato.train import main as train_main
 
+    plan = DemoPlan.make(quick)
     start = time.time()
-    _run(["prep", "corpus", "--out", str(data)])  # returns the existing corpus (and its summary) when done
-    xp = train_main.get_xp(CODEC_EXPERIMENT)
+    _run(["prep", "corpus", "--out", str(data), "--hours", f"{plan.hours:g}"])  # an existing corpus is kept
+    codec_run = CODEC_EXPERIMENT + plan.overrides.get("codec", [])
+    xp = train_main.get_xp(codec_run)
     t0 = time.time()
-    _run(["train", *CODEC_EXPERIMENT])
+    _run(["train", *codec_run])
     codec_minutes = (time.time() - t0) / 60
     export = outputs / "exports" / "codec_tiny"
     _run(["export", str(xp.folder), str(export)])
@@ -113,57 +190,79 @@ def run_demo(data: Path, outputs: Path) -> None:
         if not (data / "tokens" / split / "manifest.json").is_file():
             _run(["tokenize", str(data / "shards" / split), str(data / "tokens" / split), "--codec", str(export)])
 
-    lm_xp = train_main.get_xp(MUSICGEN_EXPERIMENT)
-    _run(["train", *MUSICGEN_EXPERIMENT])
-    generated = outputs / "demo" / "generated"
-    modes = _generation_modes(data, outputs / "demo" / "inputs")
-    base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--duration", "10", "--seed", "0"]
-    for mode, extra in modes.items():
-        _run(base + extra + ["--out", str(generated / mode), "--quiet"])
-
-    mulan_xp = train_main.get_xp(MULAN_EXPERIMENT)
-    _run(["train", *MULAN_EXPERIMENT])
+    lm_run = MUSICGEN_EXPERIMENT + plan.overrides.get("musicgen", [])
+    lm_xp = train_main.get_xp(lm_run)
+    _run(["train", *lm_run])
+    mulan_run = MULAN_EXPERIMENT + plan.overrides.get("mulan", [])
+    mulan_xp = train_main.get_xp(mulan_run)
+    _run(["train", *mulan_run])
     retrieval = mulan_retrieval(str(mulan_xp.folder), data / "shards" / "test")
+
+    generated = outputs / "demo" / "generated"
+    modes = _generation_modes(data, outputs / "demo" / "inputs", plan)
+    base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--seed", "0"]
+    for mode, extra in modes.items():
+        _run(base + extra + ["--out", str(generated / mode), "--quiet"], in_process=True)
 
     from ostinato.evaluation.demo import run_demo_eval
 
     print("$ ostinato eval demo (evaluation/demo.yaml)", flush=True)
-    report = run_demo_eval(data, outputs, str(lm_xp.folder), str(export))
-    metrics = json.loads((report.parent / "metrics.json").read_text()).get("metrics", {})
+    eval_over = []
+    if plan.eval_samples is not None:
+        from ostinato.data.manifest import Manifest
+
+        n_test = Manifest.load(data / "shards" / "test").total_samples
+        eval_over = [f"num_samples={min(plan.eval_samples, n_test)}", "batch_size=4"]
+    eval_report = run_demo_eval(data, outputs, str(lm_xp.folder), str(export), overrides=eval_over)
+    metrics = json.loads((eval_report.parent / "metrics.json").read_text()).get("metrics", {})
 
     history = _history(Path(xp.folder))
     before = next((h["valid"]["mel_distance"] for h in history if h.get("epoch") == -1), None)
     after = next((h["valid"]["mel_distance"] for h in reversed(history) if "valid" in h), None)
     lm_history = _history(Path(lm_xp.folder))
     lm_ce = next((h["valid"]["ce"] for h in reversed(lm_history) if "ce" in h.get("valid", {})), None)
-    print("\n== ostinato demo ==")
-    print(f"codec: XP {xp.sig} ({xp.folder}), exported to {export}; training took {codec_minutes:.1f} min")
-    if before is not None and after is not None:
-        print(f"  validation mel distance: untrained {before:.3f} -> trained {after:.3f} "
-              f"({after / before:.2f} of the untrained value)")
-    print(f"  reconstructions: {recon[0].parent} ({len(recon) // 2} originals + reconstructions)")
-    print(f"tokens: {data / 'tokens'}/{{train,valid,test}} ({codec.n_q} x {codec.cardinality} codes at "
-          f"{codec.frame_rate:g} Hz)")
-    entropy = unigram_entropy(data / "tokens" / "train")
-    print(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram entropy "
-          f"{entropy:.3f} nats" if lm_ce is not None else f"musicgen: XP {lm_xp.sig}")
     ce_text = next((h["valid"]["ce_text_only"] for h in reversed(lm_history)
                     if "ce_text_only" in h.get("valid", {})), None)
+    entropy = unigram_entropy(data / "tokens" / "train")
+    mulan_valid = next((h["valid"] for h in reversed(_history(Path(mulan_xp.folder)))
+                        if "t2a_r10" in h.get("valid", {})), {})
+    lines = [f"codec: XP {xp.sig}, exported to {export}; training took {codec_minutes:.1f} min"]
+    if before is not None and after is not None:
+        lines.append(f"  validation mel distance: untrained {before:.3f} -> trained {after:.3f} "
+                     f"({after / before:.2f} of the untrained value)")
+    lines.append(f"  reconstructions: {recon[0].parent} ({len(recon) // 2} originals + reconstructions)")
+    lines.append(f"tokens: {data / 'tokens'}/{{train,valid,test}} ({codec.n_q} x {codec.cardinality} codes at "
+                 f"{codec.frame_rate:g} Hz)")
+    lines.append(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram "
+                 f"entropy {entropy:.3f} nats" if lm_ce is not None else f"musicgen: XP {lm_xp.sig}")
     if ce_text is not None:
-        print(f"  without its melody and style prefix (text only): {ce_text:.3f} nats")
-    print(f"  generated (10 s each, 5 training windows; parameters in the .json files): {generated}/"
-          f"{{{','.join(modes)}}}")
-    mulan_valid = next((h["valid"] for h in reversed(_history(Path(mulan_xp.folder))) if "t2a_r10" in h.get("valid", {})),
-                       {})
-    print(f"mulan: XP {mulan_xp.sig}; held-out test split ({retrieval['n']:.0f} clips vs their captions): R@10 "
-          f"text->audio {retrieval['t2a_r10']:.3f}, audio->text {retrieval['a2t_r10']:.3f} vs chance "
-          f"{retrieval['chance_r10']:.3f}; median rank {retrieval['t2a_median_rank']:.0f} / "
-          f"{retrieval['a2t_median_rank']:.0f}")
+        lines.append(f"  without its melody and style prefix (text only): {ce_text:.3f} nats")
+    lines.append(f"mulan: XP {mulan_xp.sig}; held-out test split ({retrieval['n']:.0f} clips vs their captions): "
+                 f"R@10 text->audio {retrieval['t2a_r10']:.3f}, audio->text {retrieval['a2t_r10']:.3f} vs chance "
+                 f"{retrieval['chance_r10']:.3f}; median rank {retrieval['t2a_median_rank']:.1f} / "
+                 f"{retrieval['a2t_median_rank']:.1f} vs chance {retrieval['chance_median_rank']:.1f}")
     if mulan_valid:
-        print(f"  validation: R@10 text->audio {mulan_valid['t2a_r10']:.3f}, audio->text "
-              f"{mulan_valid['a2t_r10']:.3f} vs chance {mulan_valid['chance_r10']:.3f}")
+        lines.append(f"  validation: R@10 text->audio {mulan_valid['t2a_r10']:.3f}, audio->text "
+                     f"{mulan_valid['a2t_r10']:.3f} vs chance {mulan_valid['chance_r10']:.3f}")
+    lines.append(f"generated ({plan.seconds:g} s per mode, {plan.long_seconds:g} s for the long piece; parameters in "
+                 f"the .json files): {generated}/{{{','.join(modes)}}}")
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    print(f"evaluation (evaluation/demo.yaml vs the test split): "
-          + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-    print(f"  report: {report}")
+    lines.append("evaluation (evaluation/demo.yaml vs the test split): "
+                 + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    lines.append(f"  evaluation report: {eval_report}")
+    table = {**shown,
+             "MusicGen": {"valid/ce": lm_ce, "valid/ce_text_only": ce_text, "unigram entropy": entropy},
+             "MuLaN retrieval, test split": {k: retrieval[k] for k in ("t2a_r10", "a2t_r10", "chance_r10",
+                                                                       "t2a_median_rank", "a2t_median_rank",
+                                                                       "chance_median_rank", "n")},
+             "codec": {"valid mel distance, untrained": before, "valid mel distance, trained": after}}
+    table = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+             for k, v in table.items()}
+    report = _report(outputs, generated, modes, plan, recon, table,
+                     {"codec": Path(xp.folder), "musicgen": Path(lm_xp.folder), "mulan": Path(mulan_xp.folder)},
+                     lines)
+    print("\n== ostinato demo ==")
+    print("\n".join(lines))
     print(f"total {(time.time() - start) / 60:.1f} min")
+    print(f"report: {report}")
+    return report

@@ -212,12 +212,12 @@ class SuiteMetrics:
                 details["fad_inf_curve"] = {"n": [int(n) for n in value["n"].tolist()],
                                             "fad": [_finite(f) for f in value["fad"].tolist()]}
             elif spec.name == "per_song_fad":
-                fad = value["fad"].double().cpu()
+                fad = value["fad"].double().cpu().reshape(-1)  # one clip: a 0-d tensor
                 finite = fad[torch.isfinite(fad)]
                 scalars["per_song_fad_mean"] = _finite(finite.mean()) if len(finite) else None
                 scalars["per_song_fad_median"] = _finite(finite.median()) if len(finite) else None
                 details["per_song_fad"] = {"ids": list(value["ids"]), "fad": [_finite(f) for f in fad.tolist()],
-                                           "frames": [int(n) for n in value["frames"].tolist()],
+                                           "frames": [int(n) for n in value["frames"].reshape(-1).tolist()],
                                            "bins": spec.options["bins"]}
             else:
                 name = {"mel": "mel_distance", "stft": "stft_distance"}.get(spec.name, spec.name)
