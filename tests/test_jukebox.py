@@ -129,7 +129,7 @@ def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
 # -- through the CLI ---------------------------------------------------------------------------------------------
 VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.bins=32",
           "family.vqvae.dimension=16", "data.segment_seconds=0.25", "data.eval_segment_seconds=0.5",
-          "data.eval_batch_size=8", "trainer.validate_first=false"]
+          "data.eval_batch_size=8", "trainer.validate_first=false", "data.batches_per_epoch=2"]  # validation runs
 PRIOR_CLI = {"top": ["data.segment_seconds=0.512"], "middle": ["data.segment_seconds=0.128"],
              "bottom": ["data.segment_seconds=0.032"]}
 
@@ -137,7 +137,7 @@ PRIOR_CLI = {"top": ["data.segment_seconds=0.512"], "middle": ["data.segment_sec
 def _prior_args(level: str) -> list[str]:
     return [f"experiment=jukebox_{level}_tiny", "family.bins=32", "family.lm.dim=32", "family.lm.num_layers=1",
             "family.lm.ffn_dim=64", "family.metadata.buckets=64", "data.eval_batch_size=8",
-            "trainer.validate_first=false", *PRIOR_CLI[level]]
+            "trainer.validate_first=false", "data.batches_per_epoch=2", *PRIOR_CLI[level]]
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:

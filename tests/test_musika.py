@@ -194,10 +194,11 @@ def test_ten_minutes_have_no_seams_and_the_control_has(trained_autoencoder, trai
 # -- through the CLI ---------------------------------------------------------------------------------------------
 AE_CLI = ["experiment=musika_autoencoder_tiny", "family.autoencoder.n_filters=8", "family.autoencoder.dimension=8",
           "data.segment_seconds=0.64", "data.eval_segment_seconds=1.0", "data.eval_batch_size=8",
-          "trainer.validate_first=false"]
+          "trainer.validate_first=false", "data.batches_per_epoch=3"]  # an epoch ends at step 3: validation runs
 GAN_CLI = ["experiment=musika_tiny", "family.dimension=8", "family.window=8", "family.generator.channels=32",
            "family.generator.up_channels=[16,16]", "family.discriminator.channels=[16,16]", "data.segment_seconds=0.64",
-           "data.eval_segment_seconds=1.0", "data.eval_batch_size=8", "trainer.validate_first=false"]
+           "data.eval_segment_seconds=1.0", "data.eval_batch_size=8", "trainer.validate_first=false",
+           "data.batches_per_epoch=3"]  # an epoch ends at step 3: validation runs
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:

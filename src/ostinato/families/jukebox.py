@@ -60,7 +60,9 @@ class JukeboxVQVAEFamily(FamilyModule):
         self.vqvae = HierarchicalVQVAE(sample_rate, channels, **(plain(vqvae) or {}))
         self.weights = {"mel": 1.0, "l1": 0.1, **(plain(loss_weights) or {})}
         self.commitment_weight = float(commitment_weight)
-        self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels)
+        # normalized: the L1 on power mels stays the size of the log terms (unnormalised it is hundreds of times
+        # larger and drowns the codebooks' commitment)
+        self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels, normalized=True)
         self.val_mel = nn.ModuleDict({name: MelDistance(sample_rate) for name in LEVELS})
         self.ema_modules = tuple(self.vqvae.ema_modules("vqvae"))
 

@@ -289,8 +289,8 @@ class MusikaFamily(FamilyModule):
         style = truncated_normal((batch, g.style_dim), truncation, generator).to(device)
         return torch.cat(rows), style
 
-    def fake_windows(self, batch: int) -> Tensor:
-        coords, style = self.sample_noise(batch)
+    def fake_windows(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        coords, style = self.sample_noise(batch, generator)
         return self.generator.windows(coords, style)
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -346,7 +346,8 @@ class MusikaFamily(FamilyModule):
         self.log("train/d_certainty", certainty, batch_size=n)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: ArrayBatch, prefix: str) -> None:
+    def _evaluate(self, batch: ArrayBatch, prefix: str, batch_idx: int) -> None:
+        """Real latent frames vs generated windows (the same noise at every evaluation, so the curve compares)."""
         lengths = batch.lengths["latents"]
         valid = lengths >= self.window
         if not bool(valid.any()):
@@ -354,7 +355,7 @@ class MusikaFamily(FamilyModule):
         x = batch.arrays["latents"][valid]
         frames = torch.cat([item[:, :n].T for item, n in zip(x, lengths[valid].tolist())])
         real = torch.stack([item[:, :self.window] for item in x])
-        fake = self.fake_windows(real.shape[0])
+        fake = self.fake_windows(real.shape[0], torch.Generator().manual_seed(batch_idx))
         self.val_fd.update(frames, real=True)
         self.val_fd.update(fake.transpose(1, 2).reshape(-1, self.dimension), real=False)
         n = real.shape[0]
@@ -363,10 +364,10 @@ class MusikaFamily(FamilyModule):
         self.log(f"{prefix}/d_fake", self.discriminator(fake).mean(), batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: ArrayBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "valid")
+        self._evaluate(batch, "valid", batch_idx)
 
     def test_step(self, batch: ArrayBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def sample_audio(self, batch: ArrayBatch) -> dict[str, Tensor]:
         """Generated windows decoded by the autoencoder (when one is known)."""
