@@ -6,7 +6,8 @@ presets (conf/family/musika_44k.yaml, musika_autoencoder_44k.yaml) and random we
 them). A warm-up run precedes the timed runs.
 
     python bench/musika.py --device cpu --seconds 60 --repeats 3
-    python bench/musika.py --device cuda --seconds 600 --batch 8 --dtype bfloat16 --decode-chunk 4096
+    python bench/musika.py --device cuda --seconds 600 --batch 16 --dtype bfloat16 --decode-chunk 2048 \
+        --batch-windows 1024 --repeats 3
 
 Prints one Markdown row per run for bench/RESULTS.md (device, versions, date and the command first).
 """

@@ -101,23 +101,21 @@ def generate_audio(family: Any, autoencoder: SpectralAutoencoder, seconds: float
                          f"{frame_rate:g} Hz; pass the autoencoder it was trained with (--codec)")
     n_frames = math.ceil(seconds * frame_rate)
     n_windows = max(1, math.ceil(n_frames / family.window)) * batch
-    n_chunks = math.ceil(n_frames / params.decode_chunk) * batch
+    n_chunks = math.ceil(n_frames / params.decode_chunk)
     total = n_windows + n_chunks
 
     def on_windows(done: int, _: int) -> None:
         if progress is not None:
             progress(done, total)
 
-    latents = generate_latents(family, n_frames, batch, params, on_windows, independent_windows)
-    wavs = []
-    for b in range(batch):
-        def on_chunk(done: int, _: int, b: int = b) -> None:
-            if progress is not None:
-                progress(n_windows + b * (n_chunks // batch) + math.ceil(done / params.decode_chunk), total)
+    def on_chunk(done: int, _: int) -> None:
+        if progress is not None:
+            progress(n_windows + math.ceil(done / params.decode_chunk), total)
 
-        dev = next(autoencoder.parameters()).device
-        wavs.append(autoencoder.decode_chunked(latents[b:b + 1].to(dev), params.decode_chunk, progress=on_chunk))
-    return torch.cat(wavs)[..., :round(seconds * autoencoder.sample_rate)]
+    latents = generate_latents(family, n_frames, batch, params, on_windows, independent_windows)
+    device = next(autoencoder.parameters()).device
+    wav = autoencoder.decode_chunked(latents.to(device), params.decode_chunk, progress=on_chunk)
+    return wav[..., :round(seconds * autoencoder.sample_rate)]
 
 
 def spectral_flux(wav: Tensor, sample_rate: int, n_fft: int = 4096, hop: int = 1024, n_mels: int = 16,
