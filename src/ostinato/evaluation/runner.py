@@ -163,8 +163,8 @@ class _Reconstructor:
 
 class _Unconditional:
     """A Musika GAN (with its autoencoder) or a Jukebox bundle writing ``seconds``-long clips; Jukebox is conditioned
-    on each reference clip's metadata. Item ``i`` is seeded with ``seed + i``, so clips do not depend on ranks."""
-
+    on each reference clip's metadata. A batch of items is generated together, seeded with ``seed + index of its
+    first item`` (as text_to_music suites), so clips do not depend on the number of ranks."""
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation import jukebox, musika
 
@@ -207,18 +207,15 @@ class _Unconditional:
 
         assert self.suite.seconds is not None
         seed = self.settings.get("seed")
-        wavs = []
-        for k, it in enumerate(items):
-            item_seed = None if seed is None else seed + it.index
-            report = lambda d, t, k=k: progress((k + d / max(t, 1)) / len(items))  # noqa: E731
-            if self.family == "musika":
-                params = musika.MusikaParams(truncation=self.settings.get("truncation", 2.0), seed=item_seed)
-                wavs.append(musika.generate_audio(self.gan, self.autoencoder, self.suite.seconds, params=params,
-                                                  progress=report))
-            else:
-                params = GenerationParams(**{"cfg_scale": 3.0, **self.settings, "seed": item_seed})
-                wavs.append(jukebox.generate_audio(self.models, [it.meta], self.suite.seconds, params, report))
-        wav = torch.cat(wavs)
+        seed = None if seed is None else seed + items[0].index
+        report = lambda done, total: progress(done / max(total, 1))  # noqa: E731
+        if self.family == "musika":
+            params = musika.MusikaParams(truncation=self.settings.get("truncation", 2.0), seed=seed)
+            wav = musika.generate_audio(self.gan, self.autoencoder, self.suite.seconds, batch=len(items),
+                                        params=params, progress=report)
+        else:
+            params = GenerationParams(**{"cfg_scale": 3.0, **self.settings, "seed": seed})
+            wav = jukebox.generate_audio(self.models, [it.meta for it in items], self.suite.seconds, params, report)
         return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
 
     def describe(self) -> dict[str, Any]:
