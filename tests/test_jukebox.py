@@ -199,7 +199,8 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
 
     encodec = write_tiny_encodec(tmp_path / "encodec")
     result = run_suite("musika_demo", str(bundle), tmp_path / "eval", progress=False,
-                       overrides=["num_samples=2", "seconds=0.5", f"embedding=codec:{encodec}"],
+                       overrides=["num_samples=2", "seconds=0.5", f"embedding=codec:{encodec}",
+                                  f"reference={data / 'shards' / 'test'}"],
                        cache=tmp_path / "cache")
     assert result["settings"]["family"] == "jukebox" and result["metrics"]["fad"] >= 0
     write_bundle(tmp_path / "b2", str(exports["top"]), str(exports["middle"]), str(exports["bottom"]),

@@ -262,7 +262,8 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
 
     encodec = write_tiny_encodec(tmp_path / "encodec")
     result = run_suite("musika_demo", str(tmp_path / "gan"), tmp_path / "eval", progress=False,
-                       overrides=["num_samples=2", "seconds=1.0", f"embedding=codec:{encodec}"],
+                       overrides=["num_samples=2", "seconds=1.0", f"embedding=codec:{encodec}",
+                                  f"reference={data / 'shards' / 'test'}"],
                        cache=tmp_path / "cache")
     assert result["kind"] == "unconditional" and result["settings"]["family"] == "musika"
     assert result["metrics"]["fad"] >= 0 and len(list((tmp_path / "eval" / "generated").glob("*.wav"))) == 2
