@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from ostinato.data.arrays import ArrayBatch, ArrayDataModule
 from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
 from ostinato.nn.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
-from tests.runner import train, xp_folder
+from tests.runner import cli_args, train
 
 SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,7 @@ def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
 VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.bins=32",
           "family.vqvae.dimension=16", "data.segment_seconds=0.25", "data.eval_segment_seconds=0.5",
           "data.eval_batch_size=8", "trainer.validate_first=false", "data.batches_per_epoch=2"]  # validation runs
+LEVELS = ("top", "middle", "bottom")
 PRIOR_CLI = {"top": ["data.segment_seconds=0.512"], "middle": ["data.segment_seconds=0.128"],
              "bottom": ["data.segment_seconds=0.032"]}
 
@@ -138,6 +139,15 @@ def _prior_args(level: str) -> list[str]:
     return [f"experiment=jukebox_{level}_tiny", "family.bins=32", "family.lm.dim=32", "family.lm.num_layers=1",
             "family.lm.ffn_dim=64", "family.metadata.buckets=64", "data.eval_batch_size=8",
             "trainer.validate_first=false", "data.batches_per_epoch=2", *PRIOR_CLI[level]]
+
+
+def _xp_folders(env: dict, *runs: list[str]) -> list[Path]:
+    """The XP folders of several runs' overrides, computed in one process (``tests.runner.xp_folder`` for many)."""
+    code = ("import json, sys; from ostinato.train import main; "
+            "print(json.dumps([str(main.get_xp(r).folder) for r in json.loads(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([cli_args(r) for r in runs])], env=env,
+                         capture_output=True, text=True, check=True)
+    return [Path(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -155,8 +165,11 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     from tests.synth import write_tiny_encodec
 
     data = Path(env["OSTINATO_DATA"]) / "demo"
-    train(env, *VQ_CLI, "trainer.max_steps=2")
-    export(xp_folder(env, *VQ_CLI, "trainer.max_steps=2"), tmp_path / "vqvae")  # what `ostinato export` runs
+    runs = [[*VQ_CLI, "trainer.max_steps=2"]] + [[*_prior_args(level), "trainer.max_steps=2"] for level in LEVELS]
+    vq_folder, *prior_folders = _xp_folders(env, *runs, [*_prior_args("bottom"), "trainer.max_steps=4"])
+    folder4 = prior_folders.pop()
+    train(env, *runs[0])
+    export(vq_folder, tmp_path / "vqvae")  # what `ostinato export` runs
     for split in ("train", "valid", "test"):
         m = encode_shards(str(tmp_path / "vqvae"), data / "shards" / split, data / "jukebox" / split, progress=False)
     assert list(m.streams) == ["top", "middle", "bottom"] and m.streams["bottom"].cardinality == 32
@@ -167,16 +180,13 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     assert batch.arrays["middle"].shape == (4, 1, 12) and batch.arrays["top"].shape == (4, 1, 3)
 
     exports = {}
-    for level in ("top", "middle", "bottom"):
-        train(env, *_prior_args(level), "trainer.max_steps=2")
-        folder = xp_folder(env, *_prior_args(level), "trainer.max_steps=2")
+    for level, run, folder in zip(LEVELS, runs[1:], prior_folders):
+        train(env, *run)
         exports[level] = tmp_path / level
         export(folder, exports[level])
     # the bottom upsampler resumes mid-way from a 2-step checkpoint
-    folder = xp_folder(env, *_prior_args("bottom"), "trainer.max_steps=2")
-    folder4 = xp_folder(env, *_prior_args("bottom"), "trainer.max_steps=4")
     (folder4 / "checkpoints").mkdir(parents=True)
-    shutil.copy(folder / "checkpoints" / "last.ckpt", folder4 / "checkpoints" / "last.ckpt")
+    shutil.copy(prior_folders[-1] / "checkpoints" / "last.ckpt", folder4 / "checkpoints" / "last.ckpt")
     resumed = train(env, *_prior_args("bottom"), "trainer.max_steps=4")
     assert "resuming" in resumed.stderr
     written = max((folder4 / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)

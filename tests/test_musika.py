@@ -20,7 +20,7 @@ from ostinato.generation.musika import MusikaParams, generate_audio, generate_la
 from ostinato.metrics.fad import FrechetAudioDistance
 from ostinato.nn.musika import (MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
                                 window_coordinates)
-from tests.runner import train, xp_folder
+from tests.runner import cli_args, train
 from tests.synth import write_shards
 
 SR = 24000
@@ -201,6 +201,15 @@ GAN_CLI = ["experiment=musika_tiny", "family.dimension=8", "family.window=8", "f
            "data.batches_per_epoch=3"]  # an epoch ends at step 3: validation runs
 
 
+def _xp_folders(env: dict, *runs: list[str]) -> list[Path]:
+    """The XP folders of several runs' overrides, computed in one process (``tests.runner.xp_folder`` for many)."""
+    code = ("import json, sys; from ostinato.train import main; "
+            "print(json.dumps([str(main.get_xp(r).folder) for r in json.loads(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([cli_args(r) for r in runs])], env=env,
+                         capture_output=True, text=True, check=True)
+    return [Path(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "ostinato.cli", *args], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -214,8 +223,10 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     from tests.synth import write_tiny_encodec
 
     data = Path(env["OSTINATO_DATA"]) / "demo"
+    ae_folder, folder, folder6 = _xp_folders(env, [*AE_CLI, "trainer.max_steps=3"], [*GAN_CLI, "trainer.max_steps=3"],
+                                             [*GAN_CLI, "trainer.max_steps=6"])
     train(env, *AE_CLI, "trainer.max_steps=3")
-    export(xp_folder(env, *AE_CLI, "trainer.max_steps=3"), tmp_path / "ae")  # what `ostinato export` runs
+    export(ae_folder, tmp_path / "ae")  # what `ostinato export` runs
 
     # latents: one array shard per audio shard, a corrupt sample skipped and counted, complete folders kept
     write_shards(tmp_path / "bad", n_shards=1, per_shard=4, sample_rate=SR, corrupt={2})
@@ -232,11 +243,9 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     assert batch.arrays["latents"].shape == (4, 8, 8) and batch.arrays["latents"].dtype == torch.float32
 
     train(env, *GAN_CLI, "trainer.max_steps=3")
-    folder = xp_folder(env, *GAN_CLI, "trainer.max_steps=3")
     # resume mid-way: the 3-step checkpoint placed in the 6-step experiment's folder continues to step 6 with both
     # optimizers, the adaptive R1 weight and the EMA restored
     first = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-    folder6 = xp_folder(env, *GAN_CLI, "trainer.max_steps=6")
     (folder6 / "checkpoints").mkdir(parents=True)
     shutil.copy(folder / "checkpoints" / "last.ckpt", folder6 / "checkpoints" / "last.ckpt")
     resumed = train(env, *GAN_CLI, "trainer.max_steps=6")
