@@ -10,6 +10,7 @@
     ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
     ostinato tokenize --semantic DIR SHARDS OUT  audio shards -> semantic token shards (one k-means stream)
+    ostinato encode SHARDS OUT --model REF       audio shards -> Musika latents / Jukebox codes (array shards)
     ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
     ostinato generate --family musiclm ...       text -> semantic -> coarse -> fine -> wav, MuLaN-reranked
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, dora_verb in DORA_VERBS.items():
         verbs.add_parser(verb, help=f"dora {dora_verb} for ostinato (see `ostinato {verb} --help`)", add_help=False)
 
+    verbs.add_parser("encode", add_help=False,
+                     help="audio shards -> latent / code array shards with a Musika autoencoder or Jukebox VQ-VAE "
+                          "(see `ostinato encode --help`)")
+
     e = verbs.add_parser("export", help="write an XP's EMA weights as safetensors + config for ostinato.load")
     e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file")
     e.add_argument("out", help="output folder")
@@ -487,6 +492,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DORA_VERBS:
         return _dora(argv[0], argv[1:])
+    if argv and argv[0] == "encode":  # its own parser (ostinato.encode), errors and exit codes
+        from ostinato.encode import main as encode_main
+
+        return encode_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

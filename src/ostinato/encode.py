@@ -1,8 +1,8 @@
 """Audio shards -> array shards with a trained encoder: Musika autoencoder latents (float16) or Jukebox VQ-VAE codes
 per level (int16). Resumable, atomic, corrupt samples skipped and counted.
 
-    python -m ostinato.encode data/demo/shards/train data/demo/latents/train --model outputs/exports/musika_ae_tiny
-    python -m ostinato.encode data/demo/shards/train data/demo/jukebox/train --model outputs/exports/jukebox_vqvae_tiny
+    ostinato encode data/demo/shards/train data/demo/latents/train --model outputs/exports/musika_ae_tiny
+    ostinato encode data/demo/shards/train data/demo/jukebox/train --model outputs/exports/jukebox_vqvae_tiny
 
 The model is anything ``ostinato.load`` takes whose family writes arrays (``array_streams()`` +
 ``encode_arrays(wav)``). Each audio shard becomes one array shard of the same name, written atomically with a
@@ -163,7 +163,7 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ostinato.encode", description=__doc__,
+    p = argparse.ArgumentParser(prog="ostinato encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
     p.add_argument("out", help="output folder for the array shards")

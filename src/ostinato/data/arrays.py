@@ -2,7 +2,7 @@
 
 Musika trains its latent GAN on continuous latents (float16 ``[D, F]``) of its autoencoder; the Jukebox-style
 priors train on the codes of a hierarchical VQ-VAE (int16 ``[1, F_level]`` per level). Both are *streams* of
-frames at known rates, written once by ``python -m ostinato.encode`` and read here.
+frames at known rates, written once by ``ostinato encode`` and read here.
 
 Layout of an array shard folder::
 
@@ -103,7 +103,7 @@ class ArrayManifest:
         path = path / MANIFEST_NAME if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"no array manifest at {path}; write the arrays with "
-                                    "`python -m ostinato.encode SHARDS OUT --model REF`")
+                                    "`ostinato encode SHARDS OUT --model REF`")
         d = read_json(path)
         if d.get("format") != ARRAY_FORMAT:
             raise ValueError(f"{path}: format {d.get('format')!r} is not {ARRAY_FORMAT!r} (token shards from "
@@ -225,7 +225,7 @@ def decode_array_clip(sample: dict, *, seconds: float, rates: Mapping[str, float
 
 
 class ArrayDataModule(AudioDataModule):
-    """Array shards (``python -m ostinato.encode``) -> ``ArrayBatch`` of time-aligned crops.
+    """Array shards (``ostinato encode``) -> ``ArrayBatch`` of time-aligned crops.
 
     Args:
         train, valid, test: array shard folders (or manifests, or lists of them) written by one model.
