@@ -43,3 +43,15 @@ def test_prep_shards_cli_and_refusal(tmp_path, capsys):
         main(["prep", "shards", str(src), str(out)])
     assert exit_info.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_encode_verb_is_the_array_shard_writer(capsys, tmp_path) -> None:
+    import pytest
+
+    from ostinato.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["encode", str(tmp_path / "missing"), str(tmp_path / "out"), "--model", str(tmp_path / "nothing")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"no shards at {tmp_path / 'missing'}" in err
