@@ -27,10 +27,9 @@ from tqdm import tqdm
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.sources import iter_raw_samples, resolve_shards
-from ostinato.fileio import atomic_path, atomic_write_json, read_json
+from ostinato.fileio import atomic_path, atomic_write_json, check_progress, read_json, shard_name
 
 log = logging.getLogger(__name__)
-PROGRESS_NAME = ".progress.json"
 
 __all__ = ["encode_shards", "load_encoder", "main"]
 
@@ -47,10 +46,6 @@ def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> Any:
                          "(family=musika_autoencoder_tiny) or a Jukebox VQ-VAE (family=jukebox_vqvae_tiny)")
     return module.to(device).eval()
 
-
-def _shard_name(url: str) -> str:
-    name = url.rstrip("/").split("/")[-1]
-    return name if name.endswith(".tar") else f"{name}.tar"
 
 
 def _read_shard(url: str, sample_rate: int, channels: int) -> tuple[list[tuple[str, torch.Tensor, dict]], int]:
@@ -95,7 +90,7 @@ def _encode_items(model: Any, items: list[tuple[str, torch.Tensor, dict]], batch
 def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
     items, skipped = _read_shard(url, model.sample_rate, model.channels)
     arrays = _encode_items(model, items, batch_size, device)
-    name = _shard_name(url)
+    name = shard_name(url)
     first = next(iter(model.array_streams()))
     frames = 0
     with atomic_path(out / name) as tmp:
@@ -109,23 +104,6 @@ def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch
     marker = {"name": name, "samples": len(items), "frames": frames, "skipped": skipped}
     atomic_write_json(out / name.replace(".tar", ".json"), marker)
     return marker
-
-
-def _check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
-    progress = out / PROGRESS_NAME
-    if (out / "manifest.json").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'manifest.json'} exists: these array shards are complete; "
-                              "pass --overwrite to rebuild them")
-    if overwrite:
-        for p in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.json")) + [out / "manifest.json", progress]:
-            p.unlink(missing_ok=True)
-    if progress.is_file():
-        saved = read_json(progress)
-        diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
-        if diff:
-            raise ValueError(f"{out} holds a partial run with other {', '.join(diff)}; pass --overwrite to start "
-                             "again")
-    atomic_write_json(progress, fingerprint)
 
 
 def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_size: int = 16,
@@ -145,13 +123,13 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
     info = ModelInfo(id=str(model_ref) if isinstance(model_ref, (str, Path)) else type(model).__name__,
                      hash=weights_hash(model), kind=model.array_kind, sample_rate=int(model.sample_rate),
                      channels=int(model.channels))
-    _check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite)
-    todo = [u for u in source.urls if not ((out / _shard_name(u)).is_file()
-                                           and (out / _shard_name(u).replace(".tar", ".json")).is_file())]
+    check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite, "array shards")
+    todo = [u for u in source.urls if not ((out / shard_name(u)).is_file()
+                                           and (out / shard_name(u).replace(".tar", ".json")).is_file())]
     log.info("encoding %d of %d shards with %s (%s)", len(todo), len(source.urls), info.id, info.kind)
     for url in tqdm(todo, desc="encode", unit="shard", disable=not progress):
         _write_shard(out, url, model, batch_size, dev)
-    markers = [read_json(out / _shard_name(u).replace(".tar", ".json")) for u in source.urls]
+    markers = [read_json(out / shard_name(u).replace(".tar", ".json")) for u in source.urls]
     skipped = sum(int(m.get("skipped", 0)) for m in markers)
     if skipped:
         log.warning("%d corrupt samples skipped", skipped)

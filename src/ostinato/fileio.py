@@ -53,3 +53,31 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e}); delete or fix the file") from e
+
+
+PROGRESS_NAME = ".progress.json"
+
+
+def shard_name(url: str) -> str:
+    """The output shard file of an input shard url (``.../shard-000001.tar`` -> ``shard-000001.tar``)."""
+    name = url.rstrip("/").split("/")[-1]
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
+def check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool, what: str) -> None:
+    """Start or resume a shard-by-shard job writing ``out``: a finished job (``manifest.json``) needs
+    ``overwrite``; a partial one must have been started with the same ``fingerprint`` (settings, inputs)."""
+    progress = out / PROGRESS_NAME
+    if (out / "manifest.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'manifest.json'} exists: these {what} are complete; pass --overwrite to "
+                              "rebuild them")
+    if overwrite:
+        for p in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.json")) + [out / "manifest.json", progress]:
+            p.unlink(missing_ok=True)
+    if progress.is_file():
+        saved = read_json(progress)
+        diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+        if diff:
+            raise ValueError(f"{out} holds a partial run with other {', '.join(diff)}; pass --overwrite to start "
+                             "again")
+    atomic_write_json(progress, fingerprint)

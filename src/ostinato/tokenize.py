@@ -28,18 +28,13 @@ from tqdm import tqdm
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.sources import ShardSource, iter_raw_samples, resolve_shards
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
-from ostinato.fileio import atomic_path, atomic_write_json, read_json
+from ostinato.fileio import atomic_path, atomic_write_json, check_progress, read_json, shard_name
 from ostinato.interop.codecs import load_codec, weights_hash
 from ostinato.nn.codec import Codec
 from ostinato.nn.semantic import SemanticTokenizer, is_semantic_tokenizer
 
 log = logging.getLogger(__name__)
-PROGRESS_NAME = ".progress.json"
 
-
-def _shard_name(url: str) -> str:
-    name = url.rstrip("/").split("/")[-1]
-    return name if name.endswith(".tar") else f"{name}.tar"
 
 
 def load_tokenizer(ref: str | Path, trust: bool = False) -> Codec | SemanticTokenizer:
@@ -106,7 +101,7 @@ def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]
     for indices in by_length.values():
         for i, c in zip(indices, _encode_group(codec, [items[i][1] for i in indices], n_q, device, batch_size)):
             codes[i] = c
-    name = _shard_name(url)
+    name = shard_name(url)
     frames = 0
     with atomic_path(out / name) as tmp:
         with wds.TarWriter(str(tmp)) as writer:
@@ -139,26 +134,9 @@ def _run_device(codec_ref: str, urls: list[str], out: Path, n_q: int | None, bat
 
 
 def _done(out: Path, url: str) -> bool:
-    name = _shard_name(url)
+    name = shard_name(url)
     marker = out / name.replace(".tar", ".json")
     return marker.is_file() and (out / name).is_file()
-
-
-def _check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
-    progress = out / PROGRESS_NAME
-    if (out / "manifest.json").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'manifest.json'} exists: these token shards are complete; "
-                              "pass --overwrite to rebuild them")
-    if overwrite:
-        for p in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.json")) + [out / "manifest.json", progress]:
-            p.unlink(missing_ok=True)
-    if progress.is_file():
-        saved = read_json(progress)
-        diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
-        if diff:
-            raise ValueError(f"{out} holds a partial run with other {', '.join(diff)}; "
-                             "pass --overwrite to start again")
-    atomic_write_json(progress, fingerprint)
 
 
 def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = None, batch_size: int = 16,
@@ -178,7 +156,7 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
     info = CodecInfo(id=str(codec_ref), hash=tokenizer_hash(codec), sample_rate=codec.sample_rate,
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
                      cardinality=codec.cardinality)
-    _check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite)
+    check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite, "token shards")
     todo = [u for u in source.urls if not _done(out, u)]
     devices = devices or (["cuda:%d" % i for i in range(torch.cuda.device_count())] or ["cpu"])
     devices = devices[: max(1, len(todo))]
@@ -197,7 +175,7 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
         failed = [d for d, p in zip(devices, procs) if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"tokenization failed on {', '.join(failed)}; re-run to finish the remaining shards")
-    markers = [read_json(out / _shard_name(u).replace(".tar", ".json")) for u in source.urls]
+    markers = [read_json(out / shard_name(u).replace(".tar", ".json")) for u in source.urls]
     shards_done = [TokenShard(name=m["name"], samples=m["samples"], frames=m["frames"]) for m in markers]
     skipped = sum(int(m.get("skipped", 0)) for m in markers)
     if skipped:
