@@ -2,7 +2,7 @@
 
 ``JukeboxVQVAEFamily`` trains ``HierarchicalVQVAE`` on audio shards: per level multi-scale mel + L1 losses and the
 VQ commitment (Jukebox has no adversarial loss), all levels in one step. Its codes are written once as array shards
-(``python -m ostinato.encode``: streams ``top``, ``middle``, ``bottom``).
+(``ostinato encode``: streams ``top``, ``middle``, ``bottom``).
 
 ``JukeboxPrior`` is one ``CodebookLM`` per level (``level: top | middle | bottom``) trained with the masked
 cross-entropy of MusicGen on crops of that level's codes, conditioned through its prefix on:
@@ -66,7 +66,7 @@ class JukeboxVQVAEFamily(FamilyModule):
         self.val_mel = nn.ModuleDict({name: MelDistance(sample_rate) for name in LEVELS})
         self.ema_modules = tuple(self.vqvae.ema_modules("vqvae"))
 
-    # -- arrays (python -m ostinato.encode) ----------------------------------------------------------------------
+    # -- arrays (ostinato encode) ---------------------------------------------------------------------------------
     def array_streams(self) -> dict[str, StreamInfo]:
         rates = self.vqvae.frame_rates
         return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", cardinality=self.vqvae.bins)

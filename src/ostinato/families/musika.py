@@ -2,7 +2,7 @@
 
 ``MusikaAutoencoderFamily`` trains ``SpectralAutoencoder`` on audio shards: an L1 between the decoded and the input
 (normalised) log-magnitude spectrograms, multi-scale mel + multi-resolution STFT + L1 waveform losses, optionally
-adversarial (the codec's waveform discriminators, hinge + feature matching) after ``disc_warmup_steps``. Its latents are then written once as array shards (``python -m ostinato.encode``).
+adversarial (the codec's waveform discriminators, hinge + feature matching) after ``disc_warmup_steps``. Its latents are then written once as array shards (``ostinato encode``).
 
 ``MusikaFamily`` trains ``MusikaGenerator`` against ``LatentDiscriminator`` on windows of those latents, as
 Musika does: hinge losses, an R1 gradient penalty on real latents whose weight adapts (Musika's "switch": the
@@ -116,7 +116,7 @@ class MusikaAutoencoderFamily(FamilyModule):
         self.val_stft = MultiScaleSTFTDistance()
         self.val_sisnr = SISNR()
 
-    # -- arrays (python -m ostinato.encode) ----------------------------------------------------------------------
+    # -- arrays (ostinato encode) ---------------------------------------------------------------------------------
     def array_streams(self) -> dict[str, StreamInfo]:
         ae = self.autoencoder
         return {"latents": StreamInfo(rate=ae.frame_rate, channels=ae.dimension, dtype="float16")}
