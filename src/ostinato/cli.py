@@ -16,6 +16,7 @@
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
     ostinato demo                                the embedded default end to end (what `make demo` runs)
+    ostinato app --model REF                     a web app (Gradio) generating with a MusicGen
 """
 from __future__ import annotations
 
