@@ -484,3 +484,28 @@ def test_cli_generates_from_text_and_continues_audio(stage_xps, tmp_path):
     bad = subprocess.run(base[:-6] + ["--quiet", "--out", str(tmp_path / "x")], env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--fine" in bad.stderr
+
+
+def test_cli_prep_mulan_fits_the_quantizer_and_tokenizes_every_split(tmp_path):
+    import subprocess
+    import sys
+
+    from ostinato.nn.mulan import MuLaNQuantizer
+    from tests.synth import write_shards
+
+    parts = write_parts(tmp_path / "parts")
+    for split in ("train", "valid", "test"):
+        write_shards(tmp_path / "shards" / split, n_shards=1, per_shard=6, sample_rate=24000, seconds=0.5)
+    out = tmp_path / "mulan"
+    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "prep", "mulan", "--mulan", parts["mulan"],
+                           "--shards", str(tmp_path / "shards"), "--out", str(out), "--n-q", "2", "--bins", "4"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    quantizer = MuLaNQuantizer.load(out / "quantizer.safetensors")
+    assert quantizer.n_q("semantic") == 2 and quantizer.bins("coarse") == 4 and quantizer.fitted("coarse")
+    for split in ("train", "valid", "test"):
+        tokens = MuLaNTokens.load(out / split)
+        assert len(tokens.keys) == 6 and tokens.tokens["semantic"].shape == (6, 2)
+        assert int(tokens.tokens["coarse"].max()) < 4
+        # generation finds MuLaN and the quantizer through these manifests
+        assert tokens.source == parts["mulan"] and Path(tokens.quantizer) == (out / "quantizer.safetensors").resolve()

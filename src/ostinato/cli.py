@@ -96,9 +96,7 @@ def _prep_mulan(args: argparse.Namespace) -> None:
     for split in ("train", "valid", "test"):
         if (shards / split).is_dir():
             tokens = write_mulan_tokens(str(shards / split), out / split, mulan, quantizer,
-                                        segment_seconds=args.segment)
-            tokens.source = args.mulan
-            tokens.save(out / split)
+                                        segment_seconds=args.segment, source=args.mulan)
             print(f"mulan/{split}: {len(tokens.keys)} clips x {list(tokens.tokens)} -> {out / split}")
     print(f"quantizer: {out / 'quantizer.safetensors'} ({args.n_q} x {args.bins} per namespace)")
 

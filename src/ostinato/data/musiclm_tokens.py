@@ -87,12 +87,12 @@ class MuLaNTokens:
 
 @torch.no_grad()
 def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: Any, *,
-                       segment_seconds: float = 10.0, batch_size: int = 16) -> MuLaNTokens:
+                       segment_seconds: float = 10.0, batch_size: int = 16, source: str | None = None) -> MuLaNTokens:
     """Embed every clip of audio ``shards`` once with MuLaN (the first ``segment_seconds``, windowed by the
     tower) and quantize it in every namespace of ``quantizer`` -> ``out/`` (``MuLaNTokens``).
 
-    ``mulan_ref``: a ``MuLaN``, a ``MuLaNFamily`` or an ``ostinato.load`` ref; ``quantizer``: a
-    ``MuLaNQuantizer`` or its safetensors path.
+    ``mulan_ref``: a ``MuLaN``, a ``MuLaNFamily`` or an ``ostinato.load`` ref (``source``: the ref to record when it
+    is an object); ``quantizer``: a ``MuLaNQuantizer`` or its safetensors path.
     """
     from ostinato.data.sources import resolve_shards
     from ostinato.data.streams import count_samples
@@ -129,7 +129,7 @@ def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: 
         raise ValueError(f"{shards}: sample keys repeat across shards; MuLaN tokens are joined by key")
     tokens = MuLaNTokens(keys, {ns: torch.cat(p) for ns, p in parts.items()},
                          {ns: int(quantizer.bins(ns)) for ns in parts},
-                         source=str(mulan_ref) if isinstance(mulan_ref, (str, Path)) else "",
+                         source=source or (str(mulan_ref) if isinstance(mulan_ref, (str, Path)) else ""),
                          quantizer=str(getattr(quantizer, "path", "") or ""))
     tokens.save(out)
     log.info("wrote MuLaN tokens of %d clips (%s) to %s", len(keys), list(parts), out)
