@@ -273,7 +273,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                           top_k=int(top_k_), top_p=float(top_p_), temperature=float(temperature_),
                           seed=int(-1 if seed_ is None else seed_), melody=melody_, style=style_,
                           continuation=continuation_)
-            t0 = time.time()
+            t0, whole = time.time(), None
             try:
                 if not req.unlimited:
                     path, used = studio.generate(req, _throttled(progress, "generating"), session)
@@ -287,14 +287,17 @@ def build_app(studio: Studio) -> gr.Blocks:
                            f"the whole piece: `{whole}`", str(whole))
             except (ValueError, FileNotFoundError) as e:
                 raise gr.Error(str(e)) from e
-            except Stopped:
-                yield gr.skip(), gr.skip(), "stopped", gr.skip()
+            except Stopped:  # halt() shows the same message; whichever of the two lands last must not hide it
+                yield *stopped(None if whole is None else str(whole)), gr.skip()
 
-        def halt(whole, request: gr.Request):
-            studio.stop(request.session_hash or "")
+        def stopped(whole: str | None) -> tuple:
             if not whole or not Path(whole).is_file():
                 return gr.skip(), gr.skip(), "stopped"
             return whole, whole, f"stopped: {sf.info(whole).duration:.1f} s in `{whole}`"
+
+        def halt(whole, request: gr.Request):
+            studio.stop(request.session_hash or "")
+            return stopped(whole)
 
         event = generate.click(run, inputs=inputs, outputs=[audio, file, status, piece], concurrency_limit=1)
         stop.click(halt, inputs=[piece], outputs=[audio, file, status], cancels=[event], queue=False)
