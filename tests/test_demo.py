@@ -63,3 +63,33 @@ def test_demo_report_renders_players_spectrograms_curves_and_metrics(quick_demo:
         shot = full_page_screenshot(browser, quick_demo["root"] / "report.png")
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[0] > 1000 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+
+
+@pytest.mark.parametrize("model", ["codec", "musicgen", "mulan"])
+def test_gpu_preset_composes_validates_and_builds_a_larger_model(model: str, monkeypatch) -> None:
+    """The GPU plan cannot run here; its overrides must at least name real keys and build each model."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ostinato import demo
+    from ostinato.engine.config import validate
+    from ostinato.engine.family import plain
+    from ostinato.train import conf_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    experiment = {"codec": demo.CODEC_EXPERIMENT, "musicgen": demo.MUSICGEN_EXPERIMENT,
+                  "mulan": demo.MULAN_EXPERIMENT}[model]
+    assert demo.DemoPlan.make(gpu=True).overrides[model] == demo.GPU_OVERRIDES[model]
+    assert demo.DemoPlan.make(gpu=False).overrides == {}
+    sizes = {}
+    for overrides in ([], demo.GPU_OVERRIDES[model]):
+        with initialize_config_dir(conf_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=[*experiment, *overrides])
+        validate(cfg)
+        family = instantiate(cfg.family, optim=plain(cfg.optim), _convert_="all")
+        sizes[bool(overrides)] = sum(p.numel() for p in family.parameters() if p.requires_grad)
+        assert cfg.trainer.max_steps > 0 and cfg.data.batch_size > 0
+    assert sizes[True] >= sizes[False]
+    if model == "musicgen":
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.family.lm.dim == 512
+        assert sizes[True] > 4 * sizes[False]  # the wider, deeper LM
