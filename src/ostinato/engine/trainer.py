@@ -115,7 +115,8 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
                         every_n_train_steps=t.checkpoint_every_steps, save_last=True,
-                        save_top_k=-1 if t.keep_checkpoints else 0, save_on_train_epoch_end=True),
+                        save_top_k=-1 if t.keep_checkpoints else 0, save_on_train_epoch_end=True,
+                        enable_version_counter=False),  # a last.ckpt from elsewhere is overwritten, not kept beside
         NonFiniteGuard(max_in_row=t.nonfinite_max_in_row),
         Throughput(),
         PreemptionCheckpoint(ckpt_dir / "last.ckpt"),
