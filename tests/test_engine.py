@@ -38,16 +38,16 @@ def test_a_checkpoint_copied_into_another_xp_resumes_and_is_overwritten(env):
     """Moving a run to a new XP (a changed config key) by copying its last.ckpt: the new XP resumes from it and
     then writes its own last.ckpt over it, never beside it (Lightning would write last-v1.ckpt, and every later
     resume would restart from the stale copy)."""
-    first = ["trainer.max_steps=10", "trainer.checkpoint_every_steps=5"]
+    first = ["trainer.max_steps=8", "trainer.checkpoint_every_steps=4"]
     train(env, *first)
-    moved = ["trainer.max_steps=20", "trainer.checkpoint_every_steps=5"]
+    moved = ["trainer.max_steps=16", "trainer.checkpoint_every_steps=4"]  # an XP no other test uses
     target = xp_folder(env, *moved) / "checkpoints"
     target.mkdir(parents=True)
     (target / "last.ckpt").write_bytes((xp_folder(env, *first) / "checkpoints" / "last.ckpt").read_bytes())
     result = train(env, *moved)
     assert f"resuming {target / 'last.ckpt'}" in result.stderr
     assert sorted(p.name for p in target.iterdir()) == ["last.ckpt"]
-    assert torch.load(target / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert torch.load(target / "last.ckpt", weights_only=True)["global_step"] == 16
 
 
 def test_sigkill_resumes_from_last_checkpoint(env):
