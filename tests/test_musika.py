@@ -268,6 +268,19 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
                                       "x", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="unconditional"):
         cli_generate(args, lambda done, total: None)
+    clips = {}
+    for t in ("0.5", "2", None):
+        flags = [] if t is None else ["--truncation", t]
+        args = build_parser().parse_args(["generate", "--family", "musika", "--model", str(tmp_path / "gan"),
+                                          "--duration", "2", "--seed", "3", *flags, "--out", "-"])
+        wav_t, _, (rec,) = cli_generate(args, lambda done, total: None)
+        clips[t] = wav_t
+        assert rec["truncation"] == float(t or 2)
+    assert not torch.equal(clips["0.5"], clips["2"])  # the bound reaches the latents
+    assert torch.equal(clips[None], clips["2"])  # the default is Musika's 2
+    args.truncation = -1.0
+    with pytest.raises(ValueError, match="--truncation"):
+        cli_generate(args, lambda done, total: None)
 
     encodec = write_tiny_encodec(tmp_path / "encodec")
     result = run_suite("musika_demo", str(tmp_path / "gan"), tmp_path / "eval", progress=False,

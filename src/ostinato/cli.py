@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for --continue (default: the one of the semantic stage's token shards)")
     lm.add_argument("--num-candidates", type=int, default=1,
                     help="samples per prompt, generated in one batch; the best MuLaN text-audio score is kept")
+    mk = g.add_argument_group("musika", "--family musika")
+    mk.add_argument("--truncation", type=float, default=2.0,
+                    help="latent anchors and style drawn from a normal cut at +-T (default 2; lower = more typical, "
+                         "less varied; 0 = untruncated)")
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--trust", action="store_true")
