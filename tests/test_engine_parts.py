@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ostinato.engine.callbacks import PreemptionCheckpoint
 from ostinato.engine.ema import EMA, ema_weights_from_checkpoint
 from ostinato.engine.guard import NonFiniteError, NonFiniteGuard, grads_finite
 from ostinato.engine.optim import build_optimizer, build_scheduler, lr_factor
@@ -435,3 +438,59 @@ def test_guard_state_round_trip_and_finite_check() -> None:
     assert bool(grads_finite(ok)) and bool(grads_finite([]))
     assert not bool(grads_finite([*ok, torch.tensor([0.0, float("nan")])]))
     assert not bool(grads_finite([*ok, torch.tensor([float("-inf")], dtype=torch.bfloat16)]))
+
+
+# ---------------------------------------------------------------- preemption checkpoint
+
+
+class _SigtermAt(L.Callback):
+    """Sends SIGTERM to this process once: between two batches (after PreemptionCheckpoint looked at its flag) or
+    at the first validation batch: where Lightning's own SIGTERM handling would end the fit before any save."""
+
+    def __init__(self, where: str, step: int = 2) -> None:
+        self.where, self.step, self.sent = where, step, False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.where == "between_batches" and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.where == "validation":
+            self._send()
+
+
+@pytest.mark.parametrize(("where", "saved_at"), [("between_batches", 3), ("validation", 5)])
+def test_sigterm_anywhere_writes_the_checkpoint_at_the_next_batch_end(tmp_path: Any, where: str,
+                                                                      saved_at: int) -> None:
+    last = tmp_path / "last.ckpt"
+    trainer = _trainer([PreemptionCheckpoint(last), _SigtermAt(where)], max_steps=20, limit_val_batches=2)
+    with pytest.raises(SystemExit) as exit_:  # SIGTERM (scontrol requeue, preemption): save, then exit 0
+        trainer.fit(Regression(), _loader(), _loader())
+    assert exit_.value.code == 0
+    assert torch.load(last, weights_only=True)["global_step"] == saved_at
+
+
+def test_sigusr2_saves_then_hands_over_to_the_previous_handler(tmp_path: Any) -> None:
+    """submitit's SIGUSR2 handler (the one installed before the fit) requeues the job: it runs after the save."""
+    last, calls = tmp_path / "last.ckpt", []
+
+    class Usr2(_SigtermAt):
+        def _send(self) -> None:
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(last.is_file()))
+    try:
+        trainer = _trainer([PreemptionCheckpoint(last), Usr2("between_batches")], max_steps=20)
+        with pytest.raises(SystemExit) as exit_:
+            trainer.fit(Regression(), _loader())
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert exit_.value.code == 1 and calls == [True]  # called once, with the checkpoint already on disk
+    assert torch.load(last, weights_only=True)["global_step"] == 3

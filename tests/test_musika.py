@@ -216,7 +216,7 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_path):
+def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_path, capsys):
     from ostinato.encode import encode_shards
     from ostinato.engine.weights import export
     from ostinato.evaluation.runner import run_suite
@@ -281,6 +281,11 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     args.truncation = -1.0
     with pytest.raises(ValueError, match="--truncation"):
         cli_generate(args, lambda done, total: None)
+    from ostinato.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # a Musika flag given to another family is refused, not ignored
+        main(["generate", "--model", str(tmp_path / "gan"), "--truncation", "1", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "--truncation is a Musika setting" in capsys.readouterr().err
 
     encodec = write_tiny_encodec(tmp_path / "encodec")
     result = run_suite("musika_demo", str(tmp_path / "gan"), tmp_path / "eval", progress=False,

@@ -196,6 +196,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _generate(args: argparse.Namespace) -> None:
     import importlib
 
+    if args.truncation is not None and args.family != "musika":
+        raise ValueError(f"--truncation is a Musika setting; --family {args.family} does not take it")
     if args.family != "musicgen":
         with _progress_bar(args.quiet) as progress:
             wavs, sample_rate, records = importlib.import_module(GENERATORS[args.family]).cli_generate(args, progress)
@@ -424,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--num-candidates", type=int, default=1,
                     help="samples per prompt, generated in one batch; the best MuLaN text-audio score is kept")
     mk = g.add_argument_group("musika", "--family musika")
-    mk.add_argument("--truncation", type=float, default=2.0,
+    mk.add_argument("--truncation", type=float, default=None,
                     help="latent anchors and style drawn from a normal cut at +-T (default 2; lower = more typical, "
                          "less varied; 0 = untruncated)")
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")

@@ -86,7 +86,8 @@ class PreemptionCheckpoint(L.Callback):
 
     SIGUSR2 (submitit's timeout/preemption signal) and SIGTERM (sent by ``scontrol requeue`` and
     preemption) only raise a flag; at the next batch end all ranks agree through an all-reduce, save together,
-    then chain to the previous handler (submitit requeues on SIGUSR2) or exit (SIGTERM).
+    then chain to the previous handler (submitit requeues on SIGUSR2) or exit (SIGTERM). The handlers replace
+    Lightning's at train start, so a signal during validation or between batches also waits for a batch end.
     """
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -100,7 +101,9 @@ class PreemptionCheckpoint(L.Callback):
         log.warning("caught %s: a checkpoint will be written at the end of this batch", signal.Signals(signum).name)
         self._caught = signum
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning registered its own handlers (Trainer._run, past on_fit_start): its SIGTERM handler would
+        # stop the fit at the next loop boundary (in validation, between batches) before any checkpoint is written
         for sig in self.SIGNALS:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler)
@@ -123,8 +126,8 @@ class PreemptionCheckpoint(L.Callback):
         trainer.save_checkpoint(self.last_path)
         log.warning("preemption checkpoint written to %s at step %d", self.last_path, trainer.global_step)
         previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, None)
+        if signum != signal.SIGTERM and callable(previous):  # submitit requeues on SIGUSR2; SIGTERM's previous
+            previous(signum, None)                            # is Lightning's, which would kill and broadcast
         raise SystemExit(0 if signum == signal.SIGTERM else 1)
 
 

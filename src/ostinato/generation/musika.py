@@ -225,8 +225,8 @@ def cli_generate(args: Any, progress: Progress) -> tuple[Tensor, int, list[dict[
     if args.prompt or args.prompts or args.melody or args.style or args.continue_:
         raise ValueError("Musika is unconditional: drop --prompt / --prompts / --melody / --style / --continue")
     family, ae, ae_ref = load_musika(args.model, args.codec, trust=args.trust)
-    truncation = getattr(args, "truncation", 2.0)
-    if truncation is not None and truncation < 0:
+    truncation = 2.0 if getattr(args, "truncation", None) is None else args.truncation  # Musika's default
+    if truncation < 0:
         raise ValueError(f"--truncation {truncation}: give a bound > 0, or 0 for an untruncated normal")
     params = MusikaParams(truncation=truncation or None, seed=args.seed)
     t0 = time.perf_counter()
