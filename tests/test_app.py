@@ -185,6 +185,8 @@ def test_unlimited_grows_until_stop(server: dict) -> None:
     with chromium() as browser:
         browser.get(server["url"])
         _wait(browser, lambda: browser.find_elements("css selector", "#generate"), "the page")
+        browser.find_element("css selector", "#stop").click()
+        _wait(browser, lambda: "nothing to stop" in browser.find_element("css selector", "#status").text, "idle")
         browser.find_element("css selector", "#unlimited input").click()
         browser.find_element("css selector", "#generate").click()
         _wait(browser, lambda: _chunks(browser.find_element("css selector", "#status").text) >= 3, "three chunks")

@@ -260,7 +260,6 @@ def build_app(studio: Studio) -> gr.Blocks:
                                  buttons=["download"])
                 file = gr.File(label="Download (wav)", interactive=False, elem_id="download")
                 status = gr.Markdown(elem_id="status")
-        piece = gr.State(None)
         inputs = [prompt, seconds, unlimited, long_form, cfg, cfg_beta, top_k, top_p, temperature, seed,
                   melody, style, continuation]
 
@@ -274,33 +273,43 @@ def build_app(studio: Studio) -> gr.Blocks:
                           seed=int(-1 if seed_ is None else seed_), melody=melody_, style=style_,
                           continuation=continuation_)
             t0, whole = time.time(), None
+            running.add(session)
             try:
                 if not req.unlimited:
                     path, used = studio.generate(req, _throttled(progress, "generating"), session)
                     yield (str(path), str(path), f"{req.seconds:g} s in {time.time() - t0:.1f} s, seed {used}: "
-                           f"`{path}`", str(path))
+                           f"`{path}`")
                     return
                 for n, (chunk, whole, used) in enumerate(
                         studio.unlimited(req, _throttled(progress, "generating the next chunk"), session), 1):
                     so_far = sf.info(str(whole)).duration
                     yield (str(chunk), gr.skip(), f"chunk {n}: {so_far:.1f} s so far (seed {used}); Stop to get "
-                           f"the whole piece: `{whole}`", str(whole))
+                           f"the whole piece: `{whole}`")
+                yield stopped(whole)  # the session stopped after a chunk
             except (ValueError, FileNotFoundError) as e:
                 raise gr.Error(str(e)) from e
-            except Stopped:  # halt() shows the same message; whichever of the two lands last must not hide it
-                yield *stopped(None if whole is None else str(whole)), gr.skip()
+            except Stopped:  # the session stopped inside a chunk
+                yield stopped(whole)
+            finally:
+                running.discard(session)
 
-        def stopped(whole: str | None) -> tuple:
-            if not whole or not Path(whole).is_file():
+        def stopped(whole: Path | None) -> tuple:
+            if whole is None or not Path(whole).is_file():
                 return gr.skip(), gr.skip(), "stopped"
-            return whole, whole, f"stopped: {sf.info(whole).duration:.1f} s in `{whole}`"
+            return str(whole), str(whole), f"stopped: {sf.info(str(whole)).duration:.1f} s in `{whole}`"
 
-        def halt(whole, request: gr.Request):
-            studio.stop(request.session_hash or "")
-            return stopped(whole)
+        def halt(request: gr.Request):
+            # Stop is cooperative: the generation sees the flag within a decoding step and writes the final status
+            # itself, so nothing lands after it (a cancelled event could still deliver a chunk message late)
+            session = request.session_hash or ""
+            if session not in running:
+                return "nothing to stop"
+            studio.stop(session)
+            return gr.skip()
 
-        event = generate.click(run, inputs=inputs, outputs=[audio, file, status, piece], concurrency_limit=1)
-        stop.click(halt, inputs=[piece], outputs=[audio, file, status], cancels=[event], queue=False)
+        running: set[str] = set()  # sessions with a generation under way
+        generate.click(run, inputs=inputs, outputs=[audio, file, status], concurrency_limit=1)
+        stop.click(halt, outputs=[status], queue=False)
     return app
 
 
