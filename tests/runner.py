@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,22 @@ def xp_folder(env: dict[str, str], *overrides: str) -> Path:
     out = subprocess.run([sys.executable, "-c", code, *cli_args(overrides)], env=env, capture_output=True,
                          text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``ostinato ARGS`` in a subprocess; fails the test with the end of its stderr unless it exits 0."""
+    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def xp_folders(env: dict[str, str], *runs: list[str]) -> list[Path]:
+    """The XP folders of several runs' overrides, computed in one process (``xp_folder`` for many)."""
+    code = ("import json, sys; from ostinato.train import main; "
+            "print(json.dumps([str(main.get_xp(r).folder) for r in json.loads(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([cli_args(r) for r in runs])], env=env,
+                         capture_output=True, text=True, check=True)
+    return [Path(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def losses(folder: Path) -> list[tuple[int, float]]:

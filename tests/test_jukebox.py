@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from hydra.utils import instantiate
 from ostinato.data.arrays import ArrayBatch, ArrayDataModule
 from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
 from ostinato.nn.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
-from tests.runner import cli_args, train
+from tests.runner import cli, train, xp_folders
 
 SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,21 +139,6 @@ def _prior_args(level: str) -> list[str]:
             "trainer.validate_first=false", "data.batches_per_epoch=2", *PRIOR_CLI[level]]
 
 
-def _xp_folders(env: dict, *runs: list[str]) -> list[Path]:
-    """The XP folders of several runs' overrides, computed in one process (``tests.runner.xp_folder`` for many)."""
-    code = ("import json, sys; from ostinato.train import main; "
-            "print(json.dumps([str(main.get_xp(r).folder) for r in json.loads(sys.argv[1])]))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([cli_args(r) for r in runs])], env=env,
-                         capture_output=True, text=True, check=True)
-    return [Path(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
-
-
-def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", *args], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_path):
     from ostinato.encode import encode_shards
     from ostinato.engine.weights import export
@@ -166,7 +149,7 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
 
     data = Path(env["OSTINATO_DATA"]) / "demo"
     runs = [[*VQ_CLI, "trainer.max_steps=2"]] + [[*_prior_args(level), "trainer.max_steps=2"] for level in LEVELS]
-    vq_folder, *prior_folders = _xp_folders(env, *runs, [*_prior_args("bottom"), "trainer.max_steps=4"])
+    vq_folder, *prior_folders = xp_folders(env, *runs, [*_prior_args("bottom"), "trainer.max_steps=4"])
     folder4 = prior_folders.pop()
     train(env, *runs[0])
     export(vq_folder, tmp_path / "vqvae")  # what `ostinato export` runs
@@ -196,7 +179,7 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     jukebox_main(["bundle", str(bundle), "--top", str(exports["top"]), "--middle", str(exports["middle"]),
                   "--bottom", str(exports["bottom"])])
     out = tmp_path / "gen"
-    _cli(env, "generate", "--family", "jukebox", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
+    cli(env, "generate", "--family", "jukebox", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
          "--prompt", "genre: reel", "--duration", "1.0", "--seed", "0", "--out", str(out), "--quiet")
     wav, sr = sf.read(out / "001.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +18,7 @@ from ostinato.generation.musika import MusikaParams, generate_audio, generate_la
 from ostinato.metrics.fad import FrechetAudioDistance
 from ostinato.nn.musika import (MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
                                 window_coordinates)
-from tests.runner import cli_args, train
+from tests.runner import cli, train, xp_folders
 from tests.synth import write_shards
 
 SR = 24000
@@ -201,21 +199,6 @@ GAN_CLI = ["experiment=musika_tiny", "family.dimension=8", "family.window=8", "f
            "data.batches_per_epoch=3"]  # an epoch ends at step 3: validation runs
 
 
-def _xp_folders(env: dict, *runs: list[str]) -> list[Path]:
-    """The XP folders of several runs' overrides, computed in one process (``tests.runner.xp_folder`` for many)."""
-    code = ("import json, sys; from ostinato.train import main; "
-            "print(json.dumps([str(main.get_xp(r).folder) for r in json.loads(sys.argv[1])]))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([cli_args(r) for r in runs])], env=env,
-                         capture_output=True, text=True, check=True)
-    return [Path(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
-
-
-def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", *args], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_path, capsys):
     from ostinato.encode import encode_shards
     from ostinato.engine.weights import export
@@ -223,7 +206,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     from tests.synth import write_tiny_encodec
 
     data = Path(env["OSTINATO_DATA"]) / "demo"
-    ae_folder, folder, folder6 = _xp_folders(env, [*AE_CLI, "trainer.max_steps=3"], [*GAN_CLI, "trainer.max_steps=3"],
+    ae_folder, folder, folder6 = xp_folders(env, [*AE_CLI, "trainer.max_steps=3"], [*GAN_CLI, "trainer.max_steps=3"],
                                              [*GAN_CLI, "trainer.max_steps=6"])
     train(env, *AE_CLI, "trainer.max_steps=3")
     export(ae_folder, tmp_path / "ae")  # what `ostinato export` runs
@@ -256,7 +239,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     assert not torch.equal(last["state_dict"]["gp_weight"], torch.tensor(10.0))  # the switch kept moving
     export(folder, tmp_path / "gan")
     out = tmp_path / "gen"
-    _cli(env, "generate", "--family", "musika", "--model", str(tmp_path / "gan"), "--duration", "20", "--seed", "3",
+    cli(env, "generate", "--family", "musika", "--model", str(tmp_path / "gan"), "--duration", "20", "--seed", "3",
          "--out", str(out), "--quiet")
     wav, sr = sf.read(out / "000.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
