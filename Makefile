@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 # chromium + chromium-driver: the headless browser of the app and demo-report tests
 APT_PACKAGES := fluidsynth fluid-soundfont-gm chromium chromium-driver
 DEMO_DIR ?= data/demo
+# what the venv takes on disk, torch's CUDA wheels included (measured: 6.0 GB)
+INSTALL_GB := 7
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install sysdeps demo test bench clean-demo
@@ -13,9 +15,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 install: $(STAMP) sysdeps
 
 $(STAMP): pyproject.toml constraints.txt
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  [ "$$free_gb" -ge $(INSTALL_GB) ] || echo "warning: $$free_gb GB free in $(CURDIR); the install (torch with its CUDA libraries) takes about $(INSTALL_GB) GB" >&2
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' || { \
+	  echo "pip install failed; if it says 'No space left on device': df -h $(CURDIR) shows what is free, and the venv needs about $(INSTALL_GB) GB" >&2; exit 1; }
 # laion-clap pins numpy<2 (it runs on numpy 2): installed without its requirements, which are in pyproject.toml.
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt laion-clap==1.1.7
 	@touch $@
