@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	  [ "$$free_gb" -ge $(INSTALL_GB) ] || echo "warning: $$free_gb GB free in $(CURDIR); the install (torch with its CUDA libraries) takes about $(INSTALL_GB) GB" >&2
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' || { \
+	@echo "$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'"
+	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' || { \
 	  echo "pip install failed; if it says 'No space left on device': df -h $(CURDIR) shows what is free, and the venv needs about $(INSTALL_GB) GB" >&2; exit 1; }
 # laion-clap pins numpy<2 (it runs on numpy 2): installed without its requirements, which are in pyproject.toml.
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt laion-clap==1.1.7
