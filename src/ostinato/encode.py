@@ -27,7 +27,8 @@ from tqdm import tqdm
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.sources import iter_raw_samples, resolve_shards
-from ostinato.fileio import atomic_path, atomic_write_json, check_progress, read_json, shard_name
+from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
+                             shard_name)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> Any:
         raise ValueError(f"{ref} holds a {type(module).__name__}, which writes no arrays: give a Musika autoencoder "
                          "(family=musika_autoencoder_tiny) or a Jukebox VQ-VAE (family=jukebox_vqvae_tiny)")
     return module.to(device).eval()
-
 
 
 def _read_shard(url: str, sample_rate: int, channels: int) -> tuple[list[tuple[str, torch.Tensor, dict]], int]:
@@ -102,7 +102,7 @@ def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch
                 sample.update({f"{n}.npy": encode_array(x) for n, x in arr.items()})
                 writer.write(sample)
     marker = {"name": name, "samples": len(items), "frames": frames, "skipped": skipped}
-    atomic_write_json(out / name.replace(".tar", ".json"), marker)
+    atomic_write_json(shard_marker(out, url), marker)
     return marker
 
 
@@ -124,12 +124,11 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
                      hash=weights_hash(model), kind=model.array_kind, sample_rate=int(model.sample_rate),
                      channels=int(model.channels))
     check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite, "array shards")
-    todo = [u for u in source.urls if not ((out / shard_name(u)).is_file()
-                                           and (out / shard_name(u).replace(".tar", ".json")).is_file())]
+    todo = [u for u in source.urls if not shard_done(out, u)]
     log.info("encoding %d of %d shards with %s (%s)", len(todo), len(source.urls), info.id, info.kind)
     for url in tqdm(todo, desc="encode", unit="shard", disable=not progress):
         _write_shard(out, url, model, batch_size, dev)
-    markers = [read_json(out / shard_name(u).replace(".tar", ".json")) for u in source.urls]
+    markers = [read_json(shard_marker(out, u)) for u in source.urls]
     skipped = sum(int(m.get("skipped", 0)) for m in markers)
     if skipped:
         log.warning("%d corrupt samples skipped", skipped)

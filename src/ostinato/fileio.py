@@ -64,6 +64,16 @@ def shard_name(url: str) -> str:
     return name if name.endswith(".tar") else f"{name}.tar"
 
 
+def shard_marker(out: Path, url: str) -> Path:
+    """The JSON marker written beside an output shard once it is complete."""
+    return out / shard_name(url).replace(".tar", ".json")
+
+
+def shard_done(out: Path, url: str) -> bool:
+    """Whether the output shard of ``url`` and its marker are both in ``out`` (a resumed job skips it)."""
+    return shard_marker(out, url).is_file() and (out / shard_name(url)).is_file()
+
+
 def check_progress(out: Path, fingerprint: dict[str, Any], overwrite: bool, what: str) -> None:
     """Start or resume a shard-by-shard job writing ``out``: a finished job (``manifest.json``) needs
     ``overwrite``; a partial one must have been started with the same ``fingerprint`` (settings, inputs)."""

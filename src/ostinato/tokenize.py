@@ -28,13 +28,13 @@ from tqdm import tqdm
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.sources import ShardSource, iter_raw_samples, resolve_shards
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
-from ostinato.fileio import atomic_path, atomic_write_json, check_progress, read_json, shard_name
+from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
+                             shard_name)
 from ostinato.interop.codecs import load_codec, weights_hash
 from ostinato.nn.codec import Codec
 from ostinato.nn.semantic import SemanticTokenizer, is_semantic_tokenizer
 
 log = logging.getLogger(__name__)
-
 
 
 def load_tokenizer(ref: str | Path, trust: bool = False) -> Codec | SemanticTokenizer:
@@ -111,7 +111,7 @@ def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]
                 meta = {**meta, "frames": int(c.shape[-1]), "frame_rate": codec.frame_rate}
                 writer.write({"__key__": key, "npy": encode_codes(c), "json": json.dumps(meta).encode()})
     shard = TokenShard(name=name, samples=len(items), frames=frames)
-    atomic_write_json(out / name.replace(".tar", ".json"), {**shard.__dict__, "skipped": skipped})
+    atomic_write_json(shard_marker(out, url), {**shard.__dict__, "skipped": skipped})
     return shard
 
 
@@ -133,12 +133,6 @@ def _run_device(codec_ref: str, urls: list[str], out: Path, n_q: int | None, bat
     bar.close()
 
 
-def _done(out: Path, url: str) -> bool:
-    name = shard_name(url)
-    marker = out / name.replace(".tar", ".json")
-    return marker.is_file() and (out / name).is_file()
-
-
 def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = None, batch_size: int = 16,
              workers: int = 1, devices: list[str] | None = None, overwrite: bool = False, trust: bool = False,
              progress: bool = True) -> TokenManifest:
@@ -157,7 +151,7 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
                      cardinality=codec.cardinality)
     check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite, "token shards")
-    todo = [u for u in source.urls if not _done(out, u)]
+    todo = [u for u in source.urls if not shard_done(out, u)]
     devices = devices or (["cuda:%d" % i for i in range(torch.cuda.device_count())] or ["cpu"])
     devices = devices[: max(1, len(todo))]
     log.info("tokenizing %d of %d shards with %s on %s", len(todo), len(source.urls), info.id, ", ".join(devices))
@@ -175,7 +169,7 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
         failed = [d for d, p in zip(devices, procs) if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"tokenization failed on {', '.join(failed)}; re-run to finish the remaining shards")
-    markers = [read_json(out / shard_name(u).replace(".tar", ".json")) for u in source.urls]
+    markers = [read_json(shard_marker(out, u)) for u in source.urls]
     shards_done = [TokenShard(name=m["name"], samples=m["samples"], frames=m["frames"]) for m in markers]
     skipped = sum(int(m.get("skipped", 0)) for m in markers)
     if skipped:
