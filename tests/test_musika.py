@@ -211,10 +211,18 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     train(env, *AE_CLI, "trainer.max_steps=3")
     export(ae_folder, tmp_path / "ae")  # what `ostinato export` runs
 
-    # latents: one array shard per audio shard, a corrupt sample skipped and counted, complete folders kept
-    write_shards(tmp_path / "bad", n_shards=1, per_shard=4, sample_rate=SR, corrupt={2})
-    m = encode_shards(str(tmp_path / "ae"), tmp_path / "bad", tmp_path / "bad_latents", progress=False)
-    assert m.total_samples == 3 and m.source["skipped"] == 1 and m.streams["latents"].channels == 8
+    # latents: one array shard per audio shard, a corrupt sample skipped and counted, a crashed run resumed at
+    # the first unfinished shard, complete folders kept
+    write_shards(tmp_path / "bad", n_shards=2, per_shard=4, sample_rate=SR, corrupt={2})
+    out = tmp_path / "bad_latents"
+    m = encode_shards(str(tmp_path / "ae"), tmp_path / "bad", out, progress=False)
+    assert m.total_samples == 7 and m.source["skipped"] == 1 and m.streams["latents"].channels == 8
+    for name in ("shard-000001.tar", "shard-000001.json", "manifest.json"):  # as if killed while writing shard 1
+        (out / name).unlink()
+    kept = (out / "shard-000000.tar").stat().st_mtime_ns
+    m = encode_shards(str(tmp_path / "ae"), tmp_path / "bad", out, progress=False)
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == kept and (out / "shard-000001.tar").is_file()
+    assert m.total_samples == 7 and m.source["skipped"] == 1
     with pytest.raises(FileExistsError, match="--overwrite"):
         encode_shards(str(tmp_path / "ae"), tmp_path / "bad", tmp_path / "bad_latents", progress=False)
     for split in ("train", "valid", "test"):
@@ -233,8 +241,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     shutil.copy(folder / "checkpoints" / "last.ckpt", folder6 / "checkpoints" / "last.ckpt")
     resumed = train(env, *GAN_CLI, "trainer.max_steps=6")
     assert "resuming" in resumed.stderr
-    written = max((folder6 / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)  # last-v1: the
-    last = torch.load(written, weights_only=True)  # copied file was not written by this XP's checkpoint callback
+    last = torch.load(folder6 / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 3 and last["global_step"] == 6 and len(last["optimizer_states"]) == 2
     assert not torch.equal(last["state_dict"]["gp_weight"], torch.tensor(10.0))  # the switch kept moving
     export(folder, tmp_path / "gan")
