@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ostinato", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback behind an error (also: OSTINATO_DEBUG=1); give it before the verb")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     prep = verbs.add_parser("prep", help="prepare data: demo corpus, audio folder -> shards")
@@ -494,7 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ostinato.errors import DEBUG_ENV, user_errors
+
     argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv[:1]:  # `ostinato --debug VERB ...`: tracebacks for every verb, dora's included
+        os.environ[DEBUG_ENV] = "1"
+        argv = argv[1:]
     if argv and argv[0] in DORA_VERBS:
         return _dora(argv[0], argv[1:])
     if argv and argv[0] == "encode":  # its own parser (ostinato.encode), errors and exit codes
@@ -504,11 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with user_errors("ostinato"):
         args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"ostinato: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.sources import iter_raw_samples, resolve_shards
+from ostinato.errors import user_errors
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
 
@@ -153,12 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with user_errors("ostinato encode"):
         m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
                           overwrite=args.overwrite, trust=args.trust, progress=not args.quiet)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"ostinato.encode: error: {e}", file=sys.stderr)
-        sys.exit(2)
     streams = ", ".join(f"{n} [{s.channels}, {s.rate:g} Hz]" for n, s in m.streams.items())
     print(f"{len(m.shards)} array shards, {m.total_samples} samples ({streams}), {m.source['skipped']} skipped "
           f"-> {Path(args.out) / 'manifest.json'}")

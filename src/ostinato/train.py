@@ -22,6 +22,7 @@ from ostinato.engine.guard import NonFiniteError
 from ostinato.engine.loggers import build_loggers
 from ostinato.engine.trainer import apply_compile_and_checkpointing, build_trainer, last_checkpoint
 from ostinato.engine.weights import CONFIG_KEY, load_weights
+from ostinato.errors import user_errors
 from ostinato.fileio import atomic_write_text
 
 log = logging.getLogger("ostinato.train")
@@ -114,12 +115,8 @@ def checkpoint_step(path: Path) -> int:
 
 @hydra_main(config_path=conf_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors("ostinato train", value_errors=False):
         run(cfg)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"ostinato: config error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
 
+from ostinato.errors import UserError
 from ostinato.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 SIG_PREFIX = "//sig/"
 
 
-class UntrustedCheckpointError(RuntimeError):
+class UntrustedCheckpointError(UserError, RuntimeError):
     """A checkpoint that can only be read by unpickling arbitrary Python objects."""
 
 

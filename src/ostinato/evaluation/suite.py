@@ -19,6 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ostinato.errors import UserError
+
 __all__ = ["KINDS", "METRICS", "MetricSpec", "Suite", "SuiteError", "find_suite", "load_suite", "suites_dir"]
 
 KINDS = ("text_to_music", "reconstruction", "unconditional")
@@ -46,7 +48,7 @@ TOP_KEYS = ("name", "description", "kind", "reference", "reference_max_items", "
             "melody_from_reference", "metrics", "report")
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError, ValueError):
     """A suite that cannot run; the message starts with the suite file and the key."""
 
 
