@@ -18,7 +18,10 @@ SLURM_FILES = {"test_slurm", "test_journeys"}  # they start the real single-node
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``-n 2 --dist loadgroup`` a test file runs on one worker, so its module fixtures (trained models,
-    the quick demo) are built once; the files that start SLURM share a worker."""
+    the quick demo) are built once; the files that start SLURM share a worker. Without xdist (``-p no:xdist``)
+    there are no groups to mark."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     for item in items:
         stem = Path(str(item.fspath)).stem
         item.add_marker(pytest.mark.xdist_group("slurm" if stem in SLURM_FILES else stem))
