@@ -313,10 +313,37 @@ def build_app(studio: Studio) -> gr.Blocks:
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, a port that is taken or an address this machine cannot serve on."""
+    import errno
+    import socket
+
+    from ostinato.errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UserError(f"--host {host}: not an address or name of this machine; use 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port}: in use on {host}; choose another port (--port {port + 1}) or stop "
+                                "what serves there") from None
+            if e.errno == errno.EACCES:
+                raise UserError(f"--port {port}: needs privileges below 1024; choose a port from 1024 up") from None
+            raise UserError(f"--host {host} --port {port}: cannot serve there ({e.strerror}); use 127.0.0.1 or "
+                            "0.0.0.0") from None
+
+
 def launch_app(model: str, codec: str | None = None, *, host: str = "127.0.0.1", port: int = 7860,
                out: str | Path | None = None, window: float | None = None, device: str = "auto",
                trust: bool = False) -> None:
     """Load the model, then serve the app until interrupted (prints its local URL)."""
+    check_port(host, port)  # before the model loads
     studio = Studio(model, codec, out=out, window=window, device=device, trust=trust)
     print(f"ostinato app: {model} ({'melody, ' if studio.has_melody else ''}{'style, ' if studio.has_style else ''}"
           f"window {studio.window or 'none'}); clips go to {studio.out}", flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -105,11 +106,54 @@ DORA_VERBS = {"train": "run", "grid": "grid", "launch": "launch", "info": "info"
 
 
 def _dora(verb: str, rest: list[str]) -> None:
-    """Hand the verb to dora with this package, so `ostinato train` and `dora -P ostinato run` are one."""
+    """Hand the verb to dora with this package, so `ostinato train` and `dora -P ostinato run` are one. A bad
+    override or config value (ostinato.train.main.get_xp raises ConfigError), an unknown grid or signature: one
+    line, exit 2."""
+    from dora.__main__ import get_parser
     from dora.__main__ import main as dora_main
 
-    sys.argv = ["dora", "-P", "ostinato", DORA_VERBS[verb], *rest]
-    dora_main()
+    from ostinato.engine.config import ConfigError
+    from ostinato.errors import user_errors
+
+    argv = ["-P", "ostinato", DORA_VERBS[verb], *rest]
+    with user_errors(f"ostinato {verb}", value_errors=False):
+        args = get_parser().parse_args(argv)
+        _check_dora_args(args)
+        sys.argv = ["dora", *argv]
+        try:
+            dora_main()
+        except ConfigError as e:
+            if getattr(args, "grid", None):
+                raise ConfigError(f"grid {args.grid}: {e}") from e
+            raise
+
+
+def _check_dora_args(args: argparse.Namespace) -> None:
+    """What dora would answer with a FATAL line and exit 1 (or a list and exit 0): an unknown signature or grid."""
+    from ostinato.errors import UserError, did_you_mean
+    from ostinato.train import main
+
+    sig = getattr(args, "from_sig", None)
+    if sig is not None:
+        try:
+            main.get_argv_from_sig(sig)
+        except RuntimeError:
+            xps = main.dora.dir / main.dora.xps
+            known = sorted(p.name for p in xps.iterdir()) if xps.is_dir() else []
+            raise UserError(f"-f {sig}: no XP with this signature in {xps}{did_you_mean(sig, known)}; run "
+                            "`ostinato train` first or check the signature") from None
+    name = getattr(args, "grid", None)
+    if name is not None:
+        package = main.dora.grid_package or "ostinato.grids"
+        try:
+            root = Path(importlib.import_module(package).__file__).parent
+        except ImportError:
+            raise UserError(f"dora.grid_package={package}: cannot be imported; set OSTINATO_GRIDS to a package "
+                            "of grid files on the PYTHONPATH") from None
+        grids = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py")
+                       if not p.name.startswith("_"))
+        if name not in grids:
+            raise UserError(f"{name}: no such grid{did_you_mean(name, grids)}; the grids are {', '.join(grids)}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -117,7 +161,7 @@ def _export(args: argparse.Namespace) -> None:
     from ostinato.interop.codecs import resolve_ref, xps_dir
 
     ref = resolve_ref(args.ref)
-    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust)
+    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust, overwrite=args.overwrite)
     print(f"exported {ref} -> {out} (model.safetensors, config.yaml, export.json)")
 
 
@@ -137,19 +181,52 @@ def _tokenize(args: argparse.Namespace) -> None:
           f"-> {Path(args.out) / 'manifest.json'}")
 
 
+def _number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse ``type=``: ``kind`` (int or float) in ``[low, high]`` (``(low, high]`` when ``above``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if low is not None and high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}, got {text}")
+        return value
+
+    return parse
+
+
 def _audio_input(path: str | None, option: str):
     from ostinato.data.audio import AudioDecodeError, load_audio
+    from ostinato.errors import UserError
     from ostinato.generation.musicgen import AudioInput
 
     if path is None:
         return None
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path}: is a folder; give an audio file (wav, flac, ogg, mp3)")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{option} {path}: no such file")
+        raise UserError(f"{option} {path}: no such file; check the path")
     try:
         wav, sr = load_audio(path)
     except AudioDecodeError as e:
-        raise ValueError(f"{option}: {e}") from e
+        raise UserError(f"{option} {path}: not audio that can be decoded; give a wav, flac, ogg or mp3 file "
+                        f"({str(e).removeprefix(f'{path}: ')})") from e
     return AudioInput(wav, sr)
+
+
+def _check_out(out: str, option: str = "--out") -> None:
+    """Refuse an output folder that is a file or cannot be written, before any model loads."""
+    from ostinato.errors import UserError
+
+    path = Path(out).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{option} {out}: {existing} is a file, not a folder; give a folder (created when missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: {existing} cannot be written (read-only or no permission); choose a "
+                        "writable folder")
 
 
 # ``ostinato generate --family F``: every family but MusicGen has a module here with
@@ -172,24 +249,39 @@ def _progress_bar(quiet: bool):
 
 def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None:
     """NNN.wav + NNN.json (prompt and every parameter) per clip, each written atomically."""
+    import io
+
     import soundfile as sf
 
-    from ostinato.fileio import atomic_path, atomic_write_json
+    from ostinato.fileio import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     for i, (wav, record) in enumerate(zip(wavs, records)):
-        with atomic_path(out / f"{i:03d}.wav") as tmp:
-            sf.write(tmp, wav.clamp(-1, 1).T.cpu().numpy(), sample_rate, format="WAV")
+        data = io.BytesIO()  # encoded in memory: a full disk then fails as an OSError naming the file
+        sf.write(data, wav.clamp(-1, 1).T.cpu().numpy(), sample_rate, format="WAV")
+        atomic_write_bytes(out / f"{i:03d}.wav", data.getvalue())
         atomic_write_json(out / f"{i:03d}.json", record)
     print(f"wrote {len(records)} clip(s) of {wavs.shape[-1] / sample_rate:g} s to {out}")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
+    from ostinato.errors import UserError
+
     prompts = list(args.prompt or [])
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt '': an empty prompt; to generate unconditionally, give no --prompt")
     if args.prompts:
-        if not Path(args.prompts).is_file():
-            raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
-        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+        path = Path(args.prompts)
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "no such file"
+            raise UserError(f"--prompts {path}: {what}; give a text file with one prompt per line")
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"--prompts {path}: not UTF-8 text; give a text file with one prompt per line") from None
+        if not lines:
+            raise UserError(f"--prompts {path}: no prompt in it; write one prompt per line")
+        prompts += lines
     return prompts
 
 
@@ -198,6 +290,10 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.truncation is not None and args.family != "musika":
         raise ValueError(f"--truncation is a Musika setting; --family {args.family} does not take it")
+    _check_out(args.out)
+    prompts = _prompts(args)  # the inputs are checked before any model loads
+    audio = {flag: _audio_input(path, flag) for flag, path in
+             (("--melody", args.melody), ("--style", args.style), ("--continue", args.continue_))}
     if args.family != "musicgen":
         with _progress_bar(args.quiet) as progress:
             wavs, sample_rate, records = importlib.import_module(GENERATORS[args.family]).cli_generate(args, progress)
@@ -208,6 +304,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.model is None:
         raise ValueError("--model is required for --family musicgen (an XP signature, export or import folder)")
+    params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              cfg_scale=args.cfg, cfg_beta=args.cfg_beta, seed=args.seed)
     module, codec, cfg, codec_ref = load_generator(args.model, args.codec, trust=args.trust)
     if args.style_eval_q is not None or args.style_excerpt is not None:
         if module.style is None:
@@ -218,16 +316,13 @@ def _generate(args: argparse.Namespace) -> None:
             module.style.eval_q = args.style_eval_q
         if args.style_excerpt is not None:
             module.style.eval_excerpt_seconds = args.style_excerpt
-    prompts = _prompts(args) or [""]
+    prompts = prompts or [""]
     window = args.window if args.window is not None else (cfg.get("data") or {}).get("segment_seconds")
     long_form = LongForm(mode=args.long_form, window=window, stride=args.extend_stride, overlap=args.overlap)
-    params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              cfg_scale=args.cfg, cfg_beta=args.cfg_beta, seed=args.seed)
     with _progress_bar(args.quiet) as progress:
-        wavs = generate_audio(module, codec, prompts, args.duration, params, melody=_audio_input(args.melody, "--melody"),
-                              style=_audio_input(args.style, "--style"),
-                              continuation=_audio_input(args.continue_, "--continue"),
-                              long_form=long_form, progress=progress)
+        wavs = generate_audio(module, codec, prompts, args.duration, params, melody=audio["--melody"],
+                              style=audio["--style"], continuation=audio["--continue"], long_form=long_form,
+                              progress=progress)
     records = [{"prompt": prompt, "family": "musicgen", "model": args.model, "codec": str(codec_ref),
                 "duration": args.duration, "melody": args.melody, "style": args.style, "continue": args.continue_,
                 "style_eval_q": None if module.style is None else module.style.eval_q,
@@ -248,7 +343,7 @@ def _import(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from ostinato.evaluation.report import format_table
+    from ostinato.evaluation.report import format_table, metric_notes
     from ostinato.evaluation.runner import default_out_dir, run_suite, setup_distributed
     from ostinato.evaluation.suite import load_suite
 
@@ -263,7 +358,7 @@ def _eval(args: argparse.Namespace) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_table(result["metrics"]))
+        print(format_table(result["metrics"], metric_notes(result)))
         print(f"report: {result['report']} (and report.html); metrics: {out / 'metrics.json'}")
 
 
@@ -366,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file")
     e.add_argument("out", help="output folder")
     e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    e.add_argument("--overwrite", action="store_true", help="replace an OUT that already holds files")
     e.set_defaults(func=_export)
 
     t = verbs.add_parser("tokenize", help="audio shards -> token shards with a codec or a semantic tokenizer")
@@ -396,26 +492,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="a file with one prompt per line")
     g.add_argument("--melody", default=None, help="audio whose chromagram the output follows (melody models)")
     g.add_argument("--style", default=None, help="audio whose style the output takes (style models)")
-    g.add_argument("--style-eval-q", type=int, default=None,
+    g.add_argument("--style-eval-q", type=_number(int, 1), default=None,
                    help="style bottleneck codebooks at inference (fewer = looser style; default: the model's)")
-    g.add_argument("--style-excerpt", type=float, default=None,
+    g.add_argument("--style-excerpt", type=_number(float, 0, above=True), default=None,
                    help="seconds of the style reference used (default: the model's eval_excerpt_seconds)")
     g.add_argument("--continue", dest="continue_", default=None,
                    help="audio to continue: the output starts with it and lasts --duration in all")
-    g.add_argument("--duration", type=float, default=10.0, help="seconds of output (default 10)")
-    g.add_argument("--window", type=float, default=None,
+    g.add_argument("--duration", type=_number(float, 0, above=True), default=10.0, help="seconds of output (default 10)")
+    g.add_argument("--window", type=_number(float, 0, above=True), default=None,
                    help="seconds decoded per window (default: the training segment length)")
     g.add_argument("--long-form", choices=["window", "chain"], default="window",
                    help="past one window: sliding window (audiocraft) or chained segments with a crossfade")
-    g.add_argument("--extend-stride", type=float, default=None,
+    g.add_argument("--extend-stride", type=_number(float, 0, above=True), default=None,
                    help="window mode: seconds added per extra window (default: half a window)")
-    g.add_argument("--overlap", type=float, default=2.0, help="chain mode: seconds shared by segments")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (alpha of double CFG)")
-    g.add_argument("--cfg-beta", type=float, default=None,
+    g.add_argument("--overlap", type=_number(float, 0), default=2.0, help="chain mode: seconds shared by segments")
+    g.add_argument("--cfg", type=_number(float, 0), default=3.0, help="classifier-free guidance scale (alpha of double CFG)")
+    g.add_argument("--cfg-beta", type=_number(float, 0), default=None,
                    help="double CFG (text + style, MusicGen-Style): weight of the text given the style")
-    g.add_argument("--top-k", type=int, default=250)
-    g.add_argument("--top-p", type=float, default=0.0)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=_number(int, 0), default=250, help="0 = no top-k filtering")
+    g.add_argument("--top-p", type=_number(float, 0, 1), default=0.0, help="0 = no nucleus filtering")
+    g.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
     lm = g.add_argument_group("musiclm", "--family musiclm: the three stages, MuLaN and reranking")
     lm.add_argument("--semantic", default=None, help="the semantic stage (XP signature, folder, export)")
@@ -425,10 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--quantizer", default=None, help="the MuLaN quantizer file (default: the stages' one)")
     lm.add_argument("--semantic-tokenizer", default=None, metavar="DIR",
                     help="for --continue (default: the one of the semantic stage's token shards)")
-    lm.add_argument("--num-candidates", type=int, default=1,
+    lm.add_argument("--num-candidates", type=_number(int, 1), default=1,
                     help="samples per prompt, generated in one batch; the best MuLaN text-audio score is kept")
     mk = g.add_argument_group("musika", "--family musika")
-    mk.add_argument("--truncation", type=float, default=None,
+    mk.add_argument("--truncation", type=_number(float, 0), default=None,
                     help="latent anchors and style drawn from a normal cut at +-T (default 2; lower = more typical, "
                          "less varied; 0 = untruncated)")
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
@@ -463,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--codec", default=None, help="the MusicGen's codec when it records none")
     v.add_argument("--out", default=None,
                    help="output folder (default: $OSTINATO_OUTPUTS/eval/<suite>/<model>[_<overrides>])")
-    v.add_argument("--num-samples", type=int, default=None, help="clips to evaluate (overrides num_samples)")
+    v.add_argument("--num-samples", type=_number(int, 1), default=None, help="clips to evaluate (overrides num_samples)")
     v.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a suite key, e.g. --set generation.cfg_scale=1 --set embedding=codec:/m/codec "
                         "(repeatable)")
@@ -477,9 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="XP signature, XP folder, checkpoint, export or import folder")
     a.add_argument("--codec", default=None, help="codec to decode with (default: the model's)")
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--port", type=_number(int, 1, 65535), default=7860)
     a.add_argument("--out", default=None, help="folder for the clips (default: $OSTINATO_OUTPUTS/app)")
-    a.add_argument("--window", type=float, default=None,
+    a.add_argument("--window", type=_number(float, 0, above=True), default=None,
                    help="seconds decoded per window (default: the training segment length)")
     a.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")

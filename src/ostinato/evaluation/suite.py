@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ostinato.errors import UserError
+from ostinato.errors import UserError, did_you_mean
 
 __all__ = ["KINDS", "METRICS", "MetricSpec", "Suite", "SuiteError", "find_suite", "load_suite", "suites_dir"]
 
@@ -121,8 +121,8 @@ def find_suite(suite: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     names = sorted(p.stem for p in suites_dir().glob("*.yaml"))
-    raise FileNotFoundError(f"no evaluation suite {suite!r}: give a YAML file or one of {', '.join(names) or '(none)'} "
-                            f"(from {suites_dir()})")
+    raise SuiteError(f"no evaluation suite {suite!r}{did_you_mean(str(suite), names)}: give a YAML file or one of "
+                     f"{', '.join(names) or '(none)'} (from {suites_dir()})")
 
 
 def load_suite(suite: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Suite:
@@ -174,7 +174,7 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
     assert isinstance(cfg, dict)
     unknown = sorted(set(cfg) - set(TOP_KEYS))
     if unknown:
-        raise err(unknown[0], f"unknown key; a suite has: {', '.join(TOP_KEYS)}")
+        raise err(unknown[0], f"unknown key{did_you_mean(unknown[0], TOP_KEYS)}; a suite has: {', '.join(TOP_KEYS)}")
 
     kind = cfg.get("kind")
     if kind not in KINDS:
@@ -216,7 +216,8 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
     generation = dict(cfg.get("generation") or {})
     for key in generation:
         if key not in GENERATION_KEYS:
-            raise err(f"generation.{key}", f"unknown generation setting; use {', '.join(GENERATION_KEYS)}")
+            raise err(f"generation.{key}", f"unknown generation setting{did_you_mean(key, GENERATION_KEYS)}; use "
+                                           f"{', '.join(GENERATION_KEYS)}")
     long_form = dict(cfg.get("long_form") or {})
     for key in long_form:
         if key not in LONG_FORM_KEYS:

@@ -63,9 +63,9 @@ class GenerationParams:
     """Sampling settings.
 
     Attributes:
-        temperature: ``<= 0`` = greedy argmax.
-        top_k, top_p: filtering (``0`` disables; top-k first, then top-p).
-        cfg_scale: classifier-free guidance scale (1 = off); alpha of double CFG.
+        temperature: ``>= 0``; ``0`` = greedy argmax.
+        top_k, top_p: filtering (``top_k >= 0``, ``top_p`` in [0, 1]; ``0`` disables; top-k first, then top-p).
+        cfg_scale: classifier-free guidance scale ``>= 0`` (1 = off); alpha of double CFG.
         cfg_beta: MusicGen-Style double CFG (None = plain CFG): weight of the text given the prefix (style).
         seed: seeds a private ``torch.Generator`` (same seed -> same codes); None uses the global RNG.
         extend_stride_frames: frames added per extra window once ``max_window_frames`` is exceeded
@@ -90,6 +90,17 @@ class GenerationParams:
     backend: str = "auto"
     dtype: str | None = None
     compile: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, ok, rule in (("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+                               ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+                               ("top_p", 0 <= self.top_p <= 1, "in [0, 1] (0 = off)"),
+                               ("cfg_scale", self.cfg_scale >= 0, ">= 0 (1 = no guidance)"),
+                               ("cfg_beta", self.cfg_beta is None or self.cfg_beta >= 0, ">= 0 or None"),
+                               ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+                               ("dtype", self.dtype is None or self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")):
+            if not ok:
+                raise ValueError(f"generation {name}={getattr(self, name)!r}: must be {rule}")
 
 
 BACKENDS = ("auto", "cache", "static", "graph")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from ostinato.data.audio import convert_channels, resample
 from ostinato.generation.lm import GenerationParams, Progress, crossfade, generate, generate_chained
 from ostinato.nn.codec import Codec
 
-__all__ = ["AudioInput", "LongForm", "generate_audio", "load_generator"]
+__all__ = ["AudioInput", "LongForm", "generate_audio", "load_generator", "require_musicgen"]
 
 
 @dataclass
@@ -53,30 +54,75 @@ class LongForm:
             raise ValueError(f"long-form mode must be 'window' or 'chain', got {self.mode!r}")
 
 
+# what a model that is not a MusicGen is, and which verb or flag takes it (by its family class)
+_NOT_MUSICGEN = {"CodecFamily": ("a codec", "give it as --codec, or evaluate it with `ostinato eval codec_demo --model "
+                                            "REF`"),
+                 "MusikaAutoencoderFamily": ("a Musika autoencoder", "give it as --codec with --family musika"),
+                 "MusikaFamily": ("a Musika GAN", "use --family musika"),
+                 "JukeboxVQVAEFamily": ("a Jukebox VQ-VAE", "use --family jukebox"),
+                 "JukeboxPrior": ("a Jukebox prior", "use --family jukebox"),
+                 "MuLaNFamily": ("a MuLaN", "give it as --mulan with --family musiclm"),
+                 "SemanticStage": ("a MusicLM stage", "use --family musiclm --semantic/--coarse/--fine"),
+                 "CoarseStage": ("a MusicLM stage", "use --family musiclm --semantic/--coarse/--fine"),
+                 "FineStage": ("a MusicLM stage", "use --family musiclm --semantic/--coarse/--fine")}
+
+
+def family_kind(cfg: dict | None) -> str:
+    """The class name of the family a stored config builds (``family._target_``), or ``""``."""
+    target = ((cfg or {}).get("family") or {}).get("_target_") or ""
+    return str(target).rsplit(".", 1)[-1]
+
+
+def require_musicgen(model: str, cfg: dict | None) -> None:
+    """Refuse, in one line, a model that is not a MusicGen (a codec, a Musika, ...), naming what takes it."""
+    from ostinato.errors import UserError
+
+    kind = family_kind(cfg)
+    if kind in _NOT_MUSICGEN:
+        what, fix = _NOT_MUSICGEN[kind]
+        raise UserError(f"--model {model} is {what} ({kind}), not a MusicGen; generation needs a MusicGen (an XP, "
+                        f"export or import folder) and decodes with its codec; {fix}")
+
+
+def locate_codec(ref: str, model_folder: Path | None) -> str:
+    """A codec reference as given, or, for a relative path that does not exist here, the same path under the
+    model's folder (an export records its codec relative to itself)."""
+    path = Path(ref).expanduser()
+    if ref.startswith("//") or path.is_absolute() or path.exists() or model_folder is None:
+        return ref
+    inside = model_folder / path
+    return str(inside) if inside.exists() else ref
+
+
 def load_generator(model: str, codec: str | None = None, trust: bool = False,
                    ) -> tuple[torch.nn.Module, Codec, dict, str]:
     """A MusicGen (XP signature, //sig/SIG, XP folder, checkpoint, export or ``ostinato import`` folder) and its
     codec -> ``(module in eval mode, codec, the stored config, codec reference)``.
 
     The codec is ``codec`` if given, else ``family.codec`` of the stored config, else the one recorded in the
-    training token shards' manifest.
+    training token shards' manifest. A relative codec path that does not exist from here is looked up in the
+    model's folder.
     """
     import ostinato
     from ostinato.engine.weights import read_weights
+    from ostinato.errors import UserError
     from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
 
     ref = resolve_ref(model)
-    module = ostinato.load(ref, xps_dir=xps_dir(), trust=trust)
     _, cfg, _ = read_weights(ref, xps_dir(), trust)
     cfg = cfg or {}
+    require_musicgen(model, cfg)
+    module = ostinato.load(ref, xps_dir=xps_dir(), trust=trust)
     codec_ref = codec or (cfg.get("family") or {}).get("codec") or getattr(module, "codec_ref", None)
     if codec_ref is None:  # the codec recorded in the training token shards
         from ostinato.data.tokens import TokenManifest
 
         train = (cfg.get("data") or {}).get("train")
         if train is None:
-            raise ValueError(f"{model}: no codec recorded (family.codec or token shards); pass --codec")
+            raise UserError(f"--model {model}: no codec recorded (family.codec or token shards); pass --codec")
         codec_ref = TokenManifest.load(train).codec.id
+    folder = Path(ref) if Path(ref).is_dir() else None
+    codec_ref = codec if codec else locate_codec(str(codec_ref), folder)
     loaded = load_codec(codec_ref, trust=trust)
     _check_codec(module, loaded)
     module.attach_codec(loaded)

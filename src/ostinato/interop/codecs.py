@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,10 +42,65 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     from ostinato.engine.weights import load
 
     module = load(resolve_ref(str(ref)), xps_dir=xps_dir(), trust=trust)
+    if any(k.__name__ == "MusicGenFamily" for k in type(module).__mro__):
+        from ostinato.errors import UserError
+
+        recorded = getattr(module, "codec_ref", None)
+        raise UserError(f"{ref} is a MusicGen, not a codec; give a codec here (a reconstruction suite evaluates a "
+                        f"codec: --model CODEC){f', e.g. its codec {recorded}' if recorded else ''}")
     codec = getattr(module, "codec", None)
     if not isinstance(codec, Codec):
         raise ValueError(f"{ref} holds a {type(module).__name__}, not a codec")
     return codec.eval()
+
+
+CODEC_DIR = "codec"  # an export's own copy of its codec
+FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")  # other frameworks' copies
+
+
+def copy_codec(ref: str, dst: Path, trust: bool = False, experiments: bool = True) -> Path | None:
+    """A copy of the local codec ``ref`` at ``dst`` (a folder): a transformers EncodecModel or export folder is
+    copied, an audiocraft file becomes ``dst/compression_state_dict.bin``, an ostinato XP or checkpoint is
+    exported (EMA weights + config; only when ``experiments``). Returns the codec reference inside ``dst``, or None
+    when ``ref`` is nothing local (then it stays as it is)."""
+    from ostinato.engine.checkpoint import SIG_PREFIX
+
+    path = Path(ref).expanduser()
+    if path.is_dir() and ((path / "config.json").is_file() or (path / "model.safetensors").is_file()):
+        shutil.copytree(path, dst, ignore=shutil.ignore_patterns(*FOREIGN_WEIGHTS))
+        return dst
+    if path.is_file() and path.suffix in (".bin", ".th", ".pt"):
+        dst.mkdir(parents=True)
+        shutil.copy2(path, dst / "compression_state_dict.bin")
+        return dst / "compression_state_dict.bin"
+    if experiments and (ref.startswith(SIG_PREFIX) or path.exists() or (xps_dir() / ref).is_dir()):
+        from ostinato.engine.weights import export
+
+        return export(resolve_ref(ref), dst, xps_dir=xps_dir(), trust=trust)
+    return None
+
+
+def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False) -> dict:
+    """``cfg`` of a MusicGen being exported to ``out`` (written in ``stage``, renamed onto ``out`` at the end), with
+    its codec (``family.codec``, else the one its token shards record) copied into ``codec/`` and recorded there by
+    absolute path: the export generates from any working directory (and, moved, finds ``codec/`` beside itself).
+    Other families are returned as they are."""
+    from ostinato.data.tokens import TokenManifest
+
+    family = dict(cfg.get("family") or {})
+    if str(family.get("_target_", "")).rsplit(".", 1)[-1] != "MusicGenFamily":
+        return cfg
+    ref = family.get("codec")
+    train = (cfg.get("data") or {}).get("train")
+    if ref is None and train is not None:
+        try:
+            ref = TokenManifest.load(train).codec.id
+        except (FileNotFoundError, ValueError):
+            return cfg  # the token shards are gone: generation will need --codec, as before
+    placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust)
+    if placed is None:
+        return cfg
+    return {**cfg, "family": {**family, "codec": str(Path(out).resolve() / placed.relative_to(stage))}}
 
 
 def weights_hash(module: torch.nn.Module) -> str:

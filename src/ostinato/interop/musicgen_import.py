@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ostinato.families.musicgen import MusicGenFamily
+from ostinato.interop.codecs import FOREIGN_WEIGHTS
 from ostinato.interop.musicgen import (
     AUDIOCRAFT_TEXT_PROJ, MUSICGEN_DECODER_DEFAULTS, _read_weights, audiocraft_delays, audiocraft_lm_config,
     audiocraft_state_to_lm, decoder_config_to_lm_config, transformers_state_to_lm,
@@ -54,7 +55,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt", "vocab.json",
                    "merges.txt")
 AUDIOCRAFT_FILES = ("state_dict.bin", "state_dict.th")
-_FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")
+_FOREIGN_WEIGHTS = FOREIGN_WEIGHTS
 
 
 # ----- result -----------------------------------------------------------------------------------------------
@@ -344,14 +345,12 @@ def _write_codec_from_state(codec_cfg: Mapping[str, Any], state: Mapping[str, Te
 def _place_codec(ref: str, out: Path) -> str:
     """A copy of a local codec in ``out/codec`` (transformers folder, ostinato export folder, audiocraft file);
     returns its path relative to ``out``, or ``ref`` itself when it is no local file/folder (an XP signature)."""
+    from ostinato.interop.codecs import copy_codec
+
+    placed = copy_codec(ref, out / CODEC_DIR, experiments=False)
+    if placed is not None:
+        return placed.relative_to(out).as_posix()
     path = Path(ref).expanduser()
-    if path.is_dir() and ((path / "config.json").is_file() or (path / "model.safetensors").is_file()):
-        shutil.copytree(path, out / CODEC_DIR, ignore=shutil.ignore_patterns(*_FOREIGN_WEIGHTS))
-        return CODEC_DIR
-    if path.is_file() and path.suffix in (".bin", ".th", ".pt"):
-        (out / CODEC_DIR).mkdir()
-        shutil.copy2(path, out / CODEC_DIR / "compression_state_dict.bin")
-        return f"{CODEC_DIR}/compression_state_dict.bin"
     return str(path.resolve()) if path.exists() else ref
 
 

@@ -1,0 +1,234 @@
+"""Issue 16, generation and evaluation: every bad argument and fault of `ostinato generate`, `eval`, `app` ends in
+one line naming the flag (or file) and the fix, exit code 2, checked before any model loads, and nothing
+half-written; an export finds its codec from any working directory."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from ostinato.cli import main
+from ostinato.generation.lm import GenerationParams
+from tests.synth import tone, write_shards, write_tiny_encodec
+from tests.test_app import SR, write_tiny_musicgen
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny MusicGen export over a transformers EnCodec, and an ostinato codec export (codec_tiny, untrained)."""
+    root = tmp_path_factory.mktemp("models")
+    encodec = write_tiny_encodec(root / "encodec", SR)
+    musicgen = write_tiny_musicgen(root / "musicgen", encodec)
+    codec = root / "codec_export"
+    family = OmegaConf.load(ROOT / "conf" / "family" / "codec_tiny.yaml")
+    torch.manual_seed(0)
+    module = instantiate(family, _convert_="all")
+    codec.mkdir()
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(codec / "model.safetensors"))
+    (codec / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"family": family})))
+    wav = tmp_path_factory.mktemp("audio") / "tone.wav"
+    sf.write(wav, tone(440, 0.5, SR)[0].numpy(), SR)
+    return {"musicgen": musicgen, "encodec": encodec, "codec": codec, "wav": wav, "root": root}
+
+
+def fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """Run ``ostinato ARGV`` in-process; it must exit 2. Returns its last stderr line (the error)."""
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------- generate: numbers
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--duration", "0", "--duration: must be > 0"),
+    ("--duration", "-3", "--duration: must be > 0"),
+    ("--temperature", "-1", "--temperature: must be >= 0"),
+    ("--top-k", "-5", "--top-k: must be >= 0"),
+    ("--top-p", "1.5", "--top-p: must be in [0, 1]"),
+    ("--top-p", "-0.1", "--top-p: must be in [0, 1]"),
+    ("--cfg", "-2", "--cfg: must be >= 0"),
+    ("--num-candidates", "0", "--num-candidates: must be >= 1"),
+    ("--duration", "ten", "--duration: not a number"),
+    ("--window", "0", "--window: must be > 0"),
+    ("--overlap", "-1", "--overlap: must be >= 0"),
+])
+def test_generate_refuses_out_of_range_numbers_before_loading(capsys, tmp_path, flag, value, words) -> None:
+    # the model does not exist: the argument is refused first, so nothing loads
+    line = fails(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out",
+                 str(tmp_path / "out"), flag, value)
+    assert words in line and value in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_generation_params_check_their_ranges() -> None:
+    for bad, words in (({"temperature": -1}, "temperature"), ({"top_k": -5}, "top_k"), ({"top_p": 2}, "top_p"),
+                       ({"cfg_scale": -1}, "cfg_scale"), ({"backend": "warp"}, "backend")):
+        with pytest.raises(ValueError, match=words):
+            GenerationParams(**bad)
+    GenerationParams(temperature=0, top_k=0, top_p=1.0, cfg_scale=0)  # the edges are valid
+
+
+def test_generate_refuses_an_empty_prompt(capsys, tmp_path) -> None:
+    line = fails(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "", "--out", str(tmp_path / "o"))
+    assert "--prompt" in line and "empty" in line and "no --prompt" in line
+
+
+def test_generate_refuses_a_missing_or_empty_prompts_file(capsys, tmp_path) -> None:
+    args = ["generate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    line = fails(capsys, *args, "--prompts", str(tmp_path / "missing.txt"))
+    assert "--prompts" in line and "missing.txt" in line
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    line = fails(capsys, *args, "--prompts", str(tmp_path / "empty.txt"))
+    assert "--prompts" in line and "no prompt" in line
+
+
+@pytest.mark.parametrize("family", ["musicgen", "musiclm", "musika", "jukebox"])
+def test_every_family_checks_arguments_before_loading(capsys, tmp_path, family) -> None:
+    line = fails(capsys, "generate", "--family", family, "--model", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "o"), "--duration", "-1")
+    assert "--duration" in line
+
+
+@pytest.mark.parametrize("flag", ["--melody", "--style", "--continue"])
+def test_generate_audio_inputs_are_checked_before_loading(capsys, tmp_path, flag) -> None:
+    args = ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")]
+    line = fails(capsys, *args, flag, str(tmp_path / "missing.wav"))
+    assert flag in line and "missing.wav" in line and "no such file" in line
+    (tmp_path / "notes.txt").write_text("not audio")
+    line = fails(capsys, *args, flag, str(tmp_path / "notes.txt"))
+    assert flag in line and "notes.txt" in line and "audio" in line
+    line = fails(capsys, *args, flag, str(tmp_path))
+    assert flag in line and "folder" in line
+
+
+# ------------------------------------------------------------------------------------------ generate: the model
+
+def test_generate_with_a_codec_as_model_says_it_is_a_codec(capsys, models, tmp_path) -> None:
+    line = fails(capsys, "generate", "--model", str(models["codec"]), "--prompt", "x", "--out", str(tmp_path / "o"),
+                 "--duration", "0.1")
+    assert "is a codec" in line and str(models["codec"]) in line and "MusicGen" in line
+    assert "{" not in line and "not found" not in line
+
+
+def test_generate_into_a_file_or_a_read_only_folder(capsys, models, tmp_path) -> None:
+    args = ["generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "0.1", "--seed", "0"]
+    (tmp_path / "file").write_text("x")
+    line = fails(capsys, *args, "--out", str(tmp_path / "file"))
+    assert "--out" in line and "not a folder" in line
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], check=True)
+    try:
+        line = fails(capsys, *args, "--out", str(ro / "clips"))
+        assert str(ro) in line and "read-only" in line
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_generate_on_a_full_disk_leaves_no_half_written_clip(capsys, models, tmp_path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)], check=True)
+    try:  # 2 s at 24 kHz is ~96 kB of wav: it cannot fit
+        line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "2",
+                     "--seed", "0", "--out", str(full / "clips"))
+        assert "no space left" in line
+        assert sorted(p.name for p in (full / "clips").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch, capsys) -> None:
+    """The codec recorded by the token shards as a path relative to where `tokenize` ran: the export must still
+    generate from another working directory with no --codec."""
+    work = tmp_path / "work"
+    write_shards(work / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
+    (work / "encodec").symlink_to(models["encodec"], target_is_directory=True)
+    monkeypatch.chdir(work)
+    main(["tokenize", "shards", "tokens", "--codec", "encodec", "--devices", "cpu", "--workers", "1"])
+    cfg = OmegaConf.to_container(OmegaConf.load(models["musicgen"] / "config.yaml"))
+    cfg["family"]["codec"] = None  # the codec of the token shards
+    cfg["data"]["train"] = str(work / "tokens")
+    from safetensors.torch import load_file
+
+    torch.save({"state_dict": load_file(models["musicgen"] / "model.safetensors"), "ostinato_config": cfg},
+               work / "last.ckpt")
+    main(["export", "last.ckpt", "export"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(["generate", "--model", str(work / "export"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
+          "--out", "clips", "--quiet"])
+    assert (elsewhere / "clips" / "000.wav").is_file()
+
+
+# -------------------------------------------------------------------------------------------------------- eval
+
+def test_eval_refuses_zero_samples(capsys, tmp_path) -> None:
+    line = fails(capsys, "eval", "demo", "--model", str(tmp_path / "nope"), "--num-samples", "0")
+    assert "--num-samples" in line and ">= 1" in line
+
+
+def test_eval_unknown_suite_lists_the_suites(capsys, tmp_path) -> None:
+    line = fails(capsys, "eval", "dmeo", "--model", str(tmp_path / "nope"))
+    assert "dmeo" in line and "did you mean demo" in line and "codec_demo" in line
+
+
+def test_eval_bad_set_key_names_the_closest(capsys, tmp_path) -> None:
+    line = fails(capsys, "eval", "demo", "--model", str(tmp_path / "nope"), "--set", "num_sample=2")
+    assert "num_sample" in line and "did you mean num_samples" in line
+
+
+def test_eval_reconstruction_of_a_musicgen_says_it_is_a_musicgen(capsys, models, tmp_path) -> None:
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
+    line = fails(capsys, "eval", "codec_demo", "--model", str(models["musicgen"]), "--out", str(tmp_path / "eval"),
+                 "--set", f"reference={tmp_path / 'shards'}", "--quiet")
+    assert "is a MusicGen" in line and "codec" in line and str(models["encodec"]) in line
+
+
+# --------------------------------------------------------------------------------------------------------- app
+
+def test_app_port_out_of_range(capsys, tmp_path) -> None:
+    line = fails(capsys, "app", "--model", str(tmp_path / "nope"), "--port", "70000")
+    assert "--port" in line and "70000" in line and "65535" in line
+
+
+def test_app_port_in_use(capsys, models) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = fails(capsys, "app", "--model", str(models["musicgen"]), "--port", str(port), "--device", "cpu")
+    assert f"--port {port}" in line and "in use" in line
+
+
+def test_the_cli_in_a_process_is_one_line(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "generate", "--model", str(tmp_path / "nope"),
+                           "--prompt", "", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
