@@ -20,7 +20,7 @@ import json
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +273,16 @@ def export_audiocraft_encodec(codec: Codec, path: str | Path) -> Path:
     return path
 
 
-def _plain_config(cfg: Any) -> dict[str, Any]:
+# the parts of an audiocraft xp.cfg that build its EnCodec; the rest (dora.dir: /checkpoint/${oc.env:USER}/...,
+# datasets, solver settings) is never read, so never resolved
+AUDIOCRAFT_CODEC_KEYS = ("compression_model", "encodec", "seanet", "rvq", "sample_rate", "channels")
+
+
+def _plain_config(cfg: Any, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """A config (yaml string, mapping or OmegaConf) as plain containers; with ``keys``, only those top-level keys
+    are resolved and kept. An interpolation that does not resolve is a ValueError naming its key."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if OmegaConf.is_config(cfg):
         node = cfg
@@ -282,15 +290,35 @@ def _plain_config(cfg: Any) -> dict[str, Any]:
         node = OmegaConf.create(cfg if isinstance(cfg, str) else dict(cfg))
     else:
         raise ValueError(f"xp.cfg must be a yaml string, a dict or an OmegaConf config, got {type(cfg).__name__}")
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    out: dict[str, Any] = {}
+    for key in list(node.keys()) if keys is None else [k for k in keys if k in node]:
+        try:
+            value = node[key]
+            out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException as e:
+            reason = str(e).splitlines()[0]
+            raise ValueError(f"xp.cfg: {getattr(e, 'full_key', None) or key} does not resolve ({reason}); set what it "
+                             "refers to, or pass the config explicitly") from None
+    return out
+
+
+class PickledFileError(ValueError):
+    """A file that weights-only loading refuses (it pickles Python objects): loadable only with trust."""
 
 
 def _load_package(path: Path, trust: bool) -> Any:
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle
+        raise ValueError(f"{path}: not a PyTorch checkpoint (a torch.save file); give audiocraft's exported "
+                         "state_dict.bin / compression_state_dict.bin")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust:
-            raise ValueError(f"{path} holds pickled Python objects (such as an OmegaConf config) that "
+            raise PickledFileError(f"{path} holds pickled Python objects (such as an OmegaConf config) that "
                              "weights_only loading refuses; if you trust this file, call "
                              "load_audiocraft_encodec(..., trust=True)") from e
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -315,7 +343,7 @@ def load_audiocraft_encodec(path: str | Path, config: Mapping[str, Any] | None =
     if config is None:
         if "xp.cfg" not in package:
             raise ValueError(f"{path} has no 'xp.cfg': pass config=")
-        config = _plain_config(package["xp.cfg"])
+        config = _plain_config(package["xp.cfg"], AUDIOCRAFT_CODEC_KEYS)
     else:
         config = _plain_config(config)
     kwargs = audiocraft_config_to_codec_kwargs(config) if "seanet" in config else dict(config)

@@ -55,6 +55,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt", "vocab.json",
                    "merges.txt")
 AUDIOCRAFT_FILES = ("state_dict.bin", "state_dict.th")
+# the parts of an audiocraft xp.cfg the importer reads (only these are resolved: dora.dir and the like may hold
+# ${oc.env:USER}, unset in containers and CI)
+AUDIOCRAFT_LM_KEYS = ("transformer_lm", "codebooks_pattern", "conditioners", "fuser", "classifier_free_guidance",
+                      "attribute_dropout", "channels", "sample_rate")
 _FOREIGN_WEIGHTS = FOREIGN_WEIGHTS
 
 
@@ -132,7 +136,8 @@ def detect_source(src: str | Path) -> tuple[str, Path]:
         found = [path / name for name in AUDIOCRAFT_FILES if (path / name).is_file()]
         if not found:
             raise ValueError(f"{path}: neither a transformers MusicGen folder (config.json) nor an audiocraft one "
-                             f"({' / '.join(AUDIOCRAFT_FILES)})")
+                             f"({' / '.join(AUDIOCRAFT_FILES)}); give the folder save_pretrained wrote, or "
+                             "audiocraft's exported state_dict.bin")
         return "audiocraft", found[0]
     if path.suffix in (".bin", ".th", ".pt"):
         return "audiocraft", path
@@ -222,7 +227,7 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
     from ostinato.interop.encodec import _plain_config
 
     package = _load_audiocraft_package(path, trust)
-    cfg = _plain_config(package["xp.cfg"])
+    cfg = _plain_config(package["xp.cfg"], AUDIOCRAFT_LM_KEYS)
     lm = audiocraft_lm_config(cfg)
     lm_state, proj = audiocraft_state_to_lm(package["best_state"])
     if lm.cross_attention and not proj:
@@ -234,11 +239,11 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
 
 
 def _load_audiocraft_package(path: Path, trust: bool) -> dict[str, Any]:
-    from ostinato.interop.encodec import _load_package
+    from ostinato.interop.encodec import PickledFileError, _load_package
 
     try:
         package = _load_package(path, trust)
-    except ValueError as e:
+    except PickledFileError as e:
         raise ValueError(f"{path} holds pickled Python objects (an OmegaConf xp.cfg) that weights-only loading "
                          "refuses; if you trust this file, pass --trust (ostinato import) / trust=True") from e
     if not isinstance(package, Mapping) or "best_state" not in package or "xp.cfg" not in package:
@@ -455,10 +460,10 @@ def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Pat
         trust: allow full unpickling of audiocraft files that weights-only loading refuses.
         overwrite: replace an existing ``out``.
     """
-    kind, path = detect_source(src)
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    kind, path = detect_source(src)
     if text_encoder is not None and kind != "audiocraft":
         raise ValueError("--text-encoder is for audiocraft checkpoints; a transformers MusicGen brings its own "
                          "(MusicgenForCausalLM has none: it is imported unconditional)")

@@ -1,0 +1,104 @@
+"""Issue 16, import: audiocraft files as audiocraft's own exporters write them (an ``xp.cfg`` with dora's
+``/checkpoint/${oc.env:USER}/...``) import where no USER is set, and a source that is no MusicGen is one line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ostinato.cli import main
+from ostinato.interop.codecs import load_codec
+from ostinato.interop.encodec import export_audiocraft_encodec, load_audiocraft_encodec
+from tests.synth import write_tiny_encodec
+from tests.test_musicgen_import import XP_CFG, assert_parity, copy_tokenizer, hf_musicgen, to_audiocraft  # noqa: F401
+
+# what audiocraft's solvers put in every xp.cfg; the model never reads it, and USER is unset in containers and CI
+DORA = {"dir": "/checkpoint/${oc.env:USER}/experiments/audiocraft/outputs", "exclude": ["device"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("USER", raising=False)
+
+
+def test_compression_state_dict_imports_without_user(tmp_path: Path, no_user) -> None:
+    codec = load_codec(write_tiny_encodec(tmp_path / "encodec"))
+    path = export_audiocraft_encodec(codec, tmp_path / "compression_state_dict.bin")
+    package = torch.load(path, weights_only=True)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.dora = DORA
+    torch.save({**package, "xp.cfg": OmegaConf.to_yaml(cfg)}, path)
+    loaded = load_audiocraft_encodec(path)
+    wav = 0.1 * torch.randn(1, 1, 2400)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(wav).codes, codec.encode(wav).codes)
+
+
+def test_state_dict_imports_without_user(hf_musicgen, tmp_path: Path, no_user, capsys) -> None:  # noqa: F811
+    model, _ = hf_musicgen
+    t5, encodec = tmp_path / "t5", tmp_path / "encodec"
+    model.text_encoder.save_pretrained(t5)
+    copy_tokenizer(t5)
+    model.audio_encoder.save_pretrained(encodec)
+    xp_cfg = OmegaConf.to_yaml(OmegaConf.create({**XP_CFG, "dora": DORA}))
+    torch.save({"best_state": to_audiocraft(model.state_dict()), "xp.cfg": xp_cfg, "version": "1.3.0",
+                "exported": True}, tmp_path / "state_dict.bin")
+    main(["import", str(tmp_path / "state_dict.bin"), str(tmp_path / "out"), "--text-encoder", str(t5), "--codec",
+          str(encodec)])
+    assert "audiocraft" in capsys.readouterr().out
+    import ostinato
+
+    assert_parity(ostinato.load(tmp_path / "out"), model)
+
+
+def test_an_interpolation_the_importer_reads_names_the_key(tmp_path: Path, no_user) -> None:
+    codec = load_codec(write_tiny_encodec(tmp_path / "encodec"))
+    path = export_audiocraft_encodec(codec, tmp_path / "compression_state_dict.bin")
+    package = torch.load(path, weights_only=True)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.sample_rate = "${oc.env:USER}"
+    torch.save({**package, "xp.cfg": OmegaConf.to_yaml(cfg)}, path)
+    with pytest.raises(ValueError, match=r"xp\.cfg.*sample_rate.*USER"):
+        load_audiocraft_encodec(path)
+
+
+def fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+def test_import_of_a_folder_that_is_no_musicgen(tmp_path: Path, capsys) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("hello")
+    line = fails(capsys, "import", str(tmp_path / "src"), str(tmp_path / "out"))
+    assert str(tmp_path / "src") in line and "state_dict.bin" in line and "config.json" in line
+    assert not (tmp_path / "out").exists()
+    line = fails(capsys, "import", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert "missing" in line and "no such" in line
+
+
+def test_import_of_a_file_that_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:
+    (tmp_path / "state_dict.bin").write_bytes(b"not a torch file")
+    line = fails(capsys, "import", str(tmp_path / "state_dict.bin"), str(tmp_path / "out"))
+    assert "state_dict.bin" in line and "not" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_import_into_an_existing_folder_names_the_flag(tmp_path: Path, capsys) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "src").mkdir()
+    line = fails(capsys, "import", str(tmp_path / "src"), str(tmp_path / "out"))
+    assert "--overwrite" in line
