@@ -12,15 +12,19 @@ seconds: the test of the demo itself.
 """
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
 import torch
+
+from ostinato.errors import UserError
 
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
 MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny_melody_style"]
@@ -57,16 +61,80 @@ PROMPTS = ["A baroque chorale by Johann Sebastian Bach for church organ, in G ma
            "A classical string quartet, in C minor, at 70 BPM (adagio)."]
 
 
+RESTART = "then run `ostinato demo` again (finished steps are kept)"
+
+
 def _run(args: list[str], in_process: bool = False) -> None:
     """``ostinato ARGS`` in a subprocess (training: dora and Lightning own their process), or in this one (saves
-    the start-up of torch for the generation calls)."""
+    the start-up of torch for the generation calls). A failed step has printed its own error; this adds one line."""
     print(f"$ ostinato {' '.join(args)}", flush=True)
     if in_process:
         from ostinato.cli import main
 
         main(list(args))
-    else:
-        subprocess.run([sys.executable, "-m", "ostinato.cli", *args], check=True)
+        return
+    code = subprocess.run([sys.executable, "-m", "ostinato.cli", *args]).returncode
+    if code == 2:
+        raise UserError(f"the step `ostinato {' '.join(args[:2])}` stopped on the error above; fix it, {RESTART}")
+    if code != 0:
+        raise SystemExit(f"ostinato demo: the step `ostinato {' '.join(args[:2])}` failed with exit code {code} "
+                         f"(its output is above); {RESTART}")
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """``folder`` is (or can be made) a folder that takes files; else a one-line error naming ``flag``."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; give a folder ({flag} DIR)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        why = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable",
+               errno.EPERM: "is not writable", errno.ENOSPC: "is on a full disk"}.get(e.errno or 0)
+        if why is None:
+            raise
+        raise UserError(f"{flag} {folder} {why}; give a writable folder ({flag} DIR)") from e
+
+
+def _corpus_leftovers(data: Path) -> list[Path]:
+    """Clips of a render that stopped before ``corpus.json`` was written (empty when there is none)."""
+    from ostinato.data.corpus import CORPUS_NAME, SPLITS
+
+    if (data / CORPUS_NAME).is_file():
+        return []
+    return [p for split in SPLITS if (data / "audio" / split).is_dir() for p in (data / "audio" / split).iterdir()]
+
+
+def check_demo(data: Path, outputs: Path, plan: DemoPlan) -> list[str]:
+    """What the demo needs before it starts (seconds, not after an hour of training): writable ``data`` and
+    ``outputs`` folders, and fluidsynth and a soundfont unless the corpus is rendered. Returns the extra arguments
+    of ``ostinato prep corpus``: ``--overwrite`` to render again a corpus that an interrupted run left unfinished."""
+    from ostinato.data.corpus import CORPUS_NAME, find_fluidsynth, find_soundfont
+    from ostinato.fileio import read_json
+
+    _check_writable(data, "--data")
+    _check_writable(outputs, "--outputs")
+    corpus = data / CORPUS_NAME
+    if corpus.is_file():
+        hours = (read_json(corpus).get("options") or {}).get("hours")
+        if hours != plan.hours:
+            raise UserError(f"--data {data} holds a demo corpus of {hours} h, this demo renders {plan.hours:g} h "
+                            f"(--quick renders {DemoPlan.make(quick=True).hours:g} h); give another --data folder, "
+                            f"or delete {data} to render it again")
+        return []
+    find_fluidsynth()
+    find_soundfont()
+    leftovers = _corpus_leftovers(data)
+    if not leftovers:
+        return []
+    strangers = [p for p in leftovers if not p.is_file() or p.suffix not in (".flac", ".json", ".tmp")]
+    if strangers:
+        raise UserError(f"--data {data}: {strangers[0]} is not a clip of the demo corpus (no {corpus} either); "
+                        "give an empty or new --data folder")
+    print(f"{data}: an earlier run stopped while writing the corpus ({len(leftovers)} files, no {CORPUS_NAME}); "
+          "rendering it again", flush=True)
+    return ["--overwrite"]
 
 
 def _history(folder: Path) -> list[dict]:
@@ -152,8 +220,24 @@ def _curves(folder: Path, wanted: list[str]) -> dict[str, list[tuple[int, float]
     return read_curves(folder, [w for w in wanted if w in have])
 
 
+RETRIEVAL_SHOWN = ("t2a_r10", "a2t_r10", "chance_r10", "t2a_median_rank", "a2t_median_rank", "chance_median_rank",
+                   "n")
+
+
+def demo_table(evaluation: dict[str, float], lm_ce: float | None, ce_text: float | None, entropy: float,
+               retrieval: dict[str, float], before: float | None, after: float | None) -> dict:
+    """The report's metrics: the evaluation's scalars, then one table each for MusicGen, MuLaN and the codec, keyed
+    by metric names that ``ostinato.evaluation.report.metric_info`` knows (None values are left out)."""
+    table = {**evaluation,
+             "MusicGen": {"valid/ce": lm_ce, "valid/ce_text_only": ce_text, "unigram_entropy": entropy},
+             "MuLaN retrieval, test split": {k: retrieval[k] for k in RETRIEVAL_SHOWN},
+             "codec": {"mel_distance_untrained": before, "valid/mel_distance": after}}
+    return {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+            for k, v in table.items()}
+
+
 def _report(outputs: Path, generated: Path, modes: dict, plan: DemoPlan, recon: list[Path], metrics: dict,
-            xps: dict[str, Path], summary: list[str]) -> Path:
+            xps: dict[str, Path], summary: list[str], notes: dict[str, str]) -> Path:
     from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, write_demo_report
 
     sections = [DemoSection("Codec reconstructions (test split)",
@@ -166,24 +250,25 @@ def _report(outputs: Path, generated: Path, modes: dict, plan: DemoPlan, recon: 
               "MusicGen": _curves(xps["musicgen"], ["train/ce", "valid/ce", "valid/ce_text_only"]),
               "MuLaN": _curves(xps["mulan"], ["train/loss", "valid/t2a_r10", "valid/a2t_r10", "valid/chance_r10"])}
     return write_demo_report(outputs / "demo" / "report.html", sections, metrics,
-                             {k: v for k, v in curves.items() if v}, summary=summary)
+                             {k: v for k, v in curves.items() if v}, summary=summary, notes=notes)
 
 
 def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
     """Run (or finish) the demo; returns the path of its HTML report."""
+    plan = DemoPlan.make(quick)
+    start = time.time()
+    resume = check_demo(data, outputs, plan)
     from ostinato.interop.codecs import load_codec
     from ostinato.train import main as train_main
 
-    plan = DemoPlan.make(quick)
-    start = time.time()
-    _run(["prep", "corpus", "--out", str(data), "--hours", f"{plan.hours:g}"])  # an existing corpus is kept
+    _run(["prep", "corpus", "--out", str(data), "--hours", f"{plan.hours:g}", *resume])  # a finished corpus is kept
     codec_run = CODEC_EXPERIMENT + plan.overrides.get("codec", [])
     xp = train_main.get_xp(codec_run)
     t0 = time.time()
     _run(["train", *codec_run])
     codec_minutes = (time.time() - t0) / 60
     export = outputs / "exports" / "codec_tiny"
-    _run(["export", str(xp.folder), str(export)])
+    _run(["export", str(xp.folder), str(export), "--overwrite"])  # a re-run replaces the export of the same XP
     codec = load_codec(export)
     recon = _reconstructions(codec, data / "shards" / "test", outputs / "demo" / "reconstructions")
     for split in ("train", "valid", "test"):
@@ -214,7 +299,8 @@ def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
         n_test = Manifest.load(data / "shards" / "test").total_samples
         eval_over = [f"num_samples={min(plan.eval_samples, n_test)}", "batch_size=4"]
     eval_report = run_demo_eval(data, outputs, str(lm_xp.folder), str(export), overrides=eval_over)
-    metrics = json.loads((eval_report.parent / "metrics.json").read_text()).get("metrics", {})
+    eval_result = json.loads((eval_report.parent / "metrics.json").read_text())
+    metrics = eval_result.get("metrics", {})
 
     history = _history(Path(xp.folder))
     before = next((h["valid"]["mel_distance"] for h in history if h.get("epoch") == -1), None)
@@ -246,21 +332,17 @@ def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
                      f"{mulan_valid['a2t_r10']:.3f} vs chance {mulan_valid['chance_r10']:.3f}")
     lines.append(f"generated ({plan.seconds:g} s per mode, {plan.long_seconds:g} s for the long piece; parameters in "
                  f"the .json files): {generated}/{{{','.join(modes)}}}")
+    from ostinato.evaluation.report import metric_notes
+
+    notes = metric_notes(eval_result)
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     lines.append("evaluation (evaluation/demo.yaml vs the test split): "
-                 + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+                 + ", ".join(f"{k} {v:.4g}" + (f" ({notes[k]})" if k in notes else "") for k, v in shown.items()))
     lines.append(f"  evaluation report: {eval_report}")
-    table = {**shown,
-             "MusicGen": {"valid/ce": lm_ce, "valid/ce_text_only": ce_text, "unigram entropy": entropy},
-             "MuLaN retrieval, test split": {k: retrieval[k] for k in ("t2a_r10", "a2t_r10", "chance_r10",
-                                                                       "t2a_median_rank", "a2t_median_rank",
-                                                                       "chance_median_rank", "n")},
-             "codec": {"valid mel distance, untrained": before, "valid mel distance, trained": after}}
-    table = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
-             for k, v in table.items()}
+    table = demo_table(shown, lm_ce, ce_text, entropy, retrieval, before, after)
     report = _report(outputs, generated, modes, plan, recon, table,
                      {"codec": Path(xp.folder), "musicgen": Path(lm_xp.folder), "mulan": Path(mulan_xp.folder)},
-                     lines)
+                     lines, notes)
     print("\n== ostinato demo ==")
     print("\n".join(lines))
     print(f"total {(time.time() - start) / 60:.1f} min")

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ostinato.evaluation.report import METRIC_INFO, format_value
+from ostinato.evaluation.report import format_value, metric_info
 from ostinato.fileio import atomic_path, atomic_write_text, read_json
 
-__all__ = ["DemoClip", "DemoSection", "clips_from_folder", "read_curves", "write_demo_report"]
+__all__ = ["DemoClip", "DemoSection", "clips_from_folder", "curve_panels", "read_curves", "write_demo_report"]
 
 AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg",
                ".opus": "audio/ogg"}
@@ -175,37 +175,86 @@ def _spectrogram(wav_path: Path, title: str):
     return fig, seconds
 
 
+PANEL_SPAN = 4.0  # a curve shares a y axis only while the axis spans at most this many times the curve's own range
+
+
+def _span(points: Curve) -> tuple[float, float]:
+    values = [v for _, v in points]
+    return min(values), max(values)
+
+
+def curve_panels(series: Mapping[str, Curve]) -> list[list[str]]:
+    """Group the series of one plot into panels with a y axis each, so that no curve is drawn flat.
+
+    A varying curve shares a panel only while the panel's y range stays within ``PANEL_SPAN`` times the curve's own
+    (train and valid cross-entropy share; a train loss in the hundreds and a mel distance near 1 do not); a
+    constant curve (a chance level) joins the varying panel that its value widens least. Empty series are left out.
+    """
+    varying = [k for k, p in series.items() if p and _span(p)[0] < _span(p)[1]]
+    constant = [k for k, p in series.items() if p and _span(p)[0] == _span(p)[1]]
+    panels: list[list[str]] = []
+
+    def union(names: list[str]) -> tuple[float, float]:
+        spans = [_span(series[n]) for n in names]
+        return min(lo for lo, _ in spans), max(hi for _, hi in spans)
+
+    def fits(names: list[str]) -> bool:
+        lo, hi = union(names)
+        return all(hi - lo <= PANEL_SPAN * (_span(series[n])[1] - _span(series[n])[0])
+                   for n in names if n in varying)
+
+    def place(name: str, home: list[str] | None) -> None:
+        if home is None:
+            panels.append([name])
+        else:
+            home.append(name)
+
+    for name in varying:
+        place(name, next((p for p in panels if fits(p + [name])), None))
+    for name in constant:
+        options = [p for p in panels if p[0] in varying and fits(p + [name])]
+        home = min(options, key=lambda p: union(p + [name])[1] - union(p + [name])[0], default=None)
+        if home is None:
+            home = next((p for p in panels if p[0] in constant and union(p) == _span(series[name])), None)
+        place(name, home)
+    return panels
+
+
 def _curve_figure(title: str, series: Mapping[str, Curve]):
+    """One figure per plot title; one panel (own y axis) per group of ``curve_panels``."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=90)
-    for label, points in series.items():
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
-    ax.set_xlabel("step")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = curve_panels(series)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 3.6 * len(panels), 3.0), dpi=90, squeeze=False)
+    for ax, names in zip(axes[0], panels):
+        for label in names:
+            steps, values = zip(*series[label])
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def _metric_rows(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, str, str, str]], dict[str, Mapping]]:
+def _metric_rows(metrics: Mapping[str, Any], notes: Mapping[str, str]
+                 ) -> tuple[list[tuple[str, str, str, str]], dict[str, Mapping]]:
     rows, groups = [], {}
     for name, value in metrics.items():
         if isinstance(value, Mapping):
             groups[name] = value
             continue
-        label, better = METRIC_INFO.get(name, ("", ""))
-        rows.append((name, label, format_value(value), better))
+        label, better = metric_info(name)
+        shown = format_value(value) + (f" ({notes[name]})" if notes.get(name) else "")
+        rows.append((name, label, shown, better))
     return rows, groups
 
 
-def _metrics_html(metrics: Mapping[str, Any]) -> list[str]:
+def _metrics_html(metrics: Mapping[str, Any], notes: Mapping[str, str]) -> list[str]:
     e, parts = html.escape, []
 
     def table(title: str | None, values: Mapping[str, Any]) -> None:
-        rows, groups = _metric_rows(values)
+        rows, groups = _metric_rows(values, notes)
         if rows:
             if title:
                 parts.append(f"<h3>{e(title)}</h3>")
@@ -230,7 +279,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12p
 
 def write_demo_report(out_html: str | Path, sections: Sequence[DemoSection], metrics: Mapping[str, Any],
                       curves: Mapping[str, Mapping[str, Curve]], *, title: str = "ostinato demo",
-                      summary: Sequence[str] = (), media: str = "copy") -> Path:
+                      summary: Sequence[str] = (), media: str = "copy", notes: Mapping[str, str] | None = None) -> Path:
     """Write the demo's HTML report and return its path.
 
     Args:
@@ -238,13 +287,14 @@ def write_demo_report(out_html: str | Path, sections: Sequence[DemoSection], met
         sections: titled groups of clips; each clip gets an ``<audio controls>`` player and a log-mel
             spectrogram (PNG). A missing audio file is an error naming it.
         metrics: ``{name: value}`` shown as a table (labels and better-direction of
-            ``ostinato.evaluation.report.METRIC_INFO`` for known names); a value that is itself a mapping
+            ``ostinato.evaluation.report.metric_info``); a value that is itself a mapping
             becomes its own table titled by its key (``{"evaluation": {...}, "codec": {...}}``).
-        curves: ``{plot title: {series label: [(step, value), ...]}}``, one PNG plot per title; ``read_curves``
-            gives the series of an XP folder.
+        curves: ``{plot title: {series label: [(step, value), ...]}}``, one PNG per title, its series on panels
+            with a y axis each where their scales differ (``curve_panels``); ``read_curves`` reads an XP folder.
         title: the page title; summary: lines shown under it (what ran, timings).
         media: "copy" (audio and PNGs in ``<stem>_files/`` beside the page, relative links) or "embed"
             (``data:`` URIs: one file).
+        notes: ``{metric name: note}`` shown beside its value in any table (an unreliable FAD-inf).
     """
     out_html = Path(out_html)
     for section in sections:
@@ -259,7 +309,7 @@ def write_demo_report(out_html: str | Path, sections: Sequence[DemoSection], met
     if summary:
         parts.append("<ul class='summary'>" + "".join(f"<li>{e(line)}</li>" for line in summary) + "</ul>")
     parts.append("<h2>Metrics</h2>")
-    parts += _metrics_html(metrics)
+    parts += _metrics_html(metrics, notes or {})
     parts.append("<h2>Training curves</h2><div class='curves'>")
     plotted = 0
     for name, series in curves.items():

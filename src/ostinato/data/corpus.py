@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from ostinato.data.audio import convert_channels, encode_flac, load_audio
 from ostinato.data.captions import dance_genre, describe, key_name
+from ostinato.errors import UserError
 from ostinato.fileio import atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -789,26 +790,34 @@ class CorpusSummary:
         return "\n".join(lines)
 
 
+INSTALL_HINT = "on Debian/Ubuntu: apt-get install fluidsynth fluid-soundfont-gm"
+
+
+class MissingSynthesizer(UserError, FileNotFoundError):
+    """fluidsynth or a General MIDI soundfont, which rendering the demo corpus needs, is not there."""
+
+
 def find_soundfont(soundfont: str | Path | None = None) -> Path:
     """An explicit path, else $OSTINATO_SOUNDFONT, else the first installed of SOUNDFONT_CANDIDATES."""
     if soundfont is not None or os.environ.get(SOUNDFONT_ENV):
         path = Path(soundfont if soundfont is not None else os.environ[SOUNDFONT_ENV]).expanduser()
         if not path.is_file():
-            origin = "soundfont" if soundfont is not None else f"${SOUNDFONT_ENV}"
-            raise FileNotFoundError(f"{origin} {path} is not a file")
+            origin = "--soundfont" if soundfont is not None else f"${SOUNDFONT_ENV}"
+            raise MissingSynthesizer(f"{origin} {path} is not a file; give the path of a General MIDI .sf2 soundfont "
+                                     f"({INSTALL_HINT} installs /usr/share/sounds/sf2/FluidR3_GM.sf2)")
         return path.resolve()
     for candidate in SOUNDFONT_CANDIDATES:
         if Path(candidate).is_file():
             return Path(candidate).resolve()
-    raise FileNotFoundError(
-        "no General MIDI soundfont found (looked in " + ", ".join(SOUNDFONT_CANDIDATES) + "); install one "
-        f"(`apt-get install fluid-soundfont-gm` or `timgm6mb-soundfont`) or set ${SOUNDFONT_ENV}")
+    raise MissingSynthesizer(f"no General MIDI soundfont found (looked in {', '.join(SOUNDFONT_CANDIDATES)}); "
+                             f"install one ({INSTALL_HINT}) or set ${SOUNDFONT_ENV} to a .sf2 file")
 
 
 def find_fluidsynth() -> str:
+    """The fluidsynth program on PATH, which renders the demo corpus."""
     exe = shutil.which("fluidsynth")
     if exe is None:
-        raise FileNotFoundError("the fluidsynth program is not on PATH; install it (`apt-get install fluidsynth`)")
+        raise MissingSynthesizer(f"the fluidsynth program is not on PATH; install it ({INSTALL_HINT})")
     return exe
 
 

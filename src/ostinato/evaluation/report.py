@@ -14,23 +14,66 @@ import numpy as np
 
 from ostinato.fileio import atomic_path, atomic_write_text, read_json
 
-__all__ = ["METRIC_INFO", "format_table", "format_value", "write_report"]
+__all__ = ["METRIC_INFO", "NOT_A_SCORE", "format_table", "format_value", "metric_info", "metric_notes", "write_report"]
 
-# metric -> (label, better direction)
+NOT_A_SCORE = "neither (context)"  # the "better" of a number shown beside the scores: a count, chance, a fit
+
+# metric -> (label, better direction); every name the evaluation suites, the demo and MuLaN retrieval print
 METRIC_INFO: dict[str, tuple[str, str]] = {
     "fad": ("FAD", "lower"),
     "fad_inf": ("FAD-inf (extrapolated to N -> inf)", "lower"),
-    "fad_inf_slope": ("FAD-inf slope (FAD = FAD-inf + slope / N)", ""),
-    "fad_inf_r2": ("FAD-inf fit R^2", ""),
+    "fad_inf_slope": ("FAD-inf slope (FAD = FAD-inf + slope / N)", NOT_A_SCORE),
+    "fad_inf_r2": ("FAD-inf fit R^2 (near 1: the extrapolation holds)", "higher"),
     "per_song_fad_mean": ("per-song FAD, mean", "lower"),
     "per_song_fad_median": ("per-song FAD, median", "lower"),
     "text_audio": ("text-audio cosine similarity", "higher"),
     "kld": ("label KL divergence (reference || generated)", "lower"),
     "chroma": ("chroma cosine similarity to the reference", "higher"),
     "mel_distance": ("mel distance (L1 of log10 mel)", "lower"),
+    "mel_distance_untrained": ("mel distance of the untrained codec (the starting point)", "lower"),
     "stft_distance": ("multi-scale STFT distance", "lower"),
     "sisnr": ("SI-SNR (dB)", "higher"),
+    "loss": ("training loss", "lower"),
+    "ce": ("cross-entropy (nats per token)", "lower"),
+    "ce_text_only": ("cross-entropy without the melody and style prefix (nats)", "lower"),
+    "unigram_entropy": ("unigram entropy of the tokens (nats; a model without context)", NOT_A_SCORE),
+    "t2a_r1": ("recall@1, text -> audio", "higher"),
+    "a2t_r1": ("recall@1, audio -> text", "higher"),
+    "t2a_r10": ("recall@10, text -> audio", "higher"),
+    "a2t_r10": ("recall@10, audio -> text", "higher"),
+    "chance_r1": ("recall@1 of a random model", NOT_A_SCORE),
+    "chance_r10": ("recall@10 of a random model", NOT_A_SCORE),
+    "t2a_median_rank": ("median rank, text -> audio (1 = perfect)", "lower"),
+    "a2t_median_rank": ("median rank, audio -> text (1 = perfect)", "lower"),
+    "chance_median_rank": ("median rank of a random model", NOT_A_SCORE),
+    "n": ("clips", NOT_A_SCORE),
 }
+_SPLITS = ("train/", "valid/", "test/")
+
+
+def metric_info(name: str) -> tuple[str, str]:
+    """``(label, better)`` of a metric name, also as logged in training (``valid/ce`` -> ``ce``); ``("", "")`` when
+    unknown."""
+    if name in METRIC_INFO:
+        return METRIC_INFO[name]
+    bare = name.split("/", 1)[1] if name.startswith(_SPLITS) else name
+    if bare in METRIC_INFO:
+        label, better = METRIC_INFO[bare]
+        return f"{label}, {name.split('/', 1)[0]}", better
+    return "", ""
+
+
+def metric_notes(result: dict[str, Any]) -> dict[str, str]:
+    """``{metric: note}`` to show beside a value of an evaluation result (``metrics.json``): an unreliable FAD-inf."""
+    metrics = result.get("metrics") or {}
+    if metrics.get("fad_inf") is None:
+        return {}
+    fit = result.get("fad_inf_fit")
+    if fit is None:  # a metrics.json written before the flag
+        from ostinato.metrics.fad import fad_inf_reliability
+
+        fit = fad_inf_reliability(metrics.get("fad_inf_r2"), int(result.get("num_items") or 0))
+    return {"fad_inf": fit["note"]} if fit.get("note") else {}
 
 
 def format_value(value: Any) -> str:
@@ -39,9 +82,11 @@ def format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table of the scalar metrics (for the terminal)."""
-    rows = [(name, format_value(value), METRIC_INFO.get(name, ("", ""))[1]) for name, value in metrics.items()]
+def format_table(metrics: dict[str, Any], notes: dict[str, str] | None = None) -> str:
+    """A plain-text table of the scalar metrics (for the terminal); ``notes`` (``metric_notes``) follow a value."""
+    notes = notes or {}
+    rows = [(name, format_value(value), metric_info(name)[1] + (f"  ({notes[name]})" if notes.get(name) else ""))
+            for name, value in metrics.items()]
     w0 = max([len("metric")] + [len(r[0]) for r in rows])
     w1 = max([len("value")] + [len(r[1]) for r in rows])
     lines = [f"{'metric':<{w0}}  {'value':>{w1}}  better", f"{'-' * w0}  {'-' * w1}  ------"]
@@ -161,9 +206,11 @@ def _markdown(result: dict, rows: list[dict], figures: dict[str, str]) -> str:
     lines = [f"# Evaluation: {result['suite']} on {Path(str(result['model'])).name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(result)]
     lines += ["", "## Metrics", "", "| metric | value | better |", "|---|---:|---|"]
+    notes = metric_notes(result)
     for name, value in result["metrics"].items():
-        label, better = METRIC_INFO.get(name, (name, ""))
-        lines.append(f"| {label} (`{name}`) | {format_value(value)} | {better} |")
+        label, better = metric_info(name)
+        note = f" ({notes[name]})" if name in notes else ""
+        lines.append(f"| {label or name} (`{name}`) | {format_value(value)}{note} | {better} |")
     for title, src in figures.items():
         lines += ["", f"## {title[0].upper() + title[1:]}", "", f"![{title}]({src})"]
     text, labels, per_song = _text_column(result), _labels(result), "per_song_fad" in result
@@ -187,10 +234,12 @@ def _html(result: dict, rows: list[dict], figures: dict[str, str]) -> str:
              f"<h1>Evaluation: {e(result['suite'])} on {e(Path(str(result['model'])).name)}</h1><ul>"]
     parts += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _header(result)]
     parts.append("</ul><h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>better</th></tr>")
+    notes = metric_notes(result)
     for name, value in result["metrics"].items():
-        label, better = METRIC_INFO.get(name, (name, ""))
-        parts.append(f"<tr><td>{e(label)} (<code>{e(name)}</code>)</td><td class='n'>{e(format_value(value))}</td>"
-                     f"<td>{e(better)}</td></tr>")
+        label, better = metric_info(name)
+        note = f" <small class='note'>({e(notes[name])})</small>" if name in notes else ""
+        parts.append(f"<tr><td>{e(label or name)} (<code>{e(name)}</code>)</td>"
+                     f"<td class='n'>{e(format_value(value))}{note}</td><td>{e(better)}</td></tr>")
     parts.append("</table>")
     for title, src in figures.items():
         parts.append(f"<h2>{e(title[0].upper() + title[1:])}</h2><img src='{e(src)}' alt='{e(title)}'>")

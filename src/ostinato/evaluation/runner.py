@@ -308,6 +308,10 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
                           ref_lengths)
             bar.update(done + len(group) - bar.n)
     scalars, details = scores.compute()
+    if "fad_inf" in scalars:  # the flag that reports show beside the number
+        from ostinato.metrics.fad import fad_inf_reliability
+
+        details["fad_inf_fit"] = fad_inf_reliability(scalars.get("fad_inf_r2"), len(items))
     result: dict[str, Any] = {
         "suite": suite.name, "suite_file": None if suite.path is None else str(suite.path), "kind": suite.kind,
         "model": str(model_ref), "codec": producer.codec_ref, "sample_rate": producer.sample_rate,

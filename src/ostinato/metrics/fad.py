@@ -34,7 +34,8 @@ from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["FADInf", "FrechetAudioDistance", "PerSongFAD", "fad_inf_fit", "frechet_distance", "gaussian_stats"]
+__all__ = ["FAD_INF_MIN_ITEMS", "FAD_INF_MIN_R2", "FADInf", "FrechetAudioDistance", "PerSongFAD", "fad_inf_fit",
+           "fad_inf_reliability", "frechet_distance", "gaussian_stats"]
 
 Stats = tuple[Tensor, Tensor, int]
 
@@ -91,6 +92,27 @@ def fad_inf_fit(n: Tensor, fad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ss_tot = yc @ yc
     r2 = 1 - ss_res / ss_tot if ss_tot > 0 else torch.ones_like(ss_res)
     return intercept, slope, r2
+
+
+# Below these, the line FAD_i = fad_inf + slope / N_i is fitted to noise: Gui et al. extrapolate from thousands of
+# clips, and an R^2 near 0 means FAD did not fall as 1 / N over the subsets, so the intercept means nothing.
+FAD_INF_MIN_ITEMS = 100
+FAD_INF_MIN_R2 = 0.8
+
+
+def fad_inf_reliability(r2: float | None, num_items: int) -> dict[str, Any]:
+    """Whether a FAD-inf value can be trusted: ``{"reliable": bool, "note": str, "min_items", "min_r2"}``.
+
+    ``r2``: the fit's R^2 (``FADInf.compute()["r2"]``; None when it was not finite); ``num_items``: the generated
+    clips scored. ``note`` is "" when reliable, else why not (shown next to the number in reports).
+    """
+    reasons = []
+    if r2 is None or not r2 >= FAD_INF_MIN_R2:
+        reasons.append(f"fit R^2 {'n/a' if r2 is None else f'{r2:.3g}'} < {FAD_INF_MIN_R2:g}")
+    if num_items < FAD_INF_MIN_ITEMS:
+        reasons.append(f"{num_items} clips < {FAD_INF_MIN_ITEMS}")
+    note = f"unreliable ({', '.join(reasons)}): the extrapolation means nothing; read FAD" if reasons else ""
+    return {"reliable": not reasons, "note": note, "min_items": FAD_INF_MIN_ITEMS, "min_r2": FAD_INF_MIN_R2}
 
 
 def _move_keeping_dtype(metric: Metric, parent_apply: Callable[..., Module], fn: Callable,
