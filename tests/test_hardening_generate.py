@@ -232,3 +232,23 @@ def test_the_cli_in_a_process_is_one_line(tmp_path) -> None:
                            "--prompt", "", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("verb", [["generate", "--prompt", "x", "--out", "o"], ["eval", "demo"], ["app"]])
+def test_a_model_that_is_nothing_names_the_flag_and_what_it_takes(capsys, tmp_path, monkeypatch, verb) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = fails(capsys, *verb, "--model", "nope")
+    assert "--model nope: no such file, folder or XP signature" in line and "export" in line
+
+
+def test_eval_into_a_file_names_out_before_loading(capsys, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    line = fails(capsys, "eval", "demo", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "file"))
+    assert "--out" in line and "not a folder" in line
+
+
+def test_other_families_print_no_progress_bar_before_an_error(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--family", "musiclm", "--out", str(tmp_path / "o"), "--prompt", "x"])
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err.splitlines()[-1]] and "--semantic" in err

@@ -21,10 +21,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -111,6 +113,7 @@ def _dora(verb: str, rest: list[str]) -> None:
     line, exit 2."""
     from dora.__main__ import get_parser
     from dora.__main__ import main as dora_main
+    from dora.explore import ProcessException
 
     from ostinato.engine.config import ConfigError
     from ostinato.errors import user_errors
@@ -122,6 +125,11 @@ def _dora(verb: str, rest: list[str]) -> None:
         sys.argv = ["dora", *argv]
         try:
             dora_main()
+        except ProcessException as e:  # a grid's XPs are composed in worker processes: dora keeps repr(error)
+            error = re.fullmatch(r"(?:Config|User)Error\((.*)\)", str(e), re.S)
+            if error is None:
+                raise
+            raise ConfigError(f"grid {args.grid}: {ast.literal_eval(error[1])}") from e
         except ConfigError as e:
             if getattr(args, "grid", None):
                 raise ConfigError(f"grid {args.grid}: {e}") from e
@@ -239,7 +247,7 @@ GENERATORS = {"musiclm": "ostinato.generation.musiclm", "musika": "ostinato.gene
 def _progress_bar(quiet: bool):
     from tqdm import tqdm
 
-    with tqdm(total=1, desc="generating", unit="step", disable=quiet) as bar:
+    with tqdm(total=1, desc="generating", unit="step", disable=quiet, delay=0.5) as bar:  # no bar before an error
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)  # tqdm rate-limits the redraws
@@ -349,9 +357,10 @@ def _eval(args: argparse.Namespace) -> None:
 
     overrides = list(args.set or []) + ([f"num_samples={args.num_samples}"] if args.num_samples else [])
     suite = load_suite(args.suite, overrides)
+    out = Path(args.out) if args.out else default_out_dir(suite, args.model, overrides)
+    _check_out(str(out))
     device = setup_distributed(args.device)
     try:
-        out = Path(args.out) if args.out else default_out_dir(suite, args.model, overrides)
         result = run_suite(suite, args.model, out, codec=args.codec, device=device, trust=args.trust,
                            progress=not args.quiet)
     finally:
@@ -365,6 +374,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _app(args: argparse.Namespace) -> None:
     from ostinato.app import launch_app
 
+    if args.out is not None:
+        _check_out(args.out)
     launch_app(args.model, args.codec, host=args.host, port=args.port, out=args.out, window=args.window,
                device=args.device, trust=args.trust)
 

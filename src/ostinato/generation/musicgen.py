@@ -106,9 +106,9 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
     import ostinato
     from ostinato.engine.weights import read_weights
     from ostinato.errors import UserError
-    from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
+    from ostinato.interop.codecs import load_codec, require_ref, xps_dir
 
-    ref = resolve_ref(model)
+    ref = require_ref(model, "--model", "a MusicGen: an XP folder, a checkpoint, an export or import folder")
     _, cfg, _ = read_weights(ref, xps_dir(), trust)
     cfg = cfg or {}
     require_musicgen(model, cfg)

@@ -26,6 +26,20 @@ def resolve_ref(ref: str) -> str:
     return ref
 
 
+def require_ref(ref: str, option: str, what: str) -> str:
+    """``resolve_ref``, refusing in one line (``option``, ``what`` it takes) a ref that is nothing here."""
+    from ostinato.errors import UserError
+
+    resolved = resolve_ref(ref)
+    if resolved.startswith("//sig/"):
+        if not (xps_dir() / resolved[len("//sig/"):]).is_dir():
+            raise UserError(f"{option} {ref}: no experiment {resolved[len('//sig/'):]} in {xps_dir()}; give an XP "
+                            f"signature listed there, or {what}")
+    elif not Path(resolved).expanduser().exists():
+        raise UserError(f"{option} {ref}: no such file, folder or XP signature (in {xps_dir()}); give {what}")
+    return resolved
+
+
 def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     """``ref``: an ostinato codec (XP signature, //sig/SIG, XP folder, .ckpt, export folder), a transformers
     EncodecModel folder (config.json with model_type "encodec"), or an audiocraft compression_state_dict.bin."""
