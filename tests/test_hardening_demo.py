@@ -172,3 +172,13 @@ def test_demo_resumes_a_half_rendered_corpus(tmp_path: Path, capsys: pytest.Capt
     line = _one_line_error(proc)
     assert "notes.txt is not a clip of the demo corpus" in line and line.endswith("give an empty or new --data folder")
     assert (data / "audio" / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_demo_step_ends_in_one_line_that_says_how_to_go_on(tmp_path: Path) -> None:
+    """The step prints its own error; the demo adds one line, not a CalledProcessError traceback."""
+    from ostinato.demo import _run
+    from ostinato.errors import UserError
+
+    with pytest.raises(UserError, match=r"^the step `ostinato prep shards` stopped on the error above; fix it, then "
+                                        r"run `ostinato demo` again \(finished steps are kept\)$"):
+        _run(["prep", "shards", str(tmp_path / "missing"), str(tmp_path / "shards")])
