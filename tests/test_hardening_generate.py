@@ -232,6 +232,7 @@ def test_the_cli_in_a_process_is_one_line(tmp_path) -> None:
                            "--prompt", "", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("ostinato: error: --prompt '': an empty prompt")
 
 
 @pytest.mark.parametrize("verb", [["generate", "--prompt", "x", "--out", "o"], ["eval", "demo"], ["app"]])

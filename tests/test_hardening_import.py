@@ -85,6 +85,7 @@ def test_import_of_a_folder_that_is_no_musicgen(tmp_path: Path, capsys) -> None:
     (tmp_path / "src" / "notes.txt").write_text("hello")
     line = fails(capsys, "import", str(tmp_path / "src"), str(tmp_path / "out"))
     assert str(tmp_path / "src") in line and "state_dict.bin" in line and "config.json" in line
+    assert "give the folder save_pretrained wrote" in line  # and the fix
     assert not (tmp_path / "out").exists()
     line = fails(capsys, "import", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert "missing" in line and "no such" in line
