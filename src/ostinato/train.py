@@ -4,25 +4,34 @@ config -> checks -> datamodule + family module + Trainer -> fit, resuming the XP
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
 import lightning as L
-from dora import get_xp, hydra_main
+from dora import XP, get_xp
 from dora.distrib import get_distrib_spec
+from dora.hydra import HydraMain
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ostinato.engine.callbacks import grouped
-from ostinato.engine.config import ConfigError, check_global_batch, validate
+from ostinato.engine.config import ConfigError, check_global_batch, check_overrides, composition_error, validate
 from ostinato.engine.family import plain
 from ostinato.engine.guard import NonFiniteError
 from ostinato.engine.loggers import build_loggers
 from ostinato.engine.trainer import apply_compile_and_checkpointing, build_trainer, last_checkpoint
 from ostinato.engine.weights import CONFIG_KEY, load_weights
-from ostinato.errors import user_errors
+from ostinato.errors import EXIT_USER_ERROR, debug_enabled, user_errors, user_message
 from ostinato.fileio import atomic_write_text
 
 log = logging.getLogger("ostinato.train")
@@ -113,11 +122,52 @@ def checkpoint_step(path: Path) -> int:
         return 2**62
 
 
-@hydra_main(config_path=conf_dir(), config_name="config", version_base="1.3")
+class CheckedMain(HydraMain):
+    """dora's hydra main, whose ``get_xp`` (the first thing of every dora verb: run, launch, grid, info) checks the
+    overrides and the composed config, raising one-line ConfigErrors instead of hydra's tracebacks."""
+
+    @functools.cached_property
+    def group_options(self) -> dict[str, list[str]]:
+        """Config group -> its option names (hydra's own groups left out)."""
+        with initialize_config_dir(str(self.full_config_path), job_name=self._job_name, **self.hydra_kwargs):
+            loader = GlobalHydra.instance().hydra.config_loader
+            return {g: loader.get_group_options(g) for g in self._config_groups if not g.startswith("hydra")}
+
+    def get_xp(self, argv: Sequence[str]) -> XP:
+        argv = list(argv)
+        check_overrides(argv, self.group_options)
+        try:
+            xp = super().get_xp(argv)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            raise composition_error(e, argv, self._get_base_config(argv)[0], self.group_options) from None
+        try:
+            validate(xp.cfg, data_paths=False)
+        except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
+            raise composition_error(e, argv, self._get_base_config(argv)[0], self.group_options) from None
+        return xp
+
+
+def _dora_excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """`dora -P ostinato VERB` (dora catches nothing): a user error that reaches the top is one line, exit 2."""
+    message = user_message(error, value_errors=False)
+    if message is None:
+        return sys.__excepthook__(kind, error, tb)
+    if debug_enabled():
+        traceback.print_exception(kind, error, tb)
+    verb = next((a for a in sys.argv[1:] if a in ("run", "launch", "grid", "info")), "")
+    print(f"dora {verb}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@functools.partial(CheckedMain, config_path=conf_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("ostinato train", value_errors=False):
         run(cfg)
 
 
+if Path(sys.argv[0]).name == "dora" or sys.argv[0].endswith(f"dora{os.sep}__main__.py"):  # dora's own CLI
+    sys.excepthook = _dora_excepthook
+
 if __name__ == "__main__":
-    main()
+    with user_errors("ostinato train"):
+        main()

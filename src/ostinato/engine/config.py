@@ -6,17 +6,20 @@ of their ``_target_``.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ostinato.errors import UserError
+from ostinato.errors import UserError, did_you_mean
 
 
 class ConfigError(UserError, ValueError):
@@ -100,6 +103,220 @@ CHOICES = {"trainer.strategy": ("auto", "ddp", "fsdp"),
            "trainer.accelerator": ("auto", "cpu", "gpu", "cuda")}
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The range a number may take: ``Bound(gt=0)`` is > 0, ``Bound(ge=0, lt=1)`` is [0, 1)."""
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def __str__(self) -> str:
+        low, high = (self.gt, self.ge), (self.lt, self.le)
+        if any(v is not None for v in low) and any(v is not None for v in high):
+            return (f"in {'(' if self.gt is not None else '['}{_num(self.gt if self.gt is not None else self.ge)}, "
+                    f"{_num(self.lt if self.lt is not None else self.le)}{')' if self.lt is not None else ']'}")
+        for sign, value in (("> ", self.gt), (">= ", self.ge), ("< ", self.lt), ("<= ", self.le)):
+            if value is not None:
+                return sign + _num(value)
+        return "any number"
+
+
+def _num(value: float | None) -> str:
+    return f"{value:g}"
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Bound(gt=0), Bound(ge=0), Bound(ge=0, le=1)
+# The ranges of the engine's numbers; a key that is absent or null (a data module without it) is not checked.
+# A list value (optim.betas) is checked element by element.
+BOUNDS: dict[str, Bound] = {
+    "seed": NON_NEGATIVE,
+    "trainer.devices": POSITIVE,  # a number of devices; "auto" or a list of ids is not a number
+    "trainer.num_nodes": POSITIVE,
+    "trainer.max_steps": POSITIVE,
+    "trainer.val_every_epochs": POSITIVE,
+    "trainer.limit_val_batches": NON_NEGATIVE,
+    "trainer.sanity_val_steps": Bound(ge=-1),  # -1: all of them (Lightning)
+    "trainer.gradient_clip_val": NON_NEGATIVE,  # 0 disables
+    "trainer.accumulate_grad_batches": POSITIVE,
+    "trainer.log_every_n_steps": POSITIVE,
+    "trainer.checkpoint_every_steps": POSITIVE,
+    "trainer.nonfinite_max_in_row": POSITIVE,
+    "optim.lr": POSITIVE,
+    "optim.betas": Bound(ge=0, lt=1),
+    "optim.eps": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.schedule.warmup_steps": NON_NEGATIVE,
+    "optim.schedule.min_lr_ratio": FRACTION,
+    "optim.schedule.total_steps": POSITIVE,
+    "ema.decay": FRACTION,  # 0 disables
+    "ema.every_n_steps": POSITIVE,
+    "ema.start_step": NON_NEGATIVE,
+    "samples.every_steps": NON_NEGATIVE,  # 0: never
+    "samples.max_items": POSITIVE,
+    "evaluate.every_steps": NON_NEGATIVE,
+    "evaluate.num_samples": POSITIVE,
+    "data.batch_size": POSITIVE,
+    "data.eval_batch_size": POSITIVE,
+    "data.batches_per_epoch": POSITIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.shuffle_buffer": NON_NEGATIVE,
+    "data.segment_seconds": POSITIVE,
+    "data.eval_segment_seconds": POSITIVE,
+    "data.min_segment_ratio": Bound(gt=0, le=1),
+    "data.sample_rate": POSITIVE,
+    "data.channels": POSITIVE,
+}
+# The family nodes differ per family: their numbers are bounded by the name of the key (at any depth), first match.
+FAMILY_BOUNDS: dict[str, Bound] = {
+    "*dropout": FRACTION,
+    "*_prob": FRACTION,
+    "*_steps": NON_NEGATIVE,
+    "*weight": NON_NEGATIVE,
+    "*weight_decay": NON_NEGATIVE,
+    "*lr": POSITIVE,
+    "*betas": Bound(ge=0, lt=1),
+    "loss_weights.*": NON_NEGATIVE,
+    "sample_rate": POSITIVE,
+    "channels": POSITIVE,
+    "n_q": POSITIVE,
+    "card": POSITIVE,
+    "bins": POSITIVE,
+    "*dim": POSITIVE,
+    "dimension": POSITIVE,
+    "num_heads": POSITIVE,
+    "num_layers": POSITIVE,
+    "n_filters": POSITIVE,
+    "ratios": POSITIVE,
+    "max_length": POSITIVE,
+    "hidden": POSITIVE,
+    "stride": POSITIVE,
+    "*n_mels": POSITIVE,
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_bound(key: str, value: Any, bound: Bound) -> None:
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (list, tuple)):
+        if any(_is_number(v) and v not in bound for v in value):
+            raise ConfigError(f"{key}={list(value)}: each must be {bound}")
+    elif _is_number(value) and value not in bound:
+        raise ConfigError(f"{key}={value}: must be {bound}")
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-mapping value under ``node``."""
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def check_bounds(cfg: DictConfig) -> None:
+    """Every number of ``BOUNDS`` and ``FAMILY_BOUNDS`` in its range; raises ConfigError naming key, value, range.
+    The family first: data values interpolate it."""
+    family = OmegaConf.to_container(cfg.family, resolve=True) if cfg.get("family") is not None else {}
+    for key, value in _leaves(family):
+        leaf = key.rsplit(".", 1)[-1]
+        bound = next((b for pattern, b in FAMILY_BOUNDS.items() if fnmatch(leaf, pattern) or fnmatch(key, pattern)),
+                     None)
+        if bound is not None and not key.startswith("_"):
+            _check_bound(f"family.{key}", value, bound)
+    for key, bound in BOUNDS.items():
+        _check_bound(key, OmegaConf.select(cfg, key, default=None), bound)
+
+
+SHARD_FILES = (".tar", ".json")  # a split given as one file: a shard or a manifest
+
+
+def check_data_paths(cfg: DictConfig) -> None:
+    """``data.train/valid/test`` given as a local file must be a shard or a manifest (a folder or a pattern is
+    resolved, and a missing one named, by ostinato.data.resolve_shards)."""
+    for split in ("train", "valid", "test"):
+        spec = cfg.data.get(split)
+        if isinstance(spec, str) and "://" not in spec and "{" not in spec:
+            path = Path(spec).expanduser()
+            if path.is_file() and path.suffix not in SHARD_FILES:
+                raise ConfigError(f"data.{split}={spec}: a {path.suffix or 'plain'} file, not shards; give a folder "
+                                  "with manifest.json, a manifest .json, a .tar shard or a brace pattern")
+
+
+def check_overrides(argv: Sequence[str], options: Mapping[str, Sequence[str]]) -> None:
+    """Before hydra composes ``argv``: each is one KEY=VALUE override in hydra's grammar, and a group's value names
+    one of its ``options`` (group -> option names)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"{arg}: an override is KEY=VALUE, e.g. trainer.max_steps=100")
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except HydraException as e:
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"{arg}: not a valid override ({reason}); quote a value with spaces, commas or "
+                              "brackets: key='a value'") from None
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise ConfigError(f"{arg}: a sweep is not an override of one XP; write a list as {key}=[...], quote a "
+                              f"string as {key}='...', or sweep in a grid file (grids/)")
+        if key in options and not override.is_delete():
+            value = override.value()
+            names = ", ".join(options[key])
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{arg}: a group override takes the name of an option; {key} takes {names}")
+            if value is not None and value not in options[key]:
+                raise ConfigError(f"{arg}: no such option{did_you_mean(value, options[key])}; {key} takes {names}")
+
+
+def _keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of a container (``trainer``, ``trainer.max_steps``, ...); lists are leaves."""
+    for name, value in node.items():
+        yield f"{prefix}{name}"
+        if isinstance(value, dict):
+            yield from _keys(value, f"{prefix}{name}.")
+
+
+def composition_error(error: Exception, argv: Sequence[str], base: DictConfig,
+                      groups: Collection[str] = ()) -> ConfigError:
+    """The one-line ConfigError for hydra's failure to compose ``argv``: an unknown key named with its closest
+    siblings (or all of them), else hydra's reason. ``base`` is the config of argv's ``groups`` choices alone."""
+    keys = set(_keys(OmegaConf.to_container(base, resolve=False)))
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if key.startswith(("+", "~")) or key in keys or key in groups:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        while parent and parent not in keys:
+            parent = parent.rpartition(".")[0]
+        node = OmegaConf.select(base, parent, throw_on_resolution_failure=False) if parent else base
+        if not isinstance(node, DictConfig):
+            return ConfigError(f"{key}: no such key; {parent} is a value, not a group of keys")
+        names = [str(k) for k in node.keys() if not str(k).startswith("_")]
+        prefix = f"{parent}." if parent else ""
+        if key.startswith(prefix) and "." not in key[len(prefix):]:  # a sibling's typo: compare the leaf names
+            close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
+            hint = did_you_mean(key, [prefix + c for c in close])
+            if hint:
+                return ConfigError(f"{key}: no such key{hint}")
+        return ConfigError(f"{key}: no such key; {parent or 'the top level'} takes {', '.join(names)}")
+    key = getattr(error, "full_key", None)
+    reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return ConfigError(f"{key}: {reason}" if key else f"overrides {' '.join(argv)}: {reason}")
+
+
 def _check_schema(cfg: DictConfig, group: str) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), cfg[group])
@@ -166,8 +383,9 @@ def check_target(node: Any, key: str, provided: Sequence[str] = ()) -> None:
             raise ConfigError(f"{key}.{name} is required by {cls.__name__}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """All checks that need no data and no GPU; raises ConfigError naming the key."""
+def validate(cfg: DictConfig, data_paths: bool = True) -> None:
+    """All checks that need no data and no GPU; raises ConfigError naming the key. ``data_paths``: look at the
+    data splits on this machine too (not where an XP is only named or submitted: ``main.get_xp``)."""
     for group in SCHEMAS:
         _check_schema(cfg, group)
     for key, allowed in CHOICES.items():
@@ -175,6 +393,9 @@ def validate(cfg: DictConfig) -> None:
         value = str(cfg[group][name])
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+    check_bounds(cfg)
+    if data_paths:
+        check_data_paths(cfg)
     _check_evaluate(cfg)
     check_target(cfg.data, "data")  # first: the family interpolates data values
     check_target(cfg.family, "family", provided=("optim",))
