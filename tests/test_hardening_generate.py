@@ -157,7 +157,7 @@ def test_generate_on_a_full_disk_leaves_no_half_written_clip(capsys, models, tmp
     try:  # 2 s at 24 kHz is ~96 kB of wav: it cannot fit
         line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "2",
                      "--seed", "0", "--out", str(full / "clips"))
-        assert "no space left" in line
+        assert f"{full / 'clips' / '000.wav'}: no space left on device" in line
         assert sorted(p.name for p in (full / "clips").iterdir()) == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
@@ -253,3 +253,24 @@ def test_other_families_print_no_progress_bar_before_an_error(capsys, tmp_path) 
         main(["generate", "--family", "musiclm", "--out", str(tmp_path / "o"), "--prompt", "x"])
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err.splitlines()[-1]] and "--semantic" in err
+
+
+def test_every_wav_writer_fails_on_a_full_disk_naming_the_file_and_leaving_nothing(tmp_path) -> None:
+    """eval's clips, the app's clips and generate's share ``write_wav``: ENOSPC names the file, no temp file stays."""
+    import errno
+
+    from ostinato.errors import user_message
+    from ostinato.evaluation.runner import write_wav
+
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)], check=True)
+    try:
+        with pytest.raises(OSError) as e:
+            write_wav(full / "000.wav", tone(440, 2.0, SR), SR)
+        assert e.value.errno == errno.ENOSPC
+        assert user_message(e.value) == f"{full / '000.wav'}: no space left on device; free some space or write " \
+                                        "elsewhere"
+        assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

@@ -29,7 +29,8 @@ import gradio as gr  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from ostinato.fileio import atomic_path, atomic_write_json  # noqa: E402
+from ostinato.evaluation.runner import write_wav  # noqa: E402
+from ostinato.fileio import atomic_write_json  # noqa: E402
 from ostinato.generation.lm import GenerationParams, crossfade  # noqa: E402
 from ostinato.generation.musicgen import AudioInput, LongForm, generate_audio, load_generator  # noqa: E402
 
@@ -140,8 +141,7 @@ class Studio:
 
     def _save(self, wav: torch.Tensor, record: dict, path: Path | None = None) -> Path:
         path = path or self.out / f"{next(self._numbers):03d}.wav"
-        with atomic_path(path) as tmp:
-            sf.write(tmp, wav.T.numpy(), self.sample_rate, format="WAV")
+        write_wav(path, wav, self.sample_rate)
         atomic_write_json(path.with_suffix(".json"), {**record, "model": self.model_ref, "codec": self.codec_ref,
                                                       "seconds": wav.shape[-1] / self.sample_rate})
         return path

@@ -257,17 +257,12 @@ def _progress_bar(quiet: bool):
 
 def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None:
     """NNN.wav + NNN.json (prompt and every parameter) per clip, each written atomically."""
-    import io
-
-    import soundfile as sf
-
-    from ostinato.fileio import atomic_write_bytes, atomic_write_json
+    from ostinato.evaluation.runner import write_wav
+    from ostinato.fileio import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     for i, (wav, record) in enumerate(zip(wavs, records)):
-        data = io.BytesIO()  # encoded in memory: a full disk then fails as an OSError naming the file
-        sf.write(data, wav.clamp(-1, 1).T.cpu().numpy(), sample_rate, format="WAV")
-        atomic_write_bytes(out / f"{i:03d}.wav", data.getvalue())
+        write_wav(out / f"{i:03d}.wav", wav, sample_rate)
         atomic_write_json(out / f"{i:03d}.json", record)
     print(f"wrote {len(records)} clip(s) of {wavs.shape[-1] / sample_rate:g} s to {out}")
 
