@@ -274,3 +274,14 @@ def test_every_wav_writer_fails_on_a_full_disk_naming_the_file_and_leaving_nothi
         assert list(full.iterdir()) == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_codec_that_is_nothing_names_the_flag(capsys, models, tmp_path) -> None:
+    line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--codec", str(tmp_path / "nocodec"),
+                 "--prompt", "x", "--out", str(tmp_path / "o"))
+    assert f"--codec {tmp_path / 'nocodec'}: no such file" in line and "EncodecModel" in line
+
+
+def test_app_host_that_is_no_address(capsys, tmp_path) -> None:
+    line = fails(capsys, "app", "--model", str(tmp_path / "nope"), "--host", "no.such.host.invalid")
+    assert "--host no.such.host.invalid" in line and "127.0.0.1" in line

@@ -103,3 +103,15 @@ def test_import_into_an_existing_folder_names_the_flag(tmp_path: Path, capsys) -
     (tmp_path / "src").mkdir()
     line = fails(capsys, "import", str(tmp_path / "src"), str(tmp_path / "out"))
     assert "--overwrite" in line
+
+
+def test_import_flags_that_name_nothing(hf_musicgen, tmp_path: Path, capsys) -> None:  # noqa: F811
+    model, folder = hf_musicgen
+    line = fails(capsys, "import", str(folder), str(tmp_path / "out"), "--codec", str(tmp_path / "nocodec"))
+    assert f"--codec {tmp_path / 'nocodec'}" in line and "no such" in line
+    torch.save({"best_state": to_audiocraft(model.state_dict()), "xp.cfg": OmegaConf.to_yaml(XP_CFG)},
+               tmp_path / "state_dict.bin")
+    line = fails(capsys, "import", str(tmp_path / "state_dict.bin"), str(tmp_path / "out"), "--text-encoder",
+                 str(tmp_path / "not"))
+    assert f"--text-encoder {tmp_path / 'not'}" in line and "no such" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

@@ -146,13 +146,12 @@ class _Reconstructor:
     """A codec re-encoding the reference clips (all its codebooks)."""
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
-        from ostinato.interop.codecs import load_codec, require_ref
+        from ostinato.interop.codecs import CODEC_KINDS, load_codec, require_ref
 
         if codec is not None:
             raise ValueError(f"{suite.path or suite.name}: a reconstruction suite evaluates the codec given as "
                              f"--model ({model_ref}); drop --codec {codec}")
-        ref = require_ref(model_ref, "--model", "a codec: an XP folder, a checkpoint, an export folder, a "
-                                                "transformers EncodecModel folder or a compression_state_dict.bin")
+        ref = require_ref(model_ref, "--model", CODEC_KINDS)
         self.codec = load_codec(ref, trust=trust).to(device).eval()
         self.codec_ref = str(model_ref)
         self.sample_rate, self.channels = self.codec.sample_rate, self.codec.channels

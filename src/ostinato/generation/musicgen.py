@@ -106,7 +106,7 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
     import ostinato
     from ostinato.engine.weights import read_weights
     from ostinato.errors import UserError
-    from ostinato.interop.codecs import load_codec, require_ref, xps_dir
+    from ostinato.interop.codecs import CODEC_KINDS, load_codec, require_ref, xps_dir
 
     ref = require_ref(model, "--model", "a MusicGen: an XP folder, a checkpoint, an export or import folder")
     _, cfg, _ = read_weights(ref, xps_dir(), trust)
@@ -122,7 +122,7 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
             raise UserError(f"--model {model}: no codec recorded (family.codec or token shards); pass --codec")
         codec_ref = TokenManifest.load(train).codec.id
     folder = Path(ref) if Path(ref).is_dir() else None
-    codec_ref = codec if codec else locate_codec(str(codec_ref), folder)
+    codec_ref = require_ref(codec, "--codec", CODEC_KINDS) if codec else locate_codec(str(codec_ref), folder)
     loaded = load_codec(codec_ref, trust=trust)
     _check_codec(module, loaded)
     module.attach_codec(loaded)

@@ -68,6 +68,8 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     return codec.eval()
 
 
+CODEC_KINDS = ("a codec: an XP folder, a checkpoint, an export folder, a transformers EncodecModel folder or a "
+               "compression_state_dict.bin")
 CODEC_DIR = "codec"  # an export's own copy of its codec
 FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")  # other frameworks' copies
 

@@ -463,6 +463,7 @@ def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Pat
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _check_flags(text_encoder, tokenizer, codec)
     kind, path = detect_source(src)
     if text_encoder is not None and kind != "audiocraft":
         raise ValueError("--text-encoder is for audiocraft checkpoints; a transformers MusicGen brings its own "
@@ -479,6 +480,21 @@ def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ImportResult(out, str(path), kind, _family_config(parts, out), tensors, codec_n_q)
+
+
+def _check_flags(text_encoder: str | Path | None, tokenizer: str | Path | None, codec: str | None) -> None:
+    """The folders and the codec the flags name exist (before anything is read or written)."""
+    from ostinato.errors import UserError
+    from ostinato.interop.codecs import CODEC_KINDS, require_ref
+
+    for flag, folder, what in (("--text-encoder", text_encoder, "a local text-encoder folder (e.g. t5-base) with its "
+                                                                "tokenizer"),
+                               ("--tokenizer", tokenizer, "a folder with tokenizer files")):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            state = "is a file" if Path(folder).expanduser().is_file() else "no such folder"
+            raise UserError(f"{flag} {folder}: {state}; give {what}")
+    if codec is not None:
+        require_ref(codec, "--codec", CODEC_KINDS)
 
 
 def _prepare(kind: str, path: Path, tmp: Path, *, text_encoder: str | Path | None, tokenizer: str | Path | None,
