@@ -235,7 +235,8 @@ def test_the_cli_in_a_process_is_one_line(tmp_path) -> None:
     assert proc.stderr.startswith("ostinato: error: --prompt '': an empty prompt")
 
 
-@pytest.mark.parametrize("verb", [["generate", "--prompt", "x", "--out", "o"], ["eval", "demo"], ["app"]])
+@pytest.mark.parametrize("verb", [["generate", "--prompt", "x", "--out", "o"], ["eval", "demo"], ["app"],
+                                  ["generate", "--family", "musika", "--out", "o"]])
 def test_a_model_that_is_nothing_names_the_flag_and_what_it_takes(capsys, tmp_path, monkeypatch, verb) -> None:
     monkeypatch.chdir(tmp_path)
     line = fails(capsys, *verb, "--model", "nope")
@@ -285,3 +286,15 @@ def test_a_codec_that_is_nothing_names_the_flag(capsys, models, tmp_path) -> Non
 def test_app_host_that_is_no_address(capsys, tmp_path) -> None:
     line = fails(capsys, "app", "--model", str(tmp_path / "nope"), "--host", "no.such.host.invalid")
     assert "--host no.such.host.invalid" in line and "127.0.0.1" in line
+
+
+def test_eval_sampling_setting_out_of_range_names_the_suite_key(capsys, tmp_path) -> None:
+    line = fails(capsys, "eval", "demo", "--model", str(tmp_path / "nope"), "--set", "generation.top_p=2")
+    assert "demo.yaml: generation (set by --set): top_p=2: must be in [0, 1]" in line
+
+
+def test_musiclm_stage_that_is_nothing_names_its_flag(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = fails(capsys, "generate", "--family", "musiclm", "--semantic", "s", "--coarse", "c", "--fine", "f",
+                 "--prompt", "x", "--out", "o")
+    assert "--semantic s: no such file, folder or XP signature" in line and "semantic stage" in line

@@ -218,6 +218,12 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
         if key not in GENERATION_KEYS:
             raise err(f"generation.{key}", f"unknown generation setting{did_you_mean(key, GENERATION_KEYS)}; use "
                                            f"{', '.join(GENERATION_KEYS)}")
+    try:  # the sampling settings' ranges, before any model loads
+        from ostinato.generation.lm import GenerationParams
+
+        GenerationParams(**{k: v for k, v in generation.items() if k != "truncation"})
+    except (TypeError, ValueError) as e:
+        raise err("generation", str(e).removeprefix("generation ")) from None
     long_form = dict(cfg.get("long_form") or {})
     for key in long_form:
         if key not in LONG_FORM_KEYS:

@@ -114,14 +114,14 @@ def load_musiclm(semantic: str, coarse: str, fine: str, mulan: str | None = None
     from ostinato.engine.weights import read_weights
     from ostinato.families.mulan import as_mulan
     from ostinato.families.musiclm import CoarseStage, FineStage, SemanticStage
-    from ostinato.interop.codecs import load_codec, resolve_ref, xps_dir
+    from ostinato.interop.codecs import load_codec, require_ref, xps_dir
     from ostinato.nn.mulan import MuLaNQuantizer
     from ostinato.tokenize import load_tokenizer
 
     stages, cfgs = {}, {}
     for name, ref, cls in (("semantic", semantic, SemanticStage), ("coarse", coarse, CoarseStage),
                            ("fine", fine, FineStage)):
-        resolved = resolve_ref(ref)
+        resolved = require_ref(ref, f"--{name}", f"the MusicLM {name} stage: an XP folder, a checkpoint or an export")
         module = ostinato.load(resolved, xps_dir=xps_dir(), trust=trust)
         if not isinstance(module, cls):
             raise ValueError(f"--{name} {ref} holds a {type(module).__name__}, not a {cls.__name__} (train one "

@@ -198,9 +198,9 @@ def load_musika(model: str, autoencoder: str | None = None, trust: bool = False)
     import ostinato
     from ostinato.engine.weights import read_weights
     from ostinato.families.musika import MusikaFamily
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.interop.codecs import require_ref, xps_dir
 
-    ref = resolve_ref(str(model))
+    ref = require_ref(str(model), "--model", "a Musika GAN: an XP folder, a checkpoint or an export folder")
     family = ostinato.load(ref, xps_dir=xps_dir(), trust=trust)
     if not isinstance(family, MusikaFamily):
         raise ValueError(f"{model} holds a {type(family).__name__}, not a Musika GAN (family musika_*); "
