@@ -46,8 +46,9 @@ def test_a_checkpoint_copied_into_another_xp_resumes_and_is_overwritten(env):
     (target / "last.ckpt").write_bytes((xp_folder(env, *first) / "checkpoints" / "last.ckpt").read_bytes())
     result = train(env, *moved)
     assert f"resuming {target / 'last.ckpt'}" in result.stderr
-    assert sorted(p.name for p in target.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in target.iterdir()) == ["last-previous.ckpt", "last.ckpt"]  # one before, kept
     assert torch.load(target / "last.ckpt", weights_only=True)["global_step"] == 16
+    assert torch.load(target / "last-previous.ckpt", weights_only=True)["global_step"] == 12
 
 
 def test_sigkill_resumes_from_last_checkpoint(env):

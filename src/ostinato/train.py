@@ -29,7 +29,8 @@ from ostinato.engine.config import ConfigError, check_global_batch, check_overri
 from ostinato.engine.family import plain
 from ostinato.engine.guard import NonFiniteError
 from ostinato.engine.loggers import build_loggers
-from ostinato.engine.trainer import apply_compile_and_checkpointing, build_trainer, last_checkpoint
+from ostinato.engine.trainer import (apply_compile_and_checkpointing, build_trainer, last_checkpoint,
+                                     sweep_checkpoint_temp_files)
 from ostinato.engine.weights import CONFIG_KEY, load_weights
 from ostinato.errors import EXIT_USER_ERROR, debug_enabled, user_errors, user_message
 from ostinato.fileio import atomic_write_text
@@ -82,7 +83,8 @@ def run(cfg: DictConfig) -> L.Trainer:
     family.__dict__[CONFIG_KEY] = resolved  # stored in every checkpoint (see FamilyModule.on_save_checkpoint)
     if spec.rank == 0:
         atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    resume = last_checkpoint(folder)
+        sweep_checkpoint_temp_files(folder)  # no rank writes before the process group exists: none is in progress
+    resume = last_checkpoint(folder, set_aside_damaged=spec.rank == 0)
     if cfg.continue_from and resume is None:
         load_weights(family, cfg.continue_from, xps_dir=Path(xp.dora.dir) / xp.dora.xps,
                      trust=cfg.trainer.trust_checkpoints)

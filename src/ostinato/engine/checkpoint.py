@@ -10,7 +10,11 @@ Loading never unpickles arbitrary objects unless the user says so: checkpoints a
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import shutil
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,39 +26,165 @@ from ostinato.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 SIG_PREFIX = "//sig/"
+LAST_NAME = "last.ckpt"
+PREVIOUS_NAME = "last-previous.ckpt"  # the last.ckpt before the current one, kept whole for a damaged last.ckpt
+DAMAGED_TAG = ".damaged-"  # a damaged checkpoint set aside: ``last.ckpt.damaged-20260105-120000``
 
 
 class UntrustedCheckpointError(UserError, RuntimeError):
     """A checkpoint that can only be read by unpickling arbitrary Python objects."""
 
 
+class DamagedCheckpointError(UserError):
+    """A checkpoint that cannot be read: empty, truncated (a write that was killed), or not a checkpoint."""
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why the checkpoint file or sharded folder at ``path`` cannot be read, or None when it looks whole.
+
+    Cheap at any size: a file's zip directory (at its end, so lost by any truncation) is read, never a tensor."""
+    from ostinato.engine.fsdp import METADATA
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            damage = checkpoint_damage(path / METADATA)
+            if damage is not None:
+                return f"its {METADATA} is {damage}"
+            return None if (path / ".metadata").stat().st_size else "its shard index .metadata is empty"
+        size = path.stat().st_size
+        if size == 0:
+            return "empty (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # torch.save's zip format
+            with zipfile.ZipFile(path):
+                return None
+        if head[:1] == b"\x80":  # torch's legacy pickle format
+            return None
+        return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    except zipfile.BadZipFile:
+        return f"truncated: {size} bytes, the end of the archive is missing"
+    except FileNotFoundError as e:
+        return f"missing {Path(e.filename).name}" if e.filename else "missing"
+
+
+def older_checkpoints(folder: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """The checkpoints in ``folder`` other than ``exclude`` (``last-previous.ckpt``, ``step*.ckpt``, a sharded
+    ``last.ckpt.old``), most recently written first; set-aside damaged ones and temp files are not listed."""
+    from ostinato.engine.fsdp import is_checkpoint
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir()
+             if p.name.endswith((".ckpt", ".ckpt.old")) and not p.name.startswith(".") and DAMAGED_TAG not in p.name
+             and p.name != LAST_NAME and (exclude is None or p != Path(exclude)) and is_checkpoint(p)]
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # set aside by rank 0 meanwhile
+        return 0
+
+
+def previous_checkpoint(path: str | Path) -> Path | None:
+    """The most recent whole checkpoint beside ``path`` (its fallback when ``path`` is damaged), or None."""
+    return next((p for p in older_checkpoints(Path(path).parent, exclude=path) if checkpoint_damage(p) is None),
+                None)
+
+
+def damaged_message(path: str | Path, damage: str) -> str:
+    """One line: which file, what is wrong, and which checkpoint to use instead."""
+    previous = previous_checkpoint(path)
+    fix = (f"use the previous checkpoint {previous} instead" if previous is not None else
+           f"no whole checkpoint is left beside it; use another one, or train again")
+    return f"checkpoint {path} is damaged ({damage}), e.g. by a run killed while writing it; {fix}"
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged-TIMESTAMP`` (kept, never deleted); returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}{DAMAGED_TAG}{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target, n = target.with_name(f"{path.name}{DAMAGED_TAG}{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    os.replace(path, target)
+    return target
+
+
+def keep_previous(path: Path, written: Path) -> None:
+    """Before ``written`` replaces ``last.ckpt`` at ``path``: move the current one to ``last-previous.ckpt`` when
+    whole (set it aside when damaged). Killed between the two renames, ``last-previous.ckpt`` is still there."""
+    with open(written, "rb+") as f:  # the new one is on disk before the old one moves
+        os.fsync(f.fileno())
+    damage = checkpoint_damage(path)
+    if damage is None:
+        os.replace(path, path.with_name(PREVIOUS_NAME))
+    else:
+        log.warning("%s is damaged (%s); set aside as %s", path, damage, set_aside(path).name)
+
+
+def sweep_temp_files(folder: str | Path) -> tuple[int, int]:
+    """Remove what interrupted checkpoint writes left in ``folder``: atomic-write temp files (``.NAME.*.tmp``) and
+    sharded ``*.partial`` folders. Call it only before training starts, on rank 0, when no write can be in
+    progress. Returns (count, bytes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0, 0
+    count = size = 0
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            size += p.stat().st_size
+            p.unlink(missing_ok=True)
+            count += 1
+        elif p.name.endswith(".partial") and p.is_dir():
+            size += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p, ignore_errors=True)
+            count += 1
+    return count, size
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", trust: bool = False) -> dict[str, Any]:
     """Read a ``.ckpt``/``.pt``/``.bin`` file or a sharded checkpoint directory; tensors and plain containers only
-    unless ``trust``."""
+    unless ``trust``. A damaged one (empty, truncated) raises ``DamagedCheckpointError`` naming a whole one
+    beside it."""
     from ostinato.engine.fsdp import is_sharded_checkpoint, load_sharded_checkpoint
 
     path = Path(path)
-    if is_sharded_checkpoint(path):
-        try:
-            return load_sharded_checkpoint(path, trust=trust)
-        except pickle.UnpicklingError as e:
-            raise UntrustedCheckpointError(
-                f"{path} holds pickled Python objects that a weights-only load refuses ({str(e).splitlines()[0]}). "
-                "If you trust its origin, pass trust_checkpoints=true (CLI: --trust).") from e
-    if not path.is_file():
+    sharded = is_sharded_checkpoint(path)
+    if not sharded and not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise DamagedCheckpointError(damaged_message(path, damage))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if sharded:
+            return load_sharded_checkpoint(path, trust=trust)
+        return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
+        if trust:  # nothing was refused: the pickle itself is broken
+            raise DamagedCheckpointError(damaged_message(path, f"unreadable: {_first_line(e)}")) from e
         raise UntrustedCheckpointError(
-            f"{path} holds pickled Python objects that a weights-only load refuses ({str(e).splitlines()[0]}). "
+            f"{path} holds pickled Python objects that a weights-only load refuses ({_first_line(e)}). "
             "If you trust its origin, pass trust_checkpoints=true (CLI: --trust).") from e
+    except (EOFError, zipfile.BadZipFile) as e:  # cut inside a pickle that the zip directory check let through
+        raise DamagedCheckpointError(damaged_message(path, f"unreadable: {type(e).__name__} {e}".strip())) from e
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):  # torch's zip reader; any other RuntimeError is not about the file
+            raise
+        raise DamagedCheckpointError(damaged_message(path, f"unreadable: {_first_line(e)}")) from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O: write to a temp file, fsync, rename; read weights-only."""
+    """Lightning checkpoint I/O: write to a temp file, fsync, rename; read weights-only. Overwriting
+    ``last.ckpt`` keeps the one before as ``last-previous.ckpt``, the fallback when ``last.ckpt`` is damaged."""
 
     def __init__(self, trust: bool = False) -> None:
         self.trust = trust
@@ -62,8 +192,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO takes no storage_options")
+        path = Path(path)
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+            if path.name == LAST_NAME and path.is_file():
+                keep_previous(path, tmp)
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:

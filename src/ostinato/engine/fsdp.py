@@ -12,7 +12,8 @@
   is what the engine's tests use;
 * sharded checkpoints: ``last.ckpt`` is a directory (``torch.distributed.checkpoint`` shards plus ``meta.pt`` with
   the loop state, callbacks and config). It is written next to the old one and swapped in once every rank has
-  written, so a run killed while saving still resumes from the previous checkpoint. ``load_sharded_checkpoint``
+  written, so a run killed while saving still resumes from the previous checkpoint; the one it replaces stays as
+  ``last-previous.ckpt``, the fallback when ``last.ckpt`` turns out damaged. ``load_sharded_checkpoint``
   consolidates one on a single process (export, ``continue_from``, ``ostinato.load``).
 """
 from __future__ import annotations
@@ -118,12 +119,15 @@ class ShardedFSDPStrategy(FSDPStrategy):
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("sharded_save_written")
         if self.global_rank == 0:
-            _remove(old)
-            if path.exists():
-                path.rename(old)
+            from ostinato.engine.checkpoint import LAST_NAME, PREVIOUS_NAME
+
+            keep = path.with_name(PREVIOUS_NAME) if path.name == LAST_NAME else old
+            if path.exists():  # the one before is kept whole (last-previous.ckpt) for a damaged last.ckpt
+                _remove(keep)
+                path.rename(keep)
             partial.rename(path)
             _fsync_dir(path.parent)
-            _remove(old)
+            _remove(old)  # for last.ckpt: left by a version that swapped through last.ckpt.old
         self.barrier("sharded_save_done")
 
 

@@ -13,11 +13,12 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
-from ostinato.engine.checkpoint import SafeCheckpointIO
+from ostinato.engine.checkpoint import (LAST_NAME, SafeCheckpointIO, checkpoint_damage, older_checkpoints,
+                                        set_aside, sweep_temp_files)
 from ostinato.engine.cluster import DoraEnvironment
 from ostinato.engine.ema import EMA
 from ostinato.engine.family import FamilyModule
-from ostinato.engine.fsdp import ShardedFSDPStrategy, is_checkpoint, is_sharded_checkpoint, remember_parameter_ndims
+from ostinato.engine.fsdp import ShardedFSDPStrategy, is_checkpoint, remember_parameter_ndims
 from ostinato.engine.guard import NonFiniteGuard
 from ostinato.nn.transformer import prefer_cudnn_attention
 
@@ -28,14 +29,40 @@ def checkpoint_dir(folder: Path) -> Path:
     return Path(folder) / "checkpoints"
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    """``checkpoints/last.ckpt`` (a file, or a directory of FSDP shards), or None. A sharded save swaps the new
-    directory in by two renames; if it died between them, the previous one (``last.ckpt.old``) is still whole."""
-    path = checkpoint_dir(folder) / "last.ckpt"
-    if is_checkpoint(path):
-        return path
-    old = path.with_name(path.name + ".old")
-    return old if is_sharded_checkpoint(old) else None
+def last_checkpoint(folder: Path, set_aside_damaged: bool = False) -> Path | None:
+    """The checkpoint a run of this XP resumes from: ``checkpoints/last.ckpt`` (a file, or a directory of FSDP
+    shards) when whole, else the most recent whole one before it (``last-previous.ckpt``, ``step*.ckpt``, a
+    sharded ``last.ckpt.old``), else None.
+
+    ``set_aside_damaged`` (rank 0, before training): rename each damaged one passed over to
+    ``NAME.damaged-TIMESTAMP`` and say so in one log line. Other ranks pass over the same files without renaming:
+    every rank resumes from the same checkpoint."""
+    ckpt_dir = checkpoint_dir(folder)
+    last = ckpt_dir / LAST_NAME
+    candidates = ([last] if is_checkpoint(last) else []) + older_checkpoints(ckpt_dir, exclude=last)
+    damaged: list[tuple[Path, str]] = []
+    chosen = None
+    for candidate in candidates:
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            chosen = candidate
+            break
+        damaged.append((candidate, damage))
+    if set_aside_damaged:
+        then = (f"resuming from {chosen.name}" if chosen is not None else
+                "no whole checkpoint is left, so training starts from scratch")
+        for path, damage in damaged:
+            log.warning("checkpoint %s is damaged (%s): set aside as %s; %s", path, damage, set_aside(path).name,
+                        then)
+    return chosen
+
+
+def sweep_checkpoint_temp_files(folder: Path) -> None:
+    """Remove the temp files of checkpoint writes a killed run left (rank 0, before training), in one log line."""
+    count, size = sweep_temp_files(checkpoint_dir(folder))
+    if count:
+        log.info("removed %d temp file%s (%.1f MB) left in %s by interrupted checkpoint writes", count,
+                 "s" if count > 1 else "", size / 1e6, checkpoint_dir(folder))
 
 
 class BF16MixedPrecision(MixedPrecision):

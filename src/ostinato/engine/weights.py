@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,11 +15,13 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ostinato.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ostinato.engine.ema import ema_weights_from_checkpoint
-from ostinato.fileio import atomic_path, atomic_write_json, atomic_write_text
+from ostinato.errors import UserError
+from ostinato.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 WEIGHTS_NAME, CONFIG_NAME, INFO_NAME = "model.safetensors", "config.yaml", "export.json"
@@ -61,14 +69,30 @@ def read_weights(ref: str | Path, xps_dir: str | Path | None = None,
         return load_file(path), None, str(path)
     ckpt_path = resolve_checkpoint(ref, xps_dir)
     ckpt = load_checkpoint(ckpt_path, trust=trust)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{ckpt_path} is not a checkpoint written by `ostinato train` ({_what_checkpoint(ckpt)}); "
+                        "give an XP, its .ckpt or an export folder")
     weights, used_ema = checkpoint_weights(ckpt)
     return weights, ckpt.get(CONFIG_KEY), f"{ckpt_path}{' (EMA)' if used_ema else ''}"
 
 
+def _what_checkpoint(ckpt: Any) -> str:
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}"
+    if "best_state" in ckpt or "xp.cfg" in ckpt:
+        return "an audiocraft file: bring it in with `ostinato import`"
+    return f"no state_dict; its keys: {', '.join(map(str, list(ckpt)[:6]))}"
+
+
+def _family_name(target: str) -> str:
+    return target.rsplit(".", 1)[-1]
+
+
 def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path | None = None,
                  trust: bool = False) -> LoadReport:
-    """Load what matches by name and shape; report loaded, missing, unexpected and mismatched keys."""
-    weights, _, source = read_weights(ref, xps_dir, trust)
+    """Load what matches by name and shape; report loaded, missing, unexpected and mismatched keys. A source of
+    which nothing fits (another family's checkpoint) is refused, naming its family."""
+    weights, cfg, source = read_weights(ref, xps_dir, trust)
     own = module.state_dict()
     report = LoadReport(source=source)
     usable = {}
@@ -81,25 +105,75 @@ def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path |
             usable[key] = value
     report.loaded = sorted(usable)
     report.missing = sorted(set(own) - set(usable) - {m.split(" ")[0] for m in report.mismatched})
+    if weights and not usable:
+        theirs = ((cfg or {}).get("family") or {}).get("_target_")
+        which = f"a checkpoint of family {_family_name(theirs)} ({theirs})" if theirs else "weights of another model"
+        raise UserError(f"continue_from={ref}: {source} is {which}; none of its {len(weights)} tensors fit "
+                        f"{type(module).__name__}: give a checkpoint of the family being trained")
     module.load_state_dict(usable, strict=False)
     log.info("continue_from: %s", report.summary())
     return report
 
 
-def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, trust: bool = False) -> Path:
-    """Write ``model.safetensors`` (EMA weights when present), ``config.yaml`` and ``export.json`` to ``out``."""
+def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, trust: bool = False,
+           overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` (EMA weights when present), ``config.yaml`` and ``export.json`` to ``out``.
+
+    All or nothing: the files are written to a temp folder beside ``out`` that is renamed onto it at the end; an
+    ``out`` that holds files is replaced only with ``overwrite``."""
+    out = Path(out)
+    _check_export_folder(out, overwrite)
     weights, cfg, source = read_weights(ref, xps_dir, trust)
     if cfg is None:
         raise ValueError(f"{source} carries no config; export needs a checkpoint written by `ostinato train`")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_text(out / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    atomic_write_json(out / INFO_NAME, {"source": source, "tensors": len(tensors),
-                                        "family": cfg["family"]["_target_"]})
+    with staged_folder(out) as stage:
+        from ostinato.interop.codecs import embed_codec
+
+        cfg = embed_codec(cfg, stage, out, trust)  # a MusicGen's codec travels with it: it generates from anywhere
+        save_file(tensors, str(stage / WEIGHTS_NAME))
+        atomic_write_text(stage / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        atomic_write_json(stage / INFO_NAME, {"source": source, "tensors": len(tensors),
+                                              "family": cfg["family"]["_target_"]})
     return out
+
+
+def _check_export_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give a folder (new or empty) for the export")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and holds files; pass --overwrite to replace it, or choose another folder")
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``out``; when the block succeeds it replaces ``out`` (its old content
+    removed), else it is removed and ``out`` is left as it was. A file-system error names ``out``."""
+    out = Path(out).absolute()
+    stage = old = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        yield stage
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(stage, out)
+    except OSError as e:
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)
+        if e.errno is not None:  # the temp paths mean nothing to the user: name the folder asked for
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+        raise
+    except SafetensorError as e:  # safetensors' own I/O errors carry the errno in their text only
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(out)) from e
+    finally:
+        for path in (stage, old):
+            if path is not None and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", xps_dir: str | Path | None = None,
