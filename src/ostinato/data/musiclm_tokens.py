@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ostinato.data.datamodule import AudioDataModule
 from ostinato.data.sources import iter_raw_samples
-from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
+from ostinato.data.streams import CorruptSample, EvalSet, TrainStream, shard_folders
 from ostinato.data.tokens import CodecInfo, decode_codes, resolve_token_shards
 from ostinato.fileio import atomic_write_json, read_json
 
@@ -241,16 +241,10 @@ class _JoinedTrainStream(TrainStream):
     def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None, **kw: Any):
         super().__init__([str(i) for i in range(len(groups))], **kw)
         self.groups, self.mulan_rows = groups, mulan_rows
+        self._where = shard_folders([next(iter(g.values())) for g in groups])
 
-    def _raw_samples(self, rng: np.random.Generator) -> Iterator[dict]:
-        while True:
-            group = self.groups[int(rng.integers(len(self.groups)))]
-            try:
-                yield from iter_joined(group, self.mulan_rows)
-            except FileNotFoundError:
-                raise
-            except Exception as e:  # a truncated or unreadable tar: keep what was read, move on
-                self._count_skip(f"shard {group}: {type(e).__name__}: {e}")
+    def _read(self, url: str) -> Iterator[dict]:
+        return iter_joined(self.groups[int(url)], self.mulan_rows)
 
 
 class _JoinedEvalSet(EvalSet):
@@ -260,19 +254,8 @@ class _JoinedEvalSet(EvalSet):
         super().__init__([str(i) for i in range(len(groups))], **kw)
         self.groups, self.mulan_rows = groups, mulan_rows
 
-    def _mine(self) -> Iterator[dict]:
-        from ostinato.data.streams import _worker
-
-        worker, num_workers = _worker()
-        index = 0
-        for group in self.groups:
-            for sample in iter_joined(group, self.mulan_rows):
-                local, owner = divmod(index, self.world_size)
-                index += 1
-                if local >= self.per_rank:
-                    return
-                if owner == self.rank and local % num_workers == worker:
-                    yield sample
+    def _read(self, url: str) -> Iterator[dict]:
+        return iter_joined(self.groups[int(url)], self.mulan_rows)
 
 
 @dataclass

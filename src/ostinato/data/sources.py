@@ -10,7 +10,7 @@ import json
 import os
 import shlex
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -43,6 +43,7 @@ class ShardSource:
     sample_rate: int | None = None
     channels: int | None = None
     num_samples: int | None = None  # known only when every part came from a manifest
+    counts: dict[str, int] = field(default_factory=dict)  # samples per shard url, where a manifest gives them
 
 
 def _read_remote_manifest(url: str) -> Manifest:
@@ -55,14 +56,17 @@ def _resolve_one(spec: str) -> ShardSource:
     if spec.endswith(MANIFEST_NAME) and is_remote(spec):
         m = _read_remote_manifest(spec)
         base = spec[: -len(MANIFEST_NAME)]
-        return ShardSource([base + s.name for s in m.shards], m.sample_rate, m.channels, m.total_samples)
+        urls = [base + s.name for s in m.shards]
+        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples,
+                           {u: s.samples for u, s in zip(urls, m.shards)})
     path = Path(spec)
     if not is_remote(spec) and (path.name == MANIFEST_NAME or path.is_dir()):
         m = Manifest.load(path)
         folder = path if path.is_dir() else path.parent
         urls = m.shard_paths(folder)
         _check_local(urls, f"manifest {folder / MANIFEST_NAME}")
-        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples)
+        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples,
+                           {u: s.samples for u, s in zip(urls, m.shards)})
     if not is_remote(spec) and "{" not in spec and not path.exists():
         raise FileNotFoundError(f"no shards at {spec}: expected a folder with {MANIFEST_NAME}, a manifest, "
                                 "shard .tar files or a brace pattern (create them with `ostinato prep shards`)")
@@ -98,6 +102,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> Sha
         sample_rate=rates.pop() if len(rates) == 1 else None,
         channels=chans.pop() if len(chans) == 1 else None,
         num_samples=sum(counts) if all(c is not None for c in counts) else None,
+        counts={u: n for p in parts for u, n in p.counts.items()},
     )
 
 

@@ -68,6 +68,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        _log_skipped(pl_module, "data/corrupt_skipped", batch)
         if self._t0 is None or not isinstance(batch, AudioBatch):
             return
         dt = max(time.perf_counter() - self._t0, 1e-9)
@@ -77,8 +78,19 @@ class Throughput(L.Callback):
         if sr:
             pl_module.log("perf/audio_s_per_s", n * batch.audio.shape[-1] / sr / dt, prog_bar=True,
                           batch_size=len(batch))
-        if batch.skipped:
-            pl_module.log("data/corrupt_skipped", float(batch.skipped), reduce_fx="sum", batch_size=len(batch))
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        _log_skipped(pl_module, "data/valid_corrupt_skipped", batch)
+
+
+def _log_skipped(pl_module: L.LightningModule, key: str, batch: Any) -> None:
+    """Sum the corrupt samples each batch's worker skipped over the epoch and the ranks (logged every batch, 0
+    included, so every rank joins the sum)."""
+    skipped = getattr(batch, "skipped", None)
+    if skipped is not None:
+        pl_module.log(key, float(skipped), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True,
+                      batch_size=len(batch))
 
 
 class PreemptionCheckpoint(L.Callback):
