@@ -298,3 +298,10 @@ def test_musiclm_stage_that_is_nothing_names_its_flag(capsys, tmp_path, monkeypa
     line = fails(capsys, "generate", "--family", "musiclm", "--semantic", "s", "--coarse", "c", "--fine", "f",
                  "--prompt", "x", "--out", "o")
     assert "--semantic s: no such file, folder or XP signature" in line and "semantic stage" in line
+
+
+def test_eval_text_to_music_with_a_codec_says_it_is_a_codec(capsys, models, tmp_path) -> None:
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
+    line = fails(capsys, "eval", "demo", "--model", str(models["codec"]), "--out", str(tmp_path / "eval"),
+                 "--set", f"reference={tmp_path / 'shards'}", "--quiet")
+    assert f"--model {models['codec']} is a codec" in line and "codec_demo" in line

@@ -115,3 +115,21 @@ def test_import_flags_that_name_nothing(hf_musicgen, tmp_path: Path, capsys) -> 
                  str(tmp_path / "not"))
     assert f"--text-encoder {tmp_path / 'not'}" in line and "no such" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.parametrize("mount", ["size=64k,ro", "size=64k"], ids=["read-only", "full"])
+def test_import_into_a_read_only_or_full_disk_leaves_nothing(hf_musicgen, tmp_path: Path, capsys,  # noqa: F811
+                                                              mount) -> None:
+    import subprocess
+
+    _, folder = hf_musicgen
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", mount, "tmpfs", str(disk)], check=True)
+    try:
+        line = fails(capsys, "import", str(folder), str(disk / "out"))
+        assert line.startswith(f"ostinato: error: {disk / 'out'}: ")
+        assert ("read-only file system" if "ro" in mount else "no space left on device") in line
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -470,16 +471,30 @@ def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Pat
                          "(MusicgenForCausalLM has none: it is imported unconditional)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         parts = _prepare(kind, path, tmp, text_encoder=text_encoder, tokenizer=tokenizer, codec=codec, trust=trust)
         codec_n_q = None if parts.codec is None else _check_codec(_codec_ref(tmp, parts.codec), parts, trust)
         tensors = _write_folder(tmp, out, parts)
         _swap_in(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        written = _write_error(e, tmp, out)
+        if written is not None:
+            raise written from e
         raise
     return ImportResult(out, str(path), kind, _family_config(parts, out), tensors, codec_n_q)
+
+
+def _write_error(e: BaseException, tmp: Path, out: Path) -> OSError | None:
+    """An error writing the temp folder (disk full, read-only...; safetensors' own carries the errno in its text
+    only) as an OSError naming ``out``, the folder asked for; None for anything else."""
+    number = e.errno if isinstance(e, OSError) else None
+    if type(e).__name__ == "SafetensorError" and (found := re.search(r"\(os error (\d+)\)", str(e))):
+        number = int(found.group(1))
+    if isinstance(e, OSError) and e.filename is not None and not str(e.filename).startswith(str(tmp)):
+        return None  # a source file's error: it names that file already
+    return None if number is None else OSError(number, os.strerror(number), str(out))
 
 
 def _check_flags(text_encoder: str | Path | None, tokenizer: str | Path | None, codec: str | None) -> None:
