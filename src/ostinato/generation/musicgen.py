@@ -84,6 +84,23 @@ def require_musicgen(model: str, cfg: dict | None) -> None:
                         f"export or import folder) and decodes with its codec; {fix}")
 
 
+def recorded_codec(cfg: dict | None, strict: bool = False) -> str | None:
+    """The codec a MusicGen's stored config names: ``family.codec``, else the one of its training token shards
+    (``data.train``); None when neither (or, unless ``strict``, when the token shards cannot be read)."""
+    from ostinato.data.tokens import TokenManifest
+
+    cfg = cfg or {}
+    ref = (cfg.get("family") or {}).get("codec")
+    train = (cfg.get("data") or {}).get("train")
+    if ref is None and train is not None:
+        try:
+            ref = TokenManifest.load(train).codec.id
+        except (FileNotFoundError, ValueError):
+            if strict:
+                raise
+    return None if ref is None else str(ref)
+
+
 def locate_codec(ref: str, model_folder: Path | None) -> str:
     """A codec reference as given, or, for a relative path that does not exist here, the same path under the
     model's folder (an export records its codec relative to itself)."""
@@ -113,14 +130,9 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
     cfg = cfg or {}
     require_musicgen(model, cfg)
     module = ostinato.load(ref, xps_dir=xps_dir(), trust=trust)
-    codec_ref = codec or (cfg.get("family") or {}).get("codec") or getattr(module, "codec_ref", None)
-    if codec_ref is None:  # the codec recorded in the training token shards
-        from ostinato.data.tokens import TokenManifest
-
-        train = (cfg.get("data") or {}).get("train")
-        if train is None:
-            raise UserError(f"--model {model}: no codec recorded (family.codec or token shards); pass --codec")
-        codec_ref = TokenManifest.load(train).codec.id
+    codec_ref = codec or recorded_codec(cfg, strict=True) or getattr(module, "codec_ref", None)
+    if codec_ref is None:
+        raise UserError(f"--model {model}: no codec recorded (family.codec or token shards); pass --codec")
     folder = Path(ref) if Path(ref).is_dir() else None
     codec_ref = require_ref(codec, "--codec", CODEC_KINDS) if codec else locate_codec(str(codec_ref), folder)
     loaded = load_codec(codec_ref, trust=trust)

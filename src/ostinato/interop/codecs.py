@@ -59,7 +59,10 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     if any(k.__name__ == "MusicGenFamily" for k in type(module).__mro__):
         from ostinato.errors import UserError
 
-        recorded = getattr(module, "codec_ref", None)
+        from ostinato.engine.weights import read_weights
+        from ostinato.generation.musicgen import recorded_codec
+
+        recorded = recorded_codec(read_weights(resolve_ref(str(ref)), xps_dir(), trust)[1])
         raise UserError(f"{ref} is a MusicGen, not a codec; give a codec here (a reconstruction suite evaluates a "
                         f"codec: --model CODEC){f', e.g. its codec {recorded}' if recorded else ''}")
     codec = getattr(module, "codec", None)
@@ -101,18 +104,12 @@ def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False) -> dict:
     its codec (``family.codec``, else the one its token shards record) copied into ``codec/`` and recorded there by
     absolute path: the export generates from any working directory (and, moved, finds ``codec/`` beside itself).
     Other families are returned as they are."""
-    from ostinato.data.tokens import TokenManifest
+    from ostinato.generation.musicgen import recorded_codec
 
     family = dict(cfg.get("family") or {})
     if str(family.get("_target_", "")).rsplit(".", 1)[-1] != "MusicGenFamily":
         return cfg
-    ref = family.get("codec")
-    train = (cfg.get("data") or {}).get("train")
-    if ref is None and train is not None:
-        try:
-            ref = TokenManifest.load(train).codec.id
-        except (FileNotFoundError, ValueError):
-            return cfg  # the token shards are gone: generation will need --codec, as before
+    ref = recorded_codec(cfg)  # None when the token shards are gone: generation will need --codec, as before
     placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust)
     if placed is None:
         return cfg
