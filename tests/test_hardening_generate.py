@@ -305,3 +305,19 @@ def test_eval_text_to_music_with_a_codec_says_it_is_a_codec(capsys, models, tmp_
     line = fails(capsys, "eval", "demo", "--model", str(models["codec"]), "--out", str(tmp_path / "eval"),
                  "--set", f"reference={tmp_path / 'shards'}", "--quiet")
     assert f"--model {models['codec']} is a codec" in line and "codec_demo" in line
+
+
+def test_eval_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(capsys, models, tmp_path) -> None:
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.5)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(full)], check=True)
+    try:
+        line = fails(capsys, "eval", "codec_demo", "--model", str(models["encodec"]), "--out", str(full / "eval"),
+                     "--set", f"reference={tmp_path / 'shards'}", "--set", f"embedding=codec:{models['encodec']}",
+                     "--num-samples", "2", "--set", "seconds=0.5", "--quiet")
+        assert f"{full / 'eval'}" in line and "no space left on device" in line
+        leftovers = [p for p in (full / "eval").rglob("*") if p.is_file()]
+        assert not [p for p in leftovers if p.name.endswith(".tmp")], leftovers
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
