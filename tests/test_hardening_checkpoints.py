@@ -284,25 +284,39 @@ def _tmpfs(folder: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_export_to_a_full_disk_leaves_nothing_half_written(capsys, tmp_path) -> None:
+@pytest.mark.parametrize("where", ["new folder", "mount point"])
+def test_export_to_a_full_disk_leaves_nothing_half_written(capsys, tmp_path, where) -> None:
     ckpt = _foreign_checkpoint(tmp_path / "big.ckpt", "ostinato.families.debug.DebugFamily",
                                w=torch.zeros(200_000))  # 800 kB of weights for a 256 kB disk
     with _tmpfs(tmp_path / "disk", "size=256k") as disk:
-        code, _, err = _cli(capsys, "export", str(ckpt), str(disk / "out"))
+        out = disk / "out" if where == "new folder" else disk
+        code, _, err = _cli(capsys, "export", str(ckpt), str(out))
         left = list(disk.iterdir())
     assert code == 2 and _one_line_error(err) == (
-        f"ostinato: error: {disk / 'out'}: no space left on device; free some space or write elsewhere")
+        f"ostinato: error: {out}: no space left on device; free some space or write elsewhere")
     assert left == []
 
 
-def test_export_to_a_read_only_folder_says_so(capsys, tmp_path) -> None:
+@pytest.mark.parametrize("where", ["new folder", "mount point"])
+def test_export_to_a_read_only_folder_says_so(capsys, tmp_path, where) -> None:
     ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily", w=torch.zeros(4))
     with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
-        code, _, err = _cli(capsys, "export", str(ckpt), str(ro / "out"))
+        out = ro / "out" if where == "new folder" else ro
+        code, _, err = _cli(capsys, "export", str(ckpt), str(out))
         left = list(ro.iterdir())
     assert code == 2 and _one_line_error(err) == (
-        f"ostinato: error: {ro / 'out'}: read-only file system; choose a writable output folder")
+        f"ostinato: error: {out}: read-only file system; choose a writable output folder")
     assert left == []
+
+
+def test_export_into_a_mount_point_replaces_its_content(capsys, tmp_path) -> None:
+    """An existing OUT may be a mount point, which cannot be renamed: its entries are replaced one by one."""
+    ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily", w=torch.zeros(4))
+    with _tmpfs(tmp_path / "mnt", "size=1m") as mnt:
+        (mnt / "stale.txt").write_text("old")
+        code, _, _ = _cli(capsys, "export", str(ckpt), str(mnt), "--overwrite")
+        names = sorted(p.name for p in mnt.iterdir())
+    assert code == 0 and names == ["config.yaml", "export.json", "model.safetensors"]
 
 
 def test_a_damaged_file_is_set_aside_never_deleted(tmp_path) -> None:

@@ -147,21 +147,33 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``out``; when the block succeeds it replaces ``out`` (its old content
-    removed), else it is removed and ``out`` is left as it was. A file-system error names ``out``."""
+    """Yield an empty temp folder on ``out``'s file system; when the block succeeds its content replaces
+    ``out``'s (a new ``out``: one rename; an existing one, a mount point maybe: one rename per entry, then the
+    old entries go), else it is removed and ``out`` is left as it was. A file-system error names ``out``."""
     out = Path(out).absolute()
-    stage = old = None
+    stage = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        existing = out.is_dir()
+        if not existing:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out if existing else out.parent))
         yield stage
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(stage, out)
+        if not existing:
+            os.replace(stage, out)
+            return
+        new = {p.name for p in stage.iterdir()}
+        for entry in stage.iterdir():
+            if (out / entry.name).is_dir():
+                shutil.rmtree(out / entry.name)
+            os.replace(entry, out / entry.name)
+        for entry in out.iterdir():  # what the export replaces (only with --overwrite: see _check_export_folder)
+            if entry == stage or entry.name in new:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     except OSError as e:
-        if old is not None and (old / out.name).exists() and not out.exists():
-            os.replace(old / out.name, out)
         if e.errno is not None:  # the temp paths mean nothing to the user: name the folder asked for
             raise OSError(e.errno, e.strerror or str(e), str(out)) from e
         raise
@@ -171,9 +183,8 @@ def staged_folder(out: Path) -> Iterator[Path]:
             raise
         raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(out)) from e
     finally:
-        for path in (stage, old):
-            if path is not None and path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+        if stage is not None and stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", xps_dir: str | Path | None = None,
