@@ -100,6 +100,15 @@ def _stream(folder: Path, **kw) -> TrainStream:
     return TrainStream(sorted(str(p) for p in folder.glob("shard-*.tar")), **args)
 
 
+def test_truncated_train_tar_counts_every_sample_it_lost(tmp_path: Path):
+    write_shards(tmp_path / "s", n_shards=1, per_shard=8)
+    _truncate(tmp_path / "s" / "shard-000000.tar")
+    lost = 8 - _readable(tmp_path / "s" / "shard-000000.tar")
+    batches = list(_dm(tmp_path / "s", batches_per_epoch=6, shuffle_buffer=2).train_dataloader())
+    skipped = sum(b.skipped for b in batches)
+    assert lost >= 2 and skipped >= lost and skipped % lost == 0  # each read of the shard loses the same tail
+
+
 def test_shard_deleted_while_training_is_named_once_and_the_run_goes_on(tmp_path: Path, caplog):
     write_shards(tmp_path / "s", n_shards=3, per_shard=4)
     batches = iter(_stream(tmp_path / "s"))
@@ -198,3 +207,38 @@ def test_corrupt_skipped_counts_every_sample_of_the_epoch(tmp_path: Path):
     assert module.seen["train"] > 5 and module.seen["valid"] == 16
     assert module.logged["data/corrupt_skipped"] == module.seen["train"]
     assert module.logged["data/valid_corrupt_skipped"] == 16
+
+
+# ---------------------------------------------------------------------------------------- tokenize and encode
+
+
+def test_tokenize_counts_every_sample_a_truncated_shard_lost(tmp_path: Path, caplog):
+    from ostinato.tokenize import tokenize
+    from tests.synth import write_tiny_encodec
+
+    write_shards(tmp_path / "s", n_shards=2, per_shard=6, sample_rate=24000, seconds=0.2, corrupt={1})
+    _truncate(tmp_path / "s" / "shard-000001.tar")
+    lost = 6 - _readable(tmp_path / "s" / "shard-000001.tar")
+    with caplog.at_level(logging.WARNING):
+        m = tokenize(str(write_tiny_encodec(tmp_path / "codec")), tmp_path / "s", tmp_path / "t", workers=0,
+                     progress=False)
+    assert lost >= 2 and m.total_samples == 12 - 1 - lost
+    assert m.source["samples"] == m.total_samples and m.source["skipped"] == 1 + lost
+    assert m.source["skipped_by_shard"] == {str(tmp_path / "s" / "shard-000000.tar"): 1,
+                                            str(tmp_path / "s" / "shard-000001.tar"): lost}
+    assert any("shard-000001.tar" in r.getMessage() and f"{lost} samples skipped" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_encode_counts_every_sample_a_truncated_shard_lost(tmp_path: Path):
+    from ostinato.encode import encode_shards
+    from ostinato.families.musika import MusikaAutoencoderFamily
+
+    write_shards(tmp_path / "s", n_shards=2, per_shard=6, sample_rate=24000, seconds=0.2)
+    _truncate(tmp_path / "s" / "shard-000000.tar")
+    lost = 6 - _readable(tmp_path / "s" / "shard-000000.tar")
+    torch.manual_seed(0)
+    ae = MusikaAutoencoderFamily(24000, 1, autoencoder=dict(hop=240, dimension=16, n_filters=16, ratios=[4, 2]))
+    m = encode_shards(ae.eval(), tmp_path / "s", tmp_path / "a", progress=False)
+    assert lost >= 2 and m.total_samples == 12 - lost
+    assert m.source["samples"] == m.total_samples and m.source["skipped"] == lost

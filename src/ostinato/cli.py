@@ -187,6 +187,9 @@ def _tokenize(args: argparse.Namespace) -> None:
     print(f"{len(m.shards)} token shards, {m.total_samples} samples, {m.total_frames} frames "
           f"({m.total_frames / c.frame_rate / 3600:.2f} h) of {c.n_q} x {c.cardinality} codes at {c.frame_rate:g} Hz "
           f"-> {Path(args.out) / 'manifest.json'}")
+    if m.source.get("skipped"):
+        print(f"{m.source['skipped']} samples skipped (corrupt or lost to a damaged tar); per shard: "
+              f"source.skipped_by_shard in {Path(args.out) / 'manifest.json'}")
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):

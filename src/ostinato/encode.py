@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
-from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
-from ostinato.data.sources import iter_raw_samples, resolve_shards
+from ostinato.data.sources import iter_shard_audio, resolve_shards
 from ostinato.errors import user_errors
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
@@ -48,29 +46,6 @@ def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> Any:
     return module.to(device).eval()
 
 
-def _read_shard(url: str, sample_rate: int, channels: int) -> tuple[list[tuple[str, torch.Tensor, dict]], int]:
-    """(key, wav [C, T] at the model's rate, meta) of a shard, and how many samples were skipped."""
-    items, skipped = [], 0
-    try:
-        for raw in iter_raw_samples(url):
-            key = raw["__key__"]
-            audio = next((raw[k] for k in ("flac", "wav", "ogg", "mp3") if k in raw), None)
-            try:
-                if audio is None:
-                    raise KeyError("no audio entry")
-                wav, sr = load_audio(audio)
-                meta = json.loads(raw.get("json", b"{}"))
-            except (AudioDecodeError, KeyError, ValueError) as e:
-                log.warning("%s: sample %s skipped: %s", url, key, e)
-                skipped += 1
-                continue
-            items.append((key, resample(convert_channels(wav, channels), sr, sample_rate), meta))
-    except tarfile.TarError as e:  # a truncated shard: keep the samples before the damage
-        log.warning("%s: the rest of the shard skipped: %s", url, e)
-        skipped += 1
-    return items, skipped
-
-
 @torch.inference_mode()
 def _encode_items(model: Any, items: list[tuple[str, torch.Tensor, dict]], batch_size: int,
                   device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -87,8 +62,11 @@ def _encode_items(model: Any, items: list[tuple[str, torch.Tensor, dict]], batch
     return [out[i] for i in range(len(items))]
 
 
-def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
-    items, skipped = _read_shard(url, model.sample_rate, model.channels)
+def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch.device,
+                 expected: int | None = None) -> dict[str, Any]:
+    reasons: list[str] = []
+    items = list(iter_shard_audio(url, model.sample_rate, model.channels, reasons, expected))
+    skipped = len(reasons)
     arrays = _encode_items(model, items, batch_size, device)
     name = shard_name(url)
     first = next(iter(model.array_streams()))
@@ -127,14 +105,17 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
     todo = [u for u in source.urls if not shard_done(out, u)]
     log.info("encoding %d of %d shards with %s (%s)", len(todo), len(source.urls), info.id, info.kind)
     for url in tqdm(todo, desc="encode", unit="shard", disable=not progress):
-        _write_shard(out, url, model, batch_size, dev)
+        _write_shard(out, url, model, batch_size, dev, source.counts.get(url))
     markers = [read_json(shard_marker(out, u)) for u in source.urls]
-    skipped = sum(int(m.get("skipped", 0)) for m in markers)
+    by_shard = {u: int(m.get("skipped", 0)) for u, m in zip(source.urls, markers) if m.get("skipped")}
+    skipped = sum(by_shard.values())
     if skipped:
-        log.warning("%d corrupt samples skipped", skipped)
+        log.warning("%d samples skipped (corrupt or lost to a damaged tar): %s", skipped,
+                    ", ".join(f"{u} ({n})" for u, n in by_shard.items()))
     manifest = ArrayManifest(shards=[ArrayShard(m["name"], m["samples"], m["frames"]) for m in markers],
                              streams=dict(model.array_streams()), model=info,
-                             source={"shards": source.urls, "samples": source.num_samples, "skipped": skipped})
+                             source={"shards": source.urls, "samples": sum(m["samples"] for m in markers),
+                                     "skipped": skipped, "skipped_by_shard": by_shard})
     manifest.save(out)
     return manifest
 

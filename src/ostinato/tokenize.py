@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +24,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
-from ostinato.data.sources import ShardSource, iter_raw_samples, resolve_shards
+from ostinato.data.sources import ShardSource, iter_shard_audio, resolve_shards
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
@@ -50,33 +48,23 @@ def tokenizer_hash(codec: Codec | SemanticTokenizer) -> str:
 
 class _AudioItems(IterableDataset):
     """(shard, key, wav [C, T] at the codec's rate, meta) for whole shards split over DataLoader workers; a
-    ``None`` key closes a shard, its meta ``{"skipped": n}`` counting the corrupt samples left out."""
+    ``None`` key closes a shard, its meta ``{"skipped": n}`` counting the samples left out (undecodable, or lost
+    to a truncated tar: ``expected`` gives each shard's count from its manifest)."""
 
-    def __init__(self, urls: list[str], sample_rate: int, channels: int):
+    def __init__(self, urls: list[str], sample_rate: int, channels: int, expected: dict[str, int] | None = None):
         super().__init__()
         self.urls, self.sample_rate, self.channels = urls, sample_rate, channels
+        self.expected = expected or {}
 
     def __iter__(self) -> Iterator[tuple[str, str | None, torch.Tensor | None, dict]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
-            skipped = 0
-            try:
-                for raw in iter_raw_samples(url):
-                    key = raw["__key__"]
-                    try:
-                        wav, sr = load_audio(raw["flac"])
-                        meta = json.loads(raw.get("json", b"{}"))
-                    except (AudioDecodeError, KeyError, ValueError) as e:
-                        log.warning("%s: sample %s skipped: %s", url, key, e)
-                        skipped += 1
-                        continue
-                    wav = resample(convert_channels(wav, self.channels), sr, self.sample_rate)
-                    yield url, key, wav, meta
-            except tarfile.TarError as e:  # a truncated shard: keep the samples before the damage
-                log.warning("%s: the rest of the shard skipped: %s", url, e)
-                skipped += 1
-            yield url, None, None, {"skipped": skipped}
+            skipped: list[str] = []
+            for key, wav, meta in iter_shard_audio(url, self.sample_rate, self.channels, skipped,
+                                                   self.expected.get(url)):
+                yield url, key, wav, meta
+            yield url, None, None, {"skipped": len(skipped)}
 
 
 def _encode_group(codec: Codec, wavs: list[torch.Tensor], n_q: int | None, device: torch.device,
@@ -116,11 +104,11 @@ def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]
 
 
 def _run_device(codec_ref: str, urls: list[str], out: Path, n_q: int | None, batch_size: int, workers: int,
-                device: str, trust: bool, progress: bool) -> None:
+                device: str, trust: bool, progress: bool, expected: dict[str, int] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dev = torch.device(device)
     codec = load_tokenizer(codec_ref, trust=trust).to(dev)
-    loader = DataLoader(_AudioItems(urls, codec.sample_rate, codec.channels), batch_size=None,
+    loader = DataLoader(_AudioItems(urls, codec.sample_rate, codec.channels, expected), batch_size=None,
                         num_workers=min(workers, len(urls)))
     pending: dict[str, list] = defaultdict(list)
     bar = tqdm(total=len(urls), desc=f"tokenize [{device}]", unit="shard", disable=not progress)
@@ -156,11 +144,12 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
     devices = devices[: max(1, len(todo))]
     log.info("tokenizing %d of %d shards with %s on %s", len(todo), len(source.urls), info.id, ", ".join(devices))
     if len(devices) == 1:
-        _run_device(codec_ref, todo, out, n_q, batch_size, workers, devices[0], trust, progress)
+        _run_device(codec_ref, todo, out, n_q, batch_size, workers, devices[0], trust, progress, source.counts)
     elif todo:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_run_device, args=(codec_ref, todo[i::len(devices)], out, n_q, batch_size,
-                                                       workers, d, trust, progress and i == 0))
+                                                       workers, d, trust, progress and i == 0,
+                                                       source.counts))
                  for i, d in enumerate(devices)]
         for p in procs:
             p.start()
@@ -171,11 +160,14 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
             raise RuntimeError(f"tokenization failed on {', '.join(failed)}; re-run to finish the remaining shards")
     markers = [read_json(shard_marker(out, u)) for u in source.urls]
     shards_done = [TokenShard(name=m["name"], samples=m["samples"], frames=m["frames"]) for m in markers]
-    skipped = sum(int(m.get("skipped", 0)) for m in markers)
+    by_shard = {u: int(m.get("skipped", 0)) for u, m in zip(source.urls, markers) if m.get("skipped")}
+    skipped = sum(by_shard.values())
     if skipped:
-        log.warning("%d corrupt samples skipped", skipped)
+        log.warning("%d samples skipped (corrupt or lost to a damaged tar): %s", skipped,
+                    ", ".join(f"{u} ({n})" for u, n in by_shard.items()))
     manifest = TokenManifest(shards=shards_done, codec=info, source={
-        "shards": source.urls, "samples": source.num_samples, "skipped": skipped,
+        "shards": source.urls, "samples": sum(s.samples for s in shards_done), "skipped": skipped,
+        "skipped_by_shard": by_shard,
         **({"semantic": codec.id} if isinstance(codec, SemanticTokenizer) else {})})
     manifest.save(out)
     return manifest

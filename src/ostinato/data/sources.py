@@ -7,6 +7,7 @@ tool (s5cmd, rclone) works without code changes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 from collections.abc import Iterator, Sequence
@@ -14,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
+import torch
 from webdataset.gopen import gopen, gopen_pipe, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.manifest import MANIFEST_NAME, Manifest
+
+log = logging.getLogger(__name__)
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
 S3_CMD_ENV = "OSTINATO_S3_CMD"
@@ -129,3 +134,41 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
             yield sample
     finally:
         stream.close()
+
+
+AUDIO_KEYS = ("flac", "wav", "ogg", "mp3")
+
+
+def iter_shard_audio(url: str, sample_rate: int, channels: int, skipped: list[str],
+                     expected: int | None = None) -> Iterator[tuple[str, torch.Tensor, dict]]:
+    """``(key, wav [channels, T] at sample_rate, meta)`` of every decodable sample of an audio shard, in order.
+
+    Each sample left out appends its reason to ``skipped``: an undecodable one, and every one a truncated tar
+    lost after the damage (``expected - read``, from the manifest; 1 when ``expected`` is unknown). One warning per
+    damaged shard names it. A missing shard raises FileNotFoundError.
+    """
+    before, read = len(skipped), 0
+    try:
+        for raw in iter_raw_samples(url):
+            read += 1
+            key = raw["__key__"]
+            audio = next((raw[k] for k in AUDIO_KEYS if k in raw), None)
+            try:
+                if audio is None:
+                    raise AudioDecodeError(f"no audio entry (have {sorted(k for k in raw if not k.startswith('__'))})")
+                wav, sr = load_audio(audio)
+                meta = json.loads(raw.get("json", b"{}"))
+            except (AudioDecodeError, ValueError) as e:
+                skipped.append(f"sample {key}: {e}")
+                continue
+            yield key, resample(convert_channels(wav, channels), sr, sample_rate), meta
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or unreadable tar: keep the samples before the damage
+        lost = max(1, (expected or 0) - read)
+        skipped.extend([f"{type(e).__name__} after sample {read}: {e}"] * lost)
+    else:  # a tar cut at a member boundary ends without an error
+        skipped.extend([f"the tar ends after sample {read} of the {expected} its manifest lists"]
+                       * max(0, (expected or 0) - read))
+    if len(skipped) > before:
+        log.warning("%s: %d samples skipped (first: %s)", url, len(skipped) - before, skipped[before])

@@ -181,6 +181,10 @@ class TrainStream(IterableDataset):
             except Exception as e:  # a truncated or unreadable tar: keep what was read, move on
                 lost = max(1, self.expected.get(url, 0) - read)
                 self._count_skip(f"shard {url}: {type(e).__name__}: {e} ({lost} samples lost)", lost)
+            else:
+                if read < self.expected.get(url, 0):  # a tar cut at a member boundary ends without an error
+                    lost = self.expected[url] - read
+                    self._count_skip(f"shard {url}: ends after {read} of its {read + lost} samples", lost)
             self._visited.add(url)
             if not self._usable and not self._seen and self._visited >= set(self.urls):
                 raise DataError(f"no sample could be read from the {len(self.urls)} shards in {self._where} "
