@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from ostinato.cli import main as cli_main
-from ostinato.engine.checkpoint import (PREVIOUS_NAME, DamagedCheckpointError, SafeCheckpointIO, load_checkpoint,
-                                        set_aside)
+from ostinato.engine.checkpoint import (PREVIOUS_NAME, DamagedCheckpointError, SafeCheckpointIO, checkpoint_damage,
+                                        load_checkpoint, set_aside)
 from ostinato.engine.trainer import last_checkpoint
-from ostinato.engine.weights import CONFIG_KEY, export, load, load_weights
-from ostinato.errors import UserError
+from ostinato.engine.weights import CONFIG_KEY, load, load_weights
+from ostinato.errors import UserError, user_errors
 from ostinato.families.debug import DebugFamily
 from tests.runner import cli_args, train, xp_folder
 
@@ -238,8 +238,8 @@ def _foreign_checkpoint(path: Path, family: str, **tensors: torch.Tensor) -> Pat
 
 
 def test_continue_from_a_checkpoint_of_another_family_names_its_family(tmp_path) -> None:
-    ckpt = _foreign_checkpoint(tmp_path / "codec.ckpt", "ostinato.families.codec.CodecFamily",
-                               **{"generator.encoder.weight": torch.zeros(4, 4), "generator.decoder.bias": torch.zeros(4)})
+    codec_weights = {"generator.encoder.weight": torch.zeros(4, 4), "generator.decoder.bias": torch.zeros(4)}
+    ckpt = _foreign_checkpoint(tmp_path / "codec.ckpt", "ostinato.families.codec.CodecFamily", **codec_weights)
     with pytest.raises(UserError) as error:
         load_weights(DebugFamily(), ckpt)
     assert str(error.value) == (
@@ -281,7 +281,7 @@ def _tmpfs(folder: Path, options: str) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a failed write may hold a file open
 
 
 @pytest.mark.parametrize("where", ["new folder", "mount point"])
@@ -340,3 +340,39 @@ def test_resume_choice_passes_over_damaged_ones_on_every_rank(tmp_path) -> None:
     assert (ckpts / "last.ckpt").exists()
     assert last_checkpoint(tmp_path, set_aside_damaged=True) == ckpts / PREVIOUS_NAME  # rank 0
     assert not (ckpts / "last.ckpt").exists() and _step(ckpts / PREVIOUS_NAME) == 2
+
+
+def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last_one(capsys, tmp_path) -> None:
+    """torch's writer says only 'unexpected pos'; the user sees the checkpoint, the disk and the fix, and the
+    last.ckpt already there stays whole."""
+    io = SafeCheckpointIO()
+    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+        io.save_checkpoint({"global_step": 1}, disk / "last.ckpt")
+        with pytest.raises(SystemExit) as stop, user_errors("ostinato train", value_errors=False):
+            io.save_checkpoint({"global_step": 2, "w": torch.zeros(200_000)}, disk / "last.ckpt")
+        names, step = sorted(p.name for p in disk.iterdir()), _step(disk / "last.ckpt")
+    assert stop.value.code == 2 and _one_line_error(capsys.readouterr().err) == (
+        f"ostinato train: error: {disk / 'last.ckpt'}: no space left on device; free some space or write elsewhere")
+    assert names == ["last.ckpt"] and step == 1
+
+
+def _sharded(folder: Path, step: int) -> Path:
+    """The layout of a sharded FSDP checkpoint (meta.pt + the shard index .metadata), without shards."""
+    folder.mkdir(parents=True)
+    torch.save({"global_step": step}, folder / "meta.pt")
+    (folder / ".metadata").write_bytes(b"index")
+    return folder
+
+
+def test_a_damaged_sharded_checkpoint_is_passed_over_for_the_previous_one(tmp_path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    previous = _sharded(ckpts / PREVIOUS_NAME, 4)
+    last = _sharded(ckpts / "last.ckpt", 8)
+    _damage(last / "meta.pt", "truncated")
+    assert checkpoint_damage(last).startswith("its meta.pt is truncated: ")
+    assert last_checkpoint(tmp_path, set_aside_damaged=True) == previous
+    assert [p.name.split("-")[0] for p in ckpts.iterdir() if ".damaged-" in p.name] == ["last.ckpt.damaged"]
+    (previous / ".metadata").write_bytes(b"")
+    assert checkpoint_damage(previous) == "its shard index .metadata is empty"
+    with pytest.raises(DamagedCheckpointError, match="no whole checkpoint is left beside it"):
+        load_checkpoint(previous)

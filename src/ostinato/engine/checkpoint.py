@@ -9,6 +9,7 @@ Loading never unpickles arbitrary objects unless the user says so: checkpoints a
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -115,6 +116,16 @@ def set_aside(path: str | Path) -> Path:
     return target
 
 
+def _disk_full(error: RuntimeError, tmp: Path) -> OSError | None:
+    """torch's zip writer reports a failed write as a RuntimeError without errno; a full disk is told apart by the
+    free space left where it was writing (measured before the temp file is removed)."""
+    if "inline_container" not in str(error) and "PytorchStreamWriter" not in str(error):
+        return None
+    if shutil.disk_usage(tmp.parent).free >= 2**20:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+
 def keep_previous(path: Path, written: Path) -> None:
     """Before ``written`` replaces ``last.ckpt`` at ``path``: move the current one to ``last-previous.ckpt`` when
     whole (set it aside when damaged). Killed between the two renames, ``last-previous.ckpt`` is still there."""
@@ -193,10 +204,21 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO takes no storage_options")
         path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
-            if path.name == LAST_NAME and path.is_file():
-                keep_previous(path, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                try:
+                    torch.save(checkpoint, tmp)
+                except RuntimeError as e:
+                    full = _disk_full(e, tmp)
+                    if full is None:
+                        raise
+                    raise full from e
+                if path.name == LAST_NAME and path.is_file():
+                    keep_previous(path, tmp)
+        except OSError as e:
+            if e.errno is None or e.filename == str(path):
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from e  # the checkpoint, not its (removed) temp file
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
