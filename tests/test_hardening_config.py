@@ -108,6 +108,19 @@ def test_a_family_value_it_cannot_take_is_named(xp_of, overrides, expected):
     assert _config_error(xp_of, *overrides).startswith(expected)
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("+trainer.max_stepz=5", "trainer.max_stepz: no such key (did you mean trainer.max_steps?)"),
+    ("optim.name=sgd2", "optim.name='sgd2': no such choice (did you mean sgd?); use one of adamw, adam, sgd"),
+    ("optim.schedule.name=cosin", "optim.schedule.name='cosin': no such choice (did you mean cosine?)"),
+    ("logger.kind=tensorbord", "logger.kind='tensorbord': no such choice (did you mean tensorboard?)"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]: give 2 values"),
+    ("seed.x=1", "seed.x: no such key; seed is a value, not a group of keys"),
+])
+def test_a_value_of_the_wrong_type_or_choice_is_named_before_the_run(xp_of, override, expected):
+    assert _config_error(xp_of, override).startswith(expected)
+
+
 def test_good_values_at_the_edges_pass(xp_of):
     xp = xp_of(["ema.decay=0", "ema.decay=1", "trainer.gradient_clip_val=0", "data.num_workers=0",
                 "optim.betas=[0.0,0.999]", "trainer.devices=auto"])

@@ -17,8 +17,9 @@ from typing import Any, Literal, Optional
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from ostinato.engine.optim import OPTIMIZERS, SCHEDULES
 from ostinato.errors import UserError, did_you_mean
 
 
@@ -100,7 +101,11 @@ SCHEMAS = {"trainer": TrainerSchema, "optim": OptimSchema, "ema": EmaSchema, "sa
            "evaluate": EvaluateSchema}
 CHOICES = {"trainer.strategy": ("auto", "ddp", "fsdp"),
            "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
-           "trainer.accelerator": ("auto", "cpu", "gpu", "cuda")}
+           "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+           "optim.name": OPTIMIZERS,
+           "optim.schedule.name": SCHEDULES,
+           "logger.kind": ("wandb", "csv", "tensorboard", "none")}
+LENGTHS = {"optim.betas": 2}  # list values of a fixed length
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,25 @@ def _keys(node: Any, prefix: str = "") -> Iterator[str]:
             yield from _keys(value, f"{prefix}{name}.")
 
 
+def unknown_key(key: str, base: DictConfig) -> ConfigError:
+    """``key`` is not in ``base``: name it with its closest siblings, or all the keys of its deepest parent."""
+    keys = set(_keys(OmegaConf.to_container(base, resolve=False)))
+    parent, _, leaf = key.rpartition(".")
+    while parent and parent not in keys:
+        parent = parent.rpartition(".")[0]
+    node = OmegaConf.select(base, parent, throw_on_resolution_failure=False) if parent else base
+    if not isinstance(node, DictConfig):
+        return ConfigError(f"{key}: no such key; {parent} is a value, not a group of keys")
+    names = [str(k) for k in node.keys() if not str(k).startswith("_")]
+    prefix = f"{parent}." if parent else ""
+    if key.startswith(prefix) and "." not in key[len(prefix):]:  # a sibling's typo: compare the leaf names
+        close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
+        hint = did_you_mean(key, [prefix + c for c in close])
+        if hint:
+            return ConfigError(f"{key}: no such key{hint}")
+    return ConfigError(f"{key}: no such key; {parent or 'the top level'} takes {', '.join(names)}")
+
+
 def composition_error(error: Exception, argv: Sequence[str], base: DictConfig,
                       groups: Collection[str] = ()) -> ConfigError:
     """The one-line ConfigError for hydra's failure to compose ``argv``: an unknown key named with its closest
@@ -296,24 +320,10 @@ def composition_error(error: Exception, argv: Sequence[str], base: DictConfig,
     keys = set(_keys(OmegaConf.to_container(base, resolve=False)))
     for arg in argv:
         key = arg.split("=", 1)[0]
-        if key.startswith(("+", "~")) or key in keys or key in groups:
-            continue
-        parent, _, leaf = key.rpartition(".")
-        while parent and parent not in keys:
-            parent = parent.rpartition(".")[0]
-        node = OmegaConf.select(base, parent, throw_on_resolution_failure=False) if parent else base
-        if not isinstance(node, DictConfig):
-            return ConfigError(f"{key}: no such key; {parent} is a value, not a group of keys")
-        names = [str(k) for k in node.keys() if not str(k).startswith("_")]
-        prefix = f"{parent}." if parent else ""
-        if key.startswith(prefix) and "." not in key[len(prefix):]:  # a sibling's typo: compare the leaf names
-            close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
-            hint = did_you_mean(key, [prefix + c for c in close])
-            if hint:
-                return ConfigError(f"{key}: no such key{hint}")
-        return ConfigError(f"{key}: no such key; {parent or 'the top level'} takes {', '.join(names)}")
+        if not (key.startswith(("+", "~")) or key in keys or key in groups):
+            return unknown_key(key, base)
     key = getattr(error, "full_key", None)
-    reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"{key}: {reason}" if key else f"overrides {' '.join(argv)}: {reason}")
 
 
@@ -322,6 +332,8 @@ def _check_schema(cfg: DictConfig, group: str) -> None:
         OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), cfg[group])
     except OmegaConfBaseException as e:
         key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
+        if isinstance(e, (ConfigKeyError, ConfigAttributeError)):  # a key the schema does not have (+trainer.x=1)
+            raise unknown_key(key, OmegaConf.create({group: OmegaConf.structured(SCHEMAS[group])})) from None
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
 
@@ -389,10 +401,14 @@ def validate(cfg: DictConfig, data_paths: bool = True) -> None:
     for group in SCHEMAS:
         _check_schema(cfg, group)
     for key, allowed in CHOICES.items():
-        group, name = key.split(".")
-        value = str(cfg[group][name])
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and str(value) not in allowed:
+            raise ConfigError(f"{key}={value!r}: no such choice{did_you_mean(str(value), allowed)}; use one of "
+                              f"{', '.join(allowed)}")
+    for key, length in LENGTHS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, ListConfig) and len(value) != length:
+            raise ConfigError(f"{key}={list(value)}: give {length} values")
     check_bounds(cfg)
     if data_paths:
         check_data_paths(cfg)
