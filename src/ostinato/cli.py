@@ -250,12 +250,19 @@ GENERATORS = {"musiclm": "ostinato.generation.musiclm", "musika": "ostinato.gene
 def _progress_bar(quiet: bool):
     from tqdm import tqdm
 
-    with tqdm(total=1, desc="generating", unit="step", disable=quiet, delay=0.5) as bar:  # no bar before an error
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)  # tqdm rate-limits the redraws
+    bars: list[tqdm] = []  # opened at the first step: an error while loading stays one line
 
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="generating", unit="step", disable=quiet))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)  # tqdm rate-limits the redraws
+
+    try:
         yield progress
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None:
@@ -399,12 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
     c.add_argument("--sample-rate", type=int, default=24000, choices=[16000, 22050, 24000, 32000, 44100, 48000])
     c.add_argument("--channels", choices=["mono", "stereo"], default="mono")
-    c.add_argument("--hours", type=float, default=1.0, help="total audio to render (default 1.0)")
-    c.add_argument("--clip-seconds", type=float, default=10.0)
+    c.add_argument("--hours", type=_number(float, 0, above=True), default=1.0,
+                   help="total audio to render (default 1.0)")
+    c.add_argument("--clip-seconds", type=_number(float, 0, above=True), default=10.0)
     c.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
-    c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    c.add_argument("--workers", type=_number(int, 1), default=None, help="processes (default: all cores)")
     c.add_argument("--soundfont", default=None, help="a GM .sf2 (default: $OSTINATO_SOUNDFONT or Debian's)")
-    c.add_argument("--files-per-shard", type=int, default=64)
+    c.add_argument("--files-per-shard", type=_number(int, 1), default=64)
     c.add_argument("--no-shards", action="store_true", help="render clips only, do not write shards")
     c.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     c.set_defaults(func=_prep_corpus)
@@ -412,18 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = prep_verbs.add_parser("shards", help="audio folder -> WebDataset shards (FLAC + JSON) + manifest.json")
     s.add_argument("src", help="folder of wav/flac/mp3/ogg files, searched recursively")
     s.add_argument("out", help="output folder for shard-*.tar, manifest.json and report.json")
-    s.add_argument("--sample-rate", type=int, default=None, help="target rate (default: the most common)")
+    s.add_argument("--sample-rate", type=_number(int, 1), default=None, help="target rate (default: the most common)")
     s.add_argument("--channels", choices=["mono", "stereo", "keep"], default="keep")
     s.add_argument("--loudness", type=float, default=None, metavar="LUFS", help="normalise to this loudness")
-    s.add_argument("--segment", type=float, default=None, metavar="SECONDS",
+    s.add_argument("--segment", type=_number(float, 0, above=True), default=None, metavar="SECONDS",
                    help="cut into fixed-length segments (default: whole files)")
-    s.add_argument("--overlap", type=float, default=0.0, metavar="SECONDS")
-    s.add_argument("--min-segment", type=float, default=None, metavar="SECONDS",
+    s.add_argument("--overlap", type=_number(float, 0), default=0.0, metavar="SECONDS")
+    s.add_argument("--min-segment", type=_number(float, 0, above=True), default=None, metavar="SECONDS",
                    help="shortest tail segment kept (default: half a segment)")
     s.add_argument("--metadata", default=None, help="CSV or JSONL table with a `path` column (captions, fields)")
-    s.add_argument("--files-per-shard", type=int, default=64)
+    s.add_argument("--files-per-shard", type=_number(int, 1), default=64)
     s.add_argument("--bits", type=int, choices=[16, 24], default=16)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=_number(int, 1), default=1)
     s.add_argument("--overwrite", action="store_true", help="rebuild a finished output folder")
     s.set_defaults(func=_prep_shards)
 
@@ -434,14 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--features", default="mfcc", metavar="mfcc|logmel|hf:/folder",
                    help="MFCC + deltas (default), log-mel, or a local transformers SSL model (HuBERT, MERT...)")
     m.add_argument("--layer", type=int, default=None, help="hf features: hidden layer (default: the last)")
-    m.add_argument("--k", type=int, default=None, help="centroids (default 500 for mfcc/logmel, 1024 for hf)")
-    m.add_argument("--frame-rate", type=float, default=25.0, help="tokens per second (default 25)")
-    m.add_argument("--max-hours", type=float, default=None, help="audio to fit on (default: all)")
-    m.add_argument("--iterations", type=int, default=10, help="k-means passes over the audio (default 10)")
-    m.add_argument("--batch-frames", type=int, default=10000, help="frames per k-means mini-batch")
+    m.add_argument("--k", type=_number(int, 2), default=None,
+                   help="centroids (default 500 for mfcc/logmel, 1024 for hf)")
+    m.add_argument("--frame-rate", type=_number(float, 0, above=True), default=25.0,
+                   help="tokens per second (default 25)")
+    m.add_argument("--max-hours", type=_number(float, 0, above=True), default=None,
+                   help="audio to fit on (default: all)")
+    m.add_argument("--iterations", type=_number(int, 1), default=10, help="k-means passes over the audio (default 10)")
+    m.add_argument("--batch-frames", type=_number(int, 1), default=10000, help="frames per k-means mini-batch")
     m.add_argument("--init", choices=["k-means++", "random"], default="k-means++")
     m.add_argument("--seed", type=int, default=0, help="same seed, same tokenizer")
-    m.add_argument("--workers", type=int, default=1, help="audio decoding processes")
+    m.add_argument("--workers", type=_number(int, 0), default=1, help="audio decoding processes")
     m.add_argument("--device", default=None, help="hf features: cpu or cuda (default: cuda when available)")
     m.add_argument("--overwrite", action="store_true", help="replace a tokenizer fitted in OUT")
     m.set_defaults(func=_prep_semantic)
@@ -451,9 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--mulan", required=True, help="a trained MuLaN (XP signature, //sig/SIG, folder, export)")
     u.add_argument("--shards", default="data/demo/shards", help="audio shard root with train/ valid/ test/")
     u.add_argument("--out", default="data/demo/mulan", help="output root: quantizer.safetensors + one folder per split")
-    u.add_argument("--n-q", type=int, default=12, help="residual codebooks per namespace (MusicLM: 12)")
-    u.add_argument("--bins", type=int, default=1024, help="codes per codebook (MusicLM: 1024)")
-    u.add_argument("--segment", type=float, default=10.0, help="seconds of each clip embedded (default 10)")
+    u.add_argument("--n-q", type=_number(int, 1), default=12, help="residual codebooks per namespace (MusicLM: 12)")
+    u.add_argument("--bins", type=_number(int, 2), default=1024, help="codes per codebook (MusicLM: 1024)")
+    u.add_argument("--segment", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds of each clip embedded (default 10)")
     u.add_argument("--with-text", action="store_true",
                    help="fit on the captions' text embeddings too (generation quantizes text embeddings)")
     u.add_argument("--seed", type=int, default=0)
@@ -482,9 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--codec", default=None,
                        help="an ostinato codec (XP signature, export folder, .ckpt), a transformers EncodecModel "
                             "folder, or audiocraft's compression_state_dict.bin")
-    t.add_argument("--n-q", type=int, default=None, help="codebooks to keep (default: all)")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--workers", type=int, default=2, help="audio decoding processes per device")
+    t.add_argument("--n-q", type=_number(int, 1), default=None, help="codebooks to keep (default: all)")
+    t.add_argument("--batch-size", type=_number(int, 1), default=16)
+    t.add_argument("--workers", type=_number(int, 0), default=2, help="audio decoding processes per device "
+                                                                      "(0: in the main process)")
     t.add_argument("--devices", default="auto", help="comma-separated (cuda:0,cuda:1 or cpu); auto = all GPUs")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
