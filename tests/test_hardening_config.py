@@ -85,7 +85,7 @@ def test_a_malformed_override_is_named(xp_of, override, expected):
     ("optim.betas=[-0.1,0.9]", "optim.betas=[-0.1, 0.9]: each must be in [0, 1)"),
     ("ema.decay=1.5", "ema.decay=1.5: must be in [0, 1]"),
     ("ema.decay=-0.1", "ema.decay=-0.1: must be in [0, 1]"),
-    ("trainer.checkpoint_every_steps=0", "trainer.checkpoint_every_steps=0: must be > 0"),
+    ("trainer.checkpoint_every_steps=-1", "trainer.checkpoint_every_steps=-1: must be >= 0"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: must be >= 0"),
     ("data.segment_seconds=0", "data.segment_seconds=0: must be > 0"),
     ("data.segment_seconds=-2", "data.segment_seconds=-2: must be > 0"),
@@ -123,7 +123,8 @@ def test_a_value_of_the_wrong_type_or_choice_is_named_before_the_run(xp_of, over
 
 def test_good_values_at_the_edges_pass(xp_of):
     xp = xp_of(["ema.decay=0", "ema.decay=1", "trainer.gradient_clip_val=0", "data.num_workers=0",
-                "optim.betas=[0.0,0.999]", "trainer.devices=auto"])
+                "optim.betas=[0.0,0.999]", "trainer.devices=auto", "trainer.checkpoint_every_steps=0",
+                "samples.every_steps=0"])
     assert xp.cfg.trainer.devices == "auto"
 
 

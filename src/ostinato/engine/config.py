@@ -149,7 +149,7 @@ BOUNDS: dict[str, Bound] = {
     "trainer.gradient_clip_val": NON_NEGATIVE,  # 0 disables
     "trainer.accumulate_grad_batches": POSITIVE,
     "trainer.log_every_n_steps": POSITIVE,
-    "trainer.checkpoint_every_steps": POSITIVE,
+    "trainer.checkpoint_every_steps": NON_NEGATIVE,  # 0: at epoch ends only (Lightning's every_n_train_steps)
     "trainer.nonfinite_max_in_row": POSITIVE,
     "optim.lr": POSITIVE,
     "optim.betas": Bound(ge=0, lt=1),
