@@ -51,6 +51,7 @@ def test_fsdp_trains_saves_sharded_and_resumes(env, tmp_path):
     assert load_checkpoint(last)["global_step"] == 8
     assert max(step for step, _ in losses(folder)) == 7  # logged steps go on from the checkpoint (0-based)
     assert not any(p.name.endswith((".partial", ".old")) for p in last.parent.iterdir())
+    assert load_checkpoint(last.with_name("last-previous.ckpt"))["global_step"] == 6  # the one before, kept whole
 
     # export consolidates the shards into plain weights
     out = export(folder, tmp_path / "export")
