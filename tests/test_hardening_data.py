@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -242,3 +245,187 @@ def test_encode_counts_every_sample_a_truncated_shard_lost(tmp_path: Path):
     m = encode_shards(ae.eval(), tmp_path / "s", tmp_path / "a", progress=False)
     assert lost >= 2 and m.total_samples == 12 - lost
     assert m.source["samples"] == m.total_samples and m.source["skipped"] == lost
+
+
+# ------------------------------------------------------------------------------------------------- prep shards
+
+
+def _audio_folder(folder: Path, seconds: float = 3.0) -> Path:
+    """Two intact wavs of a 440 Hz tone with noise (noise keeps the Ogg large enough to cut mid-stream)."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t = np.arange(int(24000 * seconds)) / 24000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype("float32")
+    sf.write(folder / "a.wav", x, 24000)
+    sf.write(folder / "b.wav", x[::-1].copy(), 24000)
+    return folder
+
+
+def _run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """``ostinato ARGV`` in this process: (exit code, stderr)."""
+    from ostinato.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_prep_shards_reports_a_cut_ogg_and_a_wav_shorter_than_its_header(tmp_path: Path):
+    import soundfile as sf
+
+    from ostinato.data.shards import build_shards
+
+    src = _audio_folder(tmp_path / "src", seconds=6.0)
+    x, sr = sf.read(src / "a.wav", dtype="float32")
+    sf.write(src / "c.ogg", x, sr, format="OGG", subtype="VORBIS")
+    _truncate(src / "c.ogg", 0.4)
+    _truncate(src / "b.wav", 0.4)  # the RIFF header still claims 6 s
+    m = build_shards(src, tmp_path / "out", progress=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    cut = {e["source"]: e["reason"] for e in report["truncated"]}
+    assert set(cut) == {"b.wav", "c.ogg"}
+    assert "claims 6.000 s" in cut["b.wav"] and "end-of-stream" in cut["c.ogg"]
+    assert all("kept what decodes" in r for r in cut.values())
+    assert m.total_samples == 3 and report["skipped"] == []
+
+
+def test_prep_shards_says_src_is_a_file(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src")
+    code, err = _run_cli(capsys, "prep", "shards", str(src / "a.wav"), str(tmp_path / "out"))
+    line = _one_line_error(err)
+    assert code == 2 and "is a file, not a folder" in line and str(src) in line
+    code, err = _run_cli(capsys, "prep", "shards", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert code == 2 and "does not exist" in _one_line_error(err)
+
+
+def test_prep_shards_says_out_is_a_file(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src")
+    (tmp_path / "out").write_text("x")
+    code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "out"))
+    assert code == 2 and "is a file, not a folder" in _one_line_error(err)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prep", "shards", "S", "O", "--files-per-shard", "0"], "--files-per-shard"),
+    (["prep", "shards", "S", "O", "--workers", "0"], "--workers"),
+    (["prep", "shards", "S", "O", "--workers", "-2"], "--workers"),
+    (["prep", "shards", "S", "O", "--segment", "0"], "--segment"),
+    (["prep", "shards", "S", "O", "--overlap", "-1"], "--overlap"),
+    (["prep", "shards", "S", "O", "--sample-rate", "0"], "--sample-rate"),
+    (["prep", "shards", "S", "O", "--files-per-shard", "many"], "--files-per-shard"),
+    (["prep", "corpus", "--hours", "0"], "--hours"),
+    (["prep", "corpus", "--clip-seconds", "-1"], "--clip-seconds"),
+    (["prep", "corpus", "--files-per-shard", "0"], "--files-per-shard"),
+    (["prep", "corpus", "--workers", "0"], "--workers"),
+    (["prep", "semantic", "S", "O", "--k", "1"], "--k"),
+    (["prep", "semantic", "S", "O", "--frame-rate", "0"], "--frame-rate"),
+    (["prep", "semantic", "S", "O", "--iterations", "0"], "--iterations"),
+    (["prep", "mulan", "--mulan", "M", "--n-q", "0"], "--n-q"),
+    (["prep", "mulan", "--mulan", "M", "--bins", "1"], "--bins"),
+    (["prep", "mulan", "--mulan", "M", "--segment", "0"], "--segment"),
+    (["tokenize", "S", "O", "--codec", "C", "--batch-size", "0"], "--batch-size"),
+    (["tokenize", "S", "O", "--codec", "C", "--workers", "-1"], "--workers"),
+    (["tokenize", "S", "O", "--codec", "C", "--n-q", "0"], "--n-q"),
+    (["encode", "S", "O", "--model", "M", "--batch-size", "0"], "--batch-size"),
+])
+def test_out_of_range_numbers_are_refused_before_any_work(capsys, argv: list[str], flag: str):
+    code, err = _run_cli(capsys, *argv)
+    assert code == 2 and f"argument {flag}" in _one_line_error(err)
+
+
+def test_overlap_not_below_segment_is_one_line(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src")
+    code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "out"), "--segment", "1",
+                         "--overlap", "1")
+    assert code == 2 and "overlap_seconds must be in [0, segment_seconds)" in _one_line_error(err)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_every_file_undecodable_is_one_line_naming_the_report(tmp_path: Path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.wav").write_bytes(b"RIFF not really")
+    code, err = _run_cli(capsys, "prep", "shards", str(tmp_path / "src"), str(tmp_path / "out"),
+                         "--sample-rate", "24000", "--channels", "mono")
+    line = _one_line_error(err)
+    assert code == 2 and "every audio file was skipped" in line and "report.json" in line
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_library_checks_the_same_numbers(tmp_path: Path):
+    from ostinato.encode import encode_shards
+    from ostinato.tokenize import tokenize
+
+    with pytest.raises(ValueError, match="--batch-size 0"):
+        tokenize("codec", tmp_path, tmp_path / "t", batch_size=0)
+    with pytest.raises(ValueError, match="--batch-size 0"):
+        encode_shards("model", tmp_path, tmp_path / "a", batch_size=0)
+
+
+# ------------------------------------------------------------------------- read-only, full disk, interrupted
+
+
+@contextmanager
+def _tmpfs(folder: Path, options: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_prep_shards_into_a_read_only_folder_is_one_line(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src")
+    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+        code, err = _run_cli(capsys, "prep", "shards", str(src), str(ro / "out"))
+        line = _one_line_error(err)
+        assert code == 2 and "read-only file system" in line and str(ro / "out") in line
+        code, err = _run_cli(capsys, "prep", "shards", str(src), str(ro))
+        line = _one_line_error(err)
+        assert code == 2 and "read-only file system" in line and str(ro) in line
+        assert list(ro.iterdir()) == []
+
+
+def test_prep_shards_on_a_full_disk_is_one_line_and_leaves_no_shard(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src", seconds=8.0)  # about 750 kB of FLAC: more than the 256 kB disk
+    with _tmpfs(tmp_path / "full", "size=256k") as full:
+        code, err = _run_cli(capsys, "prep", "shards", str(src), str(full), "--files-per-shard", "1")
+        line = _one_line_error(err)
+        assert code == 2 and "no space left on device" in line and str(full) in line
+        assert not (full / "manifest.json").exists() and not list(full.glob(".*.tmp"))
+        for marker in full.glob("shard-*.json"):  # a shard written before the disk filled is complete
+            tar = full / json.loads(marker.read_text())["shard"]
+            assert tar.stat().st_size == json.loads(marker.read_text())["bytes"]
+
+
+def test_tokenize_sweeps_temp_files_of_a_killed_run_and_refuses_a_read_only_out(tmp_path: Path, capsys):
+    from ostinato.tokenize import tokenize
+    from tests.synth import write_tiny_encodec
+
+    write_shards(tmp_path / "s", n_shards=2, per_shard=2, sample_rate=24000, seconds=0.2)
+    codec = str(write_tiny_encodec(tmp_path / "codec"))
+    out = tmp_path / "t"
+    out.mkdir()
+    stale = [out / ".shard-000001.tar.k1ll3d.tmp", out / ".shard-000001.json.k1ll3d.tmp"]
+    for p in stale:  # what a SIGKILL while writing shard 1 leaves (atomic writes: never the final name)
+        p.write_bytes(b"half a shard")
+    other = out / "notes.txt"
+    other.write_text("mine")
+    m = tokenize(codec, tmp_path / "s", out, workers=0, progress=False)
+    assert m.total_samples == 4 and not any(p.exists() for p in stale) and other.read_text() == "mine"
+    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+        code, err = _run_cli(capsys, "tokenize", str(tmp_path / "s"), str(ro / "t"), "--codec", codec)
+        line = _one_line_error(err)
+        assert code == 2 and "read-only file system" in line and str(ro / "t") in line

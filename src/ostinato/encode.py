@@ -23,7 +23,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
-from ostinato.data.sources import iter_shard_audio, resolve_shards
+from ostinato.data.sources import iter_shard_audio, naming, output_folder, resolve_shards, sweep_temps
 from ostinato.errors import user_errors
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
@@ -71,7 +71,7 @@ def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch
     name = shard_name(url)
     first = next(iter(model.array_streams()))
     frames = 0
-    with atomic_path(out / name) as tmp:
+    with naming(out / name), atomic_path(out / name) as tmp:  # a full or read-only disk names the shard
         with wds.TarWriter(str(tmp)) as writer:
             for (key, _, meta), arr in zip(items, arrays):
                 frames += int(arr[first].shape[-1])
@@ -93,8 +93,9 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
     """
     from ostinato.interop.codecs import weights_hash
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be at least 1")
+    out = output_folder(out, "OUT")
     source = resolve_shards(shards)
     model = load_encoder(model_ref, trust, device) if isinstance(model_ref, (str, Path)) else model_ref
     dev = torch.device(device)
@@ -102,6 +103,8 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
                      hash=weights_hash(model), kind=model.array_kind, sample_rate=int(model.sample_rate),
                      channels=int(model.channels))
     check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite, "array shards")
+    sweep_temps(out, [n for u in source.urls for n in (shard_name(u), shard_marker(out, u).name)]
+                + ["manifest.json", ".progress.json"])
     todo = [u for u in source.urls if not shard_done(out, u)]
     log.info("encoding %d of %d shards with %s (%s)", len(todo), len(source.urls), info.id, info.kind)
     for url in tqdm(todo, desc="encode", unit="shard", disable=not progress):
@@ -116,18 +119,21 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
                              streams=dict(model.array_streams()), model=info,
                              source={"shards": source.urls, "samples": sum(m["samples"] for m in markers),
                                      "skipped": skipped, "skipped_by_shard": by_shard})
-    manifest.save(out)
+    with naming(out / "manifest.json"):
+        manifest.save(out)
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ostinato.cli import _number
+
     p = argparse.ArgumentParser(prog="ostinato encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
     p.add_argument("out", help="output folder for the array shards")
     p.add_argument("--model", required=True, help="a Musika autoencoder or Jukebox VQ-VAE (XP signature, XP folder, "
                                                   ".ckpt or export folder)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_number(int, 1), default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")

@@ -24,7 +24,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from ostinato.data.sources import ShardSource, iter_shard_audio, resolve_shards
+from ostinato.data.sources import (ShardSource, iter_shard_audio, naming, output_folder, resolve_shards,
+                                   sweep_temps)
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
@@ -91,7 +92,7 @@ def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]
             codes[i] = c
     name = shard_name(url)
     frames = 0
-    with atomic_path(out / name) as tmp:
+    with naming(out / name), atomic_path(out / name) as tmp:  # a full or read-only disk names the shard
         with wds.TarWriter(str(tmp)) as writer:
             for i, (key, _, meta) in enumerate(items):
                 c = codes[i]
@@ -128,8 +129,10 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
 
     ``codec_ref``: a semantic tokenizer folder (``ostinato prep semantic``) or anything ``load_codec`` takes.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if batch_size < 1 or workers < 0 or (n_q is not None and n_q < 1):
+        raise ValueError(f"--batch-size {batch_size}, --workers {workers}, --n-q {n_q}: the batch size and n_q must "
+                         "be at least 1, the workers at least 0")
+    out = output_folder(out, "OUT")
     source: ShardSource = resolve_shards(shards)
     codec = load_tokenizer(codec_ref, trust=trust)
     n_q = n_q or codec.n_q
@@ -139,6 +142,8 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
                      cardinality=codec.cardinality)
     check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite, "token shards")
+    sweep_temps(out, [n for u in source.urls for n in (shard_name(u), shard_marker(out, u).name)]
+                + ["manifest.json", ".progress.json"])
     todo = [u for u in source.urls if not shard_done(out, u)]
     devices = devices or (["cuda:%d" % i for i in range(torch.cuda.device_count())] or ["cpu"])
     devices = devices[: max(1, len(todo))]
@@ -169,5 +174,6 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
         "shards": source.urls, "samples": sum(s.samples for s in shards_done), "skipped": skipped,
         "skipped_by_shard": by_shard,
         **({"semantic": codec.id} if isinstance(codec, SemanticTokenizer) else {})})
-    manifest.save(out)
+    with naming(out / "manifest.json"):
+        manifest.save(out)
     return manifest

@@ -49,6 +49,70 @@ def audio_info(path: str | Path) -> tuple[int, int, float]:
     return int(info.samplerate), int(info.channels), float(info.duration)
 
 
+def truncation_note(path: str | Path, decoded_frames: int) -> str | None:
+    """Why the file at ``path`` looks cut short, or None: a WAV whose data chunk claims more bytes than the file
+    holds, an Ogg stream without its end-of-stream page, or fewer decoded frames than the header announces.
+    libsndfile quietly decodes what is there in all three cases."""
+    path = Path(path)
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - an unreadable header was reported by the decoder already
+        return None
+    rate = info.samplerate
+    suffix = path.suffix.lower()
+    if suffix == ".wav":
+        claimed = _wav_claimed_frames(path, info.channels)
+        if claimed is not None and claimed > decoded_frames:
+            return (f"its header claims {claimed / rate:.3f} s but the file holds {decoded_frames / rate:.3f} s "
+                    "(cut short?)")
+    elif suffix in (".ogg", ".oga", ".opus") and not _ogg_has_end(path):
+        return (f"the Ogg stream has no end-of-stream page: only {decoded_frames / rate:.3f} s decode "
+                "(cut short?)")
+    elif info.frames > decoded_frames:
+        return f"its header says {info.frames / rate:.3f} s but {decoded_frames / rate:.3f} s decode (cut short?)"
+    return None
+
+
+def _wav_claimed_frames(path: Path, channels: int) -> int | None:
+    """Frames the ``data`` chunk of a RIFF/WAVE file declares, or None when it cannot tell."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"RIFF" or f.read(4) == b"" or f.read(4) != b"WAVE":
+            return None
+        block = None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            chunk, size = head[:4], int.from_bytes(head[4:], "little")
+            if chunk == b"fmt ":
+                fmt = f.read(size + size % 2)
+                block = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else None
+            elif chunk == b"data":
+                if not block or size in (0, 0xFFFFFFFF):  # unknown block size, or a streaming placeholder
+                    return None
+                return size // block
+            else:
+                f.seek(size + size % 2, 1)
+
+
+def _ogg_has_end(path: Path) -> bool:
+    """Whether the last Ogg page of the file is complete and flagged end-of-stream."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+    start = tail.rfind(b"OggS")
+    if start < 0 or len(tail) - start < 27:
+        return False
+    page = tail[start:]
+    segments = page[26]
+    if len(page) < 27 + segments:
+        return False
+    body = sum(page[27:27 + segments])
+    return bool(page[5] & 0x04) and len(page) >= 27 + segments + body
+
+
 def resample(wav: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
     """The one resampler of ostinato: torchaudio's windowed-sinc (Hann, 6 zero crossings). [..., T] -> [..., T']."""
     if from_sr == to_sr:

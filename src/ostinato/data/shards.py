@@ -13,6 +13,9 @@ Choices:
 * Files: ``src`` is scanned recursively (``out`` and hidden names excluded); audio = ``AUDIO_EXTENSIONS`` (any
   case), sorted by relative POSIX path. ``.json .jsonl .txt .csv .tsv`` are metadata, anything else is listed as ``ignored``.
   A file that fails to decode or convert is skipped, logged and listed in ``report.json``; the job goes on.
+  A file cut short (a WAV whose header claims more data than it holds, an Ogg stream without its end page,
+  fewer frames than the header says) keeps the part that decodes, since that audio is intact, and is logged and
+  listed under ``truncated`` in ``report.json`` with both durations, so the user can fetch it again.
 * Shards: shard ``i`` holds ``files[i * files_per_shard:(i + 1) * files_per_shard]``, so a re-run maps the same
   files to the same shard whatever ``workers`` is. A shard whose files all fail gets a marker but no tar and is
   left out of the manifest (shard names then have a gap).
@@ -63,9 +66,11 @@ from ostinato.data.audio import (
     load_audio,
     normalize_loudness,
     resample,
+    truncation_note,
 )
 from ostinato.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from ostinato.data.sources import iter_raw_samples
+from ostinato.data.sources import iter_raw_samples, naming, output_folder
+from ostinato.errors import UserError
 from ostinato.fileio import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,7 @@ class _ShardJob:
 class _FileResult:
     samples: list[tuple[str, bytes, dict[str, Any]]] = field(default_factory=list)
     skipped: str | None = None
+    truncated: str | None = None
     issues: list[dict[str, Any]] = field(default_factory=list)
     overrides: list[dict[str, Any]] = field(default_factory=list)
 
@@ -131,8 +137,13 @@ def build_shards(src: str | Path, out: str | Path, *, sample_rate: int | None = 
         min_segment_seconds = segment_seconds / 2
     _validate(sample_rate, channels, segment_seconds, overlap_seconds, min_segment_seconds, files_per_shard,
               bits, workers)
+    if src_path.is_file():
+        raise UserError(f"{src_path} is a file, not a folder: give the folder that holds the audio files "
+                        f"(e.g. {src_path.parent}); it is searched recursively")
     if not src_path.is_dir():
-        raise FileNotFoundError(f"source folder {src_path} does not exist")
+        raise FileNotFoundError(f"source folder {src_path} does not exist; give the folder that holds the audio "
+                                "files")
+    output_folder(out_path, "OUT")
     manifest_path = out_path / MANIFEST_NAME
     if manifest_path.exists() and not overwrite:
         raise FileExistsError(f"{manifest_path} exists: the shards are complete; pass --overwrite to rebuild them")
@@ -152,26 +163,30 @@ def build_shards(src: str | Path, out: str | Path, *, sample_rate: int | None = 
     }
     fingerprint = {"files": len(files), "hash": _source_hash(src_path, files, sidecars),
                    "metadata_sha256": _file_sha256(Path(metadata)) if metadata is not None else None}
-    out_rate, out_channels = _start_or_resume(src_path, out_path, files, options, fingerprint)
-    target = _Target(out_rate, out_channels, channels, loudness, segment_seconds, overlap_seconds,
-                     min_segment_seconds, bits)
+    with naming(out_path):  # a full or read-only disk names OUT, not a temp file
+        out_rate, out_channels = _start_or_resume(src_path, out_path, files, options, fingerprint)
+        target = _Target(out_rate, out_channels, channels, loudness, segment_seconds, overlap_seconds,
+                         min_segment_seconds, bits)
 
-    jobs = [_ShardJob(i, str(src_path), str(out_path), chunk, {f: rows[f] for f in chunk if f in rows}, target)
-            for i, chunk in enumerate(_chunks(files, files_per_shard))]
-    markers = _run_jobs(jobs, out_path, workers, progress)
+        jobs = [_ShardJob(i, str(src_path), str(out_path), chunk, {f: rows[f] for f in chunk if f in rows},
+                          target) for i, chunk in enumerate(_chunks(files, files_per_shard))]
+        markers = _run_jobs(jobs, out_path, workers, progress)
 
-    report = _report(files, markers, ignored, table_issues)
-    atomic_write_json(out_path / REPORT_NAME, report)
-    if report["samples"] == 0:
-        raise RuntimeError(f"no sample could be written from {src_path}; see {out_path / REPORT_NAME}")
-    if report["skipped"]:
-        log.warning("%d of %d files skipped; see %s", len(report["skipped"]), len(files), out_path / REPORT_NAME)
-    manifest = Manifest(
-        shards=[ShardInfo(m["shard"], m["samples"], m["seconds"], m["bytes"]) for m in markers if m["samples"]],
-        sample_rate=out_rate, channels=out_channels, options=options,
-        source={"root": str(src_path), **fingerprint}, skipped=len(report["skipped"]),
-    )
-    manifest.save(out_path)
+        report = _report(files, markers, ignored, table_issues)
+        atomic_write_json(out_path / REPORT_NAME, report)
+        if report["samples"] == 0:
+            raise UserError(f"no sample could be written from {src_path}: every audio file was skipped; see the "
+                            f"reasons in {out_path / REPORT_NAME}")
+        if report["skipped"]:
+            log.warning("%d of %d files skipped; see %s", len(report["skipped"]), len(files),
+                        out_path / REPORT_NAME)
+        manifest = Manifest(
+            shards=[ShardInfo(m["shard"], m["samples"], m["seconds"], m["bytes"]) for m in markers
+                    if m["samples"]],
+            sample_rate=out_rate, channels=out_channels, options=options,
+            source={"root": str(src_path), **fingerprint}, skipped=len(report["skipped"]),
+        )
+        manifest.save(out_path)
     return manifest
 
 
@@ -458,6 +473,8 @@ def _init_worker() -> None:
 def _log_skips(marker: dict[str, Any]) -> dict[str, Any]:
     for entry in marker["skipped"]:
         log.warning("skipped %s: %s", entry["source"], entry["reason"])
+    for entry in marker.get("truncated", []):
+        log.warning("cut short %s: %s", entry["source"], entry["reason"])
     return marker
 
 
@@ -470,7 +487,7 @@ def _build_shard(job: _ShardJob, on_file: Callable[[], None] | None = None) -> d
     out = Path(job.out)
     name = _shard_name(job.index, "tar")
     marker: dict[str, Any] = {"shard": name, "files": job.files, "samples": 0, "seconds": 0.0, "bytes": 0,
-                              "skipped": [], "metadata_issues": [], "metadata_overrides": []}
+                              "skipped": [], "truncated": [], "metadata_issues": [], "metadata_overrides": []}
     try:
         with atomic_path(out / name) as tmp, open(tmp, "wb") as stream:
             with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
@@ -496,6 +513,8 @@ def _record(marker: dict[str, Any], rel: str, result: _FileResult, writer: wds.T
     if result.skipped is not None:
         marker["skipped"].append({"source": rel, "reason": result.skipped})
         return
+    if result.truncated is not None:
+        marker["truncated"].append({"source": rel, "reason": f"{result.truncated}; kept what decodes"})
     for key, flac, meta in result.samples:
         writer.write({"__key__": key, "flac": flac, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
         marker["samples"] += 1
@@ -509,7 +528,7 @@ def _process_file(src: Path, rel: str, row: dict[str, Any], target: _Target) -> 
     result = _FileResult()
     meta = _merged_metadata(src, rel, row, result)
     try:
-        wav = _convert(src / rel, target)
+        wav, result.truncated = _convert(src / rel, target)
     except Exception as e:  # one bad file never stops the job; the reason goes to the report
         result.skipped = str(e).removeprefix(f"{src / rel}: ")
         return result
@@ -528,8 +547,10 @@ def _process_file(src: Path, rel: str, row: dict[str, Any], target: _Target) -> 
     return result
 
 
-def _convert(path: Path, target: _Target) -> torch.Tensor:
+def _convert(path: Path, target: _Target) -> tuple[torch.Tensor, str | None]:
+    """The file as the target's [C, T], and why it looks cut short (or None)."""
     wav, sr = load_audio(path)
+    note = truncation_note(path, wav.shape[-1])
     if target.channel_policy != "keep":
         wav = convert_channels(wav, target.channel_policy)  # type: ignore[arg-type]
     elif wav.shape[0] != target.channels:
@@ -540,7 +561,7 @@ def _convert(path: Path, target: _Target) -> torch.Tensor:
     wav = resample(wav, sr, target.sample_rate)
     if target.loudness is not None:
         wav = normalize_loudness(wav, target.sample_rate, target.loudness)
-    return wav.contiguous()
+    return wav.contiguous(), note
 
 
 def _merged_metadata(src: Path, rel: str, row: dict[str, Any], result: _FileResult) -> dict[str, Any]:
@@ -604,6 +625,7 @@ def _report(files: list[str], markers: list[dict[str, Any]], ignored: list[str],
         "samples": sum(m["samples"] for m in markers),
         "seconds": round(sum(m["seconds"] for m in markers), 3),
         "skipped": skipped,
+        "truncated": [entry for m in markers for entry in m.get("truncated", [])],
         "ignored": ignored,
         "metadata_issues": table_issues + [entry for m in markers for entry in m["metadata_issues"]],
         "metadata_overrides": [entry for m in markers for entry in m["metadata_overrides"]],

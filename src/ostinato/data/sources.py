@@ -6,11 +6,15 @@ tool (s5cmd, rclone) works without code changes.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
 import shlex
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.data.manifest import MANIFEST_NAME, Manifest
+from ostinato.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +177,43 @@ def iter_shard_audio(url: str, sample_rate: int, channels: int, skipped: list[st
                        * max(0, (expected or 0) - read))
     if len(skipped) > before:
         log.warning("%s: %d samples skipped (first: %s)", url, len(skipped) - before, skipped[before])
+
+
+def output_folder(path: str | os.PathLike, option: str) -> Path:
+    """Create the output folder ``path`` (``option`` names it in messages) and check that it takes files: a file
+    there, a read-only or full file system end in one line naming the folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder; give a folder for the output (created if "
+                        "missing)")
+    with naming(path):
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    return path
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a file-system error (full disk, read-only, no permission) of the block as one naming ``path``
+    rather than the temp file it happened on (which is gone by then)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def sweep_temps(folder: Path, names: Iterator[str] | list[str]) -> int:
+    """Remove the temp files (``.NAME.*.tmp``, see ``ostinato.fileio.atomic_path``) that a killed run left for
+    the outputs ``names`` in ``folder``; returns how many."""
+    swept = 0
+    for name in names:
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            swept += 1
+    if swept:
+        log.info("removed %d temp files of an interrupted run in %s", swept, folder)
+    return swept
