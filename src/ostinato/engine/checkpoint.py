@@ -127,15 +127,24 @@ def _disk_full(error: RuntimeError, tmp: Path) -> OSError | None:
 
 
 def keep_previous(path: Path, written: Path) -> None:
-    """Before ``written`` replaces ``last.ckpt`` at ``path``: move the current one to ``last-previous.ckpt`` when
-    whole (set it aside when damaged). Killed between the two renames, ``last-previous.ckpt`` is still there."""
+    """Before ``written`` replaces ``last.ckpt`` at ``path``: keep the current one as ``last-previous.ckpt`` when
+    whole (set it aside when damaged). A hard link keeps ``last.ckpt`` in place until the new one is renamed onto
+    it; where the file system has none, it is renamed, and a kill before the next rename leaves only
+    ``last-previous.ckpt``, which a resumed run then takes."""
     with open(written, "rb+") as f:  # the new one is on disk before the old one moves
         os.fsync(f.fileno())
     damage = checkpoint_damage(path)
-    if damage is None:
-        os.replace(path, path.with_name(PREVIOUS_NAME))
-    else:
+    if damage is not None:
         log.warning("%s is damaged (%s); set aside as %s", path, damage, set_aside(path).name)
+        return
+    previous = path.with_name(PREVIOUS_NAME)
+    link = path.with_name(f".{PREVIOUS_NAME}.{os.getpid()}.tmp")  # swept at the next start if left behind
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        os.replace(path, previous)
 
 
 def sweep_temp_files(folder: str | Path) -> tuple[int, int]:
