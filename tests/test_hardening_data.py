@@ -429,3 +429,43 @@ def test_tokenize_sweeps_temp_files_of_a_killed_run_and_refuses_a_read_only_out(
         code, err = _run_cli(capsys, "tokenize", str(tmp_path / "s"), str(ro / "t"), "--codec", codec)
         line = _one_line_error(err)
         assert code == 2 and "read-only file system" in line and str(ro / "t") in line
+
+
+# ------------------------------------------------------------------------------ wrong inputs of the other verbs
+
+
+def test_a_file_that_is_no_shard_is_refused(tmp_path: Path, capsys):
+    (tmp_path / "notes.txt").write_text("not a tar")
+    code, err = _run_cli(capsys, "tokenize", str(tmp_path / "notes.txt"), str(tmp_path / "t"), "--codec", "x")
+    line = _one_line_error(err)
+    assert code == 2 and "is not a shard" in line and "ostinato prep shards" in line
+
+
+def test_tokenize_of_shards_where_nothing_decodes_is_one_line_and_writes_no_manifest(tmp_path: Path, capsys):
+    from tests.synth import write_tiny_encodec
+
+    write_shards(tmp_path / "s", n_shards=1, per_shard=3, sample_rate=24000, corrupt={0, 1, 2})
+    code, err = _run_cli(capsys, "tokenize", str(tmp_path / "s"), str(tmp_path / "t"), "--codec",
+                         str(write_tiny_encodec(tmp_path / "codec")), "--workers", "0")
+    line = _one_line_error(err)
+    assert code == 2 and "no sample of" in line and "3 skipped" in line
+    assert not (tmp_path / "t" / "manifest.json").exists()
+
+
+def test_prep_semantic_checks_out_before_fitting(tmp_path: Path, capsys, caplog):
+    write_shards(tmp_path / "s", n_shards=1, per_shard=2)
+    (tmp_path / "out").write_text("x")
+    with caplog.at_level(logging.INFO):
+        code, err = _run_cli(capsys, "prep", "semantic", str(tmp_path / "s"), str(tmp_path / "out"), "--k", "2",
+                             "--workers", "0")
+    assert code == 2 and "is a file, not a folder" in _one_line_error(err)
+    assert "k-means pass" not in caplog.text
+
+
+def test_prep_mulan_checks_out_before_loading(tmp_path: Path, capsys):
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    (tmp_path / "out").write_text("x")
+    code, err = _run_cli(capsys, "prep", "mulan", "--mulan", "nothing", "--shards", str(tmp_path / "shards"),
+                         "--out", str(tmp_path / "out"))
+    line = _one_line_error(err)
+    assert code == 2 and "--out" in line and "is a file, not a folder" in line

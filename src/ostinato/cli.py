@@ -89,9 +89,12 @@ def _prep_mulan(args: argparse.Namespace) -> None:
     from ostinato.data.musiclm_tokens import write_mulan_tokens
     from ostinato.families.mulan import as_mulan, fit_mulan_quantizer
 
+    from ostinato.data.sources import output_folder
+
     shards, out = Path(args.shards), Path(args.out)
     if not (shards / "train").is_dir():
         raise FileNotFoundError(f"--shards {shards}: no train/ split there (expected SHARDS/train/manifest.json)")
+    output_folder(out, "--out")  # before any model loads
     mulan = as_mulan(args.mulan)
     quantizer = fit_mulan_quantizer(mulan, str(shards / "train"), n_q=args.n_q, bins=args.bins,
                                     segment_seconds=args.segment, with_text=args.with_text, seed=args.seed,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
 from ostinato.data.sources import iter_shard_audio, naming, output_folder, resolve_shards, sweep_temps
-from ostinato.errors import user_errors
+from ostinato.errors import UserError, user_errors
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
 
@@ -115,6 +115,9 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
     if skipped:
         log.warning("%d samples skipped (corrupt or lost to a damaged tar): %s", skipped,
                     ", ".join(f"{u} ({n})" for u, n in by_shard.items()))
+    if not any(m["samples"] for m in markers):
+        raise UserError(f"no sample of {shards} could be decoded ({skipped} skipped: corrupt audio or damaged "
+                        "tars); rebuild the audio shards with `ostinato prep shards`")
     manifest = ArrayManifest(shards=[ArrayShard(m["name"], m["samples"], m["frames"]) for m in markers],
                              streams=dict(model.array_streams()), model=info,
                              source={"shards": source.urls, "samples": sum(m["samples"] for m in markers),

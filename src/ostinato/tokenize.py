@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ostinato.data.sources import (ShardSource, iter_shard_audio, naming, output_folder, resolve_shards,
                                    sweep_temps)
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
+from ostinato.errors import UserError
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
 from ostinato.interop.codecs import load_codec, weights_hash
@@ -170,6 +171,9 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
     if skipped:
         log.warning("%d samples skipped (corrupt or lost to a damaged tar): %s", skipped,
                     ", ".join(f"{u} ({n})" for u, n in by_shard.items()))
+    if not any(m["samples"] for m in markers):
+        raise UserError(f"no sample of {shards} could be decoded ({skipped} skipped: corrupt audio or damaged "
+                        "tars); rebuild the audio shards with `ostinato prep shards`")
     manifest = TokenManifest(shards=shards_done, codec=info, source={
         "shards": source.urls, "samples": sum(s.samples for s in shards_done), "skipped": skipped,
         "skipped_by_shard": by_shard,

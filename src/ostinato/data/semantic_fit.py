@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ostinato.data.audio import AudioDecodeError, load_audio, resample
-from ostinato.data.sources import iter_raw_samples, resolve_shards
+from ostinato.data.sources import iter_raw_samples, output_folder, resolve_shards
 from ostinato.nn.semantic import (CONFIG_NAME, SemanticFeatures, SemanticTokenizer, make_features,
                                   token_stats)
 
@@ -186,6 +186,8 @@ def fit_semantic_tokenizer(shards: Any, out: str | Path | None, *, features: str
     if out is not None and (Path(out) / CONFIG_NAME).is_file() and not overwrite:
         raise FileExistsError(f"{Path(out) / CONFIG_NAME} exists: a tokenizer is already fitted there; pass "
                               "--overwrite to replace it")
+    if out is not None:
+        output_folder(out, "OUT")  # before the fit: a file there, a read-only or full disk
     start = time.perf_counter()
     feats = make_features(features, frame_rate=frame_rate, layer=layer) if isinstance(features, str) else features
     # MFCC / log-mel are cheapest on the CPU, in the decoding workers; SSL models run on the device.

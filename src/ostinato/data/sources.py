@@ -77,6 +77,9 @@ def _resolve_one(spec: str) -> ShardSource:
         _check_local(urls, f"manifest {folder / MANIFEST_NAME}")
         return ShardSource(urls, m.sample_rate, m.channels, m.total_samples,
                            {u: s.samples for u, s in zip(urls, m.shards)})
+    if not is_remote(spec) and path.is_file() and path.suffix != ".tar":
+        raise UserError(f"{spec} is not a shard: give a folder with {MANIFEST_NAME}, a manifest, a shard .tar file "
+                        "or a brace pattern (make shards from audio files with `ostinato prep shards SRC OUT`)")
     if not is_remote(spec) and "{" not in spec and not path.exists():
         raise FileNotFoundError(f"no shards at {spec}: expected a folder with {MANIFEST_NAME}, a manifest, "
                                 "shard .tar files or a brace pattern (create them with `ostinato prep shards`)")
