@@ -376,3 +376,15 @@ def test_a_damaged_sharded_checkpoint_is_passed_over_for_the_previous_one(tmp_pa
     assert checkpoint_damage(previous) == "its shard index .metadata is empty"
     with pytest.raises(DamagedCheckpointError, match="no whole checkpoint is left beside it"):
         load_checkpoint(previous)
+
+
+def test_an_xp_whose_last_checkpoint_was_set_aside_names_its_newest_whole_one(capsys, tmp_path, trained) -> None:
+    """A run set last.ckpt aside and died before writing a new one: export of the XP names what is left."""
+    xp = tmp_path / "xp"
+    (xp / "checkpoints").mkdir(parents=True)
+    shutil.copy2(trained / PREVIOUS_NAME, xp / "checkpoints" / PREVIOUS_NAME)
+    code, _, err = _cli(capsys, "export", str(xp), str(tmp_path / "out"))
+    assert code == 2 and _one_line_error(err) == (
+        f"ostinato: error: {xp} holds no checkpoints/last.ckpt; its newest whole checkpoint is "
+        f"{xp / 'checkpoints' / PREVIOUS_NAME}: give that instead")
+    assert not (tmp_path / "out").exists()

@@ -254,7 +254,10 @@ def resolve_checkpoint(ref: str | Path, xps_dir: str | Path | None = None) -> Pa
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if is_checkpoint(candidate):
                 return candidate
-        raise FileNotFoundError(f"{path} holds no checkpoints/last.ckpt")
+        previous = previous_checkpoint(path / "checkpoints" / LAST_NAME)
+        raise FileNotFoundError(f"{path} holds no checkpoints/last.ckpt" + (
+            f"; its newest whole checkpoint is {previous}: give that instead" if previous else
+            "; train it first, or give a checkpoint file"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
