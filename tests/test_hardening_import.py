@@ -76,8 +76,8 @@ def fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
     with pytest.raises(SystemExit) as e:
         main(list(argv))
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err.splitlines()[-1]
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
 
 
 def test_import_of_a_folder_that_is_no_musicgen(tmp_path: Path, capsys) -> None:

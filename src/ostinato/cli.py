@@ -211,6 +211,16 @@ def _number(kind: type, low: float | None = None, high: float | None = None, abo
     return parse
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A bad flag of ``parser`` ends in one line (``PROG: error: MESSAGE; see PROG --help``), exit 2, not the
+    usage block."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message}; see `{parser.prog} --help`\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 def _audio_input(path: str | None, option: str):
     from ostinato.data.audio import AudioDecodeError, load_audio
     from ostinato.errors import UserError
@@ -506,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)
 
-    g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained model")
+    g = _one_line_errors(verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a "
+                                                           "trained model"))
     g.add_argument("--family", choices=["musicgen", *GENERATORS], default="musicgen",
                    help="which model family generates (default musicgen)")
     g.add_argument("--model", default=None,
@@ -573,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
     i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     i.set_defaults(func=_import)
+    _one_line_errors(i)
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
                          description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "
@@ -592,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     v.set_defaults(func=_eval)
+    _one_line_errors(v)
 
     a = verbs.add_parser("app", help="a Gradio web app to generate with a MusicGen (prompt, duration or unlimited, "
                                      "CFG, sampling, seed, melody / style / continuation uploads)")
@@ -605,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     a.set_defaults(func=_app)
+    _one_line_errors(a)
 
     d = verbs.add_parser("demo", help="the embedded default end to end: corpus -> codec, MusicGen, MuLaN -> "
                                       "generation -> evaluation -> outputs/demo/report.html")

@@ -126,6 +126,7 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
     from ostinato.interop.codecs import CODEC_KINDS, load_codec, require_ref, xps_dir
 
     ref = require_ref(model, "--model", "a MusicGen: an XP folder, a checkpoint, an export or import folder")
+    codec = require_ref(codec, "--codec", CODEC_KINDS) if codec else None
     _, cfg, _ = read_weights(ref, xps_dir(), trust)
     cfg = cfg or {}
     require_musicgen(model, cfg)
@@ -134,7 +135,7 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
     if codec_ref is None:
         raise UserError(f"--model {model}: no codec recorded (family.codec or token shards); pass --codec")
     folder = Path(ref) if Path(ref).is_dir() else None
-    codec_ref = require_ref(codec, "--codec", CODEC_KINDS) if codec else locate_codec(str(codec_ref), folder)
+    codec_ref = codec or locate_codec(str(codec_ref), folder)
     loaded = load_codec(codec_ref, trust=trust)
     _check_codec(module, loaded)
     module.attach_codec(loaded)
