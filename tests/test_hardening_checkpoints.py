@@ -120,6 +120,7 @@ def _xp_with(env: dict[str, str], trained: Path, run: list[str], names: list[str
     return target
 
 
+@pytest.mark.slow
 def test_a_truncated_last_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(env, trained) -> None:
     run = [*RUN, HANGING, "seed=11"]  # an XP of its own
     ckpts = _xp_with(env, trained, run, ["last.ckpt", PREVIOUS_NAME])
@@ -136,6 +137,7 @@ def test_a_truncated_last_checkpoint_is_set_aside_and_the_run_resumes_from_the_p
     assert _step(ckpts / "last.ckpt") == 12  # trained on from step 8 to the end
 
 
+@pytest.mark.slow
 def test_an_empty_last_checkpoint_without_a_previous_one_starts_from_scratch(env, trained) -> None:
     """Nothing whole is left to resume: starting over loses nothing (the damaged file is kept), while a run that
     stopped would only be started again by hand to do the same; the warning says which it did."""
@@ -152,6 +154,7 @@ def test_an_empty_last_checkpoint_without_a_previous_one_starts_from_scratch(env
     assert len([p for p in ckpts.iterdir() if ".damaged-" in p.name]) == 1
 
 
+@pytest.mark.slow
 def test_a_write_killed_mid_way_leaves_temp_files_the_next_run_removes(killed_run: KilledRun) -> None:
     """SIGKILL while ``last.ckpt`` is being written: its temp file stays behind; the next run removes it (one log
     line with the count and size), resumes from the last whole checkpoint and finishes."""
