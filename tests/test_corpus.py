@@ -190,7 +190,7 @@ def test_assign_splits_is_seeded_disjoint_and_fills_every_split():
 
 def test_soundfont_resolution(tmp_path, monkeypatch):
     font = tmp_path / "mine.sf2"
-    font.write_bytes(b"RIFF")
+    font.write_bytes(b"RIFF\x04\x00\x00\x00sfbk")
     assert find_soundfont(font) == font.resolve()
     monkeypatch.setenv("OSTINATO_SOUNDFONT", str(font))
     assert find_soundfont() == font.resolve()

@@ -469,3 +469,13 @@ def test_prep_mulan_checks_out_before_loading(tmp_path: Path, capsys):
                          "--out", str(tmp_path / "out"))
     line = _one_line_error(err)
     assert code == 2 and "--out" in line and "is a file, not a folder" in line
+
+
+def test_prep_corpus_checks_out_and_the_soundfont_before_rendering(tmp_path: Path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = _run_cli(capsys, "prep", "corpus", "--out", str(tmp_path / "afile"), "--hours", "0.01")
+    assert code == 2 and "is a file, not a folder" in _one_line_error(err)
+    code, err = _run_cli(capsys, "prep", "corpus", "--out", str(tmp_path / "c"), "--hours", "0.01",
+                         "--soundfont", str(tmp_path / "afile"))
+    assert code == 2 and "is not a SoundFont 2 (.sf2) file" in _one_line_error(err)
+    assert not (tmp_path / "c" / "audio").exists()

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from ostinato.data.audio import convert_channels, encode_flac, load_audio
 from ostinato.data.captions import dance_genre, describe, key_name
+from ostinato.data.sources import output_folder
 from ostinato.errors import UserError
 from ostinato.fileio import atomic_write_bytes, atomic_write_json, read_json
 
@@ -805,6 +806,12 @@ def find_soundfont(soundfont: str | Path | None = None) -> Path:
             origin = "--soundfont" if soundfont is not None else f"${SOUNDFONT_ENV}"
             raise MissingSynthesizer(f"{origin} {path} is not a file; give the path of a General MIDI .sf2 soundfont "
                                      f"({INSTALL_HINT} installs /usr/share/sounds/sf2/FluidR3_GM.sf2)")
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"sfbk":  # fluidsynth would quietly render with another font
+            origin = "--soundfont" if soundfont is not None else f"${SOUNDFONT_ENV}"
+            raise MissingSynthesizer(f"{origin} {path} is not a SoundFont 2 (.sf2) file; give a General MIDI .sf2 "
+                                     f"({INSTALL_HINT} installs /usr/share/sounds/sf2/FluidR3_GM.sf2)")
         return path.resolve()
     for candidate in SOUNDFONT_CANDIDATES:
         if Path(candidate).is_file():
@@ -966,6 +973,7 @@ def render_corpus(out: str | Path, *, sample_rate: int = 24000, channels: Litera
     _validate(sample_rate, channels, hours, clip_seconds, valid_fraction, test_fraction, workers)
     out = Path(out)
     font = find_soundfont(soundfont)
+    output_folder(out, "--out")  # before the rendering: a file there, a read-only or full disk
     fluidsynth = find_fluidsynth()
     options = {"sample_rate": int(sample_rate), "channels": channels, "hours": float(hours),
                "clip_seconds": float(clip_seconds), "seed": int(seed), "valid_fraction": float(valid_fraction),
