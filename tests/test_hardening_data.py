@@ -479,3 +479,26 @@ def test_prep_corpus_checks_out_and_the_soundfont_before_rendering(tmp_path: Pat
                          "--soundfont", str(tmp_path / "afile"))
     assert code == 2 and "is not a SoundFont 2 (.sf2) file" in _one_line_error(err)
     assert not (tmp_path / "c" / "audio").exists()
+
+
+def test_tokenize_on_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp(tmp_path: Path, capsys):
+    from tests.synth import write_tiny_encodec
+
+    write_shards(tmp_path / "s", n_shards=4, per_shard=8, sample_rate=24000, seconds=1.0)
+    codec = str(write_tiny_encodec(tmp_path / "codec"))
+    with _tmpfs(tmp_path / "full", "size=24k") as full:
+        code, err = _run_cli(capsys, "tokenize", str(tmp_path / "s"), str(full), "--codec", codec, "--workers", "0")
+        line = _one_line_error(err)
+        assert code == 2 and "no space left on device" in line and str(full) in line and ".tmp" not in line
+        assert not list(full.glob(".*.tmp")) and not (full / "manifest.json").exists()
+
+
+def test_prep_shards_metadata_table_missing_or_of_another_kind_is_one_line(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src")
+    code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "o1"), "--metadata",
+                         str(tmp_path / "absent.csv"))
+    assert code == 2 and "absent.csv" in _one_line_error(err)
+    (tmp_path / "table.xlsx").write_text("x")
+    code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "o2"), "--metadata",
+                         str(tmp_path / "table.xlsx"))
+    assert code == 2 and "must be .csv, .tsv or .jsonl" in _one_line_error(err)

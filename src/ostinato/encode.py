@@ -80,7 +80,8 @@ def _write_shard(out: Path, url: str, model: Any, batch_size: int, device: torch
                 sample.update({f"{n}.npy": encode_array(x) for n, x in arr.items()})
                 writer.write(sample)
     marker = {"name": name, "samples": len(items), "frames": frames, "skipped": skipped}
-    atomic_write_json(shard_marker(out, url), marker)
+    with naming(shard_marker(out, url)):
+        atomic_write_json(shard_marker(out, url), marker)
     return marker
 
 
@@ -102,7 +103,8 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
     info = ModelInfo(id=str(model_ref) if isinstance(model_ref, (str, Path)) else type(model).__name__,
                      hash=weights_hash(model), kind=model.array_kind, sample_rate=int(model.sample_rate),
                      channels=int(model.channels))
-    check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite, "array shards")
+    with naming(out / ".progress.json"):
+        check_progress(out, {"model_hash": info.hash, "shards": source.urls}, overwrite, "array shards")
     sweep_temps(out, [n for u in source.urls for n in (shard_name(u), shard_marker(out, u).name)]
                 + ["manifest.json", ".progress.json"])
     todo = [u for u in source.urls if not shard_done(out, u)]

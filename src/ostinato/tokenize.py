@@ -101,7 +101,8 @@ def _write_shard(out: Path, url: str, items: list[tuple[str, torch.Tensor, dict]
                 meta = {**meta, "frames": int(c.shape[-1]), "frame_rate": codec.frame_rate}
                 writer.write({"__key__": key, "npy": encode_codes(c), "json": json.dumps(meta).encode()})
     shard = TokenShard(name=name, samples=len(items), frames=frames)
-    atomic_write_json(shard_marker(out, url), {**shard.__dict__, "skipped": skipped})
+    with naming(shard_marker(out, url)):
+        atomic_write_json(shard_marker(out, url), {**shard.__dict__, "skipped": skipped})
     return shard
 
 
@@ -142,7 +143,9 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
     info = CodecInfo(id=str(codec_ref), hash=tokenizer_hash(codec), sample_rate=codec.sample_rate,
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
                      cardinality=codec.cardinality)
-    check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite, "token shards")
+    with naming(out / ".progress.json"):
+        check_progress(out, {"codec_hash": info.hash, "n_q": n_q, "shards": source.urls}, overwrite,
+                       "token shards")
     sweep_temps(out, [n for u in source.urls for n in (shard_name(u), shard_marker(out, u).name)]
                 + ["manifest.json", ".progress.json"])
     todo = [u for u in source.urls if not shard_done(out, u)]
