@@ -324,3 +324,16 @@ def test_eval_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(capsys,
         assert not [p for p in leftovers if p.name.endswith(".tmp")], leftovers
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--window", "0.5", "--extend-stride", "0.8"], "stride 0.8 s must be > 0 and at most the window (0.5 s): "
+                                                    "lower --extend-stride or raise --window"),
+    (["--long-form", "chain", "--window", "0.5", "--overlap", "0.5"], "overlap 0.5 s must be >= 0 and shorter than "
+                                                                      "the window (0.5 s): lower --overlap"),
+])
+def test_long_form_settings_that_cannot_work_name_the_flags(capsys, models, tmp_path, flags, words) -> None:
+    line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "1.2",
+                 "--out", str(tmp_path / "o"), *flags, loaded=True)
+    assert words in line
+    assert not (tmp_path / "o").exists()

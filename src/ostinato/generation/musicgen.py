@@ -52,6 +52,16 @@ class LongForm:
     def __post_init__(self) -> None:
         if self.mode not in ("window", "chain"):
             raise ValueError(f"long-form mode must be 'window' or 'chain', got {self.mode!r}")
+        if self.window is not None and self.window <= 0:
+            raise ValueError(f"long-form window {self.window:g} s must be > 0 (--window)")
+        if self.window is None:
+            return
+        if self.mode == "window" and self.stride is not None and not 0 < self.stride <= self.window:
+            raise ValueError(f"long-form stride {self.stride:g} s must be > 0 and at most the window "
+                             f"({self.window:g} s): lower --extend-stride or raise --window")
+        if self.mode == "chain" and not 0 <= self.overlap < self.window:
+            raise ValueError(f"long-form overlap {self.overlap:g} s must be >= 0 and shorter than the window "
+                             f"({self.window:g} s): lower --overlap or raise --window")
 
 
 # what a model that is not a MusicGen is, and which verb or flag takes it (by its family class)
