@@ -391,3 +391,16 @@ def test_an_xp_whose_last_checkpoint_was_set_aside_names_its_newest_whole_one(ca
         f"ostinato: error: {xp} holds no checkpoints/last.ckpt; its newest whole checkpoint is "
         f"{xp / 'checkpoints' / PREVIOUS_NAME}: give that instead")
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_one_line(env, trained) -> None:
+    """A last.ckpt copied in from an XP with another model (here: another width) cannot resume this one."""
+    run = [*RUN, HANGING, "family.hidden=8"]
+    ckpts = _xp_with(env, trained, run, ["last.ckpt"])
+    proc = train(env, *run, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"ostinato train: error: {ckpts / 'last.ckpt'} does not fit this XP's model "
+                           "(a checkpoint of family HangingSaveFamily; 7 tensors of another shape, e.g. model."), line
+    assert line.endswith(f"move it out of {ckpts} to start afresh, or give it as continue_from= to load what fits")
+    assert "Traceback" not in proc.stderr and (ckpts / "last.ckpt").is_file()

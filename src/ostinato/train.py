@@ -29,8 +29,8 @@ from ostinato.engine.config import ConfigError, check_global_batch, check_overri
 from ostinato.engine.family import plain
 from ostinato.engine.guard import NonFiniteError
 from ostinato.engine.loggers import build_loggers
-from ostinato.engine.trainer import (apply_compile_and_checkpointing, build_trainer, last_checkpoint,
-                                     sweep_checkpoint_temp_files)
+from ostinato.engine.trainer import (apply_compile_and_checkpointing, build_trainer, check_resume_fits,
+                                     last_checkpoint, sweep_checkpoint_temp_files)
 from ostinato.engine.weights import CONFIG_KEY, load_weights
 from ostinato.errors import EXIT_USER_ERROR, debug_enabled, user_errors, user_message
 from ostinato.fileio import atomic_write_text
@@ -85,6 +85,8 @@ def run(cfg: DictConfig) -> L.Trainer:
         atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         sweep_checkpoint_temp_files(folder)  # no rank writes before the process group exists: none is in progress
     resume = last_checkpoint(folder, set_aside_damaged=spec.rank == 0)
+    if resume is not None:
+        check_resume_fits(resume, family)
     if cfg.continue_from and resume is None:
         load_weights(family, cfg.continue_from, xps_dir=Path(xp.dora.dir) / xp.dora.xps,
                      trust=cfg.trainer.trust_checkpoints)

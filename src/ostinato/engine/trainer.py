@@ -20,6 +20,7 @@ from ostinato.engine.ema import EMA
 from ostinato.engine.family import FamilyModule
 from ostinato.engine.fsdp import ShardedFSDPStrategy, is_checkpoint, remember_parameter_ndims
 from ostinato.engine.guard import NonFiniteGuard
+from ostinato.errors import UserError
 from ostinato.nn.transformer import prefer_cudnn_attention
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,32 @@ def last_checkpoint(folder: Path, set_aside_damaged: bool = False) -> Path | Non
             log.warning("checkpoint %s is damaged (%s): set aside as %s; %s", path, damage, set_aside(path).name,
                         then)
     return chosen
+
+
+def check_resume_fits(path: Path, family: torch.nn.Module) -> None:
+    """Refuse, in one line naming its family, a checkpoint whose weights do not fit ``family`` (one copied in from
+    another XP), before Lightning's strict load would fail with a page of keys. Reads names and shapes only
+    (memory-mapped); a sharded checkpoint or one that needs trust is left to Lightning."""
+    from ostinato.engine.weights import CONFIG_KEY
+
+    if Path(path).is_dir():
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        theirs, own = ckpt["state_dict"], family.state_dict()
+        missing = sorted(set(own) - set(theirs))
+        unexpected = sorted(set(theirs) - set(own))
+        shapes = sorted(k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape))
+    except Exception:  # noqa: BLE001 - anything unusual (lazy modules, odd files): Lightning's own load reports it
+        return
+    if not (missing or unexpected or shapes):
+        return
+    target = ((ckpt.get(CONFIG_KEY) or {}).get("family") or {}).get("_target_")
+    which = f"a checkpoint of family {target.rsplit('.', 1)[-1]}" if target else "a checkpoint of another model"
+    counts = ", ".join(f"{len(keys)} {what}, e.g. {keys[0]}" for what, keys in
+                       (("tensors of another shape", shapes), ("missing", missing), ("unexpected", unexpected)) if keys)
+    raise UserError(f"{path} does not fit this XP's model ({which}; {counts}): move it out of {Path(path).parent} "
+                    "to start afresh, or give it as continue_from= to load what fits")
 
 
 def sweep_checkpoint_temp_files(folder: Path) -> None:
