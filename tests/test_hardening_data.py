@@ -301,6 +301,15 @@ def test_prep_shards_reports_a_cut_ogg_and_a_wav_shorter_than_its_header(tmp_pat
     assert m.total_samples == 3 and report["skipped"] == []
 
 
+def test_prep_shards_cli_says_files_were_cut_short(tmp_path: Path, capsys):
+    src = _audio_folder(tmp_path / "src")
+    _truncate(src / "b.wav", 0.5)
+    from ostinato.cli import main
+
+    main(["prep", "shards", str(src), str(tmp_path / "out")])
+    assert "1 files cut short (kept what decodes), e.g. b.wav" in capsys.readouterr().out
+
+
 def test_prep_shards_says_src_is_a_file(tmp_path: Path, capsys):
     src = _audio_folder(tmp_path / "src")
     code, err = _run_cli(capsys, "prep", "shards", str(src / "a.wav"), str(tmp_path / "out"))

@@ -55,6 +55,8 @@ def _prep_corpus(args: argparse.Namespace) -> None:
 
 
 def _prep_shards(args: argparse.Namespace) -> None:
+    import json
+
     from ostinato.data.shards import build_shards
 
     m = build_shards(args.src, args.out, sample_rate=args.sample_rate, channels=args.channels,
@@ -67,6 +69,10 @@ def _prep_shards(args: argparse.Namespace) -> None:
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
     if m.skipped:
         print(f"skipped files and reasons: {Path(args.out) / 'report.json'}")
+    cut = json.loads((Path(args.out) / "report.json").read_text()).get("truncated", [])
+    if cut:
+        print(f"{len(cut)} files cut short (kept what decodes), e.g. {cut[0]['source']}: see `truncated` in "
+              f"{Path(args.out) / 'report.json'}")
 
 
 def _prep_semantic(args: argparse.Namespace) -> None:
