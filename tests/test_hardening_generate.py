@@ -337,3 +337,29 @@ def test_long_form_settings_that_cannot_work_name_the_flags(capsys, models, tmp_
                  "--out", str(tmp_path / "o"), *flags, loaded=True)
     assert words in line
     assert not (tmp_path / "o").exists()
+
+
+def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(models, tmp_path, monkeypatch) -> None:
+    """`tokenize --codec RELATIVE`: the manifest records where the codec is, not how it was spelled, so a MusicGen
+    trained on those shards (here its checkpoint, not an export) generates from another folder with no --codec."""
+    import json
+
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    write_shards(work / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
+    (work / "encodec").symlink_to(models["encodec"], target_is_directory=True)
+    monkeypatch.chdir(work)
+    main(["tokenize", "shards", "tokens", "--codec", "encodec", "--devices", "cpu", "--workers", "1"])
+    assert json.loads((work / "tokens" / "manifest.json").read_text())["codec"]["id"] == str(models["encodec"])
+    cfg = OmegaConf.to_container(OmegaConf.load(models["musicgen"] / "config.yaml"))
+    cfg["family"]["codec"] = None
+    cfg["data"]["train"] = str(work / "tokens")
+    torch.save({"state_dict": load_file(models["musicgen"] / "model.safetensors"), "ostinato_config": cfg},
+               work / "last.ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(["generate", "--model", str(work / "last.ckpt"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
+          "--out", "clips", "--quiet"])
+    assert (elsewhere / "clips" / "000.wav").is_file()

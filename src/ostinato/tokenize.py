@@ -30,7 +30,7 @@ from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_co
 from ostinato.errors import UserError
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
-from ostinato.interop.codecs import load_codec, weights_hash
+from ostinato.interop.codecs import codec_id, load_codec, weights_hash
 from ostinato.nn.codec import Codec
 from ostinato.nn.semantic import SemanticTokenizer, is_semantic_tokenizer
 
@@ -140,7 +140,7 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
     n_q = n_q or codec.n_q
     if not 1 <= n_q <= codec.n_q:
         raise ValueError(f"--n-q {n_q}: this codec has {codec.n_q} codebooks")
-    info = CodecInfo(id=str(codec_ref), hash=tokenizer_hash(codec), sample_rate=codec.sample_rate,
+    info = CodecInfo(id=codec_id(codec_ref), hash=tokenizer_hash(codec), sample_rate=codec.sample_rate,
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
                      cardinality=codec.cardinality)
     with naming(out / ".progress.json"):

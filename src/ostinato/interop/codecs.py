@@ -40,6 +40,13 @@ def require_ref(ref: str, option: str, what: str) -> str:
     return resolved
 
 
+def codec_id(ref: str | Path) -> str:
+    """How token shards record their codec: a local file or folder by absolute path (so that what trains on them
+    finds it from any working directory), anything else (an XP signature) as given."""
+    path = Path(str(ref)).expanduser()
+    return str(path.resolve()) if not str(ref).startswith("//") and path.exists() else str(ref)
+
+
 def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     """``ref``: an ostinato codec (XP signature, //sig/SIG, XP folder, .ckpt, export folder), a transformers
     EncodecModel folder (config.json with model_type "encodec"), or an audiocraft compression_state_dict.bin."""
