@@ -511,3 +511,12 @@ def test_prep_shards_metadata_table_missing_or_of_another_kind_is_one_line(tmp_p
     code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "o2"), "--metadata",
                          str(tmp_path / "table.xlsx"))
     assert code == 2 and "must be .csv, .tsv or .jsonl" in _one_line_error(err)
+
+
+def test_eval_shard_deleted_while_training_is_counted_not_raised(tmp_path: Path):
+    write_shards(tmp_path / "s", n_shards=2, per_shard=8)
+    dm = _dm(tmp_path / "s")
+    (tmp_path / "s" / "shard-000000.tar").unlink()  # after setup: the run had started
+    batches = list(dm.val_dataloader())
+    assert sum(len(b) for b in batches) == 16 and sum(b.skipped for b in batches) == 8
+    assert sorted(m["index"] for b in batches for m in b.meta if "index" in m) == list(range(8, 16))
