@@ -404,3 +404,13 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_one_line(env, trai
                            "(a checkpoint of family HangingSaveFamily; 7 tensors of another shape, e.g. model."), line
     assert line.endswith(f"move it out of {ckpts} to start afresh, or give it as continue_from= to load what fits")
     assert "Traceback" not in proc.stderr and (ckpts / "last.ckpt").is_file()
+
+
+def test_a_file_that_is_no_checkpoint_says_so(capsys, tmp_path) -> None:
+    """Before: a weights-only load of a text file raised a bare KeyError."""
+    path = tmp_path / "notes.ckpt"
+    path.write_text("these are my notes, not weights")
+    code, _, err = _cli(capsys, "export", str(path), str(tmp_path / "out"))
+    assert code == 2 and _one_line_error(err) == (
+        f"ostinato: error: {path} is not a PyTorch checkpoint (neither a zip archive nor a pickle); give a .ckpt "
+        "written by `ostinato train`, an XP or an export folder")
