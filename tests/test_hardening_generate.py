@@ -363,3 +363,18 @@ def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(mode
     main(["generate", "--model", str(work / "last.ckpt"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
           "--out", "clips", "--quiet"])
     assert (elsewhere / "clips" / "000.wav").is_file()
+
+
+@pytest.mark.parametrize("verb", [["eval", "demo"], ["app"]])
+def test_a_device_that_is_none_is_one_line_before_loading(capsys, tmp_path, verb) -> None:
+    line = fails(capsys, *verb, "--model", str(tmp_path / "nope"), "--device", "gpu")
+    assert "--device: not a device: 'gpu'; use cpu, cuda or cuda:N" in line
+    if not torch.cuda.is_available():
+        line = fails(capsys, *verb, "--model", str(tmp_path / "nope"), "--device", "cuda")
+        assert "--device: cuda: no GPU is visible" in line
+
+
+def test_app_out_that_is_a_file(capsys, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    line = fails(capsys, "app", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "file"))
+    assert "--out" in line and "not a folder" in line

@@ -217,6 +217,21 @@ def _number(kind: type, low: float | None = None, high: float | None = None, abo
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse ``type=`` for ``--device``: ``auto`` or what ``torch.device`` takes (cpu, cuda, cuda:N; cuda only
+    where a GPU is visible)."""
+    import torch
+
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"not a device: {text!r}; use cpu, cuda or cuda:N") from None
+        if text.startswith("cuda") and not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no GPU is visible (CUDA_VISIBLE_DEVICES?); use cpu")
+    return text
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """A bad flag of ``parser`` ends in one line (``PROG: error: MESSAGE; see PROG --help``), exit 2, not the
     usage block."""
@@ -606,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a suite key, e.g. --set generation.cfg_scale=1 --set embedding=codec:/m/codec "
                         "(repeatable)")
-    v.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    v.add_argument("--device", default="cpu", type=_device, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     v.set_defaults(func=_eval)
@@ -621,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default=None, help="folder for the clips (default: $OSTINATO_OUTPUTS/app)")
     a.add_argument("--window", type=_number(float, 0, above=True), default=None,
                    help="seconds decoded per window (default: the training segment length)")
-    a.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    a.add_argument("--device", default="auto", type=_device, help="auto (cuda when available), cpu or cuda")
     a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     a.set_defaults(func=_app)
     _one_line_errors(a)
