@@ -88,7 +88,7 @@ def test_import_of_a_folder_that_is_no_musicgen(tmp_path: Path, capsys) -> None:
     assert "give the folder save_pretrained wrote" in line  # and the fix
     assert not (tmp_path / "out").exists()
     line = fails(capsys, "import", str(tmp_path / "missing"), str(tmp_path / "out"))
-    assert "missing" in line and "no such" in line
+    assert "missing: no such file or folder; give a transformers MusicGen folder" in line
 
 
 def test_import_of_a_file_that_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:

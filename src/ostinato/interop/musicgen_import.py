@@ -123,7 +123,8 @@ def detect_source(src: str | Path) -> tuple[str, Path]:
     checkpoint (a ``.bin``/``.th``/``.pt`` file, or a folder holding ``state_dict.bin``)."""
     path = Path(src).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise FileNotFoundError(f"{path}: no such file or folder; give a transformers MusicGen folder or an "
+                                "audiocraft state_dict.bin")
     if path.is_dir() and (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
         kind = _transformers_kind(config)
