@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of the style reference used (default: the model's eval_excerpt_seconds)")
     g.add_argument("--continue", dest="continue_", default=None,
                    help="audio to continue: the output starts with it and lasts --duration in all")
-    g.add_argument("--duration", type=_number(float, 0, above=True), default=10.0, help="seconds of output (default 10)")
+    g.add_argument("--duration", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds of output (default 10)")
     g.add_argument("--window", type=_number(float, 0, above=True), default=None,
                    help="seconds decoded per window (default: the training segment length)")
     g.add_argument("--long-form", choices=["window", "chain"], default="window",
@@ -563,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extend-stride", type=_number(float, 0, above=True), default=None,
                    help="window mode: seconds added per extra window (default: half a window)")
     g.add_argument("--overlap", type=_number(float, 0), default=2.0, help="chain mode: seconds shared by segments")
-    g.add_argument("--cfg", type=_number(float, 0), default=3.0, help="classifier-free guidance scale (alpha of double CFG)")
+    g.add_argument("--cfg", type=_number(float, 0), default=3.0,
+                   help="classifier-free guidance scale (alpha of double CFG)")
     g.add_argument("--cfg-beta", type=_number(float, 0), default=None,
                    help="double CFG (text + style, MusicGen-Style): weight of the text given the style")
     g.add_argument("--top-k", type=_number(int, 0), default=250, help="0 = no top-k filtering")
@@ -617,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--codec", default=None, help="the MusicGen's codec when it records none")
     v.add_argument("--out", default=None,
                    help="output folder (default: $OSTINATO_OUTPUTS/eval/<suite>/<model>[_<overrides>])")
-    v.add_argument("--num-samples", type=_number(int, 1), default=None, help="clips to evaluate (overrides num_samples)")
+    v.add_argument("--num-samples", type=_number(int, 1), default=None,
+                   help="clips to evaluate (overrides num_samples)")
     v.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a suite key, e.g. --set generation.cfg_scale=1 --set embedding=codec:/m/codec "
                         "(repeatable)")
