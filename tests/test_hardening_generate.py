@@ -233,7 +233,7 @@ def test_app_port_in_use(capsys, models) -> None:
 def test_the_cli_in_a_process_is_one_line(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "generate", "--model", str(tmp_path / "nope"),
                            "--prompt", "", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("ostinato: error: --prompt '': an empty prompt")
 
