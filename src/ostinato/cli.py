@@ -182,6 +182,16 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {ref} -> {out} (model.safetensors, config.yaml, export.json)")
 
 
+def _encode(args: argparse.Namespace) -> None:
+    from ostinato.encode import encode_shards
+
+    m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
+                      overwrite=args.overwrite, trust=args.trust, progress=not args.quiet)
+    streams = ", ".join(f"{n} [{s.channels}, {s.rate:g} Hz]" for n, s in m.streams.items())
+    print(f"{len(m.shards)} array shards, {m.total_samples} samples ({streams}), {m.source['skipped']} skipped "
+          f"-> {Path(args.out) / 'manifest.json'}")
+
+
 def _tokenize(args: argparse.Namespace) -> None:
     from ostinato.nn.semantic import is_semantic_tokenizer
     from ostinato.tokenize import tokenize
@@ -230,16 +240,6 @@ def _device(text: str) -> str:
         if text.startswith("cuda") and not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{text}: no GPU is visible (CUDA_VISIBLE_DEVICES?); use cpu")
     return text
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """A bad flag of ``parser`` ends in one line (``PROG: error: MESSAGE; see PROG --help``), exit 2, not the
-    usage block."""
-    def error(message: str):
-        parser.exit(2, f"{parser.prog}: error: {message}; see `{parser.prog} --help`\n")
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
 
 
 def _audio_input(path: str | None, option: str):
@@ -426,8 +426,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ostinato", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ostinato.errors import OneLineParser
+
+    parser = OneLineParser(prog="ostinato", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback behind an error (also: OSTINATO_DEBUG=1); give it before the verb")
@@ -508,9 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, dora_verb in DORA_VERBS.items():
         verbs.add_parser(verb, help=f"dora {dora_verb} for ostinato (see `ostinato {verb} --help`)", add_help=False)
 
-    verbs.add_parser("encode", add_help=False,
-                     help="audio shards -> latent / code array shards with a Musika autoencoder or Jukebox VQ-VAE "
-                          "(see `ostinato encode --help`)")
+    n = verbs.add_parser("encode", help="audio shards -> latent / code array shards with a Musika autoencoder or "
+                                        "Jukebox VQ-VAE (resumable; corrupt samples skipped and counted)")
+    n.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
+    n.add_argument("out", help="output folder for the array shards")
+    n.add_argument("--model", required=True, help="a Musika autoencoder or Jukebox VQ-VAE (XP signature, XP folder, "
+                                                  ".ckpt or export folder)")
+    n.add_argument("--batch-size", type=_number(int, 1), default=16)
+    n.add_argument("--device", default="cpu")
+    n.add_argument("--overwrite", action="store_true")
+    n.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    n.add_argument("--quiet", action="store_true")
+    n.set_defaults(func=_encode)
 
     e = verbs.add_parser("export", help="write an XP's EMA weights as safetensors + config for ostinato.load")
     e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file")
@@ -537,8 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)
 
-    g = _one_line_errors(verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a "
-                                                           "trained model"))
+    g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained model")
     g.add_argument("--family", choices=["musicgen", *GENERATORS], default="musicgen",
                    help="which model family generates (default musicgen)")
     g.add_argument("--model", default=None,
@@ -607,7 +616,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
     i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     i.set_defaults(func=_import)
-    _one_line_errors(i)
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
                          description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "
@@ -628,7 +636,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     v.set_defaults(func=_eval)
-    _one_line_errors(v)
 
     a = verbs.add_parser("app", help="a Gradio web app to generate with a MusicGen (prompt, duration or unlimited, "
                                      "CFG, sampling, seed, melody / style / continuation uploads)")
@@ -642,7 +649,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", type=_device, help="auto (cuda when available), cpu or cuda")
     a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     a.set_defaults(func=_app)
-    _one_line_errors(a)
 
     d = verbs.add_parser("demo", help="the embedded default end to end: corpus -> codec, MusicGen, MuLaN -> "
                                       "generation -> evaluation -> outputs/demo/report.html")
@@ -663,10 +669,6 @@ def main(argv: list[str] | None = None) -> None:
         argv = argv[1:]
     if argv and argv[0] in DORA_VERBS:
         return _dora(argv[0], argv[1:])
-    if argv and argv[0] == "encode":  # its own parser (ostinato.encode), errors and exit codes
-        from ostinato.encode import main as encode_main
-
-        return encode_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

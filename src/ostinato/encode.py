@@ -11,7 +11,6 @@ together, so a batch gives exactly what encoding each item alone gives.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections import defaultdict
@@ -24,13 +23,13 @@ from tqdm import tqdm
 
 from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_array
 from ostinato.data.sources import iter_shard_audio, naming, output_folder, resolve_shards, sweep_temps
-from ostinato.errors import UserError, user_errors
+from ostinato.errors import UserError
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["encode_shards", "load_encoder", "main"]
+__all__ = ["encode_shards", "load_encoder"]
 
 
 def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> Any:
@@ -127,31 +126,3 @@ def encode_shards(model_ref: str | Any, shards: Any, out: str | Path, *, batch_s
     with naming(out / "manifest.json"):
         manifest.save(out)
     return manifest
-
-
-def main(argv: list[str] | None = None) -> None:
-    from ostinato.cli import _number
-
-    p = argparse.ArgumentParser(prog="ostinato encode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", help="audio shards: a manifest folder or a brace pattern")
-    p.add_argument("out", help="output folder for the array shards")
-    p.add_argument("--model", required=True, help="a Musika autoencoder or Jukebox VQ-VAE (XP signature, XP folder, "
-                                                  ".ckpt or export folder)")
-    p.add_argument("--batch-size", type=_number(int, 1), default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with user_errors("ostinato encode"):
-        m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
-                          overwrite=args.overwrite, trust=args.trust, progress=not args.quiet)
-    streams = ", ".join(f"{n} [{s.channels}, {s.rate:g} Hz]" for n, s in m.streams.items())
-    print(f"{len(m.shards)} array shards, {m.total_samples} samples ({streams}), {m.source['skipped']} skipped "
-          f"-> {Path(args.out) / 'manifest.json'}")
-
-
-if __name__ == "__main__":
-    main()
