@@ -520,3 +520,56 @@ def test_eval_shard_deleted_while_training_is_counted_not_raised(tmp_path: Path)
     batches = list(dm.val_dataloader())
     assert sum(len(b) for b in batches) == 16 and sum(b.skipped for b in batches) == 8
     assert sorted(m["index"] for b in batches for m in b.meta if "index" in m) == list(range(8, 16))
+
+
+# ------------------------------------------------------------------------------- token and array shards (A2)
+
+
+def _write_token_shards(folder: Path, per_shard: int = 8, frames: int = 200) -> None:
+    """One token shard of ``per_shard`` random [4, frames] code samples, in ``ostinato tokenize``'s layout."""
+    import webdataset as wds
+
+    from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
+        for i in range(per_shard):
+            w.write({"__key__": f"s{i:05d}", "npy": encode_codes(torch.randint(0, 256, (4, frames))),
+                     "json": json.dumps({"caption": f"clip {i}", "index": i}).encode()})
+    codec = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
+                      cardinality=256)
+    TokenManifest(shards=[TokenShard("shard-000000.tar", per_shard, per_shard * frames)], codec=codec).save(folder)
+
+
+def _write_array_shards(folder: Path, per_shard: int = 8, frames: int = 100) -> None:
+    """One array shard of ``per_shard`` float16 latents [8, frames] at 50 Hz, in ``ostinato encode``'s layout."""
+    import webdataset as wds
+
+    from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, StreamInfo, encode_array
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
+        for i in range(per_shard):
+            w.write({"__key__": f"s{i:05d}", "latent.npy": encode_array(torch.randn(8, frames)),
+                     "json": json.dumps({"caption": f"clip {i}", "index": i}).encode()})
+    ArrayManifest(shards=[ArrayShard("shard-000000.tar", per_shard, per_shard * frames)],
+                  streams={"latent": StreamInfo(rate=50.0, channels=8, dtype="float16")},
+                  model=ModelInfo(id="synthetic", hash="0", kind="musika_autoencoder", sample_rate=24000,
+                                  channels=1)).save(folder)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "arrays"])
+def test_truncated_token_or_array_tar_counts_every_sample_it_lost(tmp_path: Path, kind: str):
+    from ostinato.data.arrays import ArrayDataModule
+    from ostinato.data.token_datamodule import TokenDataModule
+
+    (_write_token_shards if kind == "tokens" else _write_array_shards)(tmp_path / "s")
+    _truncate(tmp_path / "s" / "shard-000000.tar")
+    lost = 8 - _readable(tmp_path / "s" / "shard-000000.tar")
+    module = TokenDataModule if kind == "tokens" else ArrayDataModule
+    dm = module(tmp_path / "s", segment_seconds=0.5, batch_size=2, batches_per_epoch=8, num_workers=0,
+                shuffle_buffer=2)
+    dm.setup("fit")
+    # every read of the shard gives the samples before the damage (2 batches of 2) and then counts what it lost
+    counted = [b.skipped for b in dm.train_dataloader() if b.skipped]
+    assert lost >= 2 and counted and all(c == lost for c in counted)

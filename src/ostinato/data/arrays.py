@@ -35,6 +35,7 @@ from torch import Tensor
 from ostinato.data.batch import length_mask
 from ostinato.data.datamodule import AudioDataModule
 from ostinato.data.musiclm_tokens import aligned_crop
+from ostinato.data.sources import shard_counts
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
 from ostinato.fileio import atomic_write_json, read_json
 
@@ -140,6 +141,7 @@ class ArraySource:
     streams: dict[str, StreamInfo]
     model: ModelInfo
     num_samples: int
+    counts: dict[str, int] = field(default_factory=dict)  # samples per shard url, from the manifests
 
 
 def resolve_array_shards(spec: Spec) -> ArraySource:
@@ -148,6 +150,7 @@ def resolve_array_shards(spec: Spec) -> ArraySource:
     if not specs:
         raise ValueError("empty array shard spec: give a folder holding an array manifest.json")
     urls: list[str] = []
+    counts: dict[str, int] = {}
     first: ArrayManifest | None = None
     total = 0
     for s in specs:
@@ -163,9 +166,10 @@ def resolve_array_shards(spec: Spec) -> ArraySource:
                              f"others ({first.model.id}); encode every part with the same model")
         first = first or manifest
         urls += [str(p) for p in paths]
+        counts.update(shard_counts([str(p) for p in paths], manifest.shards))
         total += manifest.total_samples
     assert first is not None
-    return ArraySource(urls, first.streams, first.model, total)
+    return ArraySource(urls, first.streams, first.model, total, counts)
 
 
 @dataclass
@@ -297,7 +301,8 @@ class ArrayDataModule(AudioDataModule):
                            batch_size=self.per_rank(self.batch_size, "batch_size"),
                            batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
                            shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world,
-                           decode=self._decode(self.segment_seconds), collate=collate_arrays)
+                           decode=self._decode(self.segment_seconds), collate=collate_arrays,
+                           expected=self.source("train").counts)
 
     def eval_dataset(self, split: str) -> EvalSet:
         rank, world = self.world

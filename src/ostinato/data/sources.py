@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import braceexpand
 import torch
@@ -56,6 +57,12 @@ class ShardSource:
     counts: dict[str, int] = field(default_factory=dict)  # samples per shard url, where a manifest gives them
 
 
+def shard_counts(urls: Sequence[str], shards: Sequence[Any]) -> dict[str, int]:
+    """Samples per shard url, from a manifest's shard entries (anything with ``samples``) listed in ``urls``'s
+    order: what a truncated tar lost is counted against them (``TrainStream(expected=...)``)."""
+    return {str(u): int(s.samples) for u, s in zip(urls, shards, strict=True)}
+
+
 def _read_remote_manifest(url: str) -> Manifest:
     with gopen(url) as f:
         return Manifest.from_dict(json.loads(f.read()), origin=url)
@@ -67,16 +74,14 @@ def _resolve_one(spec: str) -> ShardSource:
         m = _read_remote_manifest(spec)
         base = spec[: -len(MANIFEST_NAME)]
         urls = [base + s.name for s in m.shards]
-        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples,
-                           {u: s.samples for u, s in zip(urls, m.shards)})
+        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples, shard_counts(urls, m.shards))
     path = Path(spec)
     if not is_remote(spec) and (path.name == MANIFEST_NAME or path.is_dir()):
         m = Manifest.load(path)
         folder = path if path.is_dir() else path.parent
         urls = m.shard_paths(folder)
         _check_local(urls, f"manifest {folder / MANIFEST_NAME}")
-        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples,
-                           {u: s.samples for u, s in zip(urls, m.shards)})
+        return ShardSource(urls, m.sample_rate, m.channels, m.total_samples, shard_counts(urls, m.shards))
     if not is_remote(spec) and path.is_file() and path.suffix != ".tar":
         raise UserError(f"{spec} is not a shard: give a folder with {MANIFEST_NAME}, a manifest, a shard .tar file "
                         "or a brace pattern (make shards from audio files with `ostinato prep shards SRC OUT`)")

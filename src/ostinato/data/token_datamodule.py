@@ -117,7 +117,7 @@ class TokenDataModule(AudioDataModule):
                            batch_size=self.per_rank(self.batch_size, "batch_size"),
                            batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
                            shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world,
-                           decode=decode, collate=collate_tokens)
+                           decode=decode, collate=collate_tokens, expected=self.source("train").counts)
 
     def eval_dataset(self, split: str) -> EvalSet:
         rank, world = self.world

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ostinato.data.sources import iter_raw_samples
+from ostinato.data.sources import iter_raw_samples, shard_counts
 from ostinato.data.streams import CorruptSample
 from ostinato.fileio import atomic_write_json, read_json
 
@@ -113,6 +113,7 @@ class TokenSource:
     urls: list[str]
     codec: CodecInfo
     num_samples: int
+    counts: dict[str, int] = field(default_factory=dict)  # samples per shard url, from the manifests
 
 
 def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path, ...]) -> TokenSource:
@@ -125,6 +126,7 @@ def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path,
     if not specs:
         raise ValueError("empty token shard spec: give a folder holding a token manifest.json")
     urls: list[str] = []
+    counts: dict[str, int] = {}
     codec: CodecInfo | None = None
     total = 0
     for s in specs:
@@ -140,9 +142,10 @@ def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path,
                              f"{_codec_key(manifest.codec)}) than the others ({codec.id}, {_codec_key(codec)})")
         codec = codec or manifest.codec
         urls += [str(p) for p in paths]
+        counts.update(shard_counts([str(p) for p in paths], manifest.shards))
         total += manifest.total_samples
     assert codec is not None
-    return TokenSource(urls, codec, total)
+    return TokenSource(urls, codec, total, counts)
 
 
 def _codec_key(codec: CodecInfo) -> tuple[float, int, int]:
