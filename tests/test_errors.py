@@ -75,3 +75,18 @@ def test_the_cli_in_a_process(tmp_path, debug):
     assert last.startswith("ostinato: error: ") and "missing" in last
     assert ("Traceback" in proc.stderr) == debug
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [(["export"], "the following arguments are required: ref, out"),
+                                        (["nope"], "invalid choice: 'nope'"),
+                                        (["tokenize", "a", "b"], "one of the arguments --semantic --codec"),
+                                        (["encode", "a", "b", "--model", "m", "--batch-size", "0"], "--batch-size"),
+                                        (["demo", "--quick", "--nope"], "unrecognized arguments: --nope")])
+def test_argument_errors_of_every_verb_are_one_line(argv, flag, capsys):
+    from ostinato.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and flag in err and err.count("\n") == 1 and "usage:" not in err
+    assert err.rstrip().endswith("--help`")
