@@ -573,3 +573,15 @@ def test_truncated_token_or_array_tar_counts_every_sample_it_lost(tmp_path: Path
     # every read of the shard gives the samples before the damage (2 batches of 2) and then counts what it lost
     counted = [b.skipped for b in dm.train_dataloader() if b.skipped]
     assert lost >= 2 and counted and all(c == lost for c in counted)
+
+
+def test_prep_semantic_counts_every_sample_a_truncated_shard_lost(tmp_path: Path):
+    from ostinato.data.semantic_fit import fit_semantic_tokenizer
+
+    write_shards(tmp_path / "s", n_shards=2, per_shard=8, corrupt={0})
+    _truncate(tmp_path / "s" / "shard-000001.tar")
+    lost = 8 - _readable(tmp_path / "s" / "shard-000001.tar")
+    tokenizer = fit_semantic_tokenizer(tmp_path / "s", None, features="mfcc", k=2, iterations=1, workers=0,
+                                       progress=False)
+    assert lost >= 2 and tokenizer.fit_stats["skipped"] == 1 + lost and tokenizer.fit_stats["clips"] == 16 - 1 - lost
+    assert any("shard-000001.tar" in r for r in tokenizer.fit_stats["skipped_samples"])

@@ -13,9 +13,8 @@ Deterministic for a seed: the shard order, reservoir, init, shuffles and sklearn
 from __future__ import annotations
 
 import logging
-import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from ostinato.data.audio import AudioDecodeError, load_audio, resample
-from ostinato.data.sources import iter_raw_samples, output_folder, resolve_shards
+from ostinato.data.sources import iter_shard_audio, output_folder, resolve_shards
 from ostinato.nn.semantic import (CONFIG_NAME, SemanticFeatures, SemanticTokenizer, make_features,
                                   token_stats)
 
@@ -35,39 +33,44 @@ DEFAULT_K = {"mfcc": 500, "logmel": 500, "hf": 1024}
 
 class _Clips(IterableDataset):
     """Per clip: ``("clip", key, x)`` with x = features [F, D] (when ``features`` is given: extracted in the
-    worker) or mono audio [1, T] at ``sample_rate``; ``("skip", key, reason)`` for a corrupt sample or shard."""
+    worker) or mono audio [1, T] at ``sample_rate``; ``("skip", url, reason)`` per sample left out: undecodable,
+    or lost by a truncated shard (all of them, counted against ``expected``, samples per url from the manifest)."""
 
-    def __init__(self, urls: list[str], sample_rate: int, features: SemanticFeatures | None):
+    def __init__(self, urls: list[str], sample_rate: int, features: SemanticFeatures | None,
+                 expected: Mapping[str, int]):
         super().__init__()
-        self.urls, self.sample_rate, self.features = urls, sample_rate, features
+        self.urls, self.sample_rate, self.features, self.expected = urls, sample_rate, features, expected
 
     def __iter__(self) -> Iterator[tuple[str, str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
+            skipped: list[str] = []
             try:
-                for raw in iter_raw_samples(url):
-                    key = f"{url}:{raw.get('__key__')}"
-                    try:
-                        wav, sr = load_audio(raw["flac"])
-                    except (AudioDecodeError, KeyError) as e:
-                        yield "skip", key, f"{type(e).__name__}: {e}"
-                        continue
-                    x = resample(wav.mean(dim=0, keepdim=True), sr, self.sample_rate)
+                for key, x, _ in iter_shard_audio(url, self.sample_rate, 1, skipped, self.expected.get(url)):
+                    yield from _drain(url, skipped)
                     if self.features is not None:
                         with torch.no_grad():
                             x = self.features(x[None], self.sample_rate)[0]
-                    yield "clip", key, x
-            except (tarfile.TarError, OSError) as e:  # truncated or unreadable shard: keep what came before
-                yield "skip", f"{url}:<rest of shard>", f"{type(e).__name__}: {e}"
+                    yield "clip", f"{url}:{key}", x
+            except FileNotFoundError as e:  # deleted since the fit started: every sample it held is lost
+                skipped.extend([f"{type(e).__name__}: {e}"] * max(1, self.expected.get(url, 0)))
+            yield from _drain(url, skipped)
+
+
+def _drain(url: str, skipped: list[str]) -> Iterator[tuple[str, str, str]]:
+    """``("skip", url, reason)`` for each reason in ``skipped``, emptying it."""
+    while skipped:
+        yield "skip", url, skipped.pop(0)
 
 
 class _FeatureStream:
     """The clips of the fit, as features [F, D] float32 CPU tensors, in the same order every pass."""
 
     def __init__(self, urls: list[str], features: SemanticFeatures, *, max_seconds: float | None, workers: int,
-                 device: torch.device, cache_bytes: float):
+                 device: torch.device, cache_bytes: float, expected: Mapping[str, int] | None = None):
         self.urls, self.features, self.max_seconds = urls, features, max_seconds
+        self.expected = dict(expected or {})  # samples per shard url (manifests): what a truncated tar lost
         self.workers, self.device, self.cache_bytes = workers, device, cache_bytes
         self.cache: list[torch.Tensor] | None = []
         self.clips: int | None = None  # clips taken by pass 0 (max_hours), replayed by later passes
@@ -75,7 +78,8 @@ class _FeatureStream:
 
     def _extract(self) -> Iterator[tuple[str, str, Any]]:
         in_workers = self.features.in_workers and self.workers > 0
-        dataset = _Clips(self.urls, self.features.sample_rate, self.features if in_workers else None)
+        dataset = _Clips(self.urls, self.features.sample_rate, self.features if in_workers else None,
+                         self.expected)
         loader = DataLoader(dataset, batch_size=None, num_workers=min(self.workers, len(self.urls)))
         for kind, key, x in loader:
             if kind == "clip" and not in_workers:
@@ -90,8 +94,7 @@ class _FeatureStream:
         for kind, key, x in self._extract():
             if kind == "skip":
                 self.skipped += 1
-                self.reasons.append(f"{key}: {x}")
-                log.warning("semantic fit: %s skipped: %s", key, x)
+                self.reasons.append(f"{key}: {x}")  # iter_shard_audio warns once per damaged shard
                 continue
             clips += 1
             seconds = x.shape[0] / self.features.frame_rate
@@ -203,7 +206,7 @@ def fit_semantic_tokenizer(shards: Any, out: str | Path | None, *, features: str
     rng = np.random.default_rng(seed)
     urls = [source.urls[i] for i in rng.permutation(len(source.urls))]
     stream = _FeatureStream(urls, feats, max_seconds=None if max_hours is None else max_hours * 3600,
-                            workers=workers, device=dev, cache_bytes=cache_gb * 1e9)
+                            workers=workers, device=dev, cache_bytes=cache_gb * 1e9, expected=source.counts)
 
     # pass 0: statistics, reservoir, cache
     reservoir = np.zeros((reservoir_frames or max(25 * k, 20000), feats.dim), dtype=np.float32)
