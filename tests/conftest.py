@@ -37,3 +37,13 @@ def shard_dir(tmp_path: Path) -> Path:
 def env(tmp_path_factory) -> dict[str, str]:
     """Environment for `ostinato train` subprocesses: synthetic shards in the demo layout, a private outputs dir."""
     return make_env(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and two OpenMP threads on a busy 2-core machine spin-wait each other
+    (5-100x slower); a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,11 +1,9 @@
 """Synthetic test data in the real shard format."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 

@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from tests.browser import chromium, media_duration
 from tests.synth import tone, write_tiny_encodec
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
+
 ROOT = Path(__file__).resolve().parents[1]
 SR, WINDOW = 24000, 1.0
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -55,14 +57,6 @@ def write_tiny_musicgen(folder: Path, codec: Path) -> Path:
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("app")
     return write_tiny_musicgen(root / "model", write_tiny_encodec(root / "codec", SR))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _free_port() -> int:

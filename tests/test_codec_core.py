@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import socket
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,9 @@ from ostinato.nn.conv import NormConv1d, NormConvTranspose1d
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
+
 TINY = dict(dimension=16, n_filters=4, ratios=[4, 2], n_q=3, bins=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny: one thread is as fast, and immune to thread spin-waits on a busy 2-core host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_codec(**overrides: Any) -> Codec:

@@ -27,16 +27,9 @@ from ostinato.metrics.embeddings import EmbeddingBackend
 from tests.runner import train, xp_folder
 from tests.synth import write_shards, write_tiny_encodec
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
+
 SR = 24000
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode step by step: two OpenMP threads on a loaded 2-core box wait on each other (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write_suite(path: Path, **cfg) -> Path:

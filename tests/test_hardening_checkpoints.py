@@ -10,10 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from ostinato.engine.trainer import last_checkpoint
 from ostinato.engine.weights import CONFIG_KEY, load, load_weights
 from ostinato.errors import UserError, user_errors
 from ostinato.families.debug import DebugFamily
+from tests.disks import tmpfs
 from tests.runner import cli_args, train, xp_folder
 
 RUN = ["trainer.max_steps=12", "trainer.checkpoint_every_steps=4", "trainer.val_every_epochs=100"]
@@ -277,21 +277,11 @@ def test_export_into_an_existing_folder_needs_overwrite(capsys, tmp_path, traine
     assert code == 2 and "is a file; give a folder (new or empty) for the export" in _one_line_error(err)
 
 
-@contextmanager
-def _tmpfs(folder: Path, options: str) -> Iterator[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a failed write may hold a file open
-
-
 @pytest.mark.parametrize("where", ["new folder", "mount point"])
 def test_export_to_a_full_disk_leaves_nothing_half_written(capsys, tmp_path, where) -> None:
     ckpt = _foreign_checkpoint(tmp_path / "big.ckpt", "ostinato.families.debug.DebugFamily",
                                w=torch.zeros(200_000))  # 800 kB of weights for a 256 kB disk
-    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
         out = disk / "out" if where == "new folder" else disk
         code, _, err = _cli(capsys, "export", str(ckpt), str(out))
         left = list(disk.iterdir())
@@ -303,7 +293,7 @@ def test_export_to_a_full_disk_leaves_nothing_half_written(capsys, tmp_path, whe
 @pytest.mark.parametrize("where", ["new folder", "mount point"])
 def test_export_to_a_read_only_folder_says_so(capsys, tmp_path, where) -> None:
     ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily", w=torch.zeros(4))
-    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         out = ro / "out" if where == "new folder" else ro
         code, _, err = _cli(capsys, "export", str(ckpt), str(out))
         left = list(ro.iterdir())
@@ -315,7 +305,7 @@ def test_export_to_a_read_only_folder_says_so(capsys, tmp_path, where) -> None:
 def test_export_into_a_mount_point_replaces_its_content(capsys, tmp_path) -> None:
     """An existing OUT may be a mount point, which cannot be renamed: its entries are replaced one by one."""
     ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily", w=torch.zeros(4))
-    with _tmpfs(tmp_path / "mnt", "size=1m") as mnt:
+    with tmpfs(tmp_path / "mnt", "size=1m") as mnt:
         (mnt / "stale.txt").write_text("old")
         code, _, _ = _cli(capsys, "export", str(ckpt), str(mnt), "--overwrite")
         names = sorted(p.name for p in mnt.iterdir())
@@ -349,7 +339,7 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last_one(ca
     """torch's writer says only 'unexpected pos'; the user sees the checkpoint, the disk and the fix, and the
     last.ckpt already there stays whole."""
     io = SafeCheckpointIO()
-    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
         io.save_checkpoint({"global_step": 1}, disk / "last.ckpt")
         with pytest.raises(SystemExit) as stop, user_errors("ostinato train", value_errors=False):
             io.save_checkpoint({"global_step": 2, "w": torch.zeros(200_000)}, disk / "last.ckpt")

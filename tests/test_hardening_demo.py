@@ -19,6 +19,7 @@ from ostinato.demo_report import _curve_figure, curve_panels, write_demo_report
 from ostinato.evaluation.report import format_table, metric_notes
 from ostinato.metrics.fad import FAD_INF_MIN_ITEMS, fad_inf_reliability
 from ostinato.nn.contrastive import retrieval_metrics
+from tests.disks import tmpfs
 from tests.synth import write_shards, write_tiny_encodec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,13 +130,8 @@ def test_demo_data_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_demo_outputs_on_a_read_only_file_system(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(out)], check=True)
-    try:
+    with tmpfs(tmp_path / "out", "size=64k,ro") as out:
         line = _one_line_error(_demo(tmp_path, "--data", "data", "--outputs", str(out)))
-    finally:
-        subprocess.run(["umount", str(out)], check=True)
     assert line.endswith(f"--outputs {out} is on a read-only file system; give a writable folder (--outputs DIR)")
 
 

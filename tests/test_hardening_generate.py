@@ -19,19 +19,14 @@ from safetensors.torch import save_file
 from ostinato.cli import main
 from ostinato.generation.lm import GenerationParams
 from tests.synth import tone, write_shards, write_tiny_encodec
+from tests.disks import tmpfs
 from tests.test_app import SR, write_tiny_musicgen
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -143,27 +138,17 @@ def test_generate_into_a_file_or_a_read_only_folder(capsys, models, tmp_path) ->
     (tmp_path / "file").write_text("x")
     line = fails(capsys, *args, "--out", str(tmp_path / "file"))
     assert "--out" in line and "not a folder" in line
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], check=True)
-    try:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         line = fails(capsys, *args, "--out", str(ro / "clips"))
         assert str(ro) in line and "read-only" in line
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
 
 
 def test_generate_on_a_full_disk_leaves_no_half_written_clip(capsys, models, tmp_path) -> None:
-    full = tmp_path / "full"
-    full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)], check=True)
-    try:  # 2 s at 24 kHz is ~96 kB of wav: it cannot fit
+    with tmpfs(tmp_path / "full", "size=16k") as full:  # 2 s at 24 kHz is ~96 kB of wav: it cannot fit
         line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "2",
                      "--seed", "0", "--out", str(full / "clips"), loaded=True)
         assert f"{full / 'clips' / '000.wav'}: no space left on device" in line
         assert sorted(p.name for p in (full / "clips").iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
 
 
 def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch, capsys) -> None:
@@ -266,18 +251,13 @@ def test_every_wav_writer_fails_on_a_full_disk_naming_the_file_and_leaving_nothi
     from ostinato.errors import user_message
     from ostinato.evaluation.runner import write_wav
 
-    full = tmp_path / "full"
-    full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)], check=True)
-    try:
+    with tmpfs(tmp_path / "full", "size=16k") as full:
         with pytest.raises(OSError) as e:
             write_wav(full / "000.wav", tone(440, 2.0, SR), SR)
         assert e.value.errno == errno.ENOSPC
         assert user_message(e.value) == f"{full / '000.wav'}: no space left on device; free some space or write " \
                                         "elsewhere"
         assert list(full.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
 
 
 def test_a_codec_that_is_nothing_names_the_flag(capsys, models, tmp_path) -> None:
@@ -312,18 +292,13 @@ def test_eval_text_to_music_with_a_codec_says_it_is_a_codec(capsys, models, tmp_
 
 def test_eval_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(capsys, models, tmp_path) -> None:
     write_shards(tmp_path / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.5)
-    full = tmp_path / "full"
-    full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(full)], check=True)
-    try:
+    with tmpfs(tmp_path / "full", "size=32k") as full:
         line = fails(capsys, "eval", "codec_demo", "--model", str(models["encodec"]), "--out", str(full / "eval"),
                      "--set", f"reference={tmp_path / 'shards'}", "--set", f"embedding=codec:{models['encodec']}",
                      "--num-samples", "2", "--set", "seconds=0.5", "--quiet", loaded=True)
         assert f"{full / 'eval'}" in line and "no space left on device" in line
         leftovers = [p for p in (full / "eval").rglob("*") if p.is_file()]
         assert not [p for p in leftovers if p.name.endswith(".tmp")], leftovers
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -12,18 +12,13 @@ from ostinato.cli import main
 from ostinato.interop.codecs import load_codec
 from ostinato.interop.encodec import export_audiocraft_encodec, load_audiocraft_encodec
 from tests.synth import write_tiny_encodec
+from tests.disks import tmpfs
 from tests.test_musicgen_import import XP_CFG, assert_parity, copy_tokenizer, hf_musicgen, to_audiocraft  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
 # what audiocraft's solvers put in every xp.cfg; the model never reads it, and USER is unset in containers and CI
 DORA = {"dir": "/checkpoint/${oc.env:USER}/experiments/audiocraft/outputs", "exclude": ["device"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -120,16 +115,9 @@ def test_import_flags_that_name_nothing(hf_musicgen, tmp_path: Path, capsys) -> 
 @pytest.mark.parametrize("mount", ["size=64k,ro", "size=64k"], ids=["read-only", "full"])
 def test_import_into_a_read_only_or_full_disk_leaves_nothing(hf_musicgen, tmp_path: Path, capsys,  # noqa: F811
                                                               mount) -> None:
-    import subprocess
-
     _, folder = hf_musicgen
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", mount, "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk", mount) as disk:
         line = fails(capsys, "import", str(folder), str(disk / "out"))
         assert line.startswith(f"ostinato: error: {disk / 'out'}: ")
         assert ("read-only file system" if "ro" in mount else "no space left on device") in line
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

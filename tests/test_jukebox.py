@@ -17,20 +17,13 @@ from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
 from ostinato.nn.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
 from tests.runner import cli, train, xp_folders
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
+
 SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
 VQ = dict(ratios=[[4, 4, 4], [8, 8, 4], [8, 8, 4, 4]], bins=32, dimension=16, n_filters=4)
 LM = {"preset": "tiny", "dim": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64}
 META = {"fields": ["genre", "composer"], "buckets": 64, "dropout": 0.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from threads, and on a busy 2-core machine spinning threads cost 5-10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_full_preset_is_jukebox_shaped():

@@ -21,6 +21,8 @@ from ostinato.nn.musika import (MusikaGenerator, SpectralAutoencoder, coordinate
 from tests.runner import cli, train, xp_folders
 from tests.synth import write_shards
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
+
 SR = 24000
 AE = dict(hop=240, dimension=16, n_filters=16, ratios=[4, 2])  # 12.5 latent frames / s
 GAN = dict(generator=dict(coord_dim=16, style_dim=16, channels=48, up_ratios=[2, 2], up_channels=[32, 32], blocks=2,
@@ -35,15 +37,6 @@ def tones(n: int, seconds: float, seed: int) -> torch.Tensor:
     a = 0.1 + 0.2 * torch.rand(n, 2, 1, generator=g)
     return (a * torch.sin(2 * torch.pi * f * t)).sum(1, keepdim=True)
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from threads, and on a busy 2-core machine spinning threads cost 5-10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # -- building blocks ----------------------------------------------------------------------------------------------
 def test_istft_inverts_the_stft_framing_and_chunked_decoding_matches():

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ostinato.data.batch import AudioBatch
 from ostinato.engine.distributed import average_gradients, no_sync
