@@ -585,3 +585,61 @@ def test_prep_semantic_counts_every_sample_a_truncated_shard_lost(tmp_path: Path
                                        progress=False)
     assert lost >= 2 and tokenizer.fit_stats["skipped"] == 1 + lost and tokenizer.fit_stats["clips"] == 16 - 1 - lost
     assert any("shard-000001.tar" in r for r in tokenizer.fit_stats["skipped_samples"])
+
+
+# ------------------------------------------------------------------- a validation or test split wholly corrupt (A2)
+
+
+class _Evaluating(_Counting):
+    def test_step(self, batch, batch_idx):
+        self.seen["valid"] += batch.skipped
+
+
+def _cpu_trainer(**kw) -> L.Trainer:
+    return L.Trainer(max_epochs=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[Throughput()],
+                     accelerator="cpu", **kw)
+
+
+def test_every_valid_or_test_sample_corrupt_stops_with_one_line_naming_the_folder(tmp_path: Path):
+    write_shards(tmp_path / "train", n_shards=1, per_shard=8)
+    write_shards(tmp_path / "bad", n_shards=2, per_shard=4, corrupt=set(range(8)))
+    dm = _dm(tmp_path / "train", valid=tmp_path / "bad", test=tmp_path / "bad", batches_per_epoch=2)
+    for run in (lambda: _cpu_trainer().fit(_Evaluating(), datamodule=dm),
+                lambda: _cpu_trainer().validate(_Evaluating(), datamodule=dm, verbose=False),
+                lambda: _cpu_trainer().test(_Evaluating(), datamodule=dm, verbose=False)):
+        with pytest.raises(DataError) as e:
+            run()
+        message = str(e.value)
+        assert "\n" not in message and f"samples in {tmp_path / 'bad'} failed to decode" in message
+        assert "every one of the 8" in message and "metrics would be those of silence" in message
+
+
+def test_a_partly_corrupt_valid_split_still_validates(tmp_path: Path):
+    write_shards(tmp_path / "train", n_shards=1, per_shard=8)
+    write_shards(tmp_path / "valid", n_shards=2, per_shard=4, corrupt=set(range(7)))
+    module = _Counting()
+    _cpu_trainer().fit(module, datamodule=_dm(tmp_path / "train", valid=tmp_path / "valid", batches_per_epoch=2))
+    assert module.seen["valid"] == 7
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_every_valid_sample_corrupt_stops_training_with_one_line_and_keeps_the_checkpoint(tmp_path: Path,
+                                                                                         first: bool):
+    env = make_env(tmp_path)
+    write_shards(tmp_path / "data" / "demo" / "shards" / "valid", n_shards=2, per_shard=8, sample_rate=24000,
+                 corrupt=set(range(16)))
+    run = ["experiment=codec_tiny", "trainer.max_steps=4", "data.batches_per_epoch=2", "data.num_workers=0",
+           "data.eval_segment_seconds=0.5", "data.eval_batch_size=8", "trainer.checkpoint_every_steps=0",
+           f"trainer.validate_first={str(first).lower()}"]
+    proc = train(env, *run, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "every one of the 16 valid samples in" in last and "shards/valid failed to decode" in last
+    assert "Traceback" not in proc.stderr
+    kept = xp_folder(env, *run) / "checkpoints" / "last.ckpt"
+    if first:  # validate_first: the broken split stops the run before any training
+        assert not kept.exists() and "training so far is kept" not in last
+    else:  # at the first epoch's end: the epoch's training is saved before the stop
+        assert f"training so far is kept in {kept}" in last
+        assert torch.load(kept, map_location="cpu", weights_only=False)["global_step"] > 0

@@ -253,6 +253,7 @@ class _JoinedEvalSet(EvalSet):
     def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None, **kw: Any):
         super().__init__([str(i) for i in range(len(groups))], **kw)
         self.groups, self.mulan_rows = groups, mulan_rows
+        self.where = shard_folders([next(iter(g.values())) for g in groups])
 
     def _read(self, url: str) -> Iterator[dict]:
         return iter_joined(self.groups[int(url)], self.mulan_rows)

@@ -279,6 +279,7 @@ class EvalSet(IterableDataset):
         if self.per_rank == 0:
             raise ValueError(f"evaluation set has {num_samples} samples, fewer than the {world_size} ranks")
         self.urls = list(urls)
+        self.where = shard_folders(self.urls)  # for messages
         self.sample_rate, self.channels, self.segment_seconds = sample_rate, channels, segment_seconds
         self.batch_size, self.num_workers = batch_size, max(1, num_workers)
         self.rank, self.world_size = rank, world_size
@@ -330,7 +331,7 @@ class EvalSet(IterableDataset):
         except CorruptSample as e:
             before, self.skipped = self.skipped, self.skipped + 1
             _warn_skip(before, self.skipped, self.rank, f"evaluation sample replaced by a blank of length 0: {e}")
-            return self.blank(), 0, {"__key__": sample.get("__key__"), "corrupt": True}
+            return self.blank(), 0, {"__key__": sample.get("__key__"), "corrupt": True, "error": str(e)}
 
     def __iter__(self) -> Iterator[AudioBatch]:
         batch: list[Item] = []

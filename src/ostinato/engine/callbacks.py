@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ostinato.data.batch import AudioBatch
+from ostinato.data.streams import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,12 @@ class DoraHistory(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Log samples/s and audio-seconds/s of training (shown on the progress bar)."""
+    """Log samples/s and audio-seconds/s of training (shown on the progress bar), the corrupt samples skipped per
+    split, and stop an evaluation pass whose every sample was corrupt (``DataError``)."""
 
     def __init__(self) -> None:
         self._t0: float | None = None
+        self._blanks = _Blanks()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -79,9 +82,64 @@ class Throughput(L.Callback):
             pl_module.log("perf/audio_s_per_s", n * batch.audio.shape[-1] / sr / dt, prog_bar=True,
                           batch_size=len(batch))
 
+    # -- evaluation passes: count the blanks, stop when a pass read nothing else ------------------------------
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._blanks = _Blanks()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._blanks = _Blanks()
+
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         _log_skipped(pl_module, "data/valid_corrupt_skipped", batch)
+        self._blanks.add(batch)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        _log_skipped(pl_module, "data/test_corrupt_skipped", batch)
+        self._blanks.add(batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:  # a few batches: the rest of the split may be sound
+            self._blanks.check(trainer, pl_module, "valid")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._blanks.check(trainer, pl_module, "test")
+
+
+class _Blanks:
+    """The samples of an evaluation pass and how many were corrupt (replaced by blanks), on this rank."""
+
+    def __init__(self) -> None:
+        self.items, self.skipped, self.first = 0, 0, ""
+
+    def add(self, batch: Any) -> None:
+        if getattr(batch, "skipped", None) is None:
+            return
+        self.items, self.skipped = self.items + len(batch), self.skipped + batch.skipped
+        self.first = self.first or next((m["error"] for m in getattr(batch, "meta", []) if "error" in m), "")
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+        """Stop with one line when every sample of the pass, over every rank, was a blank: its metrics would be
+        those of silence. All ranks see the same sums, so all stop together; a fit keeps its training first."""
+        totals = trainer.strategy.reduce(torch.tensor([self.items, self.skipped], dtype=torch.float32,
+                                                      device=pl_module.device), reduce_op="sum")
+        items, skipped = (int(v) for v in totals.tolist())
+        if items == 0 or skipped < items:
+            return
+        loaders = trainer.val_dataloaders if split == "valid" else trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        where = getattr(getattr(loader, "dataset", None), "where", None) or f"data.{split}"
+        kept = ""
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if trainer.state.fn == "fit" and folder:
+            last = Path(folder) / "last.ckpt"
+            trainer.save_checkpoint(last)
+            kept = f" (training so far is kept in {last})"
+        raise DataError(f"every one of the {items} {split} samples in {where} failed to decode (first: "
+                        f"{self.first or 'unknown'}), so the {split} metrics would be those of silence{kept}; "
+                        f"rebuild the shards with `ostinato prep shards` (see its report.json) or point data.{split} "
+                        "at shards that decode")
 
 
 def _log_skipped(pl_module: L.LightningModule, key: str, batch: Any) -> None:
