@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +13,7 @@ import torch
 from ostinato.data import AudioDataModule
 from ostinato.data.streams import WARN_FIRST, DataError, TrainStream
 from ostinato.engine.callbacks import Throughput
+from tests.disks import tmpfs
 from tests.runner import make_env, train, xp_folder
 from tests.synth import write_shards
 
@@ -385,19 +384,9 @@ def test_library_checks_the_same_numbers(tmp_path: Path):
 # ------------------------------------------------------------------------- read-only, full disk, interrupted
 
 
-@contextmanager
-def _tmpfs(folder: Path, options: str):
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_prep_shards_into_a_read_only_folder_is_one_line(tmp_path: Path, capsys):
     src = _audio_folder(tmp_path / "src")
-    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         code, err = _run_cli(capsys, "prep", "shards", str(src), str(ro / "out"))
         line = _one_line_error(err)
         assert code == 2 and "read-only file system" in line and str(ro / "out") in line
@@ -409,7 +398,7 @@ def test_prep_shards_into_a_read_only_folder_is_one_line(tmp_path: Path, capsys)
 
 def test_prep_shards_on_a_full_disk_is_one_line_and_leaves_no_shard(tmp_path: Path, capsys):
     src = _audio_folder(tmp_path / "src", seconds=8.0)  # about 750 kB of FLAC: more than the 256 kB disk
-    with _tmpfs(tmp_path / "full", "size=256k") as full:
+    with tmpfs(tmp_path / "full", "size=256k") as full:
         code, err = _run_cli(capsys, "prep", "shards", str(src), str(full), "--files-per-shard", "1")
         line = _one_line_error(err)
         assert code == 2 and "no space left on device" in line and str(full) in line
@@ -434,7 +423,7 @@ def test_tokenize_sweeps_temp_files_of_a_killed_run_and_refuses_a_read_only_out(
     other.write_text("mine")
     m = tokenize(codec, tmp_path / "s", out, workers=0, progress=False)
     assert m.total_samples == 4 and not any(p.exists() for p in stale) and other.read_text() == "mine"
-    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         code, err = _run_cli(capsys, "tokenize", str(tmp_path / "s"), str(ro / "t"), "--codec", codec)
         line = _one_line_error(err)
         assert code == 2 and "read-only file system" in line and str(ro / "t") in line
@@ -495,7 +484,7 @@ def test_tokenize_on_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp(
 
     write_shards(tmp_path / "s", n_shards=4, per_shard=8, sample_rate=24000, seconds=1.0)
     codec = str(write_tiny_encodec(tmp_path / "codec"))
-    with _tmpfs(tmp_path / "full", "size=24k") as full:
+    with tmpfs(tmp_path / "full", "size=24k") as full:
         code, err = _run_cli(capsys, "tokenize", str(tmp_path / "s"), str(full), "--codec", codec, "--workers", "0")
         line = _one_line_error(err)
         assert code == 2 and "no space left on device" in line and str(full) in line and ".tmp" not in line
