@@ -632,3 +632,44 @@ def test_every_valid_sample_corrupt_stops_training_with_one_line_and_keeps_the_c
     else:  # at the first epoch's end: the epoch's training is saved before the stop
         assert f"training so far is kept in {kept}" in last
         assert torch.load(kept, map_location="cpu", weights_only=False)["global_step"] > 0
+
+
+# ------------------------------------------------------------------- MusicLM's joined token streams (A3)
+
+
+def _whole_token_samples(path: Path) -> int:
+    """Samples of a truncated token tar read with their tokens (the cut may leave a last one without them)."""
+    from ostinato.data.sources import iter_raw_samples
+
+    n = 0
+    try:
+        for sample in iter_raw_samples(str(path)):
+            n += "npy" in sample
+    except Exception:  # noqa: BLE001 - the damage ends the count
+        pass
+    return n
+
+
+@pytest.mark.parametrize("damaged", ["semantic", "codec"])
+def test_truncated_musiclm_shard_counts_every_sample_its_group_lost(tmp_path: Path, damaged: str):
+    from ostinato.data.musiclm_tokens import MuLaNTokens, MusicLMTokenDataModule
+    from tests.test_musiclm import write_streams
+
+    spec = write_streams(tmp_path / "t", [1.0] * 8)  # two shards of 4 clips per stream, joined by name and key
+    shard = Path(spec[damaged]) / "shard-000000.tar"
+    _truncate(shard)
+    # the first stream (semantic) is read in order and keeps the whole samples before the damage; a damaged
+    # codec shard (read whole before the join) loses its whole group
+    lost = 4 - (_whole_token_samples(shard) if damaged == "semantic" else 0)
+    dm = MusicLMTokenDataModule(spec, segment_seconds=0.4, batch_size=2, batches_per_epoch=12, num_workers=0,
+                                shuffle_buffer=2)
+    counted = [b.skipped for b in dm.train_dataloader() if b.skipped]
+    assert lost >= 2 and counted and all(c % lost == 0 for c in counted), (lost, counted)
+
+    # a key that another stream lacks is left out by the join, not lost: nothing is counted
+    clean = write_streams(tmp_path / "clean", [1.0] * 8)
+    mulan = MuLaNTokens.load(clean["mulan"])
+    MuLaNTokens(mulan.keys[1:], {ns: t[1:] for ns, t in mulan.tokens.items()}, mulan.bins).save(clean["mulan"])
+    dm = MusicLMTokenDataModule(clean, segment_seconds=0.4, batch_size=2, batches_per_epoch=12, num_workers=0,
+                                shuffle_buffer=2)
+    assert sum(b.skipped for b in dm.train_dataloader()) == 0

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ostinato.data.datamodule import AudioDataModule
 from ostinato.data.sources import iter_raw_samples
-from ostinato.data.streams import CorruptSample, EvalSet, TrainStream, shard_folders
+from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
 from ostinato.data.tokens import CodecInfo, decode_codes, resolve_token_shards
 from ostinato.fileio import atomic_write_json, read_json
 
@@ -218,15 +218,19 @@ def decode_aligned(sample: dict, *, seconds: float, rates: Mapping[str, float], 
     return crops, valid[primary], {**meta, "__key__": key, "offset_seconds": start, "lengths": valid}
 
 
-def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None) -> Iterator[dict]:
+def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None,
+                left_out: list[str] | None = None) -> Iterator[dict]:
     """The samples of the token shards ``paths`` (stream -> the same-named shard of each stream) joined by key.
 
-    The first stream is read in order; the others are read whole first (token shards are small)."""
+    The first stream is read in order; the others are read whole first (token shards are small). The keys of the
+    first stream that another stream lacks are appended to ``left_out``."""
     names = list(paths)
     others = {n: {s["__key__"]: s for s in iter_raw_samples(paths[n])} for n in names[1:]}
     for raw in iter_raw_samples(paths[names[0]]):
         key = raw["__key__"]
         if any(key not in o for o in others.values()) or (mulan_rows is not None and key not in mulan_rows):
+            if left_out is not None:
+                left_out.append(key)
             continue
         out = {"__key__": key, f"{names[0]}.npy": raw["npy"], "json": raw.get("json", b"{}")}
         out.update({f"{n}.npy": others[n][key]["npy"] for n in names[1:]})
@@ -235,28 +239,44 @@ def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None) 
         yield out
 
 
-class _JoinedTrainStream(TrainStream):
-    """``TrainStream`` whose "urls" index groups of same-named shards of every stream."""
+def _by_first(groups: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Groups of same-named shards keyed by their first stream's shard (the url that names a group)."""
+    return {next(iter(g.values())): g for g in groups}
 
-    def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None, **kw: Any):
-        super().__init__([str(i) for i in range(len(groups))], **kw)
-        self.groups, self.mulan_rows = groups, mulan_rows
-        self._where = shard_folders([next(iter(g.values())) for g in groups])
+
+class _JoinedTrainStream(TrainStream):
+    """``TrainStream`` over groups of same-named shards of every stream, each named by its first stream's shard.
+
+    ``expected`` (samples per shard of the first stream, from its manifest) counts what a damaged group lost: a
+    truncated first-stream shard loses the samples after the damage, a damaged shard of another stream the whole
+    group. Keys the join leaves out by design (another stream lacks them) are taken off, so they are not lost.
+    """
+
+    def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None,
+                 expected: Mapping[str, int] | None = None, **kw: Any):
+        self.groups = _by_first(groups)
+        super().__init__(list(self.groups), expected=expected, **kw)
+        self.mulan_rows, self._listed = mulan_rows, dict(self.expected)
 
     def _read(self, url: str) -> Iterator[dict]:
-        return iter_joined(self.groups[int(url)], self.mulan_rows)
+        left_out: list[str] = []
+        try:
+            yield from iter_joined(self.groups[url], self.mulan_rows, left_out)
+        finally:  # before TrainStream compares what was read with what the group should give
+            if url in self._listed:
+                self.expected[url] = self._listed[url] - len(left_out)
 
 
 class _JoinedEvalSet(EvalSet):
     """``EvalSet`` over joined samples (the first ``num_samples`` in shard order, dealt over the ranks)."""
 
     def __init__(self, groups: list[dict[str, str]], mulan_rows: dict[str, int] | None, **kw: Any):
-        super().__init__([str(i) for i in range(len(groups))], **kw)
-        self.groups, self.mulan_rows = groups, mulan_rows
-        self.where = shard_folders([next(iter(g.values())) for g in groups])
+        self.groups = _by_first(groups)
+        super().__init__(list(self.groups), **kw)
+        self.mulan_rows = mulan_rows
 
     def _read(self, url: str) -> Iterator[dict]:
-        return iter_joined(self.groups[int(url)], self.mulan_rows)
+        return iter_joined(self.groups[url], self.mulan_rows)
 
 
 @dataclass
@@ -267,6 +287,7 @@ class _Split:
     mulan: MuLaNTokens | None
     rows: dict[str, int] | None
     num_samples: int
+    counts: dict[str, int] = field(default_factory=dict)  # samples per shard of the first stream (manifest)
 
 
 class MusicLMTokenDataModule(AudioDataModule):
@@ -337,7 +358,7 @@ class MusicLMTokenDataModule(AudioDataModule):
                         srcs[name].codec.frame_rate, srcs[name].codec.n_q):
                     raise ValueError(f"data.{split}.{name} tokens differ from the other splits' ({srcs[name].codec})")
         self._sources[split] = _Split(groups, {k: float(s.codec.frame_rate) for k, s in srcs.items()},
-                                      {k: s.codec for k, s in srcs.items()}, mulan, rows, n)
+                                      {k: s.codec for k, s in srcs.items()}, mulan, rows, n, srcs[first].counts)
         return self._sources[split]
 
     def _first(self) -> _Split:
@@ -369,7 +390,8 @@ class MusicLMTokenDataModule(AudioDataModule):
                                   batch_size=self.per_rank(self.batch_size, "batch_size"),
                                   batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
                                   shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world,
-                                  decode=self._decode(src, self.segment_seconds), collate=collate_musiclm)
+                                  decode=self._decode(src, self.segment_seconds), collate=collate_musiclm,
+                                  expected=src.counts)
 
     def eval_dataset(self, split: str) -> EvalSet:
         rank, world = self.world
