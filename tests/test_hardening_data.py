@@ -651,7 +651,7 @@ def _whole_token_samples(path: Path) -> int:
 
 
 @pytest.mark.parametrize("damaged", ["semantic", "codec"])
-def test_truncated_musiclm_shard_counts_every_sample_its_group_lost(tmp_path: Path, damaged: str):
+def test_truncated_musiclm_shard_counts_every_sample_its_group_lost(tmp_path: Path, damaged: str, caplog):
     from ostinato.data.musiclm_tokens import MuLaNTokens, MusicLMTokenDataModule
     from tests.test_musiclm import write_streams
 
@@ -665,6 +665,7 @@ def test_truncated_musiclm_shard_counts_every_sample_its_group_lost(tmp_path: Pa
                                 shuffle_buffer=2)
     counted = [b.skipped for b in dm.train_dataloader() if b.skipped]
     assert lost >= 2 and counted and all(c % lost == 0 for c in counted), (lost, counted)
+    assert str(shard) in caplog.text  # the damaged shard itself, not its group's index
 
     # a key that another stream lacks is left out by the join, not lost: nothing is counted
     clean = write_streams(tmp_path / "clean", [1.0] * 8)
@@ -673,3 +674,21 @@ def test_truncated_musiclm_shard_counts_every_sample_its_group_lost(tmp_path: Pa
     dm = MusicLMTokenDataModule(clean, segment_seconds=0.4, batch_size=2, batches_per_epoch=12, num_workers=0,
                                 shuffle_buffer=2)
     assert sum(b.skipped for b in dm.train_dataloader()) == 0
+
+
+@pytest.mark.parametrize("damaged", ["semantic", "codec"])
+def test_truncated_musiclm_valid_shard_is_counted_and_blanked_not_raised(tmp_path: Path, damaged: str):
+    from ostinato.data.musiclm_tokens import MusicLMTokenDataModule
+    from tests.test_musiclm import write_streams
+
+    spec = write_streams(tmp_path / "t", [1.0] * 8)
+    valid = write_streams(tmp_path / "v", [1.0] * 8, first=100)
+    shard = Path(valid[damaged]) / "shard-000000.tar"
+    _truncate(shard)
+    lost = 4 - (_whole_token_samples(shard) if damaged == "semantic" else 0)
+    dm = MusicLMTokenDataModule(spec, valid, segment_seconds=0.4, batch_size=2, batches_per_epoch=2, num_workers=0)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    assert sum(len(b) for b in batches) == 8 and sum(b.skipped for b in batches) == lost
+    errors = [m["error"] for b in batches for m in b.meta if m.get("corrupt")]
+    assert len(errors) == lost and all(str(shard) in e for e in errors)

@@ -218,6 +218,33 @@ def decode_aligned(sample: dict, *, seconds: float, rates: Mapping[str, float], 
     return crops, valid[primary], {**meta, "__key__": key, "offset_seconds": start, "lengths": valid}
 
 
+def _read_whole(url: str) -> dict[str, dict]:
+    """The samples of a shard by key; damage raises CorruptSample naming the shard (the group is named by another)."""
+    try:
+        return {s["__key__"]: s for s in iter_raw_samples(url)}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or unreadable tar
+        raise CorruptSample(f"{url}: {type(e).__name__}: {e}") from e
+
+
+def joined_size(group: Mapping[str, str], mulan_rows: Mapping[str, int] | None, listed: int = 0) -> int:
+    """How many joined samples ``group`` gives whole: those read, or for a damaged group what its first stream's
+    manifest ``listed`` less the keys the join left out (the evaluation counts the rest as lost)."""
+    left_out: list[str] = []
+    read = 0
+    try:
+        for _ in iter_joined(group, mulan_rows, left_out):
+            read += 1
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - counted as lost when read, never a crash here
+        log.warning("shard group %s is damaged (%s: %s); its lost samples are counted when evaluated",
+                    next(iter(group.values())), type(e).__name__, e)
+        return max(read, listed - len(left_out))
+    return read
+
+
 def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None,
                 left_out: list[str] | None = None) -> Iterator[dict]:
     """The samples of the token shards ``paths`` (stream -> the same-named shard of each stream) joined by key.
@@ -225,9 +252,11 @@ def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None,
     The first stream is read in order; the others are read whole first (token shards are small). The keys of the
     first stream that another stream lacks are appended to ``left_out``."""
     names = list(paths)
-    others = {n: {s["__key__"]: s for s in iter_raw_samples(paths[n])} for n in names[1:]}
+    others = {n: _read_whole(paths[n]) for n in names[1:]}
     for raw in iter_raw_samples(paths[names[0]]):
         key = raw["__key__"]
+        if "npy" not in raw:  # a tar cut inside the sample
+            raise CorruptSample(f"{paths[names[0]]}: sample {key} has no tokens (npy entry)")
         if any(key not in o for o in others.values()) or (mulan_rows is not None and key not in mulan_rows):
             if left_out is not None:
                 left_out.append(key)
@@ -351,14 +380,16 @@ class MusicLMTokenDataModule(AudioDataModule):
                              "tokenized from the same audio shards")
         mulan = MuLaNTokens.load(spec["mulan"]) if "mulan" in names else None
         rows = mulan.lookup() if mulan is not None else None
-        n = sum(1 for g in groups for _ in iter_joined(g, rows)) if split != "train" else srcs[first].num_samples
+        counts = srcs[first].counts
+        n = srcs[first].num_samples if split == "train" else sum(
+            joined_size(g, rows, counts.get(g[first], 0)) for g in groups)
         for other in self._sources.values():
             for name in token_names:
                 if name in other.codecs and (other.codecs[name].frame_rate, other.codecs[name].n_q) != (
                         srcs[name].codec.frame_rate, srcs[name].codec.n_q):
                     raise ValueError(f"data.{split}.{name} tokens differ from the other splits' ({srcs[name].codec})")
         self._sources[split] = _Split(groups, {k: float(s.codec.frame_rate) for k, s in srcs.items()},
-                                      {k: s.codec for k, s in srcs.items()}, mulan, rows, n, srcs[first].counts)
+                                      {k: s.codec for k, s in srcs.items()}, mulan, rows, n, counts)
         return self._sources[split]
 
     def _first(self) -> _Split:
