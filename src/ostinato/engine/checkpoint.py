@@ -30,6 +30,36 @@ SIG_PREFIX = "//sig/"
 LAST_NAME = "last.ckpt"
 PREVIOUS_NAME = "last-previous.ckpt"  # the last.ckpt before the current one, kept whole for a damaged last.ckpt
 DAMAGED_TAG = ".damaged-"  # a damaged checkpoint set aside: ``last.ckpt.damaged-20260105-120000``
+METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded (FSDP) checkpoint
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A directory written by a sharded FSDP save."""
+    path = Path(path)
+    return path.is_dir() and (path / METADATA).is_file()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A checkpoint file or a sharded checkpoint directory."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
+def load_sharded_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """A sharded checkpoint directory -> a Lightning checkpoint dict (``state_dict`` with full tensors,
+    ``optimizer_states``, and everything ``meta.pt`` holds), read on one process without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    checkpoint = torch.load(path / METADATA, map_location="cpu", weights_only=not trust)
+    checkpoint["state_dict"] = state.pop("model")
+    optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint["optimizer_states"] = [state.pop(k) for k in optimizers]
+    return checkpoint
 
 
 class UntrustedCheckpointError(UserError, RuntimeError):
@@ -44,8 +74,6 @@ def checkpoint_damage(path: str | Path) -> str | None:
     """Why the checkpoint file or sharded folder at ``path`` cannot be read, or None when it looks whole.
 
     Cheap at any size: a file's zip directory (at its end, so lost by any truncation) is read, never a tensor."""
-    from ostinato.engine.fsdp import METADATA
-
     path = Path(path)
     try:
         if path.is_dir():
@@ -73,8 +101,6 @@ def checkpoint_damage(path: str | Path) -> str | None:
 def older_checkpoints(folder: str | Path, exclude: str | Path | None = None) -> list[Path]:
     """The checkpoints in ``folder`` other than ``exclude`` (``last-previous.ckpt``, ``step*.ckpt``, a sharded
     ``last.ckpt.old``), most recently written first; set-aside damaged ones and temp files are not listed."""
-    from ostinato.engine.fsdp import is_checkpoint
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -173,8 +199,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", trust: bool = F
     """Read a ``.ckpt``/``.pt``/``.bin`` file or a sharded checkpoint directory; tensors and plain containers only
     unless ``trust``. A damaged one (empty, truncated) raises ``DamagedCheckpointError`` naming a whole one
     beside it."""
-    from ostinato.engine.fsdp import is_sharded_checkpoint, load_sharded_checkpoint
-
     path = Path(path)
     sharded = is_sharded_checkpoint(path)
     if not sharded and not path.is_file():
@@ -239,8 +263,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def resolve_checkpoint(ref: str | Path, xps_dir: str | Path | None = None) -> Path:
     """``//sig/SIG`` (an XP of this project), an XP folder, or a checkpoint -> a checkpoint file (or sharded
     checkpoint directory)."""
-    from ostinato.engine.fsdp import is_checkpoint, is_sharded_checkpoint
-
     ref = str(ref)
     if ref.startswith(SIG_PREFIX):
         if xps_dir is None:

@@ -13,8 +13,8 @@
 * sharded checkpoints: ``last.ckpt`` is a directory (``torch.distributed.checkpoint`` shards plus ``meta.pt`` with
   the loop state, callbacks and config). It is written next to the old one and swapped in once every rank has
   written, so a run killed while saving still resumes from the previous checkpoint; the one it replaces stays as
-  ``last-previous.ckpt``, the fallback when ``last.ckpt`` turns out damaged. ``load_sharded_checkpoint``
-  consolidates one on a single process (export, ``continue_from``, ``ostinato.load``).
+  ``last-previous.ckpt``, the fallback when ``last.ckpt`` turns out damaged. The format itself (reading,
+  consolidating on one process for export, ``continue_from`` and ``ostinato.load``) is in ``engine.checkpoint``.
 """
 from __future__ import annotations
 
@@ -28,20 +28,10 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
+from ostinato.engine.checkpoint import LAST_NAME, PREVIOUS_NAME
+
 log = logging.getLogger(__name__)
-METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 ORIGINAL_NDIM = "_ostinato_ndim"  # set on parameters before FSDP flattens them (weight decay grouping)
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A directory written by a sharded FSDP save."""
-    path = Path(path)
-    return path.is_dir() and (path / METADATA).is_file()
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """A checkpoint file or a sharded checkpoint directory."""
-    return Path(path).is_file() or is_sharded_checkpoint(path)
 
 
 def remember_parameter_ndims(module: torch.nn.Module) -> None:
@@ -49,24 +39,6 @@ def remember_parameter_ndims(module: torch.nn.Module) -> None:
     no-decay rule (``ndim < 2``) must see the original shapes."""
     for p in module.parameters():
         setattr(p, ORIGINAL_NDIM, p.ndim)
-
-
-def load_sharded_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """A sharded checkpoint directory -> a Lightning checkpoint dict (``state_dict`` with full tensors,
-    ``optimizer_states``, and everything ``meta.pt`` holds), read on one process without a process group."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    path = Path(path)
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    checkpoint = torch.load(path / METADATA, map_location="cpu", weights_only=not trust)
-    checkpoint["state_dict"] = state.pop("model")
-    optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
-    checkpoint["optimizer_states"] = [state.pop(k) for k in optimizers]
-    return checkpoint
 
 
 class _ClippingFSDPPrecision(FSDPPrecision):
@@ -119,8 +91,6 @@ class ShardedFSDPStrategy(FSDPStrategy):
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("sharded_save_written")
         if self.global_rank == 0:
-            from ostinato.engine.checkpoint import LAST_NAME, PREVIOUS_NAME
-
             keep = path.with_name(PREVIOUS_NAME) if path.name == LAST_NAME else old
             if path.exists():  # the one before is kept whole (last-previous.ckpt) for a damaged last.ckpt
                 _remove(keep)

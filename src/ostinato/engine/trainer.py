@@ -13,12 +13,12 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
-from ostinato.engine.checkpoint import (LAST_NAME, SafeCheckpointIO, checkpoint_damage, older_checkpoints,
-                                        set_aside, sweep_temp_files)
+from ostinato.engine.checkpoint import (LAST_NAME, SafeCheckpointIO, checkpoint_damage, is_checkpoint,
+                                        older_checkpoints, set_aside, sweep_temp_files)
 from ostinato.engine.cluster import DoraEnvironment
 from ostinato.engine.ema import EMA
 from ostinato.engine.family import FamilyModule
-from ostinato.engine.fsdp import ShardedFSDPStrategy, is_checkpoint, remember_parameter_ndims
+from ostinato.engine.fsdp import ShardedFSDPStrategy, remember_parameter_ndims
 from ostinato.engine.guard import NonFiniteGuard
 from ostinato.errors import UserError
 from ostinato.nn.transformer import prefer_cudnn_attention
