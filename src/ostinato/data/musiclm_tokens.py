@@ -224,7 +224,7 @@ def _read_whole(url: str) -> dict[str, dict]:
         return {s["__key__"]: s for s in iter_raw_samples(url)}
     except FileNotFoundError:
         raise
-    except Exception as e:  # noqa: BLE001 - a truncated or unreadable tar
+    except Exception as e:  # a truncated or unreadable tar
         raise CorruptSample(f"{url}: {type(e).__name__}: {e}") from e
 
 
