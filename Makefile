@@ -36,6 +36,7 @@ demo: install
 	OSTINATO_DATA=$(dir $(abspath $(DEMO_DIR))) $(BIN)/ostinato demo --data $(DEMO_DIR)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: install

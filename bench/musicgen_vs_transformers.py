@@ -10,8 +10,9 @@ model; the same inputs; dropout 0; cross-attention to 32 conditioning states):
 * Training step: forward under bf16 autocast, the same fp32 cross-entropy over all K x S x card logits, backward,
   fused AdamW. transformers: ``MusicgenForCausalLM`` (its default SDPA attention). ostinato: ``CodebookLM`` eager
   and with each block compiled (``trainer.compile: [lm.layers]``), cuDNN attention first
-  for the causal self-attention (``prefer_cudnn_attention``, what the engine does on Hopper GPUs). Model FLOPs count the matmuls (6 x params x
-  tokens) and causal + cross attention; peak memory is everything the run allocated (weights, AdamW, activations).
+  for the causal self-attention (``prefer_cudnn_attention``, what the engine does on Hopper GPUs). Model FLOPs count
+  the matmuls (6 x params x tokens) and causal + cross attention; peak memory is everything the run allocated
+  (weights, AdamW, activations).
 * Generation with CFG 3, top-k 250, 500 decoding steps (10 s at 50 Hz): transformers:
   ``MusicgenForConditionalGeneration.generate`` (bf16 weights) with a tiny random T5 (32 text tokens) and a tiny
   random EnCodec of the MusicGen layout (32 kHz, 4 x 2048, 50 Hz), so the time is its decoder loop plus a
@@ -169,7 +170,7 @@ def bench_training(name: str, preset: dict, b: int, frames: int, device: torch.d
     state = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
 
     def hf_forward(x):
-        out = hf(input_ids=x.reshape(-1, x.shape[-1]), encoder_hidden_states=cond, encoder_attention_mask=mask)
+        out = hf(input_ids=x.reshape(-1, x.shape[-1]), encoder_hidden_states=cond, encoder_attention_mask=mask)  # noqa: F821 - called before the `del` below frees the model
         return out.logits.reshape(b, K, x.shape[-1], CARD)
 
     step, hf_losses = make_step(hf_forward, hf.parameters(), seq, device)
@@ -312,7 +313,7 @@ def bench_generation(preset: dict, steps: int, batches: list[int], device: torch
 
             def run(n: int = frames) -> torch.Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend == "cache"):
-                    return generate(lm, pattern, n, cond=cond, params=params)
+                    return generate(lm, pattern, n, cond=cond, params=params)  # noqa: F821 - called before the `del` below frees the model
 
             t0 = time.perf_counter()
             try:
@@ -344,7 +345,7 @@ def bench_generation(preset: dict, steps: int, batches: list[int], device: torch
         params = GenerationParams(top_k=250, cfg_scale=3.0, seed=1, backend="graph", dtype="bf16", compile=mode)
         say(f"\nTop kernels of one window decoded by the fastest graph variant ({best['what']}, 500 steps):\n")
         say("```")
-        say(top_kernels(lambda: generate(lm, pattern, frames, cond=cond, params=params), device, args.profile_rows))
+        say(top_kernels(lambda: generate(lm, pattern, frames, cond=cond, params=params), device, args.profile_rows))  # noqa: F821 - called before the `del` below frees the model
         say("```")
     del lm
     free(device)

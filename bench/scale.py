@@ -15,9 +15,9 @@ sharded checkpoints all come from config. Runs:
   the step continues and every rank's parameter shard is bitwise what was saved.
 
 Text conditioning is a tiny random BERT written on the fly (cross-attention to its 32 projected states); every
-run is eager (no ``trainer.compile``), attention as the engine picks it (cuDNN first for DDP, flash for FSDP). Frames/s count codec frames (50 Hz) of all ranks
-over the timed steps (after ``--warmup``); memory is each rank's peak allocation. Prints (and writes with --out) a
-Markdown report.
+run is eager (no ``trainer.compile``), attention as the engine picks it (cuDNN first for DDP, flash for FSDP).
+Frames/s count codec frames (50 Hz) of all ranks over the timed steps (after ``--warmup``); memory is each rank's
+peak allocation. Prints (and writes with --out) a Markdown report.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def prepare(root: Path, items: int, seconds: float) -> None:
 def overrides(run: dict, root: Path, args) -> list[str]:
     p = PRESETS[run["preset"]]
     world, per_gpu = run["world"], run["batch"]
-    out = ["family=musicgen_tiny", "data=demo_tokens", f"family.n_q=4", f"family.card=2048",
+    out = ["family=musicgen_tiny", "data=demo_tokens", "family.n_q=4", "family.card=2048",
            f"family.lm.dim={p['dim']}", f"family.lm.num_heads={p['num_heads']}",
            f"family.lm.num_layers={p['num_layers']}", f"family.lm.ffn_dim={p['ffn_dim']}",
            f"family.text.model={root / 'text'}", "family.text.max_length=32",
@@ -186,7 +186,8 @@ class Clock(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         info = dict(self.info, rank=trainer.global_rank, world=trainer.world_size, end_step=trainer.global_step,
                     end_checksum=_checksum(pl_module), strategy=type(trainer.strategy).__name__,
-                    wrapped=sum(type(m).__name__ == "FullyShardedDataParallel" for m in trainer.strategy.model.modules()),
+                    wrapped=sum(type(m).__name__ == "FullyShardedDataParallel"
+                                for m in trainer.strategy.model.modules()),
                     params=sum(p.numel() for p in pl_module.parameters()))
         if self.t0 is not None and self.t1 is not None:
             info.update(seconds=self.t1 - self.t0, steps=self.n1 - self.n0)

@@ -32,7 +32,8 @@ def write_shards(folder: Path, *, n_shards: int = 3, per_shard: int = 8, sample_
         with wds.TarWriter(str(folder / name)) as w:
             for _ in range(per_shard):
                 dur = seconds[i] if isinstance(seconds, list) else seconds
-                audio = b"not a flac" * 10 if i in corrupt else encode_flac(tone(100 + 10 * i, dur, sample_rate, channels), sample_rate)
+                audio = (b"not a flac" * 10 if i in corrupt else
+                         encode_flac(tone(100 + 10 * i, dur, sample_rate, channels), sample_rate))
                 meta = {"caption": f"clip {i}", "index": i, "piece": f"p{i // 4}"}
                 w.write({"__key__": f"s{i:05d}", "flac": audio, "json": json.dumps(meta).encode()})
                 total += dur

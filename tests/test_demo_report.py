@@ -103,7 +103,8 @@ def test_clips_from_a_generate_folder(tmp_path: Path) -> None:
         (out / f"{i:03d}.json").write_text(f'{{"prompt": "{prompt}", "melody": "/data/theme.wav", "style": null}}')
     clips = clips_from_folder(out)
     assert [(c.wav, c.label, c.text) for c in clips] == [
-        (out / "000.wav", "melody 0", "a reel; melody: theme.wav"), (out / "001.wav", "melody 1", "(no text); melody: theme.wav")]
+        (out / "000.wav", "melody 0", "a reel; melody: theme.wav"),
+        (out / "001.wav", "melody 1", "(no text); melody: theme.wav")]
     with pytest.raises(FileNotFoundError, match="no NNN.wav clips"):
         clips_from_folder(tmp_path / "clips")
 

@@ -68,7 +68,7 @@ def user_message(e: BaseException, value_errors: bool = True) -> str | None:
         return f"{e.filename}: {_OS_FIXES[e.errno]}"
     if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return _one_line(str(e))
-    if value_errors and isinstance(e, ValueError):  # the library's checks of arguments and files raise ValueError with the fix
+    if value_errors and isinstance(e, ValueError):  # the library's argument and file checks raise it, with the fix
         return _one_line(str(e))
     return None
 

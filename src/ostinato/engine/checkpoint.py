@@ -127,7 +127,7 @@ def damaged_message(path: str | Path, damage: str) -> str:
     """One line: which file, what is wrong, and which checkpoint to use instead."""
     previous = previous_checkpoint(path)
     fix = (f"use the previous checkpoint {previous} instead" if previous is not None else
-           f"no whole checkpoint is left beside it; use another one, or train again")
+           "no whole checkpoint is left beside it; use another one, or train again")
     if damage.startswith("not a PyTorch checkpoint"):
         return f"{path} is {damage}; give a .ckpt written by `ostinato train`, an XP or an export folder"
     return f"checkpoint {path} is damaged ({damage}), e.g. by a run killed while writing it; {fix}"

@@ -2,7 +2,8 @@
 
 ``MusikaAutoencoderFamily`` trains ``SpectralAutoencoder`` on audio shards: an L1 between the decoded and the input
 (normalised) log-magnitude spectrograms, multi-scale mel + multi-resolution STFT + L1 waveform losses, optionally
-adversarial (the codec's waveform discriminators, hinge + feature matching) after ``disc_warmup_steps``. Its latents are then written once as array shards (``ostinato encode``).
+adversarial (the codec's waveform discriminators, hinge + feature matching) after ``disc_warmup_steps``. Its latents
+are then written once as array shards (``ostinato encode``).
 
 ``MusikaFamily`` trains ``MusikaGenerator`` against ``LatentDiscriminator`` on windows of those latents, as
 Musika does: hinge losses, an R1 gradient penalty on real latents whose weight adapts (Musika's "switch": the

@@ -1,1 +1,2 @@
-"""Sampling and autoregressive generation (KV-cached, pattern-aware, CFG, sliding window, chaining) for ``CodebookLM``."""
+"""Sampling and autoregressive generation (KV-cached, pattern-aware, CFG, sliding window, chaining) for
+``CodebookLM``."""

@@ -15,9 +15,9 @@ Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B
 with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
 contributes nothing (SDPA yields zeros for fully masked rows, and the values of a zero input are zero without
 Linear biases), and a zero prefix (the null condition the family trains with), unless the prefix function
-returns a pair ``(prefix, null_prefix)`` (MusicLM's coarse stage: MuLaN tokens dropped, semantic tokens kept). CFG is skipped (single B-row
-forward) when there is no condition or ``cfg_scale == 1``. With ``cfg_beta`` set, MusicGen-Style's double CFG
-runs 3B rows: ``[text + prefix; prefix only; nothing]`` mixed by ``double_cfg_logits``.
+returns a pair ``(prefix, null_prefix)`` (MusicLM's coarse stage: MuLaN tokens dropped, semantic tokens kept). CFG
+is skipped (single B-row forward) when there is no condition or ``cfg_scale == 1``. With ``cfg_beta`` set,
+MusicGen-Style's double CFG runs 3B rows: ``[text + prefix; prefix only; nothing]`` mixed by ``double_cfg_logits``.
 
 Long outputs (audiocraft's sliding window, ``MusicGen._generate_tokens``): with ``max_window_frames = W`` and
 ``extend_stride_frames = stride``, the first window decodes ``W`` frames; then, while frames are missing, the last

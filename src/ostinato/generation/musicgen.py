@@ -213,7 +213,8 @@ def generate_audio(module: torch.nn.Module, codec: Codec, prompts: Sequence[str]
     """One clip per prompt ("" = no text) -> wav ``[B, C, round(seconds * sample_rate)]``.
 
     ``continuation``: the clips start with this audio (its codes are the prompt) and go on to ``seconds`` in all.
-    ``melody``: one reference for every prompt, or one per prompt; ``style``: one reference. ``long_form``: see ``LongForm`` (default: one window).
+    ``melody``: one reference for every prompt, or one per prompt; ``style``: one reference. ``long_form``: see
+    ``LongForm`` (default: one window).
     """
     _check_codec(module, codec)
     module.eval()

