@@ -10,21 +10,12 @@ import lightning as L
 import pytest
 import torch
 
-from ostinato.data import AudioDataModule
 from ostinato.data.streams import WARN_FIRST, DataError, TrainStream
 from ostinato.engine.callbacks import Throughput
 from tests.disks import tmpfs
 from tests.runner import make_env, train, xp_folder
 from tests.synth import write_shards
-
-
-def _dm(spec, **kw) -> AudioDataModule:
-    args = dict(train=spec, valid=spec, sample_rate=16000, channels=1, segment_seconds=0.5, batch_size=4,
-                batches_per_epoch=5, num_workers=0, shuffle_buffer=8)
-    args.update(kw)
-    dm = AudioDataModule(**args)
-    dm.setup("fit")
-    return dm
+from tests.test_loader import _dm
 
 
 def _truncate(path: Path, fraction: float = 0.5) -> None:
