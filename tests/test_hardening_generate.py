@@ -93,7 +93,19 @@ def test_generation_params_check_their_ranges() -> None:
 
 def test_generate_refuses_an_empty_prompt(capsys, tmp_path) -> None:
     line = fails(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "", "--out", str(tmp_path / "o"))
-    assert "--prompt" in line and "empty" in line and "no --prompt" in line
+    assert "--prompt" in line and "empty" in line and "no --prompt" in line and "--unconditional N" in line
+
+
+def test_unconditional_clips_beside_prompts_are_asked_for_by_count(capsys, tmp_path) -> None:
+    import argparse
+
+    from ostinato.cli import _prompts
+
+    args = argparse.Namespace(prompt=["a jig"], prompts=None, unconditional=2)
+    assert _prompts(args) == ["a jig", "", ""]
+    line = fails(capsys, "generate", "--model", str(tmp_path / "nope"), "--unconditional", "0", "--out",
+                 str(tmp_path / "o"))
+    assert "--unconditional" in line and ">= 1" in line
 
 
 def test_generate_refuses_a_missing_or_empty_prompts_file(capsys, tmp_path) -> None:

@@ -315,8 +315,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     from ostinato.errors import UserError
 
     prompts = list(args.prompt or [])
-    if any(not p.strip() for p in prompts):
-        raise UserError("--prompt '': an empty prompt; to generate unconditionally, give no --prompt")
+    if any(not p.strip() for p in prompts):  # most often an unset shell variable: said, not guessed
+        raise UserError("--prompt '': an empty prompt; to generate unconditionally, give no --prompt, or "
+                        "--unconditional N for N unconditional clips beside the prompts")
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
@@ -329,7 +330,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         if not lines:
             raise UserError(f"--prompts {path}: no prompt in it; write one prompt per line")
         prompts += lines
-    return prompts
+    return prompts + [""] * (getattr(args, "unconditional", None) or 0)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codec", default=None,
                    help="codec to decode with (default: family.codec, else the one of its token shards)")
     g.add_argument("--prompt", action="append", help="a text prompt (repeatable; none = unconditional)")
+    g.add_argument("--unconditional", type=_number(int, 1), default=None, metavar="N",
+                   help="N unconditional clips in the same batch as the prompts (the CFG-free baseline)")
     g.add_argument("--prompts", default=None, help="a file with one prompt per line")
     g.add_argument("--melody", default=None, help="audio whose chromagram the output follows (melody models)")
     g.add_argument("--style", default=None, help="audio whose style the output takes (style models)")
