@@ -191,7 +191,9 @@ def test_two_ranks_gather_negatives_with_gradients_like_one_process(tmp_path: Pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: the ranks run backward, which a forked child refuses once its parent (the xdist worker, after
+    # another file's tests) has started autograd's threads
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     xa, xt = _global_batch()
     for kind in ("softmax", "sigmoid"):
