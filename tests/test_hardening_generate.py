@@ -3,6 +3,7 @@ one line naming the flag (or file) and the fix, exit code 2, checked before any 
 half-written; an export finds its codec from any working directory."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -185,6 +186,20 @@ def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch
     main(["generate", "--model", str(work / "export"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
           "--out", "clips", "--quiet"])
     assert (elsewhere / "clips" / "000.wav").is_file()
+
+
+def test_generate_keeps_an_earlier_runs_clips_unless_told(models, tmp_path, capsys) -> None:
+    args = ["generate", "--model", str(models["musicgen"]), "--duration", "0.1", "--seed", "0", "--quiet",
+            "--out", str(tmp_path / "clips")]
+    main([*args, "--prompt", "a", "--prompt", "b", "--prompt", "c"])
+    first = (tmp_path / "clips" / "000.wav").read_bytes()
+    capsys.readouterr()  # the first run's loading bars
+    line = fails(capsys, *args, "--prompt", "d")  # refused before the model loads: one line
+    assert "--out" in line and "already holds 6 clip files (000.json" in line and "--overwrite" in line
+    assert (tmp_path / "clips" / "000.wav").read_bytes() == first
+    main([*args, "--prompt", "d", "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == ["000.json", "000.wav"]  # no stale b, c
+    assert json.loads((tmp_path / "clips" / "000.json").read_text())["prompt"] == "d"
 
 
 # -------------------------------------------------------------------------------------------------------- eval

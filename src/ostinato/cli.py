@@ -299,8 +299,26 @@ def _progress_bar(quiet: bool):
             bar.close()
 
 
+CLIP_PATTERN = "[0-9][0-9][0-9].*"  # NNN.wav + NNN.json
+
+
+def _clips_in(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob(CLIP_PATTERN) if p.suffix in (".wav", ".json")) if out.is_dir() else []
+
+
+def _check_clips(out: str, overwrite: bool) -> None:
+    """Refuse, before any model loads, to write over the clips of an earlier run (nothing is lost silently)."""
+    from ostinato.errors import UserError
+
+    clips = _clips_in(Path(out))
+    if clips and not overwrite:
+        raise UserError(f"--out {out} already holds {len(clips)} clip files ({clips[0].name}, ...); pass --overwrite "
+                        "to replace them, or choose another --out")
+
+
 def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None:
-    """NNN.wav + NNN.json (prompt and every parameter) per clip, each written atomically."""
+    """NNN.wav + NNN.json (prompt and every parameter) per clip, each written atomically; the clips of an earlier
+    run past these (``--overwrite``) are removed once the new ones are written."""
     from ostinato.evaluation.runner import write_wav
     from ostinato.fileio import atomic_write_json
 
@@ -308,6 +326,9 @@ def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None
     for i, (wav, record) in enumerate(zip(wavs, records)):
         write_wav(out / f"{i:03d}.wav", wav, sample_rate)
         atomic_write_json(out / f"{i:03d}.json", record)
+    for stale in _clips_in(out):
+        if int(stale.stem) >= len(records):
+            stale.unlink()
     print(f"wrote {len(records)} clip(s) of {wavs.shape[-1] / sample_rate:g} s to {out}")
 
 
@@ -342,6 +363,7 @@ def _generate(args: argparse.Namespace) -> None:
     prompts = _prompts(args)  # the inputs are checked before any model loads
     audio = {flag: _audio_input(path, flag) for flag, path in
              (("--melody", args.melody), ("--style", args.style), ("--continue", args.continue_))}
+    _check_clips(args.out, args.overwrite)
     if args.family != "musicgen":
         with _progress_bar(args.quiet) as progress:
             wavs, sample_rate, records = importlib.import_module(GENERATORS[args.family]).cli_generate(args, progress)
@@ -599,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent anchors and style drawn from a normal cut at +-T (default 2; lower = more typical, "
                          "less varied; 0 = untruncated)")
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
+    g.add_argument("--overwrite", action="store_true", help="replace the clips an earlier run wrote in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--trust", action="store_true")
     g.set_defaults(func=_generate)

@@ -285,7 +285,7 @@ def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
 
     generated = outputs / "demo" / "generated"
     modes = _generation_modes(data, outputs / "demo" / "inputs", plan)
-    base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--seed", "0"]
+    base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--seed", "0", "--overwrite"]
     for mode, extra in modes.items():
         _run(base + extra + ["--out", str(generated / mode), "--quiet"], in_process=True)
 
