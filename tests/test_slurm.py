@@ -29,6 +29,11 @@ def _step(folder: Path) -> int:
     return torch.load(ckpt, weights_only=True)["global_step"] if ckpt.is_file() else -1
 
 
+def _history(folder: Path) -> list[dict]:
+    path = folder / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def _failure(folders: list[Path]) -> str | None:
     for folder in folders:
         log = folder / "train.log"
@@ -80,7 +85,10 @@ def test_grid_on_slurm_with_requeue(cluster, tmp_path):
     assert "preemption checkpoint written" in log, log[-3000:]
     resumed = [line for line in log.splitlines() if "resuming" in line]
     assert len(resumed) == 1 and "last.ckpt" in resumed[0], log[-3000:]
-    history = json.loads((target / "history.json").read_text())
+    # the last checkpoint is written at step 300 before the last validation pushes its history entry: wait for it
+    while time.time() < deadline and _history(target)[-1:] and _history(target)[-1]["step"] < 300:
+        time.sleep(0.5)
+    history = _history(target)
     assert history[-1]["step"] == 300 and "valid" in history[-1]
 
     table = subprocess.run(grid + ["--no_monitoring"], env=env, capture_output=True, text=True, timeout=300,
