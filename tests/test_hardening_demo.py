@@ -178,3 +178,22 @@ def test_a_failed_demo_step_ends_in_one_line_that_says_how_to_go_on(tmp_path: Pa
     with pytest.raises(UserError, match=r"^the step `ostinato prep shards` stopped on the error above; fix it, then "
                                         r"run `ostinato demo` again \(finished steps are kept\)$"):
         _run(["prep", "shards", str(tmp_path / "missing"), str(tmp_path / "shards")])
+
+
+def test_demo_outputs_holds_the_demos_xps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--outputs X` puts the demo's training runs under X/xps too (they went to $OSTINATO_OUTPUTS or ./outputs)."""
+    import ostinato.demo
+    from ostinato.cli import main
+
+    monkeypatch.delenv("OSTINATO_OUTPUTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folders = []
+
+    def plan_only(data: Path, outputs: Path, quick: bool = False) -> None:  # the demo's own XP lookup, no training
+        from ostinato.train import main as train_main
+
+        folders.append(Path(train_main.get_xp(ostinato.demo.CODEC_EXPERIMENT).folder))
+
+    monkeypatch.setattr(ostinato.demo, "run_demo", plan_only)
+    main(["demo", "--data", str(tmp_path / "data"), "--outputs", str(tmp_path / "elsewhere")])
+    assert folders and folders[0].parent == tmp_path / "elsewhere" / "xps"

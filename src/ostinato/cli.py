@@ -445,6 +445,7 @@ def _app(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
+    os.environ["OSTINATO_OUTPUTS"] = args.outputs  # the demo's XPs, exports and evaluation caches go there too
     run_demo(Path(args.data), Path(args.outputs), quick=args.quick)
 
 
@@ -679,7 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = verbs.add_parser("demo", help="the embedded default end to end: corpus -> codec, MusicGen, MuLaN -> "
                                       "generation -> evaluation -> outputs/demo/report.html")
     d.add_argument("--data", default="data/demo")
-    d.add_argument("--outputs", default=os.environ.get("OSTINATO_OUTPUTS", "outputs"))
+    d.add_argument("--outputs", default=os.environ.get("OSTINATO_OUTPUTS", "outputs"),
+                   help="everything the demo writes: XPs, exports, clips, report (default: $OSTINATO_OUTPUTS or "
+                        "outputs)")
     d.add_argument("--quick", action="store_true",
                    help="a few steps and seconds of everything (a smoke test of the demo, not a model)")
     d.set_defaults(func=_demo)
