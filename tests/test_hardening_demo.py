@@ -180,20 +180,20 @@ def test_a_failed_demo_step_ends_in_one_line_that_says_how_to_go_on(tmp_path: Pa
         _run(["prep", "shards", str(tmp_path / "missing"), str(tmp_path / "shards")])
 
 
-def test_demo_outputs_holds_the_demos_xps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--outputs X` puts the demo's training runs under X/xps too (they went to $OSTINATO_OUTPUTS or ./outputs)."""
-    import ostinato.demo
-    from ostinato.cli import main
-
-    monkeypatch.delenv("OSTINATO_OUTPUTS", raising=False)
-    monkeypatch.chdir(tmp_path)
-    folders = []
-
-    def plan_only(data: Path, outputs: Path, quick: bool = False) -> None:  # the demo's own XP lookup, no training
-        from ostinato.train import main as train_main
-
-        folders.append(Path(train_main.get_xp(ostinato.demo.CODEC_EXPERIMENT).folder))
-
-    monkeypatch.setattr(ostinato.demo, "run_demo", plan_only)
-    main(["demo", "--data", str(tmp_path / "data"), "--outputs", str(tmp_path / "elsewhere")])
-    assert folders and folders[0].parent == tmp_path / "elsewhere" / "xps"
+def test_demo_outputs_holds_the_demos_xps(tmp_path: Path) -> None:
+    """`--outputs X` puts the demo's training runs under X/xps too (they went to $OSTINATO_OUTPUTS or ./outputs).
+    A fresh process, as `ostinato demo` is: dora fixes the XP folder when ostinato.train is first imported."""
+    probe = (  # the demo's own XP lookup in place of the demo (no training); ostinato.train imported as run_demo does
+        "import sys, ostinato.demo as demo\n"
+        "def plan(data, outputs, quick=False):\n"
+        "    from ostinato.train import main as train_main\n"
+        "    print(train_main.get_xp(demo.CODEC_EXPERIMENT).folder)\n"
+        "demo.run_demo = plan\n"
+        "from ostinato.cli import main\n"
+        "main(sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OSTINATO_OUTPUTS"}
+    proc = subprocess.run([sys.executable, "-c", probe, "demo", "--data", str(tmp_path / "data"), "--outputs",
+                           str(tmp_path / "elsewhere")], env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(proc.stdout.strip().splitlines()[-1]).parent == tmp_path / "elsewhere" / "xps"
