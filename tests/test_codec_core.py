@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ostinato.interop.encodec import (export_audiocraft_encodec, load_audiocraft_encodec,
                                       load_transformers_encodec)
-from ostinato.nn.codec import Codec
+from ostinato.models.codec import Codec
 from ostinato.nn.conv import NormConv1d, NormConvTranspose1d
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder

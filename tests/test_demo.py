@@ -73,7 +73,7 @@ def test_gpu_preset_composes_validates_and_builds_a_larger_model(model: str, mon
 
     from ostinato import demo
     from ostinato.engine.config import validate
-    from ostinato.engine.family import plain
+    from ostinato.families.base import plain
     from ostinato.train import conf_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -108,7 +108,7 @@ def test_ema_export_load_samples_and_wandb(env, tmp_path):
                                                      "reconstruction_0.wav", "reconstruction_1.png",
                                                      "reconstruction_1.wav"]
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-    from ostinato.engine.ema import ema_weights_from_checkpoint
+    from ostinato.store.checkpoint import ema_weights_from_checkpoint
 
     ema = ema_weights_from_checkpoint(ckpt)
     raw = ckpt["state_dict"]

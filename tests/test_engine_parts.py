@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ostinato.engine.callbacks import PreemptionCheckpoint
-from ostinato.engine.ema import EMA, ema_weights_from_checkpoint
-from ostinato.engine.guard import NonFiniteError, NonFiniteGuard, grads_finite
-from ostinato.engine.optim import build_optimizer, build_scheduler, lr_factor
+from ostinato.engine.ema import EMA
+from ostinato.store.checkpoint import ema_weights_from_checkpoint
+from ostinato.families.guard import NonFiniteError, NonFiniteGuard, grads_finite
+from ostinato.families.optim import build_optimizer, build_scheduler, lr_factor
 
 # ---------------------------------------------------------------- helpers
 

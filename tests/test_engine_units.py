@@ -5,7 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ostinato.engine.checkpoint import (SafeCheckpointIO, UntrustedCheckpointError, load_checkpoint,
+from ostinato.engine.checkpoint_io import SafeCheckpointIO
+from ostinato.store.checkpoint import (UntrustedCheckpointError, load_checkpoint,
                                         resolve_checkpoint)
 from ostinato.engine.config import ConfigError, check_target, validate
 from ostinato.engine.loggers import wandb_mode

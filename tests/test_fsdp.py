@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from ostinato.engine.checkpoint import load_checkpoint
+from ostinato.store.checkpoint import load_checkpoint
 from ostinato.engine.weights import export
 from tests.runner import losses, train, xp_folder
 from tests.test_musicgen_family import write_token_shards

@@ -18,10 +18,13 @@ import pytest
 import torch
 
 from ostinato.cli import main as cli_main
-from ostinato.engine.checkpoint import (PREVIOUS_NAME, DamagedCheckpointError, SafeCheckpointIO, checkpoint_damage,
+from ostinato.engine.checkpoint_io import SafeCheckpointIO
+from ostinato.store.checkpoint import (PREVIOUS_NAME, DamagedCheckpointError, checkpoint_damage,
                                         load_checkpoint, set_aside)
 from ostinato.engine.trainer import last_checkpoint
-from ostinato.engine.weights import CONFIG_KEY, load, load_weights
+from ostinato.engine.weights import load_weights
+from ostinato.models import load
+from ostinato.store.records import CONFIG_KEY
 from ostinato.errors import UserError, user_errors
 from ostinato.families.debug import DebugFamily
 from tests.disks import tmpfs

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from ostinato.data.arrays import ArrayBatch, ArrayDataModule
 from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
-from ostinato.nn.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
+from ostinato.models.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
 from tests.runner import cli, train, xp_folders
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ostinato.nn.contrastive import (ContrastiveLoss, RetrievalMetrics, retrieval_metrics, sigmoid_contrastive_loss,
                                      softmax_contrastive_loss)
-from ostinato.nn.mulan import MuLaNQuantizer
+from ostinato.models.mulan import MuLaNQuantizer
 from tests.runner import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -339,7 +339,7 @@ def test_mulan_backend_embeds_audio_and_text_in_one_space(trained: dict) -> None
 
 
 def test_text_towers_scratch_and_finetuned_minilm() -> None:
-    from ostinato.nn.mulan import TextTower
+    from ostinato.models.mulan import TextTower
 
     texts = ["a chorale for organ", "an irish reel. bpm: 120", ""]
     scratch = TextTower(8, model="scratch", dim=16, depth=1, heads=2)

@@ -220,7 +220,7 @@ def test_each_stage_learns_a_repeated_pattern_in_a_few_steps():
 # -- the pipeline -------------------------------------------------------------------------------------------
 def tiny_semantic_tokenizer(seed: int = 0):
     """A real MFCC k-means tokenizer (16 kHz, 25 Hz, K = 32) with random centroids."""
-    from ostinato.nn.semantic import MFCCFeatures, SemanticTokenizer
+    from ostinato.models.semantic import MFCCFeatures, SemanticTokenizer
 
     g = torch.Generator().manual_seed(seed)
     feats = MFCCFeatures(16000, 25.0)
@@ -230,7 +230,7 @@ def tiny_semantic_tokenizer(seed: int = 0):
 
 def tiny_codec():
     """A random ostinato codec shaped like CODEC: 24 kHz, hop 320 (75 Hz), 4 x 64 codes."""
-    from ostinato.nn.codec import Codec
+    from ostinato.models.codec import Codec
 
     torch.manual_seed(1)
     return Codec.from_config(sample_rate=24000, dimension=8, n_filters=4, ratios=[8, 5, 8], n_q=4, bins=64,
@@ -239,7 +239,7 @@ def tiny_codec():
 
 def pipeline(window: float | None = 0.4):
     from ostinato.generation.musiclm import MusicLM
-    from ostinato.nn.mulan import MuLaNQuantizer
+    from ostinato.models.mulan import MuLaNQuantizer
 
     sem, coarse, fine = stages()
     for stage in (sem, coarse, fine):
@@ -358,7 +358,7 @@ def write_parts(root: Path) -> dict[str, str]:
     from safetensors.torch import save_file
 
     from ostinato.families.mulan import MuLaNFamily
-    from ostinato.nn.mulan import MuLaNQuantizer
+    from ostinato.models.mulan import MuLaNQuantizer
     from tests.synth import write_tiny_encodec
 
     codec = write_tiny_encodec(root / "codec", 24000)
@@ -490,7 +490,7 @@ def test_cli_prep_mulan_fits_the_quantizer_and_tokenizes_every_split(tmp_path):
     import subprocess
     import sys
 
-    from ostinato.nn.mulan import MuLaNQuantizer
+    from ostinato.models.mulan import MuLaNQuantizer
     from tests.synth import write_shards
 
     parts = write_parts(tmp_path / "parts")

@@ -16,7 +16,7 @@ from ostinato.data.arrays import ArrayBatch, ArrayDataModule, ArrayManifest
 from ostinato.families.musika import MusikaAutoencoderFamily, MusikaFamily
 from ostinato.generation.musika import MusikaParams, generate_audio, generate_latents, seam_statistics
 from ostinato.metrics.fad import FrechetAudioDistance
-from ostinato.nn.musika import (MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
+from ostinato.models.musika import (MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
                                 window_coordinates)
 from tests.runner import cli, train, xp_folders
 from tests.synth import write_shards

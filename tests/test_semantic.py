@@ -20,7 +20,7 @@ from ostinato.data.shards import iter_shard_samples
 from ostinato.data.sources import iter_raw_samples
 from ostinato.data.token_datamodule import TokenDataModule
 from ostinato.data.tokens import TokenManifest, iter_token_samples
-from ostinato.nn.semantic import (LogMelFeatures, MFCCFeatures, SemanticTokenizer, SSLFeatures,
+from ostinato.models.semantic import (LogMelFeatures, MFCCFeatures, SemanticTokenizer, SSLFeatures,
                                   is_semantic_tokenizer)
 from ostinato.tokenize import tokenize
 

@@ -6,8 +6,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load(path: Any, map_location: Any = "cpu", **kw: Any) -> Any:
-    """An exported folder (``ostinato export``), an XP folder or a checkpoint -> the family module, in eval mode."""
-    from ostinato.engine.weights import load as _load
+def load(ref: Any, map_location: Any = "cpu", trust: bool = False, xps_dir: Any = None) -> Any:
+    """An export folder (``ostinato export`` / ``import``), an XP (folder or signature) or a checkpoint -> its
+    inference model (``ostinato.models``), in eval mode."""
+    from ostinato.models import load as _load
 
-    return _load(path, map_location=map_location, **kw)
+    return _load(ref, map_location=map_location, xps_dir=xps_dir, trust=trust)

@@ -175,7 +175,7 @@ def _check_dora_args(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from ostinato.engine.weights import export
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.store.records import resolve_ref, xps_dir
 
     ref = resolve_ref(args.ref)
     out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust, overwrite=args.overwrite)
@@ -193,7 +193,7 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
-    from ostinato.nn.semantic import is_semantic_tokenizer
+    from ostinato.models.semantic import is_semantic_tokenizer
     from ostinato.tokenize import tokenize
 
     if args.semantic is not None and not is_semantic_tokenizer(args.semantic):

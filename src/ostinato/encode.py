@@ -35,8 +35,8 @@ __all__ = ["encode_shards", "load_encoder"]
 def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> Any:
     """The family behind ``ref`` (XP signature, //sig/SIG, XP folder, .ckpt, export folder), checked to write
     arrays, in eval mode on ``device``."""
-    from ostinato.engine.weights import load
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.models import load
+    from ostinato.store.records import resolve_ref, xps_dir
 
     module = load(resolve_ref(str(ref)), xps_dir=xps_dir(), trust=trust)
     if not hasattr(module, "encode_arrays") or not hasattr(module, "array_streams"):

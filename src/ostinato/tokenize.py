@@ -30,9 +30,10 @@ from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_co
 from ostinato.errors import UserError
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
-from ostinato.interop.codecs import codec_id, load_codec, weights_hash
-from ostinato.nn.codec import Codec
-from ostinato.nn.semantic import SemanticTokenizer, is_semantic_tokenizer
+from ostinato.interop.codecs import load_codec, weights_hash
+from ostinato.store.records import codec_id
+from ostinato.models.codec import Codec
+from ostinato.models.semantic import SemanticTokenizer, is_semantic_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -26,25 +26,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ostinato.engine.callbacks import grouped
 from ostinato.engine.config import ConfigError, check_global_batch, check_overrides, composition_error, validate
-from ostinato.engine.family import plain
-from ostinato.engine.guard import NonFiniteError
+from ostinato.families.base import plain
+from ostinato.families.guard import NonFiniteError
 from ostinato.engine.loggers import build_loggers
 from ostinato.engine.trainer import (apply_compile_and_checkpointing, build_trainer, check_resume_fits,
                                      last_checkpoint, sweep_checkpoint_temp_files)
-from ostinato.engine.weights import CONFIG_KEY, load_weights
+from ostinato.engine.weights import load_weights
+from ostinato.store.records import CONFIG_KEY
 from ostinato.errors import EXIT_USER_ERROR, debug_enabled, user_errors, user_message
 from ostinato.fileio import atomic_write_text
+from ostinato.store.records import conf_dir
 
 log = logging.getLogger("ostinato.train")
-
-
-def conf_dir() -> str:
-    """``$OSTINATO_CONF``, else the repository's ``conf/`` (the package is installed from a checkout)."""
-    env = os.environ.get("OSTINATO_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"no config.yaml in {path}; set OSTINATO_CONF to your conf/ folder")
-    return str(path)
 
 
 def _setup_logging(folder: Path, rank: int) -> None:

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+from ostinato.nn.resample import resample  # noqa: F401  (data.audio.resample: the name the data code uses)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif")
 ChannelPolicy = Literal["mono", "stereo", "keep"]
@@ -111,13 +111,6 @@ def _ogg_has_end(path: Path) -> bool:
         return False
     body = sum(page[27:27 + segments])
     return bool(page[5] & 0x04) and len(page) >= 27 + segments + body
-
-
-def resample(wav: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
-    """The one resampler of ostinato: torchaudio's windowed-sinc (Hann, 6 zero crossings). [..., T] -> [..., T']."""
-    if from_sr == to_sr:
-        return wav
-    return AF.resample(wav, int(from_sr), int(to_sr))
 
 
 def convert_channels(wav: torch.Tensor, policy: ChannelPolicy | int) -> torch.Tensor:

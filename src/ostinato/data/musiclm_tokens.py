@@ -103,7 +103,7 @@ def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: 
 
         mulan = as_mulan(mulan_ref)
     if isinstance(quantizer, (str, Path)):
-        from ostinato.nn.mulan import MuLaNQuantizer
+        from ostinato.models.mulan import MuLaNQuantizer
 
         quantizer = MuLaNQuantizer.load(quantizer)
     src = resolve_shards(shards)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ostinato.data.sources import iter_shard_audio, output_folder, resolve_shards
-from ostinato.nn.semantic import (CONFIG_NAME, SemanticFeatures, SemanticTokenizer, make_features,
+from ostinato.models.semantic import (CONFIG_NAME, SemanticFeatures, SemanticTokenizer, make_features,
                                   token_stats)
 
 log = logging.getLogger(__name__)

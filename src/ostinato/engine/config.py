@@ -19,7 +19,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ostinato.engine.optim import OPTIMIZERS, SCHEDULES
+from ostinato.families.optim import OPTIMIZERS, SCHEDULES
 from ostinato.errors import UserError, did_you_mean
 
 

@@ -263,19 +263,3 @@ class EMA(L.Callback):
             if name in state:
                 state[name] = value.detach().to(device=state[name].device, dtype=state[name].dtype, copy=True)
         return state
-
-
-def ema_weights_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Tensor] | None:
-    """A Lightning checkpoint's ``state_dict`` with its EMA shadows substituted, or None if it has no EMA state."""
-    states = [s for s in (ckpt.get("callbacks") or {}).values() if isinstance(s, Mapping) and "shadow" in s]
-    if not states:
-        return None
-    weights = dict(ckpt["state_dict"])
-    for state in states:
-        shadow = dict(state["shadow"])
-        shadow.update({alias: shadow[name] for alias, name in (state.get("aliases") or {}).items()
-                       if name in shadow})
-        for name, value in shadow.items():
-            reference = weights.get(name)
-            weights[name] = value if reference is None else value.to(device=reference.device, dtype=reference.dtype)
-    return weights

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
-from ostinato.engine.checkpoint import LAST_NAME, PREVIOUS_NAME
+from ostinato.store.checkpoint import LAST_NAME, PREVIOUS_NAME
 
 log = logging.getLogger(__name__)
 ORIGINAL_NDIM = "_ostinato_ndim"  # set on parameters before FSDP flattens them (weight decay grouping)

@@ -13,13 +13,14 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
-from ostinato.engine.checkpoint import (LAST_NAME, SafeCheckpointIO, checkpoint_damage, is_checkpoint,
+from ostinato.engine.checkpoint_io import SafeCheckpointIO
+from ostinato.store.checkpoint import (LAST_NAME, checkpoint_damage, is_checkpoint,
                                         older_checkpoints, set_aside, sweep_temp_files)
 from ostinato.engine.cluster import DoraEnvironment
 from ostinato.engine.ema import EMA
-from ostinato.engine.family import FamilyModule
+from ostinato.families.base import FamilyModule
 from ostinato.engine.fsdp import ShardedFSDPStrategy, remember_parameter_ndims
-from ostinato.engine.guard import NonFiniteGuard
+from ostinato.families.guard import NonFiniteGuard
 from ostinato.errors import UserError
 from ostinato.nn.transformer import prefer_cudnn_attention
 
@@ -62,7 +63,7 @@ def check_resume_fits(path: Path, family: torch.nn.Module) -> None:
     """Refuse, in one line naming its family, a checkpoint whose weights do not fit ``family`` (one copied in from
     another XP), before Lightning's strict load would fail with a page of keys. Reads names and shapes only
     (memory-mapped); a sharded checkpoint or one that needs trust is left to Lightning."""
-    from ostinato.engine.weights import CONFIG_KEY
+    from ostinato.store.records import CONFIG_KEY
 
     if Path(path).is_dir():
         return

@@ -1,31 +1,21 @@
-"""Weights in and out: ``continue_from`` loading, safetensors export, and ``ostinato.load``."""
+"""Weights in and out of training: ``continue_from`` loading and ``export`` (``ostinato.load`` is in models/)."""
 from __future__ import annotations
 
 import logging
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ostinato.engine.checkpoint import load_checkpoint, resolve_checkpoint
-from ostinato.engine.ema import ema_weights_from_checkpoint
 from ostinato.errors import UserError
 from ostinato.fileio import atomic_write_json, atomic_write_text
+from ostinato.models import model_weights
+from ostinato.registry import kind_of
+from ostinato.store.records import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME, export_folder, read_weights, staged_folder
 
 log = logging.getLogger(__name__)
-WEIGHTS_NAME, CONFIG_NAME, INFO_NAME = "model.safetensors", "config.yaml", "export.json"
-CONFIG_KEY = "ostinato_config"  # where the engine stores the resolved config inside Lightning checkpoints
 
 
 @dataclass
@@ -44,44 +34,6 @@ class LoadReport:
                 shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
                 parts.append(f"{len(keys)} {name}: {shown}")
         return "; ".join(parts)
-
-
-def checkpoint_weights(ckpt: dict[str, Any], prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
-    """(state_dict, used_ema) of a Lightning checkpoint dict: the EMA weights when it has them."""
-    if prefer_ema:
-        ema = ema_weights_from_checkpoint(ckpt)
-        if ema is not None:
-            return ema, True
-    return ckpt["state_dict"], False
-
-
-def read_weights(ref: str | Path, xps_dir: str | Path | None = None,
-                 trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str]:
-    """Weights (EMA when present), the config stored with them (or None), and a description of the source.
-
-    ``ref``: an export folder, a ``.safetensors`` file, ``//sig/SIG``, an XP folder or a ``.ckpt``.
-    """
-    path = Path(str(ref))
-    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
-        cfg = OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)) if (path / CONFIG_NAME).is_file() else None
-        return load_file(path / WEIGHTS_NAME), cfg, str(path / WEIGHTS_NAME)
-    if path.suffix == ".safetensors":
-        return load_file(path), None, str(path)
-    ckpt_path = resolve_checkpoint(ref, xps_dir)
-    ckpt = load_checkpoint(ckpt_path, trust=trust)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"{ckpt_path} is not a checkpoint written by `ostinato train` ({_what_checkpoint(ckpt)}); "
-                        "give an XP, its .ckpt or an export folder")
-    weights, used_ema = checkpoint_weights(ckpt)
-    return weights, ckpt.get(CONFIG_KEY), f"{ckpt_path}{' (EMA)' if used_ema else ''}"
-
-
-def _what_checkpoint(ckpt: Any) -> str:
-    if not isinstance(ckpt, dict):
-        return f"it holds a {type(ckpt).__name__}"
-    if "best_state" in ckpt or "xp.cfg" in ckpt:
-        return "an audiocraft file: bring it in with `ostinato import`"
-    return f"no state_dict; its keys: {', '.join(map(str, list(ckpt)[:6]))}"
 
 
 def _family_name(target: str) -> str:
@@ -126,6 +78,9 @@ def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, 
     weights, cfg, source = read_weights(ref, xps_dir, trust)
     if cfg is None:
         raise ValueError(f"{source} carries no config; export needs a checkpoint written by `ostinato train`")
+    kind = kind_of(cfg, source)
+    if kind.model is not None and export_folder(ref) is None:  # a checkpoint: its model's tensors only
+        weights = model_weights(weights, None)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
     with staged_folder(out) as stage:
         from ostinato.interop.codecs import embed_codec
@@ -134,7 +89,8 @@ def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, 
         save_file(tensors, str(stage / WEIGHTS_NAME))
         atomic_write_text(stage / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(cfg)))
         atomic_write_json(stage / INFO_NAME, {"source": source, "tensors": len(tensors),
-                                              "family": cfg["family"]["_target_"]})
+                                              "family": kind.family, "wrapper": kind.wrapper,
+                                              "model": kind.model})
     return out
 
 
@@ -143,59 +99,3 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out} is a file; give a folder (new or empty) for the export")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and holds files; pass --overwrite to replace it, or choose another folder")
-
-
-@contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty temp folder on ``out``'s file system; when the block succeeds its content replaces
-    ``out``'s (a new ``out``: one rename; an existing one, a mount point maybe: one rename per entry, then the
-    old entries go), else it is removed and ``out`` is left as it was. A file-system error names ``out``."""
-    out = Path(out).absolute()
-    stage = None
-    try:
-        existing = out.is_dir()
-        if not existing:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out if existing else out.parent))
-        yield stage
-        if not existing:
-            os.replace(stage, out)
-            return
-        new = {p.name for p in stage.iterdir()}
-        for entry in stage.iterdir():
-            if (out / entry.name).is_dir():
-                shutil.rmtree(out / entry.name)
-            os.replace(entry, out / entry.name)
-        for entry in out.iterdir():  # what the export replaces (only with --overwrite: see _check_export_folder)
-            if entry == stage or entry.name in new:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    except OSError as e:
-        if e.errno is not None:  # the temp paths mean nothing to the user: name the folder asked for
-            raise OSError(e.errno, e.strerror or str(e), str(out)) from e
-        raise
-    except SafetensorError as e:  # safetensors' own I/O errors carry the errno in their text only
-        found = re.search(r"\(os error (\d+)\)", str(e))
-        if found is None:
-            raise
-        raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(out)) from e
-    finally:
-        if stage is not None and stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def load(path: str | Path, map_location: str | torch.device = "cpu", xps_dir: str | Path | None = None,
-         trust: bool = False) -> torch.nn.Module:
-    """An exported folder (or any ``ref`` that ``read_weights`` takes) -> the family module, in eval mode."""
-    weights, cfg, source = read_weights(path, xps_dir, trust)
-    if cfg is None:
-        raise ValueError(f"{source}: no config.yaml beside the weights; cannot tell which family to build")
-    conf = OmegaConf.create(cfg)
-    optim = conf.get("optim")
-    optim = OmegaConf.to_container(optim) if OmegaConf.is_config(optim) else dict(optim or {})
-    module = instantiate(conf.family, optim=optim or None, _convert_="all")
-    module.load_state_dict(weights, strict=True)
-    return module.to(map_location).eval()

@@ -146,7 +146,8 @@ class _Reconstructor:
     """A codec re-encoding the reference clips (all its codebooks)."""
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
-        from ostinato.interop.codecs import CODEC_KINDS, load_codec, require_ref
+        from ostinato.interop.codecs import CODEC_KINDS, load_codec
+        from ostinato.store.records import require_ref
 
         if codec is not None:
             raise ValueError(f"{suite.path or suite.name}: a reconstruction suite evaluates the codec given as "

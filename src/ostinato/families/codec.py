@@ -3,7 +3,7 @@
 Manual optimisation: each batch takes one discriminator step (after ``disc_warmup_steps``) and one generator
 step. Only the generator step counts as a training step (the discriminator's optimizer is stepped directly),
 so ``trainer.max_steps``, schedules and warm-ups are all in generator steps. Backward passes run under DDP's
-``no_sync`` and gradients are averaged explicitly (see ``ostinato.engine.distributed``).
+``no_sync`` and gradients are averaged explicitly (see ``ostinato.families.distributed``).
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from ostinato.data.batch import AudioBatch
-from ostinato.engine.distributed import average_gradients, no_sync
-from ostinato.engine.family import FamilyModule, plain
-from ostinato.engine.guard import grads_finite
-from ostinato.engine.optim import build_optimizer, build_scheduler
+from ostinato.families.distributed import average_gradients, no_sync
+from ostinato.families.base import FamilyModule, plain
+from ostinato.families.guard import grads_finite
+from ostinato.families.optim import build_optimizer, build_scheduler
 from ostinato.metrics.codec import SISNR, MelDistance, MultiScaleSTFTDistance
 from ostinato.nn.balancer import Balancer
-from ostinato.nn.codec import Codec
+from ostinato.models.codec import Codec
 from ostinato.nn.discriminators import build_discriminator
 from ostinato.nn.losses import (MultiScaleMelLoss, feature_matching_loss, hinge_discriminator_loss,
                                 hinge_generator_loss, l1_waveform)

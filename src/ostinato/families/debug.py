@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ostinato.data.batch import AudioBatch
-from ostinato.engine.family import FamilyModule
+from ostinato.families.base import FamilyModule
 
 
 class ConvAutoencoder(nn.Module):

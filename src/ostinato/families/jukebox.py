@@ -26,11 +26,11 @@ from torch import Tensor, nn
 
 from ostinato.data.arrays import ArrayBatch, StreamInfo
 from ostinato.data.batch import AudioBatch
-from ostinato.engine.family import FamilyModule, plain
+from ostinato.families.base import FamilyModule, plain
 from ostinato.families.musicgen import lm_config
 from ostinato.families.musiclm import masked_lm_losses
 from ostinato.metrics.codec import MelDistance
-from ostinato.nn.jukebox import LEVELS, HierarchicalVQVAE, MetadataConditioner, UpperConditioner
+from ostinato.models.jukebox import LEVELS, HierarchicalVQVAE, MetadataConditioner, UpperConditioner
 from ostinato.nn.losses import MultiScaleMelLoss, l1_waveform
 from ostinato.nn.patterns import ParallelPattern
 from ostinato.nn.transformer import CodebookLM, _Block

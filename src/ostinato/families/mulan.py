@@ -1,4 +1,4 @@
-"""The MuLaN family: audio-text contrastive training of ``ostinato.nn.mulan.MuLaN`` on audio shards.
+"""The MuLaN family: audio-text contrastive training of ``ostinato.models.mulan.MuLaN`` on audio shards.
 
 Training step: random crops ``[B, C, T]`` of ``data.segment_seconds`` (at most the tower's window) and their texts,
 ``description(meta)`` (caption + structured fields) with each field dropped with ``attribute_dropout`` -> audio and
@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from ostinato.data.batch import AudioBatch
-from ostinato.engine.family import FamilyModule, plain
+from ostinato.families.base import FamilyModule, plain
 from ostinato.nn.conditioners import description
 from ostinato.nn.contrastive import ContrastiveLoss, RetrievalMetrics, retrieval_metrics
-from ostinato.nn.mulan import MuLaN, MuLaNQuantizer, checked_kwargs
+from ostinato.models.mulan import MuLaN, MuLaNQuantizer, checked_kwargs
 
 __all__ = ["MuLaNFamily", "as_mulan", "mulan_embeddings", "fit_mulan_quantizer"]
 log = logging.getLogger(__name__)
@@ -154,8 +154,8 @@ def as_mulan(model: MuLaN | MuLaNFamily | str | Path, map_location: str | torch.
         return model.mulan.eval()
     if isinstance(model, MuLaN):
         return model.eval()
-    from ostinato.engine.weights import load
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.models import load
+    from ostinato.store.records import resolve_ref, xps_dir
 
     module = load(resolve_ref(str(model)), map_location=map_location, xps_dir=xps_dir())
     if not isinstance(module, MuLaNFamily):

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from ostinato.data.batch import AudioBatch
 from ostinato.data.token_datamodule import TokenBatch
-from ostinato.engine.family import FamilyModule
+from ostinato.families.base import FamilyModule
 from ostinato.nn.chroma import MelodyConditioner
-from ostinato.nn.codec import Codec
+from ostinato.models.codec import Codec
 from ostinato.nn.conditioners import TextConditioner, description
 from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_features
 from ostinato.nn.patterns import DelayPattern

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ostinato.data.musiclm_tokens import MusicLMBatch
-from ostinato.engine.family import FamilyModule
+from ostinato.families.base import FamilyModule
 from ostinato.families.musicgen import lm_config
 from ostinato.nn.patterns import CodebookPattern, DelayPattern, ParallelPattern, UnrollPattern
 from ostinato.nn.transformer import CodebookLM, _Block

@@ -28,16 +28,16 @@ from torch import Tensor
 
 from ostinato.data.arrays import ArrayBatch, StreamInfo
 from ostinato.data.batch import AudioBatch
-from ostinato.engine.distributed import average_gradients, no_sync
-from ostinato.engine.family import FamilyModule, plain
-from ostinato.engine.guard import grads_finite
-from ostinato.engine.optim import build_optimizer, build_scheduler
+from ostinato.families.distributed import average_gradients, no_sync
+from ostinato.families.base import FamilyModule, plain
+from ostinato.families.guard import grads_finite
+from ostinato.families.optim import build_optimizer, build_scheduler
 from ostinato.metrics.codec import SISNR, MelDistance, MultiScaleSTFTDistance
 from ostinato.metrics.fad import FrechetAudioDistance
 from ostinato.nn.discriminators import build_discriminator
 from ostinato.nn.losses import (MultiScaleMelLoss, MultiScaleSTFTLoss, feature_matching_loss,
                                 hinge_discriminator_loss, hinge_generator_loss, l1_waveform)
-from ostinato.nn.musika import (AutoencoderOutput, LatentDiscriminator, MusikaGenerator, SpectralAutoencoder,
+from ostinato.models.musika import (AutoencoderOutput, LatentDiscriminator, MusikaGenerator, SpectralAutoencoder,
                                 window_coordinates)
 
 __all__ = ["MusikaAutoencoderFamily", "MusikaFamily", "AE_WEIGHTS"]
@@ -276,7 +276,7 @@ class MusikaFamily(FamilyModule):
                      truncation: float | None = None) -> tuple[Tensor, Tensor]:
         """Coordinates of one window per item at a random phase relative to its anchors, with the generator's
         halo, and style vectors: ``([B, coord_dim, coarse_window + 2 halo], [B, style_dim])``."""
-        from ostinato.nn.musika import truncated_normal
+        from ostinato.models.musika import truncated_normal
 
         g, device = self.generator, self.gp_weight.device
         h, spacing = g.halo, self.anchor_spacing

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ostinato.generation.lm import GenerationParams, generate
-from ostinato.nn.jukebox import parse_metadata
+from ostinato.models.jukebox import parse_metadata
 
 __all__ = ["JukeboxModels", "generate_codes", "generate_audio", "load_bundle", "write_bundle", "cli_generate"]
 
@@ -86,7 +86,7 @@ def load_bundle(model: str, vqvae: str | None = None, trust: bool = False) -> Ju
     """Load the priors and the VQ-VAE of a bundle (see the module docstring); ``vqvae`` overrides the bundle's."""
     import ostinato
     from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.store.records import resolve_ref, xps_dir
 
     spec = _spec(model)
     missing = [p for p in PRIORS if p not in spec]
@@ -115,8 +115,8 @@ def load_bundle(model: str, vqvae: str | None = None, trust: bool = False) -> Ju
 
 def _recorded_vqvae(prior_ref: str, trust: bool) -> str:
     from ostinato.data.arrays import ArrayManifest
-    from ostinato.engine.weights import read_weights
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.store.records import read_weights
+    from ostinato.store.records import resolve_ref, xps_dir
 
     _, cfg, _ = read_weights(resolve_ref(prior_ref), xps_dir(), trust)
     cfg = cfg or {}

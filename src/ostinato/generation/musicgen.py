@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ostinato.data.audio import convert_channels, resample
 from ostinato.generation.lm import GenerationParams, Progress, crossfade, generate, generate_chained
-from ostinato.nn.codec import Codec
+from ostinato.models.codec import Codec
 
 __all__ = ["AudioInput", "LongForm", "generate_audio", "load_generator", "require_musicgen"]
 
@@ -131,9 +131,10 @@ def load_generator(model: str, codec: str | None = None, trust: bool = False,
     model's folder.
     """
     import ostinato
-    from ostinato.engine.weights import read_weights
+    from ostinato.store.records import read_weights
     from ostinato.errors import UserError
-    from ostinato.interop.codecs import CODEC_KINDS, load_codec, require_ref, xps_dir
+    from ostinato.interop.codecs import CODEC_KINDS, load_codec
+    from ostinato.store.records import require_ref, xps_dir
 
     ref = require_ref(model, "--model", "a MusicGen: an XP folder, a checkpoint, an export or import folder")
     codec = require_ref(codec, "--codec", CODEC_KINDS) if codec else None

@@ -111,11 +111,12 @@ def load_musiclm(semantic: str, coarse: str, fine: str, mulan: str | None = None
     import ostinato
     from ostinato.data.musiclm_tokens import MuLaNTokens
     from ostinato.data.tokens import TokenManifest
-    from ostinato.engine.weights import read_weights
+    from ostinato.store.records import read_weights
     from ostinato.families.mulan import as_mulan
     from ostinato.families.musiclm import CoarseStage, FineStage, SemanticStage
-    from ostinato.interop.codecs import load_codec, require_ref, xps_dir
-    from ostinato.nn.mulan import MuLaNQuantizer
+    from ostinato.interop.codecs import load_codec
+    from ostinato.store.records import require_ref, xps_dir
+    from ostinato.models.mulan import MuLaNQuantizer
     from ostinato.tokenize import load_tokenizer
 
     stages, cfgs = {}, {}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ostinato.nn.musika import SpectralAutoencoder, truncated_normal, window_coordinates
+from ostinato.models.musika import SpectralAutoencoder, truncated_normal, window_coordinates
 
 __all__ = ["MusikaParams", "generate_latents", "generate_audio", "load_autoencoder", "load_musika", "cli_generate",
            "spectral_flux", "seam_statistics"]
@@ -178,7 +178,7 @@ def seam_statistics(wav: Tensor, sample_rate: int, joint_samples: int, phase_sam
 def load_autoencoder(ref: str, trust: bool = False) -> SpectralAutoencoder:
     """The ``SpectralAutoencoder`` of a Musika autoencoder (XP signature, //sig/SIG, XP folder, .ckpt, export)."""
     import ostinato
-    from ostinato.interop.codecs import resolve_ref, xps_dir
+    from ostinato.store.records import resolve_ref, xps_dir
 
     module = ostinato.load(resolve_ref(str(ref)), xps_dir=xps_dir(), trust=trust)
     ae = getattr(module, "autoencoder", None)
@@ -196,9 +196,9 @@ def load_musika(model: str, autoencoder: str | None = None, trust: bool = False)
     recorded in the training array shards' manifest.
     """
     import ostinato
-    from ostinato.engine.weights import read_weights
+    from ostinato.store.records import read_weights
     from ostinato.families.musika import MusikaFamily
-    from ostinato.interop.codecs import require_ref, xps_dir
+    from ostinato.store.records import require_ref, xps_dir
 
     ref = require_ref(str(model), "--model", "a Musika GAN: an XP folder, a checkpoint or an export folder")
     family = ostinato.load(ref, xps_dir=xps_dir(), trust=trust)

@@ -9,42 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ostinato.nn.codec import Codec
-
-
-def xps_dir() -> Path:
-    """The dora experiments folder of this project's config (``$OSTINATO_OUTPUTS/xps``)."""
-    from ostinato.train import main
-
-    return Path(main.dora.dir) / main.dora.xps
-
-
-def resolve_ref(ref: str) -> str:
-    """A bare XP signature becomes ``//sig/SIG``; anything else is returned as is."""
-    if not ref.startswith("//") and not Path(ref).exists() and (xps_dir() / ref).is_dir():
-        return f"//sig/{ref}"
-    return ref
-
-
-def require_ref(ref: str, option: str, what: str) -> str:
-    """``resolve_ref``, refusing in one line (``option``, ``what`` it takes) a ref that is nothing here."""
-    from ostinato.errors import UserError
-
-    resolved = resolve_ref(ref)
-    if resolved.startswith("//sig/"):
-        if not (xps_dir() / resolved[len("//sig/"):]).is_dir():
-            raise UserError(f"{option} {ref}: no experiment {resolved[len('//sig/'):]} in {xps_dir()}; give an XP "
-                            f"signature listed there, or {what}")
-    elif not Path(resolved).expanduser().exists():
-        raise UserError(f"{option} {ref}: no such file, folder or XP signature (in {xps_dir()}); give {what}")
-    return resolved
-
-
-def codec_id(ref: str | Path) -> str:
-    """How token shards record their codec: a local file or folder by absolute path (so that what trains on them
-    finds it from any working directory), anything else (an XP signature) as given."""
-    path = Path(str(ref)).expanduser()
-    return str(path.resolve()) if not str(ref).startswith("//") and path.exists() else str(ref)
+from ostinato.models.codec import Codec
+from ostinato.store.records import resolve_ref, xps_dir
 
 
 def load_codec(ref: str | Path, trust: bool = False) -> Codec:
@@ -60,13 +26,13 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
         from ostinato.interop.encodec import load_audiocraft_encodec
 
         return load_audiocraft_encodec(path, trust=trust).eval()
-    from ostinato.engine.weights import load
+    from ostinato.models import load
 
     module = load(resolve_ref(str(ref)), xps_dir=xps_dir(), trust=trust)
     if any(k.__name__ == "MusicGenFamily" for k in type(module).__mro__):
         from ostinato.errors import UserError
 
-        from ostinato.engine.weights import read_weights
+        from ostinato.store.records import read_weights
         from ostinato.generation.musicgen import recorded_codec
 
         recorded = recorded_codec(read_weights(resolve_ref(str(ref)), xps_dir(), trust)[1])
@@ -89,7 +55,7 @@ def copy_codec(ref: str, dst: Path, trust: bool = False, experiments: bool = Tru
     copied, an audiocraft file becomes ``dst/compression_state_dict.bin``, an ostinato XP or checkpoint is
     exported (EMA weights + config; only when ``experiments``). Returns the codec reference inside ``dst``, or None
     when ``ref`` is nothing local (then it stays as it is)."""
-    from ostinato.engine.checkpoint import SIG_PREFIX
+    from ostinato.store.checkpoint import SIG_PREFIX
 
     path = Path(ref).expanduser()
     if path.is_dir() and ((path / "config.json").is_file() or (path / "model.safetensors").is_file()):

@@ -1,4 +1,4 @@
-"""Import EnCodec checkpoints of transformers and audiocraft into ``ostinato.nn.codec.Codec``.
+"""Import EnCodec checkpoints of transformers and audiocraft into ``ostinato.models.codec.Codec``.
 
 * ``load_transformers_encodec(folder)``: an ``EncodecModel.save_pretrained`` folder (``config.json`` +
   ``model.safetensors``, sharded safetensors or ``pytorch_model.bin``), read directly, without transformers.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ostinato.nn.codec import Codec
+from ostinato.models.codec import Codec
 from ostinato.nn.conv import NormConv1d, NormConvTranspose1d
 
 # EncodecConfig's defaults: config.json files written with ``use_diff`` may omit them.

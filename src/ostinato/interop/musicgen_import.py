@@ -501,7 +501,8 @@ def _write_error(e: BaseException, tmp: Path, out: Path) -> OSError | None:
 def _check_flags(text_encoder: str | Path | None, tokenizer: str | Path | None, codec: str | None) -> None:
     """The folders and the codec the flags name exist (before anything is read or written)."""
     from ostinato.errors import UserError
-    from ostinato.interop.codecs import CODEC_KINDS, require_ref
+    from ostinato.interop.codecs import CODEC_KINDS
+    from ostinato.store.records import require_ref
 
     for flag, folder, what in (("--text-encoder", text_encoder, "a local text-encoder folder (e.g. t5-base) with its "
                                                                 "tokenizer"),

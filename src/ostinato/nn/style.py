@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ostinato.data.audio import resample
+from ostinato.nn.resample import resample
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.transformer import sinusoidal_embedding
 

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ostinato.metrics.embeddings.base import EmbeddingBackend
-from ostinato.nn.codec import Codec
+from ostinato.models.codec import Codec
 
 VERSION = 1  # bump when what ``_embed`` computes changes: invalidates cached statistics
 

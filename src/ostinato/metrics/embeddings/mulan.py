@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ostinato.metrics.embeddings.base import EmbeddingBackend
-from ostinato.nn.mulan import MuLaN, window_starts
+from ostinato.models.mulan import MuLaN, window_starts
 
 VERSION = 1  # bump when what ``_embed`` / ``embed_text`` compute changes: invalidates cached statistics
 

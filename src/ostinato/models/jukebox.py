@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ostinato.nn.codec import Codec, CodecOutput
+from ostinato.models.codec import Codec, CodecOutput
 
 __all__ = ["LEVELS", "HierarchicalVQVAE", "MetadataConditioner", "UpperConditioner", "parse_metadata"]
 

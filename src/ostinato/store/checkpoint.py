@@ -16,14 +16,15 @@ import pickle
 import shutil
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io import TorchCheckpointIO
+
+from torch import Tensor
 
 from ostinato.errors import UserError
-from ostinato.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 SIG_PREFIX = "//sig/"
@@ -228,38 +229,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O: write to a temp file, fsync, rename; read weights-only. Overwriting
-    ``last.ckpt`` keeps the one before as ``last-previous.ckpt``, the fallback when ``last.ckpt`` is damaged."""
-
-    def __init__(self, trust: bool = False) -> None:
-        self.trust = trust
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError("SafeCheckpointIO takes no storage_options")
-        path = Path(path)
-        try:
-            with atomic_path(path) as tmp:
-                try:
-                    torch.save(checkpoint, tmp)
-                except RuntimeError as e:
-                    full = _disk_full(e, tmp)
-                    if full is None:
-                        raise
-                    raise full from e
-                if path.name == LAST_NAME and path.is_file():
-                    keep_previous(path, tmp)
-        except OSError as e:
-            if e.errno is None or e.filename == str(path):
-                raise
-            raise OSError(e.errno, e.strerror, str(path)) from e  # the checkpoint, not its (removed) temp file
-
-    def load_checkpoint(self, path: str | Path, map_location: Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location=map_location or "cpu", trust=self.trust)
-
-
 def resolve_checkpoint(ref: str | Path, xps_dir: str | Path | None = None) -> Path:
     """``//sig/SIG`` (an XP of this project), an XP folder, or a checkpoint -> a checkpoint file (or sharded
     checkpoint directory)."""
@@ -285,3 +254,19 @@ def resolve_checkpoint(ref: str | Path, xps_dir: str | Path | None = None) -> Pa
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
+
+
+def ema_weights_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """A Lightning checkpoint's ``state_dict`` with its EMA shadows substituted, or None if it has no EMA state."""
+    states = [s for s in (ckpt.get("callbacks") or {}).values() if isinstance(s, Mapping) and "shadow" in s]
+    if not states:
+        return None
+    weights = dict(ckpt["state_dict"])
+    for state in states:
+        shadow = dict(state["shadow"])
+        shadow.update({alias: shadow[name] for alias, name in (state.get("aliases") or {}).items()
+                       if name in shadow})
+        for name, value in shadow.items():
+            reference = weights.get(name)
+            weights[name] = value if reference is None else value.to(device=reference.device, dtype=reference.dtype)
+    return weights

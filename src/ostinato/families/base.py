@@ -34,7 +34,7 @@ class FamilyModule(L.LightningModule):
         self.optim_cfg: dict[str, Any] = plain(optim) or {"name": "adamw", "lr": 3e-4}
 
     def configure_optimizers(self) -> Any:
-        from ostinato.engine.optim import build_optimizer, build_scheduler
+        from ostinato.families.optim import build_optimizer, build_scheduler
 
         optimizer = build_optimizer(self, self.optim_cfg)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 10**9
@@ -42,7 +42,7 @@ class FamilyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from ostinato.engine.weights import CONFIG_KEY
+        from ostinato.store.records import CONFIG_KEY
 
         if CONFIG_KEY in self.__dict__:
             checkpoint[CONFIG_KEY] = self.__dict__[CONFIG_KEY]

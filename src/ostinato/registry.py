@@ -1,0 +1,97 @@
+"""The one family registry: for every training wrapper, its family, the inference model it trains, and the
+family's generation and evaluation entries.
+
+Entries are dotted names resolved on use, so the registry sits below every layer it names (the CLI, ``load``,
+``generate``, ``eval`` and ``app`` dispatch through it; nothing here imports them).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ostinato.errors import UserError
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One trainable kind: ``wrapper`` (the LightningModule of ``family._target_``) trains ``model``."""
+
+    family: str
+    wrapper: str
+    model: str | None  # "module:Class" of the plain nn.Module that ``ostinato.load`` returns
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's verbs: ``generate`` a module with ``generate_clips(request, progress)``; ``evaluate`` the
+    producer kind the evaluation runner uses for it (None: no generation, the suite scores the model itself)."""
+
+    name: str
+    generate: str | None
+    evaluate: str | None
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind("debug", "ostinato.families.debug.DebugFamily", None),
+    Kind("codec", "ostinato.families.codec.CodecFamily", None),
+    Kind("musicgen", "ostinato.families.musicgen.MusicGenFamily", None),
+    Kind("musicgen", "ostinato.interop.musicgen_import.ImportedMusicGenFamily", None),
+    Kind("mulan", "ostinato.families.mulan.MuLaNFamily", None),
+    Kind("musiclm", "ostinato.families.musiclm.SemanticStage", None),
+    Kind("musiclm", "ostinato.families.musiclm.CoarseStage", None),
+    Kind("musiclm", "ostinato.families.musiclm.FineStage", None),
+    Kind("musika", "ostinato.families.musika.MusikaAutoencoderFamily", None),
+    Kind("musika", "ostinato.families.musika.MusikaFamily", None),
+    Kind("jukebox", "ostinato.families.jukebox.JukeboxVQVAEFamily", None),
+    Kind("jukebox", "ostinato.families.jukebox.JukeboxPrior", None),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("debug", None, None),
+    Family("codec", None, "reconstruction"),
+    Family("musicgen", "ostinato.generation.musicgen", "text_to_music"),
+    Family("mulan", None, None),
+    Family("musiclm", "ostinato.generation.musiclm", "text_to_music"),
+    Family("musika", "ostinato.generation.musika", "unconditional"),
+    Family("jukebox", "ostinato.generation.jukebox", "unconditional"),
+)}
+
+_BY_WRAPPER = {k.wrapper: k for k in KINDS}
+
+
+def resolve(dotted: str) -> Any:
+    """``"package.module:Name"`` or ``"package.module.Name"`` -> the object."""
+    module, _, name = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def kind_of(cfg: Mapping[str, Any] | None, source: str = "this record") -> Kind:
+    """The kind of a training config (``family._target_``); an unknown or missing one is refused in one line."""
+    target = ((cfg or {}).get("family") or {}).get("_target_")
+    if not target:
+        raise UserError(f"{source}: its config names no family (family._target_); give an export, XP or checkpoint "
+                        "written by ostinato")
+    kind = _BY_WRAPPER.get(str(target)) or _subclassed(str(target))
+    if kind is None:
+        raise UserError(f"{source}: family {target} is not one ostinato knows ({', '.join(FAMILIES)}); a wrapper "
+                        "of your own is added to ostinato.registry.KINDS")
+    return kind
+
+
+def _subclassed(target: str) -> Kind | None:
+    """The kind of a wrapper of the user's own that subclasses a registered one."""
+    try:
+        cls = resolve(target)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    for base in getattr(cls, "__mro__", ()):
+        kind = _BY_WRAPPER.get(f"{base.__module__}.{base.__qualname__}")
+        if kind is not None:
+            return kind
+    return None
+
+
+def family_of(cfg: Mapping[str, Any] | None, source: str = "this record") -> Family:
+    return FAMILIES[kind_of(cfg, source).family]

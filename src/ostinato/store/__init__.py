@@ -1,0 +1,1 @@
+"""The file formats of ostinato's records: checkpoints, exports, XPs (no model code)."""
