@@ -105,7 +105,7 @@ def worker(spec: dict) -> None:
     from hydra.utils import instantiate
 
     from ostinato.engine.config import validate
-    from ostinato.engine.family import plain
+    from ostinato.families.base import plain
     from ostinato.engine.trainer import apply_compile_and_checkpointing, build_trainer, last_checkpoint
 
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
