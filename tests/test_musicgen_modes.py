@@ -15,7 +15,8 @@ import torch
 
 import ostinato
 from ostinato.generation.lm import GenerationParams
-from ostinato.generation.musicgen import AudioInput, LongForm, generate_audio
+from ostinato.generation.musicgen import LongForm, generate_audio
+from ostinato.generation.request import AudioInput
 from ostinato.interop.codecs import load_codec
 from tests.runner import train, xp_folder
 from tests.synth import tone, write_tiny_encodec

@@ -284,7 +284,7 @@ def test_pipeline_gives_the_requested_length_and_keeps_the_best_mulan_candidate(
 
 def test_pipeline_continuation_starts_with_the_prompt_tokens():
     from ostinato.generation.lm import GenerationParams
-    from ostinato.generation.musicgen import AudioInput
+    from ostinato.generation.request import AudioInput
     from ostinato.generation.musiclm import generate_musiclm
 
     model = pipeline(window=0.4)

@@ -244,30 +244,30 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     wav, sr = sf.read(out / "000.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
     assert sr == SR and wav.shape == (20 * SR,) and record["autoencoder"] == str(tmp_path / "ae")
-    from ostinato.cli import build_parser
-    from ostinato.generation.musika import cli_generate
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.musika import generate_clips
+    from ostinato.generation.request import GenerationRequest
 
-    args = build_parser().parse_args(["generate", "--family", "musika", "--model", str(tmp_path / "gan"), "--prompt",
-                                      "x", "--out", str(tmp_path / "x")])
+    def request(**kw):
+        return GenerationRequest(model=str(tmp_path / "gan"), **kw)
+
     with pytest.raises(ValueError, match="unconditional"):
-        cli_generate(args, lambda done, total: None)
+        generate_clips(request(prompts=["x"]), lambda done, total: None)
     clips = {}
-    for t in ("0.5", "2", None):
-        flags = [] if t is None else ["--truncation", t]
-        args = build_parser().parse_args(["generate", "--family", "musika", "--model", str(tmp_path / "gan"),
-                                          "--duration", "2", "--seed", "3", *flags, "--out", "-"])
-        wav_t, _, (rec,) = cli_generate(args, lambda done, total: None)
+    for t in (0.5, 2.0, None):
+        wav_t, _, (rec,) = generate_clips(request(prompts=[], duration=2, params=GenerationParams(seed=3),
+                                                  truncation=t), lambda done, total: None)
         clips[t] = wav_t
         assert rec["truncation"] == float(t or 2)
-    assert not torch.equal(clips["0.5"], clips["2"])  # the bound reaches the latents
-    assert torch.equal(clips[None], clips["2"])  # the default is Musika's 2
-    args.truncation = -1.0
+    assert not torch.equal(clips[0.5], clips[2.0])  # the bound reaches the latents
+    assert torch.equal(clips[None], clips[2.0])  # the default is Musika's 2
     with pytest.raises(ValueError, match="--truncation"):
-        cli_generate(args, lambda done, total: None)
+        generate_clips(request(prompts=[], truncation=-1.0), lambda done, total: None)
     from ostinato.cli import main
 
     with pytest.raises(SystemExit) as exit_:  # a Musika flag given to another family is refused, not ignored
-        main(["generate", "--model", str(tmp_path / "gan"), "--truncation", "1", "--out", str(tmp_path / "x")])
+        main(["generate", "--semantic", "s", "--coarse", "c", "--fine", "f", "--truncation", "1", "--out",
+              str(tmp_path / "x")])
     assert exit_.value.code == 2 and "--truncation is a Musika setting" in capsys.readouterr().err
 
     encodec = write_tiny_encodec(tmp_path / "encodec")

@@ -242,25 +242,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _audio_input(path: str | None, option: str):
-    from ostinato.data.audio import AudioDecodeError, load_audio
-    from ostinato.errors import UserError
-    from ostinato.generation.musicgen import AudioInput
-
-    if path is None:
-        return None
-    if Path(path).is_dir():
-        raise UserError(f"{option} {path}: is a folder; give an audio file (wav, flac, ogg, mp3)")
-    if not Path(path).is_file():
-        raise UserError(f"{option} {path}: no such file; check the path")
-    try:
-        wav, sr = load_audio(path)
-    except AudioDecodeError as e:
-        raise UserError(f"{option} {path}: not audio that can be decoded; give a wav, flac, ogg or mp3 file "
-                        f"({str(e).removeprefix(f'{path}: ')})") from e
-    return AudioInput(wav, sr)
-
-
 def _check_out(out: str, option: str = "--out") -> None:
     """Refuse an output folder that is a file or cannot be written, before any model loads."""
     from ostinato.errors import UserError
@@ -272,12 +253,6 @@ def _check_out(out: str, option: str = "--out") -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{option} {out}: {existing} cannot be written (read-only or no permission); choose a "
                         "writable folder")
-
-
-# ``ostinato generate --family F``: every family but MusicGen has a module here with
-# ``cli_generate(args, progress) -> (wavs [B, C, T], sample_rate, one record dict per clip)``.
-GENERATORS = {"musiclm": "ostinato.generation.musiclm", "musika": "ostinato.generation.musika",
-              "jukebox": "ostinato.generation.jukebox"}
 
 
 @contextlib.contextmanager
@@ -354,51 +329,57 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts + [""] * (getattr(args, "unconditional", None) or 0)
 
 
-def _generate(args: argparse.Namespace) -> None:
-    import importlib
-
-    if args.truncation is not None and args.family != "musika":
-        raise ValueError(f"--truncation is a Musika setting; --family {args.family} does not take it")
-    _check_out(args.out)
-    prompts = _prompts(args)  # the inputs are checked before any model loads
-    audio = {flag: _audio_input(path, flag) for flag, path in
-             (("--melody", args.melody), ("--style", args.style), ("--continue", args.continue_))}
-    _check_clips(args.out, args.overwrite)
-    if args.family != "musicgen":
-        with _progress_bar(args.quiet) as progress:
-            wavs, sample_rate, records = importlib.import_module(GENERATORS[args.family]).cli_generate(args, progress)
-        _write_clips(Path(args.out), wavs, sample_rate, records)
-        return
-    from ostinato.generation.lm import GenerationParams
-    from ostinato.generation.musicgen import LongForm, generate_audio, load_generator
+def _generation_family(args: argparse.Namespace) -> str:
+    """The family that generates: the one the --model's record names (``--family``, if given, must agree), or
+    MusicLM for three stages."""
+    from ostinato.errors import UserError
+    from ostinato.registry import FAMILIES, bundle_family, family_of
+    from ostinato.store.records import read_config, require_ref
 
     if args.model is None:
-        raise ValueError("--model is required for --family musicgen (an XP signature, export or import folder)")
+        if args.family == "musiclm" or any(getattr(args, k) for k in ("semantic", "coarse", "fine")):
+            return "musiclm"
+        raise UserError("--model is required (an export, import folder, XP signature or checkpoint); MusicLM takes "
+                        "--semantic, --coarse and --fine instead")
+    family = bundle_family(args.model)
+    if family is None:
+        ref = require_ref(args.model, "--model", "an export, import folder, XP folder or checkpoint")
+        family = family_of(read_config(ref, trust=args.trust), f"--model {args.model}")
+    if args.family is not None and args.family != family.name:
+        raise UserError(f"--family {args.family}: --model {args.model} is a {family.name} model; leave --family out")
+    if family.generate is None:
+        generating = ", ".join(f.name for f in FAMILIES.values() if f.generate)
+        raise UserError(f"--model {args.model} is a {family.name} model, which does not generate; give one of "
+                        f"{generating}")
+    return family.name
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from ostinato.generation.lm import GenerationParams
+    from ostinato.generation.request import GenerationRequest, read_audio_input
+    from ostinato.registry import FAMILIES, resolve
+
+    _check_out(args.out)
+    prompts = _prompts(args)  # the inputs are checked before any model loads
+    paths = {"melody": args.melody, "style": args.style, "continue": args.continue_}
+    audio = {k: read_audio_input(path, f"--{k}") for k, path in paths.items()}
+    _check_clips(args.out, args.overwrite)
+    family = _generation_family(args)
+    if args.truncation is not None and family != "musika":
+        raise ValueError(f"--truncation is a Musika setting; a {family} model does not take it")
     params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               cfg_scale=args.cfg, cfg_beta=args.cfg_beta, seed=args.seed)
-    module, codec, cfg, codec_ref = load_generator(args.model, args.codec, trust=args.trust)
-    if args.style_eval_q is not None or args.style_excerpt is not None:
-        if module.style is None:
-            raise ValueError("--style-eval-q / --style-excerpt: this model has no style conditioner")
-        if args.style_eval_q is not None:
-            if not 1 <= args.style_eval_q <= module.style.n_q:
-                raise ValueError(f"--style-eval-q must be in [1, {module.style.n_q}], got {args.style_eval_q}")
-            module.style.eval_q = args.style_eval_q
-        if args.style_excerpt is not None:
-            module.style.eval_excerpt_seconds = args.style_excerpt
-    prompts = prompts or [""]
-    window = args.window if args.window is not None else (cfg.get("data") or {}).get("segment_seconds")
-    long_form = LongForm(mode=args.long_form, window=window, stride=args.extend_stride, overlap=args.overlap)
+    request = GenerationRequest(
+        prompts=prompts, duration=args.duration, params=params, model=args.model, codec=args.codec, trust=args.trust,
+        melody=audio["melody"], style=audio["style"], continuation=audio["continue"], inputs=paths,
+        window=args.window, long_form=args.long_form, extend_stride=args.extend_stride, overlap=args.overlap,
+        style_eval_q=args.style_eval_q, style_excerpt=args.style_excerpt, semantic=args.semantic,
+        coarse=args.coarse, fine=args.fine, mulan=args.mulan, quantizer=args.quantizer,
+        semantic_tokenizer=args.semantic_tokenizer, num_candidates=args.num_candidates, truncation=args.truncation)
+    generate_clips = resolve(f"{FAMILIES[family].generate}:generate_clips")
     with _progress_bar(args.quiet) as progress:
-        wavs = generate_audio(module, codec, prompts, args.duration, params, melody=audio["--melody"],
-                              style=audio["--style"], continuation=audio["--continue"], long_form=long_form,
-                              progress=progress)
-    records = [{"prompt": prompt, "family": "musicgen", "model": args.model, "codec": str(codec_ref),
-                "duration": args.duration, "melody": args.melody, "style": args.style, "continue": args.continue_,
-                "style_eval_q": None if module.style is None else module.style.eval_q,
-                "style_excerpt": None if module.style is None else module.style.eval_excerpt_seconds,
-                "long_form": long_form.__dict__, **params.__dict__} for prompt in prompts]
-    _write_clips(Path(args.out), wavs, codec.sample_rate, records)
+        wavs, sample_rate, records = generate_clips(request, progress)
+    _write_clips(Path(args.out), wavs, sample_rate, records)
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -572,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tokenize)
 
     g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained model")
-    g.add_argument("--family", choices=["musicgen", *GENERATORS], default="musicgen",
-                   help="which model family generates (default musicgen)")
+    g.add_argument("--family", choices=["musicgen", "musiclm", "musika", "jukebox"], default=None,
+                   help="optional: the family is read from --model's record (given, it must agree)")
     g.add_argument("--model", default=None,
                    help="XP signature, export folder or checkpoint (musicgen, musika, jukebox)")
     g.add_argument("--codec", default=None,

@@ -31,6 +31,7 @@ class Family:
     name: str
     generate: str | None
     evaluate: str | None
+    bundle: str | None = None  # the file that makes a folder a bundle of this family's models (no config of its own)
 
 
 KINDS: tuple[Kind, ...] = (
@@ -55,7 +56,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mulan", None, None),
     Family("musiclm", "ostinato.generation.musiclm", "text_to_music"),
     Family("musika", "ostinato.generation.musika", "unconditional"),
-    Family("jukebox", "ostinato.generation.jukebox", "unconditional"),
+    Family("jukebox", "ostinato.generation.jukebox", "unconditional", bundle="jukebox.json"),
 )}
 
 _BY_WRAPPER = {k.wrapper: k for k in KINDS}
@@ -78,6 +79,18 @@ def kind_of(cfg: Mapping[str, Any] | None, source: str = "this record") -> Kind:
         raise UserError(f"{source}: family {target} is not one ostinato knows ({', '.join(FAMILIES)}); a wrapper "
                         "of your own is added to ostinato.registry.KINDS")
     return kind
+
+
+def bundle_family(ref: str) -> Family | None:
+    """The family of a bundle: a folder holding a family's bundle file, or ``part=REF,...`` naming its parts."""
+    from pathlib import Path
+
+    for family in FAMILIES.values():
+        if family.bundle and (Path(ref) / family.bundle).is_file():
+            return family
+    if "=" in ref and not Path(ref).exists():
+        return FAMILIES["jukebox"]  # top=REF,middle=REF,bottom=REF (the one family whose parts are named so)
+    return None
 
 
 def _subclassed(target: str) -> Kind | None:

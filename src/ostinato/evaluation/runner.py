@@ -84,7 +84,8 @@ def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], s
     it. With ``melody`` each item is conditioned on its reference clip's chromagram.
     """
     from ostinato.generation.lm import GenerationParams
-    from ostinato.generation.musicgen import AudioInput, generate_audio
+    from ostinato.generation.musicgen import generate_audio
+    from ostinato.generation.request import AudioInput
 
     def run(group: list[EvalItem], first: int) -> Tensor:
         seed = None if params.seed is None else params.seed + group[0].index

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ostinato.generation.request import GenerationRequest
 from ostinato.generation.lm import GenerationParams, generate
 from ostinato.models.jukebox import parse_metadata
 
-__all__ = ["JukeboxModels", "generate_codes", "generate_audio", "load_bundle", "write_bundle", "cli_generate"]
+__all__ = ["JukeboxModels", "generate_codes", "generate_audio", "load_bundle", "write_bundle", "generate_clips"]
 
 Progress = Callable[[int, int], None]
 BUNDLE_NAME = "jukebox.json"
@@ -229,23 +230,17 @@ def prompt_metadata(prompts: Sequence[str], fields: Sequence[str]) -> list[dict[
     return [parse_metadata(p, fields) for p in prompts]
 
 
-def cli_generate(args: Any, progress: Progress) -> tuple[Tensor, int, list[dict[str, Any]]]:
-    """``ostinato generate --family jukebox --model BUNDLE [--prompt "genre: ..., composer: ..."]``."""
-    if args.model is None:
-        raise ValueError("--model is required for --family jukebox: a bundle (see `python -m "
-                         "ostinato.generation.jukebox bundle --help`) or top=REF,middle=REF,bottom=REF")
-    if args.melody or args.style or args.continue_:
-        raise ValueError("--family jukebox takes metadata prompts only: drop --melody / --style / --continue")
-    models = load_bundle(args.model, args.codec, trust=args.trust)
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tensor, int, list[dict[str, Any]]]:
+    """``ostinato generate --model BUNDLE [--prompt "genre: ..., composer: ..."]``."""
+    if request.melody or request.style or request.continuation:
+        raise ValueError("a Jukebox takes metadata prompts only: drop --melody / --style / --continue")
+    models = load_bundle(request.model, request.codec, trust=request.trust)
+    prompts = list(request.prompts)
     metas = prompt_metadata(prompts, models.fields)
-    params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg,
-                              seed=args.seed)
-    wav = generate_audio(models, metas, args.duration, params, progress)
-    records = [{"family": "jukebox", "model": args.model, "models": models.refs, "prompt": p, "metadata": m,
-                "duration": args.duration, **{k: v for k, v in params.__dict__.items() if v is not None}}
+    params = request.params
+    wav = generate_audio(models, metas, request.duration, params, progress)
+    records = [{"family": "jukebox", "model": request.model, "models": models.refs, "prompt": p, "metadata": m,
+                "duration": request.duration, **{k: v for k, v in params.__dict__.items() if v is not None}}
                for p, m in zip(prompts or [""], metas)]
     return wav, models.sample_rate, records
 

@@ -19,24 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ostinato.data.audio import convert_channels, resample
+from ostinato.generation.request import AudioInput, GenerationRequest
 from ostinato.generation.lm import GenerationParams, Progress, crossfade, generate, generate_chained
 from ostinato.models.codec import Codec
 
 __all__ = ["AudioInput", "LongForm", "generate_audio", "load_generator", "require_musicgen"]
-
-
-@dataclass
-class AudioInput:
-    """A reference recording: ``wav [C, T]`` at ``sample_rate``."""
-
-    wav: Tensor
-    sample_rate: int
-
-    def at(self, sample_rate: int, channels: int) -> Tensor:
-        """``[1, channels, T']`` at ``sample_rate``."""
-        wav = convert_channels(self.wav.float(), "mono" if channels == 1 else "stereo")
-        return resample(wav, self.sample_rate, sample_rate).unsqueeze(0)
 
 
 @dataclass
@@ -270,3 +257,33 @@ def generate_audio(module: torch.nn.Module, codec: Codec, prompts: Sequence[str]
     if head is not None:
         codes = torch.cat([head, codes], dim=-1)
     return codec.decode(codes)[..., :n_samples]
+
+
+def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tensor, int, list[dict]]:
+    """``ostinato generate --model MUSICGEN``: text / melody / style / continuation -> clips and their records."""
+    module, codec, cfg, codec_ref = load_generator(request.model, request.codec, trust=request.trust)
+    if request.style_eval_q is not None or request.style_excerpt is not None:
+        if module.style is None:
+            raise ValueError("--style-eval-q / --style-excerpt: this model has no style conditioner")
+        if request.style_eval_q is not None:
+            if not 1 <= request.style_eval_q <= module.style.n_q:
+                raise ValueError(f"--style-eval-q must be in [1, {module.style.n_q}], got {request.style_eval_q}")
+            module.style.eval_q = request.style_eval_q
+        if request.style_excerpt is not None:
+            module.style.eval_excerpt_seconds = request.style_excerpt
+    prompts = list(request.prompts) or [""]
+    window = request.window if request.window is not None else (cfg.get("data") or {}).get("segment_seconds")
+    long_form = LongForm(mode=request.long_form, window=window, stride=request.extend_stride,
+                         overlap=request.overlap)
+    params = request.params
+    wavs = generate_audio(module, codec, prompts, request.duration, params, melody=request.melody,
+                          style=request.style, continuation=request.continuation, long_form=long_form,
+                          progress=progress)
+    inputs = request.inputs
+    records = [{"prompt": prompt, "family": "musicgen", "model": request.model, "codec": str(codec_ref),
+                "duration": request.duration, "melody": inputs.get("melody"), "style": inputs.get("style"),
+                "continue": inputs.get("continue"),
+                "style_eval_q": None if module.style is None else module.style.eval_q,
+                "style_excerpt": None if module.style is None else module.style.eval_excerpt_seconds,
+                "long_form": long_form.__dict__, **params.__dict__} for prompt in prompts]
+    return wavs, codec.sample_rate, records

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ostinato.generation.lm import GenerationParams, Progress, generate
-from ostinato.generation.musicgen import AudioInput
+from ostinato.generation.request import AudioInput, GenerationRequest
 
-__all__ = ["MusicLM", "MusicLMOutput", "load_musiclm", "generate_musiclm", "cli_generate"]
+__all__ = ["MusicLM", "MusicLMOutput", "load_musiclm", "generate_musiclm", "generate_clips"]
 
 
 @dataclass
@@ -279,23 +279,20 @@ def generate_musiclm(model: MusicLM, prompts: Sequence[str], seconds: float, par
                          semantic.view(n_prompts, n, *semantic.shape[1:]), codes.view(n_prompts, n, *codes.shape[1:]))
 
 
-def cli_generate(args: Any, progress: Progress | None) -> tuple[Tensor, int, list[dict]]:
-    """``ostinato generate --family musiclm --semantic REF --coarse REF --fine REF [--mulan REF --quantizer
-    FILE] --prompt TEXT [--num-candidates N] [--continue WAV]``."""
-    from ostinato.cli import _audio_input, _prompts
-
-    missing = [f"--{k}" for k in ("semantic", "coarse", "fine") if getattr(args, k, None) is None]
+def generate_clips(request: GenerationRequest, progress: Progress | None) -> tuple[Tensor, int, list[dict]]:
+    """``ostinato generate --semantic REF --coarse REF --fine REF [--mulan REF --quantizer FILE] --prompt TEXT
+    [--num-candidates N] [--continue WAV]``."""
+    missing = [f"--{k}" for k in ("semantic", "coarse", "fine") if getattr(request, k) is None]
     if missing:
-        raise ValueError(f"--family musiclm needs {', '.join(missing)} (the three trained stages)")
-    model = load_musiclm(args.semantic, args.coarse, args.fine, args.mulan, args.quantizer, args.codec,
-                         args.semantic_tokenizer, trust=args.trust)
-    prompts = _prompts(args) or [""]
-    params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              cfg_scale=args.cfg, seed=args.seed)
-    out = generate_musiclm(model, prompts, args.duration, params, num_candidates=args.num_candidates,
-                           continuation=_audio_input(args.continue_, "--continue"), progress=progress)
-    records = [{"prompt": p, "family": "musiclm", **model.sources, "duration": args.duration,
-                "continue": args.continue_, "num_candidates": args.num_candidates,
+        raise ValueError(f"MusicLM needs {', '.join(missing)} (the three trained stages)")
+    model = load_musiclm(request.semantic, request.coarse, request.fine, request.mulan, request.quantizer,
+                         request.codec, request.semantic_tokenizer, trust=request.trust)
+    prompts = list(request.prompts) or [""]
+    params = request.params
+    out = generate_musiclm(model, prompts, request.duration, params, num_candidates=request.num_candidates,
+                           continuation=request.continuation, progress=progress)
+    records = [{"prompt": p, "family": "musiclm", **model.sources, "duration": request.duration,
+                "continue": request.inputs.get("continue"), "num_candidates": request.num_candidates,
                 "mulan_scores": [round(float(s), 5) for s in out.scores[i]], "chosen": int(out.best[i]),
                 **params.__dict__} for i, p in enumerate(prompts)]
     return out.wav, model.codec.sample_rate, records

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ostinato.generation.request import GenerationRequest
 from ostinato.models.musika import SpectralAutoencoder, truncated_normal, window_coordinates
 
-__all__ = ["MusikaParams", "generate_latents", "generate_audio", "load_autoencoder", "load_musika", "cli_generate",
+__all__ = ["MusikaParams", "generate_latents", "generate_audio", "load_autoencoder", "load_musika", "generate_clips",
            "spectral_flux", "seam_statistics"]
 
 Progress = Callable[[int, int], None]
@@ -218,20 +219,18 @@ def load_musika(model: str, autoencoder: str | None = None, trust: bool = False)
     return family.eval(), load_autoencoder(ae_ref, trust), str(ae_ref)
 
 
-def cli_generate(args: Any, progress: Progress) -> tuple[Tensor, int, list[dict[str, Any]]]:
-    """``ostinato generate --family musika``: one clip of ``--duration`` seconds per run (``--seed``)."""
-    if args.model is None:
-        raise ValueError("--model is required for --family musika (the latent GAN: XP signature or export folder)")
-    if args.prompt or args.prompts or args.melody or args.style or args.continue_:
+def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tensor, int, list[dict[str, Any]]]:
+    """``ostinato generate --model MUSIKA``: one clip of ``duration`` seconds per run (``seed``)."""
+    if any(request.prompts) or request.melody or request.style or request.continuation:
         raise ValueError("Musika is unconditional: drop --prompt / --prompts / --melody / --style / --continue")
-    family, ae, ae_ref = load_musika(args.model, args.codec, trust=args.trust)
-    truncation = 2.0 if getattr(args, "truncation", None) is None else args.truncation  # Musika's default
+    family, ae, ae_ref = load_musika(request.model, request.codec, trust=request.trust)
+    truncation = 2.0 if request.truncation is None else request.truncation  # Musika's default
     if truncation < 0:
         raise ValueError(f"--truncation {truncation}: give a bound > 0, or 0 for an untruncated normal")
-    params = MusikaParams(truncation=truncation or None, seed=args.seed)
+    params = MusikaParams(truncation=truncation or None, seed=request.params.seed)
     t0 = time.perf_counter()
-    wav = generate_audio(family, ae, args.duration, params=params, progress=progress)
+    wav = generate_audio(family, ae, request.duration, params=params, progress=progress)
     elapsed = time.perf_counter() - t0
-    record = {"family": "musika", "model": args.model, "autoencoder": ae_ref, "duration": args.duration,
-              "seconds_per_second": round(args.duration / max(elapsed, 1e-9), 2), **params.__dict__}
+    record = {"family": "musika", "model": request.model, "autoencoder": ae_ref, "duration": request.duration,
+              "seconds_per_second": round(request.duration / max(elapsed, 1e-9), 2), **params.__dict__}
     return wav, ae.sample_rate, [record]

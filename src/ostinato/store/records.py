@@ -157,3 +157,13 @@ def staged_folder(out: Path) -> Iterator[Path]:
     finally:
         if stage is not None and stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def read_config(ref: str | Path, xps_dir_: str | Path | None = None, trust: bool = False) -> dict[str, Any] | None:
+    """The training config a record carries (an export's config.yaml without reading its weights; a checkpoint's
+    stored config), or None."""
+    folder = export_folder(ref)
+    if folder is not None:
+        path = folder / CONFIG_NAME
+        return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+    return read_weights(ref, xps_dir_ if xps_dir_ is not None else xps_dir(), trust)[1]
