@@ -16,7 +16,7 @@ from datetime import date
 
 import torch
 
-from ostinato.generation.lm import GenerationParams, generate
+from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.patterns import DelayPattern
 from ostinato.nn.transformer import CodebookLM, LMConfig
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ostinato.generation.lm import GenerationParams, generate  # noqa: E402
+from ostinato.nn.decoding import GenerationParams, generate  # noqa: E402
 from ostinato.interop.musicgen import decoder_config_to_lm_config, transformers_state_to_lm  # noqa: E402
 from ostinato.nn.patterns import DelayPattern  # noqa: E402
 from ostinato.nn.transformer import LM_PRESETS, CodebookLM, prefer_cudnn_attention  # noqa: E402

@@ -1,4 +1,4 @@
-"""ostinato.generation.fast: the static-shape decode step (the function a CUDA graph captures, run eagerly here)
+"""ostinato.nn.fast_decoding: the static-shape decode step (the function a CUDA graph captures, run eagerly here)
 against the model's own cached and uncached decoding: same greedy tokens, same logits, the same sampling
 distribution; weight refresh, dtypes and backend selection. Graph replay itself needs CUDA: bench/
 musicgen_vs_transformers.py asserts there that replayed and eager steps give identical tokens."""
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ostinato.generation.fast import FastDecoder, SamplingSpec, fast_decoder, gumbel_topk_sample, inference_weights
-from ostinato.generation.lm import GenerationParams, generate, resolve_backend
-from ostinato.generation.sampling import cfg_logits, filter_logits
+from ostinato.nn.fast_decoding import FastDecoder, SamplingSpec, fast_decoder, gumbel_topk_sample, inference_weights
+from ostinato.nn.decoding import GenerationParams, generate, resolve_backend
+from ostinato.nn.sampling import cfg_logits, filter_logits
 from ostinato.nn.patterns import DelayPattern, UnrollPattern
 from ostinato.nn.transformer import CodebookLM, LMConfig
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from ostinato.generation.lm import GenerationParams, crossfade, generate, generate_chained
-from ostinato.generation.sampling import cfg_logits, double_cfg_logits, filter_logits, sample_next
+from ostinato.nn.decoding import GenerationParams, crossfade, generate, generate_chained
+from ostinato.nn.sampling import cfg_logits, double_cfg_logits, filter_logits, sample_next
 from ostinato.nn.patterns import DelayPattern, ParallelPattern, UnrollPattern
 from ostinato.nn.transformer import CodebookLM, LMConfig, generate_greedy
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ostinato.cli import main
-from ostinato.generation.lm import GenerationParams
+from ostinato.nn.decoding import GenerationParams
 from tests.synth import tone, write_shards, write_tiny_encodec
 from tests.disks import tmpfs
 from tests.test_app import SR, write_tiny_musicgen

@@ -137,7 +137,7 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     from ostinato.engine.weights import export
     from ostinato.evaluation.runner import run_suite
     from ostinato.generation.jukebox import generate_audio, load_bundle, main as jukebox_main, write_bundle
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from tests.synth import write_tiny_encodec
 
     data = Path(env["OSTINATO_DATA"]) / "demo"

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 import ostinato
-from ostinato.generation.lm import GenerationParams
+from ostinato.nn.decoding import GenerationParams
 from ostinato.generation.musicgen import LongForm, generate_audio
 from ostinato.generation.request import AudioInput
 from ostinato.interop.codecs import load_codec
@@ -98,7 +98,7 @@ def test_continuation_starts_with_the_prompt_codes(model) -> None:
     sr = codec.sample_rate
     prompt = AudioInput(tone(330.0, 0.4, sr), sr)
     codes = codec.encode(prompt.at(sr, 1), n_q=module.n_q).codes
-    from ostinato.generation import lm as lm_mod
+    from ostinato.nn import decoding as lm_mod
 
     seen = {}
     real = lm_mod.generate

@@ -255,7 +255,7 @@ def pipeline(window: float | None = 0.4):
 
 
 def test_pipeline_gives_the_requested_length_and_keeps_the_best_mulan_candidate():
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.musiclm import generate_musiclm
 
     model = pipeline(window=0.4)  # 1.03 s = past two and a half windows in every stage
@@ -283,7 +283,7 @@ def test_pipeline_gives_the_requested_length_and_keeps_the_best_mulan_candidate(
 
 
 def test_pipeline_continuation_starts_with_the_prompt_tokens():
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.request import AudioInput
     from ostinato.generation.musiclm import generate_musiclm
 
@@ -306,7 +306,7 @@ def test_pipeline_continuation_starts_with_the_prompt_tokens():
 def test_coarse_guidance_keeps_the_semantic_tokens_in_the_null_condition():
     """CFG's null condition of the coarse stage drops the MuLaN tokens only: with a guidance scale, the coarse
     codes still follow the semantic tokens (the stage sees them in both halves)."""
-    from ostinato.generation import lm
+    from ostinato.nn import decoding as lm
 
     model = pipeline(window=None)
     seen = []
@@ -317,7 +317,7 @@ def test_coarse_guidance_keeps_the_semantic_tokens_in_the_null_condition():
         seen.append((self.cfg_on, pre))
         return pre
 
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.musiclm import generate_musiclm
 
     lm._Decoder.window_prefix = spy

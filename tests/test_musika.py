@@ -244,7 +244,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     wav, sr = sf.read(out / "000.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
     assert sr == SR and wav.shape == (20 * SR,) and record["autoencoder"] == str(tmp_path / "ae")
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.musika import generate_clips
     from ostinato.generation.request import GenerationRequest
 

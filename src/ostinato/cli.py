@@ -355,7 +355,7 @@ def _generation_family(args: argparse.Namespace) -> str:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.request import GenerationRequest, read_audio_input
     from ostinato.registry import FAMILIES, resolve
 

@@ -71,7 +71,7 @@ class EvaluationCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Generate this rank's share, score all ranks' clips together; every rank returns the same values."""
         from ostinato.evaluation.runner import generate_items
-        from ostinato.generation.lm import GenerationParams
+        from ostinato.nn.decoding import GenerationParams
         from ostinato.generation.musicgen import LongForm
 
         codec = pl_module.codec

@@ -83,7 +83,7 @@ def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], s
     The seed of a call is ``params.seed + index of its first item``, so a clip does not depend on which rank made
     it. With ``melody`` each item is conditioned on its reference clip's chromagram.
     """
-    from ostinato.generation.lm import GenerationParams
+    from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.musicgen import generate_audio
     from ostinato.generation.request import AudioInput
 
@@ -117,7 +117,7 @@ class _Generator:
 
     def configure(self, suite: Suite) -> None:
         """Take the generation settings of ``suite``."""
-        from ostinato.generation.lm import GenerationParams
+        from ostinato.nn.decoding import GenerationParams
         from ostinato.generation.musicgen import LongForm
 
         if suite.kind != "text_to_music":
@@ -214,7 +214,7 @@ class _Unconditional:
     @torch.no_grad()
     def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
         from ostinato.generation import jukebox, musika
-        from ostinato.generation.lm import GenerationParams
+        from ostinato.nn.decoding import GenerationParams
 
         assert self.suite.seconds is not None
         seed = self.settings.get("seed")

@@ -219,7 +219,7 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
             raise err(f"generation.{key}", f"unknown generation setting{did_you_mean(key, GENERATION_KEYS)}; use "
                                            f"{', '.join(GENERATION_KEYS)}")
     try:  # the sampling settings' ranges, before any model loads
-        from ostinato.generation.lm import GenerationParams
+        from ostinato.nn.decoding import GenerationParams
 
         GenerationParams(**{k: v for k, v in generation.items() if k != "truncation"})
     except (TypeError, ValueError) as e:

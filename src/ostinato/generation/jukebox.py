@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ostinato.generation.request import GenerationRequest
-from ostinato.generation.lm import GenerationParams, generate
+from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.models.jukebox import parse_metadata
 
 __all__ = ["JukeboxModels", "generate_codes", "generate_audio", "load_bundle", "write_bundle", "generate_clips"]

@@ -1,7 +1,7 @@
 """Audio out of a trained MusicGen family: text, melody, style and audio-prompt conditioning, any length.
 
 ``generate_audio`` builds the conditions the family was trained with (``MusicGenFamily.condition`` for text, the
-melody chromagram and the style tokens as a prefix), decodes codes with ``ostinato.generation.lm`` and turns them
+melody chromagram and the style tokens as a prefix), decodes codes with ``ostinato.nn.decoding`` and turns them
 into audio with the family's codec.
 
 Long outputs: ``LongForm("window", ...)`` is audiocraft's sliding window (each new window is prompted with the
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ostinato.generation.request import AudioInput, GenerationRequest
-from ostinato.generation.lm import GenerationParams, Progress, crossfade, generate, generate_chained
+from ostinato.nn.decoding import GenerationParams, Progress, crossfade, generate, generate_chained
 from ostinato.models.codec import Codec
 
 __all__ = ["AudioInput", "LongForm", "generate_audio", "load_generator", "require_musicgen"]

@@ -1,7 +1,7 @@
 """MusicLM's text -> audio pipeline: MuLaN text embedding -> quantized MuLaN tokens -> semantic -> coarse -> fine
 -> codec decode, with ``num_candidates`` samples per prompt reranked by MuLaN audio-text similarity.
 
-Every stage decodes with ``ostinato.generation.lm.generate`` in windows of its training crop (a sliding window
+Every stage decodes with ``ostinato.nn.decoding.generate`` in windows of its training crop (a sliding window
 past it, so any length works):
 
 * semantic: prefix = MuLaN "semantic" tokens; CFG against a zero prefix (what ``cfg_dropout`` trains).
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ostinato.generation.lm import GenerationParams, Progress, generate
+from ostinato.nn.decoding import GenerationParams, Progress, generate
 from ostinato.generation.request import AudioInput, GenerationRequest
 
 __all__ = ["MusicLM", "MusicLMOutput", "load_musiclm", "generate_musiclm", "generate_clips"]

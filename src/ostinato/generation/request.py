@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
 from ostinato.errors import UserError
-from ostinato.generation.lm import GenerationParams
+from ostinato.nn.decoding import GenerationParams
 
 
 @dataclass

@@ -26,7 +26,7 @@ Long outputs (audiocraft's sliding window, ``MusicGen._generate_tokens``): with 
 None = one window of ``n_frames``.
 
 Backends of the cached path (``GenerationParams.backend``): ``"cache"`` runs the model's own forward with a
-``KVCache`` every step (the reference); ``"static"`` runs ``ostinato.generation.fast``'s static-shape decode step
+``KVCache`` every step (the reference); ``"static"`` runs ``ostinato.nn.fast_decoding``'s static-shape decode step
 (fused inference weights in ``GenerationParams.dtype``, CFG mixing and Gumbel-max sampling inside the step);
 ``"graph"`` replays that step as a CUDA graph. ``"auto"`` (default) is ``"graph"`` on CUDA and ``"cache"``
 elsewhere (and for sharded FSDP modules). Greedy decoding gives the same tokens on every backend; seeded
@@ -46,8 +46,8 @@ import math
 import torch
 from torch import Tensor
 
-from ostinato.generation.fast import SamplingSpec, fast_decoder
-from ostinato.generation.sampling import cfg_logits, double_cfg_logits, sample_next
+from ostinato.nn.fast_decoding import SamplingSpec, fast_decoder
+from ostinato.nn.sampling import cfg_logits, double_cfg_logits, sample_next
 from ostinato.nn.patterns import CodebookPattern
 from ostinato.nn.transformer import CodebookLM
 

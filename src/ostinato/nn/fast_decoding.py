@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ostinato.generation.sampling import cfg_logits, double_cfg_logits
+from ostinato.nn.sampling import cfg_logits, double_cfg_logits
 from ostinato.nn.transformer import _ACTIVATIONS, CodebookLM, _apply_rope, sinusoidal_embedding
 
 __all__ = ["InferenceWeights", "SamplingSpec", "FastDecoder", "fast_decoder", "gumbel_topk_sample"]
