@@ -104,7 +104,7 @@ def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
     opt = torch.optim.Adam(prior.parameters(), 3e-3)
     history = []
     for _ in range(40):
-        loss = prior.losses(batch, train=True)
+        loss = prior.losses(batch, train=True).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

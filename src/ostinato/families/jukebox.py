@@ -27,13 +27,12 @@ from torch import Tensor, nn
 from ostinato.data.arrays import ArrayBatch, StreamInfo
 from ostinato.data.batch import AudioBatch
 from ostinato.families.base import FamilyModule, plain
-from ostinato.families.musicgen import lm_config
-from ostinato.families.musiclm import masked_lm_losses
+from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.metrics.codec import MelDistance
 from ostinato.models.jukebox import LEVELS, HierarchicalVQVAE, MetadataConditioner, UpperConditioner
 from ostinato.nn.losses import MultiScaleMelLoss, l1_waveform
 from ostinato.nn.patterns import ParallelPattern
-from ostinato.nn.transformer import CodebookLM, _Block
+from ostinato.nn.transformer import CodebookLM, lm_config
 
 __all__ = ["JukeboxVQVAEFamily", "JukeboxPrior", "UPPER"]
 
@@ -121,7 +120,7 @@ class JukeboxVQVAEFamily(FamilyModule):
         return {"original": batch.audio, **{f"reconstruction_{k}": v.recon for k, v in outs.items()}}
 
 
-class JukeboxPrior(FamilyModule):
+class JukeboxPrior(CodebookLMFamily):
     """A Jukebox prior over one level's codes (array shards of a ``JukeboxVQVAEFamily``).
 
     Args:
@@ -207,9 +206,6 @@ class JukeboxPrior(FamilyModule):
         if self.vqvae_ref is None:
             self.vqvae_ref = dm.model.id
 
-    def block_classes(self) -> set[type[nn.Module]]:
-        return {_Block}
-
     # -- conditioning --------------------------------------------------------------------------------------------
     def metadata_prefix(self, metas: Sequence[Mapping[str, Any]], train: bool) -> Tensor | None:
         """``[B, fields, dim]`` metadata embeddings, zeroed per item with ``cfg_dropout`` in training."""
@@ -244,30 +240,14 @@ class JukeboxPrior(FamilyModule):
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def losses(self, batch: ArrayBatch, train: bool) -> Tensor:
+        """Cross-entropy ``[1]`` of this level's codes (a crop padded or cut to ``window`` frames)."""
         codes, lengths = batch.arrays[self.level], batch.lengths[self.level]
         if self.window and codes.shape[-1] != self.window:
             codes = F.pad(codes[..., :self.window], (0, max(0, self.window - codes.shape[-1])))
         ce, _ = masked_lm_losses(self.lm, self.pattern, codes, lengths.clamp(max=codes.shape[-1]),
                                  self.batch_prefix(batch, train))
-        return ce[0]
+        return ce
 
-    def training_step(self, batch: ArrayBatch, batch_idx: int) -> Tensor:
-        loss = self.losses(batch, train=True)
-        self.log("train/ce", loss, batch_size=len(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
-        return loss
-
-    def _eval(self, batch: ArrayBatch, split: str) -> None:
-        if not bool((batch.lengths[self.level] > 0).any()):
-            return
-        loss = self.losses(batch, train=False)
-        self.log(f"{split}/ce", loss, prog_bar=split == "valid", sync_dist=True, batch_size=len(batch))
-        self.log(f"{split}/loss", loss, sync_dist=True, batch_size=len(batch))
-        self.log(f"{split}/perplexity", torch.exp(loss), sync_dist=True, batch_size=len(batch))
-
-    def validation_step(self, batch: ArrayBatch, batch_idx: int) -> None:
-        self._eval(batch, "valid")
-
-    def test_step(self, batch: ArrayBatch, batch_idx: int) -> None:
-        self._eval(batch, "test")
-
+    def evaluate(self, batch: ArrayBatch, split: str) -> None:
+        if bool((batch.lengths[self.level] > 0).any()):  # a batch of blanked items has no target
+            super().evaluate(batch, split)

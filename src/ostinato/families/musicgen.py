@@ -28,20 +28,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ostinato.data.batch import AudioBatch
 from ostinato.data.token_datamodule import TokenBatch
-from ostinato.families.base import FamilyModule
+from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.nn.chroma import MelodyConditioner
 from ostinato.models.codec import Codec
 from ostinato.nn.conditioners import TextConditioner, description
 from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_features
 from ostinato.nn.patterns import DelayPattern
-from ostinato.nn.transformer import CodebookLM, LMConfig, _Block
+from ostinato.nn.transformer import CodebookLM, lm_config
 
-__all__ = ["MusicGenFamily", "Conditions", "lm_config"]
+__all__ = ["MusicGenFamily", "Conditions"]
 
 
 @dataclass
@@ -55,20 +54,7 @@ class Conditions:
     penalty: Tensor | None = None
 
 
-def lm_config(lm: Mapping[str, Any] | None, *, n_q: int, card: int, cross_attention: bool) -> LMConfig:
-    """``{preset: tiny, dim: 128, ...}`` or plain ``LMConfig`` kwargs -> ``LMConfig`` (n_q/card from the family)."""
-    kw = dict(lm or {})
-    for key in ("n_q", "card"):
-        if key in kw and int(kw.pop(key)) != {"n_q": n_q, "card": card}[key]:
-            raise ValueError(f"family.lm.{key} differs from family.{key}: set family.{key} only")
-    kw.setdefault("cross_attention", cross_attention)
-    preset = kw.pop("preset", None)
-    if preset:
-        return LMConfig.preset(preset, n_q=n_q, card=card, **kw)
-    return LMConfig(n_q=n_q, card=card, **kw)
-
-
-class MusicGenFamily(FamilyModule):
+class MusicGenFamily(CodebookLMFamily):
     """MusicGen LM training on token shards (or audio tokenized on the fly).
 
     Args:
@@ -191,9 +177,6 @@ class MusicGenFamily(FamilyModule):
             codec = self.codec  # fails early, naming the fix, when there is none
             self._sample_rate = codec.sample_rate
 
-    def block_classes(self) -> set[type[torch.nn.Module]]:
-        return {_Block}
-
     # -- conditioning ---------------------------------------------------------------------------------------
     def descriptions(self, batch: TokenBatch | AudioBatch, train: bool) -> list[str]:
         if not train:
@@ -300,20 +283,7 @@ class MusicGenFamily(FamilyModule):
     def compute_losses(self, codes: Tensor, lengths: Tensor, cond: Tensor | None = None,
                        cond_mask: Tensor | None = None, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-codebook mean cross-entropy ``[K]`` over valid targets, and the count of those targets ``[K]``."""
-        b, k, t = codes.shape
-        frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths[:, None]  # [B, T]
-        codes = codes.masked_fill(~frame_ok[:, None, :], self.card)
-        seq, _ = self.pattern.build(codes, self.card)  # [B, K, S]
-        pos = self.pattern.positions(t).to(codes.device)  # [K, T]
-        valid = torch.zeros(seq.shape, dtype=torch.bool, device=codes.device)
-        valid.scatter_(2, pos[None].expand(b, k, t), frame_ok[:, None, :].expand(b, k, t))
-        logits = self.lm(seq[:, :, :-1], cond, cond_mask, prefix=prefix)  # [B, K, S-1, card]
-        target, valid = seq[:, :, 1:], valid[:, :, 1:]
-        ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), target.clamp(max=self.card - 1),
-                             reduction="none")  # [B, K, S-1]
-        ce = ce * valid
-        count = valid.sum(dim=(0, 2))
-        return ce.sum(dim=(0, 2)) / count.clamp_min(1), count
+        return masked_lm_losses(self.lm, self.pattern, codes, lengths, prefix, cond, cond_mask)
 
     def _step(self, batch: TokenBatch | AudioBatch, train: bool) -> tuple[Tensor, Tensor | None]:
         codes, lengths, wav = self.batch_codes(batch)
@@ -321,39 +291,25 @@ class MusicGenFamily(FamilyModule):
         ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix)
         return ce, c.penalty
 
+    def losses(self, batch: TokenBatch | AudioBatch, train: bool) -> Tensor:
+        return self._step(batch, train)[0]
+
     def training_step(self, batch: TokenBatch | AudioBatch, batch_idx: int) -> Tensor:
         ce, penalty = self._step(batch, train=True)
         loss = ce.mean()
-        n = len(batch)
-        self.log("train/ce", loss, batch_size=n)
         if penalty is not None:
-            self.log("train/style_penalty", penalty, batch_size=n)
+            self.log("train/style_penalty", penalty, batch_size=len(batch))
             loss = loss + self.style_penalty_weight * penalty
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        for q in range(self.n_q):
-            self.log(f"train/ce_q{q}", ce[q], batch_size=n)
-            self.log(f"train/ppl_q{q}", torch.exp(ce[q].detach().clamp(max=50)), batch_size=n)
-        return loss
+        return self.log_ce("train", ce, len(batch), loss)
 
-    def _eval(self, batch: TokenBatch | AudioBatch, split: str) -> None:
+    def evaluate(self, batch: TokenBatch | AudioBatch, split: str) -> None:
         codes, lengths, wav = self.batch_codes(batch)
         c = self.batch_conditions(batch, codes, lengths, wav, train=False)
         ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix)
-        n = len(batch)
         if c.prefix is not None:  # what melody / style add: the same batch with a null (zero) prefix
             ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, torch.zeros_like(c.prefix))
-            self.log(f"{split}/ce_text_only", ce_text.mean(), sync_dist=True, batch_size=n)
-        self.log(f"{split}/ce", ce.mean(), prog_bar=split == "valid", sync_dist=True, batch_size=n)
-        self.log(f"{split}/loss", ce.mean(), sync_dist=True, batch_size=n)
-        for q in range(self.n_q):
-            self.log(f"{split}/ce_q{q}", ce[q], sync_dist=True, batch_size=n)
-        self.log(f"{split}/ppl", torch.exp(ce.mean().clamp(max=50)), sync_dist=True, batch_size=n)
-
-    def validation_step(self, batch: TokenBatch | AudioBatch, batch_idx: int) -> None:
-        self._eval(batch, "valid")
-
-    def test_step(self, batch: TokenBatch | AudioBatch, batch_idx: int) -> None:
-        self._eval(batch, "test")
+            self.log(f"{split}/ce_text_only", ce_text.mean(), sync_dist=True, batch_size=len(batch))
+        self.log_ce(split, ce, len(batch))
 
     @property
     def frame_rate(self) -> float | None:

@@ -17,16 +17,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ostinato.data.musiclm_tokens import MusicLMBatch
-from ostinato.families.base import FamilyModule
-from ostinato.families.musicgen import lm_config
+from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.nn.patterns import CodebookPattern, DelayPattern, ParallelPattern, UnrollPattern
-from ostinato.nn.transformer import CodebookLM, _Block
+from ostinato.nn.transformer import CodebookLM, lm_config
 
-__all__ = ["SemanticStage", "CoarseStage", "FineStage", "masked_lm_losses", "make_pattern"]
+__all__ = ["SemanticStage", "CoarseStage", "FineStage", "make_pattern"]
 
 
 def make_pattern(name: str, n_q: int, key: str) -> CodebookPattern:
@@ -37,26 +35,6 @@ def make_pattern(name: str, n_q: int, key: str) -> CodebookPattern:
     if name == "parallel":
         return ParallelPattern(n_q)
     raise ValueError(f"{key} must be unroll, delay or parallel, got {name!r}")
-
-
-def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, lengths: Tensor,
-                     prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """codes ``[B, K, T]``, valid frames ``lengths [B]`` -> (per-codebook mean CE ``[K]`` over valid targets,
-    their count ``[K]``). Frames past ``lengths`` become the special token before the pattern is built."""
-    b, k, t = codes.shape
-    card = lm.cfg.card
-    frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]
-    codes = codes.masked_fill(~frame_ok[:, None, :], card)
-    seq, _ = pattern.build(codes, card)
-    pos = pattern.positions(t).to(codes.device)
-    valid = torch.zeros(seq.shape, dtype=torch.bool, device=codes.device)
-    valid.scatter_(2, pos[None].expand(b, k, t), frame_ok[:, None, :].expand(b, k, t))
-    logits = lm(seq[:, :, :-1], prefix=prefix)  # [B, K, S-1, card]
-    target, valid = seq[:, :, 1:], valid[:, :, 1:]
-    ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), target.clamp(max=card - 1), reduction="none")
-    ce = ce * valid
-    count = valid.sum(dim=(0, 2))
-    return ce.sum(dim=(0, 2)) / count.clamp_min(1), count
 
 
 class MuLaNPrefix(nn.Module):
@@ -76,7 +54,7 @@ class MuLaNPrefix(nn.Module):
         return self.emb(tokens.clamp(0, self.bins - 1) + offsets)
 
 
-class _Stage(FamilyModule):
+class _Stage(CodebookLMFamily):
     """What the three stages share: the LM, its pattern, the loss, logging and the recorded frame rates."""
 
     namespace: str | None = None  # MuLaN tokens of this stage's prefix
@@ -133,9 +111,6 @@ class _Stage(FamilyModule):
             raise ValueError(f"the {name} tokens have {info.n_q} x {info.cardinality} codes but the family "
                              f"expects {n_q} x {card}; fix family.card / n_q / coarse_q")
 
-    def block_classes(self) -> set[type[nn.Module]]:
-        return {_Block}
-
     def mulan_prefix(self, tokens: Tensor, train: bool) -> Tensor:
         """MuLaN tokens ``[B, n_q]`` -> ``[B, n_q, dim]``, zeroed per item with ``cfg_dropout`` in training."""
         pre = self.prefix_modules["mulan"](tokens.to(self.rates.device))
@@ -157,28 +132,6 @@ class _Stage(FamilyModule):
         codes, lengths = self.targets(batch)
         ce, _ = masked_lm_losses(self.lm, self.pattern, codes, lengths, self.batch_prefix(batch, train))
         return ce
-
-    def training_step(self, batch: MusicLMBatch, batch_idx: int) -> Tensor:
-        ce = self.losses(batch, train=True)
-        loss, n = ce.mean(), len(batch)
-        self.log("train/ce", loss, batch_size=n)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        for q in range(self.n_q):
-            self.log(f"train/ce_q{q}", ce[q], batch_size=n)
-        return loss
-
-    def _eval(self, batch: MusicLMBatch, split: str) -> None:
-        ce, n = self.losses(batch, train=False), len(batch)
-        self.log(f"{split}/ce", ce.mean(), prog_bar=split == "valid", sync_dist=True, batch_size=n)
-        self.log(f"{split}/loss", ce.mean(), sync_dist=True, batch_size=n)
-        for q in range(self.n_q):
-            self.log(f"{split}/ce_q{q}", ce[q], sync_dist=True, batch_size=n)
-
-    def validation_step(self, batch: MusicLMBatch, batch_idx: int) -> None:
-        self._eval(batch, "valid")
-
-    def test_step(self, batch: MusicLMBatch, batch_idx: int) -> None:
-        self._eval(batch, "test")
 
 
 class SemanticStage(_Stage):

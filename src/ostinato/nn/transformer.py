@@ -25,6 +25,7 @@ static shapes (CUDA-graph friendly). Cross-attention keys/values are computed on
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from ostinato.nn.patterns import CodebookPattern
 
 __all__ = [
-    "LMConfig", "LM_PRESETS", "KVCache", "CodebookLM", "sinusoidal_embedding", "generate_greedy",
+    "LMConfig", "LM_PRESETS", "lm_config", "KVCache", "CodebookLM", "sinusoidal_embedding", "generate_greedy",
     "set_sdpa_priority", "prefer_cudnn_attention",
 ]
 
@@ -114,6 +115,20 @@ class LMConfig:
 
     def with_(self, **changes: Any) -> LMConfig:
         return replace(self, **changes)
+
+
+def lm_config(lm: Mapping[str, Any] | None, *, n_q: int, card: int, cross_attention: bool) -> LMConfig:
+    """``{preset: tiny, dim: 128, ...}`` or plain ``LMConfig`` kwargs -> ``LMConfig``; ``n_q`` and ``card`` come from
+    the model's own keys (declared once: an ``lm.n_q`` / ``lm.card`` that differs is refused)."""
+    kw = dict(lm or {})
+    for key in ("n_q", "card"):
+        if key in kw and int(kw.pop(key)) != {"n_q": n_q, "card": card}[key]:
+            raise ValueError(f"family.lm.{key} differs from family.{key}: set family.{key} only")
+    kw.setdefault("cross_attention", cross_attention)
+    preset = kw.pop("preset", None)
+    if preset:
+        return LMConfig.preset(preset, n_q=n_q, card=card, **kw)
+    return LMConfig(n_q=n_q, card=card, **kw)
 
 
 def set_sdpa_priority(names: list[str]) -> list[int]:

@@ -1,0 +1,85 @@
+"""The one training base of codebook language models: MusicGen, the MusicLM stages and the Jukebox priors.
+
+``masked_lm_losses``: codes ``[B, K, T]`` with item lengths -> the codebook pattern's sequence (frames past an
+item's length become the special token first, so padding never enters a valid target's context) -> the LM reads
+steps ``[:-1]`` and predicts steps ``[1:]``; the cross-entropy counts only positions that hold a real code of a
+valid frame.
+
+``CodebookLMFamily``: a wrapper defines ``losses(batch, train) -> ce [K]``; the base logs, per split, ``ce`` (mean
+over codebooks), ``loss``, ``ppl`` and per codebook ``ce_q{k}`` / ``ppl_q{k}``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ostinato.families.base import FamilyModule
+from ostinato.nn.patterns import CodebookPattern
+from ostinato.nn.transformer import CodebookLM, _Block
+
+__all__ = ["CodebookLMFamily", "masked_lm_losses"]
+
+_MAX_LOG_CE = 50.0  # exp() of a larger cross-entropy (a diverged step) overflows float32
+
+
+def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, lengths: Tensor,
+                     prefix: Tensor | None = None, cond: Tensor | None = None,
+                     cond_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """codes ``[B, K, T]``, valid frames ``lengths [B]``, optional ``prefix [B, P, dim]`` and cross-attention
+    ``cond [B, Tc, D]`` / ``cond_mask [B, Tc]`` -> (per-codebook mean CE ``[K]`` over valid targets, their count
+    ``[K]``)."""
+    b, k, t = codes.shape
+    card = lm.cfg.card
+    frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]  # [B, T]
+    codes = codes.masked_fill(~frame_ok[:, None, :], card)
+    seq, _ = pattern.build(codes, card)  # [B, K, S]
+    pos = pattern.positions(t).to(codes.device)  # [K, T]
+    valid = torch.zeros(seq.shape, dtype=torch.bool, device=codes.device)
+    valid.scatter_(2, pos[None].expand(b, k, t), frame_ok[:, None, :].expand(b, k, t))
+    logits = lm(seq[:, :, :-1], cond, cond_mask, prefix=prefix)  # [B, K, S-1, card]
+    target, valid = seq[:, :, 1:], valid[:, :, 1:]
+    ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), target.clamp(max=card - 1), reduction="none")
+    ce = ce * valid  # [B, K, S-1]
+    count = valid.sum(dim=(0, 2))
+    return ce.sum(dim=(0, 2)) / count.clamp_min(1), count
+
+
+class CodebookLMFamily(FamilyModule):
+    """Base of the wrappers that train a ``CodebookLM``: steps and logging around ``losses``."""
+
+    def losses(self, batch: Any, train: bool) -> Tensor:
+        """Per-codebook mean cross-entropy ``[K]`` of a batch (conditions dropped out when ``train``)."""
+        raise NotImplementedError
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        return {_Block}
+
+    def log_ce(self, split: str, ce: Tensor, batch_size: int, loss: Tensor | None = None) -> Tensor:
+        """Log ``split/ce``, ``split/loss`` (``loss``, default the mean CE), ``split/ppl`` and per codebook
+        ``split/ce_q{k}`` and ``split/ppl_q{k}``; returns the loss."""
+        train = split == "train"
+        mean = ce.mean()
+        loss = mean if loss is None else loss
+        kw: dict[str, Any] = dict(batch_size=batch_size, sync_dist=not train)
+        self.log(f"{split}/ce", mean, prog_bar=split == "valid", **kw)
+        self.log(f"{split}/loss", loss, prog_bar=train, **kw)
+        self.log(f"{split}/ppl", torch.exp(mean.detach().clamp(max=_MAX_LOG_CE)), **kw)
+        for q in range(ce.shape[0]):
+            self.log(f"{split}/ce_q{q}", ce[q], **kw)
+            self.log(f"{split}/ppl_q{q}", torch.exp(ce[q].detach().clamp(max=_MAX_LOG_CE)), **kw)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.log_ce("train", self.losses(batch, train=True), len(batch))
+
+    def evaluate(self, batch: Any, split: str) -> None:
+        self.log_ce(split, self.losses(batch, train=False), len(batch))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate(batch, "valid")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate(batch, "test")
