@@ -21,7 +21,8 @@ def make_env(root: Path) -> dict[str, str]:
     for split in ("train", "valid", "test"):
         write_shards(root / "data" / "demo" / "shards" / split, n_shards=2, per_shard=8, sample_rate=24000)
     return {**os.environ, "OSTINATO_DATA": str(root / "data"), "OSTINATO_OUTPUTS": str(root / "out"),
-            "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),  # this checkout, not the installed one
+            "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
 def cli_args(overrides) -> list[str]:

@@ -273,8 +273,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> di
 
 
 def test_train_logs_finite_loss_and_retrieval_then_exports_and_loads(trained: dict) -> None:
+    import lightning.pytorch as pl
+
     import ostinato
-    from ostinato.families.mulan import MuLaNFamily
+    from ostinato.models.mulan import MuLaN
 
     with open(trained["folder"] / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -288,13 +290,16 @@ def test_train_logs_finite_loss_and_retrieval_then_exports_and_loads(trained: di
     ckpt = torch.load(trained["folder"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(".encoder." in k for k in ckpt["state_dict"])  # the frozen MiniLM stays out
 
-    module = ostinato.load(trained["export"])
-    assert isinstance(module, MuLaNFamily) and module.sample_rate == 24000 and module.channels == 1
+    assert any(k.startswith("model.audio.") for k in ckpt["state_dict"])  # the wrapper holds its MuLaN as .model
+    module = ostinato.load(trained["export"])  # the inference model, not its training wrapper
+    assert type(module) is MuLaN and not isinstance(module, pl.LightningModule)
+    assert module.sample_rate == 24000 and module.channels == 1
     from_xp = ostinato.load(trained["folder"])  # the EMA weights of the checkpoint, as the export
+    assert type(from_xp) is MuLaN
     wav = torch.randn(3, 1, 24000) * 0.1
     with torch.no_grad():
-        emb = module.mulan.embed_audio(wav, 24000)
-        assert torch.allclose(emb, from_xp.mulan.embed_audio(wav, 24000))
+        emb = module.embed_audio(wav, 24000)
+        assert torch.allclose(emb, from_xp.embed_audio(wav, 24000))
     assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(3))
 
 
@@ -314,7 +319,7 @@ def test_family_config_errors_name_the_key() -> None:
 
 
 def test_mulan_backend_embeds_audio_and_text_in_one_space(trained: dict) -> None:
-    from ostinato.families.mulan import fit_mulan_quantizer
+    from ostinato.models.mulan import fit_mulan_quantizer
     from ostinato.metrics.embeddings import load_backend
     from tests.synth import tone
 

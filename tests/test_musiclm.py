@@ -366,11 +366,12 @@ def write_parts(root: Path) -> dict[str, str]:
     torch.manual_seed(0)
     family = MuLaNFamily(**TINY_MULAN)
     (root / "mulan").mkdir()
-    save_file({k: v.contiguous() for k, v in family.state_dict().items()}, str(root / "mulan" / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in family.model.state_dict().items()},  # an export: the model's tensors
+              str(root / "mulan" / "model.safetensors"))
     OmegaConf.save({"family": {"_target_": "ostinato.families.mulan.MuLaNFamily", **TINY_MULAN}},
                    root / "mulan" / "config.yaml")
     with torch.no_grad():
-        emb = family.mulan.embed_audio(torch.randn(32, 1, 12000) * 0.1, 24000)
+        emb = family.model.embed_audio(torch.randn(32, 1, 12000) * 0.1, 24000)
     quantizer = MuLaNQuantizer(8, n_q=MULAN_NQ, bins=MULAN_BINS, kmeans_iters=5).fit_(emb)
     quantizer.save(root / "quantizer.safetensors")
     return {"codec": str(codec), "semantic_tokenizer": str(tokenizer), "mulan": str(root / "mulan"),

@@ -93,7 +93,7 @@ def _prep_semantic(args: argparse.Namespace) -> None:
 
 def _prep_mulan(args: argparse.Namespace) -> None:
     from ostinato.data.musiclm_tokens import write_mulan_tokens
-    from ostinato.families.mulan import as_mulan, fit_mulan_quantizer
+    from ostinato.models.mulan import as_mulan, fit_mulan_quantizer
 
     from ostinato.data.sources import output_folder
 

@@ -200,7 +200,7 @@ MODE_TITLES = {"text": "Text to music", "text_chained": "Text, chained segments 
 
 def mulan_retrieval(mulan_ref: str, shards: Path) -> dict[str, float]:
     """Held-out retrieval of a trained MuLaN: every clip of ``shards`` (whole, windowed) against its caption."""
-    from ostinato.families.mulan import as_mulan, mulan_embeddings
+    from ostinato.models.mulan import as_mulan, mulan_embeddings
     from ostinato.nn.contrastive import retrieval_metrics
 
     mulan = as_mulan(mulan_ref)

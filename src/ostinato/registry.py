@@ -39,7 +39,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("codec", "ostinato.families.codec.CodecFamily", None),
     Kind("musicgen", "ostinato.families.musicgen.MusicGenFamily", None),
     Kind("musicgen", "ostinato.interop.musicgen_import.ImportedMusicGenFamily", None),
-    Kind("mulan", "ostinato.families.mulan.MuLaNFamily", None),
+    Kind("mulan", "ostinato.families.mulan.MuLaNFamily", "ostinato.models.mulan:MuLaN"),
     Kind("musiclm", "ostinato.families.musiclm.SemanticStage", None),
     Kind("musiclm", "ostinato.families.musiclm.CoarseStage", None),
     Kind("musiclm", "ostinato.families.musiclm.FineStage", None),

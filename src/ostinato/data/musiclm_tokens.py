@@ -99,7 +99,7 @@ def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: 
 
     mulan = mulan_ref
     if not hasattr(mulan, "embed_audio"):
-        from ostinato.families.mulan import as_mulan
+        from ostinato.models.mulan import as_mulan
 
         mulan = as_mulan(mulan_ref)
     if isinstance(quantizer, (str, Path)):

@@ -112,7 +112,7 @@ def load_musiclm(semantic: str, coarse: str, fine: str, mulan: str | None = None
     from ostinato.data.musiclm_tokens import MuLaNTokens
     from ostinato.data.tokens import TokenManifest
     from ostinato.store.records import read_weights
-    from ostinato.families.mulan import as_mulan
+    from ostinato.models.mulan import as_mulan
     from ostinato.families.musiclm import CoarseStage, FineStage, SemanticStage
     from ostinato.interop.codecs import load_codec
     from ostinato.store.records import require_ref, xps_dir

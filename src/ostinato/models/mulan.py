@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,8 +35,9 @@ from ostinato.nn.conditioners import _forward_inputs, default_text_model, hidden
 from ostinato.nn.quantization import ResidualVectorQuantizer
 
 __all__ = ["LogMelPatches", "spec_augment", "AudioTower", "TextTower", "MuLaN", "MuLaNQuantizer", "window_starts",
-           "checked_kwargs"]
+           "checked_kwargs", "as_mulan", "mulan_embeddings", "fit_mulan_quantizer"]
 
+log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 QUANTIZER_FORMAT = "ostinato.mulan-quantizer/1"
 
@@ -345,6 +347,12 @@ class MuLaN(nn.Module):
         self.audio = AudioTower(self.sample_rate, self.dim, **checked_kwargs(AudioTower, audio, "family.audio"))
         self.text = TextTower(self.dim, **checked_kwargs(TextTower, text, "family.text"))
 
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> MuLaN:
+        """The MuLaN of a ``MuLaNFamily`` training config (``cfg["family"]``: sample_rate, dim, audio, text)."""
+        family = cfg["family"]
+        return cls(family.get("sample_rate", 16000), family.get("dim", 128), family.get("audio"), family.get("text"))
+
     @property
     def window_seconds(self) -> float:
         return self.audio.window_seconds
@@ -517,3 +525,80 @@ class MuLaNQuantizer(nn.Module):
         quantizer.source = meta.get("source", "")
         quantizer.path = str(path.resolve())
         return quantizer.eval()
+
+
+# ------------------------------------------------------------------------------------------- after training
+
+
+def as_mulan(model: MuLaN | str | Path, map_location: str | torch.device = "cpu") -> MuLaN:
+    """A ``MuLaN`` from itself or any ``ostinato.load`` ref (export, XP folder or signature, ``//sig/SIG``,
+    ``.ckpt``), in eval mode; a module holding one as ``.model`` (its training wrapper) gives that one."""
+    if isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), MuLaN):
+        model = model.model
+    if isinstance(model, MuLaN):
+        return model.eval()
+    from ostinato.models import load
+    from ostinato.store.records import resolve_ref, xps_dir
+
+    module = load(resolve_ref(str(model)), map_location=map_location, xps_dir=xps_dir())
+    if not isinstance(module, MuLaN):
+        raise ValueError(f"{model} holds a {type(module).__name__}, not a MuLaN (train one with "
+                         "`ostinato train experiment=mulan_tiny`)")
+    return module
+
+
+@torch.no_grad()
+def mulan_embeddings(mulan: MuLaN, data: Any, segment_seconds: float = 10.0, batch_size: int = 16,
+                     max_items: int | None = None, with_text: bool = False) -> Tensor:
+    """Audio embeddings ``[N, D]`` of a shard set (clips from their start, ``segment_seconds`` long, windowed by
+    the tower), in shard order; with ``with_text`` also the embeddings of their descriptions, ``[2N, D]``.
+
+    ``data``: anything with a ``specs["train"]`` shard spec (an ``AudioDataModule``), or a shard spec
+    ``resolve_shards`` takes.
+    """
+    from ostinato.data.sources import resolve_shards
+    from ostinato.data.streams import EvalSet, count_samples
+    from ostinato.nn.conditioners import description
+
+    spec = data.specs["train"] if hasattr(data, "specs") else data
+    if spec is None:
+        raise ValueError("the datamodule has no train shards (data.train): the quantizer is fitted on them")
+    src = resolve_shards(spec)
+    n = src.num_samples if src.num_samples is not None else count_samples(src.urls)
+    if max_items is not None:
+        n = min(n, int(max_items))
+    clips = EvalSet(src.urls, num_samples=n, sample_rate=mulan.sample_rate, channels=1,
+                    segment_seconds=segment_seconds, batch_size=batch_size)
+    audio, text = [], []
+    was_training = mulan.training
+    mulan.eval()
+    for batch in clips:
+        valid = batch.lengths > 0
+        audio.append(mulan.embed_audio(batch.audio[valid], mulan.sample_rate, batch.lengths[valid]).cpu())
+        if with_text:
+            text.append(mulan.embed_text([description(m) for m, v in zip(batch.meta, valid.tolist()) if v]).cpu())
+    mulan.train(was_training)
+    if not audio:
+        raise ValueError(f"no clips in {spec}")
+    return torch.cat(audio + text)
+
+
+def fit_mulan_quantizer(mulan: MuLaN | str | Path, data: Any, n_q: int = 12, bins: int = 1024,
+                        namespaces: Sequence[str] | Mapping[str, Mapping[str, int]] = ("semantic", "coarse"), *,
+                        segment_seconds: float = 10.0, with_text: bool = False, max_items: int | None = None,
+                        iters: int = 10, seed: int = 0, batch_size: int = 16, out: str | Path | None = None,
+                        **quantizer_kw: Any) -> MuLaNQuantizer:
+    """Fit one residual VQ per namespace on a trained MuLaN's training-set audio embeddings; frozen, in eval mode.
+
+    ``data``: an ``AudioDataModule`` or a shard spec (see ``mulan_embeddings``); ``with_text`` adds the text
+    embeddings of the same clips (the quantizer then sees both modalities, as MusicLM's inference does).
+    ``out``: also save it there (safetensors; ``MuLaNQuantizer.load`` reads it back).
+    """
+    source = str(mulan) if isinstance(mulan, (str, Path)) else None
+    model = as_mulan(mulan)
+    emb = mulan_embeddings(model, data, segment_seconds, batch_size, max_items, with_text)
+    log.info("fitting the MuLaN quantizer (%s, %d x %d) on %d embeddings", list(namespaces), n_q, bins, len(emb))
+    quantizer = MuLaNQuantizer(model.dim, n_q, bins, namespaces, **quantizer_kw).fit_(emb, iters=iters, seed=seed)
+    if out is not None:
+        quantizer.save(out, source=source)
+    return quantizer

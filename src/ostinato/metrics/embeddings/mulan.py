@@ -1,4 +1,4 @@
-"""MuLaN audio and text embeddings of a model trained by ostinato (``ostinato.families.mulan``).
+"""MuLaN audio and text embeddings of a model trained by ostinato (``ostinato.models.mulan.MuLaN``).
 
 One frame per tower window (``window_seconds``): windows start at 0, W, 2W, ... and the last one ends with the
 clip (it overlaps the one before unless T is a multiple of W); a clip shorter than the window is one frame of what
@@ -24,7 +24,7 @@ class MuLaNBackend(EmbeddingBackend):
     window (F_i = ceil(T / W) for T > W, 1 for 0 < T <= W, 0 for T = 0); texts -> [B, dim].
 
     Args:
-        model: a ``MuLaN`` (or ``MuLaNFamily``), or any ``ostinato.load`` reference to one: an export folder, an XP
+        model: a ``MuLaN``, or any ``ostinato.load`` reference to one: an export folder, an XP
             folder or signature, ``//sig/SIG``, a ``.ckpt``.
         device: where the model runs.
         batch_size: windows (and texts) per forward pass.
@@ -37,8 +37,8 @@ class MuLaNBackend(EmbeddingBackend):
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", batch_size: int = 32,
                  source: str | None = None) -> None:
-        from ostinato.families.mulan import as_mulan
         from ostinato.interop.codecs import weights_hash
+        from ostinato.models.mulan import as_mulan
 
         if isinstance(model, (str, Path)):
             path = Path(str(model)).expanduser()
