@@ -105,13 +105,14 @@ def worker(spec: dict) -> None:
     from hydra.utils import instantiate
 
     from ostinato.engine.config import validate
+    from ostinato.evaluation.hooks import check_evaluate, evaluation_callbacks
     from ostinato.families.base import plain
     from ostinato.engine.trainer import apply_compile_and_checkpointing, build_trainer, last_checkpoint
 
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=spec["overrides"])
-    validate(cfg)
+    validate(cfg, checks=[check_evaluate])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = torch.device("cuda", local) if spec["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -121,7 +122,7 @@ def worker(spec: dict) -> None:
     datamodule = instantiate(cfg.data, _convert_="all")
     apply_compile_and_checkpointing(cfg.trainer, family)
     folder = Path(spec["folder"])
-    trainer = build_trainer(cfg, folder, family, loggers=[])
+    trainer = build_trainer(cfg, folder, family, loggers=[], extra_callbacks=evaluation_callbacks(cfg))
     clock = Clock(spec["warmup"], Path(spec["report"]) / f"rank{rank}.json", device, spec.get("profile", False))
     trainer.callbacks.insert(0, clock)  # before ModelCheckpoint: a step's time never includes a checkpoint save
     resume = last_checkpoint(folder)

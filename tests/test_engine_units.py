@@ -84,6 +84,25 @@ def test_config_errors_name_the_key(key, value, message):
     assert message in str(err.value)
 
 
+def test_the_evaluate_suite_is_checked_by_the_hook_that_train_passes():
+    """The engine sits below evaluation: ``ostinato.train`` hands it the ``evaluate`` check."""
+    from ostinato.evaluation.hooks import check_evaluate, evaluation_callbacks
+
+    no_period = _cfg(**{"evaluate.suite": "demo", "evaluate.every_steps": 0})
+    validate(no_period)  # the engine alone does not know suites
+    with pytest.raises(ConfigError, match=r"^evaluate.every_steps=0: set a period in steps"):
+        validate(no_period, checks=[check_evaluate])
+    with pytest.raises(ConfigError, match=r"^evaluate.suite=codec_demo: a reconstruction suite; .* text_to_music"):
+        validate(_cfg(**{"evaluate.suite": "codec_demo", "evaluate.every_steps": 5}), checks=[check_evaluate])
+    with pytest.raises(ConfigError, match=r"^evaluate.suite: "):
+        validate(_cfg(**{"evaluate.suite": "no_such_suite", "evaluate.every_steps": 5}), checks=[check_evaluate])
+    fine = _cfg(**{"evaluate.suite": "demo", "evaluate.every_steps": 5, "evaluate.num_samples": 2})
+    validate(fine, checks=[check_evaluate])
+    assert evaluation_callbacks(no_period) == []
+    (callback,) = evaluation_callbacks(fine)
+    assert (type(callback).__name__, callback.every_steps, callback.num_samples) == ("EvaluationCallback", 5, 2)
+
+
 def test_required_family_argument_is_named():
     node = OmegaConf.create({"_target_": "torch.nn.Linear", "in_features": 3})
     with pytest.raises(ConfigError, match="family.out_features is required"):

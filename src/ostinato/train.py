@@ -32,6 +32,7 @@ from ostinato.engine.loggers import build_loggers
 from ostinato.engine.trainer import (apply_compile_and_checkpointing, build_trainer, check_resume_fits,
                                      last_checkpoint, sweep_checkpoint_temp_files)
 from ostinato.engine.weights import load_weights
+from ostinato.evaluation.hooks import check_evaluate, evaluation_callbacks
 from ostinato.store.records import CONFIG_KEY
 from ostinato.errors import EXIT_USER_ERROR, debug_enabled, user_errors, user_message
 from ostinato.fileio import atomic_write_text
@@ -50,7 +51,7 @@ def _setup_logging(folder: Path, rank: int) -> None:
 
 def _preflight(cfg: DictConfig, world_size: int):
     """Everything that can fail before training: config checks, data paths, batch division."""
-    validate(cfg)
+    validate(cfg, checks=[check_evaluate])
     check_global_batch(cfg, world_size)
     datamodule = instantiate(cfg.data, _convert_="all")
     for split in ("train", "valid", "test"):
@@ -86,7 +87,8 @@ def run(cfg: DictConfig) -> L.Trainer:
     apply_compile_and_checkpointing(cfg.trainer, family)
     resumed_step = checkpoint_step(resume) if resume is not None else None
     loggers = build_loggers(cfg.logger, folder, xp.sig, resumed_step) if cfg.logger.kind != "none" else []
-    trainer = build_trainer(cfg, folder, family, xp=xp, loggers=loggers)
+    trainer = build_trainer(cfg, folder, family, xp=xp, loggers=loggers,
+                            extra_callbacks=evaluation_callbacks(cfg))
     log.info("XP %s in %s%s", xp.sig, folder, f", resuming {resume}" if resume else "")
     if cfg.eval_only:
         metrics = {k: v for r in trainer.validate(family, datamodule) for k, v in r.items()}
@@ -138,7 +140,7 @@ class CheckedMain(HydraMain):
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             raise composition_error(e, argv, self._get_base_config(argv)[0], self.group_options) from None
         try:
-            validate(xp.cfg, data_paths=False)
+            validate(xp.cfg, data_paths=False, checks=[check_evaluate])
         except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
             raise composition_error(e, argv, self._get_base_config(argv)[0], self.group_options) from None
         return xp

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -395,9 +395,10 @@ def check_target(node: Any, key: str, provided: Sequence[str] = ()) -> None:
             raise ConfigError(f"{key}.{name} is required by {cls.__name__}")
 
 
-def validate(cfg: DictConfig, data_paths: bool = True) -> None:
+def validate(cfg: DictConfig, data_paths: bool = True, checks: Sequence[Callable[[DictConfig], None]] = ()) -> None:
     """All checks that need no data and no GPU; raises ConfigError naming the key. ``data_paths``: look at the
-    data splits on this machine too (not where an XP is only named or submitted: ``main.get_xp``)."""
+    data splits on this machine too (not where an XP is only named or submitted: ``main.get_xp``). ``checks``: more
+    checks from the floors above the engine (``ostinato.train`` adds the ``evaluate`` suite's)."""
     for group in SCHEMAS:
         _check_schema(cfg, group)
     for key, allowed in CHOICES.items():
@@ -412,28 +413,12 @@ def validate(cfg: DictConfig, data_paths: bool = True) -> None:
     check_bounds(cfg)
     if data_paths:
         check_data_paths(cfg)
-    _check_evaluate(cfg)
+    for check in checks:
+        check(cfg)
     check_target(cfg.data, "data")  # first: the family interpolates data values
     check_target(cfg.family, "family", provided=("optim",))
     world = int(cfg.trainer.devices if str(cfg.trainer.devices).isdigit() else 1) * int(cfg.trainer.num_nodes)
     check_global_batch(cfg, world)
-
-
-def _check_evaluate(cfg: DictConfig) -> None:
-    ev = cfg.evaluate
-    if ev.suite is None:
-        return
-    if ev.every_steps <= 0:
-        raise ConfigError(f"evaluate.every_steps={ev.every_steps}: set a period in steps (> 0) with evaluate.suite")
-    from ostinato.evaluation.suite import load_suite
-
-    try:
-        suite = load_suite(ev.suite)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"evaluate.suite: {e}") from None
-    if suite.kind != "text_to_music":
-        raise ConfigError(f"evaluate.suite={ev.suite}: a {suite.kind} suite; the training evaluation generates "
-                          "music, use a text_to_music suite")
 
 
 def check_global_batch(cfg: DictConfig, world_size: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,9 @@ def apply_compile_and_checkpointing(cfg: Any, family: FamilyModule) -> None:
 
 
 def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None = None,
-                  loggers: list | None = None) -> L.Trainer:
-    """``cfg`` is the whole resolved config; ``folder`` the XP folder (default_root_dir)."""
+                  loggers: list | None = None, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """``cfg`` is the whole resolved config; ``folder`` the XP folder (default_root_dir). ``extra_callbacks``: the
+    floors above the engine's own (``ostinato.train`` adds the evaluation callback of ``evaluate.suite``)."""
     t = cfg.trainer
     # dora's processes (run -d, SLURM tasks) or Lightning's own; never Lightning's SLURM requeue (submitit's)
     dora_env = DoraEnvironment() if DoraEnvironment.detect() else None
@@ -181,10 +183,7 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
                              every_n_steps=cfg.ema.every_n_steps, start_step=cfg.ema.start_step))
     if cfg.samples.every_steps > 0:
         callbacks.append(AudioSamples(Path(folder) / "samples", cfg.samples.every_steps, cfg.samples.max_items))
-    if cfg.evaluate.suite and cfg.evaluate.every_steps > 0:
-        from ostinato.evaluation.callback import EvaluationCallback
-
-        callbacks.append(EvaluationCallback(cfg.evaluate.suite, cfg.evaluate.every_steps, cfg.evaluate.num_samples))
+    callbacks += list(extra_callbacks)
     if xp is not None:
         callbacks.append(DoraHistory(xp))
     if loggers:
