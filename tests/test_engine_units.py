@@ -103,6 +103,52 @@ def test_the_evaluate_suite_is_checked_by_the_hook_that_train_passes():
     assert (type(callback).__name__, callback.every_steps, callback.num_samples) == ("EvaluationCallback", 5, 2)
 
 
+def _schema_keys(schema: type, prefix: str = "") -> set[str]:
+    """The dotted keys a schema declares; each must hold no value (a nested node is only a shape)."""
+    import dataclasses
+    import typing
+
+    from omegaconf import MISSING
+
+    hints, keys = typing.get_type_hints(schema), set()
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        assert f.default is MISSING and f.default_factory is dataclasses.MISSING, (
+            f"{schema.__name__}.{f.name} holds a default value: it belongs in conf/ alone")
+        keys.add(prefix + f.name)
+    return keys
+
+
+def _conf_keys(node, prefix: str = "") -> set[str]:
+    return {k for name, value in node.items() if not str(name).startswith("_")
+            for k in (_conf_keys(value, f"{prefix}{name}.") if OmegaConf.is_dict(value) else {prefix + str(name)})}
+
+
+def test_engine_schemas_declare_types_and_conf_holds_every_value():
+    """The engine's defaults have one home, conf/ (the schemas once said weight_decay 0.0 where
+    conf/optim/adamw.yaml says 0.1): a schema names and types keys without values, and every option of the trainer
+    and optim groups, and config.yaml's ema, samples and evaluate nodes, gives each key of its schema."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from ostinato.engine.config import SCHEMAS
+
+    for group, schema in SCHEMAS.items():
+        options = sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml")) or [None]
+        for option in options:
+            with initialize_config_dir(conf_dir(), version_base="1.3"):
+                cfg = compose("config", overrides=[f"{group}={option}"] if option else [])
+            assert _conf_keys(cfg[group]) == _schema_keys(schema), f"{group}={option} and {schema.__name__} differ"
+    assert _cfg().optim.weight_decay == 0.1  # read from conf/optim/adamw.yaml, nowhere else
+    cfg = _cfg()
+    del cfg.optim["weight_decay"]
+    with pytest.raises(ConfigError, match=r"^optim.weight_decay is missing: give it a value"):
+        validate(cfg)
+
+
 def test_required_family_argument_is_named():
     node = OmegaConf.create({"_target_": "torch.nn.Linear", "in_features": 3})
     with pytest.raises(ConfigError, match="family.out_features is required"):

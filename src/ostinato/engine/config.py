@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ostinato.families.optim import OPTIMIZERS, SCHEDULES
@@ -27,74 +27,78 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message starts with the key."""
 
 
+# The engine groups' schemas: names and types only. Their values live in conf/ alone (conf/trainer/default.yaml,
+# conf/optim/*.yaml, the ema/samples/evaluate nodes of conf/config.yaml); every field is required there
+# (tests/test_engine_units.py::test_engine_schemas_declare_types_and_conf_holds_every_value). A schema only
+# checks the composed config: it is never merged into it.
 @dataclass
 class TrainerSchema:
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    max_steps: int = 1000
-    val_every_epochs: int = 1
-    validate_first: bool = False
-    limit_val_batches: float = 1.0
-    sanity_val_steps: int = 0
-    gradient_clip_val: float = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 25
-    checkpoint_every_steps: int = 100
-    keep_checkpoints: bool = False
-    nonfinite_max_in_row: int = 10
-    compile: list[str] = field(default_factory=list)
-    activation_checkpointing: bool = False
-    find_unused_parameters: bool = False
-    fsdp_sharding: str = "FULL_SHARD"
-    deterministic: bool = False
-    progress_bar: bool = True
-    model_summary: bool = True
-    trust_checkpoints: bool = False
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    num_nodes: int = MISSING
+    strategy: str = MISSING
+    precision: str = MISSING
+    max_steps: int = MISSING
+    val_every_epochs: int = MISSING
+    validate_first: bool = MISSING
+    limit_val_batches: float = MISSING
+    sanity_val_steps: int = MISSING
+    gradient_clip_val: float = MISSING
+    accumulate_grad_batches: int = MISSING
+    log_every_n_steps: int = MISSING
+    checkpoint_every_steps: int = MISSING
+    keep_checkpoints: bool = MISSING
+    nonfinite_max_in_row: int = MISSING
+    compile: list[str] = MISSING
+    activation_checkpointing: bool = MISSING
+    find_unused_parameters: bool = MISSING
+    fsdp_sharding: str = MISSING
+    deterministic: bool = MISSING
+    progress_bar: bool = MISSING
+    model_summary: bool = MISSING
+    trust_checkpoints: bool = MISSING
 
 
 @dataclass
 class ScheduleSchema:
-    name: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    total_steps: Optional[int] = None
+    name: str = MISSING
+    warmup_steps: int = MISSING
+    min_lr_ratio: float = MISSING
+    total_steps: Optional[int] = MISSING
 
 
 @dataclass
 class OptimSchema:
-    name: str = "adamw"
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    fused: Optional[bool] = None
-    no_decay: Optional[list[str]] = None
-    param_groups: list[Any] = field(default_factory=list)
-    schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
+    name: str = MISSING
+    lr: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    weight_decay: float = MISSING
+    fused: Optional[bool] = MISSING
+    no_decay: Optional[list[str]] = MISSING
+    param_groups: list[Any] = MISSING
+    schedule: ScheduleSchema = field(default_factory=ScheduleSchema)  # the node's shape, not a value
 
 
 @dataclass
 class EmaSchema:
-    decay: float = 0.999
-    modules: Optional[list[str]] = None
-    every_n_steps: int = 1
-    start_step: int = 0
+    decay: float = MISSING
+    modules: Optional[list[str]] = MISSING
+    every_n_steps: int = MISSING
+    start_step: int = MISSING
 
 
 @dataclass
 class SamplesSchema:
-    every_steps: int = 0
-    max_items: int = 2
+    every_steps: int = MISSING
+    max_items: int = MISSING
 
 
 @dataclass
 class EvaluateSchema:
-    suite: Optional[str] = None
-    every_steps: int = 0
-    num_samples: int = 8
+    suite: Optional[str] = MISSING
+    every_steps: int = MISSING
+    num_samples: int = MISSING
 
 
 SCHEMAS = {"trainer": TrainerSchema, "optim": OptimSchema, "ema": EmaSchema, "samples": SamplesSchema,
@@ -329,13 +333,17 @@ def composition_error(error: Exception, argv: Sequence[str], base: DictConfig,
 
 def _check_schema(cfg: DictConfig, group: str) -> None:
     try:
-        OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), cfg[group])
+        checked = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), cfg[group])
     except OmegaConfBaseException as e:
         key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
         if isinstance(e, (ConfigKeyError, ConfigAttributeError)):  # a key the schema does not have (+trainer.x=1)
             raise unknown_key(key, OmegaConf.create({group: OmegaConf.structured(SCHEMAS[group])})) from None
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    missing = sorted(OmegaConf.missing_keys(checked))
+    if missing:  # the schema has no values to fall back on: conf/ gives every key
+        raise ConfigError(f"{group}.{missing[0]} is missing: give it a value (the {group} settings of conf/ hold "
+                          "every key)")
 
 
 def _accepts(value: Any, hint: Any) -> bool:
