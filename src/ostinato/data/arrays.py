@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ostinato.data.batch import length_mask
 from ostinato.data.datamodule import AudioDataModule
+from ostinato.data.manifest import StreamInfo
 from ostinato.data.musiclm_tokens import aligned_crop
 from ostinato.data.sources import shard_counts
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
@@ -47,17 +48,6 @@ __all__ = ["ARRAY_FORMAT", "StreamInfo", "ModelInfo", "ArrayShard", "ArrayManife
 ARRAY_FORMAT = "ostinato.array-shards/1"
 MANIFEST_NAME = "manifest.json"
 Spec = str | os.PathLike | Sequence[str | os.PathLike]
-
-
-@dataclass
-class StreamInfo:
-    """One stream of an array shard: ``channels`` rows (latent size D, or 1 for codes) at ``rate`` frames/s.
-    ``cardinality``: the code vocabulary for integer streams, 0 for continuous ones."""
-
-    rate: float
-    channels: int
-    dtype: str
-    cardinality: int = 0
 
 
 @dataclass

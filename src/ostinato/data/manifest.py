@@ -22,6 +22,18 @@ FORMAT = "ostinato.audio-shards/1"
 
 
 @dataclass
+class StreamInfo:
+    """One stream of an array shard: ``channels`` rows (latent size D, or 1 for codes) at ``rate`` frames/s.
+    ``cardinality``: the code vocabulary for integer streams, 0 for continuous ones. Here, not in ``arrays``, so
+    that models describe their ``array_streams()`` without importing the datamodules (and Lightning)."""
+
+    rate: float
+    channels: int
+    dtype: str
+    cardinality: int = 0
+
+
+@dataclass
 class ShardInfo:
     name: str  # file name relative to the manifest's folder
     samples: int
