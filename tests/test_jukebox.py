@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 
 from ostinato.data.arrays import ArrayBatch, ArrayDataModule
 from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
-from ostinato.models.jukebox import HierarchicalVQVAE, MetadataConditioner, UpperConditioner, parse_metadata
+from ostinato.models.jukebox import (HierarchicalVQVAE, Jukebox, LevelPrior, MetadataConditioner, UpperConditioner,
+                                     parse_metadata)
 from tests.runner import cli, train, xp_folders
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
@@ -29,12 +30,13 @@ META = {"fields": ["genre", "composer"], "buckets": 64, "dropout": 0.0}
 def test_the_full_preset_is_jukebox_shaped():
     cfg = OmegaConf.load(ROOT / "conf/family/jukebox_vqvae.yaml")
     family = instantiate(cfg, _convert_="all")
-    vq = family.vqvae
+    vq = family.model
     assert vq.hop_lengths == [8, 32, 128] and vq.bins == 2048 and vq.sample_rate == 44100
-    assert set(family.array_streams()) == {"top", "middle", "bottom"}
+    assert set(vq.array_streams()) == {"top", "middle", "bottom"}
+    assert type(HierarchicalVQVAE.from_config({"family": OmegaConf.to_container(cfg)})) is HierarchicalVQVAE
     with pytest.raises(ValueError, match="must be 4 x the hop below"):
         HierarchicalVQVAE(SR, ratios=[[2, 2], [4, 2], [4, 4, 4, 2]])
-    tiny = instantiate(OmegaConf.load(ROOT / "conf/family/jukebox_vqvae_tiny.yaml"), _convert_="all").vqvae
+    tiny = instantiate(OmegaConf.load(ROOT / "conf/family/jukebox_vqvae_tiny.yaml"), _convert_="all").model
     assert [h // tiny.hop_lengths[0] for h in tiny.hop_lengths] == [1, 4, 16]
 
 
@@ -74,7 +76,7 @@ def test_vqvae_losses_fall_on_a_fixed_batch():
         history.append({k: round(float(v.detach()), 3) for k, v in losses.items()})
     print("VQ-VAE losses per level, first -> last:", history[0], "->", history[-1])
     assert all(history[-1][k] < 0.8 * history[0][k] for k in history[0])
-    codes = family.encode_arrays(x)
+    codes = family.model.encode_arrays(x)
     assert {k: tuple(v.shape) for k, v in codes.items()} == {"top": (4, 1, 6), "middle": (4, 1, 24),
                                                              "bottom": (4, 1, 94)}
 
@@ -99,8 +101,9 @@ def _code_batch(level: str, upper: str | None, window: int, b: int = 8) -> Array
 def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
     torch.manual_seed(0)
     prior = JukeboxPrior(level, bins=32, lm=LM, metadata=META, cfg_dropout=0.0)
-    prior.window_frames.fill_(16)
-    batch = _code_batch(level, prior.upper, 16)
+    model = prior.model
+    model.window_frames.fill_(16)
+    batch = _code_batch(level, model.upper, 16)
     opt = torch.optim.Adam(prior.parameters(), 3e-3)
     history = []
     for _ in range(40):
@@ -112,8 +115,8 @@ def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
     print(f"{level} prior cross-entropy, first -> last: {history[0]} -> {history[-1]} (uniform: 3.466)")
     assert history[-1] < 0.5 * history[0]
     # the prefix always spans the training window, so a frame's condition keeps its distance in shorter windows
-    cond = prior.upper_condition(torch.zeros(2, 1, 2, dtype=torch.long)) if level != "top" else None
-    pre = prior.prefix(prior.metadata_prefix([{}, {}], train=False), cond, 2)
+    cond = model.upper_condition(torch.zeros(2, 1, 2, dtype=torch.long)) if level != "top" else None
+    pre = model.prefix(model.metadata_prefix([{}, {}]), cond)
     assert pre.shape == (2, 2 + (16 if level != "top" else 0), 32)
 
 
@@ -134,9 +137,12 @@ def _prior_args(level: str) -> list[str]:
 
 def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_path):
     from ostinato.encode import encode_shards
-    from ostinato.engine.weights import export
+    import lightning as L
+
+    import ostinato
+    from ostinato.engine.weights import export, load_weights
     from ostinato.evaluation.runner import run_suite
-    from ostinato.generation.jukebox import generate_audio, load_bundle, main as jukebox_main, write_bundle
+    from ostinato.generation.jukebox import load_bundle, write_bundle
     from ostinato.nn.decoding import GenerationParams
     from tests.synth import write_tiny_encodec
 
@@ -160,6 +166,20 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
         train(env, *run)
         exports[level] = tmp_path / level
         export(folder, exports[level])
+    # an export loads as the plain inference model, not as its training wrapper
+    prior, vq = ostinato.load(exports["top"]), ostinato.load(tmp_path / "vqvae")
+    assert type(prior) is LevelPrior and type(vq) is HierarchicalVQVAE
+    assert not isinstance(prior, L.LightningModule) and not isinstance(vq, L.LightningModule)
+    assert prior.frame_rate == m.streams["top"].rate and prior.window == 12  # 0.512 s of top codes
+    assert json.loads((exports["top"] / "export.json").read_text())["model"] == "ostinato.models.jukebox:LevelPrior"
+    # continue_from: an export's model tensors and a checkpoint's wrapper tensors both land in the wrapper's model
+    cfg = OmegaConf.load(exports["top"] / "config.yaml")
+    for source in (exports["top"], prior_folders[0] / "checkpoints" / "last.ckpt"):
+        wrapper = instantiate(cfg.family, _convert_="all")
+        report = load_weights(wrapper, source)
+        assert not report.missing and not report.unexpected and not report.mismatched, report.summary()
+        mine = wrapper.model.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in prior.state_dict().items())
     # the bottom upsampler resumes mid-way from a 2-step checkpoint
     (folder4 / "checkpoints").mkdir(parents=True)
     shutil.copy(prior_folders[-1] / "checkpoints" / "last.ckpt", folder4 / "checkpoints" / "last.ckpt")
@@ -168,18 +188,20 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     assert torch.load(folder4 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
     bundle = tmp_path / "bundle"
-    jukebox_main(["bundle", str(bundle), "--top", str(exports["top"]), "--middle", str(exports["middle"]),
-                  "--bottom", str(exports["bottom"])])
+    cli(env, "bundle", "jukebox", str(bundle), "--top", str(exports["top"]), "--middle", str(exports["middle"]),
+        "--bottom", str(exports["bottom"]))
     out = tmp_path / "gen"
-    cli(env, "generate", "--family", "jukebox", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
+    cli(env, "generate", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
          "--prompt", "genre: reel", "--duration", "1.0", "--seed", "0", "--out", str(out), "--quiet")
     wav, sr = sf.read(out / "001.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
     assert sr == SR and wav.shape == (SR,) and record["metadata"] == {"genre": "chorale", "composer": "Bach"}
     assert record["models"]["vqvae"] == str(tmp_path / "vqvae")  # recorded by the priors' array shards
-    models = load_bundle(str(bundle))  # seeded: the same clips in-process
+    jukebox = load_bundle(str(bundle))  # seeded: the same clips in-process
+    assert type(jukebox) is Jukebox and not isinstance(jukebox, L.LightningModule)
     metas = [{"genre": "chorale", "composer": "Bach"}, {"genre": "reel"}]
-    again = generate_audio(models, metas, 1.0, GenerationParams(cfg_scale=3.0, top_k=250, seed=0))
+    assert jukebox.metadata(["genre: chorale, composer: Bach", "genre: reel"]) == metas
+    again = jukebox.generate(metas, 1.0, GenerationParams(cfg_scale=3.0, top_k=250, seed=0))
     assert (again[1, 0].clamp(-1, 1) - torch.from_numpy(wav)).abs().max() < 2 / 32768
 
     encodec = write_tiny_encodec(tmp_path / "encodec")

@@ -391,6 +391,13 @@ def _import(args: argparse.Namespace) -> None:
     print(result.finetune_hint())
 
 
+def _bundle_jukebox(args: argparse.Namespace) -> None:
+    from ostinato.generation.jukebox import write_bundle
+
+    path = write_bundle(args.out, args.top, args.middle, args.bottom, args.vqvae)
+    print(f"wrote {path}; generate with: ostinato generate --model {args.out} --duration 4 --out gen/jukebox")
+
+
 def _eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
@@ -624,6 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
     i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     i.set_defaults(func=_import)
+
+    b = verbs.add_parser("bundle", help="a folder naming the models that generate together (what --model takes)")
+    bundles = b.add_subparsers(dest="what", required=True)
+    j = bundles.add_parser("jukebox", help="OUT/jukebox.json from the three Jukebox priors (and the VQ-VAE)")
+    j.add_argument("out")
+    for part in ("top", "middle", "bottom"):
+        j.add_argument(f"--{part}", required=True, help=f"the {part} prior (export folder, XP folder, //sig/SIG)")
+    j.add_argument("--vqvae", default=None, help="the VQ-VAE (default: the one the priors' array shards record)")
+    j.set_defaults(func=_bundle_jukebox)
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
                          description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "

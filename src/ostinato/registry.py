@@ -45,8 +45,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("musiclm", "ostinato.families.musiclm.FineStage", None),
     Kind("musika", "ostinato.families.musika.MusikaAutoencoderFamily", None),
     Kind("musika", "ostinato.families.musika.MusikaFamily", None),
-    Kind("jukebox", "ostinato.families.jukebox.JukeboxVQVAEFamily", None),
-    Kind("jukebox", "ostinato.families.jukebox.JukeboxPrior", None),
+    Kind("jukebox", "ostinato.families.jukebox.JukeboxVQVAEFamily", "ostinato.models.jukebox:HierarchicalVQVAE"),
+    Kind("jukebox", "ostinato.families.jukebox.JukeboxPrior", "ostinato.models.jukebox:LevelPrior"),
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (

@@ -13,7 +13,8 @@ from ostinato.errors import UserError
 from ostinato.fileio import atomic_write_json, atomic_write_text
 from ostinato.models import model_weights
 from ostinato.registry import kind_of
-from ostinato.store.records import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME, export_folder, read_weights, staged_folder
+from ostinato.store.records import (CONFIG_NAME, INFO_NAME, MODEL_PREFIX, WEIGHTS_NAME, export_folder, read_weights,
+                                   staged_folder)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path |
     """Load what matches by name and shape; report loaded, missing, unexpected and mismatched keys. A source of
     which nothing fits (another family's checkpoint) is refused, naming its family."""
     weights, cfg, source = read_weights(ref, xps_dir, trust)
+    if _holds_model_alone(ref, cfg, source):  # an export of a split family: the wrapper holds it as ``model``
+        weights = {f"{MODEL_PREFIX}{k}": v for k, v in weights.items()}
     own = module.state_dict()
     report = LoadReport(source=source)
     usable = {}
@@ -65,6 +68,13 @@ def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path |
     module.load_state_dict(usable, strict=False)
     log.info("continue_from: %s", report.summary())
     return report
+
+
+def _holds_model_alone(ref: str | Path, cfg: dict | None, source: str) -> bool:
+    try:
+        return export_folder(ref) is not None and kind_of(cfg, source).model is not None
+    except UserError:  # weights of no family ostinato knows: loaded by name as they are
+        return False
 
 
 def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, trust: bool = False,

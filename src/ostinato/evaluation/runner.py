@@ -181,14 +181,14 @@ class _Unconditional:
 
         self.model_ref, self.device = model_ref, device
         try:
-            jukebox_spec = jukebox._spec(model_ref)
+            jukebox_spec = jukebox.bundle_spec(model_ref)
         except FileNotFoundError:
             jukebox_spec = None
         if jukebox_spec is not None:
             self.family = "jukebox"
-            self.models = jukebox.load_bundle(model_ref, codec, trust=trust).to(device)
-            self.sample_rate, self.codec_ref = self.models.sample_rate, self.models.refs["vqvae"]
-            self.channels = self.models.vqvae.vqvae.channels
+            self.jukebox = jukebox.load_bundle(model_ref, codec, trust=trust).to(device)
+            self.sample_rate, self.codec_ref = self.jukebox.sample_rate, self.jukebox.refs["vqvae"]
+            self.channels = self.jukebox.channels
         else:
             self.family = "musika"
             self.gan, self.autoencoder, self.codec_ref = musika.load_musika(model_ref, codec, trust=trust)
@@ -213,7 +213,7 @@ class _Unconditional:
 
     @torch.no_grad()
     def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
-        from ostinato.generation import jukebox, musika
+        from ostinato.generation import musika
         from ostinato.nn.decoding import GenerationParams
 
         assert self.suite.seconds is not None
@@ -226,7 +226,7 @@ class _Unconditional:
                                         params=params, progress=report)
         else:
             params = GenerationParams(**{"cfg_scale": 3.0, **self.settings, "seed": seed})
-            wav = jukebox.generate_audio(self.models, [it.meta for it in items], self.suite.seconds, params, report)
+            wav = self.jukebox.generate([it.meta for it in items], self.suite.seconds, params, report)
         return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
 
     def describe(self) -> dict[str, Any]:

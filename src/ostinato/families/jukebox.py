@@ -1,23 +1,20 @@
-"""The Jukebox-style family: a hierarchical VQ-VAE, a top-level prior and two upsampler priors.
+"""Training the Jukebox-style family: the hierarchical VQ-VAE and the level priors (models in
+``ostinato.models.jukebox``).
 
-``JukeboxVQVAEFamily`` trains ``HierarchicalVQVAE`` on audio shards: per level multi-scale mel + L1 losses and the
-VQ commitment (Jukebox has no adversarial loss), all levels in one step. Its codes are written once as array shards
-(``ostinato encode``: streams ``top``, ``middle``, ``bottom``).
+``JukeboxVQVAEFamily`` trains ``HierarchicalVQVAE`` (``self.model``) on audio shards: per level multi-scale mel + L1
+losses and the VQ commitment (Jukebox has no adversarial loss), all levels in one step. Its codes are written once as
+array shards (``ostinato encode`` with its export: streams ``top``, ``middle``, ``bottom``).
 
-``JukeboxPrior`` is one ``CodebookLM`` per level (``level: top | middle | bottom``) trained with the masked
-cross-entropy of MusicGen on crops of that level's codes, conditioned through its prefix on:
-
-* the sample's metadata (``metadata.fields``, e.g. genre and composer), each field dropped with
-  ``metadata.dropout`` and all of it with ``cfg_dropout`` (the null condition classifier-free guidance uses);
-* for the upsamplers (middle, bottom), the codes of the level above, cropped at the same time, embedded and
-  upsampled to this level's rate (``UpperConditioner``): one prefix vector per frame. The prefix always holds
-  ``window`` frames (shorter windows are zero-padded), so the code of frame t and its condition are always the same
-  number of positions apart, in training and in windowed generation alike.
+``JukeboxPrior`` trains one ``LevelPrior`` (``self.model``, ``level: top | middle | bottom``) with the codebook-LM
+base's masked cross-entropy on crops of that level's codes. What training adds: the metadata fields dropped with
+``metadata.dropout`` and all of the metadata with ``cfg_dropout`` (the null condition classifier-free guidance uses);
+for the upsamplers, the codes of the level above cropped with this level's and upsampled into the prefix. The
+level's frame rate and window come from the array shards' manifest at setup.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,14 +26,10 @@ from ostinato.data.batch import AudioBatch
 from ostinato.families.base import FamilyModule, plain
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.metrics.codec import MelDistance
-from ostinato.models.jukebox import LEVELS, HierarchicalVQVAE, MetadataConditioner, UpperConditioner
+from ostinato.models.jukebox import LEVELS, HierarchicalVQVAE, LevelPrior
 from ostinato.nn.losses import MultiScaleMelLoss, l1_waveform
-from ostinato.nn.patterns import ParallelPattern
-from ostinato.nn.transformer import CodebookLM, lm_config
 
-__all__ = ["JukeboxVQVAEFamily", "JukeboxPrior", "UPPER"]
-
-UPPER = {"bottom": "middle", "middle": "top", "top": None}
+__all__ = ["JukeboxVQVAEFamily", "JukeboxPrior"]
 
 
 class JukeboxVQVAEFamily(FamilyModule):
@@ -46,41 +39,26 @@ class JukeboxVQVAEFamily(FamilyModule):
         sample_rate, channels: the audio.
         vqvae: ``HierarchicalVQVAE`` keys (``ratios`` per level, ``bins``, ``dimension``, ``n_filters``, ...).
         loss_weights: ``mel``, ``l1``; commitment_weight: weight of the VQ commitment loss.
-    It writes array shards: ``array_streams()`` / ``encode_arrays(wav)`` (int16 codes ``[1, F_level]`` per level).
     """
 
-    array_kind = "jukebox_vqvae"
-
-    def __init__(self, sample_rate: int = 24000, channels: int = 1, vqvae: Mapping[str, Any] | None = None,
+    def __init__(self, sample_rate: int, channels: int = 1, vqvae: Mapping[str, Any] | None = None,
                  loss_weights: Mapping[str, float] | None = None, commitment_weight: float = 0.02,
                  mel_n_mels: int = 64, optim: Mapping[str, Any] | None = None):
         super().__init__(optim)
-        self._sample_rate, self.channels = int(sample_rate), int(channels)
-        self.vqvae = HierarchicalVQVAE(sample_rate, channels, **(plain(vqvae) or {}))
+        self.model = HierarchicalVQVAE(sample_rate, channels, **(plain(vqvae) or {}))
+        self._sample_rate, self.channels = self.model.sample_rate, self.model.channels
         self.weights = {"mel": 1.0, "l1": 0.1, **(plain(loss_weights) or {})}
         self.commitment_weight = float(commitment_weight)
         # normalized: the L1 on power mels stays the size of the log terms (unnormalised it is hundreds of times
         # larger and drowns the codebooks' commitment)
         self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels, normalized=True)
         self.val_mel = nn.ModuleDict({name: MelDistance(sample_rate) for name in LEVELS})
-        self.ema_modules = tuple(self.vqvae.ema_modules("vqvae"))
+        self.ema_modules = tuple(self.model.ema_modules("model"))
 
-    # -- arrays (ostinato encode) ---------------------------------------------------------------------------------
-    def array_streams(self) -> dict[str, StreamInfo]:
-        rates = self.vqvae.frame_rates
-        return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", cardinality=self.vqvae.bins)
-                for name in reversed(LEVELS)}
-
-    def encode_arrays(self, wav: Tensor) -> dict[str, Tensor]:
-        """wav [B, C, T] -> {"top": [B, 1, F_top], "middle": ..., "bottom": ...} int64 codes."""
-        codes = self.vqvae.encode(wav)
-        return {name: codes[name] for name in reversed(LEVELS)}
-
-    # -- training ------------------------------------------------------------------------------------------------
     def level_losses(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per level ``{level: weighted reconstruction + commitment}`` and the VQ metrics."""
+        """Per level ``{level: weighted reconstruction + commitment}`` and the VQ metrics of ``x [B, C, T]``."""
         losses, metrics = {}, {}
-        for name, out in self.vqvae(x).items():
+        for name, out in self.model(x).items():
             rec = self.weights["mel"] * self.mel_loss(out.recon, x) + self.weights["l1"] * l1_waveform(out.recon, x)
             losses[name] = rec + self.commitment_weight * out.penalty
             for key, value in out.metrics.items():
@@ -104,7 +82,7 @@ class JukeboxVQVAEFamily(FamilyModule):
         if not bool(valid.any()):
             return
         x, lengths, n = batch.audio[valid], batch.lengths[valid], int(valid.sum())
-        for name, out in self.vqvae(x).items():
+        for name, out in self.model(x).items():
             self.val_mel[name].update(out.recon, x, lengths)
             self.log(f"{prefix}/mel_distance_{name}", self.val_mel[name], batch_size=n, prog_bar=name == "bottom")
 
@@ -116,138 +94,84 @@ class JukeboxVQVAEFamily(FamilyModule):
 
     def sample_audio(self, batch: AudioBatch) -> dict[str, Tensor]:
         with torch.no_grad():
-            outs = self.vqvae(batch.audio)
+            outs = self.model(batch.audio)
         return {"original": batch.audio, **{f"reconstruction_{k}": v.recon for k, v in outs.items()}}
 
 
 class JukeboxPrior(CodebookLMFamily):
-    """A Jukebox prior over one level's codes (array shards of a ``JukeboxVQVAEFamily``).
+    """Trains a ``LevelPrior`` on the array shards of a ``JukeboxVQVAEFamily``'s export.
 
     Args:
-        level: ``top`` (the top-level prior) or ``middle`` / ``bottom`` (upsamplers, conditioned on the level above).
-        bins: codebook size of the VQ-VAE (checked against the array manifest at setup).
-        lm: ``LMConfig`` kwargs, optionally ``preset: tiny|small|...`` plus overrides.
-        metadata: ``{fields: [genre, composer], buckets: 1024, dropout: 0.1}`` or None for no metadata.
-        conditioner: ``UpperConditioner`` keys (``layers``, ``kernel_size``) for the upsamplers.
-        level_ratio: frames of this level per frame of the level above (4 for hops 8 : 32 : 128).
+        level, bins, lm, metadata, conditioner, level_ratio: the ``LevelPrior``'s (``bins`` and ``level_ratio`` are
+            checked against the array manifest at setup); ``metadata.dropout``: probability, per item and field, of
+            leaving the field out.
         cfg_dropout: probability, per training item, of the null condition (zero metadata prefix).
         vqvae: the VQ-VAE the codes come from (anything ``ostinato.load`` takes); None = the one recorded in the
             array shards' manifest.
     """
 
-    ema_modules = ("lm", "prefix_modules")
+    ema_modules = ("model.lm", "model.prefix_modules")
 
-    def __init__(self, level: str, bins: int, lm: Mapping[str, Any] | None = None,
-                 metadata: Mapping[str, Any] | None = None, conditioner: Mapping[str, Any] | None = None,
-                 level_ratio: int = 4, cfg_dropout: float = 0.1, vqvae: str | None = None,
-                 optim: Mapping[str, Any] | None = None):
+    def __init__(self, level: str, bins: int, cfg_dropout: float = 0.1, vqvae: str | None = None,
+                 optim: Mapping[str, Any] | None = None, **model: Any):
         super().__init__(optim)
-        if level not in LEVELS:
-            raise ValueError(f"family.level={level!r}: use top, middle or bottom")
-        self.level, self.upper = level, UPPER[level]
-        self.bins, self.level_ratio = int(bins), int(level_ratio)
-        self.cfg = lm_config(lm, n_q=1, card=self.bins, cross_attention=False)
-        self.lm = CodebookLM(self.cfg)
-        self.pattern = ParallelPattern(1)
-        self.prefix_modules = nn.ModuleDict()
-        self.metadata_dropout = 0.0
-        if metadata is not None:
-            kw = dict(metadata)
-            self.metadata_dropout = float(kw.pop("dropout", 0.0))
-            self.prefix_modules["metadata"] = MetadataConditioner(self.cfg.dim, **kw)
-        if self.upper is not None:
-            self.prefix_modules["upper"] = UpperConditioner(self.bins, self.cfg.dim, ratio=self.level_ratio,
-                                                            **(plain(conditioner) or {}))
+        model = {k: plain(v) for k, v in model.items()}
+        self.metadata_dropout = float((model.get("metadata") or {}).get("dropout", 0.0))
+        self.model = LevelPrior(level, bins, **model)
         self.cfg_dropout = float(cfg_dropout)
         self.vqvae_ref = None if vqvae is None else str(vqvae)
-        # frames/s of this level, of the level above, the audio sample rate, and the training window in frames
-        self.register_buffer("rates", torch.zeros(3))
-        self.register_buffer("window_frames", torch.zeros((), dtype=torch.long))
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    @property
-    def frame_rate(self) -> float:
-        return float(self.rates[0])
-
-    @property
-    def window(self) -> int:
-        """Frames per training window (= per generation window)."""
-        return int(self.window_frames)
-
-    @property
-    def metadata_fields(self) -> list[str]:
-        meta = self.prefix_modules["metadata"] if "metadata" in self.prefix_modules else None
-        return [] if meta is None else list(meta.fields)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         streams: dict[str, StreamInfo] | None = getattr(dm, "streams", None)
         if dm is None or streams is None:
             return
-        need = [self.level] + ([self.upper] if self.upper else [])
+        prior = self.model
+        need = [prior.level] + ([prior.upper] if prior.upper else [])
         if list(streams)[:len(need)] != need:
-            raise ValueError(f"the {self.level} prior reads the streams {need} (this level first); set "
+            raise ValueError(f"the {prior.level} prior reads the streams {need} (this level first); set "
                              f"data.streams={need} (the data holds {list(streams)})")
-        info = streams[self.level]
-        if info.cardinality != self.bins:
-            raise ValueError(f"family.bins={self.bins} but the {self.level} codes have {info.cardinality} bins; set "
-                             f"family.bins={info.cardinality}")
-        if self.upper is not None:
-            ratio = info.rate / streams[self.upper].rate
-            if abs(ratio - self.level_ratio) > 1e-6:
-                raise ValueError(f"family.level_ratio={self.level_ratio} but the {self.level} codes are {ratio:g}x "
-                                 f"as fast as the {self.upper} codes")
-            self.rates[1] = streams[self.upper].rate
-        self.rates[0], self.rates[2] = info.rate, float(dm.model.sample_rate)
-        self.window_frames.fill_(round(dm.segment_seconds * info.rate))
-        if self.upper is not None and self.window % self.level_ratio:
-            raise ValueError(f"data.segment_seconds={dm.segment_seconds} gives {self.window} {self.level} frames, not "
-                             f"a multiple of {self.level_ratio}; choose a whole number of {self.upper} frames")
+        info = streams[prior.level]
+        if info.cardinality != prior.bins:
+            raise ValueError(f"family.bins={prior.bins} but the {prior.level} codes have {info.cardinality} bins; "
+                             f"set family.bins={info.cardinality}")
+        if prior.upper is not None:
+            ratio = info.rate / streams[prior.upper].rate
+            if abs(ratio - prior.level_ratio) > 1e-6:
+                raise ValueError(f"family.level_ratio={prior.level_ratio} but the {prior.level} codes are {ratio:g}x "
+                                 f"as fast as the {prior.upper} codes")
+        prior.codes_per_second.fill_(info.rate)
+        prior.window_frames.fill_(round(dm.segment_seconds * info.rate))
+        if prior.upper is not None and prior.window % prior.level_ratio:
+            raise ValueError(f"data.segment_seconds={dm.segment_seconds} gives {prior.window} {prior.level} frames, "
+                             f"not a multiple of {prior.level_ratio}; choose a whole number of {prior.upper} frames")
         if self.vqvae_ref is None:
             self.vqvae_ref = dm.model.id
 
-    # -- conditioning --------------------------------------------------------------------------------------------
-    def metadata_prefix(self, metas: Sequence[Mapping[str, Any]], train: bool) -> Tensor | None:
-        """``[B, fields, dim]`` metadata embeddings, zeroed per item with ``cfg_dropout`` in training."""
-        if "metadata" not in self.prefix_modules:
-            return None
-        module = self.prefix_modules["metadata"]
-        gen = torch.Generator().manual_seed(random.getrandbits(31)) if train else None
-        pre = module(module.ids(metas, self.metadata_dropout if train else 0.0, gen))
-        if train and self.cfg_dropout > 0:
-            keep = (torch.rand(pre.shape[0], device=pre.device) >= self.cfg_dropout).to(pre.dtype)
-            pre = pre * keep[:, None, None]
-        return pre
-
-    def upper_condition(self, upper: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Codes of the level above ``[B, 1, F_up]`` -> ``[B, F_up * level_ratio, dim]``."""
-        return self.prefix_modules["upper"](upper, lengths)
-
-    def prefix(self, meta: Tensor | None, condition: Tensor | None, batch: int) -> Tensor | None:
-        """The LM prefix: metadata, then the upper condition zero-padded to ``window`` frames."""
-        parts = [p for p in (meta,) if p is not None]
-        if condition is not None:
-            n = self.window or condition.shape[1]
-            parts.append(F.pad(condition[:, :n], (0, 0, 0, n - min(n, condition.shape[1]))))
-        return torch.cat(parts, dim=1) if parts else None
-
     def batch_prefix(self, batch: ArrayBatch, train: bool) -> Tensor | None:
-        meta = self.metadata_prefix(batch.meta, train)
+        """The LM prefix of a batch: metadata (fields dropped, then all of it with ``cfg_dropout`` in training) and,
+        for the upsamplers, the upper codes of the crop."""
+        prior = self.model
+        gen = torch.Generator().manual_seed(random.getrandbits(31)) if train and prior.metadata_fields else None
+        meta = prior.metadata_prefix(batch.meta, self.metadata_dropout if train else 0.0, gen)
+        if meta is not None and train and self.cfg_dropout > 0:
+            keep = (torch.rand(meta.shape[0], device=meta.device) >= self.cfg_dropout).to(meta.dtype)
+            meta = meta * keep[:, None, None]
         cond = None
-        if self.upper is not None:
-            cond = self.upper_condition(batch.arrays[self.upper], batch.lengths[self.upper])
-        return self.prefix(meta, cond, len(batch))
+        if prior.upper is not None:
+            cond = prior.upper_condition(batch.arrays[prior.upper], batch.lengths[prior.upper])
+        return prior.prefix(meta, cond)
 
-    # -- steps ---------------------------------------------------------------------------------------------------
     def losses(self, batch: ArrayBatch, train: bool) -> Tensor:
         """Cross-entropy ``[1]`` of this level's codes (a crop padded or cut to ``window`` frames)."""
-        codes, lengths = batch.arrays[self.level], batch.lengths[self.level]
-        if self.window and codes.shape[-1] != self.window:
-            codes = F.pad(codes[..., :self.window], (0, max(0, self.window - codes.shape[-1])))
-        ce, _ = masked_lm_losses(self.lm, self.pattern, codes, lengths.clamp(max=codes.shape[-1]),
+        prior = self.model
+        codes, lengths = batch.arrays[prior.level], batch.lengths[prior.level]
+        if prior.window and codes.shape[-1] != prior.window:
+            codes = F.pad(codes[..., :prior.window], (0, max(0, prior.window - codes.shape[-1])))
+        ce, _ = masked_lm_losses(prior.lm, prior.pattern, codes, lengths.clamp(max=codes.shape[-1]),
                                  self.batch_prefix(batch, train))
         return ce
 
     def evaluate(self, batch: ArrayBatch, split: str) -> None:
-        if bool((batch.lengths[self.level] > 0).any()):  # a batch of blanked items has no target
+        if bool((batch.lengths[self.model.level] > 0).any()):  # a batch of blanked items has no target
             super().evaluate(batch, split)

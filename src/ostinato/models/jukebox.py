@@ -16,23 +16,43 @@ Prior conditioners (prefixes of a ``CodebookLM``):
   and any value, seen in training or not, maps to a row; row 0 is "unknown / dropped".
 * ``UpperConditioner``: the codes of the level above, embedded, refined by residual convolutions at their own rate,
   upsampled by nearest repetition (``ratio``) and a convolution: one vector per frame of the level being modelled.
+
+``LevelPrior``: one level's ``CodebookLM`` with those prefixes; ``Jukebox``: the VQ-VAE and the three priors,
+``generate(prompts or metadata, duration)`` samples top -> middle -> bottom codes and decodes the bottom ones.
 """
 from __future__ import annotations
 
+import inspect
+import math
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ostinato.data.manifest import StreamInfo
 from ostinato.models.codec import Codec, CodecOutput
+from ostinato.nn.decoding import GenerationParams, Progress, generate
+from ostinato.nn.patterns import ParallelPattern
+from ostinato.nn.transformer import CodebookLM, lm_config
 
-__all__ = ["LEVELS", "HierarchicalVQVAE", "MetadataConditioner", "UpperConditioner", "parse_metadata"]
+__all__ = ["LEVELS", "UPPER", "HierarchicalVQVAE", "MetadataConditioner", "UpperConditioner", "LevelPrior", "Jukebox",
+           "parse_metadata"]
 
 LEVELS = ("bottom", "middle", "top")
+UPPER = {"bottom": "middle", "middle": "top", "top": None}  # the level whose codes condition each prior
+PRIORS = ("top", "middle", "bottom")  # sampling order
+
+
+def _kwargs(fn: Callable[..., Any], family: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a training config's ``family`` that ``fn`` takes (the wrapper's own keys are left out)."""
+    names = set(inspect.signature(fn).parameters)
+    return {k: v for k, v in family.items() if k in names}
 
 
 class HierarchicalVQVAE(nn.Module):
@@ -71,6 +91,14 @@ class HierarchicalVQVAE(nn.Module):
         self.sample_rate, self.channels, self.bins, self.level_ratio = int(sample_rate), int(channels), int(
             bins), int(level_ratio)
 
+    array_kind = "jukebox_vqvae"  # what ``ostinato encode`` records of the arrays it writes
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> HierarchicalVQVAE:
+        """The VQ-VAE of a ``JukeboxVQVAEFamily`` training config (``family.sample_rate``, ``channels``, ``vqvae``)."""
+        family = cfg["family"]
+        return cls(**_kwargs(cls.__init__, family), **(family.get("vqvae") or {}))
+
     @property
     def hop_lengths(self) -> list[int]:
         """Samples per code, bottom first."""
@@ -102,6 +130,17 @@ class HierarchicalVQVAE(nn.Module):
         """Submodule names a weight EMA may average: every level's encoder and decoder (codebooks keep their own
         EMA)."""
         return [f"{prefix}.levels.{i}.{part}" for i in range(len(LEVELS)) for part in ("encoder", "decoder")]
+
+    def array_streams(self) -> dict[str, StreamInfo]:
+        """The array shards ``ostinato encode`` writes: one int16 code stream per level, top first."""
+        rates = self.frame_rates
+        return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", cardinality=self.bins)
+                for name in reversed(LEVELS)}
+
+    def encode_arrays(self, wav: Tensor) -> dict[str, Tensor]:
+        """wav [B, C, T] -> {"top": [B, 1, F_top], "middle": ..., "bottom": ...} int64 codes."""
+        codes = self.encode(wav)
+        return {name: codes[name] for name in reversed(LEVELS)}
 
 
 def _hash(text: str, buckets: int) -> int:
@@ -182,3 +221,207 @@ class UpperConditioner(nn.Module):
         x = x.repeat_interleave(self.ratio, dim=-1)
         x = x + self.up(F.gelu(x))
         return self.norm(x.transpose(1, 2))
+
+
+class LevelPrior(nn.Module):
+    """A Jukebox prior over one level's codes: a single-codebook ``CodebookLM`` whose prefix holds the metadata
+    embeddings, then (upsamplers) the codes of the level above upsampled to this level's rate and zero-padded to
+    ``window`` frames, so the code of frame t and its condition are always the same number of positions apart.
+
+    Args:
+        level: ``top`` (the top-level prior) or ``middle`` / ``bottom`` (upsamplers, conditioned on the level above).
+        bins: codebook size of the VQ-VAE.
+        lm: ``LMConfig`` kwargs, optionally ``preset: tiny|small|...`` plus overrides.
+        metadata: ``MetadataConditioner`` keys (``fields``, ``buckets``) or None for no metadata.
+        conditioner: ``UpperConditioner`` keys (``layers``, ``kernel_size``) for the upsamplers.
+        level_ratio: frames of this level per frame of the level above (4 for hops 8 : 32 : 128).
+    Buffers, set by the training wrapper from the data: ``codes_per_second`` (this level's frame rate) and
+    ``window_frames`` (frames per training window = per generation window).
+    """
+
+    def __init__(self, level: str, bins: int, lm: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, Any] | None = None, conditioner: Mapping[str, Any] | None = None,
+                 level_ratio: int = 4) -> None:
+        super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"family.level={level!r}: use top, middle or bottom")
+        self.level, self.upper = level, UPPER[level]
+        self.bins, self.level_ratio = int(bins), int(level_ratio)
+        self.cfg = lm_config(lm, n_q=1, card=self.bins, cross_attention=False)
+        self.lm = CodebookLM(self.cfg)
+        self.pattern = ParallelPattern(1)
+        self.prefix_modules = nn.ModuleDict()
+        if metadata is not None:
+            keys = {k: v for k, v in metadata.items() if k != "dropout"}  # dropout: a training key
+            self.prefix_modules["metadata"] = MetadataConditioner(self.cfg.dim, **keys)
+        if self.upper is not None:
+            self.prefix_modules["upper"] = UpperConditioner(self.bins, self.cfg.dim, ratio=self.level_ratio,
+                                                            **(conditioner or {}))
+        self.register_buffer("codes_per_second", torch.zeros(()))
+        self.register_buffer("window_frames", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> LevelPrior:
+        """The prior of a ``JukeboxPrior`` training config (``family.level``, ``bins``, ``lm``, ``metadata``, ...)."""
+        return cls(**_kwargs(cls.__init__, cfg["family"]))
+
+    @property
+    def frame_rate(self) -> float:
+        """Codes per second of this level."""
+        return float(self.codes_per_second)
+
+    @property
+    def window(self) -> int:
+        """Frames per training window (= per generation window); 0 before training has set it."""
+        return int(self.window_frames)
+
+    @property
+    def metadata_fields(self) -> list[str]:
+        return list(self.prefix_modules["metadata"].fields) if "metadata" in self.prefix_modules else []
+
+    def metadata_prefix(self, metas: Sequence[Mapping[str, Any]], field_dropout: float = 0.0,
+                        generator: torch.Generator | None = None) -> Tensor | None:
+        """``[B, fields, dim]`` metadata embeddings (each field left out with ``field_dropout``); None without
+        metadata conditioning."""
+        if "metadata" not in self.prefix_modules:
+            return None
+        module = self.prefix_modules["metadata"]
+        return module(module.ids(metas, field_dropout, generator))
+
+    def upper_condition(self, upper: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Codes of the level above ``[B, 1, F_up]`` -> ``[B, F_up * level_ratio, dim]``."""
+        return self.prefix_modules["upper"](upper, lengths)
+
+    def prefix(self, meta: Tensor | None, condition: Tensor | None) -> Tensor | None:
+        """The LM prefix ``[B, fields + window, dim]``: metadata, then the upper condition ``[B, F, dim]``
+        zero-padded (or cut) to ``window`` frames."""
+        parts = [p for p in (meta,) if p is not None]
+        if condition is not None:
+            n = self.window or condition.shape[1]
+            parts.append(F.pad(condition[:, :n], (0, 0, 0, n - min(n, condition.shape[1]))))
+        return torch.cat(parts, dim=1) if parts else None
+
+    def decoding_steps(self, n_frames: int) -> int:
+        """Steps ``generate`` reports for ``n_frames``: windows of ``window`` frames advancing by half a window."""
+        window = self.window
+        if not window or n_frames <= window:
+            return n_frames
+        stride = max(1, window // 2)
+        total, have = window, window
+        while have < n_frames:
+            add = min(stride, n_frames - have)
+            total += window - stride + add
+            have += add
+        return total
+
+    @torch.no_grad()
+    def generate(self, n_frames: int, metas: Sequence[Mapping[str, Any]], upper: Tensor | None = None,
+                 params: GenerationParams | None = None, progress: Progress | None = None) -> Tensor:
+        """Codes ``[B, 1, n_frames]``, one item per metadata dict, given (upsamplers) the codes of the level above
+        ``upper [B, 1, n_frames / level_ratio]``. Outputs longer than ``window`` slide half a window per step; each
+        window's condition is the part of ``upper`` under it. ``params.cfg_scale`` guides by the metadata."""
+        params = params or GenerationParams()
+        window = self.window or None
+        params = replace(params, max_window_frames=window, cfg_beta=None,
+                         extend_stride_frames=None if window is None else max(1, window // 2))
+        device = self.codes_per_second.device
+        meta = self.metadata_prefix(metas)
+        prefix: Any = meta
+        if self.upper is not None:
+            if upper is None:
+                raise ValueError(f"the {self.level} prior samples given the {self.upper} codes: pass upper")
+            condition = self.upper_condition(upper.to(device))
+
+            def prefix(start: int, n: int) -> Tensor:
+                return self.prefix(meta, condition[:, start:start + n])
+
+        return generate(self.lm, self.pattern, n_frames, prefix=prefix, batch_size=len(metas), params=params,
+                        progress=progress)
+
+
+class Jukebox(nn.Module):
+    """The VQ-VAE and its three priors: metadata -> top codes -> middle codes -> bottom codes -> audio.
+
+    ``refs``: where each part was loaded from (``top``, ``middle``, ``bottom``, ``vqvae``), for the clips' records.
+    """
+
+    def __init__(self, vqvae: HierarchicalVQVAE, priors: Mapping[str, LevelPrior],
+                 refs: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        for part in PRIORS:
+            prior = priors.get(part)
+            if prior is None or prior.level != part:
+                got = "none" if prior is None else f"the {prior.level} prior"
+                raise ValueError(f"the {part} prior is missing from the bundle (given {got})")
+        rates = vqvae.frame_rates
+        for part in PRIORS:
+            prior = priors[part]
+            if abs(prior.frame_rate - rates[part]) > 1e-6 or prior.bins != vqvae.bins:
+                raise ValueError(f"the {part} prior was trained on {prior.bins} codes at {prior.frame_rate:g} Hz but "
+                                 f"the VQ-VAE gives {vqvae.bins} at {rates[part]:g} Hz: pass the VQ-VAE it was "
+                                 "trained with (--codec)")
+        self.vqvae = vqvae
+        self.priors = nn.ModuleDict({part: priors[part] for part in PRIORS})
+        self.refs = dict(refs or {})
+
+    @property
+    def sample_rate(self) -> int:
+        return self.vqvae.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self.vqvae.channels
+
+    @property
+    def fields(self) -> list[str]:
+        """The metadata fields a prompt may name (the top prior's)."""
+        return self.priors["top"].metadata_fields
+
+    def metadata(self, prompts: Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Prompts (``"genre: ..., composer: ..."``) or metadata dicts -> metadata dicts; none: one unconditioned
+        item."""
+        if not prompts:
+            return [{}]
+        if any(isinstance(p, str) and p.strip() for p in prompts) and not self.fields:
+            raise ValueError("this Jukebox prior has no metadata conditioning (family.metadata: null); drop --prompt")
+        return [dict(p) if not isinstance(p, str) else parse_metadata(p, self.fields) if p.strip() else {}
+                for p in prompts]
+
+    @torch.no_grad()
+    def generate_codes(self, metas: Sequence[Mapping[str, Any]], duration: float,
+                       params: GenerationParams | None = None, progress: Progress | None = None) -> dict[str, Tensor]:
+        """Per level codes ``[B, 1, F_level]`` for ``duration`` seconds, one item per metadata dict.
+
+        ``params.cfg_scale`` guides the top prior by the metadata; the upsamplers sample without guidance (their
+        null condition would drop the upper codes too); level i is seeded ``seed + i``.
+        """
+        params = params or GenerationParams(cfg_scale=3.0)
+        frames = {"top": max(1, math.ceil(duration * self.priors["top"].frame_rate))}
+        for part in PRIORS[1:]:
+            prior = self.priors[part]
+            frames[part] = frames[prior.upper] * prior.level_ratio
+        steps = {part: self.priors[part].decoding_steps(frames[part]) for part in PRIORS}
+        total, done = sum(steps.values()), 0
+        codes: dict[str, Tensor] = {}
+        for i, part in enumerate(PRIORS):
+            prior = self.priors[part]
+
+            def report(d: int, _t: int, before: int = done) -> None:
+                if progress is not None:
+                    progress(before + d, total)
+
+            level = replace(params, cfg_scale=params.cfg_scale if prior.upper is None else 1.0,
+                            seed=None if params.seed is None else params.seed + i)
+            upper = None if prior.upper is None else codes[prior.upper]
+            codes[part] = prior.generate(frames[part], metas, upper, level, report)
+            done += steps[part]
+        return codes
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str | Mapping[str, Any]], duration: float,
+                 params: GenerationParams | None = None, progress: Progress | None = None) -> Tensor:
+        """Waveforms ``[B, C, round(duration * sample_rate)]``, one per prompt (``"genre: ..., composer: ..."``) or
+        metadata dict (none: one unconditioned clip); ``params`` default to ``cfg_scale=3``."""
+        codes = self.generate_codes(self.metadata(prompts), duration, params, progress)
+        wav = self.vqvae.decode(codes["bottom"].to(next(self.vqvae.parameters()).device), "bottom")
+        return wav[..., :round(duration * self.sample_rate)]
