@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import soundfile as sf
 import torch
@@ -16,6 +17,7 @@ from ostinato.data.arrays import ArrayBatch, ArrayDataModule
 from ostinato.families.jukebox import JukeboxPrior, JukeboxVQVAEFamily
 from ostinato.models.jukebox import (HierarchicalVQVAE, Jukebox, LevelPrior, MetadataConditioner, UpperConditioner,
                                      parse_metadata)
+from ostinato.nn.decoding import GenerationParams
 from tests.runner import cli, train, xp_folders
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
@@ -120,6 +122,40 @@ def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
     assert pre.shape == (2, 2 + (16 if level != "top" else 0), 32)
 
 
+def _tiny_jukebox(window: int = 8) -> Jukebox:
+    vq = HierarchicalVQVAE(SR, 1, **VQ)
+    priors = {}
+    for level in ("top", "middle", "bottom"):
+        prior = LevelPrior(level, bins=32, lm=LM, metadata=META)
+        prior.codes_per_second.fill_(vq.frame_rates[level])
+        prior.window_frames.fill_(window)
+        priors[level] = prior
+    return Jukebox(vq, priors).eval()
+
+
+def test_the_jukebox_model_generates_top_to_bottom_with_sliding_windows():
+    torch.manual_seed(0)
+    jukebox = _tiny_jukebox()
+    assert not isinstance(jukebox, L.LightningModule) and jukebox.fields == ["genre", "composer"]
+    seen = []
+    params = GenerationParams(seed=3)
+    wav = jukebox.generate(["genre: reel", {"composer": "Bach"}], 0.3, params, lambda d, t: seen.append((d, t)))
+    assert wav.shape == (2, 1, round(0.3 * SR))
+    total = seen[-1][1]
+    assert seen[-1][0] == total and all(t == total for _, t in seen)
+    codes = jukebox.generate_codes([{}], 0.3, params)  # 0.3 s = 8 top frames; the bottom's 128 slide 8-frame windows
+    assert {k: tuple(v.shape) for k, v in codes.items()} == {"top": (1, 1, 8), "middle": (1, 1, 32),
+                                                             "bottom": (1, 1, 128)}
+    assert total == sum(jukebox.priors[k].decoding_steps(n) for k, n in {"top": 8, "middle": 32, "bottom": 128}.items())
+    assert torch.equal(jukebox.generate([{}], 0.3, params), jukebox.generate([""], 0.3, params))  # seeded
+    wrong = _tiny_jukebox()
+    with pytest.raises(ValueError, match="the middle prior was trained on 32 codes at 1 Hz"):
+        wrong.priors["middle"].codes_per_second.fill_(1.0)
+        Jukebox(wrong.vqvae, dict(wrong.priors))
+    with pytest.raises(ValueError, match="the bottom prior is missing"):
+        Jukebox(wrong.vqvae, {"top": wrong.priors["top"], "middle": wrong.priors["middle"]})
+
+
 # -- through the CLI ---------------------------------------------------------------------------------------------
 VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.bins=32",
           "family.vqvae.dimension=16", "data.segment_seconds=0.25", "data.eval_segment_seconds=0.5",
@@ -137,13 +173,10 @@ def _prior_args(level: str) -> list[str]:
 
 def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_path):
     from ostinato.encode import encode_shards
-    import lightning as L
-
     import ostinato
     from ostinato.engine.weights import export, load_weights
     from ostinato.evaluation.runner import run_suite
     from ostinato.generation.jukebox import load_bundle, write_bundle
-    from ostinato.nn.decoding import GenerationParams
     from tests.synth import write_tiny_encodec
 
     data = Path(env["OSTINATO_DATA"]) / "demo"
