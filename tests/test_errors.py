@@ -81,7 +81,9 @@ def test_the_cli_in_a_process(tmp_path, debug):
                                         (["nope"], "invalid choice: 'nope'"),
                                         (["tokenize", "a", "b"], "one of the arguments --semantic --codec"),
                                         (["encode", "a", "b", "--model", "m", "--batch-size", "0"], "--batch-size"),
-                                        (["demo", "--quick", "--nope"], "unrecognized arguments: --nope")])
+                                        (["demo", "--quick", "--nope"], "unrecognized arguments: --nope"),
+                                        (["bundle", "jukebox", "out"],
+                                         "the following arguments are required: --top, --middle, --bottom")])
 def test_argument_errors_of_every_verb_are_one_line(argv, flag, capsys):
     from ostinato.cli import main
 

@@ -156,6 +156,19 @@ def test_the_jukebox_model_generates_top_to_bottom_with_sliding_windows():
         Jukebox(wrong.vqvae, {"top": wrong.priors["top"], "middle": wrong.priors["middle"]})
 
 
+def test_a_bundle_names_only_models_that_exist(capsys, tmp_path):
+    from ostinato.cli import main
+
+    (tmp_path / "top").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["bundle", "jukebox", str(tmp_path / "b"), "--top", str(tmp_path / "top"), "--middle",
+              str(tmp_path / "nope"), "--bottom", str(tmp_path / "top")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert "--middle" in err and "nope" in err and "no such file, folder or XP signature" in err
+    assert not (tmp_path / "b").exists()
+
+
 # -- through the CLI ---------------------------------------------------------------------------------------------
 VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.bins=32",
           "family.vqvae.dimension=16", "data.segment_seconds=0.25", "data.eval_segment_seconds=0.5",

@@ -393,7 +393,11 @@ def _import(args: argparse.Namespace) -> None:
 
 def _bundle_jukebox(args: argparse.Namespace) -> None:
     from ostinato.generation.jukebox import write_bundle
+    from ostinato.store.records import require_ref
 
+    for part in ("top", "middle", "bottom", "vqvae"):  # a part that is nothing here fails now, not at generation
+        if getattr(args, part) is not None:
+            require_ref(getattr(args, part), f"--{part}", "an export folder, an XP folder or a checkpoint")
     path = write_bundle(args.out, args.top, args.middle, args.bottom, args.vqvae)
     print(f"wrote {path}; generate with: ostinato generate --model {args.out} --duration 4 --out gen/jukebox")
 
