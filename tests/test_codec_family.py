@@ -12,7 +12,7 @@ import torch
 from ostinato.data.tokens import TokenManifest, iter_token_samples
 from ostinato.interop.codecs import load_codec
 from ostinato.data.shards import iter_shard_samples
-from ostinato.tokenize import tokenize
+from ostinato.encoding.tokens import tokenize
 from tests.runner import train, xp_folder
 
 TINY = ["family=codec_tiny", "optim=adam_gan", "data.segment_seconds=0.25", "trainer.gradient_clip_val=0",

@@ -206,7 +206,7 @@ def test_corrupt_skipped_counts_every_sample_of_the_epoch(tmp_path: Path):
 
 
 def test_tokenize_counts_every_sample_a_truncated_shard_lost(tmp_path: Path, caplog):
-    from ostinato.tokenize import tokenize
+    from ostinato.encoding.tokens import tokenize
     from tests.synth import write_tiny_encodec
 
     write_shards(tmp_path / "s", n_shards=2, per_shard=6, sample_rate=24000, seconds=0.2, corrupt={1})
@@ -224,7 +224,7 @@ def test_tokenize_counts_every_sample_a_truncated_shard_lost(tmp_path: Path, cap
 
 
 def test_encode_counts_every_sample_a_truncated_shard_lost(tmp_path: Path):
-    from ostinato.encode import encode_shards
+    from ostinato.encoding.arrays import encode_shards
     from ostinato.families.musika import MusikaAutoencoderFamily
 
     write_shards(tmp_path / "s", n_shards=2, per_shard=6, sample_rate=24000, seconds=0.2)
@@ -363,8 +363,8 @@ def test_every_file_undecodable_is_one_line_naming_the_report(tmp_path: Path, ca
 
 
 def test_library_checks_the_same_numbers(tmp_path: Path):
-    from ostinato.encode import encode_shards
-    from ostinato.tokenize import tokenize
+    from ostinato.encoding.arrays import encode_shards
+    from ostinato.encoding.tokens import tokenize
 
     with pytest.raises(ValueError, match="--batch-size 0"):
         tokenize("codec", tmp_path, tmp_path / "t", batch_size=0)
@@ -400,7 +400,7 @@ def test_prep_shards_on_a_full_disk_is_one_line_and_leaves_no_shard(tmp_path: Pa
 
 
 def test_tokenize_sweeps_temp_files_of_a_killed_run_and_refuses_a_read_only_out(tmp_path: Path, capsys):
-    from ostinato.tokenize import tokenize
+    from ostinato.encoding.tokens import tokenize
     from tests.synth import write_tiny_encodec
 
     write_shards(tmp_path / "s", n_shards=2, per_shard=2, sample_rate=24000, seconds=0.2)
@@ -556,7 +556,7 @@ def test_truncated_token_or_array_tar_counts_every_sample_it_lost(tmp_path: Path
 
 
 def test_prep_semantic_counts_every_sample_a_truncated_shard_lost(tmp_path: Path):
-    from ostinato.data.semantic_fit import fit_semantic_tokenizer
+    from ostinato.encoding.semantic import fit_semantic_tokenizer
 
     write_shards(tmp_path / "s", n_shards=2, per_shard=8, corrupt={0})
     _truncate(tmp_path / "s" / "shard-000001.tar")

@@ -185,8 +185,8 @@ def _prior_args(level: str) -> list[str]:
 
 
 def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_path):
-    from ostinato.encode import encode_shards
     import ostinato
+    from ostinato.encoding.arrays import encode_shards
     from ostinato.engine.weights import export, load_weights
     from ostinato.evaluation.runner import run_suite
     from ostinato.generation.jukebox import load_bundle, write_bundle

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from ostinato.data.musiclm_tokens import MuLaNTokens, MusicLMTokenDataModule, aligned_crop, write_mulan_tokens
+from ostinato.data.musiclm_tokens import MuLaNTokens, MusicLMTokenDataModule, aligned_crop
+from ostinato.encoding.mulan import write_mulan_tokens
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
 
 os.environ["HF_HUB_OFFLINE"] = "1"

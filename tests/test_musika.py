@@ -193,7 +193,7 @@ GAN_CLI = ["experiment=musika_tiny", "family.dimension=8", "family.window=8", "f
 
 
 def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_path, capsys):
-    from ostinato.encode import encode_shards
+    from ostinato.encoding.arrays import encode_shards
     from ostinato.engine.weights import export
     from ostinato.evaluation.runner import run_suite
     from tests.synth import write_tiny_encodec

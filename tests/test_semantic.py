@@ -15,14 +15,14 @@ import webdataset as wds
 from ostinato.cli import main
 from ostinato.data.audio import encode_flac, load_audio
 from ostinato.data.manifest import Manifest, ShardInfo
-from ostinato.data.semantic_fit import fit_semantic_tokenizer
+from ostinato.encoding.semantic import fit_semantic_tokenizer
 from ostinato.data.shards import iter_shard_samples
 from ostinato.data.sources import iter_raw_samples
 from ostinato.data.token_datamodule import TokenDataModule
 from ostinato.data.tokens import TokenManifest, iter_token_samples
 from ostinato.models.semantic import (LogMelFeatures, MFCCFeatures, SemanticTokenizer, SSLFeatures,
                                   is_semantic_tokenizer)
-from ostinato.tokenize import tokenize
+from ostinato.encoding.tokens import tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 PITCHES = (130.8, 261.6, 523.3, 1046.5)  # C3..C6

@@ -76,7 +76,7 @@ def _prep_shards(args: argparse.Namespace) -> None:
 
 
 def _prep_semantic(args: argparse.Namespace) -> None:
-    from ostinato.data.semantic_fit import fit_semantic_tokenizer
+    from ostinato.encoding.semantic import fit_semantic_tokenizer
 
     tok = fit_semantic_tokenizer(args.shards, args.out, features=args.features, layer=args.layer,
                                  frame_rate=args.frame_rate, k=args.k, batch_frames=args.batch_frames,
@@ -92,10 +92,9 @@ def _prep_semantic(args: argparse.Namespace) -> None:
 
 
 def _prep_mulan(args: argparse.Namespace) -> None:
-    from ostinato.data.musiclm_tokens import write_mulan_tokens
-    from ostinato.models.mulan import as_mulan, fit_mulan_quantizer
-
     from ostinato.data.sources import output_folder
+    from ostinato.encoding.mulan import write_mulan_tokens
+    from ostinato.models.mulan import as_mulan, fit_mulan_quantizer
 
     shards, out = Path(args.shards), Path(args.out)
     if not (shards / "train").is_dir():
@@ -183,7 +182,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from ostinato.encode import encode_shards
+    from ostinato.encoding.arrays import encode_shards
 
     m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
                       overwrite=args.overwrite, trust=args.trust, progress=not args.quiet)
@@ -194,7 +193,7 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _tokenize(args: argparse.Namespace) -> None:
     from ostinato.models.semantic import is_semantic_tokenizer
-    from ostinato.tokenize import tokenize
+    from ostinato.encoding.tokens import tokenize
 
     if args.semantic is not None and not is_semantic_tokenizer(args.semantic):
         raise FileNotFoundError(f"--semantic {args.semantic}: no semantic_tokenizer.json there; fit one with "

@@ -5,8 +5,8 @@ A split is a mapping of streams to folders::
   train: {semantic: .../semantic/train, codec: .../tokens/train, mulan: .../mulan/train}
 
 ``semantic`` and ``codec`` are token shard folders (``ostinato tokenize`` / ``--semantic``) of the same audio
-shards: same shard names, same sample keys. ``mulan`` is a folder written once by ``write_mulan_tokens``: the
-MuLaN audio embedding of every clip quantized per namespace (``mulan_tokens.npz``: ``keys [N]`` + one int16
+shards: same shard names, same sample keys. ``mulan`` is a folder written once by ``ostinato prep mulan``
+(``ostinato.encoding.mulan``): the MuLaN audio embedding of every clip quantized per namespace (``mulan_tokens.npz``: ``keys [N]`` + one int16
 ``[N, n_q]`` array per namespace, and ``manifest.json``), so nothing is re-embedded per step.
 
 Streams are joined by sample key (a shard's samples missing from another stream are skipped). Crops are
@@ -39,7 +39,7 @@ from ostinato.fileio import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MusicLMBatch", "MusicLMTokenDataModule", "MuLaNTokens", "write_mulan_tokens", "aligned_crop"]
+__all__ = ["MusicLMBatch", "MusicLMTokenDataModule", "MuLaNTokens", "aligned_crop"]
 
 TOKEN_STREAMS = ("semantic", "codec")
 MULAN_FORMAT = "ostinato.mulan-tokens/1"
@@ -73,7 +73,7 @@ class MuLaNTokens:
     def load(cls, folder: str | Path) -> MuLaNTokens:
         folder = Path(folder)
         if not (folder / "manifest.json").is_file():
-            raise FileNotFoundError(f"no MuLaN tokens in {folder}; write them with write_mulan_tokens "
+            raise FileNotFoundError(f"no MuLaN tokens in {folder}; write them with `ostinato prep mulan` "
                                     "(data.<split>.mulan must be its output folder)")
         meta = read_json(folder / "manifest.json")
         if meta.get("format") != MULAN_FORMAT:
@@ -83,57 +83,6 @@ class MuLaNTokens:
             tokens = {ns: torch.from_numpy(z[f"tokens_{ns}"].astype(np.int64)) for ns in meta["namespaces"]}
         return cls(keys, tokens, {ns: int(o["bins"]) for ns, o in meta["namespaces"].items()}, meta.get("source", ""),
                    meta.get("quantizer", ""))
-
-
-@torch.no_grad()
-def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: Any, *,
-                       segment_seconds: float = 10.0, batch_size: int = 16, source: str | None = None) -> MuLaNTokens:
-    """Embed every clip of audio ``shards`` once with MuLaN (the first ``segment_seconds``, windowed by the
-    tower) and quantize it in every namespace of ``quantizer`` -> ``out/`` (``MuLaNTokens``).
-
-    ``mulan_ref``: a ``MuLaN``, a ``MuLaNFamily`` or an ``ostinato.load`` ref (``source``: the ref to record when it
-    is an object); ``quantizer``: a ``MuLaNQuantizer`` or its safetensors path.
-    """
-    from ostinato.data.sources import resolve_shards
-    from ostinato.data.streams import count_samples
-
-    mulan = mulan_ref
-    if not hasattr(mulan, "embed_audio"):
-        from ostinato.models.mulan import as_mulan
-
-        mulan = as_mulan(mulan_ref)
-    if isinstance(quantizer, (str, Path)):
-        from ostinato.models.mulan import MuLaNQuantizer
-
-        quantizer = MuLaNQuantizer.load(quantizer)
-    src = resolve_shards(shards)
-    n = src.num_samples if src.num_samples is not None else count_samples(src.urls)
-    clips = EvalSet(src.urls, num_samples=n, sample_rate=mulan.sample_rate, channels=1,
-                    segment_seconds=segment_seconds, batch_size=batch_size)
-    keys: list[str] = []
-    parts: dict[str, list[Tensor]] = {ns: [] for ns in quantizer.namespaces}
-    was_training = getattr(mulan, "training", False)
-    if hasattr(mulan, "eval"):
-        mulan.eval()
-    for batch in clips:
-        valid = batch.lengths > 0
-        if not bool(valid.any()):
-            continue
-        emb = mulan.embed_audio(batch.audio[valid], mulan.sample_rate, batch.lengths[valid])
-        keys += [m["__key__"] for m, v in zip(batch.meta, valid.tolist()) if v]
-        for ns in parts:
-            parts[ns].append(quantizer.tokens(emb, ns).cpu())
-    if hasattr(mulan, "train"):
-        mulan.train(was_training)
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{shards}: sample keys repeat across shards; MuLaN tokens are joined by key")
-    tokens = MuLaNTokens(keys, {ns: torch.cat(p) for ns, p in parts.items()},
-                         {ns: int(quantizer.bins(ns)) for ns in parts},
-                         source=source or (str(mulan_ref) if isinstance(mulan_ref, (str, Path)) else ""),
-                         quantizer=str(getattr(quantizer, "path", "") or ""))
-    tokens.save(out)
-    log.info("wrote MuLaN tokens of %d clips (%s) to %s", len(keys), list(parts), out)
-    return tokens
 
 
 # -- batches --------------------------------------------------------------------------------------------------

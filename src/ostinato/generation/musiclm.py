@@ -117,7 +117,7 @@ def load_musiclm(semantic: str, coarse: str, fine: str, mulan: str | None = None
     from ostinato.interop.codecs import load_codec
     from ostinato.store.records import require_ref, xps_dir
     from ostinato.models.mulan import MuLaNQuantizer
-    from ostinato.tokenize import load_tokenizer
+    from ostinato.encoding.tokens import load_tokenizer
 
     stages, cfgs = {}, {}
     for name, ref, cls in (("semantic", semantic, SemanticStage), ("coarse", coarse, CoarseStage),

@@ -9,7 +9,7 @@ or ``SSLFeatures`` (a hidden layer of any transformers SSL encoder from a local 
 average-pooled or interpolated to the requested frame rate. ``SemanticTokenizer`` quacks like a codec
 (``sample_rate``, ``channels``, ``frame_rate``, ``hop_length``, ``n_q = 1``, ``cardinality = K``, ``encode``), so
 ``ostinato tokenize`` writes its tokens into ordinary token shards. It is fitted by
-``ostinato.data.semantic_fit.fit_semantic_tokenizer`` (``ostinato prep semantic``).
+``ostinato.encoding.semantic.fit_semantic_tokenizer`` (``ostinato prep semantic``).
 
 A fitted tokenizer is a folder::
 
