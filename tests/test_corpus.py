@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ostinato.data import corpus as corpus_mod
+from ostinato.recipes import corpus as corpus_mod
 from ostinato.data.captions import dance_genre, describe, is_traditional, key_name, tempo_word
-from ostinato.data.corpus import CorpusSummary, PieceRef, assign_splits, find_soundfont, render_corpus
+from ostinato.recipes.corpus import CorpusSummary, PieceRef, assign_splits, find_soundfont, render_corpus
 
 MONO_RATE, STEREO_RATE = 16000, 32000
 MANIFEST_FIELDS = {"caption", "source", "offset", "duration", "segment", "sample_rate", "channels", "genre",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 def _prep_corpus(args: argparse.Namespace) -> None:
-    from ostinato.data.corpus import render_corpus
+    from ostinato.recipes.corpus import render_corpus
     from ostinato.data.manifest import Manifest
     from ostinato.data.shards import build_shards
 
@@ -184,8 +184,9 @@ def _export(args: argparse.Namespace) -> None:
 def _encode(args: argparse.Namespace) -> None:
     from ostinato.encoding.arrays import encode_shards
 
-    m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
-                      overwrite=args.overwrite, trust=args.trust, progress=not args.quiet)
+    m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, workers=args.workers,
+                      devices=args.device.split(","), overwrite=args.overwrite, trust=args.trust,
+                      progress=not args.quiet)
     streams = ", ".join(f"{n} [{s.channels}, {s.rate:g} Hz]" for n, s in m.streams.items())
     print(f"{len(m.shards)} array shards, {m.total_samples} samples ({streams}), {m.source['skipped']} skipped "
           f"-> {Path(args.out) / 'manifest.json'}")
@@ -531,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model", required=True, help="a Musika autoencoder or Jukebox VQ-VAE (XP signature, XP folder, "
                                                   ".ckpt or export folder)")
     n.add_argument("--batch-size", type=_number(int, 1), default=16)
-    n.add_argument("--device", default="cpu")
+    n.add_argument("--workers", type=_number(int, 0), default=0, help="audio decoding processes per device")
+    n.add_argument("--device", "--devices", default="cpu", help="comma-separated (cuda:0,cuda:1 or cpu)")
     n.add_argument("--overwrite", action="store_true")
     n.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     n.add_argument("--quiet", action="store_true")

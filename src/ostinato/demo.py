@@ -99,7 +99,7 @@ def _check_writable(folder: Path, flag: str) -> None:
 
 def _corpus_leftovers(data: Path) -> list[Path]:
     """Clips of a render that stopped before ``corpus.json`` was written (empty when there is none)."""
-    from ostinato.data.corpus import CORPUS_NAME, SPLITS
+    from ostinato.recipes.corpus import CORPUS_NAME, SPLITS
 
     if (data / CORPUS_NAME).is_file():
         return []
@@ -110,7 +110,7 @@ def check_demo(data: Path, outputs: Path, plan: DemoPlan) -> list[str]:
     """What the demo needs before it starts (seconds, not after an hour of training): writable ``data`` and
     ``outputs`` folders, and fluidsynth and a soundfont unless the corpus is rendered. Returns the extra arguments
     of ``ostinato prep corpus``: ``--overwrite`` to render again a corpus that an interrupted run left unfinished."""
-    from ostinato.data.corpus import CORPUS_NAME, find_fluidsynth, find_soundfont
+    from ostinato.recipes.corpus import CORPUS_NAME, find_fluidsynth, find_soundfont
     from ostinato.fileio import read_json
 
     _check_writable(data, "--data")
