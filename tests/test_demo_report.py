@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, read_curves, write_demo_report
+from ostinato.demo.report import DemoClip, DemoSection, clips_from_folder, read_curves, write_demo_report
 from tests.browser import chromium, full_page_screenshot, media_duration
 
 SR = 16000

@@ -157,7 +157,7 @@ def test_sweep_writes_one_summary_table(parts: dict, tmp_path: Path) -> None:
 
 
 def test_run_demo_eval_returns_the_report(parts: dict, tmp_path: Path) -> None:
-    from ostinato.evaluation.demo import run_demo_eval
+    from ostinato.demo.evaluation import run_demo_eval
 
     report = run_demo_eval(parts["root"] / "data" / "demo", tmp_path / "outputs", str(parts["model"]), parts["codec"],
                            overrides=["num_samples=2", "seconds=1.5"], progress=False)

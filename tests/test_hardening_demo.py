@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ostinato.demo import DemoPlan, check_demo, demo_table
-from ostinato.demo_report import _curve_figure, curve_panels, write_demo_report
+from ostinato.demo.report import _curve_figure, curve_panels, write_demo_report
 from ostinato.evaluation.report import format_table, metric_notes
 from ostinato.metrics.fad import FAD_INF_MIN_ITEMS, fad_inf_reliability
 from ostinato.nn.contrastive import retrieval_metrics
@@ -172,7 +172,7 @@ def test_demo_resumes_a_half_rendered_corpus(tmp_path: Path, capsys: pytest.Capt
 
 def test_a_failed_demo_step_ends_in_one_line_that_says_how_to_go_on(tmp_path: Path) -> None:
     """The step prints its own error; the demo adds one line, not a CalledProcessError traceback."""
-    from ostinato.demo import _run
+    from ostinato.demo.pipeline import _run
     from ostinato.errors import UserError
 
     with pytest.raises(UserError, match=r"^the step `ostinato prep shards` stopped on the error above; fix it, then "
@@ -185,7 +185,7 @@ def test_demo_outputs_holds_the_demos_xps(tmp_path: Path) -> None:
     A fresh process, as `ostinato demo` is: dora fixes the XP folder when ostinato.train is first imported."""
     probe = (  # the demo's own XP lookup in place of the demo (no training); ostinato.train imported as run_demo does
         "import sys, ostinato.demo as demo\n"
-        "def plan(data, outputs, quick=False):\n"
+        "def plan(data, outputs, quick=False, **_):\n"
         "    from ostinato.train import main as train_main\n"
         "    print(train_main.get_xp(demo.CODEC_EXPERIMENT).folder)\n"
         "demo.run_demo = plan\n"

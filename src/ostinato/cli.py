@@ -438,7 +438,7 @@ def _demo(args: argparse.Namespace) -> None:
     from ostinato.demo import run_demo
 
     os.environ["OSTINATO_OUTPUTS"] = args.outputs  # the demo's XPs, exports and evaluation caches go there too
-    run_demo(Path(args.data), Path(args.outputs), quick=args.quick)
+    run_demo(Path(args.data), Path(args.outputs), quick=args.quick, verb=main)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The HTML report of ``ostinato demo``: audio players with spectrograms, a metrics table and training curves.
 
-    from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, read_curves, write_demo_report
+    from ostinato.demo.report import DemoClip, DemoSection, clips_from_folder, read_curves, write_demo_report
 
     sections = [DemoSection("Text to music", clips_from_folder("outputs/demo/generated/text"), note="10 s"),
                 DemoSection("Codec", [DemoClip("outputs/demo/reconstructions/x_original.wav", "original",

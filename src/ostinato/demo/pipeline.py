@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,14 +65,16 @@ PROMPTS = ["A baroque chorale by Johann Sebastian Bach for church organ, in G ma
 RESTART = "then run `ostinato demo` again (finished steps are kept)"
 
 
-def _run(args: list[str], in_process: bool = False) -> None:
-    """``ostinato ARGS`` in a subprocess (training: dora and Lightning own their process), or in this one (saves
-    the start-up of torch for the generation calls). A failed step has printed its own error; this adds one line."""
-    print(f"$ ostinato {' '.join(args)}", flush=True)
-    if in_process:
-        from ostinato.cli import main
+Verb = Callable[[list[str]], None]  # ``ostinato ARGS`` in this process: the CLI's main, passed in by the CLI
 
-        main(list(args))
+
+def _run(args: list[str], verb: Verb | None = None) -> None:
+    """``ostinato ARGS`` in a subprocess (training: dora and Lightning own their process), or in this one through
+    ``verb`` (saves the start-up of torch for the generation calls). A failed step has printed its own error; this
+    adds one line."""
+    print(f"$ ostinato {' '.join(args)}", flush=True)
+    if verb is not None:
+        verb(list(args))
         return
     code = subprocess.run([sys.executable, "-m", "ostinato.cli", *args]).returncode
     if code == 2:
@@ -210,7 +213,7 @@ def mulan_retrieval(mulan_ref: str, shards: Path) -> dict[str, float]:
 
 
 def _curves(folder: Path, wanted: list[str]) -> dict[str, list[tuple[int, float]]]:
-    from ostinato.demo_report import read_curves
+    from ostinato.demo.report import read_curves
 
     path = Path(folder) / "csv" / "metrics.csv"
     if not path.is_file():
@@ -238,7 +241,7 @@ def demo_table(evaluation: dict[str, float], lm_ce: float | None, ce_text: float
 
 def _report(outputs: Path, generated: Path, modes: dict, plan: DemoPlan, recon: list[Path], metrics: dict,
             xps: dict[str, Path], summary: list[str], notes: dict[str, str]) -> Path:
-    from ostinato.demo_report import DemoClip, DemoSection, clips_from_folder, write_demo_report
+    from ostinato.demo.report import DemoClip, DemoSection, clips_from_folder, write_demo_report
 
     sections = [DemoSection("Codec reconstructions (test split)",
                             [DemoClip(p, p.stem.rsplit("_", 1)[1], p.stem.rsplit("_", 1)[0]) for p in recon])]
@@ -253,8 +256,9 @@ def _report(outputs: Path, generated: Path, modes: dict, plan: DemoPlan, recon: 
                              {k: v for k, v in curves.items() if v}, summary=summary, notes=notes)
 
 
-def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
-    """Run (or finish) the demo; returns the path of its HTML report."""
+def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> Path:
+    """Run (or finish) the demo; returns the path of its HTML report. ``verb`` runs ``ostinato ARGS`` in this
+    process (``ostinato.cli.main``: the demo sits below the CLI, which hands it in)."""
     plan = DemoPlan.make(quick)
     start = time.time()
     resume = check_demo(data, outputs, plan)
@@ -287,9 +291,9 @@ def run_demo(data: Path, outputs: Path, quick: bool = False) -> Path:
     modes = _generation_modes(data, outputs / "demo" / "inputs", plan)
     base = ["generate", "--model", str(lm_xp.folder), "--codec", str(export), "--seed", "0", "--overwrite"]
     for mode, extra in modes.items():
-        _run(base + extra + ["--out", str(generated / mode), "--quiet"], in_process=True)
+        _run(base + extra + ["--out", str(generated / mode), "--quiet"], verb=verb)
 
-    from ostinato.evaluation.demo import run_demo_eval
+    from ostinato.demo.evaluation import run_demo_eval
 
     print("$ ostinato eval demo (evaluation/demo.yaml)", flush=True)
     eval_over = []
