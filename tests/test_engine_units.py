@@ -199,3 +199,17 @@ def test_csv_log_survives_resume_up_to_the_checkpoint_step(tmp_path):
     fresh.log_metrics({"train/loss": 1.0}, step=0)
     fresh.save()
     assert (tmp_path / "csv" / "metrics.csv").read_text().splitlines() == ["step,train/loss", "0,1.0"]
+
+
+def test_training_samples_are_clamped_16_bit_wavs_written_atomically(tmp_path):
+    import soundfile as sf
+
+    from ostinato.engine.media import log_audio
+
+    loud = torch.linspace(-3, 3, 800).reshape(1, 1, 800)  # [B, C, T], beyond [-1, 1]
+    (path,) = log_audio([], tmp_path, {"gen": loud}, 8000, step=1)
+    info = sf.info(str(path))
+    assert (info.subtype, info.channels, info.frames) == ("PCM_16", 1, 800)
+    back, _ = sf.read(str(path))
+    assert abs(back.min() + 1) < 1e-3 and abs(back.max() - 1) < 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_0.png", "gen_0.wav"]  # no temp file left

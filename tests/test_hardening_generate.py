@@ -272,11 +272,12 @@ def test_other_families_print_no_progress_bar_before_an_error(capsys, tmp_path) 
 
 
 def test_every_wav_writer_fails_on_a_full_disk_naming_the_file_and_leaving_nothing(tmp_path) -> None:
-    """eval's clips, the app's clips and generate's share ``write_wav``: ENOSPC names the file, no temp file stays."""
+    """eval's clips, the app's, generate's, the demo's and the training samples share ``ostinato.fileio.write_wav``:
+    ENOSPC names the file, no temp file stays."""
     import errno
 
     from ostinato.errors import user_message
-    from ostinato.evaluation.runner import write_wav
+    from ostinato.fileio import write_wav
 
     with tmpfs(tmp_path / "full", "size=16k") as full:
         with pytest.raises(OSError) as e:

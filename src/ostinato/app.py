@@ -29,8 +29,7 @@ import gradio as gr  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from ostinato.evaluation.runner import write_wav  # noqa: E402
-from ostinato.fileio import atomic_write_json  # noqa: E402
+from ostinato.fileio import atomic_write_json, write_wav  # noqa: E402
 from ostinato.nn.decoding import GenerationParams, crossfade  # noqa: E402
 from ostinato.generation.musicgen import LongForm, generate_audio, load_generator  # noqa: E402
 from ostinato.generation.request import AudioInput  # noqa: E402

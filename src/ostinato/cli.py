@@ -294,7 +294,7 @@ def _check_clips(out: str, overwrite: bool) -> None:
 def _write_clips(out: Path, wavs, sample_rate: int, records: list[dict]) -> None:
     """NNN.wav + NNN.json (prompt and every parameter) per clip, each written atomically; the clips of an earlier
     run past these (``--overwrite``) are removed once the new ones are written."""
-    from ostinato.evaluation.runner import write_wav
+    from ostinato.fileio import write_wav
     from ostinato.fileio import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)

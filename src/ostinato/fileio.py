@@ -1,12 +1,16 @@
 """Atomic file writes: a crash mid-write never leaves a half-written file under the final name."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextmanager
@@ -44,6 +48,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_wav(path: str | os.PathLike, wav: torch.Tensor, sample_rate: int) -> None:
+    """Every wav file ostinato writes: ``wav [C, T]`` (float, clamped to [-1, 1]) -> 16-bit PCM, atomically.
+    Encoded in memory first, so that a full disk fails as an OSError naming ``path`` (libsndfile would only say
+    "System error") and leaves nothing behind."""
+    import soundfile as sf
+
+    data = io.BytesIO()
+    sf.write(data, wav.detach().float().clamp(-1, 1).T.cpu().numpy(), int(sample_rate), format="WAV",
+             subtype="PCM_16")
+    try:
+        atomic_write_bytes(path, data.getvalue())
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a write() names no file: name the one asked for
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:

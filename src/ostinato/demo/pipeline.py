@@ -26,6 +26,7 @@ import soundfile as sf
 import torch
 
 from ostinato.errors import UserError
+from ostinato.fileio import write_wav
 
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
 MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny_melody_style"]
@@ -158,7 +159,7 @@ def _reconstructions(codec, shards: Path, out: Path, count: int = 3) -> list[Pat
                 recon = codec(wav[None]).recon[0]
             for name, audio in (("original", wav), ("reconstruction", recon)):
                 path = out / f"{key}_{name}.wav"
-                sf.write(path, audio.clamp(-1, 1).T.numpy(), sr)
+                write_wav(path, audio, sr)
                 written.append(path)
     return written
 
@@ -183,7 +184,8 @@ def _generation_modes(data: Path, inputs: Path, plan: DemoPlan) -> dict[str, lis
         raise FileNotFoundError(f"{data / 'audio' / 'test'}: the demo needs test clips as references")
     inputs.mkdir(parents=True, exist_ok=True)
     wav, sr = sf.read(clips[2 % len(clips)], dtype="float32")
-    sf.write(inputs / "intro.wav", wav[: 3 * sr // 2], sr)  # 1.5 s: inside the 2 s training window
+    intro = wav[: 3 * sr // 2]  # 1.5 s: inside the 2 s training window
+    write_wav(inputs / "intro.wav", torch.from_numpy(intro.reshape(len(intro), -1).T), sr)
     prompts = [a for p in PROMPTS for a in ("--prompt", p)]
     seconds = ["--duration", f"{plan.seconds:g}"]
     return {

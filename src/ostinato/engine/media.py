@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio
+
+from ostinato.fileio import write_wav
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def log_audio(loggers: list[Any], folder: Path, waves: dict[str, torch.Tensor], 
         for i, wav in enumerate(batch.detach().float().cpu()):
             wav = wav.clamp(-1, 1)
             stem = folder / f"{name}_{i}"
-            sf.write(stem.with_suffix(".wav"), wav.T.numpy(), sample_rate)
+            write_wav(stem.with_suffix(".wav"), wav, sample_rate)
             caption = (captions[i] if captions and i < len(captions) else "") or name
             save_mel_png(wav, sample_rate, stem.with_suffix(".png"), title=f"{name}: {caption}"[:120])
             written.append(stem.with_suffix(".wav"))

@@ -8,7 +8,6 @@ give the same clips and the same numbers (up to float64 summation order).
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import logging
 import os
 import platform
@@ -17,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -25,12 +23,11 @@ from tqdm import tqdm
 from ostinato.evaluation.items import EvalItem, rank_batches, read_items, stack_references
 from ostinato.evaluation.scoring import SuiteMetrics, barrier, dist_info
 from ostinato.evaluation.suite import Suite, SuiteError, load_suite
-from ostinato.fileio import atomic_write_bytes, atomic_write_json
+from ostinato.fileio import atomic_write_json, write_wav
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_out_dir", "generate_items", "load_producer", "run_suite", "setup_distributed", "versions",
-           "write_wav"]
+__all__ = ["default_out_dir", "generate_items", "load_producer", "run_suite", "setup_distributed", "versions"]
 
 
 def setup_distributed(device: str = "cpu") -> str:
@@ -60,19 +57,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def write_wav(path: Path, wav: Tensor, sample_rate: int) -> None:
-    """``wav [C, T]`` -> 16-bit WAV, atomically; encoded in memory first, so that a full disk fails as an OSError
-    naming ``path`` (libsndfile would only say "System error") and leaves nothing behind."""
-    data = io.BytesIO()
-    sf.write(data, wav.detach().float().clamp(-1, 1).T.cpu().numpy(), sample_rate, format="WAV", subtype="PCM_16")
-    try:
-        atomic_write_bytes(path, data.getvalue())
-    except OSError as e:
-        if e.filename is None and e.errno is not None:  # a write() names no file: name the one asked for
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
 
 
 def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], seconds: float, params: Any,
