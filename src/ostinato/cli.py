@@ -31,6 +31,16 @@ import sys
 from pathlib import Path
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: MESSAGE; see PROG --help``), exit 2, not the
+    usage block; its sub-parsers are of the same class. The only parser: argparse lives in this module alone."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from ostinato.errors import EXIT_USER_ERROR
+
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _prep_corpus(args: argparse.Namespace) -> None:
     from ostinato.recipes.corpus import render_corpus
     from ostinato.data.manifest import Manifest
@@ -442,8 +452,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ostinato.errors import OneLineParser
-
     parser = OneLineParser(prog="ostinato", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",

@@ -6,7 +6,6 @@ disk full) are translated here too, so a library function may simply let them ri
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import errno
 import logging
@@ -23,14 +22,6 @@ DEBUG_ENV = "OSTINATO_DEBUG"
 
 class UserError(Exception):
     """A problem the user can fix; the message is one line naming the file, key or flag and the fix."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``PROG: error: MESSAGE; see PROG --help``), exit 2, not the
-    usage block; its sub-parsers are of the same class."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def did_you_mean(word: str, options: Iterable[str], n: int = 3) -> str:
