@@ -23,3 +23,11 @@ def test_wav_files_are_written_by_one_function():
              for line in p.read_text().splitlines() if writes.search(line)]
     assert [f for f in found if not f.startswith("src/ostinato/fileio.py:") and 'format="FLAC"' not in f] == []
     assert any(f.startswith("src/ostinato/fileio.py:") for f in found)
+
+
+def test_argparse_lives_in_the_cli_only():
+    """Library functions take plain arguments: no module but cli.py parses flags or takes an argparse namespace."""
+    uses = re.compile(r"^\s*(import argparse|from argparse import)|argparse\.Namespace")
+    found = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "src").rglob("*.py"))
+             if any(uses.search(line) for line in p.read_text().splitlines())]
+    assert found == ["src/ostinato/cli.py"]
