@@ -47,7 +47,7 @@ def write_tiny_musicgen(folder: Path, codec: Path) -> Path:
     torch.manual_seed(0)
     module = instantiate(OmegaConf.create(family), _convert_="all")
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in module.model.state_dict().items()}, str(folder / "model.safetensors"))
     cfg = {"family": family, "data": {"segment_seconds": WINDOW}}
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return folder

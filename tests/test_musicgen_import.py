@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -18,7 +19,9 @@ import ostinato
 from ostinato.cli import main
 from ostinato.engine.weights import load_weights
 from ostinato.interop.codecs import load_codec
-from ostinato.interop.musicgen_import import ImportedMusicGenFamily, detect_source, import_musicgen
+from ostinato.families.musicgen import ImportedMusicGenFamily
+from ostinato.interop.musicgen_import import detect_source, import_musicgen
+from ostinato.models.musicgen import MusicGen
 from ostinato.nn.conditioners import TextConditioner, default_text_model
 from ostinato.nn.patterns import DelayPattern
 from ostinato.nn.transformer import generate_greedy
@@ -187,7 +190,8 @@ def test_import_writes_an_export_folder(imported, hf_musicgen) -> None:
 def test_imported_model_matches_transformers(imported, hf_musicgen) -> None:
     model, _ = hf_musicgen
     family = ostinato.load(imported.out)
-    assert type(family).__name__ == "MusicGenFamily" and family.codec_ref == str(imported.out / "codec")
+    assert type(family) is MusicGen and family.codec_ref == str(imported.out / "codec")
+    assert not isinstance(family, L.LightningModule)
     assert_parity(family, model)
     # the codec is transformers' audio encoder: the same codes
     wav = torch.sin(torch.arange(SR) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
@@ -337,12 +341,12 @@ def test_finetune_an_import_with_continue_from(imported, env, tmp_path: Path) ->
 
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["ostinato_config"]["family"]["cfg_dropout"] == 0.5
-    state = ckpt["state_dict"]
-    assert set(state) == set(imported_weights)
-    changed = [k for k, v in imported_weights.items() if not torch.equal(state[k], v)]
+    state = ckpt["state_dict"]  # the wrapper's: the model under model.
+    assert set(state) == {f"model.{k}" for k in imported_weights}
+    changed = [k for k, v in imported_weights.items() if not torch.equal(state[f"model.{k}"], v)]
     assert "text.proj.weight" in changed and any(k.startswith("lm.layers.") for k in changed)
     tuned = ostinato.load(folder)
-    assert isinstance(tuned, ImportedMusicGenFamily) and tuned.text.model_path == str(out / "text_encoder")
+    assert type(tuned) is MusicGen and tuned.text.model_path == str(out / "text_encoder")
     with torch.no_grad():
         cond, mask = tuned.condition(TEXTS)
         assert torch.isfinite(tuned.lm(codes_seq(), cond, mask)).all()

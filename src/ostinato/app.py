@@ -7,7 +7,7 @@ decoding; the result plays in the page and downloads as a wav (every clip is als
 ``.json`` of its parameters).
 
 Unlimited: the piece grows chunk by chunk, each chunk continuing the last ``context`` seconds of the piece (the
-audio prompt of ``generate_audio``, crossfaded back over that overlap), until Stop; the player follows the
+audio prompt of ``MusicGen.generate``, crossfaded back over that overlap), until Stop; the player follows the
 newest chunk and Stop hands over the whole piece.
 
 Offline: analytics are off and the page's scripts, styles and fonts are the ones of the gradio package.
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from ostinato.fileio import atomic_write_json, write_wav  # noqa: E402
 from ostinato.nn.decoding import GenerationParams, crossfade  # noqa: E402
-from ostinato.generation.musicgen import LongForm, generate_audio, load_generator  # noqa: E402
+from ostinato.generation.musicgen import LongForm, load_generator  # noqa: E402
 from ostinato.generation.request import AudioInput  # noqa: E402
 
 __all__ = ["Request", "Studio", "build_app", "launch_app"]
@@ -87,15 +87,15 @@ class Studio:
     def __init__(self, model: str, codec: str | None = None, *, out: str | Path | None = None,
                  window: float | None = None, device: str = "auto", trust: bool = False) -> None:
         self.model_ref = model
-        self.module, self.codec, cfg, self.codec_ref = load_generator(model, codec, trust=trust)
+        self.model, self.codec, cfg, self.codec_ref = load_generator(model, codec, trust=trust)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.device = torch.device(device)
-        self.module.to(self.device)
+        self.model.to(self.device)
         self.codec.to(self.device)
         self.window = window if window is not None else (cfg.get("data") or {}).get("segment_seconds")
         self.sample_rate = self.codec.sample_rate
-        self.has_melody = self.module.melody is not None
-        self.has_style = self.module.style is not None
+        self.has_melody = self.model.melody is not None
+        self.has_style = self.model.style is not None
         base = Path(out) if out is not None else Path(os.environ.get("OSTINATO_OUTPUTS", "outputs")) / "app"
         self.out = base.resolve()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -126,9 +126,9 @@ class Studio:
                   style: AudioInput | None, continuation: AudioInput | None,
                   progress: Callable[[int, int], None]) -> torch.Tensor:
         with self._lock:
-            wav = generate_audio(self.module, self.codec, [req.prompt.strip()], seconds, self._params(req, seed),
-                                 melody=melody, style=style, continuation=continuation,
-                                 long_form=self._long_form(req.long_form), progress=progress)
+            wav = self.model.generate([req.prompt.strip()], seconds, params=self._params(req, seed), melody=melody,
+                                      style=style, continuation=continuation,
+                                      long_form=self._long_form(req.long_form), progress=progress)
         return wav[0].float().cpu().clamp(-1, 1)
 
     def _inputs(self, req: Request) -> tuple[AudioInput | None, AudioInput | None, AudioInput | None]:

@@ -37,8 +37,8 @@ class Family:
 KINDS: tuple[Kind, ...] = (
     Kind("debug", "ostinato.families.debug.DebugFamily", None),
     Kind("codec", "ostinato.families.codec.CodecFamily", None),
-    Kind("musicgen", "ostinato.families.musicgen.MusicGenFamily", None),
-    Kind("musicgen", "ostinato.interop.musicgen_import.ImportedMusicGenFamily", None),
+    Kind("musicgen", "ostinato.families.musicgen.MusicGenFamily", "ostinato.models.musicgen:MusicGen"),
+    Kind("musicgen", "ostinato.families.musicgen.ImportedMusicGenFamily", "ostinato.models.musicgen:MusicGen"),
     Kind("mulan", "ostinato.families.mulan.MuLaNFamily", "ostinato.models.mulan:MuLaN"),
     Kind("musiclm", "ostinato.families.musiclm.SemanticStage", None),
     Kind("musiclm", "ostinato.families.musiclm.CoarseStage", None),

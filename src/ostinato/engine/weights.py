@@ -95,7 +95,7 @@ def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, 
     with staged_folder(out) as stage:
         from ostinato.interop.codecs import embed_codec
 
-        cfg = embed_codec(cfg, stage, out, trust)  # a MusicGen's codec travels with it: it generates from anywhere
+        cfg = embed_codec(cfg, stage, out, trust, export)  # a MusicGen's codec travels with it
         save_file(tensors, str(stage / WEIGHTS_NAME))
         atomic_write_text(stage / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(cfg)))
         atomic_write_json(stage / INFO_NAME, {"source": source, "tensors": len(tensors),

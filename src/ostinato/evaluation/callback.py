@@ -72,9 +72,10 @@ class EvaluationCallback(L.Callback):
         """Generate this rank's share, score all ranks' clips together; every rank returns the same values."""
         from ostinato.evaluation.runner import generate_items
         from ostinato.nn.decoding import GenerationParams
-        from ostinato.generation.musicgen import LongForm
+        from ostinato.models.musicgen import LongForm
 
-        codec = pl_module.codec
+        model = pl_module.model  # the MusicGen the family trains
+        codec = model.codec
         suite = self.suite
         batches = rank_batches(self.num_samples, suite.batch_size, trainer.global_rank, trainer.world_size)
         if self._items is None:
@@ -86,12 +87,12 @@ class EvaluationCallback(L.Callback):
         window = suite.long_form.get("window", getattr(trainer.datamodule, "segment_seconds", None))
         long_form = LongForm(**{"mode": "window", **suite.long_form, "window": window})
         params = GenerationParams(**{"seed": 0, **suite.generation})
-        melody = getattr(pl_module, "melody", None) is not None and suite.melody_from_reference in (True, "auto")
+        melody = model.melody is not None and suite.melody_from_reference in (True, "auto")
         was_training = pl_module.training
         try:
             for batch in batches:
                 group = [self._items[i] for i in batch]
-                wav = generate_items(pl_module, codec, group, suite.seconds, params, long_form, melody=melody)
+                wav = generate_items(model, codec, group, suite.seconds, params, long_form, melody=melody)
                 self._scores.update(wav, None, [it.prompt for it in group], [str(it.index) for it in group])
         finally:
             pl_module.train(was_training)

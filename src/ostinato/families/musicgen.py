@@ -8,6 +8,9 @@ Training step: codes ``[B, K, T]`` -> ``DelayPattern.build`` (special token = ``
 frame (pattern mask and item lengths). Frames past an item's length are replaced by the special token before the
 pattern is built, so padding never enters the context of a valid target.
 
+The model (``ostinato.models.musicgen.MusicGen``, ``self.model``) holds the LM, the conditioners, the pattern and
+the frozen codec; this wrapper adds the dropouts, the loss and the logging (checkpoint keys ``model.lm.*``...).
+
 Text: each sample's caption merged with its structured fields (``description``), encoded by a frozen
 ``TextConditioner``; in training a field is dropped with ``attribute_dropout`` and the whole description with
 ``cfg_dropout`` (the null condition for classifier-free guidance: an empty text, all-False mask).
@@ -21,7 +24,6 @@ not a submodule (not trained, not in checkpoints), like the text encoder.
 """
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,14 +35,11 @@ from torch import Tensor
 from ostinato.data.batch import AudioBatch
 from ostinato.data.token_datamodule import TokenBatch
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
-from ostinato.nn.chroma import MelodyConditioner
 from ostinato.models.codec import Codec
-from ostinato.nn.conditioners import TextConditioner, description
-from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_features
-from ostinato.nn.patterns import DelayPattern
-from ostinato.nn.transformer import CodebookLM, lm_config
+from ostinato.models.musicgen import MusicGen, imported_kwargs, model_kwargs
+from ostinato.nn.conditioners import description
 
-__all__ = ["MusicGenFamily", "Conditions"]
+__all__ = ["MusicGenFamily", "ImportedMusicGenFamily", "Conditions"]
 
 
 @dataclass
@@ -55,25 +54,18 @@ class Conditions:
 
 
 class MusicGenFamily(CodebookLMFamily):
-    """MusicGen LM training on token shards (or audio tokenized on the fly).
+    """MusicGen LM training on token shards (or audio tokenized on the fly): ``self.model`` is the
+    ``ostinato.models.musicgen.MusicGen`` it trains; this adds dropouts, the loss and logging.
 
     Args:
-        n_q, card: codebooks and codebook size of the tokens; checked against the token manifests' codec at
-            setup (``data`` ``codec.n_q`` / ``codec.cardinality``).
-        lm: ``LMConfig`` kwargs, optionally ``preset: tiny|small|medium|large`` plus overrides.
-        text: ``TextConditioner`` kwargs (``model``, ``max_length``, ``dropout``); None = no text.
-        melody: ``MelodyConditioner`` kwargs (``sample_rate`` of the chroma analysis, ``hop_seconds``, ``argmax``)
-            plus ``dropout`` (probability of leaving the melody out alone); None = no melody.
-        style: ``StyleConditioner`` kwargs (``feature_dim``, ``width``, ``num_layers``, ``n_q``, ``bins``,
-            ``eval_q``, ``downsample``, ``excerpt_seconds``, ...) plus ``features`` ("codec" = the codec's latents,
-            or a local HF audio encoder folder such as MERT / HuBERT), ``layer``, ``trust_remote_code``,
-            ``dropout`` and ``penalty_weight``; None = no style.
-        delays: the delay pattern (default ``[0, 1, ..., n_q - 1]``).
+        n_q, card, lm, text, delays, codec: the model's (see ``MusicGen``); n_q / card are checked against the
+            token manifests' codec at setup (``data`` ``codec.n_q`` / ``codec.cardinality``). ``codec`` None = the
+            one recorded in the token shards' manifest.
+        melody: ``MelodyConditioner`` kwargs plus ``dropout`` (probability of leaving the melody out alone).
+        style: ``StyleConditioner`` kwargs (see ``MusicGen``) plus ``dropout`` and ``penalty_weight``.
         cfg_dropout: probability, per training item, of the null condition (no text, zero prefix).
         attribute_dropout: probability, per training item and structured field, of leaving the field out.
         text_dropout: probability of leaving the text out alone (what double CFG's "style only" rows need).
-        codec: the codec the tokens come from (anything ``load_codec`` takes); None = the one recorded in the
-            token shards' manifest. Generation decodes with it; melody and style features are computed with it.
     """
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
@@ -82,81 +74,26 @@ class MusicGenFamily(CodebookLMFamily):
                  cfg_dropout: float = 0.1, attribute_dropout: float = 0.0, text_dropout: float = 0.0,
                  codec: str | None = None, optim: Mapping[str, Any] | None = None):
         super().__init__(optim)
-        self.n_q, self.card = int(n_q), int(card)
-        self.cfg = lm_config(lm, n_q=self.n_q, card=self.card, cross_attention=text is not None)
-        self.lm = CodebookLM(self.cfg)
-        self.text: TextConditioner | None = None
-        if text is not None:
-            kw = dict(text)
-            if "dim" in kw and kw["dim"] != self.cfg.kv_dim:
-                raise ValueError(f"family.text.dim={kw['dim']} must equal the LM cross-attention width "
-                                 f"{self.cfg.kv_dim}; leave it out")
-            kw["dim"] = self.cfg.kv_dim
-            self.text = TextConditioner(**kw)
-        self.melody: MelodyConditioner | None = None
-        self.melody_dropout = 0.0
-        if melody is not None:
-            kw = dict(melody)
-            self.melody_dropout = float(kw.pop("dropout", 0.0))
-            kw.setdefault("sample_rate", 32000)
-            self.melody = MelodyConditioner(dim=self.cfg.dim, **kw)
-        self.style: StyleConditioner | None = None
-        self.style_dropout, self.style_penalty_weight = 0.0, 1.0
-        self.style_source = "codec"
-        if style is not None:
-            kw = dict(style)
-            self.style_dropout = float(kw.pop("dropout", 0.0))
-            self.style_penalty_weight = float(kw.pop("penalty_weight", 1.0))
-            self.style_source = str(kw.pop("features", "codec"))
-            hf_kw = {k: kw.pop(k) for k in ("layer", "trust_remote_code") if k in kw}
-            if self.style_source != "codec":
-                features = HFAudioFeatures(self.style_source, **hf_kw)
-                self.__dict__["_style_features"] = features  # frozen, unregistered (like the text encoder)
-                if kw.setdefault("feature_dim", features.dim) != features.dim:
-                    raise ValueError(f"family.style.feature_dim={kw['feature_dim']} but {self.style_source} gives "
-                                     f"{features.dim}-dim features; leave feature_dim out")
-            elif "feature_dim" not in kw:
-                raise ValueError("family.style.feature_dim is required with features: codec (the codec's latent "
-                                 "dimension, e.g. 128 for EnCodec)")
-            if "excerpt_seconds" in kw:
-                kw["excerpt_seconds"] = tuple(kw["excerpt_seconds"])
-            self.style = StyleConditioner(dim=self.cfg.dim, **kw)
-        self.pattern = DelayPattern(self.n_q, delays)
+        kwargs = dict(n_q=n_q, card=card, lm=lm, text=text, melody=melody, style=style, delays=delays, codec=codec)
+        self.model = MusicGen(**model_kwargs(kwargs))
+        self.melody_dropout = float((melody or {}).get("dropout", 0.0))
+        self.style_dropout = float((style or {}).get("dropout", 0.0))
+        self.style_penalty_weight = float((style or {}).get("penalty_weight", 1.0))
         self.cfg_dropout, self.attribute_dropout = float(cfg_dropout), float(attribute_dropout)
         self.text_dropout = float(text_dropout)
-        self.codec_ref = None if codec is None else str(codec)
-        ema = ["lm"] + (["text"] if self.text is not None else []) + (["melody"] if self.melody is not None else [])
-        if self.style is not None:  # not the RVQ codebooks: they keep their own EMA
+        model = self.model
+        ema = ["lm"] + (["text"] if model.text is not None else []) + (["melody"] if model.melody is not None else [])
+        if model.style is not None:  # not the RVQ codebooks: they keep their own EMA
             ema += ["style.input_proj", "style.transformer", "style.output_proj"]
-        self.ema_modules = tuple(ema)
-
-    # -- the frozen codec -----------------------------------------------------------------------------------
-    @property
-    def needs_audio_features(self) -> bool:
-        return self.melody is not None or self.style is not None
-
-    def attach_codec(self, codec: Codec) -> None:
-        """Use ``codec`` (frozen, not a submodule) for decoding and for melody / style features."""
-        if codec.n_q < self.n_q or codec.cardinality != self.card:
-            raise ValueError(f"the model predicts {self.n_q} x {self.card} codes but the codec has "
-                             f"{codec.n_q} x {codec.cardinality}")
-        self.__dict__["_codec"] = codec.eval().requires_grad_(False)
+        self.ema_modules = tuple(f"model.{name}" for name in ema)
 
     @property
-    def codec(self) -> Codec:
-        codec = self.__dict__.get("_codec")
-        if codec is None:
-            if self.codec_ref is None:
-                raise ValueError("this MusicGen has no codec: set family.codec (or train on token shards, whose "
-                                 "manifest names their codec), or pass --codec")
-            from ostinato.interop.codecs import load_codec
+    def n_q(self) -> int:
+        return self.model.n_q
 
-            self.attach_codec(load_codec(self.codec_ref))
-            codec = self.__dict__["_codec"]
-        device = self.lm.emb[0].weight.device
-        if next(codec.parameters()).device != device:
-            codec.to(device)
-        return codec
+    @property
+    def card(self) -> int:
+        return self.model.card
 
     # -- engine hooks ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -170,11 +107,11 @@ class MusicGenFamily(CodebookLMFamily):
                     raise ValueError(f"family.{name}={mine} does not match the token shards: their codec "
                                      f"({info.id}) has {key}={have}; set family.{name}={have}")
             self._sample_rate = info.sample_rate
-            if self.codec_ref is None:
-                self.codec_ref = str(info.id)
-        needs_codec = self.needs_audio_features or not isinstance(dm, _token_module())
+            if self.model.codec_ref is None:
+                self.model.codec_ref = str(info.id)
+        needs_codec = self.model.needs_audio_features or not isinstance(dm, _token_module())
         if needs_codec and dm is not None:
-            codec = self.codec  # fails early, naming the fix, when there is none
+            codec = self.model.codec  # fails early, naming the fix, when there is none
             self._sample_rate = codec.sample_rate
 
     # -- conditioning ---------------------------------------------------------------------------------------
@@ -184,61 +121,10 @@ class MusicGenFamily(CodebookLMFamily):
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))
         return [description(m, rng, self.attribute_dropout) for m in batch.meta]
 
-    def condition(self, texts: Sequence[str]) -> tuple[Tensor | None, Tensor | None]:
-        """``(cond [B, Tc, D], mask [B, Tc])`` for the LM; None, None when there is no text conditioner.
-
-        A null condition (all-False mask) attends to one zero vector instead: with bias-free keys/values that
-        adds exactly nothing, where an all-masked softmax would give NaN.
-        """
-        if self.text is None:
-            return None, None
-        cond, mask = self.text(list(texts))
-        attend = mask.clone()
-        attend[~mask.any(dim=1), 0] = True
-        return cond, attend
-
-    def melody_frames(self, n_frames: int, frame_rate: float) -> int:
-        """Melody prefix tokens for a window of ``n_frames`` codec frames."""
-        assert self.melody is not None
-        return max(1, self.melody.num_frames(math.ceil(n_frames / frame_rate * self.melody.sample_rate)))
-
-    def style_features(self, codes: Tensor, wav: Tensor | None = None) -> tuple[Tensor, float]:
-        """Frozen style features ``[B, T, feature_dim]`` of an excerpt's codes (or audio), and their frame rate."""
-        codec = self.codec
-        if self.style_source == "codec":
-            return codec_latent_features(codec.quantizer.decode, codes), float(codec.frame_rate)
-        features: HFAudioFeatures = self.__dict__["_style_features"]
-        if wav is None:
-            with torch.no_grad():
-                wav = codec.decode(codes)
-        return features(wav, codec.sample_rate), float(features.frame_rate)
-
-    def style_tokens(self, codes: Tensor, train: bool, wav: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """A style excerpt of ``codes [B, K, T]`` (per-item start in training, from frame 0 in eval) ->
-        ``(tokens [B, Ts, dim], penalty)``; the excerpt length is shared by the batch."""
-        assert self.style is not None
-        codec = self.codec
-        start, length = self.style.excerpt(codes.shape[-1], codec.frame_rate, train=train)
-        if train and codes.shape[-1] > length:
-            starts = torch.randint(0, codes.shape[-1] - length + 1, (codes.shape[0],)).tolist()
-        else:
-            starts = [start] * codes.shape[0]
-        excerpt = torch.stack([c[:, s:s + length] for c, s in zip(codes, starts)])
-        piece = None
-        if wav is not None:
-            hop = codec.hop_length
-            piece = torch.stack([w[:, s * hop:(s + length) * hop] for w, s in zip(wav, starts)])
-        feats, _ = self.style_features(excerpt, piece)
-        return self.style(feats)
-
-    def prefix(self, style: Tensor | None, melody: Tensor | None) -> Tensor | None:
-        parts = [p for p in (style, melody) if p is not None]
-        return torch.cat(parts, dim=1) if parts else None
-
     def batch_codes(self, batch: TokenBatch | AudioBatch) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(codes [B, K, T], frame lengths [B], audio [B, C, T'] or None)`` of a token or audio batch."""
         if isinstance(batch, AudioBatch):
-            codec = self.codec
+            codec = self.model.codec
             with torch.no_grad():
                 codes = codec.encode(batch.audio, n_q=self.n_q).codes
             lengths = torch.div(batch.lengths + codec.hop_length - 1, codec.hop_length, rounding_mode="floor")
@@ -248,42 +134,42 @@ class MusicGenFamily(CodebookLMFamily):
     def batch_conditions(self, batch: TokenBatch | AudioBatch, codes: Tensor, lengths: Tensor,
                          wav: Tensor | None, train: bool) -> Conditions:
         """All the conditions of a batch, with CFG / text / melody / style dropout in training."""
-        b = codes.shape[0]
+        b, model = codes.shape[0], self.model
         texts = self.descriptions(batch, train)
         null = torch.rand(b) < (self.cfg_dropout if train else 0.0)
         drop_text = null | (torch.rand(b) < (self.text_dropout if train else 0.0))
         texts = ["" if d else t for t, d in zip(texts, drop_text.tolist())]
-        cond, mask = self.condition(texts)
+        cond, mask = model.condition(texts)
         out = Conditions(cond, mask)
-        if not self.needs_audio_features:
+        if not model.needs_audio_features:
             return out
-        codec = self.codec
-        if wav is None and self.melody is not None:
+        codec = model.codec
+        if wav is None and model.melody is not None:
             with torch.no_grad():
                 wav = codec.decode(codes)
                 valid = torch.arange(wav.shape[-1], device=wav.device)[None] < (lengths * codec.hop_length)[:, None]
                 wav = wav * valid[:, None].to(wav.dtype)
         keep = lambda p: (~(null | (torch.rand(b) < p))).to(codes.device)  # noqa: E731
         style = melody = None
-        if self.style is not None:
-            style, out.penalty = self.style_tokens(codes, train, wav)
+        if model.style is not None:
+            style, out.penalty = model.style_tokens(codes, train, wav)
             if train:
                 style = style * keep(self.style_dropout)[:, None, None].to(style.dtype)
-        if self.melody is not None:
+        if model.melody is not None:
             assert wav is not None
-            chroma = self.melody.features(wav, codec.sample_rate)[:, :self.melody_frames(codes.shape[-1],
+            chroma = model.melody.features(wav, codec.sample_rate)[:, :model.melody_frames(codes.shape[-1],
                                                                                           codec.frame_rate)]
-            melody = self.melody(chroma)
+            melody = model.melody(chroma)
             if train:
                 melody = melody * keep(self.melody_dropout)[:, None, None].to(melody.dtype)
-        out.prefix = self.prefix(style, melody)
+        out.prefix = model.prefix(style, melody)
         return out
 
     # -- loss -----------------------------------------------------------------------------------------------
     def compute_losses(self, codes: Tensor, lengths: Tensor, cond: Tensor | None = None,
                        cond_mask: Tensor | None = None, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-codebook mean cross-entropy ``[K]`` over valid targets, and the count of those targets ``[K]``."""
-        return masked_lm_losses(self.lm, self.pattern, codes, lengths, prefix, cond, cond_mask)
+        return masked_lm_losses(self.model.lm, self.model.pattern, codes, lengths, prefix, cond, cond_mask)
 
     def _step(self, batch: TokenBatch | AudioBatch, train: bool) -> tuple[Tensor, Tensor | None]:
         codes, lengths, wav = self.batch_codes(batch)
@@ -322,3 +208,23 @@ def _token_module() -> type:
     from ostinato.data.token_datamodule import TokenDataModule
 
     return TokenDataModule
+
+
+class ImportedMusicGenFamily(MusicGenFamily):
+    """``MusicGenFamily`` with the architecture, text encoder, delays and codec of an import (``export``'s
+    config.yaml), for fine-tuning: ``ostinato train family=musicgen_import family.export=OUT continue_from=OUT``.
+
+    Args:
+        export: the folder ``ostinato import`` wrote.
+        lm, text: changes to the import's ``LMConfig`` / ``TextConditioner`` kwargs (null values keep the import's).
+        delays, cfg_dropout, attribute_dropout, codec: replace the import's values when not null.
+    """
+
+    def __init__(self, export: str, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
+                 delays: Sequence[int] | None = None, cfg_dropout: float | None = None,
+                 attribute_dropout: float | None = None, codec: str | None = None,
+                 optim: Mapping[str, Any] | None = None):
+        kwargs = imported_kwargs(export, lm, text, delays=delays, cfg_dropout=cfg_dropout,
+                                 attribute_dropout=attribute_dropout, codec=codec)
+        super().__init__(**kwargs, optim=optim)
+        self.export_dir = str(export)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ostinato.models.codec import Codec
+from ostinato.models.musicgen import MusicGen, recorded_codec
 from ostinato.store.records import resolve_ref, xps_dir
 
 
@@ -29,16 +31,14 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     from ostinato.models import load
 
     module = load(resolve_ref(str(ref)), xps_dir=xps_dir(), trust=trust)
-    if any(k.__name__ == "MusicGenFamily" for k in type(module).__mro__):
+    if isinstance(module, MusicGen):
         from ostinato.errors import UserError
-
         from ostinato.store.records import read_weights
-        from ostinato.generation.musicgen import recorded_codec
 
         recorded = recorded_codec(read_weights(resolve_ref(str(ref)), xps_dir(), trust)[1])
         raise UserError(f"{ref} is a MusicGen, not a codec; give a codec here (a reconstruction suite evaluates a "
                         f"codec: --model CODEC){f', e.g. its codec {recorded}' if recorded else ''}")
-    codec = getattr(module, "codec", None)
+    codec = module if isinstance(module, Codec) else getattr(module, "codec", None)
     if not isinstance(codec, Codec):
         raise ValueError(f"{ref} holds a {type(module).__name__}, not a codec")
     return codec.eval()
@@ -50,11 +50,14 @@ CODEC_DIR = "codec"  # an export's own copy of its codec
 FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")  # other frameworks' copies
 
 
-def copy_codec(ref: str, dst: Path, trust: bool = False, experiments: bool = True) -> Path | None:
+Exporter = Callable[..., Path]  # engine.weights.export: (ref, out, xps_dir=, trust=) -> out
+
+
+def copy_codec(ref: str, dst: Path, trust: bool = False, exporter: Exporter | None = None) -> Path | None:
     """A copy of the local codec ``ref`` at ``dst`` (a folder): a transformers EncodecModel or export folder is
     copied, an audiocraft file becomes ``dst/compression_state_dict.bin``, an ostinato XP or checkpoint is
-    exported (EMA weights + config; only when ``experiments``). Returns the codec reference inside ``dst``, or None
-    when ``ref`` is nothing local (then it stays as it is)."""
+    exported with ``exporter`` (EMA weights + config; only when one is given). Returns the codec reference inside
+    ``dst``, or None when ``ref`` is nothing local (then it stays as it is)."""
     from ostinato.store.checkpoint import SIG_PREFIX
 
     path = Path(ref).expanduser()
@@ -65,25 +68,21 @@ def copy_codec(ref: str, dst: Path, trust: bool = False, experiments: bool = Tru
         dst.mkdir(parents=True)
         shutil.copy2(path, dst / "compression_state_dict.bin")
         return dst / "compression_state_dict.bin"
-    if experiments and (ref.startswith(SIG_PREFIX) or path.exists() or (xps_dir() / ref).is_dir()):
-        from ostinato.engine.weights import export
-
-        return export(resolve_ref(ref), dst, xps_dir=xps_dir(), trust=trust)
+    if exporter is not None and (ref.startswith(SIG_PREFIX) or path.exists() or (xps_dir() / ref).is_dir()):
+        return exporter(resolve_ref(ref), dst, xps_dir=xps_dir(), trust=trust)
     return None
 
 
-def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False) -> dict:
+def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False, exporter: Exporter | None = None) -> dict:
     """``cfg`` of a MusicGen being exported to ``out`` (written in ``stage``, renamed onto ``out`` at the end), with
     its codec (``family.codec``, else the one its token shards record) copied into ``codec/`` and recorded there by
     absolute path: the export generates from any working directory (and, moved, finds ``codec/`` beside itself).
-    Other families are returned as they are."""
-    from ostinato.generation.musicgen import recorded_codec
-
+    Other families are returned as they are; ``exporter`` exports a codec that is an XP or checkpoint."""
     family = dict(cfg.get("family") or {})
     if str(family.get("_target_", "")).rsplit(".", 1)[-1] != "MusicGenFamily":
         return cfg
     ref = recorded_codec(cfg)  # None when the token shards are gone: generation will need --codec, as before
-    placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust)
+    placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust, exporter=exporter)
     if placed is None:
         return cfg
     return {**cfg, "family": {**family, "codec": str(Path(out).resolve() / placed.relative_to(stage))}}

@@ -12,15 +12,16 @@
 
 The export folder ``OUT`` (built in ``OUT.tmp``, then renamed):
 
-    OUT/model.safetensors   MusicGenFamily state: lm.* (CodebookLM), text.proj.* (= enc_to_dec_proj / output_proj)
+    OUT/model.safetensors   MusicGen (ostinato.models) state: lm.* (CodebookLM), text.proj.* (= enc_to_dec_proj)
     OUT/config.yaml         family: {_target_: ostinato.families.musicgen.MusicGenFamily, n_q, card, lm: {...},
                                      text: {model: OUT/text_encoder, ...}, delays, codec: OUT/codec, ...}; optim
     OUT/export.json         source, kind, tensor count
     OUT/text_encoder/       the frozen text encoder (HF folder, encoder only for T5) + tokenizer files
     OUT/codec/              the codec: a transformers EncodecModel folder (or a copy of ``codec=``)
 
-``ostinato.load(OUT)`` builds the family; ``continue_from=OUT`` fine-tunes it, with ``family=musicgen_import
-family.export=OUT`` (``ImportedMusicGenFamily`` rebuilds the architecture from ``OUT/config.yaml``). Paths inside
+``ostinato.load(OUT)`` builds the ``MusicGen`` model; ``continue_from=OUT`` fine-tunes it, with
+``family=musicgen_import family.export=OUT`` (``families.musicgen.ImportedMusicGenFamily`` rebuilds the
+architecture from ``OUT/config.yaml``). Paths inside
 ``config.yaml`` are absolute: re-import (or edit them) after moving ``OUT``.
 """
 from __future__ import annotations
@@ -37,19 +38,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ostinato.families.musicgen import MusicGenFamily
 from ostinato.interop.codecs import FOREIGN_WEIGHTS
 from ostinato.interop.musicgen import (
     AUDIOCRAFT_TEXT_PROJ, MUSICGEN_DECODER_DEFAULTS, _read_weights, audiocraft_delays, audiocraft_lm_config,
     audiocraft_state_to_lm, decoder_config_to_lm_config, transformers_state_to_lm,
 )
+from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family, model_kwargs
 from ostinato.nn.patterns import stereo_delays
 from ostinato.nn.transformer import LMConfig
 
-__all__ = ["ImportResult", "ImportedMusicGenFamily", "detect_source", "import_musicgen", "exported_family",
-           "TEXT_DIR", "CODEC_DIR"]
+__all__ = ["ImportResult", "detect_source", "import_musicgen", "exported_family", "TEXT_DIR", "CODEC_DIR"]
 
-FAMILY_TARGET = "ostinato.families.musicgen.MusicGenFamily"
 TEXT_DIR, CODEC_DIR = "text_encoder", "codec"
 TEXT_MAX_LENGTH = 256
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -354,7 +353,7 @@ def _place_codec(ref: str, out: Path) -> str:
     returns its path relative to ``out``, or ``ref`` itself when it is no local file/folder (an XP signature)."""
     from ostinato.interop.codecs import copy_codec
 
-    placed = copy_codec(ref, out / CODEC_DIR, experiments=False)
+    placed = copy_codec(ref, out / CODEC_DIR)
     if placed is not None:
         return placed.relative_to(out).as_posix()
     path = Path(ref).expanduser()
@@ -404,20 +403,19 @@ def _family_state(parts: _Parts) -> dict[str, Tensor]:
     return state
 
 
-def _build_family(family_cfg: Mapping[str, Any], state: Mapping[str, Tensor], source: str) -> MusicGenFamily:
-    """The family of ``family_cfg`` with ``state`` loaded strictly (a ``ValueError`` names the keys)."""
-    kwargs = {k: v for k, v in family_cfg.items() if k != "_target_"}
-    family = MusicGenFamily(**kwargs)
-    own = family.state_dict()
+def _build_model(family_cfg: Mapping[str, Any], state: Mapping[str, Tensor], source: str) -> MusicGen:
+    """The model of ``family_cfg`` with ``state`` loaded strictly (a ``ValueError`` names the keys)."""
+    model = MusicGen(**model_kwargs(family_cfg))
+    own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: the weights do not match MusicGenFamily(lm={family.cfg}); missing keys: "
-                       f"{missing[:12]}; unexpected keys: {unexpected[:12]}")
+        raise ValueError(f"{source}: the weights do not match MusicGen(lm={model.cfg}); missing keys: "
+                         f"{missing[:12]}; unexpected keys: {unexpected[:12]}")
     shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if shapes:
         raise ValueError(f"{source}: shape mismatches: {shapes[:12]}")
-    family.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    return family.eval()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return model.eval()
 
 
 def _write_folder(tmp: Path, out: Path, parts: _Parts) -> int:
@@ -425,13 +423,14 @@ def _write_folder(tmp: Path, out: Path, parts: _Parts) -> int:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    family = _build_family(_family_config(parts, tmp), _family_state(parts), parts.source)
-    tensors = {k: v.detach().contiguous() for k, v in family.state_dict().items()}
+    model = _build_model(_family_config(parts, tmp), _family_state(parts), parts.source)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     # optim: what ostinato.load passes the family (training takes the optim config group instead)
     config = {"family": _family_config(parts, out), "optim": {"name": "adamw", "lr": 3e-4}}
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    info = {"source": parts.source, "kind": parts.kind, "tensors": len(tensors), "family": FAMILY_TARGET,
+    info = {"source": parts.source, "kind": parts.kind, "tensors": len(tensors), "family": "musicgen",
+            "wrapper": FAMILY_TARGET, "model": f"{MusicGen.__module__}:{MusicGen.__name__}",
             "imported_by": "ostinato import"}
     (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return len(tensors)
@@ -540,54 +539,3 @@ def _prepare(kind: str, path: Path, tmp: Path, *, text_encoder: str | Path | Non
         codec = _place_codec(codec, tmp)
     parts.codec = codec
     return parts
-
-
-# ----- fine-tuning an import ---------------------------------------------------------------------------------
-
-def exported_family(export: str | Path) -> dict[str, Any]:
-    """The ``family`` section of an export folder's ``config.yaml`` (plain containers, no ``_target_``)."""
-    from omegaconf import OmegaConf
-
-    path = Path(export).expanduser() / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"family.export={export}: no config.yaml there; give the folder that "
-                                "`ostinato import` (or `ostinato export`) wrote")
-    family = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("family")  # type: ignore[union-attr]
-    target = family.get("_target_") if isinstance(family, dict) else None
-    if target != FAMILY_TARGET:
-        raise ValueError(f"{path}: family._target_ is {target!r}, expected {FAMILY_TARGET}")
-    return {k: v for k, v in family.items() if k != "_target_"}
-
-
-def _merge(base: Mapping[str, Any] | None, changes: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
-    """``base`` updated with the non-null ``changes``; changes to an absent section are an error."""
-    changes = {k: v for k, v in (changes or {}).items() if v is not None}
-    if base is None:
-        if changes:
-            raise ValueError(f"family.{key}: the imported model has no {key} section to change ({sorted(changes)})")
-        return None
-    return {**base, **changes}
-
-
-class ImportedMusicGenFamily(MusicGenFamily):
-    """``MusicGenFamily`` with the architecture, text encoder, delays and codec of an import (``export``'s
-    config.yaml), for fine-tuning: ``ostinato train family=musicgen_import family.export=OUT continue_from=OUT``.
-
-    Args:
-        export: the folder ``ostinato import`` wrote.
-        lm, text: changes to the import's ``LMConfig`` / ``TextConditioner`` kwargs (null values keep the import's).
-        delays, cfg_dropout, attribute_dropout, codec: replace the import's values when not null.
-    """
-
-    def __init__(self, export: str, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
-                 delays: Sequence[int] | None = None, cfg_dropout: float | None = None,
-                 attribute_dropout: float | None = None, codec: str | None = None,
-                 optim: Mapping[str, Any] | None = None):
-        base = exported_family(export)
-        kwargs = dict(base, lm=_merge(base.get("lm") or {}, lm, "lm"), text=_merge(base.get("text"), text, "text"))
-        for key, value in (("delays", delays), ("cfg_dropout", cfg_dropout),
-                           ("attribute_dropout", attribute_dropout), ("codec", codec)):
-            if value is not None:
-                kwargs[key] = list(value) if key == "delays" else value
-        super().__init__(**kwargs, optim=optim)
-        self.export_dir = str(export)

@@ -1,0 +1,443 @@
+"""MusicGen: a ``CodebookLM`` over codec tokens, conditioned on text, melody and style, with its frozen codec.
+
+The model is what training and generation share: the LM, the conditioners, the delay pattern and the
+conditioning methods (``condition``, ``style_tokens``, ``prefix``...). ``MusicGenFamily`` trains it;
+``generate`` samples audio from it, in the spirit of audiocraft's ``MusicGen.generate``.
+
+Text: a frozen ``TextConditioner`` (the encoder stays out of the state dict). Melody (MusicGen-melody): the one-hot
+chromagram of a reference, projected to the LM width and prepended. Style (MusicGen-Style): an excerpt -> frozen
+features (the codec's latents, or an HF audio encoder) -> ``StyleConditioner`` tokens, prepended before the melody.
+A null prefix condition is zeros of the same shape. The codec is a frozen helper (``attach_codec``), not a
+submodule: not trained, not in the state dict.
+
+Long outputs: ``LongForm("window", ...)`` is audiocraft's sliding window (each new window is prompted with the last
+``window - stride`` seconds); ``LongForm("chain", ...)`` is UnlimitedMusicGen's chaining of independent segments
+joined by a crossfade over their shared ``overlap``. In both, the melody prefix of every window is the part of the
+melody (looped when shorter than the output) under that window, as in training.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ostinato.data.audio import convert_channels
+from ostinato.models.codec import Codec
+from ostinato.nn.chroma import MelodyConditioner
+from ostinato.nn.conditioners import TextConditioner
+from ostinato.nn.decoding import GenerationParams, Progress, crossfade, generate, generate_chained
+from ostinato.nn.patterns import DelayPattern
+from ostinato.nn.resample import resample
+from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_features
+from ostinato.nn.transformer import CodebookLM, lm_config
+from ostinato.registry import resolve
+
+__all__ = ["MusicGen", "LongForm", "AudioRef", "recorded_codec", "locate", "model_kwargs",
+           "exported_family", "imported_kwargs", "CODEC_LOADER", "FAMILY_TARGET"]
+
+FAMILY_TARGET = "ostinato.families.musicgen.MusicGenFamily"
+# codecs come in several formats (ostinato, transformers, audiocraft) that interop reads; resolved on use, as the
+# registry's entries are, so the model sits below the readers
+CODEC_LOADER = "ostinato.interop.codecs:load_codec"
+TRAINING_KEYS = {"melody": ("dropout",), "style": ("dropout", "penalty_weight")}
+
+
+class AudioRef(Protocol):
+    """A reference recording: ``wav [C, T]`` at ``sample_rate`` (``generation.request.AudioInput`` is one)."""
+
+    wav: Tensor
+    sample_rate: int
+
+
+@dataclass
+class LongForm:
+    """How to go past one window: ``mode`` "window" (sliding, ``stride`` s added per extra window) or "chain"
+    (segments of ``window`` s sharing ``overlap`` s, crossfaded). ``window`` None = the whole output at once."""
+
+    mode: str = "window"
+    window: float | None = None
+    stride: float | None = None
+    overlap: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("window", "chain"):
+            raise ValueError(f"long-form mode must be 'window' or 'chain', got {self.mode!r}")
+        if self.window is not None and self.window <= 0:
+            raise ValueError(f"long-form window {self.window:g} s must be > 0 (--window)")
+        if self.window is None:
+            return
+        if self.mode == "window" and self.stride is not None and not 0 < self.stride <= self.window:
+            raise ValueError(f"long-form stride {self.stride:g} s must be > 0 and at most the window "
+                             f"({self.window:g} s): lower --extend-stride or raise --window")
+        if self.mode == "chain" and not 0 <= self.overlap < self.window:
+            raise ValueError(f"long-form overlap {self.overlap:g} s must be >= 0 and shorter than the window "
+                             f"({self.window:g} s): lower --overlap or raise --window")
+
+
+def recorded_codec(cfg: Mapping[str, Any] | None, strict: bool = False) -> str | None:
+    """The codec a MusicGen's stored config names: ``family.codec``, else the one of its training token shards
+    (``data.train``); None when neither (or, unless ``strict``, when the token shards cannot be read)."""
+    from ostinato.data.tokens import TokenManifest
+
+    cfg = cfg or {}
+    family = cfg.get("family") or {}
+    ref = family.get("codec")
+    if ref is None and family.get("export") is not None:  # a fine-tuned import: the import's codec
+        ref = exported_family(family["export"]).get("codec")
+    train = (cfg.get("data") or {}).get("train")
+    if ref is None and train is not None:
+        try:
+            ref = TokenManifest.load(train).codec.id
+        except (FileNotFoundError, ValueError):
+            if strict:
+                raise
+    return None if ref is None else str(ref)
+
+
+def locate(ref: str, folder: Path | None) -> str:
+    """A path as recorded, or, for a relative one that does not exist from here, the same path under ``folder``
+    (an export records its codec and text encoder relative to itself)."""
+    path = Path(ref).expanduser()
+    if ref.startswith("//") or path.is_absolute() or path.exists() or folder is None:
+        return ref
+    inside = Path(folder) / path
+    return str(inside) if inside.exists() else ref
+
+
+def exported_family(export: str | Path) -> dict[str, Any]:
+    """The ``family`` section of a MusicGen export folder's ``config.yaml`` (plain containers, no ``_target_``;
+    relative paths resolved against the folder)."""
+    from omegaconf import OmegaConf
+
+    folder = Path(export).expanduser()
+    path = folder / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"family.export={export}: no config.yaml there; give the folder that "
+                                "`ostinato import` (or `ostinato export`) wrote")
+    family = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("family")  # type: ignore[union-attr]
+    target = family.get("_target_") if isinstance(family, dict) else None
+    if target != FAMILY_TARGET:
+        raise ValueError(f"{path}: family._target_ is {target!r}, expected {FAMILY_TARGET}")
+    return _located({k: v for k, v in family.items() if k != "_target_"}, folder)
+
+
+def _located(family: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    if family.get("codec") is not None:
+        family["codec"] = locate(str(family["codec"]), folder)
+    if isinstance(family.get("text"), Mapping) and family["text"].get("model"):
+        family["text"] = {**family["text"], "model": locate(str(family["text"]["model"]), folder)}
+    return family
+
+
+def _merge(base: Mapping[str, Any] | None, changes: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
+    """``base`` updated with the non-null ``changes``; changes to an absent section are an error."""
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
+    if base is None:
+        if changes:
+            raise ValueError(f"family.{key}: the imported model has no {key} section to change ({sorted(changes)})")
+        return None
+    return {**base, **changes}
+
+
+def imported_kwargs(export: str | Path, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
+                    **replace: Any) -> dict[str, Any]:
+    """The family kwargs of an import (``export``'s config.yaml) with ``lm`` / ``text`` changes merged and the
+    non-null ``replace`` values (delays, cfg_dropout, attribute_dropout, codec) put in."""
+    base = exported_family(export)
+    kwargs = dict(base, lm=_merge(base.get("lm") or {}, lm, "lm"), text=_merge(base.get("text"), text, "text"))
+    for key, value in replace.items():
+        if value is not None:
+            kwargs[key] = list(value) if key == "delays" else value
+    return kwargs
+
+
+def model_kwargs(family: Mapping[str, Any], folder: Path | None = None) -> dict[str, Any]:
+    """A family config section (``MusicGenFamily`` or ``ImportedMusicGenFamily`` kwargs) -> ``MusicGen`` kwargs:
+    an import's section expanded, training-only keys dropped, relative paths resolved against ``folder``."""
+    family = {k: v for k, v in family.items() if k not in ("_target_", "optim")}
+    if "export" in family:
+        export = locate(str(family.pop("export")), folder)
+        family = imported_kwargs(export, **family)
+    kw = {k: family.get(k) for k in ("n_q", "card", "lm", "text", "melody", "style", "delays", "codec")}
+    for key, drop in TRAINING_KEYS.items():
+        if kw[key] is not None:
+            kw[key] = {k: v for k, v in kw[key].items() if k not in drop}
+    return _located(kw, folder)
+
+
+def _at(ref: AudioRef, sample_rate: int, channels: int) -> Tensor:
+    """``[1, channels, T']`` of a reference at ``sample_rate``."""
+    wav = convert_channels(ref.wav.float(), "mono" if channels == 1 else "stereo")
+    return resample(wav, int(ref.sample_rate), sample_rate).unsqueeze(0)
+
+
+class MusicGen(nn.Module):
+    """MusicGen inference model.
+
+    Args:
+        n_q, card: codebooks and codebook size of the codec tokens the LM models.
+        lm: ``LMConfig`` kwargs, optionally ``preset: tiny|small|medium|large`` plus overrides.
+        text: ``TextConditioner`` kwargs (``model``, ``max_length``, ``dropout``); None = no text.
+        melody: ``MelodyConditioner`` kwargs (``sample_rate`` of the chroma analysis, ``hop_seconds``, ``argmax``);
+            None = no melody.
+        style: ``StyleConditioner`` kwargs plus ``features`` ("codec" = the codec's latents, or a local HF audio
+            encoder folder), ``layer``, ``trust_remote_code``; None = no style.
+        delays: the delay pattern (default ``[0, 1, ..., n_q - 1]``).
+        codec: the codec reference the tokens come from, loaded on first use unless one is attached.
+    """
+
+    def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
+                 text: Mapping[str, Any] | None = None, melody: Mapping[str, Any] | None = None,
+                 style: Mapping[str, Any] | None = None, delays: Sequence[int] | None = None,
+                 codec: str | None = None):
+        super().__init__()
+        self.n_q, self.card = int(n_q), int(card)
+        self.cfg = lm_config(lm, n_q=self.n_q, card=self.card, cross_attention=text is not None)
+        self.lm = CodebookLM(self.cfg)
+        self.text: TextConditioner | None = None
+        if text is not None:
+            kw = dict(text)
+            if "dim" in kw and kw["dim"] != self.cfg.kv_dim:
+                raise ValueError(f"family.text.dim={kw['dim']} must equal the LM cross-attention width "
+                                 f"{self.cfg.kv_dim}; leave it out")
+            kw["dim"] = self.cfg.kv_dim
+            self.text = TextConditioner(**kw)
+        self.melody: MelodyConditioner | None = None
+        if melody is not None:
+            kw = dict(melody)
+            kw.setdefault("sample_rate", 32000)
+            self.melody = MelodyConditioner(dim=self.cfg.dim, **kw)
+        self.style: StyleConditioner | None = None
+        self.style_source = "codec"
+        if style is not None:
+            self.style = self._style(dict(style))
+        self.pattern = DelayPattern(self.n_q, delays)
+        self.codec_ref = None if codec is None else str(codec)
+
+    def _style(self, kw: dict[str, Any]) -> StyleConditioner:
+        self.style_source = str(kw.pop("features", "codec"))
+        hf_kw = {k: kw.pop(k) for k in ("layer", "trust_remote_code") if k in kw}
+        if self.style_source != "codec":
+            features = HFAudioFeatures(self.style_source, **hf_kw)
+            self.__dict__["_style_features"] = features  # frozen, unregistered (like the text encoder)
+            if kw.setdefault("feature_dim", features.dim) != features.dim:
+                raise ValueError(f"family.style.feature_dim={kw['feature_dim']} but {self.style_source} gives "
+                                 f"{features.dim}-dim features; leave feature_dim out")
+        elif "feature_dim" not in kw:
+            raise ValueError("family.style.feature_dim is required with features: codec (the codec's latent "
+                             "dimension, e.g. 128 for EnCodec)")
+        if "excerpt_seconds" in kw:
+            kw["excerpt_seconds"] = tuple(kw["excerpt_seconds"])
+        return StyleConditioner(dim=self.cfg.dim, **kw)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> MusicGen:
+        """The model of a training config (``cfg["family"]``: ``MusicGenFamily`` / ``ImportedMusicGenFamily``
+        kwargs); the codec is ``family.codec`` (an export's own ``codec/``, relative to ``folder``) or the one the
+        training token shards record."""
+        kw = model_kwargs(cfg.get("family") or {}, folder)
+        if kw["codec"] is None:
+            kw["codec"] = recorded_codec(cfg)
+        return cls(**kw)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.emb[0].weight.device
+
+    # -- the frozen codec -----------------------------------------------------------------------------------
+    @property
+    def needs_audio_features(self) -> bool:
+        return self.melody is not None or self.style is not None
+
+    def attach_codec(self, codec: Codec) -> None:
+        """Use ``codec`` (frozen, not a submodule) for decoding and for melody / style features."""
+        if codec.n_q < self.n_q or codec.cardinality != self.card:
+            raise ValueError(f"the model predicts {self.n_q} x {self.card} codes but the codec has "
+                             f"{codec.n_q} x {codec.cardinality}; pass the codec it was trained with (--codec)")
+        self.__dict__["_codec"] = codec.eval().requires_grad_(False)
+
+    @property
+    def codec(self) -> Codec:
+        codec = self.__dict__.get("_codec")
+        if codec is None:
+            if self.codec_ref is None:
+                raise ValueError("this MusicGen has no codec: set family.codec (or train on token shards, whose "
+                                 "manifest names their codec), or pass --codec")
+            self.attach_codec(resolve(CODEC_LOADER)(self.codec_ref))
+            codec = self.__dict__["_codec"]
+        if next(codec.parameters()).device != self.device:
+            codec.to(self.device)
+        return codec
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.codec.sample_rate)
+
+    # -- conditioning ---------------------------------------------------------------------------------------
+    def condition(self, texts: Sequence[str]) -> tuple[Tensor | None, Tensor | None]:
+        """``(cond [B, Tc, D], mask [B, Tc])`` for the LM; None, None when there is no text conditioner.
+
+        A null condition (all-False mask) attends to one zero vector instead: with bias-free keys/values that
+        adds exactly nothing, where an all-masked softmax would give NaN.
+        """
+        if self.text is None:
+            return None, None
+        cond, mask = self.text(list(texts))
+        attend = mask.clone()
+        attend[~mask.any(dim=1), 0] = True
+        return cond, attend
+
+    def melody_frames(self, n_frames: int, frame_rate: float) -> int:
+        """Melody prefix tokens for a window of ``n_frames`` codec frames."""
+        assert self.melody is not None
+        return max(1, self.melody.num_frames(math.ceil(n_frames / frame_rate * self.melody.sample_rate)))
+
+    def style_features(self, codes: Tensor, wav: Tensor | None = None) -> tuple[Tensor, float]:
+        """Frozen style features ``[B, T, feature_dim]`` of an excerpt's codes (or audio), and their frame rate."""
+        codec = self.codec
+        if self.style_source == "codec":
+            return codec_latent_features(codec.quantizer.decode, codes), float(codec.frame_rate)
+        features: HFAudioFeatures = self.__dict__["_style_features"]
+        if wav is None:
+            with torch.no_grad():
+                wav = codec.decode(codes)
+        return features(wav, codec.sample_rate), float(features.frame_rate)
+
+    def style_tokens(self, codes: Tensor, train: bool, wav: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A style excerpt of ``codes [B, K, T]`` (per-item start in training, from frame 0 in eval) ->
+        ``(tokens [B, Ts, dim], penalty)``; the excerpt length is shared by the batch."""
+        assert self.style is not None
+        codec = self.codec
+        start, length = self.style.excerpt(codes.shape[-1], codec.frame_rate, train=train)
+        if train and codes.shape[-1] > length:
+            starts = torch.randint(0, codes.shape[-1] - length + 1, (codes.shape[0],)).tolist()
+        else:
+            starts = [start] * codes.shape[0]
+        excerpt = torch.stack([c[:, s:s + length] for c, s in zip(codes, starts)])
+        piece = None
+        if wav is not None:
+            hop = codec.hop_length
+            piece = torch.stack([w[:, s * hop:(s + length) * hop] for w, s in zip(wav, starts)])
+        feats, _ = self.style_features(excerpt, piece)
+        return self.style(feats)
+
+    def prefix(self, style: Tensor | None, melody: Tensor | None) -> Tensor | None:
+        """``[B, P, dim]``: style tokens then melody tokens (None when neither)."""
+        parts = [p for p in (style, melody) if p is not None]
+        return torch.cat(parts, dim=1) if parts else None
+
+    def _style_prefix(self, style: AudioRef | None, b: int) -> Tensor | None:
+        if self.style is None:
+            if style is not None:
+                raise ValueError("--style given, but this model has no style conditioner (family.style)")
+            return None
+        codec = self.codec
+        if style is None:  # the dropped-style condition the model also trained on
+            frames = int(self.style.eval_excerpt_seconds * codec.frame_rate)
+            return torch.zeros(b, self.style.num_tokens(frames), self.cfg.dim, device=self.device)
+        wav = _at(style, codec.sample_rate, codec.channels).to(self.device)
+        codes = codec.encode(wav, n_q=self.n_q).codes
+        self.style.eval()
+        tokens, _ = self.style_tokens(codes, train=False, wav=wav)
+        return tokens.expand(b, -1, -1)
+
+    def _melody_chroma(self, melody: AudioRef, need: int) -> Tensor:
+        """``[1, need, 12]``: the reference's chromagram, looped when shorter than the output, cropped when longer."""
+        assert self.melody is not None
+        chroma = self.melody.features(melody.wav[None].float().to(self.device), int(melody.sample_rate))
+        if chroma.shape[1] < need:
+            chroma = chroma.repeat(1, -(-need // chroma.shape[1]), 1)
+        return chroma[:, :need]
+
+    def _melody_prefix(self, melody: AudioRef | Sequence[AudioRef] | None, b: int,
+                       total_frames: int) -> Callable[[int, int], Tensor] | None:
+        """``(start frame, frames) -> [B, P, dim]``: the melody tokens under a window."""
+        if self.melody is None:
+            if melody is not None:
+                raise ValueError("--melody given, but this model has no melody conditioner (family.melody)")
+            return None
+        fr, mel = float(self.codec.frame_rate), self.melody
+        if melody is None:
+            return lambda start, n: torch.zeros(b, self.melody_frames(n, fr), self.cfg.dim, device=self.device)
+        need = self.melody_frames(total_frames, fr) + 1
+        melodies = list(melody) if isinstance(melody, Sequence) else [melody]
+        if len(melodies) not in (1, b):
+            raise ValueError(f"{len(melodies)} melodies for {b} prompts: give one melody, or one per prompt")
+        chroma = torch.cat([self._melody_chroma(m, need) for m in melodies]).expand(b, -1, -1)
+
+        def window(start: int, n: int) -> Tensor:
+            first = round(start / fr * mel.frame_rate)
+            return mel(chroma[:, first:first + self.melody_frames(n, fr)])
+
+        return window
+
+    # -- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, descriptions: Sequence[str], duration: float = 10.0, *,
+                 melody: AudioRef | Sequence[AudioRef] | None = None, style: AudioRef | None = None,
+                 continuation: AudioRef | None = None, params: GenerationParams | None = None,
+                 progress: Progress | None = None, long_form: LongForm | None = None) -> Tensor:
+        """One clip per description ("" = no text) -> wav ``[B, C, round(duration * sample_rate)]``.
+
+        ``continuation``: the clips start with this audio (its codes are the prompt) and go on to ``duration``
+        seconds in all. ``melody``: one reference for every description, or one per description; ``style``: one
+        reference. ``params``: sampling (default ``GenerationParams()``). ``long_form``: see ``LongForm``
+        (default: one window).
+        """
+        self.eval()
+        codec = self.codec
+        params = params or GenerationParams()
+        long_form = long_form or LongForm()
+        fr, b = float(codec.frame_rate), len(descriptions)
+        frames = max(1, round(duration * fr))
+        cond, mask = self.condition(list(descriptions))
+        style_tokens = self._style_prefix(style, b)
+        melody_fn = self._melody_prefix(melody, b, frames)
+        prefix = None
+        if style_tokens is not None or melody_fn is not None:
+            def prefix(start: int, n: int) -> Tensor:
+                return self.prefix(style_tokens, None if melody_fn is None else melody_fn(start, n))
+        prompt = None
+        if continuation is not None:
+            wav = _at(continuation, codec.sample_rate, codec.channels).to(self.device)
+            prompt = codec.encode(wav, n_q=self.n_q).codes.expand(b, -1, -1)
+            if prompt.shape[-1] >= frames:
+                raise ValueError(f"the continued audio ({prompt.shape[-1] / fr:.2f} s) is not shorter than the "
+                                 f"requested duration ({duration:g} s); ask for a longer --duration")
+        window = None if long_form.window is None else max(1, round(long_form.window * fr))
+        n_samples = round(duration * codec.sample_rate)
+        chain = long_form.mode == "chain" and window is not None and window < frames
+        stride = None if long_form.stride is None else max(1, round(long_form.stride * fr))
+        head = None
+        if prompt is not None and window is not None and prompt.shape[-1] >= window:
+            # a prompt longer than a window: its start is kept as is, its last frames are the context
+            keep = round(long_form.overlap * fr) if chain else window - (stride or max(1, window // 2))
+            keep = max(1, min(keep, window - 1))
+            head, prompt = prompt[..., :-keep], prompt[..., -keep:]
+            frames -= head.shape[-1]
+            if prefix is not None:
+                offset, whole = head.shape[-1], prefix
+                prefix = lambda start, n: whole(start + offset, n)  # noqa: E731
+        if chain:
+            overlap = round(long_form.overlap * fr)
+            res = generate_chained(self.lm, self.pattern, frames, segment_frames=window, overlap_frames=overlap,
+                                   cond=cond, cond_mask=mask, prompt=prompt, params=params, batch_size=b,
+                                   progress=progress, prefix=prefix)
+            segments = list(res.segments)
+            if head is not None:
+                segments[0] = torch.cat([head, segments[0]], dim=-1)
+            wavs = [codec.decode(seg) for seg in segments]
+            return crossfade(wavs, overlap * codec.hop_length)[..., :n_samples]
+        if window is not None:
+            params = GenerationParams(**{**params.__dict__, "max_window_frames": window,
+                                         "extend_stride_frames": stride})
+        codes = generate(self.lm, self.pattern, frames, cond=cond, cond_mask=mask, prompt=prompt, params=params,
+                         batch_size=b, progress=progress, prefix=prefix)
+        if head is not None:
+            codes = torch.cat([head, codes], dim=-1)
+        return codec.decode(codes)[..., :n_samples]
