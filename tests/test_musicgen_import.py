@@ -299,7 +299,8 @@ def test_import_audiocraft_state_dict_matches_transformers(hf_musicgen, tmp_path
     main(["import", str(tmp_path), str(tmp_path / "out"), "--text-encoder", str(t5), "--codec", str(encodec)])
     assert "audiocraft" in capsys.readouterr().out
     family = ostinato.load(tmp_path / "out")
-    assert family.cfg_dropout == 0.3 and family.pattern.delays == [0, 1, 2, 3]
+    recorded = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["family"]
+    assert recorded["cfg_dropout"] == 0.3 and family.pattern.delays == [0, 1, 2, 3]  # training's, in the config
     assert_parity(family, model)
 
     # an OmegaConf object as xp.cfg (older releases) is pickled Python: only with --trust

@@ -50,8 +50,9 @@ def test_training_logs_style_penalty_and_checkpoints_every_conditioner(trained: 
     ckpt = torch.load(trained["folder"] / "checkpoints" / "last.ckpt", weights_only=True)
     keys = ckpt["state_dict"].keys()
     assert ckpt["global_step"] == 6
-    assert any(k.startswith("melody.proj") for k in keys) and any(k.startswith("style.rvq") for k in keys)
-    assert not any(k.startswith(("text.encoder", "_codec")) for k in keys)  # frozen helpers stay out
+    assert all(k.startswith("model.") for k in keys)  # the wrapper holds the model, and nothing else here
+    assert any(k.startswith("model.melody.proj") for k in keys) and any(k.startswith("model.style.rvq") for k in keys)
+    assert not any(k.removeprefix("model.").startswith(("text.encoder", "_codec")) for k in keys)  # frozen helpers
     metrics = (trained["folder"] / "csv" / "metrics.csv").read_text()
     assert "train/style_penalty" in metrics and "valid/ce" in metrics
 
@@ -108,7 +109,7 @@ def test_continuation_starts_with_the_prompt_codes(model) -> None:
         seen["codes"] = out
         return out
 
-    import ostinato.generation.musicgen as mg
+    import ostinato.models.musicgen as mg
     mg.generate, saved = spy, mg.generate
     try:
         _gen(model, continuation=prompt)

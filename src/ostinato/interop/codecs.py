@@ -12,6 +12,7 @@ import torch
 
 from ostinato.models.codec import Codec
 from ostinato.models.musicgen import MusicGen, recorded_codec
+from ostinato.registry import kind_of
 from ostinato.store.records import resolve_ref, xps_dir
 
 
@@ -79,7 +80,7 @@ def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False, exporter
     absolute path: the export generates from any working directory (and, moved, finds ``codec/`` beside itself).
     Other families are returned as they are; ``exporter`` exports a codec that is an XP or checkpoint."""
     family = dict(cfg.get("family") or {})
-    if str(family.get("_target_", "")).rsplit(".", 1)[-1] != "MusicGenFamily":
+    if kind_of(cfg).family != "musicgen":
         return cfg
     ref = recorded_codec(cfg)  # None when the token shards are gone: generation will need --codec, as before
     placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust, exporter=exporter)
