@@ -48,6 +48,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"musicgen": musicgen, "encodec": encodec, "codec": codec, "wav": wav, "root": root}
 
 
+def wrapper_state(export: Path) -> dict[str, torch.Tensor]:
+    """A training checkpoint's state dict of an export's model: the wrapper holds it under ``model.``."""
+    from safetensors.torch import load_file
+
+    return {f"model.{k}": v for k, v in load_file(export / "model.safetensors").items()}
+
+
 def fails(capsys: pytest.CaptureFixture, *argv: str, loaded: bool = False) -> str:
     """Run ``ostinato ARGV`` in-process; it must exit 2 with one line on stderr, which is returned. ``loaded``:
     the fault comes after models loaded (their loading bars may come first; the error is the last line)."""
@@ -175,9 +182,7 @@ def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch
     cfg = OmegaConf.to_container(OmegaConf.load(models["musicgen"] / "config.yaml"))
     cfg["family"]["codec"] = None  # the codec of the token shards
     cfg["data"]["train"] = str(work / "tokens")
-    from safetensors.torch import load_file
-
-    torch.save({"state_dict": load_file(models["musicgen"] / "model.safetensors"), "ostinato_config": cfg},
+    torch.save({"state_dict": wrapper_state(models["musicgen"]), "ostinato_config": cfg},
                work / "last.ckpt")
     main(["export", "last.ckpt", "export"])
     elsewhere = tmp_path / "elsewhere"
@@ -347,8 +352,6 @@ def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(mode
     trained on those shards (here its checkpoint, not an export) generates from another folder with no --codec."""
     import json
 
-    from safetensors.torch import load_file
-
     work = tmp_path / "work"
     write_shards(work / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
     (work / "encodec").symlink_to(models["encodec"], target_is_directory=True)
@@ -358,7 +361,7 @@ def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(mode
     cfg = OmegaConf.to_container(OmegaConf.load(models["musicgen"] / "config.yaml"))
     cfg["family"]["codec"] = None
     cfg["data"]["train"] = str(work / "tokens")
-    torch.save({"state_dict": load_file(models["musicgen"] / "model.safetensors"), "ostinato_config": cfg},
+    torch.save({"state_dict": wrapper_state(models["musicgen"]), "ostinato_config": cfg},
                work / "last.ckpt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
