@@ -38,7 +38,7 @@ def test_fsdp_trains_saves_sharded_and_resumes(env, tmp_path):
     # the weight-decay groups saw the blocks' original shapes, not their 1-D shards
     groups = {name: (decay, n) for name, decay, n in first_end["groups"]}
     assert groups["decay"][0] == 0.1 and groups["decay"][1] >= 2 * 6  # q/k/v/o, fc1, fc2 of both blocks
-    assert first_end["ndims"]["lm.layers.0.fc1.weight"] == 2
+    assert first_end["ndims"]["model.lm.layers.0.fc1.weight"] == 2
 
     # second run, same experiment: resumes from the directory with exactly the saved weights and step
     result = train({**run_env, "OSTINATO_DUMP": str(tmp_path / "second")}, *RUN, ddp=2)
