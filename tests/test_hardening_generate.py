@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
@@ -191,6 +192,11 @@ def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch
     main(["generate", "--model", str(work / "export"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
           "--out", "clips", "--quiet"])
     assert (elsewhere / "clips" / "000.wav").is_file()
+    assert yaml.safe_load((work / "export" / "config.yaml").read_text())["family"]["codec"] == "codec"
+    (work / "export").rename(tmp_path / "moved")  # the export records its codec relative to itself: it travels
+    main(["generate", "--model", str(tmp_path / "moved"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
+          "--out", "clips2", "--quiet"])
+    assert (elsewhere / "clips2" / "000.wav").is_file()
 
 
 def test_generate_keeps_an_earlier_runs_clips_unless_told(models, tmp_path, capsys) -> None:

@@ -176,7 +176,7 @@ def test_import_writes_an_export_folder(imported, hf_musicgen) -> None:
     assert family["_target_"] == "ostinato.families.musicgen.MusicGenFamily" and cfg["optim"]["name"] == "adamw"
     assert (family["n_q"], family["card"], family["delays"]) == (K, CARD, [0, 1, 2, 3])
     assert "preset" not in family["lm"] and family["lm"]["dim"] == DIM and family["lm"]["cross_attention"] is True
-    assert family["text"]["model"] == str(out / "text_encoder") and family["codec"] == str(out / "codec")
+    assert family["text"]["model"] == "text_encoder" and family["codec"] == "codec"  # relative: the folder travels
     weights = load_file(out / "model.safetensors")
     assert {k.split(".")[0] for k in weights} == {"lm", "text"}
     assert sorted(k for k in weights if k.startswith("text.")) == ["text.proj.bias", "text.proj.weight"]
@@ -199,6 +199,15 @@ def test_imported_model_matches_transformers(imported, hf_musicgen) -> None:
         ref = model.audio_encoder.encode(wav, bandwidth=1.2).audio_codes[0]
         ours = load_codec(imported.out / "codec").encode(wav).codes
     assert torch.equal(ours, ref)
+
+
+def test_a_moved_import_finds_its_codec_and_text_encoder(imported, hf_musicgen, tmp_path: Path) -> None:
+    model, _ = hf_musicgen
+    moved = tmp_path / "moved"
+    shutil.copytree(imported.out, moved)
+    loaded = ostinato.load(moved)
+    assert loaded.codec_ref == str(moved / "codec") and loaded.text.model_path == str(moved / "text_encoder")
+    assert_parity(loaded, model)
 
 
 def test_import_cli_refuses_and_overwrites(hf_musicgen, tmp_path: Path, capsys) -> None:

@@ -76,8 +76,8 @@ def copy_codec(ref: str, dst: Path, trust: bool = False, exporter: Exporter | No
 
 def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False, exporter: Exporter | None = None) -> dict:
     """``cfg`` of a MusicGen being exported to ``out`` (written in ``stage``, renamed onto ``out`` at the end), with
-    its codec (``family.codec``, else the one its token shards record) copied into ``codec/`` and recorded there by
-    absolute path: the export generates from any working directory (and, moved, finds ``codec/`` beside itself).
+    its codec (``family.codec``, else the one its token shards record) copied into ``codec/`` and recorded relative
+    to the export: it generates from any working directory, and moved or copied whole it still finds its codec.
     Other families are returned as they are; ``exporter`` exports a codec that is an XP or checkpoint."""
     family = dict(cfg.get("family") or {})
     if kind_of(cfg).family != "musicgen":
@@ -86,7 +86,7 @@ def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False, exporter
     placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust, exporter=exporter)
     if placed is None:
         return cfg
-    return {**cfg, "family": {**family, "codec": str(Path(out).resolve() / placed.relative_to(stage))}}
+    return {**cfg, "family": {**family, "codec": placed.relative_to(stage).as_posix()}}
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -21,8 +21,8 @@ The export folder ``OUT`` (built in ``OUT.tmp``, then renamed):
 
 ``ostinato.load(OUT)`` builds the ``MusicGen`` model; ``continue_from=OUT`` fine-tunes it, with
 ``family=musicgen_import family.export=OUT`` (``families.musicgen.ImportedMusicGenFamily`` rebuilds the
-architecture from ``OUT/config.yaml``). Paths inside
-``config.yaml`` are absolute: re-import (or edit them) after moving ``OUT``.
+architecture from ``OUT/config.yaml``). ``config.yaml`` records ``text_encoder`` and ``codec`` relative to ``OUT``:
+the folder can be moved or copied whole.
 """
 from __future__ import annotations
 
@@ -360,9 +360,10 @@ def _place_codec(ref: str, out: Path) -> str:
     return str(path.resolve()) if path.exists() else ref
 
 
-def _codec_ref(root: Path, codec: str | None) -> str | None:
-    """``codec`` as the family records it: under ``root`` when it was placed in the export folder."""
-    if codec is not None and (codec == CODEC_DIR or codec.startswith(CODEC_DIR + "/")):
+def _codec_ref(root: Path | None, codec: str | None) -> str | None:
+    """``codec`` as the family records it: under ``root`` when it was placed in the export folder (relative to
+    the folder when ``root`` is None)."""
+    if root is not None and codec is not None and (codec == CODEC_DIR or codec.startswith(CODEC_DIR + "/")):
         return str(root / codec)
     return codec
 
@@ -384,11 +385,12 @@ def _check_codec(ref: str, parts: _Parts, trust: bool) -> int:
 
 # ----- the export folder -------------------------------------------------------------------------------------
 
-def _family_config(parts: _Parts, root: Path) -> dict[str, Any]:
-    """``MusicGenFamily`` kwargs (``lm`` = exact ``LMConfig`` kwargs, paths under ``root``)."""
+def _family_config(parts: _Parts, root: Path | None) -> dict[str, Any]:
+    """``MusicGenFamily`` kwargs (``lm`` = exact ``LMConfig`` kwargs, paths under ``root``; relative to the export
+    folder when ``root`` is None, as ``config.yaml`` records them)."""
     lm = {k: v for k, v in asdict(parts.lm).items() if k not in ("n_q", "card")}
-    text = None if parts.proj is None else {"model": str(root / TEXT_DIR), "max_length": TEXT_MAX_LENGTH,
-                                            "dropout": 0.0}
+    text_dir = TEXT_DIR if root is None else str(root / TEXT_DIR)
+    text = None if parts.proj is None else {"model": text_dir, "max_length": TEXT_MAX_LENGTH, "dropout": 0.0}
     return {"_target_": FAMILY_TARGET, "n_q": parts.lm.n_q, "card": parts.lm.card, "lm": lm, "text": text,
             "delays": list(parts.delays), "cfg_dropout": parts.cfg_dropout, "attribute_dropout": 0.0,
             "codec": _codec_ref(root, parts.codec)}
@@ -427,7 +429,7 @@ def _write_folder(tmp: Path, out: Path, parts: _Parts) -> int:
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     # optim: what ostinato.load passes the family (training takes the optim config group instead)
-    config = {"family": _family_config(parts, out), "optim": {"name": "adamw", "lr": 3e-4}}
+    config = {"family": _family_config(parts, None), "optim": {"name": "adamw", "lr": 3e-4}}
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     info = {"source": parts.source, "kind": parts.kind, "tensors": len(tensors), "family": "musicgen",
             "wrapper": FAMILY_TARGET, "model": f"{MusicGen.__module__}:{MusicGen.__name__}",

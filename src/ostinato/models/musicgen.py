@@ -100,10 +100,10 @@ def recorded_codec(cfg: Mapping[str, Any] | None, strict: bool = False) -> str |
 
 
 def locate(ref: str, folder: Path | None) -> str:
-    """A path as recorded, or, for a relative one that does not exist from here, the same path under ``folder``
-    (an export records its codec and text encoder relative to itself)."""
+    """A relative path as the same path under ``folder`` when it is there (an export records its codec and text
+    encoder relative to itself), else as recorded."""
     path = Path(ref).expanduser()
-    if ref.startswith("//") or path.is_absolute() or path.exists() or folder is None:
+    if ref.startswith("//") or path.is_absolute() or folder is None:
         return ref
     inside = Path(folder) / path
     return str(inside) if inside.exists() else ref
