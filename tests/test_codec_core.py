@@ -27,7 +27,7 @@ TINY = dict(dimension=16, n_filters=4, ratios=[4, 2], n_q=3, bins=32)
 
 
 def tiny_codec(**overrides: Any) -> Codec:
-    return Codec.from_config(**{"sample_rate": 8000, **TINY, **overrides})
+    return Codec.build(**{"sample_rate": 8000, **TINY, **overrides})
 
 
 # ----- convolutions and SEANet shapes -----
@@ -297,12 +297,12 @@ def test_codec_config_properties_and_normalize() -> None:
     codec = tiny_codec(normalize=True, channels=2, encoder={"n_residual_layers": 2}).eval()
     assert (codec.hop_length, codec.frame_rate, codec.n_q, codec.cardinality) == (8, 1000.0, 3, 32)
     assert math.isclose(codec.bandwidth_kbps(), 15.0)
-    rebuilt = Codec.from_config(**json.loads(json.dumps(codec.config)))
+    rebuilt = Codec.build(**json.loads(json.dumps(codec.config)))
     assert rebuilt.config == codec.config
     assert rebuilt.state_dict().keys() == codec.state_dict().keys()
     assert len(codec.encoder.model) == len(rebuilt.encoder.model) > len(tiny_codec().encoder.model)
     with pytest.raises(ValueError, match="unknown keys"):
-        Codec.from_config(sample_rate=8000, n_filter=4)
+        Codec.build(sample_rate=8000, n_filter=4)
     wav = torch.randn(2, 2, 100) * torch.tensor([0.1, 3.0])[:, None, None]
     with torch.no_grad():
         encoded = codec.encode(wav)
@@ -428,7 +428,7 @@ def test_audiocraft_round_trip(case: str, tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     overrides, expected_names = AUDIOCRAFT_CASES[case]
-    codec = Codec.from_config(sample_rate=32000, dimension=16, n_filters=4, ratios=[8, 5, 4, 4], n_q=4, bins=64,
+    codec = Codec.build(sample_rate=32000, dimension=16, n_filters=4, ratios=[8, 5, 4, 4], n_q=4, bins=64,
                               **overrides)
     codec.train()(0.1 * torch.randn(2, 1, 6400))  # k-means and EMA give every buffer a non-trivial value
     with torch.no_grad():

@@ -9,10 +9,15 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ostinato
+from ostinato.engine.weights import load_weights
+from ostinato.families.debug import DebugFamily
+from ostinato.models.debug import ConvAutoencoder
 from tests.runner import cli_args, losses, train, xp_folder
 
 def test_xp_folder_resume_and_signature(env):
@@ -117,12 +122,19 @@ def test_ema_export_load_samples_and_wandb(env, tmp_path):
     out = tmp_path / "export"
     subprocess.run([sys.executable, "-m", "ostinato.cli", "export", folder.name, str(out)], env=env, check=True,
                    capture_output=True)
-    model = ostinato.load(out)
+    model = ostinato.load(out)  # the inference model, not its training wrapper
+    assert isinstance(model, ConvAutoencoder) and not isinstance(model, L.LightningModule)
+    assert set(load_file(out / "model.safetensors")) == set(model.state_dict())  # the model's tensors alone
     for key, value in model.state_dict().items():
-        assert torch.equal(value, ema[key]), key
+        assert torch.equal(value, ema[f"model.{key}"]), key
     x = torch.randn(2, 1, 4000)
     reloaded = ostinato.load(out)
     assert torch.equal(model(x), reloaded(x))
+    assert torch.equal(ostinato.load(folder)(x), model(x))  # the XP's checkpoint: the same EMA model
+    family = DebugFamily()  # continue_from an export loads the model's tensors into the wrapper's model
+    report = load_weights(family, out)
+    assert not report.missing and not report.unexpected and len(report.loaded) == len(model.state_dict())
+    assert torch.equal(family(x), model(x))
 
 
 def test_nan_step_is_skipped_and_nan_run_stops(env):

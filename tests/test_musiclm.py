@@ -234,7 +234,7 @@ def tiny_codec():
     from ostinato.models.codec import Codec
 
     torch.manual_seed(1)
-    return Codec.from_config(sample_rate=24000, dimension=8, n_filters=4, ratios=[8, 5, 8], n_q=4, bins=64,
+    return Codec.build(sample_rate=24000, dimension=8, n_filters=4, ratios=[8, 5, 8], n_q=4, bins=64,
                              kmeans_init=False).eval()
 
 

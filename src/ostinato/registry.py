@@ -35,8 +35,8 @@ class Family:
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("debug", "ostinato.families.debug.DebugFamily", None),
-    Kind("codec", "ostinato.families.codec.CodecFamily", None),
+    Kind("debug", "ostinato.families.debug.DebugFamily", "ostinato.models.debug:ConvAutoencoder"),
+    Kind("codec", "ostinato.families.codec.CodecFamily", "ostinato.models.codec:Codec"),
     Kind("musicgen", "ostinato.families.musicgen.MusicGenFamily", "ostinato.models.musicgen:MusicGen"),
     Kind("musicgen", "ostinato.families.musicgen.ImportedMusicGenFamily", "ostinato.models.musicgen:MusicGen"),
     Kind("mulan", "ostinato.families.mulan.MuLaNFamily", "ostinato.models.mulan:MuLaN"),

@@ -55,4 +55,5 @@ class FamilyModule(L.LightningModule):
 
     @property
     def sample_rate(self) -> int | None:
-        return getattr(self, "_sample_rate", None)
+        """The audio rate: the family's own, else its model's."""
+        return getattr(self, "_sample_rate", None) or getattr(getattr(self, "model", None), "sample_rate", None)

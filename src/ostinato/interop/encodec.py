@@ -72,7 +72,7 @@ def load_codec_state(codec: Codec, state: Mapping[str, Tensor], source: str = "c
 # ----- transformers -----
 
 def transformers_config_to_codec_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """transformers ``EncodecConfig`` (as a dict, e.g. config.json) -> ``Codec.from_config`` kwargs.
+    """transformers ``EncodecConfig`` (as a dict, e.g. config.json) -> ``Codec.build`` kwargs.
 
     ``n_q`` is transformers' ``num_quantizers`` (the codebooks of the largest target bandwidth). Chunked models
     (``chunk_length_s`` set, the 48 kHz EnCodec) are refused.
@@ -147,7 +147,7 @@ def load_transformers_encodec(folder: str | Path) -> Codec:
     config = json.loads(config_file.read_text())
     if config.get("model_type", "encodec") != "encodec":
         raise ValueError(f"{config_file}: model_type is {config.get('model_type')!r}, expected 'encodec'")
-    codec = Codec.from_config(**transformers_config_to_codec_kwargs(config))
+    codec = Codec.build(**transformers_config_to_codec_kwargs(config))
     state = transformers_state_to_codec(_read_transformers_weights(folder))
     load_codec_state(codec, state, source=str(folder))
     return codec.eval()
@@ -206,7 +206,7 @@ def codec_state_to_audiocraft(codec: Codec, legacy_weight_norm: bool = True) -> 
 
 
 def audiocraft_config_to_codec_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """audiocraft experiment config (``xp.cfg`` resolved to plain containers) -> ``Codec.from_config`` kwargs."""
+    """audiocraft experiment config (``xp.cfg`` resolved to plain containers) -> ``Codec.build`` kwargs."""
     if cfg.get("compression_model", "encodec") != "encodec":
         raise ValueError(f"compression_model is {cfg.get('compression_model')!r}, only 'encodec' is supported")
     encodec = dict(cfg.get("encodec") or {})
@@ -329,7 +329,7 @@ def load_audiocraft_encodec(path: str | Path, config: Mapping[str, Any] | None =
 
     The file is loaded with ``weights_only=True``; files that pickle objects (an OmegaConf ``xp.cfg``) need
     ``trust=True`` (arbitrary code execution risk). ``config`` replaces the file's ``xp.cfg``: either an audiocraft
-    experiment config (with ``seanet`` and ``rvq`` sections) or ``Codec.from_config`` kwargs. The file may also
+    experiment config (with ``seanet`` and ``rvq`` sections) or ``Codec.build`` kwargs. The file may also
     be a bare state dict when ``config`` is given.
     """
     path = Path(path)
@@ -347,6 +347,6 @@ def load_audiocraft_encodec(path: str | Path, config: Mapping[str, Any] | None =
     else:
         config = _plain_config(config)
     kwargs = audiocraft_config_to_codec_kwargs(config) if "seanet" in config else dict(config)
-    codec = Codec.from_config(**kwargs)
+    codec = Codec.build(**kwargs)
     load_codec_state(codec, audiocraft_state_to_codec(state), source=str(path))
     return codec.eval()

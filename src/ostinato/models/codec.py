@@ -6,6 +6,7 @@ with ``hop = prod(ratios)``, ``F = ceil(T / hop)`` and frame rate ``sample_rate 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
-# Keys of ``Codec.from_config`` with their defaults (``sample_rate`` has none): EnCodec's SEANet + RVQ, non-causal.
+# Keys of ``Codec.build`` with their defaults (``sample_rate`` has none): EnCodec's SEANet + RVQ, non-causal.
 SEANET_DEFAULTS: dict[str, Any] = dict(
     dimension=128, n_filters=32, n_residual_layers=1, ratios=[8, 5, 4, 2], activation="ELU",
     activation_params={"alpha": 1.0}, norm="weight_norm", kernel_size=7, last_kernel_size=7,
@@ -59,7 +60,7 @@ class Codec(nn.Module):
     decoder output by it (transformers' ``normalize`` / audiocraft's ``renormalize``); ``encode`` then also returns
     the scale, which ``decode`` needs.
 
-    ``config`` is a plain dict such that ``Codec.from_config(**codec.config)`` rebuilds the same architecture.
+    ``config`` is a plain dict such that ``Codec.build(**codec.config)`` rebuilds the same architecture.
     """
 
     def __init__(self, encoder: SEANetEncoder, decoder: SEANetDecoder, quantizer: ResidualVectorQuantizer,
@@ -84,7 +85,15 @@ class Codec(nn.Module):
     # ----- construction -----
 
     @classmethod
-    def from_config(cls, **kwargs: Any) -> Codec:
+    def from_config(cls, cfg: dict[str, Any], folder: Path | None = None) -> Codec:
+        """The codec of a codec training config: ``cfg["family"]`` holds ``sample_rate``, ``channels`` and the
+        ``codec`` keys of ``build``."""
+        family = cfg["family"]
+        audio = {k: family[k] for k in ("sample_rate", "channels") if k in family}
+        return cls.build(**audio, **(family.get("codec") or {}))
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> Codec:
         """Build SEANet encoder/decoder + RVQ from flat keyword arguments (e.g. a Hydra config node).
 
         Required: ``sample_rate``. Optional, with defaults: ``channels`` (1), ``normalize`` (False), the SEANet
@@ -96,9 +105,9 @@ class Codec(nn.Module):
                  *QUANTIZER_DEFAULTS}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"Codec.from_config: unknown keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"Codec.build: unknown keys {unknown}; known keys: {sorted(known)}")
         if "sample_rate" not in kwargs:
-            raise ValueError("Codec.from_config needs sample_rate")
+            raise ValueError("Codec.build needs sample_rate")
         cfg = {**CODEC_DEFAULTS, **kwargs}
         shared = {k: cfg.get(k, v) for k, v in SEANET_DEFAULTS.items()}
         shared["channels"] = cfg["channels"]
@@ -108,7 +117,7 @@ class Codec(nn.Module):
                                     ("decoder", dec_over, set(SEANET_DEFAULTS) | set(DECODER_ONLY_DEFAULTS))):
             bad = sorted(set(over) - allowed)
             if bad:
-                raise ValueError(f"Codec.from_config: unknown {side} override keys {bad}")
+                raise ValueError(f"Codec.build: unknown {side} override keys {bad}")
         if "dimension" in enc_over or "dimension" in dec_over:
             raise ValueError("dimension is shared by encoder, quantizer and decoder; set it at the top level")
         decoder_only = {k: cfg.get(k, v) for k, v in DECODER_ONLY_DEFAULTS.items()}

@@ -63,7 +63,7 @@ class HierarchicalVQVAE(nn.Module):
         ratios: SEANet ratios per level, bottom first; ``prod(ratios[l])`` is level l's hop.
         bins: codebook size (Jukebox: 2048); dimension: code vector size (Jukebox: 64).
         level_ratio: required hop ratio between consecutive levels (4).
-        Any other key is a ``Codec.from_config`` key shared by the three levels (``n_filters``, ``lstm``, ...).
+        Any other key is a ``Codec.build`` key shared by the three levels (``n_filters``, ``lstm``, ...).
     ``config`` holds the constructor arguments.
     """
 
@@ -81,7 +81,7 @@ class HierarchicalVQVAE(nn.Module):
                 raise ValueError(f"family.vqvae.{bad}: every level has exactly one codebook; leave it out")
         codec = {"lstm": 0, **codec}
         self.levels = nn.ModuleList([
-            Codec.from_config(sample_rate=sample_rate, channels=channels, ratios=r, n_q=1, bins=bins,
+            Codec.build(sample_rate=sample_rate, channels=channels, ratios=r, n_q=1, bins=bins,
                               dimension=dimension, q_dropout=False, **codec) for r in ratios])
         hops = self.hop_lengths
         for lo, hi, name in zip(hops[:-1], hops[1:], LEVELS[1:]):

@@ -1,0 +1,107 @@
+"""``GANFamily``: the one GAN training step that the codec and Musika families share.
+
+A GAN family trains ``self.model`` (the generator side: a codec, an autoencoder, a latent generator) against
+``self.discriminator`` by manual optimisation: each batch takes one discriminator update (``discriminator_step``)
+and one generator update (``generator_step``). Only the generator update counts as a training step (the
+discriminator's optimizer is stepped directly), so ``trainer.max_steps``, schedules and warm-ups are all in
+generator steps. Backward passes run under DDP's ``no_sync`` and gradients are averaged explicitly before each
+update (``ostinato.families.distributed``); a discriminator update with non-finite gradients is skipped.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ostinato.families.base import FamilyModule, plain
+from ostinato.families.distributed import average_gradients, no_sync
+from ostinato.families.guard import grads_finite
+from ostinato.families.optim import build_optimizer, build_scheduler
+from ostinato.nn.losses import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
+
+DISC_OPTIM = {"name": "adam", "lr": 3e-4, "betas": [0.5, 0.9]}
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class GANFamily(FamilyModule):
+    """Base of the GAN families: ``self.model`` is the generator side, ``self.discriminator`` (None: no GAN, the
+    model trains on its reconstruction losses alone) the critic, optimised with ``optim`` and ``optim_disc``.
+
+    ``disc_warmup_steps``: generator steps before the discriminator starts (``adversarial()``).
+    """
+
+    discriminator: nn.Module | None
+
+    def __init__(self, optim: Mapping[str, Any] | None = None, optim_disc: Mapping[str, Any] | None = None,
+                 disc_warmup_steps: int = 0, default_optim_disc: Mapping[str, Any] = DISC_OPTIM) -> None:
+        super().__init__(optim)
+        self.automatic_optimization = False
+        self.optim_disc_cfg: dict[str, Any] = plain(optim_disc) or dict(default_optim_disc)
+        self.disc_warmup_steps = int(disc_warmup_steps)
+
+    def configure_optimizers(self) -> Any:
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 10**9
+        opt_g = build_optimizer(self.model, self.optim_cfg)
+        sched = build_scheduler(opt_g, self.optim_cfg.get("schedule") or {}, total)
+        optimizers = [opt_g] + ([build_optimizer(self.discriminator, self.optim_disc_cfg)]
+                                if self.discriminator is not None else [])
+        return optimizers, [sched] if sched else []
+
+    def gan_optimizers(self) -> tuple[Any, Any | None]:
+        """(generator optimizer, discriminator optimizer or None)."""
+        opts = self.optimizers()
+        return (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+
+    def adversarial(self) -> bool:
+        """Whether this step trains against the discriminator (there is one, and its warm-up is over)."""
+        return self.discriminator is not None and self.global_step >= self.disc_warmup_steps
+
+    # -- the two updates -----------------------------------------------------------------------------------------
+    def discriminator_step(self, loss: Tensor, opt_d: Any) -> None:
+        """One discriminator update from ``loss``: backward, averaging, clipping, a non-finite check, and a step of
+        the raw optimizer (not a training step)."""
+        assert self.discriminator is not None
+        params = _trainable(self.discriminator)
+        opt_d.zero_grad(set_to_none=True)
+        with no_sync(self):
+            self.manual_backward(loss)
+        average_gradients(params)
+        if self.manual_gradient_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.manual_gradient_clip)
+        if bool(grads_finite([p.grad for p in params if p.grad is not None])):
+            opt_d.optimizer.step()
+
+    def generator_step(self, opt_g: Any, loss: Tensor | Callable[[], None]) -> None:
+        """One generator update (a training step): ``loss`` is backpropagated, or called when it is the backward
+        itself (e.g. the balancer's); then averaging, clipping, the step and the schedule."""
+        opt_g.zero_grad(set_to_none=True)
+        with no_sync(self):
+            loss() if callable(loss) else self.manual_backward(loss)
+        average_gradients(_trainable(self.model))
+        if self.manual_gradient_clip:
+            self.clip_gradients(opt_g, gradient_clip_val=self.manual_gradient_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    # -- hinge losses of a discriminator returning (logits, features) --------------------------------------------
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        """Hinge loss of the discriminator on ``real`` and (detached) ``fake`` waveforms [B, C, T]."""
+        assert self.discriminator is not None
+        real_logits, _ = self.discriminator(real)
+        fake_logits, _ = self.discriminator(fake.detach())
+        return hinge_discriminator_loss(real_logits, fake_logits)
+
+    def adversarial_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """The generator's ``adv`` (hinge) and ``feat`` (feature matching to ``real``) losses for ``fake``."""
+        assert self.discriminator is not None
+        fake_logits, fake_features = self.discriminator(fake)
+        with torch.no_grad():
+            _, real_features = self.discriminator(real)
+        return {"adv": hinge_generator_loss(fake_logits), "feat": feature_matching_loss(real_features, fake_features)}
