@@ -22,7 +22,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +29,14 @@ GAN, AUTOENCODER = ROOT / "conf/family/musika_44k.yaml", ROOT / "conf/family/mus
 
 
 def build(gan_cfg: Path, ae_cfg: Path, device: torch.device):
-    """The GAN family and the autoencoder of two family presets, random weights, eval mode."""
+    """The Musika model (its autoencoder attached) and the autoencoder of two family presets, random weights,
+    eval mode."""
+    from ostinato.models.musika import Musika, SpectralAutoencoder
+
     torch.manual_seed(0)
-    gan = instantiate(OmegaConf.load(gan_cfg), _convert_="all").to(device).eval()
-    ae = instantiate(OmegaConf.load(ae_cfg), _convert_="all").autoencoder.to(device).eval()
-    if gan.dimension != ae.dimension:
-        raise ValueError(f"{gan_cfg} makes {gan.dimension}-dim latents but {ae_cfg} decodes {ae.dimension}")
-    return gan, ae
+    ae = SpectralAutoencoder.from_config({"family": OmegaConf.to_container(OmegaConf.load(ae_cfg))})
+    gan = Musika.from_config({"family": OmegaConf.to_container(OmegaConf.load(gan_cfg))})
+    return gan.attach(ae).to(device).eval(), ae
 
 
 def sync(device: torch.device) -> None:
@@ -44,17 +44,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(gan, ae, seconds: float, batch: int, params, device: torch.device, dtype: torch.dtype) -> dict:
-    from ostinato.generation.musika import generate_audio, generate_latents
-
+def run_once(gan, ae, seconds: float, batch: int, params: dict, device: torch.device, dtype: torch.dtype) -> dict:
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
         sync(device)
         t0 = time.perf_counter()
-        latents = generate_latents(gan, int(seconds * ae.frame_rate + 0.999), batch, params)
+        latents = gan.latents(int(seconds * ae.frame_rate + 0.999), batch, seed=params["seed"],
+                              batch_windows=params["batch_windows"])
         sync(device)
         t1 = time.perf_counter()
-        wav = generate_audio(gan, ae, seconds, batch, params)
+        wav = gan.generate(seconds, batch, **params)
         sync(device)
         t2 = time.perf_counter()
     assert wav.shape == (batch, ae.channels, round(seconds * ae.sample_rate)) and bool(torch.isfinite(wav).all())
@@ -76,14 +75,13 @@ def main() -> None:
     p.add_argument("--gan", default=str(GAN), help="GAN family preset")
     p.add_argument("--autoencoder", default=str(AUTOENCODER), help="autoencoder family preset")
     args = p.parse_args()
-    from ostinato.generation.musika import MusikaParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     gan, ae = build(Path(args.gan), Path(args.autoencoder), device)
-    params = MusikaParams(seed=0, batch_windows=args.batch_windows, decode_chunk=args.decode_chunk)
+    params = {"seed": 0, "batch_windows": args.batch_windows, "decode_chunk": args.decode_chunk}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     n_params = {"generator": sum(x.numel() for x in gan.generator.parameters()) / 1e6,
                 "decoder": sum(x.numel() for x in ae.decoder.parameters()) / 1e6}

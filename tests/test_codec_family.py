@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
+import ostinato
 from ostinato.data.tokens import TokenManifest, iter_token_samples
 from ostinato.interop.codecs import load_codec
+from ostinato.models.codec import Codec
 from ostinato.data.shards import iter_shard_samples
 from ostinato.encoding.tokens import tokenize
 from tests.runner import train, xp_folder
@@ -46,6 +49,10 @@ def test_tokenize_then_decode_reproduces_reconstructions(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = TokenManifest.load(out)
     codec = load_codec(export)
+    model = ostinato.load(export)  # the inference model, no Lightning
+    assert type(model) is Codec and not isinstance(model, L.LightningModule)
+    assert torch.equal(model.decode(torch.zeros(1, 4, 3, dtype=torch.long)),
+                       codec.decode(torch.zeros(1, 4, 3, dtype=torch.long)))
     assert manifest.codec.frame_rate == codec.frame_rate == 75 and manifest.codec.n_q == 4
     assert manifest.total_samples == 16
     audio = {key: wav for shard in sorted(Path(shards).glob("*.tar"))

@@ -232,7 +232,7 @@ def test_encode_counts_every_sample_a_truncated_shard_lost(tmp_path: Path):
     lost = 6 - _readable(tmp_path / "s" / "shard-000000.tar")
     torch.manual_seed(0)
     ae = MusikaAutoencoderFamily(24000, 1, autoencoder=dict(hop=240, dimension=16, n_filters=16, ratios=[4, 2]))
-    m = encode_shards(ae.eval(), tmp_path / "s", tmp_path / "a", progress=False)
+    m = encode_shards(ae.model.eval(), tmp_path / "s", tmp_path / "a", progress=False)
     assert lost >= 2 and m.total_samples == 12 - lost
     assert m.source["samples"] == m.total_samples and m.source["skipped"] == lost
 

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader
 
 from ostinato.data.arrays import ArrayBatch, ArrayDataModule, ArrayManifest
 from ostinato.families.musika import MusikaAutoencoderFamily, MusikaFamily
-from ostinato.generation.musika import MusikaParams, generate_audio, generate_latents, seam_statistics
+from ostinato.generation.musika import seam_statistics
 from ostinato.metrics.fad import FrechetAudioDistance
-from ostinato.models.musika import (MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
-                                window_coordinates)
+from ostinato.models.musika import (Musika, MusikaGenerator, SpectralAutoencoder, coordinate_field, istft_same,
+                                    window_coordinates)
 from tests.runner import cli, train, xp_folders
 from tests.synth import write_shards
 
@@ -96,11 +96,11 @@ def test_adaptive_gradient_penalty_follows_the_discriminators_certainty():
 def trained_autoencoder() -> MusikaAutoencoderFamily:
     torch.manual_seed(0)
     family = MusikaAutoencoderFamily(SR, 1, autoencoder=AE)
-    opt = torch.optim.Adam(family.autoencoder.parameters(), 2e-3)
+    opt = torch.optim.Adam(family.model.parameters(), 2e-3)
     x = tones(8, 0.64, 1)
     history = []
     for step in range(40):
-        losses = family.losses(x, family.autoencoder(x), adversarial=False)
+        losses = family.losses(x, family.model(x), adversarial=False)
         total = sum(family.weights[k] * v for k, v in losses.items())
         opt.zero_grad()
         total.backward()
@@ -131,7 +131,7 @@ def _fd(gan: MusikaFamily, real: torch.Tensor) -> float:
     fd = FrechetAudioDistance(real.shape[1])
     fd.update(real.transpose(1, 2).reshape(-1, real.shape[1]), real=True)
     with torch.no_grad():
-        fake = generate_latents(gan, real.shape[-1] * 4, batch=8, params=MusikaParams(seed=1))
+        fake = gan.model.latents(real.shape[-1] * 4, batch=8, seed=1)
     fd.update(fake.transpose(1, 2).reshape(-1, real.shape[1]))
     return float(fd.compute())
 
@@ -140,12 +140,12 @@ def _fd(gan: MusikaFamily, real: torch.Tensor) -> float:
 def trained_gan(trained_autoencoder) -> MusikaFamily:
     torch.manual_seed(0)
     with torch.no_grad():
-        latents = trained_autoencoder.autoencoder.encode(tones(16, 2.6, 2))  # [16, 16, 33]
+        latents = trained_autoencoder.model.encode(tones(16, 2.6, 2))  # [16, 16, 33]
     batch = ArrayBatch({"latents": latents}, {"latents": torch.full((16,), latents.shape[-1])},
                        [{} for _ in range(16)])
     gan = MusikaFamily(dimension=16, window=32, gp_rate=0.01, optim={"name": "adam", "lr": 2e-3, "betas": [0.5, 0.9]},
                        optim_disc={"name": "adam", "lr": 2e-3, "betas": [0.5, 0.9]}, **GAN)
-    gan.rates[0] = trained_autoencoder.autoencoder.frame_rate
+    gan.model.latent_rate.fill_(trained_autoencoder.model.frame_rate)
     before = _fd(gan, latents)
     trainer = L.Trainer(accelerator="cpu", max_steps=60, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -162,15 +162,17 @@ def test_gan_moves_towards_the_real_latents(trained_gan):
 
 
 def test_ten_minutes_have_no_seams_and_the_control_has(trained_autoencoder, trained_gan):
-    ae = trained_autoencoder.autoencoder
-    joint = trained_gan.window * ae.hop_length  # samples per window
-    phase = trained_gan.generator.upsample * ae.hop_length
-    params = MusikaParams(seed=0, batch_windows=128)
-    wav = generate_audio(trained_gan, ae, 600.0, params=params)
+    ae = trained_autoencoder.model
+    model = trained_gan.model.attach(ae)
+    assert isinstance(model, Musika) and not isinstance(model, L.LightningModule)
+    assert set(model.state_dict()) == {"latent_rate"} | {f"generator.{k}" for k in model.generator.state_dict()}
+    joint = model.window * ae.hop_length  # samples per window
+    phase = model.generator.upsample * ae.hop_length
+    params = dict(seed=0, batch_windows=128)
+    wav = model.generate(600.0, **params)
     assert wav.shape == (1, 1, 600 * SR) and bool(torch.isfinite(wav).all())
     stitched = seam_statistics(wav[0], SR, joint, phase)
-    control = seam_statistics(generate_audio(trained_gan, ae, 600.0, params=params, independent_windows=True)[0],
-                              SR, joint, phase)
+    control = seam_statistics(model.generate(600.0, **params, independent_windows=True)[0], SR, joint, phase)
     print("stitched windows:", stitched)
     print("independent windows (control):", control)
     assert stitched["joints"] > 200
@@ -178,7 +180,7 @@ def test_ten_minutes_have_no_seams_and_the_control_has(trained_autoencoder, trai
     assert stitched["ks_pvalue"] > 0.01 and stitched["joints_above_p99"] <= 0.03
     # ... and the test sees seams where windows do not share a style and a coordinate field
     assert control["ks_pvalue"] < 1e-4 and control["joint_median"] > control["inside_median"]
-    again = generate_audio(trained_gan, ae, 20.0, params=params)  # seeded: a shorter piece is the same beginning
+    again = model.generate(20.0, **params)  # seeded: a shorter piece is the same beginning
     assert torch.allclose(again[..., :15 * SR], wav[..., :15 * SR], atol=1e-5)
 
 
@@ -244,6 +246,15 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     wav, sr = sf.read(out / "000.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
     assert sr == SR and wav.shape == (20 * SR,) and record["autoencoder"] == str(tmp_path / "ae")
+    import ostinato
+
+    ae = ostinato.load(tmp_path / "ae")  # the inference models, no Lightning
+    assert type(ae) is SpectralAutoencoder and not isinstance(ae, L.LightningModule)
+    model = ostinato.load(tmp_path / "gan")
+    assert type(model) is Musika and model.frame_rate == 12.5 and model.autoencoder_ref == str(tmp_path / "ae")
+    assert "autoencoder" not in "".join(model.state_dict())  # attached on first use, never part of the weights
+    clip = model.generate(2.0, seed=3)  # the autoencoder its latents record, loaded on first use
+    assert clip.shape == (1, 1, 2 * SR) and isinstance(model.autoencoder, SpectralAutoencoder)
     from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.musika import generate_clips
     from ostinato.generation.request import GenerationRequest
@@ -261,6 +272,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
         assert rec["truncation"] == float(t or 2)
     assert not torch.equal(clips[0.5], clips[2.0])  # the bound reaches the latents
     assert torch.equal(clips[None], clips[2.0])  # the default is Musika's 2
+    assert torch.allclose(clips[None], clip, atol=1e-6)  # generate_clips is the model's generate
     with pytest.raises(ValueError, match="--truncation"):
         generate_clips(request(prompts=[], truncation=-1.0), lambda done, total: None)
     from ostinato.cli import main

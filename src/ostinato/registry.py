@@ -43,8 +43,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("musiclm", "ostinato.families.musiclm.SemanticStage", None),
     Kind("musiclm", "ostinato.families.musiclm.CoarseStage", None),
     Kind("musiclm", "ostinato.families.musiclm.FineStage", None),
-    Kind("musika", "ostinato.families.musika.MusikaAutoencoderFamily", None),
-    Kind("musika", "ostinato.families.musika.MusikaFamily", None),
+    Kind("musika", "ostinato.families.musika.MusikaAutoencoderFamily", "ostinato.models.musika:SpectralAutoencoder"),
+    Kind("musika", "ostinato.families.musika.MusikaFamily", "ostinato.models.musika:Musika"),
     Kind("jukebox", "ostinato.families.jukebox.JukeboxVQVAEFamily", "ostinato.models.jukebox:HierarchicalVQVAE"),
     Kind("jukebox", "ostinato.families.jukebox.JukeboxPrior", "ostinato.models.jukebox:LevelPrior"),
 )

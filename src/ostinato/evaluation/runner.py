@@ -176,8 +176,7 @@ class _Unconditional:
         else:
             self.family = "musika"
             self.gan, self.autoencoder, self.codec_ref = musika.load_musika(model_ref, codec, trust=trust)
-            self.gan.to(device)
-            self.autoencoder.to(device)
+            self.gan.to(device)  # its autoencoder too
             self.sample_rate, self.channels = self.autoencoder.sample_rate, self.autoencoder.channels
         self.configure(suite)
 
@@ -197,7 +196,6 @@ class _Unconditional:
 
     @torch.no_grad()
     def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
-        from ostinato.generation import musika
         from ostinato.nn.decoding import GenerationParams
 
         assert self.suite.seconds is not None
@@ -205,9 +203,8 @@ class _Unconditional:
         seed = None if seed is None else seed + items[0].index
         report = lambda done, total: progress(done / max(total, 1))  # noqa: E731
         if self.family == "musika":
-            params = musika.MusikaParams(truncation=self.settings.get("truncation", 2.0), seed=seed)
-            wav = musika.generate_audio(self.gan, self.autoencoder, self.suite.seconds, batch=len(items),
-                                        params=params, progress=report)
+            wav = self.gan.generate(self.suite.seconds, batch=len(items), seed=seed, progress=report,
+                                    truncation=self.settings.get("truncation", 2.0))
         else:
             params = GenerationParams(**{"cfg_scale": 3.0, **self.settings, "seed": seed})
             wav = self.jukebox.generate([it.meta for it in items], self.suite.seconds, params, report)

@@ -1,17 +1,17 @@
 """The Musika family: a spectrogram autoencoder with a continuous latent, and a GAN in that latent space.
 
-``MusikaAutoencoderFamily`` trains ``SpectralAutoencoder`` on audio shards: an L1 between the decoded and the input
-(normalised) log-magnitude spectrograms, multi-scale mel + multi-resolution STFT + L1 waveform losses, optionally
-adversarial (the codec's waveform discriminators, hinge + feature matching) after ``disc_warmup_steps``. Its latents
-are then written once as array shards (``ostinato encode``).
+``MusikaAutoencoderFamily`` trains ``SpectralAutoencoder`` (``self.model``) on audio shards: an L1 between the
+decoded and the input (normalised) log-magnitude spectrograms, multi-scale mel + multi-resolution STFT + L1 waveform
+losses, optionally adversarial (the codec's waveform discriminators, hinge + feature matching) after
+``disc_warmup_steps``. Its latents are then written once as array shards (``ostinato encode``).
 
-``MusikaFamily`` trains ``MusikaGenerator`` against ``LatentDiscriminator`` on windows of those latents, as
-Musika does: hinge losses, an R1 gradient penalty on real latents whose weight adapts (Musika's "switch": the
-weight grows by ``gp_rate * gp_max_weight`` per step while the discriminator separates real from fake with a
-margin above ``gp_stable_point``, and shrinks otherwise, within ``[0, gp_max_weight]``), and an EMA of the
-generator (``ema_modules``). Each batch takes one discriminator step and one generator step on the same fakes;
-only the generator step counts as a training step. Fakes come from random style vectors and coordinate windows at
-random phases relative to the anchors.
+``MusikaFamily`` trains ``Musika`` (``self.model``: the generator and its windows) against ``LatentDiscriminator``
+on windows of those latents, as Musika does: hinge losses, an R1 gradient penalty on real latents whose weight
+adapts (Musika's "switch": the weight grows by ``gp_rate * gp_max_weight`` per step while the discriminator
+separates real from fake with a margin above ``gp_stable_point``, and shrinks otherwise, within
+``[0, gp_max_weight]``), and an EMA of the generator (``ema_modules``). Each batch takes one discriminator step and
+one generator step on the same fakes (``ostinato.families.gan``); only the generator step counts as a training
+step. Fakes come from random style vectors and coordinate windows at random phases relative to the anchors.
 
 Validation reports the Fréchet distance between real and generated latent frames (``valid/latent_fd``, lower is
 better) and the discriminator's mean scores.
@@ -26,58 +26,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ostinato.data.arrays import ArrayBatch, StreamInfo
+from ostinato.data.arrays import ArrayBatch
 from ostinato.data.batch import AudioBatch
-from ostinato.families.distributed import average_gradients, no_sync
-from ostinato.families.base import FamilyModule, plain
-from ostinato.families.guard import grads_finite
-from ostinato.families.optim import build_optimizer, build_scheduler
+from ostinato.families.base import plain
+from ostinato.families.gan import GANFamily
 from ostinato.metrics.codec import SISNR, MelDistance, MultiScaleSTFTDistance
 from ostinato.metrics.fad import FrechetAudioDistance
-from ostinato.nn.discriminators import build_discriminator
-from ostinato.nn.losses import (MultiScaleMelLoss, MultiScaleSTFTLoss, feature_matching_loss,
-                                hinge_discriminator_loss, hinge_generator_loss, l1_waveform)
-from ostinato.models.musika import (AutoencoderOutput, LatentDiscriminator, MusikaGenerator, SpectralAutoencoder,
-                                window_coordinates)
+from ostinato.models.musika import AutoencoderOutput, Musika, SpectralAutoencoder
+from ostinato.nn.discriminators import LatentDiscriminator, build_discriminator
+from ostinato.nn.losses import MultiScaleMelLoss, MultiScaleSTFTLoss, l1_waveform
 
 __all__ = ["MusikaAutoencoderFamily", "MusikaFamily", "AE_WEIGHTS"]
 
 AE_WEIGHTS = {"spec": 1.0, "mel": 1.0, "stft": 1.0, "l1": 0.1, "adv": 1.0, "feat": 1.0}
 
 
-def _optimizers(module: FamilyModule) -> tuple[Any, Any | None]:
-    opts = module.optimizers()
-    return (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
-
-
-def _raw_step(module: FamilyModule, loss: Tensor, params: list[torch.nn.Parameter], opt: Any) -> None:
-    """A discriminator update: backward under ``no_sync``, explicit gradient averaging, clipping, a non-finite
-    check, and a step of the raw optimizer (not a training step)."""
-    opt.zero_grad(set_to_none=True)
-    with no_sync(module):
-        module.manual_backward(loss)
-    average_gradients(params)
-    if module.manual_gradient_clip:
-        torch.nn.utils.clip_grad_norm_(params, module.manual_gradient_clip)
-    if bool(grads_finite([p.grad for p in params if p.grad is not None])):
-        opt.optimizer.step()
-
-
-def _generator_step(module: FamilyModule, loss: Tensor, params: list[torch.nn.Parameter], opt: Any) -> None:
-    opt.zero_grad(set_to_none=True)
-    with no_sync(module):
-        module.manual_backward(loss)
-    average_gradients(params)
-    if module.manual_gradient_clip:
-        module.clip_gradients(opt, gradient_clip_val=module.manual_gradient_clip, gradient_clip_algorithm="norm")
-    opt.step()
-    scheduler = module.lr_schedulers()
-    if scheduler is not None:
-        scheduler.step()
-
-
-class MusikaAutoencoderFamily(FamilyModule):
-    """Trains a ``SpectralAutoencoder`` on ``AudioBatch``es; validation reports mel / STFT distance and SI-SNR.
+class MusikaAutoencoderFamily(GANFamily):
+    """Trains a ``SpectralAutoencoder`` (``self.model``; rate and channels are its own) on ``AudioBatch``es;
+    validation reports mel / STFT distance and SI-SNR.
 
     Args:
         sample_rate, channels: the audio.
@@ -86,85 +52,50 @@ class MusikaAutoencoderFamily(FamilyModule):
             (``adv``/``feat`` only with a discriminator).
         discriminator: ``{kinds: [msstft, ...], <kind>: {...}}`` as for the codec, or None for no GAN.
         disc_warmup_steps: generator steps before the discriminator starts.
-    It writes array shards: ``array_streams()`` / ``encode_arrays(wav)`` (stream ``latents``, float16 [D, F]).
+    The model writes array shards (``ostinato encode``): stream ``latents``, float16 [D, F].
     """
-
-    ema_modules = ("autoencoder",)
-    array_kind = "musika_autoencoder"
 
     def __init__(self, sample_rate: int = 24000, channels: int = 1, autoencoder: Mapping[str, Any] | None = None,
                  loss_weights: Mapping[str, float] | None = None, discriminator: Mapping[str, Any] | None = None,
                  disc_warmup_steps: int = 0, mel_n_mels: int = 64, optim: Mapping[str, Any] | None = None,
                  optim_disc: Mapping[str, Any] | None = None):
-        super().__init__(optim)
-        self.automatic_optimization = False
-        self._sample_rate, self.channels = int(sample_rate), int(channels)
-        self.autoencoder = SpectralAutoencoder(sample_rate, channels, **(plain(autoencoder) or {}))
+        super().__init__(optim, optim_disc, disc_warmup_steps)
+        self.model = SpectralAutoencoder(sample_rate, channels, **(plain(autoencoder) or {}))
         self.weights = {**AE_WEIGHTS, **(plain(loss_weights) or {})}
         disc_cfg = dict(plain(discriminator) or {})
         self.discriminator = None
         if disc_cfg:
             kinds = disc_cfg.pop("kinds", ["msstft"])
-            self.discriminator = build_discriminator(kinds, channels=channels, **disc_cfg)
-        self.disc_warmup_steps = int(disc_warmup_steps)
-        self.optim_disc_cfg = plain(optim_disc) or {"name": "adam", "lr": 3e-4, "betas": [0.5, 0.9]}
+            self.discriminator = build_discriminator(kinds, channels=self.model.channels, **disc_cfg)
         # normalized: each scale's L1 on power mels is divided by its window energy, keeping it the size of the
         # log terms rather than hundreds of times the spectrogram loss
-        self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels, normalized=True)
+        self.mel_loss = MultiScaleMelLoss(self.model.sample_rate, n_mels=mel_n_mels, normalized=True)
         self.stft_loss = MultiScaleSTFTLoss(n_ffts=(512, 1024, 2048), hop_lengths=(128, 256, 512),
                                             win_lengths=(512, 1024, 2048), factor_sc=1.0, factor_mag=1.0)
-        self.val_mel = MelDistance(sample_rate)
+        self.val_mel = MelDistance(self.model.sample_rate)
         self.val_stft = MultiScaleSTFTDistance()
         self.val_sisnr = SISNR()
 
-    # -- arrays (ostinato encode) ---------------------------------------------------------------------------------
-    def array_streams(self) -> dict[str, StreamInfo]:
-        ae = self.autoencoder
-        return {"latents": StreamInfo(rate=ae.frame_rate, channels=ae.dimension, dtype="float16")}
-
-    def encode_arrays(self, wav: Tensor) -> dict[str, Tensor]:
-        """wav [B, C, T] -> {"latents": [B, D, ceil(T / hop_length)]}."""
-        return {"latents": self.autoencoder.encode(wav)}
-
     # -- training ------------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 10**9
-        opt = build_optimizer(self.autoencoder, self.optim_cfg)
-        sched = build_scheduler(opt, self.optim_cfg.get("schedule") or {}, total)
-        optimizers = [opt] + ([build_optimizer(self.discriminator, self.optim_disc_cfg)]
-                              if self.discriminator is not None else [])
-        return optimizers, [sched] if sched else []
-
     def losses(self, x: Tensor, out: AutoencoderOutput, adversarial: bool) -> dict[str, Tensor]:
         recon = out.recon
         losses = {"spec": F.l1_loss(out.logmag.float(), out.target.float()), "mel": self.mel_loss(recon, x),
                   "stft": self.stft_loss(recon, x), "l1": l1_waveform(recon, x)}
         if adversarial:
-            assert self.discriminator is not None
-            fake_logits, fake_features = self.discriminator(recon)
-            with torch.no_grad():
-                _, real_features = self.discriminator(x)
-            losses["adv"] = hinge_generator_loss(fake_logits)
-            losses["feat"] = feature_matching_loss(real_features, fake_features)
+            losses.update(self.adversarial_losses(x, recon))
         return {k: v for k, v in losses.items() if self.weights.get(k, 0) > 0}
 
     def training_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        opt_g, opt_d = _optimizers(self)
-        x = batch.audio
-        out = self.autoencoder(x)
-        recon = out.recon
-        adversarial = self.discriminator is not None and self.global_step >= self.disc_warmup_steps
-        n = len(batch)
+        opt_g, opt_d = self.gan_optimizers()
+        x, n = batch.audio, len(batch)
+        out = self.model(x)
+        adversarial = self.adversarial()
         if adversarial:
-            assert self.discriminator is not None and opt_d is not None
-            real_logits, _ = self.discriminator(x)
-            fake_logits, _ = self.discriminator(recon.detach())
-            d_loss = hinge_discriminator_loss(real_logits, fake_logits)
-            _raw_step(self, d_loss, [p for p in self.discriminator.parameters() if p.requires_grad], opt_d)
+            d_loss = self.discriminator_loss(x, out.recon)
+            self.discriminator_step(d_loss, opt_d)
             self.log("train/d_loss", d_loss.detach(), batch_size=n)
         losses = self.losses(x, out, adversarial)
-        total = sum(self.weights[k] * v for k, v in losses.items())
-        _generator_step(self, total, [p for p in self.autoencoder.parameters() if p.requires_grad], opt_g)
+        self.generator_step(opt_g, sum(self.weights[k] * v for k, v in losses.items()))
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=n, prog_bar=name == "mel")
         reconstruction = sum(self.weights[k] * losses[k] for k in ("spec", "mel", "stft", "l1") if k in losses)
@@ -176,7 +107,7 @@ class MusikaAutoencoderFamily(FamilyModule):
         if not bool(valid.any()):
             return
         x, lengths = batch.audio[valid], batch.lengths[valid]
-        recon = self.autoencoder(x).recon
+        recon = self.model(x).recon
         for metric in (self.val_mel, self.val_stft, self.val_sisnr):
             metric.update(recon, x, lengths)
         n = int(valid.sum())
@@ -192,11 +123,12 @@ class MusikaAutoencoderFamily(FamilyModule):
 
     def sample_audio(self, batch: AudioBatch) -> dict[str, Tensor]:
         with torch.no_grad():
-            return {"original": batch.audio, "reconstruction": self.autoencoder(batch.audio).recon}
+            return {"original": batch.audio, "reconstruction": self.model(batch.audio).recon}
 
 
-class MusikaFamily(FamilyModule):
-    """Musika's latent GAN on array shards of autoencoder latents (stream ``latents``).
+class MusikaFamily(GANFamily):
+    """Musika's latent GAN on array shards of autoencoder latents (stream ``latents``): trains ``Musika``
+    (``self.model``) against a ``LatentDiscriminator``.
 
     Args:
         dimension: latent size D (checked against the array manifest at setup).
@@ -210,38 +142,23 @@ class MusikaFamily(FamilyModule):
             recorded in the array shards' manifest.
     """
 
-    ema_modules = ("generator",)
+    ema_modules = ("model.generator",)
 
     def __init__(self, dimension: int = 64, window: int = 64, generator: Mapping[str, Any] | None = None,
                  discriminator: Mapping[str, Any] | None = None, anchor_spacing: int | None = None,
                  gp_max_weight: float = 10.0, gp_rate: float = 1e-4, gp_stable_point: float = 0.9,
                  autoencoder: str | None = None, optim: Mapping[str, Any] | None = None,
                  optim_disc: Mapping[str, Any] | None = None):
-        super().__init__(optim)
-        self.automatic_optimization = False
-        self.dimension, self.window = int(dimension), int(window)
-        self.generator = MusikaGenerator(dimension=dimension, **(plain(generator) or {}))
-        self.discriminator = LatentDiscriminator(dimension=dimension, **(plain(discriminator) or {}))
-        up = self.generator.upsample
-        if self.window % up:
-            raise ValueError(f"family.window={window} must be a multiple of the generator's upsampling {up} "
-                             f"(prod of family.generator.up_ratios)")
-        self.coarse_window = self.window // up
-        self.anchor_spacing = int(anchor_spacing or self.coarse_window)
+        super().__init__(optim, optim_disc, default_optim_disc={"name": "adam", "lr": 1e-4, "betas": [0.5, 0.9]})
+        self.model = Musika.build(dimension, window, plain(generator), anchor_spacing,
+                                  None if autoencoder is None else str(autoencoder))
+        self.discriminator = LatentDiscriminator(dimension=self.model.dimension, **(plain(discriminator) or {}))
         self.gp_max_weight, self.gp_rate, self.gp_stable_point = float(gp_max_weight), float(gp_rate), float(
             gp_stable_point)
         self.register_buffer("gp_weight", torch.tensor(float(gp_max_weight)))
-        self.register_buffer("rates", torch.zeros(2))  # latent frames/s and audio sample rate, from the data
-        self.autoencoder_ref = None if autoencoder is None else str(autoencoder)
-        self.optim_disc_cfg = plain(optim_disc) or {"name": "adam", "lr": 1e-4, "betas": [0.5, 0.9]}
-        self.val_fd = FrechetAudioDistance(self.dimension)
+        self.val_fd = FrechetAudioDistance(self.model.dimension)
 
     # -- data ----------------------------------------------------------------------------------------------------
-    @property
-    def frame_rate(self) -> float:
-        """Latent frames per second (recorded from the array manifest at setup; 0 before training)."""
-        return float(self.rates[0])
-
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         streams = getattr(dm, "streams", None)
@@ -250,57 +167,29 @@ class MusikaFamily(FamilyModule):
         if "latents" not in streams:
             raise ValueError(f"MusikaFamily trains on the `latents` stream of Musika autoencoder arrays; the data "
                              f"holds {list(streams)} ({dm.model.kind})")
-        info = streams["latents"]
-        if info.channels != self.dimension:
-            raise ValueError(f"family.dimension={self.dimension} but the latents have {info.channels} channels; "
-                             f"set family.dimension={info.channels}")
+        info, window = streams["latents"], self.model.window
+        if info.channels != self.model.dimension:
+            raise ValueError(f"family.dimension={self.model.dimension} but the latents have {info.channels} "
+                             f"channels; set family.dimension={info.channels}")
         frames = round(dm.segment_seconds * info.rate)
-        if frames < self.window:
+        if frames < window:
             raise ValueError(f"data.segment_seconds={dm.segment_seconds} gives {frames} latent frames, fewer than "
-                             f"family.window={self.window}; set data.segment_seconds>={self.window / info.rate:.3f}")
-        self.rates[0], self.rates[1] = float(info.rate), float(dm.model.sample_rate)
-        if self.autoencoder_ref is None:
-            self.autoencoder_ref = dm.model.id
+                             f"family.window={window}; set data.segment_seconds>={window / info.rate:.3f}")
+        self.model.latent_rate.fill_(float(info.rate))
+        if self.model.autoencoder_ref is None:
+            self.model.autoencoder_ref = dm.model.id
 
     def real_windows(self, batch: ArrayBatch) -> Tensor:
         """Random ``window``-frame crops of each item's valid latents: ``[B, D, window]``."""
-        x, lengths = batch.arrays["latents"], batch.lengths["latents"]
+        x, lengths, window = batch.arrays["latents"], batch.lengths["latents"], self.model.window
         out = []
         for item, n in zip(x, lengths.tolist()):
-            n = max(min(n, item.shape[-1]), self.window)
-            start = int(torch.randint(0, n - self.window + 1, (1,)))
-            out.append(item[:, start:start + self.window])
+            n = max(min(n, item.shape[-1]), window)
+            start = int(torch.randint(0, n - window + 1, (1,)))
+            out.append(item[:, start:start + window])
         return torch.stack(out)
 
-    def sample_noise(self, batch: int, generator: torch.Generator | None = None,
-                     truncation: float | None = None) -> tuple[Tensor, Tensor]:
-        """Coordinates of one window per item at a random phase relative to its anchors, with the generator's
-        halo, and style vectors: ``([B, coord_dim, coarse_window + 2 halo], [B, style_dim])``."""
-        from ostinato.models.musika import truncated_normal
-
-        g, device = self.generator, self.gp_weight.device
-        h, spacing = g.halo, self.anchor_spacing
-        span = self.coarse_window + 2 * h
-        n_anchors = (spacing + span) // spacing + 2
-        rows = []
-        for _ in range(batch):
-            anchors = truncated_normal((1, g.coord_dim, n_anchors), truncation, generator).to(device)
-            phase = int(torch.randint(0, spacing, (1,), generator=generator))
-            rows.append(window_coordinates(anchors, spacing, [phase + h], self.coarse_window, h))
-        style = truncated_normal((batch, g.style_dim), truncation, generator).to(device)
-        return torch.cat(rows), style
-
-    def fake_windows(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        coords, style = self.sample_noise(batch, generator)
-        return self.generator.windows(coords, style)
-
     # -- training ------------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 10**9
-        opt_g = build_optimizer(self.generator, self.optim_cfg)
-        sched = build_scheduler(opt_g, self.optim_cfg.get("schedule") or {}, total)
-        return [opt_g, build_optimizer(self.discriminator, self.optim_disc_cfg)], [sched] if sched else []
-
     def r1_penalty(self, real: Tensor) -> tuple[Tensor, Tensor]:
         """(logits of ``real``, mean over items of ``|grad_x sum D(x)|^2``), differentiable for the D update."""
         real = real.detach().requires_grad_(True)
@@ -323,21 +212,20 @@ class MusikaFamily(FamilyModule):
         return certainty
 
     def training_step(self, batch: ArrayBatch, batch_idx: int) -> None:
-        opt_g, opt_d = _optimizers(self)
-        assert opt_d is not None
+        opt_g, opt_d = self.gan_optimizers()
         real = self.real_windows(batch)
-        fake = self.fake_windows(real.shape[0])
+        fake = self.model.random_windows(real.shape[0])
         n = real.shape[0]
         # discriminator: hinge + adaptive R1 on the real windows
         d_real, r1 = self.r1_penalty(real)
         d_fake = self.discriminator(fake.detach())
         d_hinge = 0.5 * (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean())
         weight = self.gp_weight.detach().clone()
-        _raw_step(self, d_hinge + weight * r1, [p for p in self.discriminator.parameters() if p.requires_grad], opt_d)
+        self.discriminator_step(d_hinge + weight * r1, opt_d)
         certainty = self.adapt_gp_weight(d_real, d_fake)
         # generator
         g_loss = -self.discriminator(fake).mean()
-        _generator_step(self, g_loss, [p for p in self.generator.parameters() if p.requires_grad], opt_g)
+        self.generator_step(opt_g, g_loss)
         self.discriminator.zero_grad(set_to_none=True)  # the generator's backward also reached D's parameters
         self.log("train/d_loss", d_hinge.detach(), batch_size=n)
         self.log("train/g_loss", g_loss.detach(), batch_size=n, prog_bar=True)
@@ -349,16 +237,16 @@ class MusikaFamily(FamilyModule):
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _evaluate(self, batch: ArrayBatch, prefix: str, batch_idx: int) -> None:
         """Real latent frames vs generated windows (the same noise at every evaluation, so the curve compares)."""
-        lengths = batch.lengths["latents"]
-        valid = lengths >= self.window
+        lengths, window = batch.lengths["latents"], self.model.window
+        valid = lengths >= window
         if not bool(valid.any()):
             return
         x = batch.arrays["latents"][valid]
         frames = torch.cat([item[:, :n].T for item, n in zip(x, lengths[valid].tolist())])
-        real = torch.stack([item[:, :self.window] for item in x])
-        fake = self.fake_windows(real.shape[0], torch.Generator().manual_seed(batch_idx))
+        real = torch.stack([item[:, :window] for item in x])
+        fake = self.model.random_windows(real.shape[0], torch.Generator().manual_seed(batch_idx))
         self.val_fd.update(frames, real=True)
-        self.val_fd.update(fake.transpose(1, 2).reshape(-1, self.dimension), real=False)
+        self.val_fd.update(fake.transpose(1, 2).reshape(-1, self.model.dimension), real=False)
         n = real.shape[0]
         self.log(f"{prefix}/latent_fd", self.val_fd, batch_size=n, prog_bar=True)
         self.log(f"{prefix}/d_real", self.discriminator(real).mean(), batch_size=n, sync_dist=True)
@@ -372,10 +260,7 @@ class MusikaFamily(FamilyModule):
 
     def sample_audio(self, batch: ArrayBatch) -> dict[str, Tensor]:
         """Generated windows decoded by the autoencoder (when one is known)."""
-        if self.autoencoder_ref is None:
+        if self.model.autoencoder_ref is None:
             return {}
-        from ostinato.generation.musika import load_autoencoder
-
-        ae = load_autoencoder(self.autoencoder_ref).to(self.gp_weight.device)
         with torch.no_grad():
-            return {"generated": ae.decode(self.fake_windows(min(len(batch), 2)))}
+            return {"generated": self.model.decode(self.model.random_windows(min(len(batch), 2)))}

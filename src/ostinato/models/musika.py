@@ -28,19 +28,24 @@ construction; training on windows at random phases relative to the anchors teach
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ostinato.data.manifest import StreamInfo
+from ostinato.fileio import read_json
 from ostinato.nn.conv import NormConv1d
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
-__all__ = ["stft_logmag", "istft_same", "AutoencoderOutput", "SpectralAutoencoder", "MusikaGenerator",
-           "LatentDiscriminator", "coordinate_field", "window_coordinates", "truncated_normal"]
+__all__ = ["stft_logmag", "istft_same", "AutoencoderOutput", "SpectralAutoencoder", "MusikaGenerator", "Musika",
+           "coordinate_field", "window_coordinates", "truncated_normal", "recorded_autoencoder"]
+
+Progress = Callable[[int, int], None]
 
 
 # -- spectral front end / back end ------------------------------------------------------------------------------
@@ -130,6 +135,24 @@ class SpectralAutoencoder(nn.Module):
         self.encoder = SEANetEncoder(channels=self.channels * self.bins, **seanet)
         self.decoder = SEANetDecoder(channels=self.channels * 2 * self.bins, **seanet)
         self.frame_ratio = self.encoder.hop_length
+
+    array_kind = "musika_autoencoder"  # what ``ostinato encode`` records as the writer of its latent arrays
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> SpectralAutoencoder:
+        """The autoencoder of a Musika autoencoder training config (``cfg["family"]``: ``sample_rate``,
+        ``channels`` and the ``autoencoder`` keys)."""
+        family = cfg["family"]
+        audio = {k: family[k] for k in ("sample_rate", "channels") if k in family}
+        return cls(**audio, **(family.get("autoencoder") or {}))
+
+    def array_streams(self) -> dict[str, StreamInfo]:
+        """The array stream ``ostinato encode`` writes: ``latents``, float16 [D, F] at ``frame_rate``."""
+        return {"latents": StreamInfo(rate=self.frame_rate, channels=self.dimension, dtype="float16")}
+
+    def encode_arrays(self, wav: Tensor) -> dict[str, Tensor]:
+        """wav [B, C, T] -> {"latents": [B, D, ceil(T / hop_length)]}."""
+        return {"latents": self.encode(wav)}
 
     @property
     def hop_length(self) -> int:
@@ -353,22 +376,195 @@ def window_coordinates(anchors: Tensor, spacing: int, starts: Sequence[int], len
     return torch.stack(rows, dim=1).flatten(0, 1)
 
 
-class LatentDiscriminator(nn.Module):
-    """D(latents [B, dimension, W]) -> logits [B, 1, W / 2^len(strides)...]: strided 1-D convolutions with
-    LeakyReLU (a patch discriminator over time)."""
+def recorded_autoencoder(cfg: Mapping[str, Any], folder: Path | None = None) -> str | None:
+    """The autoencoder a Musika GAN's training config names: ``family.autoencoder`` (relative to the export
+    ``folder`` when it lies there), else the model that wrote its training latents (their manifest's
+    ``model.id``), else None."""
+    ref = (cfg.get("family") or {}).get("autoencoder")
+    if ref:
+        beside = None if folder is None else Path(folder) / str(ref)
+        return str(beside) if beside is not None and not Path(str(ref)).is_absolute() and beside.exists() else str(ref)
+    train = (cfg.get("data") or {}).get("train")
+    manifest = Path(str(train)) / "manifest.json" if isinstance(train, (str, Path)) else None
+    if manifest is None or not manifest.is_file():
+        return None
+    return str(read_json(manifest)["model"]["id"])
 
-    def __init__(self, dimension: int = 64, channels: Sequence[int] = (128, 256, 256), kernel_size: int = 5,
-                 norm: str = "none") -> None:
+
+class Musika(nn.Module):
+    """Musika for inference: the latent generator, its window geometry, and the autoencoder that decodes.
+
+    ``generate(duration)`` -> wav [B, C, T]. A piece gets one style vector and one chain of coordinate anchors;
+    window ``i`` covers coordinate steps ``[i L, (i + 1) L)`` of that field (``L = window / generator.upsample``).
+    Windows are generated in batches with the generator's halo and cropped, which makes them exactly the
+    corresponding parts of the whole field (``MusikaGenerator`` is translation-equivariant), so the concatenation
+    has no seams; the latents are decoded in overlapping chunks (``SpectralAutoencoder.decode_chunked``).
+
+    The autoencoder is frozen and not part of the state dict: ``attach`` one, or give ``autoencoder_ref``
+    (anything ``ostinato.load`` takes), loaded on first use. ``latent_rate`` (a buffer) is the frame rate of
+    the latents the generator was trained on (0: unknown), checked against the autoencoder's.
+    """
+
+    def __init__(self, generator: MusikaGenerator, window: int, anchor_spacing: int | None = None,
+                 autoencoder_ref: str | None = None) -> None:
         super().__init__()
-        layers: list[nn.Module] = [NormConv1d(dimension, channels[0], 3, norm=norm)]
-        for a, b in zip(channels[:-1], channels[1:]):
-            layers += [nn.LeakyReLU(0.2), NormConv1d(a, b, kernel_size, stride=2, norm=norm)]
-        layers += [nn.LeakyReLU(0.2), NormConv1d(channels[-1], channels[-1], 3, norm=norm), nn.LeakyReLU(0.2),
-                   NormConv1d(channels[-1], 1, 3, norm=norm)]
-        self.model = nn.Sequential(*layers)
-        self.dimension = int(dimension)
+        self.generator = generator
+        self.window = int(window)
+        if self.window % generator.upsample:
+            raise ValueError(f"family.window={window} must be a multiple of the generator's upsampling "
+                             f"{generator.upsample} (prod of family.generator.up_ratios)")
+        self.coarse_window = self.window // generator.upsample
+        self.anchor_spacing = int(anchor_spacing or self.coarse_window)
+        self.autoencoder_ref = autoencoder_ref
+        self.register_buffer("latent_rate", torch.zeros(()))
+        object.__setattr__(self, "_autoencoder", None)  # not a submodule: outside the state dict and optimizers
 
-    def forward(self, latents: Tensor) -> Tensor:
-        if latents.dim() != 3 or latents.shape[1] != self.dimension:
-            raise ValueError(f"expected latents [B, {self.dimension}, W], got {tuple(latents.shape)}")
-        return self.model(latents)
+    @classmethod
+    def build(cls, dimension: int, window: int, generator: Mapping[str, Any] | None = None,
+              anchor_spacing: int | None = None, autoencoder: str | None = None) -> Musika:
+        """From the family's keys: ``dimension`` (latent size D), ``window`` (latent frames per window),
+        ``generator`` (``MusikaGenerator`` keys), ``anchor_spacing``, ``autoencoder`` (a reference)."""
+        return cls(MusikaGenerator(dimension=dimension, **dict(generator or {})), window, anchor_spacing,
+                   autoencoder)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> Musika:
+        """The model of a Musika GAN training config; its autoencoder is ``recorded_autoencoder(cfg, folder)``."""
+        family = cfg["family"]
+        keys = {k: family[k] for k in ("dimension", "window", "generator", "anchor_spacing") if k in family}
+        return cls.build(**keys, autoencoder=recorded_autoencoder(cfg, folder))
+
+    # -- the autoencoder ------------------------------------------------------------------------------------------
+    @property
+    def dimension(self) -> int:
+        return self.generator.dimension
+
+    @property
+    def frame_rate(self) -> float:
+        """Latent frames per second of the training latents (0 when unknown)."""
+        return float(self.latent_rate)
+
+    def attach(self, autoencoder: SpectralAutoencoder, ref: str | None = None) -> Musika:
+        """Decode with ``autoencoder`` (frozen, moved to this model's device)."""
+        if not isinstance(autoencoder, SpectralAutoencoder):
+            raise ValueError(f"{ref or 'the autoencoder'} holds a {type(autoencoder).__name__}, not a Musika "
+                             "autoencoder (family musika_autoencoder_*)")
+        if self.frame_rate and abs(self.frame_rate - autoencoder.frame_rate) > 1e-6:
+            raise ValueError(f"the GAN was trained on latents at {self.frame_rate:g} Hz but the autoencoder's are "
+                             f"at {autoencoder.frame_rate:g} Hz; pass the autoencoder it was trained with (--codec)")
+        if autoencoder.dimension != self.dimension:
+            raise ValueError(f"the GAN makes {self.dimension}-dim latents but the autoencoder decodes "
+                             f"{autoencoder.dimension}-dim ones; pass the autoencoder it was trained with (--codec)")
+        device = self.latent_rate.device
+        object.__setattr__(self, "_autoencoder", autoencoder.to(device).eval().requires_grad_(False))
+        if ref is not None:
+            self.autoencoder_ref = ref
+        return self
+
+    @property
+    def autoencoder(self) -> SpectralAutoencoder:
+        """The attached autoencoder, loaded from ``autoencoder_ref`` on first use."""
+        if self._autoencoder is None:
+            if self.autoencoder_ref is None:
+                raise ValueError("no autoencoder recorded for this Musika (family.autoencoder or array shards); "
+                                 "pass one (--codec)")
+            from ostinato.models import load
+
+            self.attach(load(self.autoencoder_ref))
+        return self._autoencoder
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Musika:
+        super()._apply(fn, recurse)
+        if self._autoencoder is not None:
+            self._autoencoder._apply(fn, recurse)
+        return self
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents [B, D, L] -> wav [B, C, L * autoencoder.hop_length]."""
+        return self.autoencoder.decode(latents)
+
+    # -- noise and windows ---------------------------------------------------------------------------------------
+    def sample_noise(self, batch: int, rng: torch.Generator | None = None,
+                     truncation: float | None = None) -> tuple[Tensor, Tensor]:
+        """Coordinates of one window per item at a random phase relative to its anchors, with the generator's
+        halo, and style vectors: ``([B, coord_dim, coarse_window + 2 halo], [B, style_dim])``."""
+        g, device = self.generator, self.latent_rate.device
+        h, spacing = g.halo, self.anchor_spacing
+        n_anchors = (spacing + self.coarse_window + 2 * h) // spacing + 2
+        rows = []
+        for _ in range(batch):
+            anchors = truncated_normal((1, g.coord_dim, n_anchors), truncation, rng).to(device)
+            phase = int(torch.randint(0, spacing, (1,), generator=rng))
+            rows.append(window_coordinates(anchors, spacing, [phase + h], self.coarse_window, h))
+        style = truncated_normal((batch, g.style_dim), truncation, rng).to(device)
+        return torch.cat(rows), style
+
+    def random_windows(self, batch: int, rng: torch.Generator | None = None) -> Tensor:
+        """``batch`` windows at random phases: latents ``[B, D, window]``."""
+        coords, style = self.sample_noise(batch, rng)
+        return self.generator.windows(coords, style)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self, n_frames: int, batch: int = 1, truncation: float | None = 2.0, seed: int | None = None,
+                batch_windows: int = 64, progress: Progress | None = None,
+                independent_windows: bool = False) -> Tensor:
+        """``[batch, D, n_frames]`` latents. ``truncation``: anchors and style from a normal truncated at
+        +-truncation (Musika's default 2; None: untruncated); ``seed`` seeds a private generator (None: the global
+        RNG); ``batch_windows`` windows per generator forward.
+
+        ``independent_windows``: every window gets its own anchors and style, as if generated separately; this
+        breaks the continuity across joins and exists to show what the shared coordinate field buys.
+        """
+        g = self.generator
+        device = self.latent_rate.device
+        h, length, spacing = g.halo, self.coarse_window, self.anchor_spacing
+        n_windows = max(1, math.ceil(n_frames / self.window))
+        rng = None if seed is None else torch.Generator().manual_seed(int(seed))
+        if independent_windows:
+            span = length + 2 * h
+            style = truncated_normal((batch * n_windows, g.style_dim), truncation, rng)
+            anchors = truncated_normal((batch * n_windows, span // spacing + 3, g.coord_dim), truncation, rng)
+            coords = torch.cat([window_coordinates(a.T[None], spacing, [h], length, h) for a in anchors])
+        else:  # style first, then the anchors in time order: a shorter piece is the start of a longer one
+            n_anchors = (n_windows * length + 2 * h) // spacing + 2
+            style = truncated_normal((batch, g.style_dim), truncation, rng).repeat_interleave(n_windows, dim=0)
+            anchors = truncated_normal((batch, n_anchors, g.coord_dim), truncation, rng).transpose(1, 2)
+            coords = window_coordinates(anchors, spacing, [h + i * length for i in range(n_windows)], length, h)
+        was_training = g.training
+        g.eval()
+        try:
+            outs = []
+            step = max(1, int(batch_windows))
+            for s in range(0, coords.shape[0], step):
+                outs.append(g.windows(coords[s:s + step].to(device), style[s:s + step].to(device)))
+                if progress is not None:
+                    progress(min(s + step, coords.shape[0]), coords.shape[0])
+        finally:
+            g.train(was_training)
+        windows = torch.cat(outs).view(batch, n_windows, g.dimension, self.window)
+        return windows.permute(0, 2, 1, 3).reshape(batch, g.dimension, n_windows * self.window)[..., :n_frames]
+
+    @torch.no_grad()
+    def generate(self, duration: float, batch: int = 1, truncation: float | None = 2.0, seed: int | None = None,
+                 progress: Progress | None = None, batch_windows: int = 64, decode_chunk: int = 512,
+                 independent_windows: bool = False) -> Tensor:
+        """``[batch, C, round(duration * sample_rate)]`` waveforms of ``duration`` seconds (see ``latents`` for
+        the sampling settings; ``decode_chunk``: latent frames per decoding chunk). ``progress(done, total)``
+        covers both the latent windows and the decoding chunks."""
+        ae = self.autoencoder
+        n_frames = math.ceil(duration * ae.frame_rate)
+        n_windows = max(1, math.ceil(n_frames / self.window)) * batch
+        total = n_windows + math.ceil(n_frames / decode_chunk)
+
+        def on_windows(done: int, _: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
+        def on_chunk(done: int, _: int) -> None:
+            if progress is not None:
+                progress(n_windows + math.ceil(done / decode_chunk), total)
+
+        z = self.latents(n_frames, batch, truncation, seed, batch_windows, on_windows, independent_windows)
+        wav = ae.decode_chunked(z.to(next(ae.parameters()).device), decode_chunk, progress=on_chunk)
+        return wav[..., :round(duration * ae.sample_rate)]

@@ -14,6 +14,8 @@ Every discriminator maps a waveform batch ``x: [B, C, T]`` to ``(logits, feature
 - ``MultiScaleDiscriminator``: MelGAN / HiFi-GAN's MSD (grouped 1-D convs over average-pooled waveforms).
 
 All convolutions use weight normalisation (``torch.nn.utils.parametrizations.weight_norm``).
+
+``LatentDiscriminator`` is the exception: Musika's critic of latent windows ``[B, D, W]`` -> logits, a plain tensor.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+from ostinato.nn.conv import NormConv1d
 
 DiscriminatorOutput = tuple[list[Tensor], list[list[Tensor]]]
 
@@ -38,6 +42,7 @@ __all__ = [
     "CombinedDiscriminator",
     "build_discriminator",
     "DISCRIMINATOR_KINDS",
+    "LatentDiscriminator",
 ]
 
 
@@ -411,3 +416,24 @@ def build_discriminator(
     return CombinedDiscriminator(
         {k: DISCRIMINATOR_KINDS[k](channels=channels, **dict(kwargs_per_kind.get(k) or {})) for k in kinds}
     )
+
+
+class LatentDiscriminator(nn.Module):
+    """D(latents [B, dimension, W]) -> logits [B, 1, W / 2^len(strides)...]: strided 1-D convolutions with
+    LeakyReLU (a patch discriminator over time)."""
+
+    def __init__(self, dimension: int = 64, channels: Sequence[int] = (128, 256, 256), kernel_size: int = 5,
+                 norm: str = "none") -> None:
+        super().__init__()
+        layers: list[nn.Module] = [NormConv1d(dimension, channels[0], 3, norm=norm)]
+        for a, b in zip(channels[:-1], channels[1:]):
+            layers += [nn.LeakyReLU(0.2), NormConv1d(a, b, kernel_size, stride=2, norm=norm)]
+        layers += [nn.LeakyReLU(0.2), NormConv1d(channels[-1], channels[-1], 3, norm=norm), nn.LeakyReLU(0.2),
+                   NormConv1d(channels[-1], 1, 3, norm=norm)]
+        self.model = nn.Sequential(*layers)
+        self.dimension = int(dimension)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        if latents.dim() != 3 or latents.shape[1] != self.dimension:
+            raise ValueError(f"expected latents [B, {self.dimension}, W], got {tuple(latents.shape)}")
+        return self.model(latents)
