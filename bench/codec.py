@@ -83,7 +83,7 @@ def bench_training(preset: str, device: torch.device, batch: int, seconds: float
     steady = sorted(times[max(2, len(times) // 5):])  # drop start-up steps (k-means, cudnn autotune)
     step = sum(steady) / len(steady)
     return {"step_s": step, "audio_s_per_s": batch * seconds / step,
-            "params_m": sum(p.numel() for p in family.codec.parameters()) / 1e6}
+            "params_m": sum(p.numel() for p in family.model.parameters()) / 1e6}
 
 
 def transformers_twin(preset: str, folder: str):

@@ -97,3 +97,36 @@ def test_tokenize_with_an_imported_transformers_encodec(env, tmp_path):
         two = list(iter_token_samples(str(tmp_path / "tokens2" / shard.name)))
         assert [k for k, _, _ in one] == [k for k, _, _ in two]
         assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(one, two))
+
+
+def test_the_gan_step_updates_both_sides_and_counts_generator_steps():
+    """CodecFamily through the one GAN step (families/gan.py): after the discriminator's warm-up each batch updates
+    the discriminator (its raw optimizer) and the codec; only the codec's updates are training steps."""
+    from torch.utils.data import DataLoader
+
+    from ostinato.data.batch import AudioBatch
+    from ostinato.families.codec import CodecFamily
+    from ostinato.families.gan import GANFamily
+
+    torch.manual_seed(0)
+    family = CodecFamily(sample_rate=8000, codec=dict(dimension=8, n_filters=2, ratios=[4, 2], lstm=0, n_q=2, bins=16),
+                         discriminator={"kinds": ["msstft"], "msstft": {"filters": 2, "max_filters": 4, "n_ffts": [128],
+                                                                        "hop_lengths": [32], "win_lengths": [128]}},
+                         disc_warmup_steps=2, optim={"name": "adam", "lr": 1e-3})
+    assert isinstance(family, GANFamily) and isinstance(family.model, Codec)
+    assert not isinstance(family.model, L.LightningModule) and family.sample_rate == 8000
+    disc = {k: v.clone() for k, v in family.discriminator.state_dict().items()}
+    codec = {k: v.clone() for k, v in family.model.state_dict().items()}
+    batch = AudioBatch(0.1 * torch.randn(2, 1, 800), torch.full((2,), 800), ["", ""], [{}, {}])
+
+    def fit(steps: int) -> None:
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(family, DataLoader([batch] * 8, batch_size=None))
+        assert trainer.global_step == steps
+
+    fit(2)  # the warm-up: the discriminator waits
+    assert all(torch.equal(v, family.discriminator.state_dict()[k]) for k, v in disc.items())
+    assert any(not torch.equal(v, family.model.state_dict()[k]) for k, v in codec.items())
+    fit(4)
+    assert any(not torch.equal(v, family.discriminator.state_dict()[k]) for k, v in disc.items())

@@ -10,8 +10,7 @@ import torch
 
 from ostinato.data.batch import AudioBatch
 from ostinato.families.base import plain
-from ostinato.families.gan import GANFamily
-from ostinato.metrics.codec import SISNR, MelDistance, MultiScaleSTFTDistance
+from ostinato.families.gan import WaveformGANFamily
 from ostinato.models.codec import Codec
 from ostinato.nn.balancer import Balancer
 from ostinato.nn.discriminators import build_discriminator
@@ -20,7 +19,7 @@ from ostinato.nn.losses import MultiScaleMelLoss, l1_waveform
 DEFAULT_WEIGHTS = {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0}
 
 
-class CodecFamily(GANFamily):
+class CodecFamily(WaveformGANFamily):
     """Trains a ``Codec`` (``self.model``; rate and channels are its own) on ``AudioBatch``es; validation reports
     mel distance, MS-STFT distance and SI-SNR."""
 
@@ -42,9 +41,7 @@ class CodecFamily(GANFamily):
         self.mel_loss = MultiScaleMelLoss(self.model.sample_rate, n_mels=mel_n_mels)
         self.balancer = Balancer(dict(self.weights)) if balancer else None
         self.commitment_weight = commitment_weight
-        self.val_mel = MelDistance(self.model.sample_rate)
-        self.val_stft = MultiScaleSTFTDistance()
-        self.val_sisnr = SISNR()
+        self.track_reconstruction()
 
     # -- training -----------------------------------------------------------------------------------------------
     def _generator_losses(self, x: torch.Tensor, recon: torch.Tensor, adversarial: bool) -> dict[str, torch.Tensor]:
@@ -57,11 +54,7 @@ class CodecFamily(GANFamily):
         opt_g, opt_d = self.gan_optimizers()
         x, n = batch.audio, len(batch)
         out = self.model(x)
-        adversarial = self.adversarial()
-        if adversarial:
-            d_loss = self.discriminator_loss(x, out.recon)
-            self.discriminator_step(d_loss, opt_d)
-            self.log("train/d_loss", d_loss.detach(), batch_size=n)
+        adversarial = self.discriminator_update(x, out.recon, opt_d, n)
         losses = self._generator_losses(x, out.recon, adversarial)
         commitment = self.commitment_weight * out.penalty if out.penalty.requires_grad else None
 
@@ -89,28 +82,3 @@ class CodecFamily(GANFamily):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.balancer is not None and "balancer" in checkpoint:
             self.balancer.load_state_dict(checkpoint["balancer"])
-
-    # -- evaluation ---------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: AudioBatch, prefix: str) -> None:
-        recon = self.model(batch.audio).recon
-        valid = batch.lengths > 0
-        if not bool(valid.any()):
-            return
-        x, y, lengths = batch.audio[valid], recon[valid], batch.lengths[valid]
-        self.val_mel.update(y, x, lengths)
-        self.val_stft.update(y, x, lengths)
-        self.val_sisnr.update(y, x, lengths)
-        n = int(valid.sum())
-        self.log(f"{prefix}/mel_distance", self.val_mel, batch_size=n, prog_bar=True)
-        self.log(f"{prefix}/stft_distance", self.val_stft, batch_size=n)
-        self.log(f"{prefix}/sisnr", self.val_sisnr, batch_size=n)
-
-    def validation_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "valid")
-
-    def test_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def sample_audio(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {"original": batch.audio, "reconstruction": self.model(batch.audio).recon}

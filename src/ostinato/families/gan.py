@@ -1,4 +1,5 @@
-"""``GANFamily``: the one GAN training step that the codec and Musika families share.
+"""``GANFamily``: the one GAN training step that the codec and Musika families share; ``WaveformGANFamily``: the
+reconstruction GANs among them (codec, Musika autoencoder), whose model reconstructs waveforms.
 
 A GAN family trains ``self.model`` (the generator side: a codec, an autoencoder, a latent generator) against
 ``self.discriminator`` by manual optimisation: each batch takes one discriminator update (``discriminator_step``)
@@ -15,10 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ostinato.data.batch import AudioBatch
 from ostinato.families.base import FamilyModule, plain
 from ostinato.families.distributed import average_gradients, no_sync
 from ostinato.families.guard import grads_finite
 from ostinato.families.optim import build_optimizer, build_scheduler
+from ostinato.metrics.codec import SISNR, MelDistance, MultiScaleSTFTDistance
 from ostinato.nn.losses import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
 
 DISC_OPTIM = {"name": "adam", "lr": 3e-4, "betas": [0.5, 0.9]}
@@ -90,13 +93,31 @@ class GANFamily(FamilyModule):
         if scheduler is not None:
             scheduler.step()
 
-    # -- hinge losses of a discriminator returning (logits, features) --------------------------------------------
-    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
-        """Hinge loss of the discriminator on ``real`` and (detached) ``fake`` waveforms [B, C, T]."""
+
+class WaveformGANFamily(GANFamily):
+    """A GAN family whose model reconstructs waveforms (``model(x).recon``, [B, C, T] -> [B, C, T]), judged by
+    waveform discriminators that return ``(logits, features)`` (``ostinato.nn.discriminators``): hinge losses and
+    feature matching. Validation and test report mel distance, MS-STFT distance and SI-SNR; samples are the
+    original and its reconstruction. Subclasses call ``track_reconstruction()`` once ``self.model`` is built."""
+
+    def track_reconstruction(self) -> None:
+        self.val_mel = MelDistance(self.model.sample_rate)
+        self.val_stft = MultiScaleSTFTDistance()
+        self.val_sisnr = SISNR()
+
+    # -- the adversarial losses ----------------------------------------------------------------------------------
+    def discriminator_update(self, real: Tensor, fake: Tensor, opt_d: Any, batch_size: int) -> bool:
+        """When ``adversarial()``: one update of the discriminator's hinge loss on ``real`` and (detached)
+        ``fake`` waveforms [B, C, T], logged as ``train/d_loss``. Returns whether it ran."""
+        if not self.adversarial():
+            return False
         assert self.discriminator is not None
         real_logits, _ = self.discriminator(real)
         fake_logits, _ = self.discriminator(fake.detach())
-        return hinge_discriminator_loss(real_logits, fake_logits)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+        self.discriminator_step(loss, opt_d)
+        self.log("train/d_loss", loss.detach(), batch_size=batch_size)
+        return True
 
     def adversarial_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """The generator's ``adv`` (hinge) and ``feat`` (feature matching to ``real``) losses for ``fake``."""
@@ -105,3 +126,27 @@ class GANFamily(FamilyModule):
         with torch.no_grad():
             _, real_features = self.discriminator(real)
         return {"adv": hinge_generator_loss(fake_logits), "feat": feature_matching_loss(real_features, fake_features)}
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def _evaluate(self, batch: AudioBatch, prefix: str) -> None:
+        valid = batch.lengths > 0
+        if not bool(valid.any()):
+            return
+        x, lengths = batch.audio[valid], batch.lengths[valid]
+        recon = self.model(x).recon
+        for metric in (self.val_mel, self.val_stft, self.val_sisnr):
+            metric.update(recon, x, lengths)
+        n = int(valid.sum())
+        self.log(f"{prefix}/mel_distance", self.val_mel, batch_size=n, prog_bar=True)
+        self.log(f"{prefix}/stft_distance", self.val_stft, batch_size=n)
+        self.log(f"{prefix}/sisnr", self.val_sisnr, batch_size=n)
+
+    def validation_step(self, batch: AudioBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "valid")
+
+    def test_step(self, batch: AudioBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def sample_audio(self, batch: AudioBatch) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {"original": batch.audio, "reconstruction": self.model(batch.audio).recon}

@@ -29,8 +29,7 @@ from torch import Tensor
 from ostinato.data.arrays import ArrayBatch
 from ostinato.data.batch import AudioBatch
 from ostinato.families.base import plain
-from ostinato.families.gan import GANFamily
-from ostinato.metrics.codec import SISNR, MelDistance, MultiScaleSTFTDistance
+from ostinato.families.gan import GANFamily, WaveformGANFamily
 from ostinato.metrics.fad import FrechetAudioDistance
 from ostinato.models.musika import AutoencoderOutput, Musika, SpectralAutoencoder
 from ostinato.nn.discriminators import LatentDiscriminator, build_discriminator
@@ -41,7 +40,7 @@ __all__ = ["MusikaAutoencoderFamily", "MusikaFamily", "AE_WEIGHTS"]
 AE_WEIGHTS = {"spec": 1.0, "mel": 1.0, "stft": 1.0, "l1": 0.1, "adv": 1.0, "feat": 1.0}
 
 
-class MusikaAutoencoderFamily(GANFamily):
+class MusikaAutoencoderFamily(WaveformGANFamily):
     """Trains a ``SpectralAutoencoder`` (``self.model``; rate and channels are its own) on ``AudioBatch``es;
     validation reports mel / STFT distance and SI-SNR.
 
@@ -72,9 +71,7 @@ class MusikaAutoencoderFamily(GANFamily):
         self.mel_loss = MultiScaleMelLoss(self.model.sample_rate, n_mels=mel_n_mels, normalized=True)
         self.stft_loss = MultiScaleSTFTLoss(n_ffts=(512, 1024, 2048), hop_lengths=(128, 256, 512),
                                             win_lengths=(512, 1024, 2048), factor_sc=1.0, factor_mag=1.0)
-        self.val_mel = MelDistance(self.model.sample_rate)
-        self.val_stft = MultiScaleSTFTDistance()
-        self.val_sisnr = SISNR()
+        self.track_reconstruction()
 
     # -- training ------------------------------------------------------------------------------------------------
     def losses(self, x: Tensor, out: AutoencoderOutput, adversarial: bool) -> dict[str, Tensor]:
@@ -89,41 +86,13 @@ class MusikaAutoencoderFamily(GANFamily):
         opt_g, opt_d = self.gan_optimizers()
         x, n = batch.audio, len(batch)
         out = self.model(x)
-        adversarial = self.adversarial()
-        if adversarial:
-            d_loss = self.discriminator_loss(x, out.recon)
-            self.discriminator_step(d_loss, opt_d)
-            self.log("train/d_loss", d_loss.detach(), batch_size=n)
+        adversarial = self.discriminator_update(x, out.recon, opt_d, n)
         losses = self.losses(x, out, adversarial)
         self.generator_step(opt_g, sum(self.weights[k] * v for k, v in losses.items()))
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=n, prog_bar=name == "mel")
         reconstruction = sum(self.weights[k] * losses[k] for k in ("spec", "mel", "stft", "l1") if k in losses)
         self.log("train/loss", reconstruction.detach(), batch_size=n)
-
-    # -- evaluation ----------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: AudioBatch, prefix: str) -> None:
-        valid = batch.lengths > 0
-        if not bool(valid.any()):
-            return
-        x, lengths = batch.audio[valid], batch.lengths[valid]
-        recon = self.model(x).recon
-        for metric in (self.val_mel, self.val_stft, self.val_sisnr):
-            metric.update(recon, x, lengths)
-        n = int(valid.sum())
-        self.log(f"{prefix}/mel_distance", self.val_mel, batch_size=n, prog_bar=True)
-        self.log(f"{prefix}/stft_distance", self.val_stft, batch_size=n)
-        self.log(f"{prefix}/sisnr", self.val_sisnr, batch_size=n)
-
-    def validation_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "valid")
-
-    def test_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def sample_audio(self, batch: AudioBatch) -> dict[str, Tensor]:
-        with torch.no_grad():
-            return {"original": batch.audio, "reconstruction": self.model(batch.audio).recon}
 
 
 class MusikaFamily(GANFamily):
