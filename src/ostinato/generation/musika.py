@@ -7,7 +7,6 @@ parallel and stitched without seams); ``spectral_flux`` and ``seam_statistics`` 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,10 +14,10 @@ from torch import Tensor
 
 from ostinato.generation.request import GenerationRequest
 from ostinato.models.musika import Musika, SpectralAutoencoder
+from ostinato.nn.decoding import Progress
 
 __all__ = ["load_autoencoder", "load_musika", "generate_clips", "spectral_flux", "seam_statistics"]
 
-Progress = Callable[[int, int], None]
 
 
 def spectral_flux(wav: Tensor, sample_rate: int, n_fft: int = 4096, hop: int = 1024, n_mels: int = 16,

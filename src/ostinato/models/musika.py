@@ -28,7 +28,7 @@ construction; training on windows at random phases relative to the anchors teach
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,12 @@ from torch import Tensor, nn
 from ostinato.data.manifest import StreamInfo
 from ostinato.fileio import read_json
 from ostinato.nn.conv import NormConv1d
+from ostinato.nn.decoding import Progress
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
 __all__ = ["stft_logmag", "istft_same", "AutoencoderOutput", "SpectralAutoencoder", "MusikaGenerator", "Musika",
            "coordinate_field", "window_coordinates", "truncated_normal", "recorded_autoencoder"]
 
-Progress = Callable[[int, int], None]
 
 
 # -- spectral front end / back end ------------------------------------------------------------------------------
