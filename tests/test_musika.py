@@ -80,6 +80,35 @@ def test_windows_with_their_halo_are_exact_crops_of_the_whole_field():
     assert torch.allclose(field[..., ::spacing], anchors[..., :10], atol=1e-5)
 
 
+def test_the_model_finds_its_autoencoder_and_refuses_a_wrong_one(tmp_path):
+    from ostinato.models.musika import recorded_autoencoder
+
+    (tmp_path / "export" / "ae").mkdir(parents=True)
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "latents" / "manifest.json").write_text(json.dumps({"model": {"id": "//sig/abc"}}))
+    assert recorded_autoencoder({"family": {"autoencoder": "ae"}}, tmp_path / "export") == str(tmp_path / "export/ae")
+    assert recorded_autoencoder({"family": {"autoencoder": "ae"}}, None) == "ae"  # relative to the working dir
+    assert recorded_autoencoder({"family": {}, "data": {"train": str(tmp_path / "latents")}}) == "//sig/abc"
+    assert recorded_autoencoder({"family": {}, "data": {"train": str(tmp_path)}}) is None
+    model = Musika.build(16, 16, GAN["generator"])
+    assert model.coarse_window == 4 and model.anchor_spacing == 4 and model.dimension == 16
+    with pytest.raises(ValueError, match="multiple of the generator's upsampling 4"):
+        Musika.build(16, 18, GAN["generator"])
+    with pytest.raises(ValueError, match="no autoencoder recorded"):
+        model.generate(1.0)
+    model.latent_rate.fill_(25.0)
+    with pytest.raises(ValueError, match="trained on latents at 25 Hz but the autoencoder's are at 12.5 Hz"):
+        model.attach(SpectralAutoencoder(SR, **AE))
+    with pytest.raises(ValueError, match="not a Musika autoencoder"):
+        model.attach(torch.nn.Linear(2, 2))
+    model.latent_rate.fill_(12.5)
+    ae = SpectralAutoencoder(SR, **AE)
+    model.attach(ae).to(torch.float64)  # the attached autoencoder moves along
+    assert next(model.autoencoder.parameters()).dtype == torch.float64 and model.autoencoder is ae
+    assert model.float().generate(0.5, seed=0).shape == (1, 1, SR // 2)
+    assert set(model.state_dict()) == {"latent_rate"} | {f"generator.{k}" for k in model.generator.state_dict()}
+
+
 def test_adaptive_gradient_penalty_follows_the_discriminators_certainty():
     gan = MusikaFamily(dimension=16, window=16, gp_max_weight=10.0, gp_rate=0.1, **GAN)
     assert float(gan.gp_weight) == 10.0

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ostinato.data.manifest import StreamInfo
+from ostinato.data.manifest import MANIFEST_NAME, StreamInfo
 from ostinato.fileio import read_json
 from ostinato.nn.conv import NormConv1d
 from ostinato.nn.decoding import Progress
@@ -382,10 +382,10 @@ def recorded_autoencoder(cfg: Mapping[str, Any], folder: Path | None = None) -> 
     ``model.id``), else None."""
     ref = (cfg.get("family") or {}).get("autoencoder")
     if ref:
-        beside = None if folder is None else Path(folder) / str(ref)
-        return str(beside) if beside is not None and not Path(str(ref)).is_absolute() and beside.exists() else str(ref)
+        beside = Path(folder) / str(ref) if folder is not None and not Path(str(ref)).is_absolute() else None
+        return str(beside) if beside is not None and beside.exists() else str(ref)
     train = (cfg.get("data") or {}).get("train")
-    manifest = Path(str(train)) / "manifest.json" if isinstance(train, (str, Path)) else None
+    manifest = Path(str(train)) / MANIFEST_NAME if isinstance(train, (str, Path)) else None
     if manifest is None or not manifest.is_file():
         return None
     return str(read_json(manifest)["model"]["id"])
