@@ -283,7 +283,7 @@ def test_export_into_an_existing_folder_needs_overwrite(capsys, tmp_path, traine
 @pytest.mark.parametrize("where", ["new folder", "mount point"])
 def test_export_to_a_full_disk_leaves_nothing_half_written(capsys, tmp_path, where) -> None:
     ckpt = _foreign_checkpoint(tmp_path / "big.ckpt", "ostinato.families.debug.DebugFamily",
-                               w=torch.zeros(200_000))  # 800 kB of weights for a 256 kB disk
+                               **{"model.w": torch.zeros(200_000)})  # 800 kB of model weights for a 256 kB disk
     with tmpfs(tmp_path / "disk", "size=256k") as disk:
         out = disk / "out" if where == "new folder" else disk
         code, _, err = _cli(capsys, "export", str(ckpt), str(out))
@@ -295,7 +295,8 @@ def test_export_to_a_full_disk_leaves_nothing_half_written(capsys, tmp_path, whe
 
 @pytest.mark.parametrize("where", ["new folder", "mount point"])
 def test_export_to_a_read_only_folder_says_so(capsys, tmp_path, where) -> None:
-    ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily", w=torch.zeros(4))
+    ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily",
+                               **{"model.w": torch.zeros(4)})
     with tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         out = ro / "out" if where == "new folder" else ro
         code, _, err = _cli(capsys, "export", str(ckpt), str(out))
@@ -307,7 +308,8 @@ def test_export_to_a_read_only_folder_says_so(capsys, tmp_path, where) -> None:
 
 def test_export_into_a_mount_point_replaces_its_content(capsys, tmp_path) -> None:
     """An existing OUT may be a mount point, which cannot be renamed: its entries are replaced one by one."""
-    ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily", w=torch.zeros(4))
+    ckpt = _foreign_checkpoint(tmp_path / "small.ckpt", "ostinato.families.debug.DebugFamily",
+                               **{"model.w": torch.zeros(4)})
     with tmpfs(tmp_path / "mnt", "size=1m") as mnt:
         (mnt / "stale.txt").write_text("old")
         code, _, _ = _cli(capsys, "export", str(ckpt), str(mnt), "--overwrite")

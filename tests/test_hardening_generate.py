@@ -42,7 +42,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     module = instantiate(family, _convert_="all")
     codec.mkdir()
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(codec / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in module.model.state_dict().items()}, str(codec / "model.safetensors"))
     (codec / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"family": family})))
     wav = tmp_path_factory.mktemp("audio") / "tone.wav"
     sf.write(wav, tone(440, 0.5, SR)[0].numpy(), SR)
