@@ -369,3 +369,43 @@ def test_demo_prints_held_out_retrieval_of_the_trained_mulan(trained: dict) -> N
     for key in ("t2a_r10", "a2t_r10"):
         assert 0.0 <= metrics[key] <= 1.0
     assert 1.0 <= metrics["t2a_median_rank"] <= 16.0
+
+
+def test_retrieval_suite_ranks_clips_against_their_captions(trained: dict, tmp_path: Path) -> None:
+    """``ostinato eval mulan_demo --model MULAN``: the registry picks MuLaN's producer; the numbers are those of
+    the model's own embeddings; a suite kind MuLaN cannot produce is refused in one line."""
+    import json as json_
+
+    import ostinato
+    from ostinato.evaluation.retrieval import retrieval_scores
+    from ostinato.evaluation.runner import run_suite
+    from ostinato.evaluation.suite import SuiteError, load_suite
+    from ostinato.models.mulan import mulan_embeddings
+
+    test = trained["data"] / "demo" / "shards" / "test"
+    result = run_suite("mulan_demo", str(trained["export"]), tmp_path / "eval", progress=False,
+                       overrides=[f"reference={test}", "seconds=1.0", "batch_size=4"])
+    m = result["metrics"]
+    assert result["kind"] == "retrieval" and result["settings"]["family"] == "mulan" and m["n"] == 16
+    for way in ("t2a", "a2t"):
+        assert all(0 <= m[f"{way}_r{k}"] <= 1 for k in (1, 5, 10))
+        assert m[f"{way}_r1"] <= m[f"{way}_r5"] <= m[f"{way}_r10"]
+        assert 1 <= m[f"{way}_median_rank"] <= 16 and 1 <= m[f"{way}_mean_rank"] <= 16
+    assert m["chance_r5"] == 5 / 16 and m["chance_mean_rank"] == 8.5
+    saved = json_.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["metrics"] == m and saved["items"][3]["prompt"] and (tmp_path / "eval" / "report.md").is_file()
+    # the same numbers from the model's own embeddings of the same clips and captions
+    mulan = ostinato.load(trained["export"])
+    emb = mulan_embeddings(mulan, str(test), segment_seconds=1.0, with_text=True)
+    expected = retrieval_scores(emb[:16], emb[16:], (1, 5, 10))
+    assert all(abs(expected[k] - m[k]) < 1e-6 for k in expected), (expected, m)
+
+    with pytest.raises(SuiteError, match=r"demo.yaml: kind: a text_to_music suite cannot run on a mulan model; use "
+                                         r"a retrieval suite"):
+        run_suite("demo", str(trained["export"]), tmp_path / "x", progress=False)
+    with pytest.raises(SuiteError, match=r"metrics.retrieval \(set by --set\): retrieval ranks clips against"):
+        load_suite("demo", {"metrics": {"retrieval": {}}})
+    with pytest.raises(SuiteError, match=r"prompts.*takes no prompts"):
+        load_suite("mulan_demo", ["prompts=[a]"])
+    with pytest.raises(SuiteError, match=r"metrics.retrieval.ks"):
+        load_suite("mulan_demo", ["metrics.retrieval.ks=[0]"])

@@ -197,7 +197,7 @@ def test_stage_losses_ignore_invalid_positions(pattern):
         stage.eval()
         batch = fixed_batch(short=4)
         ce = stage.losses(batch, train=False)
-        assert ce.shape == (stage.n_q,) and torch.isfinite(ce).all()
+        assert ce.shape == (stage.model.n_q,) and torch.isfinite(ce).all()
         # codes past an item's valid length (all streams) change nothing
         batch.semantic[0, :, 4:] = 7 - batch.semantic[0, :, 4:]
         batch.codes[0, :, 12:] = 63 - batch.codes[0, :, 12:]
@@ -239,10 +239,10 @@ def tiny_codec():
 
 
 def pipeline(window: float | None = 0.4):
-    from ostinato.generation.musiclm import MusicLM
     from ostinato.models.mulan import MuLaNQuantizer
+    from ostinato.models.musiclm import MusicLM
 
-    sem, coarse, fine = stages()
+    sem, coarse, fine = (stage.model for stage in stages())
     for stage in (sem, coarse, fine):
         stage.rates.copy_(torch.tensor([25.0, 75.0]))
         stage.eval()
@@ -257,13 +257,11 @@ def pipeline(window: float | None = 0.4):
 
 def test_pipeline_gives_the_requested_length_and_keeps_the_best_mulan_candidate():
     from ostinato.nn.decoding import GenerationParams
-    from ostinato.generation.musiclm import generate_musiclm
 
     model = pipeline(window=0.4)  # 1.03 s = past two and a half windows in every stage
     calls = []
-    out = generate_musiclm(model, ["a chorale for organ", "a fiddle reel", ""], 1.03,
-                           GenerationParams(top_k=8, seed=0), num_candidates=3,
-                           progress=lambda done, total: calls.append((done, total)))
+    out = model.sample(["a chorale for organ", "a fiddle reel", ""], 1.03, params=GenerationParams(top_k=8, seed=0),
+                       num_candidates=3, progress=lambda done, total: calls.append((done, total)))
     n = round(1.03 * 24000)
     assert out.wav.shape == (3, 1, n) and out.candidates.shape == (3, 3, 1, n)
     assert out.semantic.shape == (3, 3, 1, round(1.03 * 25)) and out.codes.shape == (3, 3, 4, round(1.03 * 75))
@@ -278,21 +276,24 @@ def test_pipeline_gives_the_requested_length_and_keeps_the_best_mulan_candidate(
     assert out.scores[2].abs().sum() == 0 and int(out.best[2]) == 0  # unconditional: not reranked
     # the candidates differ; the seed reproduces the whole pipeline
     assert not torch.equal(out.codes[0, 0], out.codes[0, 1])
-    again = generate_musiclm(model, ["a chorale for organ", "a fiddle reel", ""], 1.03,
-                             GenerationParams(top_k=8, seed=0), num_candidates=3)
+    again = model.sample(["a chorale for organ", "a fiddle reel", ""], 1.03, params=GenerationParams(top_k=8, seed=0),
+                         num_candidates=3)
     assert torch.equal(again.codes, out.codes)
+    # generate() is the best candidate's audio of the same pipeline
+    wav = model.generate(["a chorale for organ", "a fiddle reel", ""], duration=1.03,
+                         params=GenerationParams(top_k=8, seed=0), num_candidates=3)
+    assert torch.equal(wav, out.wav)
 
 
 def test_pipeline_continuation_starts_with_the_prompt_tokens():
     from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.request import AudioInput
-    from ostinato.generation.musiclm import generate_musiclm
 
     model = pipeline(window=0.4)
     t = torch.arange(round(0.6 * 24000)) / 24000
     audio = AudioInput((0.3 * torch.sin(2 * torch.pi * 330 * t) * (1 + torch.sin(2 * torch.pi * 3 * t)))[None], 24000)
-    out = generate_musiclm(model, ["a chorale"], 1.0, GenerationParams(top_k=8, seed=1), num_candidates=2,
-                           continuation=audio)
+    out = model.sample(["a chorale"], 1.0, audio.wav, num_candidates=2, params=GenerationParams(top_k=8, seed=1),
+                       continuation_sample_rate=audio.sample_rate)
     sem_prompt = model.semantic_tokenizer.encode(audio.at(16000, 1))
     codes_prompt = model.codec.encode(audio.at(24000, 1)).codes
     assert sem_prompt.shape[-1] == 15 and codes_prompt.shape[-1] == 45
@@ -301,7 +302,7 @@ def test_pipeline_continuation_starts_with_the_prompt_tokens():
         assert torch.equal(out.codes[0, c, :, :45], codes_prompt[0])
     assert out.codes.shape[-1] == 75 and out.wav.shape == (1, 1, 24000)
     with pytest.raises(ValueError, match="not shorter than the requested duration"):
-        generate_musiclm(model, ["x"], 0.5, GenerationParams(seed=1), continuation=audio)
+        model.sample(["x"], 0.5, audio.wav, params=GenerationParams(seed=1), continuation_sample_rate=24000)
 
 
 def test_coarse_guidance_keeps_the_semantic_tokens_in_the_null_condition():
@@ -319,11 +320,10 @@ def test_coarse_guidance_keeps_the_semantic_tokens_in_the_null_condition():
         return pre
 
     from ostinato.nn.decoding import GenerationParams
-    from ostinato.generation.musiclm import generate_musiclm
 
     lm._Decoder.window_prefix = spy
     try:
-        generate_musiclm(model, ["a chorale"], 0.4, GenerationParams(top_k=8, seed=0, cfg_scale=3.0))
+        model.generate(["a chorale"], 0.4, params=GenerationParams(top_k=8, seed=0, cfg_scale=3.0))
     finally:
         lm._Decoder.window_prefix = real
     (sem_cfg, sem_pre), (coarse_cfg, coarse_pre), (fine_cfg, fine_pre) = seen
@@ -425,7 +425,7 @@ def stage_xps(env, demo_streams, tmp_path_factory) -> dict:
 def test_stage_trains_through_the_engine(stage, stage_xps):
     folder = stage_xps["folders"][stage]
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-    rates = ckpt["state_dict"]["rates"].tolist()  # frames/s of the streams the stage reads
+    rates = ckpt["state_dict"]["model.rates"].tolist()  # frames/s of the streams the stage reads (the model's)
     assert ckpt["global_step"] == 3
     assert rates[0] == (25.0 if stage != "fine" else 0.0) and rates[1] == (75.0 if stage != "semantic" else 0.0)
     metrics = (folder / "csv" / "metrics.csv").read_text()
@@ -437,8 +437,10 @@ def test_a_stage_resumes_and_exports(stage_xps, tmp_path):
     import subprocess
     import sys
 
+    import lightning.pytorch as pl
+
     import ostinato
-    from ostinato.families.musiclm import SemanticStage
+    from ostinato.models.musiclm import SemanticLM
     from tests.runner import train
 
     folder = stage_xps["folders"]["semantic"]
@@ -450,8 +452,12 @@ def test_a_stage_resumes_and_exports(stage_xps, tmp_path):
     out = tmp_path / "export"
     subprocess.run([sys.executable, "-m", "ostinato.cli", "export", str(folder), str(out)], env=stage_xps["env"],
                    check=True, capture_output=True)
-    module = ostinato.load(out)
-    assert isinstance(module, SemanticStage) and module.semantic_rate == 25.0 and module.card == 32
+    module = ostinato.load(out)  # the stage model, not its training wrapper
+    assert type(module) is SemanticLM and not isinstance(module, pl.LightningModule)
+    assert module.semantic_rate == 25.0 and module.card == 32
+    from_xp = ostinato.load(folder)
+    assert type(from_xp) is SemanticLM and all(torch.equal(v, from_xp.state_dict()[k])
+                                               for k, v in module.state_dict().items())
 
 
 def test_cli_generates_from_text_and_continues_audio(stage_xps, tmp_path):
@@ -486,6 +492,64 @@ def test_cli_generates_from_text_and_continues_audio(stage_xps, tmp_path):
     bad = subprocess.run(base[:-6] + ["--quiet", "--out", str(tmp_path / "x")], env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--fine" in bad.stderr
+
+
+def test_a_bundle_generates_without_family_and_continues_from_an_export(stage_xps, tmp_path):
+    """``ostinato bundle musiclm`` names the three stages; ``generate --model BUNDLE`` needs no --family; a stage
+    wrapper continues from an export (the model's keys) and from a checkpoint (the wrapper's)."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+    from omegaconf import OmegaConf
+
+    from ostinato.engine.weights import load_weights
+    from ostinato.families.musiclm import CoarseStage
+    from ostinato.generation.musiclm import load_bundle
+    from ostinato.registry import bundle_family
+
+    folders, env = stage_xps["folders"], stage_xps["env"]
+    cli = [sys.executable, "-m", "ostinato.cli"]
+    export = tmp_path / "coarse_export"
+    subprocess.run(cli + ["export", str(folders["coarse"]), str(export)], env=env, check=True, capture_output=True)
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run(cli + ["bundle", "musiclm", str(bundle), "--semantic", str(folders["semantic"]),
+                                 "--coarse", str(export), "--fine", str(folders["fine"])],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert bundle_family(str(bundle)).name == "musiclm"
+    out = tmp_path / "clips"
+    proc = subprocess.run(cli + ["generate", "--model", str(bundle), "--prompt", "a reel", "--duration", "0.5",
+                                 "--top-k", "8", "--seed", "0", "--quiet", "--out", str(out)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(sf.read(out / "000.wav")[0]) == 12000
+    assert json.loads((out / "000.json").read_text())["coarse"] == str(export.resolve())
+    model = load_bundle(bundle)
+    assert model.sources["mulan"] == stage_xps["parts"]["mulan"]
+
+    # the evaluation runner finds the family by the bundle file: a text_to_music suite runs, a retrieval one is refused
+    from ostinato.evaluation.runner import run_suite
+    from ostinato.evaluation.suite import SuiteError
+    from tests.synth import write_shards
+
+    write_shards(tmp_path / "ref", n_shards=1, per_shard=2, sample_rate=24000, seconds=0.5)
+    result = run_suite("musiclm_demo", str(bundle), tmp_path / "eval", progress=False, cache=tmp_path / "cache",
+                       overrides=["num_samples=2", "seconds=0.5", "batch_size=2", f"reference={tmp_path / 'ref'}",
+                                  f"embedding=codec:{stage_xps['parts']['codec']}", "generation.top_k=8"])
+    assert result["kind"] == "text_to_music" and result["settings"]["family"] == "musiclm"
+    assert result["metrics"]["fad"] >= 0 and len(list((tmp_path / "eval" / "generated").glob("*.wav"))) == 2
+    assert result["settings"]["parts"]["coarse"] == str(export.resolve())
+    with pytest.raises(SuiteError, match=r"mulan_demo.yaml: kind: a retrieval suite cannot run on a musiclm model"):
+        run_suite("mulan_demo", str(bundle), tmp_path / "x", progress=False)
+
+    family = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(export / "config.yaml"))["family"].items()
+              if k != "_target_"}
+    for source in (export, folders["coarse"] / "checkpoints" / "last.ckpt"):
+        wrapper = CoarseStage(**family)
+        report = load_weights(wrapper, source)
+        assert not report.missing and not report.unexpected and not report.mismatched, report.summary()
+        assert all(torch.equal(v, model.coarse.state_dict()[k]) for k, v in wrapper.model.state_dict().items())
 
 
 def test_cli_prep_mulan_fits_the_quantizer_and_tokenizes_every_split(tmp_path):

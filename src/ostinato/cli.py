@@ -392,6 +392,14 @@ def _generate(args: argparse.Namespace) -> None:
     _write_clips(Path(args.out), wavs, sample_rate, records)
 
 
+def _bundle_musiclm(args: argparse.Namespace) -> None:
+    from ostinato.generation.musiclm import write_bundle
+
+    path = write_bundle(args.out, args.semantic, args.coarse, args.fine, mulan=args.mulan, quantizer=args.quantizer,
+                        codec=args.codec, semantic_tokenizer=args.semantic_tokenizer)
+    print(f"bundle: {path}; next: ostinato generate --model {args.out} --prompt TEXT")
+
+
 def _import(args: argparse.Namespace) -> None:
     from ostinato.interop.musicgen_import import import_musicgen
 
@@ -576,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--family", choices=["musicgen", "musiclm", "musika", "jukebox"], default=None,
                    help="optional: the family is read from --model's record (given, it must agree)")
     g.add_argument("--model", default=None,
-                   help="XP signature, export folder or checkpoint (musicgen, musika, jukebox)")
+                   help="XP signature, export folder or checkpoint (musicgen, musika), or a bundle (jukebox, musiclm)")
     g.add_argument("--codec", default=None,
                    help="codec to decode with (default: family.codec, else the one of its token shards)")
     g.add_argument("--prompt", action="append", help="a text prompt (repeatable; none = unconditional)")
@@ -653,6 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
         j.add_argument(f"--{part}", required=True, help=f"the {part} prior (export folder, XP folder, //sig/SIG)")
     j.add_argument("--vqvae", default=None, help="the VQ-VAE (default: the one the priors' array shards record)")
     j.set_defaults(func=_bundle_jukebox)
+    ml = bundles.add_parser("musiclm", help="OUT/musiclm.json: the three MusicLM stages (and MuLaN, its quantizer,"
+                                            " the codec, the semantic tokenizer: default, from the stages' data)")
+    ml.add_argument("out", help="output folder")
+    for part in ("semantic", "coarse", "fine"):
+        ml.add_argument(f"--{part}", required=True, help=f"the {part} stage: XP signature, XP folder, export, .ckpt")
+    for part in ("mulan", "quantizer", "codec", "semantic-tokenizer"):
+        ml.add_argument(f"--{part}", default=None)
+    ml.set_defaults(func=_bundle_musiclm)
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
                          description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "

@@ -26,7 +26,7 @@ class Kind:
 @dataclass(frozen=True)
 class Family:
     """A family's verbs: ``generate`` a module with ``generate_clips(request, progress)``; ``evaluate`` the
-    producer kind the evaluation runner uses for it (None: no generation, the suite scores the model itself)."""
+    evaluation producer (``"module:Class"``, its ``kinds`` the suite kinds it runs; None: no suite evaluates it)."""
 
     name: str
     generate: str | None
@@ -40,9 +40,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("musicgen", "ostinato.families.musicgen.MusicGenFamily", "ostinato.models.musicgen:MusicGen"),
     Kind("musicgen", "ostinato.families.musicgen.ImportedMusicGenFamily", "ostinato.models.musicgen:MusicGen"),
     Kind("mulan", "ostinato.families.mulan.MuLaNFamily", "ostinato.models.mulan:MuLaN"),
-    Kind("musiclm", "ostinato.families.musiclm.SemanticStage", None),
-    Kind("musiclm", "ostinato.families.musiclm.CoarseStage", None),
-    Kind("musiclm", "ostinato.families.musiclm.FineStage", None),
+    Kind("musiclm", "ostinato.families.musiclm.SemanticStage", "ostinato.models.musiclm:SemanticLM"),
+    Kind("musiclm", "ostinato.families.musiclm.CoarseStage", "ostinato.models.musiclm:CoarseLM"),
+    Kind("musiclm", "ostinato.families.musiclm.FineStage", "ostinato.models.musiclm:FineLM"),
     Kind("musika", "ostinato.families.musika.MusikaAutoencoderFamily", "ostinato.models.musika:SpectralAutoencoder"),
     Kind("musika", "ostinato.families.musika.MusikaFamily", "ostinato.models.musika:Musika"),
     Kind("jukebox", "ostinato.families.jukebox.JukeboxVQVAEFamily", "ostinato.models.jukebox:HierarchicalVQVAE"),
@@ -51,12 +51,14 @@ KINDS: tuple[Kind, ...] = (
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("debug", None, None),
-    Family("codec", None, "reconstruction"),
-    Family("musicgen", "ostinato.generation.musicgen", "text_to_music"),
-    Family("mulan", None, None),
-    Family("musiclm", "ostinato.generation.musiclm", "text_to_music"),
-    Family("musika", "ostinato.generation.musika", "unconditional"),
-    Family("jukebox", "ostinato.generation.jukebox", "unconditional", bundle="jukebox.json"),
+    Family("codec", None, "ostinato.evaluation.producers:CodecProducer"),
+    Family("musicgen", "ostinato.generation.musicgen", "ostinato.evaluation.producers:MusicGenProducer"),
+    Family("mulan", None, "ostinato.evaluation.producers:MuLaNProducer"),
+    Family("musiclm", "ostinato.generation.musiclm", "ostinato.evaluation.producers:MusicLMProducer",
+           bundle="musiclm.json"),
+    Family("musika", "ostinato.generation.musika", "ostinato.evaluation.producers:MusikaProducer"),
+    Family("jukebox", "ostinato.generation.jukebox", "ostinato.evaluation.producers:JukeboxProducer",
+           bundle="jukebox.json"),
 )}
 
 _BY_WRAPPER = {k.wrapper: k for k in KINDS}

@@ -46,6 +46,12 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "t2a_median_rank": ("median rank, text -> audio (1 = perfect)", "lower"),
     "a2t_median_rank": ("median rank, audio -> text (1 = perfect)", "lower"),
     "chance_median_rank": ("median rank of a random model", NOT_A_SCORE),
+    "t2a_r5": ("recall@5, text -> audio", "higher"),
+    "a2t_r5": ("recall@5, audio -> text", "higher"),
+    "chance_r5": ("recall@5 of a random model", NOT_A_SCORE),
+    "t2a_mean_rank": ("mean rank, text -> audio (1 = perfect)", "lower"),
+    "a2t_mean_rank": ("mean rank, audio -> text (1 = perfect)", "lower"),
+    "chance_mean_rank": ("mean rank of a random model", NOT_A_SCORE),
     "n": ("clips", NOT_A_SCORE),
 }
 _SPLITS = ("train/", "valid/", "test/")

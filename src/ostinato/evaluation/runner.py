@@ -24,10 +24,12 @@ from ostinato.evaluation.items import EvalItem, rank_batches, read_items, stack_
 from ostinato.evaluation.scoring import SuiteMetrics, barrier, dist_info
 from ostinato.evaluation.suite import Suite, SuiteError, load_suite
 from ostinato.fileio import atomic_write_json, write_wav
+from ostinato.registry import Family
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_out_dir", "generate_items", "load_producer", "run_suite", "setup_distributed", "versions"]
+__all__ = ["default_out_dir", "generate_items", "load_producer", "model_family", "run_suite", "setup_distributed",
+           "versions"]
 
 
 def setup_distributed(device: str = "cpu") -> str:
@@ -86,140 +88,43 @@ def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], s
     return run(items, 0)
 
 
-class _Generator:
-    """A MusicGen writing the suite's clips (text, and the reference's melody when asked)."""
+def model_family(model_ref: str, trust: bool = False) -> Family:
+    """The family of ``--model``: a bundle's (by its bundle file), a foreign codec file's (codec), or the one its
+    record's config names."""
+    from ostinato.interop.codecs import CODEC_KINDS, is_foreign_codec
+    from ostinato.registry import FAMILIES, bundle_family, family_of
+    from ostinato.store.records import read_config, require_ref
 
-    def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
-        from ostinato.generation.musicgen import load_generator
-
-        self.module, self.codec, self.cfg, self.codec_ref = load_generator(model_ref, codec, trust=trust)
-        self.module.to(device)
-        self.codec.to(device)
-        self.model_ref = model_ref
-        self.sample_rate, self.channels = self.codec.sample_rate, self.codec.channels
-        self.configure(suite)
-
-    def configure(self, suite: Suite) -> None:
-        """Take the generation settings of ``suite``."""
-        from ostinato.nn.decoding import GenerationParams
-        from ostinato.generation.musicgen import LongForm
-
-        if suite.kind != "text_to_music":
-            raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a MusicGen")
-        self.suite = suite
-        has_melody = getattr(self.module, "melody", None) is not None
-        if suite.melody_from_reference is True and not has_melody:
-            raise SuiteError(f"{suite.path or suite.name}: melody_from_reference: true, but {self.model_ref} has no "
-                             "melody conditioner (family.melody); set it to auto or false")
-        self.melody = has_melody and suite.melody_from_reference in (True, "auto")
-        self.params = GenerationParams(**{"seed": 0, **suite.generation})
-        window = suite.long_form.get("window", (self.cfg.get("data") or {}).get("segment_seconds"))
-        self.long_form = LongForm(**{"mode": "window", **suite.long_form, "window": window})
-
-    def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
-        assert self.suite.seconds is not None
-        wav = generate_items(self.module, self.codec, items, self.suite.seconds, self.params, self.long_form,
-                             melody=self.melody, progress=progress)
-        return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
-
-    def describe(self) -> dict[str, Any]:
-        return {"generation": dict(self.params.__dict__), "long_form": dict(self.long_form.__dict__),
-                "melody_from_reference": self.melody}
-
-
-class _Reconstructor:
-    """A codec re-encoding the reference clips (all its codebooks)."""
-
-    def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
-        from ostinato.interop.codecs import CODEC_KINDS, load_codec
-        from ostinato.store.records import require_ref
-
-        if codec is not None:
-            raise ValueError(f"{suite.path or suite.name}: a reconstruction suite evaluates the codec given as "
-                             f"--model ({model_ref}); drop --codec {codec}")
-        ref = require_ref(model_ref, "--model", CODEC_KINDS)
-        self.codec = load_codec(ref, trust=trust).to(device).eval()
-        self.codec_ref = str(model_ref)
-        self.sample_rate, self.channels = self.codec.sample_rate, self.codec.channels
-        self.device = device
-
-    def configure(self, suite: Suite) -> None:
-        if suite.kind != "reconstruction":
-            raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a codec")
-
-    @torch.no_grad()
-    def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
-        wav, lengths = stack_references(items)
-        return self.codec(wav.to(self.device)).recon, lengths
-
-    def describe(self) -> dict[str, Any]:
-        return {"n_q": self.codec.n_q, "bandwidth_kbps": self.codec.bandwidth_kbps()}
-
-
-class _Unconditional:
-    """A Musika GAN (with its autoencoder) or a Jukebox bundle writing ``seconds``-long clips; Jukebox is conditioned
-    on each reference clip's metadata. A batch of items is generated together, seeded with ``seed + index of its
-    first item`` (as text_to_music suites), so clips do not depend on the number of ranks."""
-    def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
-        from ostinato.generation import jukebox, musika
-
-        self.model_ref, self.device = model_ref, device
-        try:
-            jukebox_spec = jukebox.bundle_spec(model_ref)
-        except FileNotFoundError:
-            jukebox_spec = None
-        if jukebox_spec is not None:
-            self.family = "jukebox"
-            self.jukebox = jukebox.load_bundle(model_ref, codec, trust=trust).to(device)
-            self.sample_rate, self.codec_ref = self.jukebox.sample_rate, self.jukebox.refs["vqvae"]
-            self.channels = self.jukebox.channels
-        else:
-            self.family = "musika"
-            self.gan, self.autoencoder, self.codec_ref = musika.load_musika(model_ref, codec, trust=trust)
-            self.gan.to(device)  # its autoencoder too
-            self.sample_rate, self.channels = self.autoencoder.sample_rate, self.autoencoder.channels
-        self.configure(suite)
-
-    def configure(self, suite: Suite) -> None:
-        if suite.kind != "unconditional":
-            raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a {self.family} "
-                             "model; use an unconditional suite")
-        self.suite = suite
-        self.settings = {"seed": 0, **suite.generation}
-        if self.family == "musika":
-            bad = sorted(set(self.settings) - {"seed", "truncation"})
-            if bad:
-                raise SuiteError(f"{suite.path or suite.name}: generation.{bad[0]}: Musika takes seed and truncation")
-        elif "truncation" in self.settings:
-            raise SuiteError(f"{suite.path or suite.name}: generation.truncation: Jukebox samples codes; use "
-                             "temperature, top_k, top_p, cfg_scale")
-
-    @torch.no_grad()
-    def __call__(self, items: list[EvalItem], progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
-        from ostinato.nn.decoding import GenerationParams
-
-        assert self.suite.seconds is not None
-        seed = self.settings.get("seed")
-        seed = None if seed is None else seed + items[0].index
-        report = lambda done, total: progress(done / max(total, 1))  # noqa: E731
-        if self.family == "musika":
-            wav = self.gan.generate(self.suite.seconds, batch=len(items), seed=seed, progress=report,
-                                    truncation=self.settings.get("truncation", 2.0))
-        else:
-            params = GenerationParams(**{"cfg_scale": 3.0, **self.settings, "seed": seed})
-            wav = self.jukebox.generate([it.meta for it in items], self.suite.seconds, params, report)
-        return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
-
-    def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "generation": dict(self.settings)}
+    family = bundle_family(model_ref)
+    if family is not None:
+        return family
+    if is_foreign_codec(model_ref):
+        return FAMILIES["codec"]
+    ref = require_ref(model_ref, "--model", f"an export, XP folder or signature, checkpoint, bundle, or {CODEC_KINDS}")
+    return family_of(read_config(ref, trust=trust), f"--model {model_ref}")
 
 
 def load_producer(suite: Suite, model_ref: str, *, codec: str | None = None, device: str | torch.device = "cpu",
-                  trust: bool = False) -> _Generator | _Reconstructor | _Unconditional:
-    """The model of a suite, loaded: a MusicGen that generates (text_to_music), a codec that reconstructs
-    (reconstruction), or a Musika GAN / Jukebox bundle that generates without text (unconditional)."""
-    cls = {"text_to_music": _Generator, "reconstruction": _Reconstructor, "unconditional": _Unconditional}[suite.kind]
+                  trust: bool = False) -> Any:
+    """The model of a suite, loaded as its family's producer (``Family.evaluate``): a MusicGen or MusicLM that
+    generates (text_to_music), a codec that reconstructs (reconstruction), a Musika GAN or Jukebox bundle that
+    generates without text (unconditional), a MuLaN that embeds (retrieval). A suite kind the family cannot
+    produce is refused before the model loads."""
+    from ostinato.registry import resolve
+
+    family = model_family(str(model_ref), trust)
+    if family.evaluate is None:
+        raise SuiteError(f"{suite.path or suite.name}: --model {model_ref} is a {family.name} model, which no suite "
+                         "evaluates")
+    cls = resolve(family.evaluate)
+    _check_kind(suite, cls)
     return cls(suite, str(model_ref), codec, torch.device(device), trust)
+
+
+def _check_kind(suite: Suite, producer: Any) -> None:
+    if suite.kind not in producer.kinds:
+        raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a {producer.family} "
+                         f"model; use a {' or '.join(producer.kinds)} suite")
 
 
 def _count_clips(suite: Suite) -> int:
@@ -267,7 +172,12 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
     if producer is None:
         producer = load_producer(suite, model_ref, codec=codec, device=device, trust=trust)
     else:
+        _check_kind(suite, producer)
         producer.configure(suite)
+    if suite.kind == "retrieval":
+        from ostinato.evaluation.retrieval import run_retrieval
+
+        return run_retrieval(suite, producer, str(model_ref), out, device, progress=progress, report=report)
     n = suite.num_samples if suite.num_samples is not None else _count_clips(suite)
     mine = rank_batches(n, suite.batch_size, rank, world)
     items = read_items(suite, producer.sample_rate, producer.channels, n, keep={i for b in mine for i in b})

@@ -1,9 +1,11 @@
 """Evaluation suites: YAML files (OmegaConf) that say what to generate and how to score it.
 
-A suite is ``kind: text_to_music`` (a MusicGen writes ``num_samples`` clips of ``seconds`` from prompts) or
-``kind: reconstruction`` (a codec re-encodes the reference clips) or ``kind: unconditional`` (a Musika GAN or a
-Jukebox bundle writes ``num_samples`` clips of ``seconds``; Jukebox is conditioned on reference clip ``i``'s
-metadata, e.g. genre and composer). Prompts are the reference clips' captions
+A suite is ``kind: text_to_music`` (a MusicGen or a MusicLM bundle writes ``num_samples`` clips of ``seconds`` from
+prompts) or ``kind: reconstruction`` (a codec re-encodes the reference clips) or ``kind: unconditional`` (a Musika
+GAN or a Jukebox bundle writes ``num_samples`` clips of ``seconds``; Jukebox is conditioned on reference clip
+``i``'s metadata, e.g. genre and composer) or ``kind: retrieval`` (a MuLaN ranks the reference clips against their
+captions, both ways). Which families run which kind is the registry's (``Family.evaluate``). Prompts are the
+reference clips' captions
 (``description(meta)``, as MusicGen trains on them) unless ``prompts`` or ``prompts_file`` gives them. Item ``i``
 pairs with reference clip ``i`` (shard order), which the paired metrics (chroma, kld, mel, sisnr, stft) and the
 melody condition use. See ``evaluation/README.md`` for every key.
@@ -23,7 +25,7 @@ from ostinato.errors import UserError, did_you_mean
 
 __all__ = ["KINDS", "METRICS", "MetricSpec", "Suite", "SuiteError", "find_suite", "load_suite", "suites_dir"]
 
-KINDS = ("text_to_music", "reconstruction", "unconditional")
+KINDS = ("text_to_music", "reconstruction", "unconditional", "retrieval")
 
 # metric -> its settings and their defaults ("embedding": None = the suite's top-level ``embedding``)
 METRICS: dict[str, dict[str, Any]] = {
@@ -36,6 +38,7 @@ METRICS: dict[str, dict[str, Any]] = {
     "mel": {"n_mels": 80, "n_fft": 1024, "hop_length": 256},
     "stft": {"n_ffts": [2048, 1024, 512, 256], "hop_ratio": 0.25},
     "sisnr": {},
+    "retrieval": {"ks": [1, 5, 10]},
 }
 EMBEDDING_METRICS = ("fad", "fad_inf", "per_song_fad", "text_audio")
 PAIRED_METRICS = ("chroma", "kld", "mel", "stft", "sisnr")
@@ -97,8 +100,8 @@ class Suite:
     @property
     def needs_pairs(self) -> bool:
         """Whether item ``i`` must have reference clip ``i`` (paired metrics, captions as prompts, melody)."""
-        return (self.kind == "reconstruction" or self.prompts is None or self.melody_from_reference is True
-                or any(m.name in PAIRED_METRICS for m in self.metrics))
+        return (self.kind in ("reconstruction", "retrieval") or self.prompts is None
+                or self.melody_from_reference is True or any(m.name in PAIRED_METRICS for m in self.metrics))
 
     def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> Suite:
         """The same suite file with more ``key=value`` overrides applied on top."""
@@ -189,6 +192,9 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
         raise err("prompts", "a reconstruction suite re-encodes the reference clips; it takes no prompts")
     if kind == "unconditional" and prompts is not None:
         raise err("prompts", "an unconditional suite takes no prompts (Jukebox reads the reference clips' metadata)")
+    if kind == "retrieval" and prompts is not None:
+        raise err("prompts", "a retrieval suite ranks the reference clips against their own captions; it takes no "
+                             "prompts")
     num_samples = _int(cfg, "num_samples", err, minimum=1, optional=True)
     if num_samples is None and kind == "unconditional":
         raise err("num_samples", "missing: how many clips to generate")
@@ -326,5 +332,11 @@ def _metrics(value: Any, kind: str, embedding: str | None, err) -> list[MetricSp
             raise err(key, f"{name} compares a clip with its own reconstruction: use it in a reconstruction suite")
         if name in ("text_audio", "kld") and kind != "text_to_music":
             raise err(key, f"{name} scores generated music against its prompt: use it in a text_to_music suite")
+        if (name == "retrieval") != (kind == "retrieval"):
+            raise err(key, "a retrieval suite takes the retrieval metric only, and only it" if kind == "retrieval"
+                      else "retrieval ranks clips against captions: use it in a retrieval suite")
+        if name == "retrieval" and (not isinstance(merged["ks"], (list, tuple)) or not merged["ks"] or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in merged["ks"])):
+            raise err(f"{key}.ks", f"{merged['ks']!r}: a list of integers >= 1 (recall at k)")
         specs.append(MetricSpec(name, merged))
     return specs

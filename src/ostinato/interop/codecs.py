@@ -20,12 +20,11 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     """``ref``: an ostinato codec (XP signature, //sig/SIG, XP folder, .ckpt, export folder), a transformers
     EncodecModel folder (config.json with model_type "encodec"), or an audiocraft compression_state_dict.bin."""
     path = Path(str(ref))
-    if path.is_dir() and (path / "config.json").is_file():
-        if json.loads((path / "config.json").read_text()).get("model_type") == "encodec":
-            from ostinato.interop.encodec import load_transformers_encodec
+    if is_foreign_codec(path) and path.is_dir():
+        from ostinato.interop.encodec import load_transformers_encodec
 
-            return load_transformers_encodec(path).eval()
-    if path.is_file() and path.suffix in (".bin", ".th", ".pt") and "compression" in path.name:
+        return load_transformers_encodec(path).eval()
+    if is_foreign_codec(path):
         from ostinato.interop.encodec import load_audiocraft_encodec
 
         return load_audiocraft_encodec(path, trust=trust).eval()
@@ -43,6 +42,15 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec:
     if not isinstance(codec, Codec):
         raise ValueError(f"{ref} holds a {type(module).__name__}, not a codec")
     return codec.eval()
+
+
+def is_foreign_codec(ref: str | Path) -> bool:
+    """Whether ``ref`` is another toolkit's codec: a transformers EncodecModel folder or an audiocraft
+    compression_state_dict.bin."""
+    path = Path(str(ref))
+    if path.is_dir() and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text()).get("model_type") == "encodec"
+    return path.is_file() and path.suffix in (".bin", ".th", ".pt") and "compression" in path.name
 
 
 CODEC_KINDS = ("a codec: an XP folder, a checkpoint, an export folder, a transformers EncodecModel folder or a "
