@@ -400,8 +400,8 @@ def test_retrieval_suite_ranks_clips_against_their_captions(trained: dict, tmp_p
     expected = retrieval_scores(emb[:16], emb[16:], (1, 5, 10))
     assert all(abs(expected[k] - m[k]) < 1e-6 for k in expected), (expected, m)
 
-    with pytest.raises(SuiteError, match=r"demo.yaml: kind: a text_to_music suite cannot run on a mulan model; use "
-                                         r"a retrieval suite"):
+    with pytest.raises(SuiteError, match=r"demo.yaml: kind: a text_to_music suite cannot run here: --model .* is a "
+                                         r"MuLaN, which runs retrieval suites \(mulan_demo\)$"):
         run_suite("demo", str(trained["export"]), tmp_path / "x", progress=False)
     with pytest.raises(SuiteError, match=r"metrics.retrieval \(set by --set\): retrieval ranks clips against"):
         load_suite("demo", {"metrics": {"retrieval": {}}})

@@ -540,7 +540,8 @@ def test_a_bundle_generates_without_family_and_continues_from_an_export(stage_xp
     assert result["kind"] == "text_to_music" and result["settings"]["family"] == "musiclm"
     assert result["metrics"]["fad"] >= 0 and len(list((tmp_path / "eval" / "generated").glob("*.wav"))) == 2
     assert result["settings"]["parts"]["coarse"] == str(export.resolve())
-    with pytest.raises(SuiteError, match=r"mulan_demo.yaml: kind: a retrieval suite cannot run on a musiclm model"):
+    with pytest.raises(SuiteError, match=r"mulan_demo.yaml: kind: a retrieval suite cannot run here: --model .* is a "
+                                         r"MusicLM bundle, which runs text_to_music suites \(demo, musiclm_demo\)"):
         run_suite("mulan_demo", str(bundle), tmp_path / "x", progress=False)
 
     family = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(export / "config.yaml"))["family"].items()

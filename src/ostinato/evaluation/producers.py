@@ -4,7 +4,7 @@ A producer is built from ``(suite, model_ref, codec, device, trust)``; ``kinds``
 ``configure(suite)`` takes a suite's settings (a sweep reuses one producer); ``__call__(items, progress) -> (wav
 [B, C, T], lengths [B])`` makes the clips of a batch of items (retrieval producers embed instead: ``embed``);
 ``describe()`` is what ``metrics.json`` records as ``settings``. ``sample_rate``, ``channels`` and ``codec_ref``
-say what the clips are.
+say what the clips are; ``family`` and ``label`` what the model is (for messages and records).
 
 Generating producers seed a batch with ``seed + index of its first item``, so clips do not depend on the number
 of ranks.
@@ -40,6 +40,7 @@ class MusicGenProducer:
 
     kinds = ("text_to_music",)
     family = "musicgen"
+    label = "MusicGen"
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation.musicgen import load_generator
@@ -83,6 +84,7 @@ class CodecProducer:
 
     kinds = ("reconstruction",)
     family = "codec"
+    label = "codec"
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.interop.codecs import CODEC_KINDS, load_codec
@@ -114,6 +116,7 @@ class MusikaProducer:
 
     kinds = ("unconditional",)
     family = "musika"
+    label = "Musika GAN"
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation import musika
@@ -147,6 +150,7 @@ class JukeboxProducer:
 
     kinds = ("unconditional",)
     family = "jukebox"
+    label = "Jukebox bundle"
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation import jukebox
@@ -182,6 +186,7 @@ class MusicLMProducer:
 
     kinds = ("text_to_music",)
     family = "musiclm"
+    label = "MusicLM bundle"
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation.musiclm import load_bundle
@@ -225,6 +230,7 @@ class MuLaNProducer:
 
     kinds = ("retrieval",)
     family = "mulan"
+    label = "MuLaN"
 
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.models.mulan import as_mulan

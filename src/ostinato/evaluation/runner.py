@@ -117,14 +117,38 @@ def load_producer(suite: Suite, model_ref: str, *, codec: str | None = None, dev
         raise SuiteError(f"{suite.path or suite.name}: --model {model_ref} is a {family.name} model, which no suite "
                          "evaluates")
     cls = resolve(family.evaluate)
-    _check_kind(suite, cls)
+    _check_kind(suite, cls, str(model_ref), trust)
     return cls(suite, str(model_ref), codec, torch.device(device), trust)
 
 
-def _check_kind(suite: Suite, producer: Any) -> None:
-    if suite.kind not in producer.kinds:
-        raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run on a {producer.family} "
-                         f"model; use a {' or '.join(producer.kinds)} suite")
+def _check_kind(suite: Suite, producer: Any, model_ref: str, trust: bool = False) -> None:
+    """Refuse, in one line naming the suite and what ``--model`` is, a suite kind its producer does not run."""
+    if suite.kind in producer.kinds:
+        return
+    from omegaconf import OmegaConf
+
+    from ostinato.evaluation.suite import suites_dir
+
+    shipped = [p.stem for p in sorted(suites_dir().glob("*.yaml")) if OmegaConf.load(p).get("kind") in producer.kinds]
+    examples = f" ({', '.join(shipped)})" if shipped else ""
+    hint = ""
+    if suite.kind == "reconstruction":
+        hint = "; a reconstruction suite evaluates a codec: --model CODEC"
+        recorded = _recorded_codec(model_ref, trust)
+        hint += f", e.g. its codec {recorded}" if recorded else ""
+    raise SuiteError(f"{suite.path or suite.name}: kind: a {suite.kind} suite cannot run here: --model {model_ref} is "
+                     f"a {producer.label}, which runs {' or '.join(producer.kinds)} suites{examples}{hint}")
+
+
+def _recorded_codec(model_ref: str, trust: bool) -> str | None:
+    """The codec the record of ``model_ref`` names (a MusicGen's); None for a bundle (no record of its own)."""
+    from ostinato.generation.musicgen import recorded_codec
+    from ostinato.registry import bundle_family
+    from ostinato.store.records import read_config, resolve_ref
+
+    if bundle_family(model_ref) is not None:
+        return None
+    return recorded_codec(read_config(resolve_ref(model_ref), trust=trust))
 
 
 def _count_clips(suite: Suite) -> int:
@@ -172,7 +196,7 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
     if producer is None:
         producer = load_producer(suite, model_ref, codec=codec, device=device, trust=trust)
     else:
-        _check_kind(suite, producer)
+        _check_kind(suite, producer, str(model_ref), trust)
         producer.configure(suite)
     if suite.kind == "retrieval":
         from ostinato.evaluation.retrieval import run_retrieval
