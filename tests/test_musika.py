@@ -274,16 +274,25 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
          "--out", str(out), "--quiet")
     wav, sr = sf.read(out / "000.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
-    assert sr == SR and wav.shape == (20 * SR,) and record["autoencoder"] == str(tmp_path / "ae")
+    own = tmp_path / "gan" / "autoencoder"  # the export carries the autoencoder its latents record
+    assert (own / "model.safetensors").is_file() and (tmp_path / "gan" / "config.yaml").read_text().count(
+        "autoencoder: autoencoder") == 1
+    assert sr == SR and wav.shape == (20 * SR,) and record["autoencoder"] == str(own)
     import ostinato
 
     ae = ostinato.load(tmp_path / "ae")  # the inference models, no Lightning
     assert type(ae) is SpectralAutoencoder and not isinstance(ae, L.LightningModule)
     model = ostinato.load(tmp_path / "gan")
-    assert type(model) is Musika and model.frame_rate == 12.5 and model.autoencoder_ref == str(tmp_path / "ae")
+    assert type(model) is Musika and model.frame_rate == 12.5 and model.autoencoder_ref == str(own)
     assert "autoencoder" not in "".join(model.state_dict())  # attached on first use, never part of the weights
-    clip = model.generate(2.0, seed=3)  # the autoencoder its latents record, loaded on first use
+    clip = model.generate(2.0, seed=3)  # its autoencoder, loaded on first use
     assert clip.shape == (1, 1, 2 * SR) and isinstance(model.autoencoder, SpectralAutoencoder)
+    shutil.copytree(tmp_path / "gan", tmp_path / "moved" / "gan")  # relocatable: the copy decodes with its own
+    (tmp_path / "ae").rename(tmp_path / "ae_away")
+    try:
+        assert torch.equal(ostinato.load(tmp_path / "moved" / "gan").generate(2.0, seed=3), clip)
+    finally:
+        (tmp_path / "ae_away").rename(tmp_path / "ae")
     from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.musika import generate_clips
     from ostinato.generation.request import GenerationRequest

@@ -44,18 +44,11 @@ class CodecFamily(WaveformGANFamily):
         self.track_reconstruction()
 
     # -- training -----------------------------------------------------------------------------------------------
-    def _generator_losses(self, x: torch.Tensor, recon: torch.Tensor, adversarial: bool) -> dict[str, torch.Tensor]:
-        losses = {"l1": l1_waveform(recon, x), "mel": self.mel_loss(recon, x)}
-        if adversarial:
-            losses.update(self.adversarial_losses(x, recon))
-        return {k: v for k, v in losses.items() if self.weights.get(k, 0) > 0}
-
     def training_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        opt_g, opt_d = self.gan_optimizers()
+        out, adversarial, opt_g = self.reconstruct(batch)
         x, n = batch.audio, len(batch)
-        out = self.model(x)
-        adversarial = self.discriminator_update(x, out.recon, opt_d, n)
-        losses = self._generator_losses(x, out.recon, adversarial)
+        losses = self.weighted({"l1": l1_waveform(out.recon, x), "mel": self.mel_loss(out.recon, x)}, x, out.recon,
+                               adversarial)
         commitment = self.commitment_weight * out.penalty if out.penalty.requires_grad else None
 
         def backward() -> None:  # one backward: the balanced reconstruction losses plus the VQ commitment

@@ -100,12 +100,28 @@ class WaveformGANFamily(GANFamily):
     feature matching. Validation and test report mel distance, MS-STFT distance and SI-SNR; samples are the
     original and its reconstruction. Subclasses call ``track_reconstruction()`` once ``self.model`` is built."""
 
+    weights: dict[str, float]  # loss name -> weight; a loss of weight 0 is not computed into the total
+
     def track_reconstruction(self) -> None:
         self.val_mel = MelDistance(self.model.sample_rate)
         self.val_stft = MultiScaleSTFTDistance()
         self.val_sisnr = SISNR()
 
     # -- the adversarial losses ----------------------------------------------------------------------------------
+    def reconstruct(self, batch: AudioBatch) -> tuple[Any, bool, Any]:
+        """The start of a training step: the model's output on ``batch.audio`` and, when ``adversarial()``, the
+        discriminator's update on it -> ``(output, adversarial, generator optimizer)``."""
+        opt_g, opt_d = self.gan_optimizers()
+        out = self.model(batch.audio)
+        return out, self.discriminator_update(batch.audio, out.recon, opt_d, len(batch)), opt_g
+
+    def weighted(self, losses: dict[str, Tensor], real: Tensor, fake: Tensor,
+                 adversarial: bool) -> dict[str, Tensor]:
+        """``losses`` plus, when ``adversarial``, ``adv`` and ``feat``: those of a weight above 0."""
+        if adversarial:
+            losses = {**losses, **self.adversarial_losses(real, fake)}
+        return {k: v for k, v in losses.items() if self.weights.get(k, 0) > 0}
+
     def discriminator_update(self, real: Tensor, fake: Tensor, opt_d: Any, batch_size: int) -> bool:
         """When ``adversarial()``: one update of the discriminator's hinge loss on ``real`` and (detached)
         ``fake`` waveforms [B, C, T], logged as ``train/d_loss``. Returns whether it ran."""

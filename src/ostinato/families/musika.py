@@ -78,15 +78,11 @@ class MusikaAutoencoderFamily(WaveformGANFamily):
         recon = out.recon
         losses = {"spec": F.l1_loss(out.logmag.float(), out.target.float()), "mel": self.mel_loss(recon, x),
                   "stft": self.stft_loss(recon, x), "l1": l1_waveform(recon, x)}
-        if adversarial:
-            losses.update(self.adversarial_losses(x, recon))
-        return {k: v for k, v in losses.items() if self.weights.get(k, 0) > 0}
+        return self.weighted(losses, x, recon, adversarial)
 
     def training_step(self, batch: AudioBatch, batch_idx: int) -> None:
-        opt_g, opt_d = self.gan_optimizers()
+        out, adversarial, opt_g = self.reconstruct(batch)
         x, n = batch.audio, len(batch)
-        out = self.model(x)
-        adversarial = self.discriminator_update(x, out.recon, opt_d, n)
         losses = self.losses(x, out, adversarial)
         self.generator_step(opt_g, sum(self.weights[k] * v for k, v in losses.items()))
         for name, value in losses.items():

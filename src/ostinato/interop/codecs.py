@@ -12,6 +12,7 @@ import torch
 
 from ostinato.models.codec import Codec
 from ostinato.models.musicgen import MusicGen, recorded_codec
+from ostinato.models.musika import recorded_autoencoder
 from ostinato.registry import kind_of
 from ostinato.store.records import resolve_ref, xps_dir
 
@@ -56,6 +57,7 @@ def is_foreign_codec(ref: str | Path) -> bool:
 CODEC_KINDS = ("a codec: an XP folder, a checkpoint, an export folder, a transformers EncodecModel folder or a "
                "compression_state_dict.bin")
 CODEC_DIR = "codec"  # an export's own copy of its codec
+AUTOENCODER_DIR = "autoencoder"  # a Musika GAN export's own copy of its autoencoder
 FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")  # other frameworks' copies
 
 
@@ -86,15 +88,20 @@ def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False, exporter
     """``cfg`` of a MusicGen being exported to ``out`` (written in ``stage``, renamed onto ``out`` at the end), with
     its codec (``family.codec``, else the one its token shards record) copied into ``codec/`` and recorded relative
     to the export: it generates from any working directory, and moved or copied whole it still finds its codec.
+    A Musika GAN's autoencoder travels the same way, in ``autoencoder/``.
     Other families are returned as they are; ``exporter`` exports a codec that is an XP or checkpoint."""
     family = dict(cfg.get("family") or {})
-    if kind_of(cfg).family != "musicgen":
+    kind = kind_of(cfg)
+    if kind.family == "musicgen":
+        key, folder, ref = "codec", CODEC_DIR, recorded_codec(cfg)  # None without token shards: needs --codec
+    elif kind.model == "ostinato.models.musika:Musika":  # a Musika GAN: its autoencoder decodes
+        key, folder, ref = "autoencoder", AUTOENCODER_DIR, recorded_autoencoder(cfg)
+    else:
         return cfg
-    ref = recorded_codec(cfg)  # None when the token shards are gone: generation will need --codec, as before
-    placed = None if ref is None else copy_codec(str(ref), stage / CODEC_DIR, trust=trust, exporter=exporter)
+    placed = None if ref is None else copy_codec(str(ref), stage / folder, trust=trust, exporter=exporter)
     if placed is None:
         return cfg
-    return {**cfg, "family": {**family, "codec": placed.relative_to(stage).as_posix()}}
+    return {**cfg, "family": {**family, key: placed.relative_to(stage).as_posix()}}
 
 
 def weights_hash(module: torch.nn.Module) -> str:
