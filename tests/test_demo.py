@@ -14,13 +14,14 @@ from PIL import Image
 from tests.browser import chromium, full_page_screenshot, media_duration
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKOUT = os.pathsep.join([str(ROOT / "src"), str(ROOT)])  # subprocesses run this checkout, not the installed one
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "OSTINATO_DATA": str(root / "data"), "OSTINATO_OUTPUTS": str(root / "outputs"),
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": CHECKOUT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "ostinato.cli", "demo", "--data", str(root / "data" / "demo"), "--outputs",
            str(root / "outputs"), "--quick"]

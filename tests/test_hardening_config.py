@@ -13,6 +13,8 @@ import pytest
 from ostinato.engine.config import ConfigError
 from tests.runner import ROOT, cli_args
 
+CHECKOUT = os.pathsep.join([str(ROOT / "src"), str(ROOT)])  # subprocesses run this checkout, not the installed one
+
 
 @pytest.fixture
 def xp_of(monkeypatch, tmp_path):
@@ -130,7 +132,7 @@ def test_good_values_at_the_edges_pass(xp_of):
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "OSTINATO_OUTPUTS": str(tmp_path / "out"), "OSTINATO_DATA": str(tmp_path / "data"),
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **extra}
+            "PYTHONPATH": CHECKOUT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **extra}
 
 
 OSTINATO = [sys.executable, "-m", "ostinato.cli"]
@@ -190,7 +192,7 @@ def test_grid_with_a_bad_override_names_the_grid_and_the_key(tmp_path):
         "from ostinato.grids._explorers import TrainExplorer\n\n\n@TrainExplorer\ndef explorer(launcher):\n"
         "    launcher.bind_({'family': 'debug', 'logger': 'csv'})\n"
         "    launcher({'optim.lr': 1e-3})\n    launcher({'trainer.max_stepz': 5})\n")
-    env = _env(tmp_path, OSTINATO_GRIDS="mygrids", PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    env = _env(tmp_path, OSTINATO_GRIDS="mygrids", PYTHONPATH=f"{CHECKOUT}{os.pathsep}{tmp_path}")
     line = _one_line_exit_2(OSTINATO + ["grid", "typo", "--dry_run"], env)
     assert line == ("ostinato grid: error: grid typo: trainer.max_stepz: no such key (did you mean "
                     "trainer.max_steps?)")

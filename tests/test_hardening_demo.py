@@ -23,6 +23,7 @@ from tests.disks import tmpfs
 from tests.synth import write_shards, write_tiny_encodec
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKOUT = os.pathsep.join([str(ROOT / "src"), str(ROOT)])  # subprocesses run this checkout, not the installed one
 # every scalar an evaluation suite writes (scoring.py's names)
 EVAL_METRICS = ("fad", "fad_inf", "fad_inf_slope", "fad_inf_r2", "per_song_fad_mean", "per_song_fad_median",
                 "text_audio", "kld", "chroma", "mel_distance", "stft_distance", "sisnr")
@@ -109,7 +110,7 @@ def test_fad_inf_of_few_clips_is_flagged_in_metrics_json_reports_and_table(tmp_p
 
 
 def _demo(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = {**os.environ, "PYTHONPATH": CHECKOUT, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "ostinato.cli", "demo", *args], env={**base, **(env or {})},
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
@@ -193,7 +194,7 @@ def test_demo_outputs_holds_the_demos_xps(tmp_path: Path) -> None:
         "main(sys.argv[1:])\n")
     env = {k: v for k, v in os.environ.items() if k != "OSTINATO_OUTPUTS"}
     proc = subprocess.run([sys.executable, "-c", probe, "demo", "--data", str(tmp_path / "data"), "--outputs",
-                           str(tmp_path / "elsewhere")], env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                           str(tmp_path / "elsewhere")], env={**env, "PYTHONPATH": CHECKOUT}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip().splitlines()[-1]).parent == tmp_path / "elsewhere" / "xps"
