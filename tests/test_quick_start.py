@@ -60,3 +60,18 @@ def test_load_returns_the_plain_model(tmp_path: Path) -> None:
     assert type(model) is MusicGen and not isinstance(model, L.LightningModule) and not model.training
     assert not any(isinstance(m, L.LightningModule) for m in model.modules())
     assert model.codec_ref == str(tmp_path / "x" / "codec") and model.sample_rate == SR
+
+
+def test_a_checkpoint_from_before_the_split_still_loads(tmp_path: Path) -> None:
+    """A MusicGen checkpoint written when the wrapper was the model (keys ``lm.*``, not ``model.lm.*``)."""
+    import ostinato
+    from safetensors.torch import load_file
+
+    export = self_contained_export(tmp_path / "x")
+    cfg = yaml.safe_load((export / "config.yaml").read_text())
+    cfg["family"]["codec"] = str(export / "codec")
+    weights = load_file(export / "model.safetensors")
+    torch.save({"state_dict": weights, "ostinato_config": cfg}, tmp_path / "old.ckpt")
+    model = ostinato.load(tmp_path / "old.ckpt")
+    assert type(model) is MusicGen
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())

@@ -18,8 +18,8 @@ from ostinato.store.records import MODEL_PREFIX, export_folder, read_weights, re
 def model_weights(weights: dict[str, torch.Tensor], folder: Path | None) -> dict[str, torch.Tensor]:
     """The model's own tensors: an export holds just them; a checkpoint holds the wrapper's, the model's under
     ``model.`` beside training-only parts (discriminators, EMA shadows are already substituted)."""
-    if folder is not None:
-        return weights
+    if folder is not None or not any(k.startswith(MODEL_PREFIX) for k in weights):
+        return weights  # an export; or a checkpoint from before its wrapper held the model (its keys are the model's)
     return {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
 
 
