@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ostinato.data.dims import read_manifests, register_resolvers
 from ostinato.engine.callbacks import grouped
 from ostinato.engine.config import ConfigError, check_global_batch, check_overrides, composition_error, validate
 from ostinato.families.base import plain
@@ -39,6 +40,7 @@ from ostinato.fileio import atomic_write_text
 from ostinato.store.records import conf_dir
 
 log = logging.getLogger("ostinato.train")
+register_resolvers()  # ${manifest:...}: a family's dimensions read from its data's manifest
 
 
 def _setup_logging(folder: Path, rank: int) -> None:
@@ -65,6 +67,7 @@ def _preflight(cfg: DictConfig, world_size: int):
 
 def run(cfg: DictConfig) -> L.Trainer:
     xp = get_xp()
+    read_manifests()  # the signature is fixed: the family's ${manifest:...} dimensions now come from the data
     folder = Path(xp.folder)
     spec = get_distrib_spec()
     _setup_logging(folder, spec.rank)

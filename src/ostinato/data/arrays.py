@@ -27,13 +27,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
 from ostinato.data.batch import length_mask
-from ostinato.data.datamodule import AudioDataModule
+from ostinato.data.datamodule import ShardDataModule, Spec
 from ostinato.data.manifest import StreamInfo
 from ostinato.data.musiclm_tokens import aligned_crop
 from ostinato.data.sources import shard_counts
@@ -47,7 +46,6 @@ __all__ = ["ARRAY_FORMAT", "StreamInfo", "ModelInfo", "ArrayShard", "ArrayManife
 
 ARRAY_FORMAT = "ostinato.array-shards/1"
 MANIFEST_NAME = "manifest.json"
-Spec = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 @dataclass
@@ -218,7 +216,7 @@ def decode_array_clip(sample: dict, *, seconds: float, rates: Mapping[str, float
     return crops, valid[first], {**meta, "__key__": key, "offset_seconds": start, "lengths": valid}
 
 
-class ArrayDataModule(AudioDataModule):
+class ArrayDataModule(ShardDataModule):
     """Array shards (``ostinato encode``) -> ``ArrayBatch`` of time-aligned crops.
 
     Args:
@@ -226,27 +224,15 @@ class ArrayDataModule(AudioDataModule):
         streams: which streams to load, the first one setting the item's valid length and the minimum crop
             (default: all the manifest lists, in its order), e.g. ``[middle, top]`` for a Jukebox upsampler.
         segment_seconds: crop length in seconds (frames = ``round(segment_seconds * rate)`` per stream).
-        The rest is ``AudioDataModule``'s: a global ``batch_size``, fixed-length epochs, resampled training stream.
+        The rest (``**loading``) is ``ShardDataModule``'s.
     """
 
     def __init__(self, train: Spec | None = None, valid: Spec | None = None, test: Spec | None = None, *,
-                 segment_seconds: float, batch_size: int, streams: Sequence[str] | None = None,
-                 eval_batch_size: int | None = None, eval_segment_seconds: float | None = None,
-                 min_segment_ratio: float = 0.5, batches_per_epoch: int = 1000, num_workers: int = 2,
-                 shuffle_buffer: int = 256, seed: int = 0, pin_memory: bool = False, rank: int | None = None,
-                 world_size: int | None = None):
-        L.LightningDataModule.__init__(self)
-        if train is None and valid is None and test is None:
-            raise ValueError("ArrayDataModule needs at least one of data.train, data.valid, data.test")
+                 streams: Sequence[str] | None = None, **loading: Any):
+        super().__init__(train, valid, test, **loading)
         self.wanted = None if streams is None else [str(s) for s in streams]
-        self._init_loading(train, valid, test, segment_seconds=segment_seconds,
-                           eval_segment_seconds=eval_segment_seconds, min_segment_ratio=min_segment_ratio,
-                           batch_size=batch_size, eval_batch_size=eval_batch_size,
-                           batches_per_epoch=batches_per_epoch, num_workers=num_workers,
-                           shuffle_buffer=shuffle_buffer, seed=seed, pin_memory=pin_memory, rank=rank,
-                           world_size=world_size)
 
-    def source(self, split: str) -> ArraySource:  # type: ignore[override]
+    def source(self, split: str) -> ArraySource:
         if split not in self._sources:
             spec = self.specs[split]
             if spec is None:
@@ -256,15 +242,9 @@ class ArrayDataModule(AudioDataModule):
                 missing = [s for s in self.wanted if s not in src.streams]
                 if missing:
                     raise ValueError(f"data.streams asks for {missing} but {spec} holds {list(src.streams)}")
-            for other, known in self._sources.items():
-                if known.model.hash != src.model.hash:
-                    raise ValueError(f"data.{split} was encoded by {src.model.id} but data.{other} by "
-                                     f"{known.model.id}: every split must come from the same model")
+            self._agree(split, src, lambda s: s.model.hash, "model")
             self._sources[split] = src
         return self._sources[split]
-
-    def _first(self) -> ArraySource:
-        return self.source(next(s for s in ("train", "valid", "test") if self.specs[s] is not None))
 
     @property
     def model(self) -> ModelInfo:
@@ -284,25 +264,18 @@ class ArrayDataModule(AudioDataModule):
                        channels={n: s.channels for n, s in streams.items()})
 
     def train_dataset(self) -> TrainStream:
-        rank, world = self.world
         first = next(iter(self.streams.values()))
         return TrainStream(self.source("train").urls, sample_rate=first.rate, channels=first.channels,
-                           segment_seconds=self.segment_seconds,
-                           batch_size=self.per_rank(self.batch_size, "batch_size"),
-                           batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
-                           shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world,
                            decode=self._decode(self.segment_seconds), collate=collate_arrays,
-                           expected=self.source("train").counts)
+                           expected=self.source("train").counts, **self.train_stream_kw())
 
     def eval_dataset(self, split: str) -> EvalSet:
-        rank, world = self.world
         src, streams = self.source(split), self.streams
         first = next(iter(streams.values()))
         seconds = self.eval_segment_seconds
         return EvalSet(src.urls, num_samples=src.num_samples, sample_rate=first.rate, channels=first.channels,
-                       segment_seconds=seconds, batch_size=self.per_rank(self.eval_batch_size, "eval_batch_size"),
-                       num_workers=self.num_workers, rank=rank, world_size=world, decode=self._decode(seconds),
-                       collate=_collate_eval(streams, seconds), blank=dict)
+                       decode=self._decode(seconds), collate=_collate_eval(streams, seconds), blank=dict,
+                       **self.eval_set_kw())
 
 
 def _collate_eval(streams: Mapping[str, StreamInfo], seconds: float):

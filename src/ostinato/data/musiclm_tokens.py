@@ -6,8 +6,9 @@ A split is a mapping of streams to folders::
 
 ``semantic`` and ``codec`` are token shard folders (``ostinato tokenize`` / ``--semantic``) of the same audio
 shards: same shard names, same sample keys. ``mulan`` is a folder written once by ``ostinato prep mulan``
-(``ostinato.encoding.mulan``): the MuLaN audio embedding of every clip quantized per namespace (``mulan_tokens.npz``: ``keys [N]`` + one int16
-``[N, n_q]`` array per namespace, and ``manifest.json``), so nothing is re-embedded per step.
+(``ostinato.encoding.mulan``): the MuLaN audio embedding of every clip quantized per namespace
+(``mulan_tokens.npz``: ``keys [N]`` + one int16 ``[N, n_q]`` array per namespace, and ``manifest.json``), so nothing
+is re-embedded per step.
 
 Streams are joined by sample key (a shard's samples missing from another stream are skipped). Crops are
 time-aligned: the start time is drawn on the grid of the slowest stream and every stream is cut from
@@ -26,12 +27,11 @@ from typing import Any
 
 import json
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
-from ostinato.data.datamodule import AudioDataModule
+from ostinato.data.datamodule import ShardDataModule
 from ostinato.data.sources import iter_raw_samples
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
 from ostinato.data.tokens import CodecInfo, decode_codes, resolve_token_shards
@@ -268,37 +268,25 @@ class _Split:
     counts: dict[str, int] = field(default_factory=dict)  # samples per shard of the first stream (manifest)
 
 
-class MusicLMTokenDataModule(AudioDataModule):
+class MusicLMTokenDataModule(ShardDataModule):
     """Joined semantic / codec / MuLaN token streams -> ``MusicLMBatch`` of time-aligned crops.
 
     Args:
         train, valid, test: ``{semantic: DIR, codec: DIR, mulan: DIR}`` (any subset; a stage reads what it needs).
         streams: which of ``semantic``, ``codec``, ``mulan`` to load (default: all the splits give).
         segment_seconds: the crop length in seconds (the stage's: 30 / 10 / 3 s in MusicLM).
-        The rest is ``TokenDataModule``'s.
+        The rest (``**loading``) is ``ShardDataModule``'s.
     """
 
     def __init__(self, train: Mapping[str, Any] | None = None, valid: Mapping[str, Any] | None = None,
-                 test: Mapping[str, Any] | None = None, *, segment_seconds: float, batch_size: int,
-                 streams: Sequence[str] | None = None, eval_batch_size: int | None = None,
-                 eval_segment_seconds: float | None = None, min_segment_ratio: float = 0.5,
-                 batches_per_epoch: int = 1000, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
-                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
-        L.LightningDataModule.__init__(self)
-        if train is None and valid is None and test is None:
-            raise ValueError("MusicLMTokenDataModule needs at least one of data.train, data.valid, data.test")
+                 test: Mapping[str, Any] | None = None, *, streams: Sequence[str] | None = None, **loading: Any):
+        super().__init__(train, valid, test, **loading)
         for split, spec in (("train", train), ("valid", valid), ("test", test)):
             if spec is not None and (not isinstance(spec, Mapping) or not set(spec) <= {*TOKEN_STREAMS, "mulan"}):
                 raise ValueError(f"data.{split} must map semantic / codec / mulan to folders, got {spec!r}")
         self.streams = None if streams is None else [str(s) for s in streams]
         if self.streams is not None and not set(self.streams) <= {*TOKEN_STREAMS, "mulan"}:
             raise ValueError(f"data.streams must be a subset of [semantic, codec, mulan], got {self.streams}")
-        self._init_loading(train, valid, test, segment_seconds=segment_seconds,
-                           eval_segment_seconds=eval_segment_seconds, min_segment_ratio=min_segment_ratio,
-                           batch_size=batch_size, eval_batch_size=eval_batch_size,
-                           batches_per_epoch=batches_per_epoch, num_workers=num_workers,
-                           shuffle_buffer=shuffle_buffer, seed=seed, pin_memory=pin_memory, rank=rank,
-                           world_size=world_size)
 
     def _wanted(self, spec: Mapping[str, Any]) -> list[str]:
         names = [n for n in (*TOKEN_STREAMS, "mulan") if spec.get(n) is not None]
@@ -309,7 +297,7 @@ class MusicLMTokenDataModule(AudioDataModule):
             names = [n for n in names if n in self.streams]
         return names
 
-    def source(self, split: str) -> _Split:  # type: ignore[override]
+    def source(self, split: str) -> _Split:
         if split in self._sources:
             return self._sources[split]
         spec = self.specs[split]
@@ -341,9 +329,6 @@ class MusicLMTokenDataModule(AudioDataModule):
                                       {k: s.codec for k, s in srcs.items()}, mulan, rows, n, counts)
         return self._sources[split]
 
-    def _first(self) -> _Split:
-        return self.source(next(s for s in ("train", "valid", "test") if self.specs[s] is not None))
-
     @property
     def codec(self) -> CodecInfo | None:
         """The codec token stream's ``CodecInfo`` (None without codec tokens)."""
@@ -363,26 +348,17 @@ class MusicLMTokenDataModule(AudioDataModule):
                        mulan=None if src.mulan is None else src.mulan.tokens, primary=next(iter(src.rates)))
 
     def train_dataset(self) -> TrainStream:
-        rank, world = self.world
         src = self.source("train")
         return _JoinedTrainStream(src.groups, src.rows, sample_rate=next(iter(src.rates.values())), channels=1,
-                                  segment_seconds=self.segment_seconds,
-                                  batch_size=self.per_rank(self.batch_size, "batch_size"),
-                                  batches_per_epoch=self.batches_per_epoch, min_segment_ratio=self.min_segment_ratio,
-                                  shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world,
                                   decode=self._decode(src, self.segment_seconds), collate=collate_musiclm,
-                                  expected=src.counts)
+                                  expected=src.counts, **self.train_stream_kw())
 
     def eval_dataset(self, split: str) -> EvalSet:
-        rank, world = self.world
         src = self.source(split)
         return _JoinedEvalSet(src.groups, src.rows, num_samples=src.num_samples,
                               sample_rate=next(iter(src.rates.values())), channels=1,
-                              segment_seconds=self.eval_segment_seconds,
-                              batch_size=self.per_rank(self.eval_batch_size, "eval_batch_size"),
-                              num_workers=self.num_workers, rank=rank, world_size=world,
                               decode=self._decode(src, self.eval_segment_seconds), collate=collate_musiclm,
-                              blank=partial(_blank, src, self.eval_segment_seconds))
+                              blank=partial(_blank, src, self.eval_segment_seconds), **self.eval_set_kw())
 
 
 def _blank(src: _Split, seconds: float) -> dict[str, Tensor]:

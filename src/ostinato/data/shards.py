@@ -11,7 +11,8 @@ Output folder layout (every file is written atomically; nothing else in ``out`` 
 Choices:
 
 * Files: ``src`` is scanned recursively (``out`` and hidden names excluded); audio = ``AUDIO_EXTENSIONS`` (any
-  case), sorted by relative POSIX path. ``.json .jsonl .txt .csv .tsv`` are metadata, anything else is listed as ``ignored``.
+  case), sorted by relative POSIX path. ``.json .jsonl .txt .csv .tsv`` are metadata, anything else is listed as
+  ``ignored``.
   A file that fails to decode or convert is skipped, logged and listed in ``report.json``; the job goes on.
   A file cut short (a WAV whose header claims more data than it holds, an Ogg stream without its end page,
   fewer frames than the header says) keeps the part that decodes, since that audio is intact, and is logged and

@@ -84,7 +84,8 @@ def decode_clip(sample: dict, *, sample_rate: int, channels: int, seconds: float
     key = sample.get("__key__", "?")
     audio_key = next((k for k in ("flac", "wav", "ogg", "mp3") if k in sample), None)
     if audio_key is None:
-        raise CorruptSample(f"sample {key}: no audio entry (have {sorted(k for k in sample if not k.startswith('__'))})")
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise CorruptSample(f"sample {key}: no audio entry (have {have})")
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         with sf.SoundFile(io.BytesIO(sample[audio_key])) as f:

@@ -42,6 +42,11 @@ class CodecInfo:
     n_q: int
     cardinality: int
 
+    @property
+    def dims(self) -> tuple[float, int, int]:
+        """(frame rate, n_q, codebook size): what an LM trained on the tokens depends on."""
+        return float(self.frame_rate), int(self.n_q), int(self.cardinality)
+
 
 @dataclass
 class TokenShard:
@@ -137,19 +142,15 @@ def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path,
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"token shard not found: {missing[0]}, listed by {folder / MANIFEST_NAME}")
-        if codec is not None and _codec_key(codec) != _codec_key(manifest.codec):
+        if codec is not None and codec.dims != manifest.codec.dims:
             raise ValueError(f"token shards in {folder} come from another codec ({manifest.codec.id}, "
-                             f"{_codec_key(manifest.codec)}) than the others ({codec.id}, {_codec_key(codec)})")
+                             f"{manifest.codec.dims}) than the others ({codec.id}, {codec.dims})")
         codec = codec or manifest.codec
         urls += [str(p) for p in paths]
         counts.update(shard_counts([str(p) for p in paths], manifest.shards))
         total += manifest.total_samples
     assert codec is not None
     return TokenSource(urls, codec, total, counts)
-
-
-def _codec_key(codec: CodecInfo) -> tuple[float, int, int]:
-    return (float(codec.frame_rate), int(codec.n_q), int(codec.cardinality))
 
 
 def decode_token_clip(sample: dict, *, frames: int, n_q: int | None = None,

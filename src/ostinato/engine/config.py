@@ -370,6 +370,29 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True  # types we cannot judge from config values (paths, modules, ...)
 
 
+def _init_params(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """``cls.__init__``'s parameters and type hints, and whether it takes any keyword. A class that declares
+    ``init_kwargs_to_base`` (the shard datamodules: ``**loading``) takes its bases' parameters too."""
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        own = dict(inspect.signature(init).parameters)
+        own.pop("self", None)
+        try:
+            own_hints = typing.get_type_hints(init)
+        except Exception:
+            own_hints = {}
+        rest = [n for n, p in own.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        params.update({n: p for n, p in own.items() if n not in params and n not in rest})
+        hints.update({n: h for n, h in own_hints.items() if n not in hints})
+        if not rest or not getattr(cls, "init_kwargs_to_base", False):
+            return params, hints, bool(rest)
+    return params, hints, False
+
+
 def check_target(node: Any, key: str, provided: Sequence[str] = ()) -> None:
     """``node._target_`` must import, and the node's keys must match its ``__init__``: names, required
     arguments, and simple types. ``provided`` names arguments the engine passes itself."""
@@ -379,13 +402,7 @@ def check_target(node: Any, key: str, provided: Sequence[str] = ()) -> None:
         cls = get_class(node._target_)
     except Exception as e:
         raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported: {e}") from None
-    params = dict(inspect.signature(cls.__init__).parameters)
-    params.pop("self", None)
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:
-        hints = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params, hints, takes_any = _init_params(cls)
     values = OmegaConf.to_container(node, resolve=True)
     for name, value in values.items():
         if name.startswith("_"):
