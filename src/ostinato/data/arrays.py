@@ -20,12 +20,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,11 +31,10 @@ from torch import Tensor
 
 from ostinato.data.batch import length_mask
 from ostinato.data.datamodule import ShardDataModule, Spec
-from ostinato.data.manifest import StreamInfo
+from ostinato.data.manifest import ShardManifest, StreamInfo
 from ostinato.data.musiclm_tokens import aligned_crop
-from ostinato.data.sources import shard_counts
+from ostinato.data.sources import resolve_listed
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
-from ostinato.fileio import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,6 @@ __all__ = ["ARRAY_FORMAT", "StreamInfo", "ModelInfo", "ArrayShard", "ArrayManife
            "ArrayDataModule", "encode_array", "decode_array", "resolve_array_shards"]
 
 ARRAY_FORMAT = "ostinato.array-shards/1"
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass
@@ -68,34 +64,21 @@ class ArrayShard:
 
 
 @dataclass
-class ArrayManifest:
+class ArrayManifest(ShardManifest):
+    FORMAT: ClassVar[str] = ARRAY_FORMAT
+    KIND: ClassVar[str] = "array"
+    HINT: ClassVar[str] = "write the arrays with `ostinato encode SHARDS OUT --model REF`"
+
     shards: list[ArrayShard]
     streams: dict[str, StreamInfo]
     model: ModelInfo
     source: dict[str, Any] = field(default_factory=dict)
     format: str = ARRAY_FORMAT
 
-    @property
-    def total_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        d = asdict(self)
-        d["total_samples"] = self.total_samples
-        atomic_write_json(path, d)
-        return path
-
     @classmethod
-    def load(cls, path: str | Path) -> ArrayManifest:
-        path = Path(path)
-        path = path / MANIFEST_NAME if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no array manifest at {path}; write the arrays with "
-                                    "`ostinato encode SHARDS OUT --model REF`")
-        d = read_json(path)
+    def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> ArrayManifest:
         if d.get("format") != ARRAY_FORMAT:
-            raise ValueError(f"{path}: format {d.get('format')!r} is not {ARRAY_FORMAT!r} (token shards from "
+            raise ValueError(f"{origin}: format {d.get('format')!r} is not {ARRAY_FORMAT!r} (token shards from "
                              "`ostinato tokenize` are read by data=demo_tokens, not by this datamodule)")
         return cls(shards=[ArrayShard(**s) for s in d["shards"]],
                    streams={k: StreamInfo(**v) for k, v in d["streams"].items()}, model=ModelInfo(**d["model"]),
@@ -134,30 +117,13 @@ class ArraySource:
 
 def resolve_array_shards(spec: Spec) -> ArraySource:
     """An array shard folder (or its manifest), or a list of them written by one model -> paths and streams."""
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    if not specs:
-        raise ValueError("empty array shard spec: give a folder holding an array manifest.json")
-    urls: list[str] = []
-    counts: dict[str, int] = {}
-    first: ArrayManifest | None = None
-    total = 0
-    for s in specs:
-        path = Path(s)
-        manifest = ArrayManifest.load(path)
-        folder = path if path.is_dir() else path.parent
-        paths = [folder / sh.name for sh in manifest.shards]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"array shard not found: {missing[0]}, listed by {folder / MANIFEST_NAME}")
-        if first is not None and (first.model.hash, first.streams) != (manifest.model.hash, manifest.streams):
+    listed = resolve_listed(spec, ArrayManifest)
+    (_, first), *rest = listed.manifests
+    for folder, manifest in rest:
+        if (first.model.hash, first.streams) != (manifest.model.hash, manifest.streams):
             raise ValueError(f"array shards in {folder} come from another model ({manifest.model.id}) than the "
                              f"others ({first.model.id}); encode every part with the same model")
-        first = first or manifest
-        urls += [str(p) for p in paths]
-        counts.update(shard_counts([str(p) for p in paths], manifest.shards))
-        total += manifest.total_samples
-    assert first is not None
-    return ArraySource(urls, first.streams, first.model, total, counts)
+    return ArraySource(listed.urls, first.streams, first.model, listed.total, listed.counts)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from ostinato.fileio import atomic_write_json, read_json
 
@@ -41,8 +41,60 @@ class ShardInfo:
     bytes: int
 
 
+class ShardManifest:
+    """What every manifest shares (audio, token and array shards): ``shards`` with their sample counts, a
+    ``format`` checked on load, written last and atomically with its totals. A subclass is a dataclass naming its
+    ``FORMAT``, ``KIND`` and ``HINT`` (how to write one) and, when its fields are not plain, ``from_dict``."""
+
+    FORMAT: ClassVar[str]
+    KIND: ClassVar[str]
+    HINT: ClassVar[str]
+    shards: list[Any]
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def totals(self) -> dict[str, Any]:
+        return {"total_samples": self.total_samples}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), **self.totals()}  # type: ignore[call-overload]
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Load ``path`` (a manifest.json or the folder holding one)."""
+        path = Path(path)
+        path = path / MANIFEST_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no {cls.KIND} manifest at {path}; {cls.HINT}")
+        return cls.from_dict(read_json(path), origin=str(path))
+
+    @classmethod
+    def check_format(cls, d: dict[str, Any], origin: str) -> dict[str, Any]:
+        """``d`` less its totals, once its format is this class's."""
+        if d.get("format") != cls.FORMAT:
+            raise ValueError(f"{origin}: format {d.get('format')!r} is not {cls.FORMAT!r}")
+        return {k: v for k, v in d.items() if not k.startswith("total_")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> Self:
+        raise NotImplementedError
+
+
 @dataclass
-class Manifest:
+class Manifest(ShardManifest):
+    """Audio shards (``ostinato prep shards``)."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    KIND: ClassVar[str] = "shard"
+    HINT: ClassVar[str] = "run `ostinato prep shards` to create it"
+
     shards: list[ShardInfo]
     sample_rate: int
     channels: int
@@ -52,39 +104,15 @@ class Manifest:
     format: str = FORMAT
 
     @property
-    def total_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.shards)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["total_samples"] = self.total_samples
-        d["total_seconds"] = round(self.total_seconds, 3)
-        return d
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        atomic_write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Manifest":
-        """Load ``path`` (a manifest.json or the folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / MANIFEST_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"no shard manifest at {path}; run `ostinato prep shards` to create it")
-        return cls.from_dict(read_json(path), origin=str(path))
+    def totals(self) -> dict[str, Any]:
+        return {"total_samples": self.total_samples, "total_seconds": round(self.total_seconds, 3)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> "Manifest":
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{origin}: format {d.get('format')!r} is not {FORMAT!r}")
-        d = {k: v for k, v in d.items() if k not in ("total_samples", "total_seconds")}
+        d = cls.check_format(d, origin)
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
         return cls(**d)
 

@@ -25,7 +25,7 @@ from webdataset.gopen import gopen, gopen_pipe, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ostinato.data.audio import AudioDecodeError, convert_channels, load_audio, resample
-from ostinato.data.manifest import MANIFEST_NAME, Manifest
+from ostinato.data.manifest import MANIFEST_NAME, Manifest, ShardManifest
 from ostinato.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,38 @@ def shard_counts(urls: Sequence[str], shards: Sequence[Any]) -> dict[str, int]:
     """Samples per shard url, from a manifest's shard entries (anything with ``samples``) listed in ``urls``'s
     order: what a truncated tar lost is counted against them (``TrainStream(expected=...)``)."""
     return {str(u): int(s.samples) for u, s in zip(urls, shards, strict=True)}
+
+
+@dataclass
+class Listed:
+    """Shard folders of one kind read through their manifests: the manifests (with their folders), every shard
+    path (checked to exist), samples per shard and in all."""
+
+    manifests: list[tuple[Path, Any]]
+    urls: list[str]
+    counts: dict[str, int]
+    total: int
+
+
+def resolve_listed(spec: Any, cls: type[ShardManifest]) -> Listed:
+    """A shard folder (or its ``manifest.json``), or a list of them, of the manifest class ``cls``."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise ValueError(f"empty {cls.KIND} shard spec: give a folder holding a {cls.KIND} manifest.json")
+    out = Listed([], [], {}, 0)
+    for s in specs:
+        path = Path(s)
+        manifest = cls.load(path)
+        folder = path if path.is_dir() else path.parent
+        paths = [str(folder / sh.name) for sh in manifest.shards]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{cls.KIND} shard not found: {missing[0]}, listed by {folder / MANIFEST_NAME}")
+        out.manifests.append((folder, manifest))
+        out.urls += paths
+        out.counts.update(shard_counts(paths, manifest.shards))
+        out.total += manifest.total_samples
+    return out
 
 
 def _read_remote_manifest(url: str) -> Manifest:

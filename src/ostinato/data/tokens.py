@@ -15,19 +15,18 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ostinato.data.sources import iter_raw_samples, shard_counts
+from ostinato.data.manifest import ShardManifest
+from ostinato.data.sources import iter_raw_samples, resolve_listed
 from ostinato.data.streams import CorruptSample
-from ostinato.fileio import atomic_write_json, read_json
 
 FORMAT = "ostinato.token-shards/1"
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass
@@ -56,36 +55,26 @@ class TokenShard:
 
 
 @dataclass
-class TokenManifest:
+class TokenManifest(ShardManifest):
+    FORMAT: ClassVar[str] = FORMAT
+    KIND: ClassVar[str] = "token"
+    HINT: ClassVar[str] = "run `ostinato tokenize` to create it"
+
     shards: list[TokenShard]
     codec: CodecInfo
     source: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
     @property
-    def total_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
     def total_frames(self) -> int:
         return sum(s.frames for s in self.shards)
 
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        d = asdict(self)
-        d["total_samples"], d["total_frames"] = self.total_samples, self.total_frames
-        atomic_write_json(path, d)
-        return path
+    def totals(self) -> dict[str, Any]:
+        return {"total_samples": self.total_samples, "total_frames": self.total_frames}
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenManifest":
-        path = Path(path)
-        path = path / MANIFEST_NAME if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no token manifest at {path}; run `ostinato tokenize` to create it")
-        d = read_json(path)
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {d.get('format')!r} is not {FORMAT!r}")
+    def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> TokenManifest:
+        d = cls.check_format(d, origin)
         return cls(shards=[TokenShard(**s) for s in d["shards"]], codec=CodecInfo(**d["codec"]),
                    source=d.get("source", {}))
 
@@ -127,30 +116,13 @@ def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path,
     Token shards are always read through their manifests: the manifest is where the codec (frame rate, n_q,
     cardinality) is written. Every part of a list must come from the same codec.
     """
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if not specs:
-        raise ValueError("empty token shard spec: give a folder holding a token manifest.json")
-    urls: list[str] = []
-    counts: dict[str, int] = {}
-    codec: CodecInfo | None = None
-    total = 0
-    for s in specs:
-        path = Path(s)
-        manifest = TokenManifest.load(path)
-        folder = path if path.is_dir() else path.parent
-        paths = [folder / sh.name for sh in manifest.shards]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"token shard not found: {missing[0]}, listed by {folder / MANIFEST_NAME}")
-        if codec is not None and codec.dims != manifest.codec.dims:
+    listed = resolve_listed(spec, TokenManifest)
+    (_, first), *rest = listed.manifests
+    for folder, manifest in rest:
+        if manifest.codec.dims != first.codec.dims:
             raise ValueError(f"token shards in {folder} come from another codec ({manifest.codec.id}, "
-                             f"{manifest.codec.dims}) than the others ({codec.id}, {codec.dims})")
-        codec = codec or manifest.codec
-        urls += [str(p) for p in paths]
-        counts.update(shard_counts([str(p) for p in paths], manifest.shards))
-        total += manifest.total_samples
-    assert codec is not None
-    return TokenSource(urls, codec, total, counts)
+                             f"{manifest.codec.dims}) than the others ({first.codec.id}, {first.codec.dims})")
+    return TokenSource(listed.urls, first.codec, listed.total, listed.counts)
 
 
 def decode_token_clip(sample: dict, *, frames: int, n_q: int | None = None,
