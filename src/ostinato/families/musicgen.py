@@ -35,6 +35,7 @@ from torch import Tensor
 from ostinato.data.batch import AudioBatch
 from ostinato.data.token_datamodule import TokenBatch
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
+from ostinato.interop.codecs import load_codec
 from ostinato.models.codec import Codec
 from ostinato.models.musicgen import MusicGen, imported_kwargs, model_kwargs
 from ostinato.nn.conditioners import description
@@ -76,6 +77,7 @@ class MusicGenFamily(CodebookLMFamily):
         super().__init__(optim)
         kwargs = dict(n_q=n_q, card=card, lm=lm, text=text, melody=melody, style=style, delays=delays, codec=codec)
         self.model = MusicGen(**model_kwargs(kwargs))
+        self.model.set_codec_loader(load_codec)
         self.melody_dropout = float((melody or {}).get("dropout", 0.0))
         self.style_dropout = float((style or {}).get("dropout", 0.0))
         self.style_penalty_weight = float((style or {}).get("penalty_weight", 1.0))

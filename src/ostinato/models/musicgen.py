@@ -35,15 +35,13 @@ from ostinato.nn.patterns import DelayPattern
 from ostinato.nn.resample import resample
 from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_features
 from ostinato.nn.transformer import CodebookLM, lm_config
-from ostinato.registry import resolve
 
 __all__ = ["MusicGen", "LongForm", "AudioRef", "recorded_codec", "locate", "model_kwargs",
-           "exported_family", "imported_kwargs", "CODEC_LOADER", "FAMILY_TARGET"]
+           "exported_family", "imported_kwargs", "FAMILY_TARGET"]
 
 FAMILY_TARGET = "ostinato.families.musicgen.MusicGenFamily"
 # codecs come in several formats (ostinato, transformers, audiocraft) that interop reads; resolved on use, as the
 # registry's entries are, so the model sits below the readers
-CODEC_LOADER = "ostinato.interop.codecs:load_codec"
 TRAINING_KEYS = {"melody": ("dropout",), "style": ("dropout", "penalty_weight")}
 
 
@@ -261,6 +259,11 @@ class MusicGen(nn.Module):
                              f"{codec.n_q} x {codec.cardinality}; pass the codec it was trained with (--codec)")
         self.__dict__["_codec"] = codec.eval().requires_grad_(False)
 
+    def set_codec_loader(self, loader: Callable[[str], Codec]) -> None:
+        """How ``codec`` loads ``codec_ref`` on first use (codecs of other toolkits are read by ``ostinato.interop``,
+        a floor above the models: the caller that may import it hands its loader in)."""
+        self.__dict__["_codec_loader"] = loader
+
     @property
     def codec(self) -> Codec:
         codec = self.__dict__.get("_codec")
@@ -268,7 +271,11 @@ class MusicGen(nn.Module):
             if self.codec_ref is None:
                 raise ValueError("this MusicGen has no codec: set family.codec (or train on token shards, whose "
                                  "manifest names their codec), or pass --codec")
-            self.attach_codec(resolve(CODEC_LOADER)(self.codec_ref))
+            loader = self.__dict__.get("_codec_loader")
+            if loader is None:
+                raise ValueError(f"this MusicGen's codec ({self.codec_ref}) is not attached: load the model with "
+                                 "ostinato.load, or call attach_codec(codec)")
+            self.attach_codec(loader(self.codec_ref))
             codec = self.__dict__["_codec"]
         if next(codec.parameters()).device != self.device:
             codec.to(self.device)
