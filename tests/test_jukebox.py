@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+
 import soundfile as sf
 import torch
 from omegaconf import OmegaConf
@@ -245,6 +246,7 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     assert record["models"]["vqvae"] == str(tmp_path / "vqvae")  # recorded by the priors' array shards
     jukebox = load_bundle(str(bundle))  # seeded: the same clips in-process
     assert type(jukebox) is Jukebox and not isinstance(jukebox, L.LightningModule)
+    assert type(ostinato.load(bundle)) is Jukebox  # the bundle is a model ref like any other
     metas = [{"genre": "chorale", "composer": "Bach"}, {"genre": "reel"}]
     assert jukebox.metadata(["genre: chorale, composer: Bach", "genre: reel"]) == metas
     again = jukebox.generate(metas, 1.0, GenerationParams(cfg_scale=3.0, top_k=250, seed=0))

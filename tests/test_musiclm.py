@@ -527,6 +527,10 @@ def test_a_bundle_generates_without_family_and_continues_from_an_export(stage_xp
     assert json.loads((out / "000.json").read_text())["coarse"] == str(export.resolve())
     model = load_bundle(bundle)
     assert model.sources["mulan"] == stage_xps["parts"]["mulan"]
+    import ostinato
+    from ostinato.models.musiclm import MusicLM
+
+    assert type(ostinato.load(bundle)) is MusicLM  # the bundle is a model ref like any other
 
     # the evaluation runner finds the family by the bundle file: a text_to_music suite runs, a retrieval one is refused
     from ostinato.evaluation.runner import run_suite

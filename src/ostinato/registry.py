@@ -20,7 +20,7 @@ class Kind:
 
     family: str
     wrapper: str
-    model: str | None  # "module:Class" of the plain nn.Module that ``ostinato.load`` returns
+    model: str  # "module:Class" of the plain nn.Module that ``ostinato.load`` returns
 
 
 @dataclass(frozen=True)

@@ -25,21 +25,7 @@ def model_weights(weights: dict[str, torch.Tensor], folder: Path | None) -> dict
 
 def build(cfg: dict[str, Any], folder: Path | None = None, source: str = "this record") -> torch.nn.Module:
     """The (untrained) model of a training config."""
-    kind = kind_of(cfg, source)
-    if kind.model is None:
-        return _wrapper(cfg)
-    return resolve(kind.model).from_config(cfg, folder)
-
-
-def _wrapper(cfg: dict[str, Any]) -> torch.nn.Module:
-    # TODO(17): the families not yet split still load as their training wrapper
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    conf = OmegaConf.create(cfg)
-    optim = conf.get("optim")
-    optim = OmegaConf.to_container(optim) if OmegaConf.is_config(optim) else dict(optim or {})
-    return instantiate(conf.family, optim=optim or None, _convert_="all")
+    return resolve(kind_of(cfg, source).model).from_config(cfg, folder)
 
 
 def load(ref: str | Path, map_location: str | torch.device = "cpu", xps_dir: str | Path | None = None,
@@ -52,8 +38,5 @@ def load(ref: str | Path, map_location: str | torch.device = "cpu", xps_dir: str
         raise ValueError(f"{source}: no config.yaml beside the weights; cannot tell which family to build")
     folder = export_folder(resolved)
     model = build(cfg, folder, source)
-    if kind_of(cfg, source).model is None:
-        model.load_state_dict(weights, strict=True)
-    else:
-        model.load_state_dict(model_weights(weights, folder), strict=True)
+    model.load_state_dict(model_weights(weights, folder), strict=True)
     return model.to(map_location).eval()
