@@ -61,7 +61,7 @@ def write_token_shards(folder: Path, n_shards: int, per_shard: int, frames: int)
                 w.write({"__key__": f"s{i:05d}", "npy": encode_codes(codes), "json": json.dumps(meta).encode()})
         shards.append(TokenShard(name=name, samples=per_shard, frames=per_shard * frames))
     codec = CodecInfo(id="synthetic", hash="0", sample_rate=32000, channels=1, frame_rate=FRAME_RATE, n_q=N_Q,
-                      cardinality=CARD)
+                      card=CARD)
     TokenManifest(shards=shards, codec=codec).save(folder)
 
 

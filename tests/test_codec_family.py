@@ -84,7 +84,7 @@ def test_tokenize_with_an_imported_transformers_encodec(env, tmp_path):
     transformers.EncodecModel(cfg).save_pretrained(tmp_path / "hf")
     shards = f"{env['OSTINATO_DATA']}/demo/shards/test"
     manifest = tokenize(str(tmp_path / "hf"), shards, tmp_path / "tokens", workers=0, progress=False)
-    assert manifest.codec.cardinality == 64 and manifest.total_samples == 16
+    assert manifest.codec.card == 64 and manifest.total_samples == 16
     first = next(iter_token_samples(str(tmp_path / "tokens" / manifest.shards[0].name)))
     assert first[1].dtype == torch.int64 and int(first[1].max()) < 64 and json.dumps(first[2])
 

@@ -29,7 +29,7 @@ def reading():
 
 def _tokens(folder: Path, n_q: int, card: int, frame_rate: float = 50.0) -> Path:
     codec = CodecInfo(id="c", hash="0", sample_rate=16000, channels=1, frame_rate=frame_rate, n_q=n_q,
-                      cardinality=card)
+                      card=card)
     TokenManifest(shards=[], codec=codec).save(folder.mkdir(parents=True) or folder)
     return folder
 
@@ -94,3 +94,29 @@ def test_until_a_run_reads_them_the_fallbacks_stand(tmp_path: Path):
     family = _family("experiment=musicgen_tiny", f"data.train={tokens}")
     assert (family["n_q"], family["card"]) == (4, 256)
 
+
+
+def test_manifests_written_before_card_still_load(tmp_path: Path):
+    """Codebook size is ``card`` everywhere now; manifests that said ``cardinality`` or ``bins`` still read."""
+    import json
+
+    _tokens(tmp_path / "t", 2, 32)
+    path = tmp_path / "t" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["codec"]["cardinality"] = old["codec"].pop("card")
+    path.write_text(json.dumps(old))
+    assert TokenManifest.load(tmp_path / "t").codec.card == 32 and data_dims(tmp_path / "t")["codec"]["card"] == 32
+    model = ModelInfo(id="m", hash="0", kind="k", sample_rate=16000, channels=1)
+    (tmp_path / "a").mkdir()
+    ArrayManifest([], {"top": StreamInfo(10.0, 1, "int16", 64)}, model).save(tmp_path / "a")
+    path = tmp_path / "a" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["streams"]["top"]["cardinality"] = old["streams"]["top"].pop("card")
+    path.write_text(json.dumps(old))
+    assert ArrayManifest.load(tmp_path / "a").streams["top"].card == 64
+    MuLaNTokens(["a"], {"semantic": torch.zeros(1, 5, dtype=torch.long)}, {"semantic": 16}).save(tmp_path / "m")
+    path = tmp_path / "m" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["namespaces"]["semantic"]["bins"] = old["namespaces"]["semantic"].pop("card")
+    path.write_text(json.dumps(old))
+    assert MuLaNTokens.load(tmp_path / "m").card == {"semantic": 16}

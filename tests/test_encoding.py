@@ -54,7 +54,7 @@ def test_devices_and_workers_write_what_one_device_writes(tmp_path: Path):
     for key in a:
         assert a[key]["latents"].shape[0] == 2 and a[key]["codes"].dtype == torch.int64
         assert all(torch.equal(a[key][n], b[key][n]) for n in ("latents", "codes"))
-    assert ArrayManifest.load(tmp_path / "two").streams["codes"].cardinality == 2
+    assert ArrayManifest.load(tmp_path / "two").streams["codes"].card == 2
 
 
 def test_a_rerun_resumes_and_skips_finished_shards(tmp_path: Path):

@@ -517,7 +517,7 @@ def _write_token_shards(folder: Path, per_shard: int = 8, frames: int = 200) -> 
             w.write({"__key__": f"s{i:05d}", "npy": encode_codes(torch.randint(0, 256, (4, frames))),
                      "json": json.dumps({"caption": f"clip {i}", "index": i}).encode()})
     codec = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
-                      cardinality=256)
+                      card=256)
     TokenManifest(shards=[TokenShard("shard-000000.tar", per_shard, per_shard * frames)], codec=codec).save(folder)
 
 

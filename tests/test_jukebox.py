@@ -201,7 +201,7 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     export(vq_folder, tmp_path / "vqvae")  # what `ostinato export` runs
     for split in ("train", "valid", "test"):
         m = encode_shards(str(tmp_path / "vqvae"), data / "shards" / split, data / "jukebox" / split, progress=False)
-    assert list(m.streams) == ["top", "middle", "bottom"] and m.streams["bottom"].cardinality == 32
+    assert list(m.streams) == ["top", "middle", "bottom"] and m.streams["bottom"].card == 32
     assert m.streams["bottom"].rate == 4 * m.streams["middle"].rate == 16 * m.streams["top"].rate
     dm = ArrayDataModule(data / "jukebox" / "train", streams=["middle", "top"], segment_seconds=0.128, batch_size=4,
                          num_workers=0)

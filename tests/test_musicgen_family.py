@@ -26,7 +26,7 @@ from tests.runner import train, xp_folder
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-CODEC = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4, cardinality=256)
+CODEC = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4, card=256)
 TINY_LM = {"preset": "tiny", "dim": 32, "num_heads": 2, "num_layers": 1, "ffn_dim": 64}
 META = {"caption": "A baroque chorale for organ.", "genre": "baroque chorale", "instruments": ["organ", "choir"],
         "bpm": 92, "key": "G major"}
@@ -70,7 +70,7 @@ def test_token_datamodule_ranks_get_equal_batches_of_different_samples(tmp_path)
         dm = TokenDataModule(tmp_path / "train", tmp_path / "valid", segment_seconds=0.5, batch_size=4,
                              batches_per_epoch=6, num_workers=0, shuffle_buffer=4, rank=rank, world_size=2)
         dm.setup("fit")
-        assert dm.codec.n_q == 4 and dm.codec.cardinality == 256 and dm.codec.frame_rate == 75.0
+        assert dm.codec.n_q == 4 and dm.codec.card == 256 and dm.codec.frame_rate == 75.0
         batches = list(dm.train_dataloader())
         evals = list(dm.val_dataloader())
         per_rank.append((batches, evals))
@@ -158,7 +158,7 @@ def test_family_checks_codebooks_against_the_token_manifest(tmp_path):
     dm = TokenDataModule(tmp_path / "train", segment_seconds=0.5, batch_size=2, num_workers=0)
     family = MusicGenFamily(n_q=4, card=128, lm=TINY_LM, text=None)
     family._trainer = SimpleNamespace(datamodule=dm)
-    with pytest.raises(ValueError, match=r"family.card=128 .* cardinality=256; set family.card=256"):
+    with pytest.raises(ValueError, match=r"family.card=128 .* card=256; set family.card=256"):
         family.setup("fit")
     ok = MusicGenFamily(n_q=4, card=256, lm=TINY_LM, text=None)
     ok._trainer = SimpleNamespace(datamodule=dm)

@@ -19,9 +19,9 @@ from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_co
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-SEM = CodecInfo(id="semantic", hash="0", sample_rate=16000, channels=1, frame_rate=25.0, n_q=1, cardinality=32)
+SEM = CodecInfo(id="semantic", hash="0", sample_rate=16000, channels=1, frame_rate=25.0, n_q=1, card=32)
 CODEC = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
-                  cardinality=64)
+                  card=64)
 MULAN_NQ, MULAN_BINS = 2, 8
 
 
@@ -95,7 +95,7 @@ def test_datamodule_joins_streams_by_key_with_aligned_crops(tmp_path):
     dm = MusicLMTokenDataModule(spec, valid_spec, segment_seconds=0.4, batch_size=3, batches_per_epoch=4,
                                 num_workers=0, shuffle_buffer=2)
     dm.setup("fit")
-    assert dm.codec.n_q == 4 and dm.semantic.frame_rate == 25.0 and dm.mulan_tokens.bins["coarse"] == MULAN_BINS
+    assert dm.codec.n_q == 4 and dm.semantic.frame_rate == 25.0 and dm.mulan_tokens.card["coarse"] == MULAN_BINS
     batches = list(dm.train_dataloader())
     assert len(batches) == 4
     mulan = MuLaNTokens.load(spec["mulan"])
@@ -172,9 +172,9 @@ def stages(pattern: str = "unroll"):
 
     torch.manual_seed(0)
     kw = dict(mulan_n_q=MULAN_NQ, mulan_bins=MULAN_BINS, lm=TINY_LM, cfg_dropout=0.0)
-    return (SemanticStage(SEM.cardinality, **kw),
-            CoarseStage(CODEC.cardinality, coarse_q=2, semantic_card=SEM.cardinality, pattern=pattern, **kw),
-            FineStage(CODEC.n_q, CODEC.cardinality, coarse_q=2, pattern=pattern, lm=TINY_LM))
+    return (SemanticStage(SEM.card, **kw),
+            CoarseStage(CODEC.card, coarse_q=2, semantic_card=SEM.card, pattern=pattern, **kw),
+            FineStage(CODEC.n_q, CODEC.card, coarse_q=2, pattern=pattern, lm=TINY_LM))
 
 
 def fixed_batch(b: int = 4, seconds: float = 0.4, short: int | None = None):
@@ -225,7 +225,7 @@ def tiny_semantic_tokenizer(seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     feats = MFCCFeatures(16000, 25.0)
-    return SemanticTokenizer(feats, torch.randn(SEM.cardinality, feats.dim, generator=g),
+    return SemanticTokenizer(feats, torch.randn(SEM.card, feats.dim, generator=g),
                              torch.zeros(feats.dim), torch.full((feats.dim,), 10.0))
 
 
@@ -386,9 +386,9 @@ def demo_streams(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     parts = write_parts(root)
     data = root / "data"
     sem = CodecInfo(id=parts["semantic_tokenizer"], hash="0", sample_rate=16000, channels=1, frame_rate=25.0, n_q=1,
-                    cardinality=32)
+                    card=32)
     codec = CodecInfo(id=parts["codec"], hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
-                      cardinality=256)
+                      card=256)
     for i, split in enumerate(("train", "valid", "test")):
         spec = write_streams(data / "staging" / split, [1.0] * 4, first=100 * i, sem_info=sem, codec_info=codec,
                              mulan_source=parts["mulan"], quantizer=parts["quantizer"])

@@ -167,7 +167,7 @@ def test_cli_prep_semantic_then_tokenize_into_token_shards(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     manifest = TokenManifest.load(out)
     c = manifest.codec
-    assert (c.n_q, c.cardinality, c.frame_rate, c.sample_rate, c.channels, c.hash) == (1, 8, 50.0, 16000, 1, tok.hash)
+    assert (c.n_q, c.card, c.frame_rate, c.sample_rate, c.channels, c.hash) == (1, 8, 50.0, 16000, 1, tok.hash)
     assert manifest.total_samples == 8 and manifest.source["skipped"] == 1
     audio = {raw["__key__"]: load_audio(raw["flac"]) for shard in sorted(shards.glob("*.tar"))
              for raw in iter_raw_samples(str(shard)) if raw["__key__"] != "bad"}

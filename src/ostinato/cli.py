@@ -214,7 +214,7 @@ def _tokenize(args: argparse.Namespace) -> None:
                  workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust)
     c = m.codec
     print(f"{len(m.shards)} token shards, {m.total_samples} samples, {m.total_frames} frames "
-          f"({m.total_frames / c.frame_rate / 3600:.2f} h) of {c.n_q} x {c.cardinality} codes at {c.frame_rate:g} Hz "
+          f"({m.total_frames / c.frame_rate / 3600:.2f} h) of {c.n_q} x {c.card} codes at {c.frame_rate:g} Hz "
           f"-> {Path(args.out) / 'manifest.json'}")
     if m.source.get("skipped"):
         print(f"{m.source['skipped']} samples skipped (corrupt or lost to a damaged tar); per shard: "

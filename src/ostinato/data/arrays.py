@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ostinato.data.batch import length_mask
 from ostinato.data.datamodule import ShardDataModule, Spec
-from ostinato.data.manifest import ShardManifest, StreamInfo
+from ostinato.data.manifest import ShardManifest, StreamInfo, card_named
 from ostinato.data.musiclm_tokens import aligned_crop
 from ostinato.data.sources import resolve_listed
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
@@ -81,8 +81,8 @@ class ArrayManifest(ShardManifest):
             raise ValueError(f"{origin}: format {d.get('format')!r} is not {ARRAY_FORMAT!r} (token shards from "
                              "`ostinato tokenize` are read by data=demo_tokens, not by this datamodule)")
         return cls(shards=[ArrayShard(**s) for s in d["shards"]],
-                   streams={k: StreamInfo(**v) for k, v in d["streams"].items()}, model=ModelInfo(**d["model"]),
-                   source=d.get("source", {}))
+                   streams={k: StreamInfo(**card_named(v)) for k, v in d["streams"].items()},
+                   model=ModelInfo(**d["model"]), source=d.get("source", {}))
 
 
 def encode_array(x: Tensor) -> bytes:
@@ -249,7 +249,7 @@ def _collate_eval(streams: Mapping[str, StreamInfo], seconds: float):
 
     def zeros(info: StreamInfo) -> Tensor:
         n = round(seconds * info.rate)
-        return torch.zeros(info.channels, n) if info.cardinality == 0 else torch.zeros(info.channels, n,
+        return torch.zeros(info.channels, n) if info.card == 0 else torch.zeros(info.channels, n,
                                                                                         dtype=torch.long)
 
     def collate(items: list, skipped: int = 0) -> ArrayBatch:

@@ -6,7 +6,7 @@ data's manifest through the ``manifest`` config resolver, instead of repeating t
     dimension: ${manifest:streams.latents.channels,32}   array shards: streams.<name>.{rate, channels, card}
 
 The manifest is the first of ``data.train`` / ``data.valid`` / ``data.test`` that is set. Codebook size is ``card``
-whichever name a manifest gives it (``cardinality``, ``bins``).
+(``card_named``: manifests written before said ``cardinality`` or ``bins``).
 
 The manifests are read only once a run has its XP (``read_manifests()``, called by ``ostinato.train.run``): until
 then, and where the data is absent or records no such dimension (audio shards), the value after the comma stands.
@@ -21,23 +21,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ostinato.data.manifest import card_named
 from ostinato.fileio import read_json
 
 __all__ = ["data_dims", "read_manifests", "register_resolvers"]
 
-_CARD_NAMES = ("cardinality", "bins")
 _NO_DEFAULT = object()
 _reading = False
-
-
-def _card(d: Mapping[str, Any]) -> dict[str, Any]:
-    """``d`` with its codebook size named ``card``."""
-    out = {k: v for k, v in d.items() if k not in _CARD_NAMES}
-    for name in ("card", *_CARD_NAMES):
-        if name in d:
-            out["card"] = d[name]
-            break
-    return out
 
 
 def _folder_dims(folder: str | Path) -> dict[str, Any]:
@@ -49,12 +39,12 @@ def _folder_dims(folder: str | Path) -> dict[str, Any]:
     m = read_json(path)
     fmt = str(m.get("format", ""))
     if fmt.startswith("ostinato.token-shards/"):
-        codec = _card(m["codec"])
+        codec = card_named(m["codec"])
         return {"codec": {k: codec[k] for k in ("sample_rate", "channels", "frame_rate", "n_q", "card")}}
     if fmt.startswith("ostinato.array-shards/"):
-        return {"streams": {n: _card(s) for n, s in m["streams"].items()}, "model": dict(m["model"])}
+        return {"streams": {n: card_named(s) for n, s in m["streams"].items()}, "model": dict(m["model"])}
     if fmt.startswith("ostinato.mulan-tokens/"):
-        return {"mulan": {ns: _card(o) for ns, o in m["namespaces"].items()}}
+        return {"mulan": {ns: card_named(o) for ns, o in m["namespaces"].items()}}
     return {}  # audio shards: their rate and channels are the family's to choose
 
 

@@ -24,13 +24,24 @@ FORMAT = "ostinato.audio-shards/1"
 @dataclass
 class StreamInfo:
     """One stream of an array shard: ``channels`` rows (latent size D, or 1 for codes) at ``rate`` frames/s.
-    ``cardinality``: the code vocabulary for integer streams, 0 for continuous ones. Here, not in ``arrays``, so
+    ``card``: the codebook size of integer streams, 0 for continuous ones. Here, not in ``arrays``, so
     that models describe their ``array_streams()`` without importing the datamodules (and Lightning)."""
 
     rate: float
     channels: int
     dtype: str
-    cardinality: int = 0
+    card: int = 0
+
+
+def card_named(d: dict[str, Any]) -> dict[str, Any]:
+    """A manifest entry with its codebook size named ``card`` (manifests written before said ``cardinality`` or
+    ``bins``)."""
+    out = {k: v for k, v in d.items() if k not in ("cardinality", "bins")}
+    for name in ("card", "cardinality", "bins"):
+        if name in d:
+            out["card"] = d[name]
+            break
+    return out
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ostinato.data.datamodule import ShardDataModule
+from ostinato.data.manifest import card_named
 from ostinato.data.sources import iter_raw_samples
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
 from ostinato.data.tokens import CodecInfo, decode_codes, resolve_token_shards
@@ -52,7 +53,7 @@ class MuLaNTokens:
 
     keys: list[str]
     tokens: dict[str, Tensor]
-    bins: dict[str, int]
+    card: dict[str, int]  # codebook size per namespace
     source: str = ""     # the MuLaN they come from
     quantizer: str = ""  # the quantizer file (what generation uses to tokenize MuLaN text embeddings)
 
@@ -66,7 +67,7 @@ class MuLaNTokens:
         np.savez(folder / "mulan_tokens.npz", keys=np.array(self.keys, dtype=str), **arrays)
         atomic_write_json(folder / "manifest.json", {
             "format": MULAN_FORMAT, "samples": len(self.keys), "source": self.source, "quantizer": self.quantizer,
-            "namespaces": {ns: {"n_q": int(t.shape[1]), "bins": self.bins[ns]} for ns, t in self.tokens.items()}})
+            "namespaces": {ns: {"n_q": int(t.shape[1]), "card": self.card[ns]} for ns, t in self.tokens.items()}})
         return folder
 
     @classmethod
@@ -81,8 +82,8 @@ class MuLaNTokens:
         with np.load(folder / "mulan_tokens.npz", allow_pickle=False) as z:
             keys = [str(k) for k in z["keys"]]
             tokens = {ns: torch.from_numpy(z[f"tokens_{ns}"].astype(np.int64)) for ns in meta["namespaces"]}
-        return cls(keys, tokens, {ns: int(o["bins"]) for ns, o in meta["namespaces"].items()}, meta.get("source", ""),
-                   meta.get("quantizer", ""))
+        card = {ns: int(card_named(o)["card"]) for ns, o in meta["namespaces"].items()}
+        return cls(keys, tokens, card, meta.get("source", ""), meta.get("quantizer", ""))
 
 
 # -- batches --------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ class MusicLMTokenDataModule(ShardDataModule):
 
     @property
     def semantic(self) -> CodecInfo | None:
-        """The semantic token stream's info (frame_rate, cardinality; None without semantic tokens)."""
+        """The semantic token stream's info (frame_rate, card; None without semantic tokens)."""
         return self._first().codecs.get("semantic")
 
     @property

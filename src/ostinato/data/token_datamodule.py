@@ -3,7 +3,7 @@
 The sampling is the audio loader's (``data/streams.py``): an endless training stream resampled per (seed, epoch,
 rank, worker) with fixed-length epochs, and an evaluation set dealt over the ranks; only the decoding differs
 (random crops of ``round(segment_seconds * frame_rate)`` frames of codes instead of audio). The codec's frame
-rate, ``n_q`` and cardinality come from the token manifests (``codec``), their single home.
+rate, ``n_q`` and codebook size (``card``) come from the token manifests (``codec``), their single home.
 """
 from __future__ import annotations
 

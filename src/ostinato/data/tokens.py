@@ -6,7 +6,7 @@ Layout of a token shard folder::
                      plus ``frames`` and ``frame_rate``), one token shard per audio shard, same name
   shard-000000.json  done marker (samples, frames)
   manifest.json      written last: shards, the codec (id, weights hash, sample rate, frame rate, n_q,
-                     cardinality, channels) and the audio source
+                     card, channels) and the audio source
 
 An LM family reads ``codec`` from the manifest, so the rate, frame rate and codebook sizes have one home.
 """
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ostinato.data.manifest import ShardManifest
+from ostinato.data.manifest import ShardManifest, card_named
 from ostinato.data.sources import iter_raw_samples, resolve_listed
 from ostinato.data.streams import CorruptSample
 
@@ -39,12 +39,12 @@ class CodecInfo:
     channels: int
     frame_rate: float
     n_q: int
-    cardinality: int
+    card: int  # codebook size
 
     @property
     def dims(self) -> tuple[float, int, int]:
         """(frame rate, n_q, codebook size): what an LM trained on the tokens depends on."""
-        return float(self.frame_rate), int(self.n_q), int(self.cardinality)
+        return float(self.frame_rate), int(self.n_q), int(self.card)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class TokenManifest(ShardManifest):
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> TokenManifest:
         d = cls.check_format(d, origin)
-        return cls(shards=[TokenShard(**s) for s in d["shards"]], codec=CodecInfo(**d["codec"]),
+        return cls(shards=[TokenShard(**s) for s in d["shards"]], codec=CodecInfo(**card_named(d["codec"])),
                    source=d.get("source", {}))
 
 
@@ -114,7 +114,7 @@ def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path,
     """A token shard folder (or its ``manifest.json``), or a list of them, -> paths, codec and sample count.
 
     Token shards are always read through their manifests: the manifest is where the codec (frame rate, n_q,
-    cardinality) is written. Every part of a list must come from the same codec.
+    card) is written. Every part of a list must come from the same codec.
     """
     listed = resolve_listed(spec, TokenManifest)
     (_, first), *rest = listed.manifests

@@ -169,7 +169,7 @@ def unigram_entropy(tokens: Path) -> float:
     from ostinato.data.tokens import TokenManifest, iter_token_samples
 
     manifest = TokenManifest.load(tokens)
-    counts = torch.zeros(manifest.codec.n_q, manifest.codec.cardinality, dtype=torch.float64)
+    counts = torch.zeros(manifest.codec.n_q, manifest.codec.card, dtype=torch.float64)
     for shard in manifest.shards:
         for _, codes, _ in iter_token_samples(str(tokens / shard.name)):
             counts.scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float64))
@@ -323,7 +323,7 @@ def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> P
         lines.append(f"  validation mel distance: untrained {before:.3f} -> trained {after:.3f} "
                      f"({after / before:.2f} of the untrained value)")
     lines.append(f"  reconstructions: {recon[0].parent} ({len(recon) // 2} originals + reconstructions)")
-    lines.append(f"tokens: {data / 'tokens'}/{{train,valid,test}} ({codec.n_q} x {codec.cardinality} codes at "
+    lines.append(f"tokens: {data / 'tokens'}/{{train,valid,test}} ({codec.n_q} x {codec.card} codes at "
                  f"{codec.frame_rate:g} Hz)")
     lines.append(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram "
                  f"entropy {entropy:.3f} nats" if lm_ce is not None else f"musicgen: XP {lm_xp.sig}")

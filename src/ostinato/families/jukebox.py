@@ -132,9 +132,9 @@ class JukeboxPrior(CodebookLMFamily):
             raise ValueError(f"the {prior.level} prior reads the streams {need} (this level first); set "
                              f"data.streams={need} (the data holds {list(streams)})")
         info = streams[prior.level]
-        if info.cardinality != prior.bins:
-            raise ValueError(f"family.bins={prior.bins} but the {prior.level} codes have {info.cardinality} bins; "
-                             f"set family.bins={info.cardinality}")
+        if info.card != prior.bins:
+            raise ValueError(f"family.bins={prior.bins} but the {prior.level} codes have {info.card} codes; "
+                             f"set family.bins={info.card}")
         if prior.upper is not None:
             ratio = info.rate / streams[prior.upper].rate
             if abs(ratio - prior.level_ratio) > 1e-6:

@@ -60,7 +60,7 @@ class MusicGenFamily(CodebookLMFamily):
 
     Args:
         n_q, card, lm, text, delays, codec: the model's (see ``MusicGen``); n_q / card are checked against the
-            token manifests' codec at setup (``data`` ``codec.n_q`` / ``codec.cardinality``). ``codec`` None = the
+            token manifests' codec at setup (``data`` ``codec.n_q`` / ``codec.card``). ``codec`` None = the
             one recorded in the token shards' manifest.
         melody: ``MelodyConditioner`` kwargs plus ``dropout`` (probability of leaving the melody out alone).
         style: ``StyleConditioner`` kwargs (see ``MusicGen``) plus ``dropout`` and ``penalty_weight``.
@@ -102,7 +102,7 @@ class MusicGenFamily(CodebookLMFamily):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         info = getattr(dm, "codec", None)
         if info is not None and not isinstance(info, Codec):
-            for key, have in (("n_q", info.n_q), ("cardinality", info.cardinality)):
+            for key, have in (("n_q", info.n_q), ("card", info.card)):
                 mine = self.n_q if key == "n_q" else self.card
                 if int(have) != mine:
                     name = "n_q" if key == "n_q" else "card"

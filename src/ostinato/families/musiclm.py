@@ -55,7 +55,7 @@ class _Stage(CodebookLMFamily):
         if mulan is None:
             raise ValueError(f"{type(self).__name__} needs MuLaN tokens: set data.<split>.mulan "
                              "(written by write_mulan_tokens)")
-        have, want = (mulan.tokens[namespace].shape[1], mulan.bins[namespace]), self.model.mulan_shape
+        have, want = (mulan.tokens[namespace].shape[1], mulan.card[namespace]), self.model.mulan_shape
         if have != want:
             raise ValueError(f"family.mulan_n_q / mulan_bins = {want} but the MuLaN tokens have {have}; "
                              f"set family.mulan_n_q={have[0]} family.mulan_bins={have[1]}")
@@ -63,8 +63,8 @@ class _Stage(CodebookLMFamily):
     def _check(self, info: Any, name: str, n_q: int, card: int) -> None:
         if info is None:
             raise ValueError(f"{type(self).__name__} needs {name} tokens: set data.<split>.{name}")
-        if int(info.n_q) < n_q or int(info.cardinality) != card:
-            raise ValueError(f"the {name} tokens have {info.n_q} x {info.cardinality} codes but the family "
+        if int(info.n_q) < n_q or int(info.card) != card:
+            raise ValueError(f"the {name} tokens have {info.n_q} x {info.card} codes but the family "
                              f"expects {n_q} x {card}; fix family.card / n_q / coarse_q")
 
     def keep(self, batch_size: int, train: bool) -> Tensor | None:

@@ -134,7 +134,7 @@ class HierarchicalVQVAE(nn.Module):
     def array_streams(self) -> dict[str, StreamInfo]:
         """The array shards ``ostinato encode`` writes: one int16 code stream per level, top first."""
         rates = self.frame_rates
-        return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", cardinality=self.bins)
+        return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", card=self.bins)
                 for name in reversed(LEVELS)}
 
     def encode_arrays(self, wav: Tensor) -> dict[str, Tensor]:
