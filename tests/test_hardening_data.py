@@ -661,7 +661,7 @@ def test_truncated_musiclm_shard_counts_every_sample_its_group_lost(tmp_path: Pa
     # a key that another stream lacks is left out by the join, not lost: nothing is counted
     clean = write_streams(tmp_path / "clean", [1.0] * 8)
     mulan = MuLaNTokens.load(clean["mulan"])
-    MuLaNTokens(mulan.keys[1:], {ns: t[1:] for ns, t in mulan.tokens.items()}, mulan.bins).save(clean["mulan"])
+    MuLaNTokens(mulan.keys[1:], {ns: t[1:] for ns, t in mulan.tokens.items()}, mulan.card).save(clean["mulan"])
     dm = MusicLMTokenDataModule(clean, segment_seconds=0.4, batch_size=2, batches_per_epoch=12, num_workers=0,
                                 shuffle_buffer=2)
     assert sum(b.skipped for b in dm.train_dataloader()) == 0

@@ -158,7 +158,7 @@ def test_write_mulan_tokens_embeds_every_clip_once(tmp_path):
     mulan, quantizer = StubMuLaN(), StubQuantizer()
     tokens = write_mulan_tokens(tmp_path / "audio", tmp_path / "mulan", mulan, quantizer, batch_size=4)
     loaded = MuLaNTokens.load(tmp_path / "mulan")
-    assert loaded.keys == [f"s{i:05d}" for i in range(6)] and loaded.bins == {"semantic": 8, "coarse": 8}
+    assert loaded.keys == [f"s{i:05d}" for i in range(6)] and loaded.card == {"semantic": 8, "coarse": 8}
     assert loaded.tokens["semantic"].shape == (6, MULAN_NQ)
     assert torch.equal(loaded.tokens["coarse"], tokens.tokens["coarse"])
 
