@@ -104,3 +104,16 @@ def stack_references(items: list[EvalItem], length: int | None = None) -> tuple[
     wav = torch.stack([torch.nn.functional.pad(r[:, :t], (0, max(0, t - r.shape[-1]))) for r in refs])  # type: ignore
     lengths = torch.tensor([min(it.length, t) for it in items], dtype=torch.long)
     return wav, lengths
+
+
+def count_clips(suite: Suite) -> int:
+    """Clips of the reference (a reconstruction suite without ``num_samples`` takes them all)."""
+    from ostinato.data.sources import iter_raw_samples, resolve_shards
+
+    try:
+        source = resolve_shards(suite.reference)
+    except (FileNotFoundError, ValueError) as e:
+        raise SuiteError(f"{suite.path or suite.name}: reference: {e}") from None
+    if source.num_samples is not None:
+        return source.num_samples
+    return sum(1 for url in source.urls for _ in iter_raw_samples(url))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,15 @@ def _html(result: dict, rows: list[dict], figures: dict[str, str]) -> str:
                      f"{fad}</tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ostinato", "torch", "torchaudio", "torchmetrics", "transformers", "lightning"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

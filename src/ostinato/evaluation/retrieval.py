@@ -41,12 +41,12 @@ def run_retrieval(suite: Suite, producer: Any, model_ref: str, out: Path, device
                   progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Embed the suite's items with ``producer`` (``embed(items) -> (audio, text)``), rank, write ``metrics.json``
     and ``report.md`` into ``out``; returns what ``metrics.json`` holds plus ``out_dir`` and ``report``."""
-    from ostinato.evaluation.report import format_table
-    from ostinato.evaluation.runner import _count_clips, versions
+    from ostinato.evaluation.items import count_clips
+    from ostinato.evaluation.report import format_table, versions
 
     t0 = time.time()
     rank, world = dist_info()
-    n = suite.num_samples if suite.num_samples is not None else _count_clips(suite)
+    n = suite.num_samples if suite.num_samples is not None else count_clips(suite)
     mine = rank_batches(n, suite.batch_size, rank, world)
     items = read_items(suite, producer.sample_rate, producer.channels, n, keep={i for b in mine for i in b})
     spec = suite.metric("retrieval")

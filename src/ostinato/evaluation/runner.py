@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ostinato.evaluation.items import EvalItem, rank_batches, read_items, stack_references
+from ostinato.evaluation.items import EvalItem, count_clips, rank_batches, read_items, stack_references
+from ostinato.evaluation.report import versions
 from ostinato.evaluation.scoring import SuiteMetrics, barrier, dist_info
 from ostinato.evaluation.suite import Suite, SuiteError, load_suite
 from ostinato.fileio import atomic_write_json, write_wav
@@ -28,8 +28,7 @@ from ostinato.registry import Family
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_out_dir", "generate_items", "load_producer", "model_family", "run_suite", "setup_distributed",
-           "versions"]
+__all__ = ["default_out_dir", "generate_items", "load_producer", "model_family", "run_suite", "setup_distributed"]
 
 
 def setup_distributed(device: str = "cpu") -> str:
@@ -47,18 +46,6 @@ def setup_distributed(device: str = "cpu") -> str:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return device
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("ostinato", "torch", "torchaudio", "torchmetrics", "transformers", "lightning"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def generate_items(module: torch.nn.Module, codec: Any, items: list[EvalItem], seconds: float, params: Any,
@@ -151,19 +138,6 @@ def _recorded_codec(model_ref: str, trust: bool) -> str | None:
     return recorded_codec(read_config(resolve_ref(model_ref), trust=trust))
 
 
-def _count_clips(suite: Suite) -> int:
-    """Clips of the reference (a reconstruction suite without ``num_samples`` takes them all)."""
-    from ostinato.data.sources import iter_raw_samples, resolve_shards
-
-    try:
-        source = resolve_shards(suite.reference)
-    except (FileNotFoundError, ValueError) as e:
-        raise SuiteError(f"{suite.path or suite.name}: reference: {e}") from None
-    if source.num_samples is not None:
-        return source.num_samples
-    return sum(1 for url in source.urls for _ in iter_raw_samples(url))
-
-
 def _clean(out: Path) -> None:
     """Remove the wavs of a previous run of this folder (it may have had more items)."""
     for sub in ("generated", "reference"):
@@ -202,7 +176,7 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
         from ostinato.evaluation.retrieval import run_retrieval
 
         return run_retrieval(suite, producer, str(model_ref), out, device, progress=progress, report=report)
-    n = suite.num_samples if suite.num_samples is not None else _count_clips(suite)
+    n = suite.num_samples if suite.num_samples is not None else count_clips(suite)
     mine = rank_batches(n, suite.batch_size, rank, world)
     items = read_items(suite, producer.sample_rate, producer.channels, n, keep={i for b in mine for i in b})
     scores = SuiteMetrics(suite, suite.metrics, producer.sample_rate, device, progress=progress and rank == 0,
