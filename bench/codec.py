@@ -92,11 +92,11 @@ def transformers_twin(preset: str, folder: str):
 
     c = family_config(preset)
     k = c["codec"]
-    bins, n_q = k.get("bins", 1024), k.get("n_q", 8)
+    card, n_q = k.get("card", 1024), k.get("n_q", 8)
     frame_rate = c["sample_rate"] / torch.tensor(k["ratios"]).prod().item()
-    bandwidth = n_q * torch.log2(torch.tensor(float(bins))).item() * frame_rate / 1000
+    bandwidth = n_q * torch.log2(torch.tensor(float(card))).item() * frame_rate / 1000
     cfg = EncodecConfig(sampling_rate=c["sample_rate"], audio_channels=c.get("channels", 1),
-                        num_filters=k.get("n_filters", 32), upsampling_ratios=k["ratios"], codebook_size=bins,
+                        num_filters=k.get("n_filters", 32), upsampling_ratios=k["ratios"], codebook_size=card,
                         hidden_size=k.get("dimension", 128), codebook_dim=k.get("dimension", 128),
                         num_lstm_layers=k.get("lstm", 2) or 1, use_causal_conv=k.get("causal", False),
                         target_bandwidths=[round(bandwidth, 3)], normalize=False, norm_type="weight_norm",

@@ -41,7 +41,7 @@ def write_tiny_musicgen(folder: Path, codec: Path) -> Path:
               "text": {"model": None, "max_length": 16},
               "melody": {"sample_rate": SR, "hop_seconds": 0.128, "argmax": True},
               "style": {"features": "codec", "feature_dim": 16, "width": 32, "num_layers": 1, "num_heads": 2,
-                        "n_q": 2, "bins": 16, "eval_q": 1, "downsample": 15, "excerpt_seconds": [0.3, 0.6],
+                        "n_q": 2, "card": 16, "eval_q": 1, "downsample": 15, "excerpt_seconds": [0.3, 0.6],
                         "eval_excerpt_seconds": 0.5},
               "codec": str(codec)}
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ def test_padding_never_enters_a_valid_target_and_lengths_count_targets():
 
 def test_logging_names_are_shared():
     torch.manual_seed(0)
-    prior = JukeboxPrior("top", bins=16, lm=LM, metadata=None, cfg_dropout=0.0)
+    prior = JukeboxPrior("top", card=16, lm=LM, metadata=None, cfg_dropout=0.0)
     logged: dict[str, float] = {}
     prior.log = lambda name, value, **kw: logged.__setitem__(name, float(value.detach()))  # type: ignore[method-assign]
     batch = ArrayBatch({"top": torch.randint(0, 16, (2, 1, 8))}, {"top": torch.tensor([8, 5])}, [{}, {}])

@@ -23,7 +23,7 @@ from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
-TINY = dict(dimension=16, n_filters=4, ratios=[4, 2], n_q=3, bins=32)
+TINY = dict(dimension=16, n_filters=4, ratios=[4, 2], n_q=3, card=32)
 
 
 def tiny_codec(**overrides: Any) -> Codec:
@@ -103,7 +103,7 @@ def clustered(n: int, dim: int, centers: torch.Tensor | None = None, seed: int =
 
 def test_kmeans_init_on_first_training_batch_only() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=6, n_q=2, bins=4, kmeans_iters=20)
+    rvq = ResidualVectorQuantizer(dimension=6, n_q=2, card=4, kmeans_iters=20)
     cb = rvq.layers[0].codebook
     assert not bool(cb.inited) and torch.count_nonzero(cb.embed) == 0
     z = clustered(200, 6)
@@ -124,7 +124,7 @@ def test_kmeans_init_on_first_training_batch_only() -> None:
 
 def test_ema_moves_codebook_towards_data_in_training_and_never_in_eval() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=4, n_q=1, bins=8, kmeans_init=False, threshold_ema_dead_code=0,
+    rvq = ResidualVectorQuantizer(dimension=4, n_q=1, card=8, kmeans_init=False, threshold_ema_dead_code=0,
                                   decay=0.8)
     target = torch.full((1, 4), 3.0)
     z = clustered(64, 4, centers=target)
@@ -147,7 +147,7 @@ def test_ema_moves_codebook_towards_data_in_training_and_never_in_eval() -> None
 
 def test_dead_codes_are_replaced_by_batch_vectors() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=4, n_q=1, bins=8, kmeans_init=False, threshold_ema_dead_code=2.0)
+    rvq = ResidualVectorQuantizer(dimension=4, n_q=1, card=8, kmeans_init=False, threshold_ema_dead_code=2.0)
     cb = rvq.layers[0].codebook
     z = clustered(64, 4)
     points = z.permute(0, 2, 1).reshape(-1, 4)
@@ -168,7 +168,7 @@ def test_dead_codes_are_replaced_by_batch_vectors() -> None:
 
 def test_q_dropout_varies_n_q_and_is_deterministic_per_step() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=4, n_q=6, bins=8, kmeans_init=False, q_dropout=True).train()
+    rvq = ResidualVectorQuantizer(dimension=4, n_q=6, card=8, kmeans_init=False, q_dropout=True).train()
     z = torch.randn(2, 4, 10)
     first = [rvq(z).codes.shape[1] for _ in range(12)]
     assert len(set(first)) > 2 and all(1 <= k <= 6 for k in first)
@@ -182,7 +182,7 @@ def test_q_dropout_varies_n_q_and_is_deterministic_per_step() -> None:
 
 def test_penalty_round_trip_and_straight_through_gradient() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=8, n_q=4, bins=16)
+    rvq = ResidualVectorQuantizer(dimension=8, n_q=4, card=16)
     z = torch.randn(2, 8, 30, requires_grad=True)
     out = rvq.train()(z)
     assert out.penalty.item() > 0 and out.penalty.requires_grad
@@ -217,7 +217,7 @@ def test_codec_gradient_reaches_encoder_and_penalty_is_positive() -> None:
 
 def test_vq_math_is_fp32_under_bf16_autocast() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=32, n_q=4, bins=256, kmeans_init=False).eval()
+    rvq = ResidualVectorQuantizer(dimension=32, n_q=4, card=256, kmeans_init=False).eval()
     z = torch.randn(4, 32, 100).bfloat16()
     reference = rvq.encode(z.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -232,8 +232,8 @@ def test_vq_math_is_fp32_under_bf16_autocast() -> None:
 # ----- DDP -----
 
 DDP_CONFIGS: dict[str, dict[str, Any]] = {
-    "full": dict(dimension=8, n_q=3, bins=16, kmeans_init=True, threshold_ema_dead_code=2.0, q_dropout=True),
-    "ema": dict(dimension=8, n_q=2, bins=16, kmeans_init=False, threshold_ema_dead_code=0.0),
+    "full": dict(dimension=8, n_q=3, card=16, kmeans_init=True, threshold_ema_dead_code=2.0, q_dropout=True),
+    "ema": dict(dimension=8, n_q=2, card=16, kmeans_init=False, threshold_ema_dead_code=0.0),
 }
 DDP_STEPS = 3
 
@@ -295,7 +295,7 @@ def test_ddp_keeps_codebooks_identical_across_ranks(tmp_path: Path) -> None:
 def test_codec_config_properties_and_normalize() -> None:
     torch.manual_seed(0)
     codec = tiny_codec(normalize=True, channels=2, encoder={"n_residual_layers": 2}).eval()
-    assert (codec.hop_length, codec.frame_rate, codec.n_q, codec.cardinality) == (8, 1000.0, 3, 32)
+    assert (codec.hop_length, codec.frame_rate, codec.n_q, codec.card) == (8, 1000.0, 3, 32)
     assert math.isclose(codec.bandwidth_kbps(), 15.0)
     rebuilt = Codec.build(**json.loads(json.dumps(codec.config)))
     assert rebuilt.config == codec.config
@@ -360,7 +360,7 @@ def test_transformers_parity(name: str, tmp_path: Path) -> None:
     randomize_transformers(reference, wav)
     reference.save_pretrained(tmp_path)
     codec = load_transformers_encodec(tmp_path)
-    assert codec.n_q == config.num_quantizers and codec.cardinality == config.codebook_size
+    assert codec.n_q == config.num_quantizers and codec.card == config.codebook_size
     assert codec.frame_rate == config.sampling_rate / config.hop_length
     with torch.no_grad():
         for bandwidth in config.target_bandwidths:
@@ -428,7 +428,7 @@ def test_audiocraft_round_trip(case: str, tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     overrides, expected_names = AUDIOCRAFT_CASES[case]
-    codec = Codec.build(sample_rate=32000, dimension=16, n_filters=4, ratios=[8, 5, 4, 4], n_q=4, bins=64,
+    codec = Codec.build(sample_rate=32000, dimension=16, n_filters=4, ratios=[8, 5, 4, 4], n_q=4, card=64,
                               **overrides)
     codec.train()(0.1 * torch.randn(2, 1, 6400))  # k-means and EMA give every buffer a non-trivial value
     with torch.no_grad():

@@ -19,7 +19,7 @@ from ostinato.encoding.tokens import tokenize
 from tests.runner import train, xp_folder
 
 TINY = ["family=codec_tiny", "optim=adam_gan", "data.segment_seconds=0.25", "trainer.gradient_clip_val=0",
-        "family.disc_warmup_steps=2", "family.codec.bins=32", "ema.decay=0.9"]
+        "family.disc_warmup_steps=2", "family.codec.card=32", "ema.decay=0.9"]
 
 
 def test_ddp_codec_keeps_codebooks_identical(env, tmp_path):
@@ -109,7 +109,7 @@ def test_the_gan_step_updates_both_sides_and_counts_generator_steps():
     from ostinato.families.gan import GANFamily
 
     torch.manual_seed(0)
-    family = CodecFamily(sample_rate=8000, codec=dict(dimension=8, n_filters=2, ratios=[4, 2], lstm=0, n_q=2, bins=16),
+    family = CodecFamily(sample_rate=8000, codec=dict(dimension=8, n_filters=2, ratios=[4, 2], lstm=0, n_q=2, card=16),
                          discriminator={"kinds": ["msstft"], "msstft": {"filters": 2, "max_filters": 4, "n_ffts": [128],
                                                                         "hop_lengths": [32], "win_lengths": [128]}},
                          disc_warmup_steps=2, optim={"name": "adam", "lr": 1e-3})

@@ -57,9 +57,9 @@ def test_musiclm_stages_read_semantic_codec_and_mulan_sizes(tmp_path: Path):
                 {"semantic": 16, "coarse": 24}).save(spec["mulan"])
     splits = [f"data.train.{k}={v}" for k, v in spec.items()] + ["data.valid=null", "data.test=null"]
     coarse = _family("experiment=musiclm_coarse_tiny", *splits)
-    assert (coarse["card"], coarse["semantic_card"], coarse["mulan_n_q"], coarse["mulan_bins"]) == (128, 48, 6, 24)
+    assert (coarse["card"], coarse["semantic_card"], coarse["mulan_n_q"], coarse["mulan_card"]) == (128, 48, 6, 24)
     semantic = _family("experiment=musiclm_semantic_tiny", *splits)
-    assert (semantic["card"], semantic["mulan_n_q"], semantic["mulan_bins"]) == (48, 5, 16)
+    assert (semantic["card"], semantic["mulan_n_q"], semantic["mulan_card"]) == (48, 5, 16)
     fine = _family("experiment=musiclm_fine_tiny", *splits)
     assert (fine["n_q"], fine["card"]) == (3, 128)
 
@@ -73,7 +73,7 @@ def test_array_families_read_widths_and_codebook_sizes(tmp_path: Path):
     musika = _family("experiment=musika_tiny", f"data.train={latents}", "data.valid=null", "data.test=null")
     assert musika["dimension"] == 24
     top = _family("experiment=jukebox_top_tiny", f"data.train={codes}", "data.valid=null", "data.test=null")
-    assert top["bins"] == 64
+    assert top["card"] == 64
 
 
 def test_without_a_fallback_a_missing_manifest_is_named(tmp_path: Path):

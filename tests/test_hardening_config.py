@@ -46,7 +46,7 @@ def _one_line_exit_2(cmd: list[str], env: dict[str, str]) -> str:
     (["famly=codec_tiny"], "famly: no such key (did you mean family?)"),
     (["optim.schedule.nme=cosine"], "optim.schedule.nme: no such key (did you mean optim.schedule.name?)"),
     (["family.zzz=3"], "family.zzz: no such key; family takes sample_rate, channels, hidden, stride"),
-    (["family=codec_tiny", "family.codec.bns=3"], "family.codec.bns: no such key (did you mean family.codec.bins"),
+    (["family=codec_tiny", "family.codec.cards=3"], "family.codec.cards: no such key (did you mean family.codec.card"),
     (["experiment=codec_tiny", "trainer.max_stepz=5"], "did you mean trainer.max_steps?"),
 ])
 def test_an_unknown_key_names_the_closest_keys(xp_of, overrides, expected):

@@ -332,7 +332,7 @@ def test_prep_shards_says_out_is_a_file(tmp_path: Path, capsys):
     (["prep", "semantic", "S", "O", "--frame-rate", "0"], "--frame-rate"),
     (["prep", "semantic", "S", "O", "--iterations", "0"], "--iterations"),
     (["prep", "mulan", "--mulan", "M", "--n-q", "0"], "--n-q"),
-    (["prep", "mulan", "--mulan", "M", "--bins", "1"], "--bins"),
+    (["prep", "mulan", "--mulan", "M", "--card", "1"], "--card"),
     (["prep", "mulan", "--mulan", "M", "--segment", "0"], "--segment"),
     (["tokenize", "S", "O", "--codec", "C", "--batch-size", "0"], "--batch-size"),
     (["tokenize", "S", "O", "--codec", "C", "--workers", "-1"], "--workers"),

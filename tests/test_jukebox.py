@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is
 
 SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
-VQ = dict(ratios=[[4, 4, 4], [8, 8, 4], [8, 8, 4, 4]], bins=32, dimension=16, n_filters=4)
+VQ = dict(ratios=[[4, 4, 4], [8, 8, 4], [8, 8, 4, 4]], card=32, dimension=16, n_filters=4)
 LM = {"preset": "tiny", "dim": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64}
 META = {"fields": ["genre", "composer"], "buckets": 64, "dropout": 0.0}
 
@@ -34,7 +34,7 @@ def test_the_full_preset_is_jukebox_shaped():
     cfg = OmegaConf.load(ROOT / "conf/family/jukebox_vqvae.yaml")
     family = instantiate(cfg, _convert_="all")
     vq = family.model
-    assert vq.hop_lengths == [8, 32, 128] and vq.bins == 2048 and vq.sample_rate == 44100
+    assert vq.hop_lengths == [8, 32, 128] and vq.card == 2048 and vq.sample_rate == 44100
     assert set(vq.array_streams()) == {"top", "middle", "bottom"}
     assert type(HierarchicalVQVAE.from_config({"family": OmegaConf.to_container(cfg)})) is HierarchicalVQVAE
     with pytest.raises(ValueError, match="must be 4 x the hop below"):
@@ -54,7 +54,7 @@ def test_metadata_prompts_hash_to_stable_rows():
     ids = m.ids([{"genre": "Baroque  Chorale", "composer": "Bach"}, {"genre": "baroque chorale"}, {}])
     assert ids[0, 0] == ids[1, 0] > 0 and ids[1, 1] == 0 and ids[2].tolist() == [0, 0]
     assert m(ids).shape == (3, 2, 8)
-    up = UpperConditioner(bins=32, dim=8, ratio=4)
+    up = UpperConditioner(card=32, dim=8, ratio=4)
     codes = torch.randint(0, 32, (2, 1, 5))
     assert up(codes).shape == (2, 20, 8)
     # frames past the upper level's valid length read the padding row, whatever codes they hold
@@ -103,7 +103,7 @@ def _code_batch(level: str, upper: str | None, window: int, b: int = 8) -> Array
 @pytest.mark.parametrize("level", ["top", "bottom"])
 def test_prior_cross_entropy_falls_on_a_fixed_batch(level):
     torch.manual_seed(0)
-    prior = JukeboxPrior(level, bins=32, lm=LM, metadata=META, cfg_dropout=0.0)
+    prior = JukeboxPrior(level, card=32, lm=LM, metadata=META, cfg_dropout=0.0)
     model = prior.model
     model.window_frames.fill_(16)
     batch = _code_batch(level, model.upper, 16)
@@ -127,7 +127,7 @@ def _tiny_jukebox(window: int = 8) -> Jukebox:
     vq = HierarchicalVQVAE(SR, 1, **VQ)
     priors = {}
     for level in ("top", "middle", "bottom"):
-        prior = LevelPrior(level, bins=32, lm=LM, metadata=META)
+        prior = LevelPrior(level, card=32, lm=LM, metadata=META)
         prior.codes_per_second.fill_(vq.frame_rates[level])
         prior.window_frames.fill_(window)
         priors[level] = prior
@@ -171,7 +171,7 @@ def test_a_bundle_names_only_models_that_exist(capsys, tmp_path):
 
 
 # -- through the CLI ---------------------------------------------------------------------------------------------
-VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.bins=32",
+VQ_CLI = ["experiment=jukebox_vqvae_tiny", "family.vqvae.n_filters=4", "family.vqvae.card=32",
           "family.vqvae.dimension=16", "data.segment_seconds=0.25", "data.eval_segment_seconds=0.5",
           "data.eval_batch_size=8", "trainer.validate_first=false", "data.batches_per_epoch=2"]  # validation runs
 LEVELS = ("top", "middle", "bottom")
@@ -180,7 +180,7 @@ PRIOR_CLI = {"top": ["data.segment_seconds=0.512"], "middle": ["data.segment_sec
 
 
 def _prior_args(level: str) -> list[str]:
-    return [f"experiment=jukebox_{level}_tiny", "family.bins=32", "family.lm.dim=32", "family.lm.num_layers=1",
+    return [f"experiment=jukebox_{level}_tiny", "family.card=32", "family.lm.dim=32", "family.lm.num_layers=1",
             "family.lm.ffn_dim=64", "family.metadata.buckets=64", "data.eval_batch_size=8",
             "trainer.validate_first=false", "data.batches_per_epoch=2", *PRIOR_CLI[level]]
 

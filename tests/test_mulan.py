@@ -220,7 +220,7 @@ def _clustered(n: int, d: int, seed: int) -> torch.Tensor:
 def test_quantizer_fits_deterministic_tokens_with_independent_namespaces(tmp_path: Path) -> None:
     emb = _clustered(120, 16, seed=0)
     spaces = {"semantic": {}, "coarse": {"n_q": 2}}
-    q = MuLaNQuantizer(16, n_q=3, bins=8, namespaces=spaces, kmeans_iters=10).fit_(emb, iters=3)
+    q = MuLaNQuantizer(16, n_q=3, card=8, namespaces=spaces, kmeans_iters=10).fit_(emb, iters=3)
     tokens = q.tokens(emb[:10], "semantic")
     assert tokens.shape == (10, 3) and tokens.dtype == torch.int64 and int(tokens.max()) < 8
     assert q.tokens(emb[:10], "coarse").shape == (10, 2)
@@ -229,7 +229,7 @@ def test_quantizer_fits_deterministic_tokens_with_independent_namespaces(tmp_pat
               for k in (1, 2, 3)]
     assert errors[0] > errors[1] > errors[2]  # each stage quantizes what the previous left
 
-    again = MuLaNQuantizer(16, n_q=3, bins=8, namespaces=spaces, kmeans_iters=10).fit_(emb, iters=3)
+    again = MuLaNQuantizer(16, n_q=3, card=8, namespaces=spaces, kmeans_iters=10).fit_(emb, iters=3)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in q.state_dict().items())  # same seed, same fit
     semantic = {k: v.clone() for k, v in q.state_dict().items() if k.startswith("quantizers.semantic.")}
     coarse = q.quantizers["coarse"].layers[0].codebook.embed.clone()
@@ -248,7 +248,7 @@ def test_quantizer_fits_deterministic_tokens_with_independent_namespaces(tmp_pat
     with pytest.raises(KeyError, match="namespace 'acoustic'"):
         q.tokens(emb, "acoustic")
     with pytest.raises(RuntimeError, match="not fitted"):
-        MuLaNQuantizer(16, n_q=1, bins=4).tokens(emb, "semantic")
+        MuLaNQuantizer(16, n_q=1, card=4).tokens(emb, "semantic")
 
 
 # ------------------------------------------------------------------------------------ training, export, backend
@@ -335,7 +335,7 @@ def test_mulan_backend_embeds_audio_and_text_in_one_space(trained: dict) -> None
     assert torch.allclose(backend.embed(short)[0][0], backend.mulan.embed_audio(short, 24000)[0], atol=1e-6)
     assert backend.id() == load_backend(f"mulan:{trained['export']}").id()
 
-    quantizer = fit_mulan_quantizer(trained["export"], trained["data"] / "demo" / "shards" / "train", n_q=2, bins=4,
+    quantizer = fit_mulan_quantizer(trained["export"], trained["data"] / "demo" / "shards" / "train", n_q=2, card=4,
                                     segment_seconds=1.0, out=trained["export"] / "mulan_quantizer.safetensors")
     emb = backend.mulan.embed_text(["clip 3"])
     assert quantizer.tokens(emb, "semantic").shape == (1, 2) and quantizer.tokens(emb, "coarse").shape == (1, 2)

@@ -184,7 +184,7 @@ def test_import_writes_an_export_folder(imported, hf_musicgen) -> None:
     text_cfg = json.loads((out / "text_encoder" / "config.json").read_text())
     assert text_cfg["architectures"] == ["T5EncoderModel"] and (out / "text_encoder" / "tokenizer.json").is_file()
     codec = load_codec(out / "codec")
-    assert (codec.sample_rate, codec.n_q, codec.cardinality, codec.frame_rate) == (SR, K, CARD, 50)
+    assert (codec.sample_rate, codec.n_q, codec.card, codec.frame_rate) == (SR, K, CARD, 50)
 
 
 def test_imported_model_matches_transformers(imported, hf_musicgen) -> None:

@@ -22,7 +22,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 SEM = CodecInfo(id="semantic", hash="0", sample_rate=16000, channels=1, frame_rate=25.0, n_q=1, card=32)
 CODEC = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
                   card=64)
-MULAN_NQ, MULAN_BINS = 2, 8
+MULAN_NQ, MULAN_CARD = 2, 8
 
 
 def _write(folder: Path, info: CodecInfo, items: list[tuple[str, torch.Tensor]], per_shard: int = 4) -> None:
@@ -67,9 +67,9 @@ def write_streams(root: Path, seconds: list[float], first: int = 0, ramp: bool =
     _write(root / "semantic", sem_info, sem)
     _write(root / "codec", codec_info, cod)
     idx = torch.arange(len(keys))
-    MuLaNTokens(keys, {"semantic": torch.stack([idx % MULAN_BINS, (idx + 1) % MULAN_BINS], 1),
-                       "coarse": torch.stack([(idx + 2) % MULAN_BINS, idx % MULAN_BINS], 1)},
-                {"semantic": MULAN_BINS, "coarse": MULAN_BINS}, mulan_source, quantizer).save(root / "mulan")
+    MuLaNTokens(keys, {"semantic": torch.stack([idx % MULAN_CARD, (idx + 1) % MULAN_CARD], 1),
+                       "coarse": torch.stack([(idx + 2) % MULAN_CARD, idx % MULAN_CARD], 1)},
+                {"semantic": MULAN_CARD, "coarse": MULAN_CARD}, mulan_source, quantizer).save(root / "mulan")
     return {"semantic": str(root / "semantic"), "codec": str(root / "codec"), "mulan": str(root / "mulan")}
 
 
@@ -95,7 +95,7 @@ def test_datamodule_joins_streams_by_key_with_aligned_crops(tmp_path):
     dm = MusicLMTokenDataModule(spec, valid_spec, segment_seconds=0.4, batch_size=3, batches_per_epoch=4,
                                 num_workers=0, shuffle_buffer=2)
     dm.setup("fit")
-    assert dm.codec.n_q == 4 and dm.semantic.frame_rate == 25.0 and dm.mulan_tokens.card["coarse"] == MULAN_BINS
+    assert dm.codec.n_q == 4 and dm.semantic.frame_rate == 25.0 and dm.mulan_tokens.card["coarse"] == MULAN_CARD
     batches = list(dm.train_dataloader())
     assert len(batches) == 4
     mulan = MuLaNTokens.load(spec["mulan"])
@@ -144,11 +144,11 @@ class StubQuantizer:
     namespaces = ("semantic", "coarse")
 
     def tokens(self, emb, namespace):
-        q = (emb[:, :MULAN_NQ].abs() * MULAN_BINS).long().clamp(max=MULAN_BINS - 1)
+        q = (emb[:, :MULAN_NQ].abs() * MULAN_CARD).long().clamp(max=MULAN_CARD - 1)
         return q if namespace == "semantic" else q.flip(1)
 
-    def bins(self, namespace):
-        return MULAN_BINS
+    def card(self, namespace):
+        return MULAN_CARD
 
 
 def test_write_mulan_tokens_embeds_every_clip_once(tmp_path):
@@ -171,7 +171,7 @@ def stages(pattern: str = "unroll"):
     from ostinato.families.musiclm import CoarseStage, FineStage, SemanticStage
 
     torch.manual_seed(0)
-    kw = dict(mulan_n_q=MULAN_NQ, mulan_bins=MULAN_BINS, lm=TINY_LM, cfg_dropout=0.0)
+    kw = dict(mulan_n_q=MULAN_NQ, mulan_card=MULAN_CARD, lm=TINY_LM, cfg_dropout=0.0)
     return (SemanticStage(SEM.card, **kw),
             CoarseStage(CODEC.card, coarse_q=2, semantic_card=SEM.card, pattern=pattern, **kw),
             FineStage(CODEC.n_q, CODEC.card, coarse_q=2, pattern=pattern, lm=TINY_LM))
@@ -186,8 +186,8 @@ def fixed_batch(b: int = 4, seconds: float = 0.4, short: int | None = None):
     sl, cl = torch.full((b,), fs), torch.full((b,), fc)
     if short is not None:
         sl[0], cl[0] = short, 3 * short
-    mulan = {"semantic": torch.arange(b * MULAN_NQ).view(b, MULAN_NQ) % MULAN_BINS,
-             "coarse": (torch.arange(b * MULAN_NQ).view(b, MULAN_NQ) + 3) % MULAN_BINS}
+    mulan = {"semantic": torch.arange(b * MULAN_NQ).view(b, MULAN_NQ) % MULAN_CARD,
+             "coarse": (torch.arange(b * MULAN_NQ).view(b, MULAN_NQ) + 3) % MULAN_CARD}
     return MusicLMBatch(sem, sl, codes, cl, mulan, [{"__key__": str(i)} for i in range(b)])
 
 
@@ -234,7 +234,7 @@ def tiny_codec():
     from ostinato.models.codec import Codec
 
     torch.manual_seed(1)
-    return Codec.build(sample_rate=24000, dimension=8, n_filters=4, ratios=[8, 5, 8], n_q=4, bins=64,
+    return Codec.build(sample_rate=24000, dimension=8, n_filters=4, ratios=[8, 5, 8], n_q=4, card=64,
                              kmeans_init=False).eval()
 
 
@@ -247,7 +247,7 @@ def pipeline(window: float | None = 0.4):
         stage.rates.copy_(torch.tensor([25.0, 75.0]))
         stage.eval()
     mulan = StubMuLaN()
-    quantizer = MuLaNQuantizer(mulan.dim, n_q=MULAN_NQ, bins=MULAN_BINS, kmeans_iters=5)
+    quantizer = MuLaNQuantizer(mulan.dim, n_q=MULAN_NQ, card=MULAN_CARD, kmeans_iters=5)
     quantizer.fit_(F.normalize(torch.rand(64, mulan.dim, generator=torch.Generator().manual_seed(0)), dim=-1))
     model = MusicLM(sem, coarse, fine, mulan, quantizer, tiny_codec(), tiny_semantic_tokenizer(),
                     windows={"semantic": window, "coarse": window, "fine": window})
@@ -373,7 +373,7 @@ def write_parts(root: Path) -> dict[str, str]:
                    root / "mulan" / "config.yaml")
     with torch.no_grad():
         emb = family.model.embed_audio(torch.randn(32, 1, 12000) * 0.1, 24000)
-    quantizer = MuLaNQuantizer(8, n_q=MULAN_NQ, bins=MULAN_BINS, kmeans_iters=5).fit_(emb)
+    quantizer = MuLaNQuantizer(8, n_q=MULAN_NQ, card=MULAN_CARD, kmeans_iters=5).fit_(emb)
     quantizer.save(root / "quantizer.safetensors")
     return {"codec": str(codec), "semantic_tokenizer": str(tokenizer), "mulan": str(root / "mulan"),
             "quantizer": str(root / "quantizer.safetensors")}
@@ -400,7 +400,7 @@ def demo_streams(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def _stage_run(stage: str, steps: int) -> list[str]:
     lm = ["family.lm.dim=32", "family.lm.num_heads=2", "family.lm.num_layers=1", "family.lm.ffn_dim=64"]
-    mulan = [] if stage == "fine" else [f"family.mulan_n_q={MULAN_NQ}", f"family.mulan_bins={MULAN_BINS}"]
+    mulan = [] if stage == "fine" else [f"family.mulan_n_q={MULAN_NQ}", f"family.mulan_card={MULAN_CARD}"]
     return [f"experiment=musiclm_{stage}_tiny", *STAGE_RUNS[stage], *lm, *mulan, "data.segment_seconds=0.4",
             f"trainer.max_steps={steps}", f"trainer.checkpoint_every_steps={steps}", "data.eval_batch_size=4",
             "trainer.limit_val_batches=1", "data.batches_per_epoch=4"]
@@ -569,11 +569,11 @@ def test_cli_prep_mulan_fits_the_quantizer_and_tokenizes_every_split(tmp_path):
         write_shards(tmp_path / "shards" / split, n_shards=1, per_shard=6, sample_rate=24000, seconds=0.5)
     out = tmp_path / "mulan"
     proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "prep", "mulan", "--mulan", parts["mulan"],
-                           "--shards", str(tmp_path / "shards"), "--out", str(out), "--n-q", "2", "--bins", "4"],
+                           "--shards", str(tmp_path / "shards"), "--out", str(out), "--n-q", "2", "--card", "4"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     quantizer = MuLaNQuantizer.load(out / "quantizer.safetensors")
-    assert quantizer.n_q("semantic") == 2 and quantizer.bins("coarse") == 4 and quantizer.fitted("coarse")
+    assert quantizer.n_q("semantic") == 2 and quantizer.card("coarse") == 4 and quantizer.fitted("coarse")
     for split in ("train", "valid", "test"):
         tokens = MuLaNTokens.load(out / split)
         assert len(tokens.keys) == 6 and tokens.tokens["semantic"].shape == (6, 2)

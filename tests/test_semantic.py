@@ -110,7 +110,7 @@ def test_ssl_features_pool_a_hubert_layer_to_the_frame_rate(hubert_folder):
 def test_kmeans_separates_pitches_is_deterministic_and_round_trips(tones, tmp_path):
     kw = dict(features="mfcc", k=8, batch_frames=64, iterations=4, workers=0, seed=3, progress=False)
     tok = fit_semantic_tokenizer(tones, tmp_path / "tok", **kw)
-    assert (tok.n_q, tok.cardinality, tok.frame_rate, tok.hop_length, tok.sample_rate) == (1, 8, 25.0, 640, 16000)
+    assert (tok.n_q, tok.card, tok.frame_rate, tok.hop_length, tok.sample_rate) == (1, 8, 25.0, 640, 16000)
     assert tok.fit_stats["clips"] == 8 and tok.fit_stats["frames"] == 4 * 25 + 4 * 35
     assert len(tok.fit_stats["passes"]) == 4
     dom = dominant_tokens(tok, tones)

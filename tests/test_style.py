@@ -18,7 +18,7 @@ FEAT, DIM, N_Q, EVAL_Q, DS = 8, 16, 4, 2, 5
 
 def _conditioner(seed: int = 0, **kwargs) -> StyleConditioner:
     torch.manual_seed(seed)
-    args = dict(width=32, num_layers=2, num_heads=4, n_q=N_Q, bins=16, eval_q=EVAL_Q, downsample=DS)
+    args = dict(width=32, num_layers=2, num_heads=4, n_q=N_Q, card=16, eval_q=EVAL_Q, downsample=DS)
     args.update(kwargs)
     return StyleConditioner(FEAT, DIM, **args)
 
@@ -148,7 +148,7 @@ def test_excerpt_train_and_eval() -> None:
 
 def test_defaults_and_constructor_errors() -> None:
     cond = StyleConditioner(FEAT, DIM)  # audiocraft's defaults
-    assert (cond.width, cond.n_q, cond.rvq.bins, cond.eval_q, cond.downsample) == (512, 6, 1024, 3, 15)
+    assert (cond.width, cond.n_q, cond.rvq.card, cond.eval_q, cond.downsample) == (512, 6, 1024, 3, 15)
     assert len(cond.transformer.layers) == 8 and cond.excerpt_seconds == (1.5, 4.5)
     with pytest.raises(ValueError, match="eval_q=4 must be in"):
         StyleConditioner(FEAT, DIM, n_q=3, eval_q=4)
@@ -248,7 +248,7 @@ def test_hf_features_folder_errors(hubert_folder: Path, tmp_path: Path) -> None:
 
 def test_codec_latent_features() -> None:
     torch.manual_seed(0)
-    rvq = ResidualVectorQuantizer(dimension=FEAT, n_q=3, bins=16, kmeans_init=False)
+    rvq = ResidualVectorQuantizer(dimension=FEAT, n_q=3, card=16, kmeans_init=False)
     codes = torch.randint(0, 16, (2, 3, 25))
     feats = codec_latent_features(rvq.decode, codes)
     assert feats.shape == (2, 25, FEAT) and feats.dtype == torch.float32 and not feats.requires_grad

@@ -93,7 +93,7 @@ def _prep_semantic(args: argparse.Namespace) -> None:
                                  iterations=args.iterations, max_hours=args.max_hours, seed=args.seed,
                                  workers=args.workers, init=args.init, device=args.device, overwrite=args.overwrite)
     fit, last = tok.fit_stats, tok.fit_stats["passes"][-1]
-    print(f"{tok.id}: {tok.cardinality} centroids of {tok.dim}-dim {tok.features.kind} features at "
+    print(f"{tok.id}: {tok.card} centroids of {tok.dim}-dim {tok.features.kind} features at "
           f"{tok.frame_rate:g} Hz, fitted on {fit['hours']:.2f} h ({fit['clips']} clips, {fit['skipped']} skipped) "
           f"in {fit['seconds']:.0f} s")
     print(f"last pass: inertia/frame {last['inertia_per_frame']:.4f}, {last['used']}/{last['k']} centroids used, "
@@ -111,7 +111,7 @@ def _prep_mulan(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--shards {shards}: no train/ split there (expected SHARDS/train/manifest.json)")
     output_folder(out, "--out")  # before any model loads
     mulan = as_mulan(args.mulan)
-    quantizer = fit_mulan_quantizer(mulan, str(shards / "train"), n_q=args.n_q, bins=args.bins,
+    quantizer = fit_mulan_quantizer(mulan, str(shards / "train"), n_q=args.n_q, card=args.card,
                                     segment_seconds=args.segment, with_text=args.with_text, seed=args.seed,
                                     out=out / "quantizer.safetensors")
     for split in ("train", "valid", "test"):
@@ -119,7 +119,7 @@ def _prep_mulan(args: argparse.Namespace) -> None:
             tokens = write_mulan_tokens(str(shards / split), out / split, mulan, quantizer,
                                         segment_seconds=args.segment, source=args.mulan)
             print(f"mulan/{split}: {len(tokens.keys)} clips x {list(tokens.tokens)} -> {out / split}")
-    print(f"quantizer: {out / 'quantizer.safetensors'} ({args.n_q} x {args.bins} per namespace)")
+    print(f"quantizer: {out / 'quantizer.safetensors'} ({args.n_q} x {args.card} per namespace)")
 
 
 DORA_VERBS = {"train": "run", "grid": "grid", "launch": "launch", "info": "info"}
@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--shards", default="data/demo/shards", help="audio shard root with train/ valid/ test/")
     u.add_argument("--out", default="data/demo/mulan", help="output root: quantizer.safetensors + one folder per split")
     u.add_argument("--n-q", type=_number(int, 1), default=12, help="residual codebooks per namespace (MusicLM: 12)")
-    u.add_argument("--bins", type=_number(int, 2), default=1024, help="codes per codebook (MusicLM: 1024)")
+    u.add_argument("--card", type=_number(int, 2), default=1024, help="codes per codebook (MusicLM: 1024)")
     u.add_argument("--segment", type=_number(float, 0, above=True), default=10.0,
                    help="seconds of each clip embedded (default 10)")
     u.add_argument("--with-text", action="store_true",

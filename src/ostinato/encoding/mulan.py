@@ -59,7 +59,7 @@ def write_mulan_tokens(shards: Any, out: str | Path, mulan_ref: Any, quantizer: 
     if len(set(keys)) != len(keys):
         raise ValueError(f"{shards}: sample keys repeat across shards; MuLaN tokens are joined by key")
     tokens = MuLaNTokens(keys, {ns: torch.cat(p) for ns, p in parts.items()},
-                         {ns: int(quantizer.bins(ns)) for ns in parts},
+                         {ns: int(quantizer.card(ns)) for ns in parts},
                          source=source or (str(mulan_ref) if isinstance(mulan_ref, (str, Path)) else ""),
                          quantizer=str(getattr(quantizer, "path", "") or ""))
     tokens.save(out)

@@ -75,7 +75,7 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
         raise ValueError(f"--n-q {n_q}: this codec has {codec.n_q} codebooks")
     info = CodecInfo(id=codec_id(codec_ref), hash=tokenizer_hash(codec), sample_rate=codec.sample_rate,
                      channels=codec.channels, frame_rate=codec.frame_rate, n_q=n_q,
-                     card=codec.cardinality)
+                     card=codec.card)
     written = write_shards(partial(_open, str(codec_ref), n_q, trust), shards, out,
                            identity={"codec_hash": info.hash, "n_q": n_q}, what="token shards",
                            batch_size=batch_size, workers=workers, devices=devices, overwrite=overwrite,

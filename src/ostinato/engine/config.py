@@ -194,7 +194,6 @@ FAMILY_BOUNDS: dict[str, Bound] = {
     "channels": POSITIVE,
     "n_q": POSITIVE,
     "card": POSITIVE,
-    "bins": POSITIVE,
     "*dim": POSITIVE,
     "dimension": POSITIVE,
     "num_heads": POSITIVE,

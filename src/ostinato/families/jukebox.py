@@ -37,7 +37,7 @@ class JukeboxVQVAEFamily(FamilyModule):
 
     Args:
         sample_rate, channels: the audio.
-        vqvae: ``HierarchicalVQVAE`` keys (``ratios`` per level, ``bins``, ``dimension``, ``n_filters``, ...).
+        vqvae: ``HierarchicalVQVAE`` keys (``ratios`` per level, ``card``, ``dimension``, ``n_filters``, ...).
         loss_weights: ``mel``, ``l1``; commitment_weight: weight of the VQ commitment loss.
     """
 
@@ -102,7 +102,7 @@ class JukeboxPrior(CodebookLMFamily):
     """Trains a ``LevelPrior`` on the array shards of a ``JukeboxVQVAEFamily``'s export.
 
     Args:
-        level, bins, lm, metadata, conditioner, level_ratio: the ``LevelPrior``'s (``bins`` and ``level_ratio`` are
+        level, card, lm, metadata, conditioner, level_ratio: the ``LevelPrior``'s (``card`` and ``level_ratio`` are
             checked against the array manifest at setup); ``metadata.dropout``: probability, per item and field, of
             leaving the field out.
         cfg_dropout: probability, per training item, of the null condition (zero metadata prefix).
@@ -112,12 +112,12 @@ class JukeboxPrior(CodebookLMFamily):
 
     ema_modules = ("model.lm", "model.prefix_modules")
 
-    def __init__(self, level: str, bins: int, cfg_dropout: float = 0.1, vqvae: str | None = None,
+    def __init__(self, level: str, card: int, cfg_dropout: float = 0.1, vqvae: str | None = None,
                  optim: Mapping[str, Any] | None = None, **model: Any):
         super().__init__(optim)
         model = {k: plain(v) for k, v in model.items()}
         self.metadata_dropout = float((model.get("metadata") or {}).get("dropout", 0.0))
-        self.model = LevelPrior(level, bins, **model)
+        self.model = LevelPrior(level, card, **model)
         self.cfg_dropout = float(cfg_dropout)
         self.vqvae_ref = None if vqvae is None else str(vqvae)
 
@@ -132,9 +132,9 @@ class JukeboxPrior(CodebookLMFamily):
             raise ValueError(f"the {prior.level} prior reads the streams {need} (this level first); set "
                              f"data.streams={need} (the data holds {list(streams)})")
         info = streams[prior.level]
-        if info.card != prior.bins:
-            raise ValueError(f"family.bins={prior.bins} but the {prior.level} codes have {info.card} codes; "
-                             f"set family.bins={info.card}")
+        if info.card != prior.card:
+            raise ValueError(f"family.card={prior.card} but the {prior.level} codes have {info.card} codes; "
+                             f"set family.card={info.card}")
         if prior.upper is not None:
             ratio = info.rate / streams[prior.upper].rate
             if abs(ratio - prior.level_ratio) > 1e-6:

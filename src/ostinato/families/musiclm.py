@@ -57,8 +57,8 @@ class _Stage(CodebookLMFamily):
                              "(written by write_mulan_tokens)")
         have, want = (mulan.tokens[namespace].shape[1], mulan.card[namespace]), self.model.mulan_shape
         if have != want:
-            raise ValueError(f"family.mulan_n_q / mulan_bins = {want} but the MuLaN tokens have {have}; "
-                             f"set family.mulan_n_q={have[0]} family.mulan_bins={have[1]}")
+            raise ValueError(f"family.mulan_n_q / mulan_card = {want} but the MuLaN tokens have {have}; "
+                             f"set family.mulan_n_q={have[0]} family.mulan_card={have[1]}")
 
     def _check(self, info: Any, name: str, n_q: int, card: int) -> None:
         if info is None:
@@ -91,13 +91,13 @@ class SemanticStage(_Stage):
     """Trains a ``SemanticLM``.
 
     Args:
-        card, mulan_n_q, mulan_bins, lm: the ``SemanticLM``'s (``card`` is checked against the token manifest).
+        card, mulan_n_q, mulan_card, lm: the ``SemanticLM``'s (``card`` is checked against the token manifest).
         cfg_dropout: probability of a zero MuLaN prefix.
     """
 
-    def __init__(self, card: int, mulan_n_q: int = 12, mulan_bins: int = 1024, lm: Mapping[str, Any] | None = None,
+    def __init__(self, card: int, mulan_n_q: int = 12, mulan_card: int = 1024, lm: Mapping[str, Any] | None = None,
                  cfg_dropout: float = 0.1, optim: Mapping[str, Any] | None = None):
-        super().__init__(SemanticLM(card, mulan_n_q, mulan_bins, lm), cfg_dropout, optim)
+        super().__init__(SemanticLM(card, mulan_n_q, mulan_card, lm), cfg_dropout, optim)
 
     def check_data(self, dm: Any) -> None:
         self._check(getattr(dm, "semantic", None), "semantic", 1, self.model.card)
@@ -116,14 +116,14 @@ class CoarseStage(_Stage):
     """Trains a ``CoarseLM``.
 
     Args:
-        card, coarse_q, semantic_card, mulan_n_q, mulan_bins, pattern, lm: the ``CoarseLM``'s.
+        card, coarse_q, semantic_card, mulan_n_q, mulan_card, pattern, lm: the ``CoarseLM``'s.
         cfg_dropout: probability of a zero MuLaN prefix (the semantic tokens stay).
     """
 
-    def __init__(self, card: int, coarse_q: int, semantic_card: int, mulan_n_q: int = 12, mulan_bins: int = 1024,
+    def __init__(self, card: int, coarse_q: int, semantic_card: int, mulan_n_q: int = 12, mulan_card: int = 1024,
                  pattern: str = "unroll", lm: Mapping[str, Any] | None = None, cfg_dropout: float = 0.1,
                  optim: Mapping[str, Any] | None = None):
-        super().__init__(CoarseLM(card, coarse_q, semantic_card, mulan_n_q, mulan_bins, pattern, lm), cfg_dropout,
+        super().__init__(CoarseLM(card, coarse_q, semantic_card, mulan_n_q, mulan_card, pattern, lm), cfg_dropout,
                          optim)
 
     def check_data(self, dm: Any) -> None:

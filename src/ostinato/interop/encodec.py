@@ -89,9 +89,9 @@ def transformers_config_to_codec_kwargs(config: Mapping[str, Any]) -> dict[str, 
     if int(cfg["num_lstm_layers"]) < 1:
         raise ValueError("transformers EnCodec always has an LSTM: num_lstm_layers must be >= 1")
     ratios = [int(r) for r in cfg["upsampling_ratios"]]
-    bins = int(cfg["codebook_size"])
+    card = int(cfg["codebook_size"])
     frame_rate = math.ceil(cfg["sampling_rate"] / math.prod(ratios))
-    n_q = int(1000 * cfg["target_bandwidths"][-1] // (frame_rate * math.ceil(math.log2(bins))))
+    n_q = int(1000 * cfg["target_bandwidths"][-1] // (frame_rate * math.ceil(math.log2(card))))
     return dict(
         sample_rate=int(cfg["sampling_rate"]), channels=int(cfg["audio_channels"]), normalize=bool(cfg["normalize"]),
         dimension=dimension, n_filters=int(cfg["num_filters"]), n_residual_layers=int(cfg["num_residual_layers"]),
@@ -100,7 +100,7 @@ def transformers_config_to_codec_kwargs(config: Mapping[str, Any]) -> dict[str, 
         residual_kernel_size=int(cfg["residual_kernel_size"]), dilation_base=int(cfg["dilation_growth_rate"]),
         causal=bool(cfg["use_causal_conv"]), pad_mode=str(cfg["pad_mode"]),
         true_skip=not bool(cfg["use_conv_shortcut"]), compress=int(cfg["compress"]),
-        lstm=int(cfg["num_lstm_layers"]), trim_right_ratio=float(cfg["trim_right_ratio"]), n_q=n_q, bins=bins)
+        lstm=int(cfg["num_lstm_layers"]), trim_right_ratio=float(cfg["trim_right_ratio"]), n_q=n_q, card=card)
 
 
 _TF_SEANET = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
@@ -138,7 +138,7 @@ def load_transformers_encodec(folder: str | Path) -> Codec:
     """A transformers ``EncodecModel.save_pretrained`` folder -> ``Codec`` in eval mode (transformers not needed).
 
     The codec has ``n_q`` = transformers' ``num_quantizers``; transformers' ``encode(x, bandwidth=bw)`` matches
-    ``codec.encode(x, n_q=floor(bw * 1000 / (log2(bins) * ceil(frame_rate))))``.
+    ``codec.encode(x, n_q=floor(bw * 1000 / (log2(card) * ceil(frame_rate))))``.
     """
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -231,7 +231,7 @@ def audiocraft_config_to_codec_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "normalize": bool(encodec.get("renormalize", False)),
         **{k: v for k, v in seanet.items() if k != "channels"},
         **decoder_only,
-        **{k: rvq[k] for k in rvq_keys if k in rvq},
+        **{("card" if k == "bins" else k): rvq[k] for k in rvq_keys if k in rvq},
     }
     if enc_over:
         kwargs["encoder"] = enc_over
@@ -251,8 +251,8 @@ def codec_config_to_audiocraft(codec: Codec) -> dict[str, Any]:
                   decoder={**dict(cfg.get("decoder") or {}), "trim_right_ratio": cfg["trim_right_ratio"],
                            "final_activation": cfg["final_activation"],
                            "final_activation_params": cfg["final_activation_params"]})
-    rvq = {k: cfg[k] for k in ("n_q", "q_dropout", "bins", "decay", "kmeans_init", "kmeans_iters",
-                               "threshold_ema_dead_code")}
+    rvq = {("bins" if k == "card" else k): cfg[k]
+           for k in ("n_q", "q_dropout", "card", "decay", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code")}
     rvq.update(orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False)
     return {"compression_model": "encodec", "sample_rate": cfg["sample_rate"], "channels": cfg["channels"],
             "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": cfg["sample_rate"],

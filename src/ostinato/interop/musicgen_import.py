@@ -369,13 +369,13 @@ def _codec_ref(root: Path | None, codec: str | None) -> str | None:
 
 
 def _check_codec(ref: str, parts: _Parts, trust: bool) -> int:
-    """The codec loads and writes codes the LM reads (cardinality, enough codebooks); returns its ``n_q``."""
+    """The codec loads and writes codes the LM reads (card, enough codebooks); returns its ``n_q``."""
     from ostinato.interop.codecs import load_codec
 
     codec = load_codec(ref, trust=trust)
     per_code = parts.channels if codec.channels == 1 else 1  # stereo MusicGen: a mono codec on each channel
-    if codec.cardinality != parts.lm.card:
-        raise ValueError(f"codec {ref}: codebook size {codec.cardinality} != the LM's card {parts.lm.card}; "
+    if codec.card != parts.lm.card:
+        raise ValueError(f"codec {ref}: codebook size {codec.card} != the LM's card {parts.lm.card}; "
                          "pass --codec with the codec the LM was trained on")
     if codec.n_q * per_code < parts.lm.n_q:
         raise ValueError(f"codec {ref}: {codec.n_q} codebooks, the LM models {parts.lm.n_q}; pass --codec with the "

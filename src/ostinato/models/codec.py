@@ -24,7 +24,7 @@ SEANET_DEFAULTS: dict[str, Any] = dict(
 DECODER_ONLY_DEFAULTS: dict[str, Any] = dict(trim_right_ratio=1.0, final_activation=None,
                                              final_activation_params=None)
 QUANTIZER_DEFAULTS: dict[str, Any] = dict(
-    n_q=8, bins=1024, decay=0.99, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2.0,
+    n_q=8, card=1024, decay=0.99, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2.0,
     commitment_weight=1.0, q_dropout=False, epsilon=1e-5)
 CODEC_DEFAULTS: dict[str, Any] = dict(channels=1, normalize=False)
 
@@ -160,9 +160,9 @@ class Codec(nn.Module):
         return self.quantizer.n_q
 
     @property
-    def cardinality(self) -> int:
-        """Codebook size (codes are in [0, cardinality))."""
-        return self.quantizer.bins
+    def card(self) -> int:
+        """Codebook size (codes are in [0, card))."""
+        return self.quantizer.card
 
     @property
     def dimension(self) -> int:

@@ -61,35 +61,35 @@ class HierarchicalVQVAE(nn.Module):
     Args:
         sample_rate, channels: the audio.
         ratios: SEANet ratios per level, bottom first; ``prod(ratios[l])`` is level l's hop.
-        bins: codebook size (Jukebox: 2048); dimension: code vector size (Jukebox: 64).
+        card: codebook size (Jukebox: 2048); dimension: code vector size (Jukebox: 64).
         level_ratio: required hop ratio between consecutive levels (4).
         Any other key is a ``Codec.build`` key shared by the three levels (``n_filters``, ``lstm``, ...).
     ``config`` holds the constructor arguments.
     """
 
     def __init__(self, sample_rate: int, channels: int = 1,
-                 ratios: Sequence[Sequence[int]] = ((2, 2, 2), (4, 4, 2), (4, 4, 4, 2)), bins: int = 2048,
+                 ratios: Sequence[Sequence[int]] = ((2, 2, 2), (4, 4, 2), (4, 4, 4, 2)), card: int = 2048,
                  dimension: int = 64, level_ratio: int = 4, **codec: Any) -> None:
         super().__init__()
         ratios = [[int(r) for r in level] for level in ratios]
         if len(ratios) != len(LEVELS):
             raise ValueError(f"ratios must give {len(LEVELS)} levels (bottom, middle, top), got {len(ratios)}")
-        self.config: dict[str, Any] = dict(sample_rate=sample_rate, channels=channels, ratios=ratios, bins=bins,
+        self.config: dict[str, Any] = dict(sample_rate=sample_rate, channels=channels, ratios=ratios, card=card,
                                            dimension=dimension, level_ratio=level_ratio, **codec)
         for bad in ("n_q", "q_dropout"):
             if bad in codec:
                 raise ValueError(f"family.vqvae.{bad}: every level has exactly one codebook; leave it out")
         codec = {"lstm": 0, **codec}
         self.levels = nn.ModuleList([
-            Codec.build(sample_rate=sample_rate, channels=channels, ratios=r, n_q=1, bins=bins,
+            Codec.build(sample_rate=sample_rate, channels=channels, ratios=r, n_q=1, card=card,
                               dimension=dimension, q_dropout=False, **codec) for r in ratios])
         hops = self.hop_lengths
         for lo, hi, name in zip(hops[:-1], hops[1:], LEVELS[1:]):
             if hi != lo * level_ratio:
                 raise ValueError(f"family.vqvae.ratios: the {name} hop {hi} must be {level_ratio} x the hop below "
                                  f"({lo}); hops are {dict(zip(LEVELS, hops))} (Jukebox: 8, 32, 128)")
-        self.sample_rate, self.channels, self.bins, self.level_ratio = int(sample_rate), int(channels), int(
-            bins), int(level_ratio)
+        self.sample_rate, self.channels, self.card, self.level_ratio = int(sample_rate), int(channels), int(
+            card), int(level_ratio)
 
     array_kind = "jukebox_vqvae"  # what ``ostinato encode`` records of the arrays it writes
 
@@ -134,7 +134,7 @@ class HierarchicalVQVAE(nn.Module):
     def array_streams(self) -> dict[str, StreamInfo]:
         """The array shards ``ostinato encode`` writes: one int16 code stream per level, top first."""
         rates = self.frame_rates
-        return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", card=self.bins)
+        return {name: StreamInfo(rate=rates[name], channels=1, dtype="int16", card=self.card)
                 for name in reversed(LEVELS)}
 
     def encode_arrays(self, wav: Tensor) -> dict[str, Tensor]:
@@ -197,12 +197,12 @@ def parse_metadata(text: str, fields: Sequence[str]) -> dict[str, str]:
 
 
 class UpperConditioner(nn.Module):
-    """Codes of the level above ``[B, 1, F_up]`` (``bins`` = padding / invalid) -> ``[B, F_up * ratio, dim]``."""
+    """Codes of the level above ``[B, 1, F_up]`` (``card`` = padding / invalid) -> ``[B, F_up * ratio, dim]``."""
 
-    def __init__(self, bins: int, dim: int, ratio: int = 4, layers: int = 2, kernel_size: int = 3) -> None:
+    def __init__(self, card: int, dim: int, ratio: int = 4, layers: int = 2, kernel_size: int = 3) -> None:
         super().__init__()
-        self.bins, self.ratio = int(bins), int(ratio)
-        self.emb = nn.Embedding(self.bins + 1, dim)
+        self.card, self.ratio = int(card), int(ratio)
+        self.emb = nn.Embedding(self.card + 1, dim)
         nn.init.normal_(self.emb.weight, std=0.02)
         pad = kernel_size // 2
         self.blocks = nn.ModuleList([nn.Conv1d(dim, dim, kernel_size, padding=pad) for _ in range(layers)])
@@ -214,8 +214,8 @@ class UpperConditioner(nn.Module):
         codes = codes[:, 0].to(self.emb.weight.device)
         if lengths is not None:
             ok = torch.arange(codes.shape[-1], device=codes.device)[None] < lengths.to(codes.device)[:, None]
-            codes = codes.masked_fill(~ok, self.bins)
-        x = self.emb(codes.clamp(0, self.bins)).transpose(1, 2)  # [B, dim, F_up]
+            codes = codes.masked_fill(~ok, self.card)
+        x = self.emb(codes.clamp(0, self.card)).transpose(1, 2)  # [B, dim, F_up]
         for block in self.blocks:
             x = x + block(F.gelu(x))
         x = x.repeat_interleave(self.ratio, dim=-1)
@@ -230,7 +230,7 @@ class LevelPrior(nn.Module):
 
     Args:
         level: ``top`` (the top-level prior) or ``middle`` / ``bottom`` (upsamplers, conditioned on the level above).
-        bins: codebook size of the VQ-VAE.
+        card: codebook size of the VQ-VAE.
         lm: ``LMConfig`` kwargs, optionally ``preset: tiny|small|...`` plus overrides.
         metadata: ``MetadataConditioner`` keys (``fields``, ``buckets``) or None for no metadata.
         conditioner: ``UpperConditioner`` keys (``layers``, ``kernel_size``) for the upsamplers.
@@ -239,15 +239,15 @@ class LevelPrior(nn.Module):
     ``window_frames`` (frames per training window = per generation window).
     """
 
-    def __init__(self, level: str, bins: int, lm: Mapping[str, Any] | None = None,
+    def __init__(self, level: str, card: int, lm: Mapping[str, Any] | None = None,
                  metadata: Mapping[str, Any] | None = None, conditioner: Mapping[str, Any] | None = None,
                  level_ratio: int = 4) -> None:
         super().__init__()
         if level not in LEVELS:
             raise ValueError(f"family.level={level!r}: use top, middle or bottom")
         self.level, self.upper = level, UPPER[level]
-        self.bins, self.level_ratio = int(bins), int(level_ratio)
-        self.cfg = lm_config(lm, n_q=1, card=self.bins, cross_attention=False)
+        self.card, self.level_ratio = int(card), int(level_ratio)
+        self.cfg = lm_config(lm, n_q=1, card=self.card, cross_attention=False)
         self.lm = CodebookLM(self.cfg)
         self.pattern = ParallelPattern(1)
         self.prefix_modules = nn.ModuleDict()
@@ -255,14 +255,14 @@ class LevelPrior(nn.Module):
             keys = {k: v for k, v in metadata.items() if k != "dropout"}  # dropout: a training key
             self.prefix_modules["metadata"] = MetadataConditioner(self.cfg.dim, **keys)
         if self.upper is not None:
-            self.prefix_modules["upper"] = UpperConditioner(self.bins, self.cfg.dim, ratio=self.level_ratio,
+            self.prefix_modules["upper"] = UpperConditioner(self.card, self.cfg.dim, ratio=self.level_ratio,
                                                             **(conditioner or {}))
         self.register_buffer("codes_per_second", torch.zeros(()))
         self.register_buffer("window_frames", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], folder: Path | None = None) -> LevelPrior:
-        """The prior of a ``JukeboxPrior`` training config (``family.level``, ``bins``, ``lm``, ``metadata``, ...)."""
+        """The prior of a ``JukeboxPrior`` training config (``family.level``, ``card``, ``lm``, ``metadata``, ...)."""
         return cls(**_kwargs(cls.__init__, cfg["family"]))
 
     @property
@@ -356,9 +356,9 @@ class Jukebox(nn.Module):
         rates = vqvae.frame_rates
         for part in PRIORS:
             prior = priors[part]
-            if abs(prior.frame_rate - rates[part]) > 1e-6 or prior.bins != vqvae.bins:
-                raise ValueError(f"the {part} prior was trained on {prior.bins} codes at {prior.frame_rate:g} Hz but "
-                                 f"the VQ-VAE gives {vqvae.bins} at {rates[part]:g} Hz: pass the VQ-VAE it was "
+            if abs(prior.frame_rate - rates[part]) > 1e-6 or prior.card != vqvae.card:
+                raise ValueError(f"the {part} prior was trained on {prior.card} codes at {prior.frame_rate:g} Hz but "
+                                 f"the VQ-VAE gives {vqvae.card} at {rates[part]:g} Hz: pass the VQ-VAE it was "
                                  "trained with (--codec)")
         self.vqvae = vqvae
         self.priors = nn.ModuleDict({part: priors[part] for part in PRIORS})

@@ -404,14 +404,14 @@ class MuLaNQuantizer(nn.Module):
 
     Args:
         dim: the MuLaN embedding width.
-        n_q, bins: codebooks and codes per codebook.
-        namespaces: the consumer stages, each with its own quantizer; a mapping may override ``n_q`` / ``bins``
+        n_q, card: codebooks and codes per codebook.
+        namespaces: the consumer stages, each with its own quantizer; a mapping may override ``n_q`` / ``card``
             per namespace, e.g. ``{"semantic": {}, "coarse": {"n_q": 4}}``.
         kmeans_iters, decay, threshold_ema_dead_code: the fit (``fit_``): k-means initialisation of every stage on
             the whole set, then EMA refinement passes.
     """
 
-    def __init__(self, dim: int, n_q: int = 12, bins: int = 1024,
+    def __init__(self, dim: int, n_q: int = 12, card: int = 1024,
                  namespaces: Sequence[str] | Mapping[str, Mapping[str, int]] = ("semantic", "coarse"),
                  kmeans_iters: int = 50, decay: float = 0.9, threshold_ema_dead_code: float = 0.0):
         super().__init__()
@@ -420,15 +420,15 @@ class MuLaNQuantizer(nn.Module):
         if not spaces:
             raise ValueError("MuLaNQuantizer needs at least one namespace, e.g. ['semantic', 'coarse']")
         for name, opts in spaces.items():
-            unknown = set(opts) - {"n_q", "bins"}
+            unknown = set(opts) - {"n_q", "card"}
             if unknown:
-                raise ValueError(f"namespace {name!r}: unknown options {sorted(unknown)}; only n_q and bins")
-        self.config: dict[str, Any] = dict(dim=int(dim), n_q=int(n_q), bins=int(bins), namespaces=spaces,
+                raise ValueError(f"namespace {name!r}: unknown options {sorted(unknown)}; only n_q and card")
+        self.config: dict[str, Any] = dict(dim=int(dim), n_q=int(n_q), card=int(card), namespaces=spaces,
                                            kmeans_iters=int(kmeans_iters), decay=float(decay),
                                            threshold_ema_dead_code=float(threshold_ema_dead_code))
         self.dim = int(dim)
         self.quantizers = nn.ModuleDict({
-            name: ResidualVectorQuantizer(dim, n_q=int(o.get("n_q", n_q)), bins=int(o.get("bins", bins)),
+            name: ResidualVectorQuantizer(dim, n_q=int(o.get("n_q", n_q)), card=int(o.get("card", card)),
                                           decay=decay, kmeans_init=True, kmeans_iters=kmeans_iters,
                                           threshold_ema_dead_code=threshold_ema_dead_code)
             for name, o in spaces.items()})
@@ -446,8 +446,8 @@ class MuLaNQuantizer(nn.Module):
     def n_q(self, namespace: str) -> int:
         return self._rvq(namespace).n_q
 
-    def bins(self, namespace: str) -> int:
-        return self._rvq(namespace).bins
+    def card(self, namespace: str) -> int:
+        return self._rvq(namespace).card
 
     @torch.no_grad()
     def fit_(self, embeddings: Tensor, namespaces: Sequence[str] | None = None, iters: int = 10,
@@ -520,7 +520,10 @@ class MuLaNQuantizer(nn.Module):
         if meta.get("format") != QUANTIZER_FORMAT:
             raise ValueError(f"{path} is not a MuLaN quantizer file (format {meta.get('format')!r}, expected "
                              f"{QUANTIZER_FORMAT!r}); write it with MuLaNQuantizer.save / fit_mulan_quantizer")
-        quantizer = cls(**json.loads(meta["config"]))
+        config = {("card" if k == "bins" else k): v for k, v in json.loads(meta["config"]).items()}
+        config["namespaces"] = {n: {("card" if k == "bins" else k): v for k, v in o.items()}
+                                for n, o in config["namespaces"].items()}
+        quantizer = cls(**config)
         quantizer.load_state_dict(load_file(str(path)), strict=True)
         quantizer.source = meta.get("source", "")
         quantizer.path = str(path.resolve())
@@ -583,7 +586,7 @@ def mulan_embeddings(mulan: MuLaN, data: Any, segment_seconds: float = 10.0, bat
     return torch.cat(audio + text)
 
 
-def fit_mulan_quantizer(mulan: MuLaN | str | Path, data: Any, n_q: int = 12, bins: int = 1024,
+def fit_mulan_quantizer(mulan: MuLaN | str | Path, data: Any, n_q: int = 12, card: int = 1024,
                         namespaces: Sequence[str] | Mapping[str, Mapping[str, int]] = ("semantic", "coarse"), *,
                         segment_seconds: float = 10.0, with_text: bool = False, max_items: int | None = None,
                         iters: int = 10, seed: int = 0, batch_size: int = 16, out: str | Path | None = None,
@@ -597,8 +600,8 @@ def fit_mulan_quantizer(mulan: MuLaN | str | Path, data: Any, n_q: int = 12, bin
     source = str(mulan) if isinstance(mulan, (str, Path)) else None
     model = as_mulan(mulan)
     emb = mulan_embeddings(model, data, segment_seconds, batch_size, max_items, with_text)
-    log.info("fitting the MuLaN quantizer (%s, %d x %d) on %d embeddings", list(namespaces), n_q, bins, len(emb))
-    quantizer = MuLaNQuantizer(model.dim, n_q, bins, namespaces, **quantizer_kw).fit_(emb, iters=iters, seed=seed)
+    log.info("fitting the MuLaN quantizer (%s, %d x %d) on %d embeddings", list(namespaces), n_q, card, len(emb))
+    quantizer = MuLaNQuantizer(model.dim, n_q, card, namespaces, **quantizer_kw).fit_(emb, iters=iters, seed=seed)
     if out is not None:
         quantizer.save(out, source=source)
     return quantizer

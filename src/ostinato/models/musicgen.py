@@ -254,9 +254,9 @@ class MusicGen(nn.Module):
 
     def attach_codec(self, codec: Codec) -> None:
         """Use ``codec`` (frozen, not a submodule) for decoding and for melody / style features."""
-        if codec.n_q < self.n_q or codec.cardinality != self.card:
+        if codec.n_q < self.n_q or codec.card != self.card:
             raise ValueError(f"the model predicts {self.n_q} x {self.card} codes but the codec has "
-                             f"{codec.n_q} x {codec.cardinality}; pass the codec it was trained with (--codec)")
+                             f"{codec.n_q} x {codec.card}; pass the codec it was trained with (--codec)")
         self.__dict__["_codec"] = codec.eval().requires_grad_(False)
 
     def set_codec_loader(self, loader: Callable[[str], Codec]) -> None:

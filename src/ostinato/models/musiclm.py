@@ -56,18 +56,18 @@ def make_pattern(name: str, n_q: int, key: str) -> CodebookPattern:
 class MuLaNPrefix(nn.Module):
     """MuLaN tokens ``[B, n_q]`` (one vocabulary per codebook) -> ``[B, n_q, dim]``."""
 
-    def __init__(self, n_q: int, bins: int, dim: int):
+    def __init__(self, n_q: int, card: int, dim: int):
         super().__init__()
-        self.n_q, self.bins = int(n_q), int(bins)
-        self.emb = nn.Embedding(self.n_q * self.bins, dim)
+        self.n_q, self.card = int(n_q), int(card)
+        self.emb = nn.Embedding(self.n_q * self.card, dim)
         nn.init.normal_(self.emb.weight, std=0.02)
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.dim() != 2 or tokens.shape[1] != self.n_q:
             raise ValueError(f"expected MuLaN tokens [B, {self.n_q}], got {tuple(tokens.shape)}; "
                              f"family.mulan_n_q must match the MuLaN quantizer")
-        offsets = torch.arange(self.n_q, device=tokens.device) * self.bins
-        return self.emb(tokens.clamp(0, self.bins - 1) + offsets)
+        offsets = torch.arange(self.n_q, device=tokens.device) * self.card
+        return self.emb(tokens.clamp(0, self.card - 1) + offsets)
 
 
 class _StageLM(nn.Module):
@@ -77,7 +77,7 @@ class _StageLM(nn.Module):
     training_keys: tuple[str, ...] = ("cfg_dropout", "optim")  # the wrapper's, not the model's
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None, pattern: str, mulan_n_q: int,
-                 mulan_bins: int):
+                 mulan_card: int):
         super().__init__()
         self.n_q, self.card = int(n_q), int(card)
         self.cfg = lm_config(lm, n_q=self.n_q, card=self.card, cross_attention=False)
@@ -86,7 +86,7 @@ class _StageLM(nn.Module):
         self.pattern_name = pattern
         self.prefix_modules = nn.ModuleDict()
         if self.namespace is not None:
-            self.prefix_modules["mulan"] = MuLaNPrefix(mulan_n_q, mulan_bins, self.cfg.dim)
+            self.prefix_modules["mulan"] = MuLaNPrefix(mulan_n_q, mulan_card, self.cfg.dim)
         self.register_buffer("rates", torch.zeros(2))  # frames/s of the semantic and codec tokens
 
     @classmethod
@@ -105,9 +105,9 @@ class _StageLM(nn.Module):
 
     @property
     def mulan_shape(self) -> tuple[int, int]:
-        """(n_q, bins) of the MuLaN tokens this stage reads."""
+        """(n_q, card) of the MuLaN tokens this stage reads."""
         pre = self.prefix_modules["mulan"]
-        return pre.n_q, pre.bins
+        return pre.n_q, pre.card
 
     def mulan_prefix(self, tokens: Tensor, keep: Tensor | None = None) -> Tensor:
         """MuLaN tokens ``[B, n_q_m]`` -> ``[B, n_q_m, dim]``; items whose ``keep [B]`` is False get the null (zero)
@@ -121,29 +121,29 @@ class SemanticLM(_StageLM):
 
     Args:
         card: semantic vocabulary (the k-means tokenizer's K).
-        mulan_n_q, mulan_bins: the MuLaN quantizer's "semantic" namespace.
+        mulan_n_q, mulan_card: the MuLaN quantizer's "semantic" namespace.
         lm: ``LMConfig`` kwargs (``preset`` + overrides).
     """
 
     namespace = "semantic"
 
-    def __init__(self, card: int, mulan_n_q: int = 12, mulan_bins: int = 1024, lm: Mapping[str, Any] | None = None):
-        super().__init__(1, card, lm, "parallel", mulan_n_q, mulan_bins)
+    def __init__(self, card: int, mulan_n_q: int = 12, mulan_card: int = 1024, lm: Mapping[str, Any] | None = None):
+        super().__init__(1, card, lm, "parallel", mulan_n_q, mulan_card)
 
 
 class CoarseLM(_StageLM):
     """Codec codebooks ``0 .. coarse_q - 1`` ``[B, coarse_q, F]`` given MuLaN "coarse" tokens and semantic tokens.
 
     Args:
-        card: codec cardinality; coarse_q: coarse codebooks (MusicLM / AudioLM: 4 of 12).
+        card: the codec's codebook size; coarse_q: coarse codebooks (MusicLM / AudioLM: 4 of 12).
         semantic_card: the semantic vocabulary; pattern: ``unroll`` (AudioLM) or ``delay``.
     """
 
     namespace = "coarse"
 
-    def __init__(self, card: int, coarse_q: int, semantic_card: int, mulan_n_q: int = 12, mulan_bins: int = 1024,
+    def __init__(self, card: int, coarse_q: int, semantic_card: int, mulan_n_q: int = 12, mulan_card: int = 1024,
                  pattern: str = "unroll", lm: Mapping[str, Any] | None = None):
-        super().__init__(coarse_q, card, lm, pattern, mulan_n_q, mulan_bins)
+        super().__init__(coarse_q, card, lm, pattern, mulan_n_q, mulan_card)
         self.semantic_card = int(semantic_card)
         # row semantic_card: frames past an item's valid length
         self.prefix_modules["semantic"] = nn.Embedding(self.semantic_card + 1, self.cfg.dim)
@@ -240,11 +240,11 @@ class MusicLM(nn.Module):
         if fine.coarse_q != coarse.n_q:
             problems.append(f"the fine stage expects {fine.coarse_q} coarse codebooks, the coarse stage has "
                             f"{coarse.n_q}")
-        if fine.total_q > codec.n_q or fine.card != codec.cardinality or coarse.card != codec.cardinality:
+        if fine.total_q > codec.n_q or fine.card != codec.card or coarse.card != codec.card:
             problems.append(f"the stages predict {fine.total_q} x {fine.card} codes, the codec has "
-                            f"{codec.n_q} x {codec.cardinality}")
+                            f"{codec.n_q} x {codec.card}")
         for stage, ns in ((sem, "semantic"), (coarse, "coarse")):
-            have, want = (self.quantizer.n_q(ns), self.quantizer.bins(ns)), stage.mulan_shape
+            have, want = (self.quantizer.n_q(ns), self.quantizer.card(ns)), stage.mulan_shape
             if have != want:
                 problems.append(f"the {ns} stage reads {want[0]} x {want[1]} MuLaN tokens, the quantizer gives "
                                 f"{have[0]} x {have[1]}")

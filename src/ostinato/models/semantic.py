@@ -7,7 +7,7 @@ centroid, one token stream at 25 or 50 Hz.
 Features: ``MFCCFeatures`` (MFCC + deltas, what HuBERT's first iteration clustered; the default), ``LogMelFeatures``,
 or ``SSLFeatures`` (a hidden layer of any transformers SSL encoder from a local folder: HuBERT, MERT, w2v-BERT...),
 average-pooled or interpolated to the requested frame rate. ``SemanticTokenizer`` quacks like a codec
-(``sample_rate``, ``channels``, ``frame_rate``, ``hop_length``, ``n_q = 1``, ``cardinality = K``, ``encode``), so
+(``sample_rate``, ``channels``, ``frame_rate``, ``hop_length``, ``n_q = 1``, ``card = K``, ``encode``), so
 ``ostinato tokenize`` writes its tokens into ordinary token shards. It is fitted by
 ``ostinato.encoding.semantic.fit_semantic_tokenizer`` (``ostinato prep semantic``).
 
@@ -291,7 +291,7 @@ class SemanticTokenizer(nn.Module):
         return self.features.hop_length
 
     @property
-    def cardinality(self) -> int:
+    def card(self) -> int:
         return self.centroids.shape[0]
 
     @property
@@ -309,7 +309,7 @@ class SemanticTokenizer(nn.Module):
 
     @property
     def id(self) -> str:
-        return f"semantic-{self.features.kind}-k{self.cardinality}-{self.frame_rate:g}hz-{self.hash}"
+        return f"semantic-{self.features.kind}-k{self.card}-{self.frame_rate:g}hz-{self.hash}"
 
     def num_frames(self, num_samples: int) -> int:
         return self.features.num_frames(num_samples)
@@ -344,7 +344,7 @@ class SemanticTokenizer(nn.Module):
     # -- files ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return dict(format=FORMAT, id=self.id, hash=self.hash, features=self.features.config(),
-                    k=self.cardinality, dim=self.dim, sample_rate=self.sample_rate, frame_rate=self.frame_rate,
+                    k=self.card, dim=self.dim, sample_rate=self.sample_rate, frame_rate=self.frame_rate,
                     hop_length=self.hop_length, fit=self.fit_stats)
 
     def save(self, folder: str | Path) -> Path:

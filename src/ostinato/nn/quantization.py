@@ -1,7 +1,7 @@
 """Residual vector quantization with EMA codebooks (SoundStream / EnCodec).
 
 Shapes: latents ``z`` [B, D, F] (D = dimension, F = frames), codes [B, K, F] int64 with K <= n_q codebooks,
-each code in [0, bins).
+each code in [0, card).
 
 Training behaviour of every codebook (``EuclideanCodebook``), all under ``torch.no_grad`` and in fp32:
 
@@ -104,10 +104,10 @@ def perplexity(counts: Tensor) -> Tensor:
 
 
 class EuclideanCodebook(nn.Module):
-    """``bins`` code vectors of size ``dim`` with EMA updates.
+    """``card`` code vectors of size ``dim`` with EMA updates.
 
-    Buffers (all in ``state_dict``): ``inited`` bool [], ``cluster_size`` [bins], ``embed`` [bins, dim],
-    ``embed_avg`` [bins, dim]. With ``kmeans_init`` the codebook starts at zero and un-inited; otherwise
+    Buffers (all in ``state_dict``): ``inited`` bool [], ``cluster_size`` [card], ``embed`` [card, dim],
+    ``embed_avg`` [card, dim]. With ``kmeans_init`` the codebook starts at zero and un-inited; otherwise
     Kaiming-uniform random and inited.
     """
 
@@ -116,22 +116,22 @@ class EuclideanCodebook(nn.Module):
     embed: Tensor
     embed_avg: Tensor
 
-    def __init__(self, dim: int, bins: int, decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = True,
+    def __init__(self, dim: int, card: int, decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = True,
                  kmeans_iters: int = 10, threshold_ema_dead_code: float = 2.0) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.dim = dim
-        self.bins = bins
+        self.card = card
         self.decay = decay
         self.epsilon = epsilon
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = threshold_ema_dead_code
-        embed = torch.zeros(bins, dim)
+        embed = torch.zeros(card, dim)
         if not kmeans_init:
             nn.init.kaiming_uniform_(embed)
         self.register_buffer("inited", torch.tensor(not kmeans_init))
-        self.register_buffer("cluster_size", torch.zeros(bins))
+        self.register_buffer("cluster_size", torch.zeros(card))
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
 
@@ -150,10 +150,10 @@ class EuclideanCodebook(nn.Module):
             return
         x = x.float()
         if _is_rank0():
-            means, counts = kmeans(x, self.bins, self.kmeans_iters)
+            means, counts = kmeans(x, self.card, self.kmeans_iters)
             packed = torch.cat([means, counts[:, None]], dim=1)
         else:
-            packed = x.new_empty(self.bins, self.dim + 1)
+            packed = x.new_empty(self.card, self.dim + 1)
         if _world_size() > 1:
             dist.broadcast(packed, src=0)
         means, counts = packed[:, :-1], packed[:, -1]
@@ -164,18 +164,18 @@ class EuclideanCodebook(nn.Module):
 
     @torch.no_grad()
     def update_(self, x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """EMA update from x [N, dim] and its codes [N]; -> (batch counts [bins] over all ranks, replaced [])."""
+        """EMA update from x [N, dim] and its codes [N]; -> (batch counts [card] over all ranks, replaced [])."""
         x = x.float()
-        stats = torch.zeros(self.bins, self.dim + 1, device=x.device, dtype=torch.float32)
+        stats = torch.zeros(self.card, self.dim + 1, device=x.device, dtype=torch.float32)
         stats[:, :-1].index_add_(0, codes, x)
-        stats[:, -1] = torch.bincount(codes, minlength=self.bins).float()
+        stats[:, -1] = torch.bincount(codes, minlength=self.card).float()
         if _world_size() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         embed_sum, counts = stats[:, :-1], stats[:, -1]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
         total = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.epsilon) / (total + self.bins * self.epsilon) * total
+        smoothed = (self.cluster_size + self.epsilon) / (total + self.card * self.epsilon) * total
         self.embed.copy_(self.embed_avg / smoothed[:, None])
         return counts, self._expire_(x)
 
@@ -202,10 +202,10 @@ class VectorQuantizer(nn.Module):
     the codebook if needed and afterwards updates it (EMA, dead codes) with this batch.
     """
 
-    def __init__(self, dimension: int, bins: int, decay: float = 0.99, epsilon: float = 1e-5,
+    def __init__(self, dimension: int, card: int, decay: float = 0.99, epsilon: float = 1e-5,
                  kmeans_init: bool = True, kmeans_iters: int = 10, threshold_ema_dead_code: float = 2.0) -> None:
         super().__init__()
-        self.codebook = EuclideanCodebook(dimension, bins, decay=decay, epsilon=epsilon, kmeans_init=kmeans_init,
+        self.codebook = EuclideanCodebook(dimension, card, decay=decay, epsilon=epsilon, kmeans_init=kmeans_init,
                                           kmeans_iters=kmeans_iters,
                                           threshold_ema_dead_code=threshold_ema_dead_code)
 
@@ -232,7 +232,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             counts, metrics["replaced"] = self.codebook.update_(flat, codes)
         else:
-            counts = torch.bincount(codes, minlength=self.codebook.bins).float()
+            counts = torch.bincount(codes, minlength=self.codebook.card).float()
         metrics["perplexity"] = perplexity(counts)
         b, _, f = x.shape
         return quantized.view(b, f, -1).permute(0, 2, 1), codes.view(b, f), metrics
@@ -250,30 +250,30 @@ class ResidualVectorQuantizer(nn.Module):
 
     steps: Tensor
 
-    def __init__(self, dimension: int = 128, n_q: int = 8, bins: int = 1024, decay: float = 0.99,
+    def __init__(self, dimension: int = 128, n_q: int = 8, card: int = 1024, decay: float = 0.99,
                  kmeans_init: bool = True, kmeans_iters: int = 10, threshold_ema_dead_code: float = 2.0,
                  commitment_weight: float = 1.0, q_dropout: bool = False, epsilon: float = 1e-5) -> None:
         super().__init__()
-        if n_q < 1 or bins < 2:
-            raise ValueError(f"need n_q >= 1 and bins >= 2, got n_q={n_q}, bins={bins}")
+        if n_q < 1 or card < 2:
+            raise ValueError(f"need n_q >= 1 and card >= 2, got n_q={n_q}, card={card}")
         self.config: dict[str, Any] = dict(
-            dimension=dimension, n_q=n_q, bins=bins, decay=decay, kmeans_init=kmeans_init,
+            dimension=dimension, n_q=n_q, card=card, decay=decay, kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code,
             commitment_weight=commitment_weight, q_dropout=q_dropout, epsilon=epsilon)
         self.dimension = dimension
         self.n_q = n_q
-        self.bins = bins
+        self.card = card
         self.commitment_weight = commitment_weight
         self.q_dropout = q_dropout
         self.layers = nn.ModuleList([
-            VectorQuantizer(dimension, bins, decay=decay, epsilon=epsilon, kmeans_init=kmeans_init,
+            VectorQuantizer(dimension, card, decay=decay, epsilon=epsilon, kmeans_init=kmeans_init,
                             kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code)
             for _ in range(n_q)])
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def bits_per_frame(self, n_q: int | None = None) -> float:
-        """log2(bins) * n_q: bits per frame of ``n_q`` codebooks (all by default)."""
-        return math.log2(self.bins) * (self.n_q if n_q is None else n_q)
+        """log2(card) * n_q: bits per frame of ``n_q`` codebooks (all by default)."""
+        return math.log2(self.card) * (self.n_q if n_q is None else n_q)
 
     def _check_n_q(self, n_q: int | None) -> int:
         if n_q is None:

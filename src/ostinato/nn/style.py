@@ -11,7 +11,7 @@ the LM input::
       -> Linear                                         [B, ceil(T / downsample), dim]
 
 Fewer codebooks at inference (``eval_q``) pass less information, so the generation follows the style more loosely.
-Defaults follow audiocraft's ``StyleConditioner``: width 512, 8 layers, 8 heads, 6 codebooks of 1024 bins, 3 at
+Defaults follow audiocraft's ``StyleConditioner``: width 512, 8 layers, 8 heads, 6 codebooks of 1024 codes, 3 at
 eval, downsampling by 15, excerpts of 1.5 to 4.5 s, dead-code threshold 0.1.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class StyleConditioner(nn.Module):
         feature_dim: width of the frozen input features.
         dim: width of the output tokens (the LM's).
         width, num_layers, num_heads: the trainable transformer encoder (feed-forward 4 * width, GELU, pre-norm).
-        n_q, bins: the residual VQ bottleneck; all ``n_q`` codebooks are used in training.
+        n_q, card: the residual VQ bottleneck; all ``n_q`` codebooks are used in training.
         eval_q: codebooks used in eval mode (1 <= eval_q <= n_q).
         downsample: one token per ``downsample`` feature frames.
         excerpt_seconds: (min, max) excerpt length drawn in training; ``eval_excerpt_seconds``: the eval length.
@@ -47,7 +47,7 @@ class StyleConditioner(nn.Module):
     """
 
     def __init__(self, feature_dim: int, dim: int, width: int = 512, num_layers: int = 8, num_heads: int = 8,
-                 n_q: int = 6, bins: int = 1024, eval_q: int = 3, downsample: int = 15,
+                 n_q: int = 6, card: int = 1024, eval_q: int = 3, downsample: int = 15,
                  excerpt_seconds: tuple[float, float] = (1.5, 4.5), eval_excerpt_seconds: float = 3.0,
                  commitment_weight: float = 1.0) -> None:
         super().__init__()
@@ -66,7 +66,7 @@ class StyleConditioner(nn.Module):
             raise ValueError(f"eval_excerpt_seconds must be > 0, got {eval_excerpt_seconds}")
         self.config: dict[str, Any] = dict(
             feature_dim=feature_dim, dim=dim, width=width, num_layers=num_layers, num_heads=num_heads, n_q=n_q,
-            bins=bins, eval_q=eval_q, downsample=downsample, excerpt_seconds=(lo, hi),
+            card=card, eval_q=eval_q, downsample=downsample, excerpt_seconds=(lo, hi),
             eval_excerpt_seconds=float(eval_excerpt_seconds), commitment_weight=commitment_weight)
         self.feature_dim = feature_dim
         self.dim = dim
@@ -83,7 +83,7 @@ class StyleConditioner(nn.Module):
         # No final LayerNorm: the BatchNorm right after normalises the output anyway.
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.BatchNorm1d(width, affine=False)
-        self.rvq = ResidualVectorQuantizer(width, n_q=n_q, bins=bins, threshold_ema_dead_code=0.1,
+        self.rvq = ResidualVectorQuantizer(width, n_q=n_q, card=card, threshold_ema_dead_code=0.1,
                                            commitment_weight=commitment_weight)
         self.output_proj = nn.Linear(width, dim)
 
