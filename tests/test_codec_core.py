@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file, save_file
 
 from ostinato.interop.encodec import (export_audiocraft_encodec, load_audiocraft_encodec,
@@ -439,6 +440,8 @@ def test_audiocraft_round_trip(case: str, tmp_path: Path) -> None:
     path = export_audiocraft_encodec(codec, tmp_path / "compression_state_dict.bin")
     package = torch.load(path, weights_only=True)
     assert isinstance(package["xp.cfg"], str)
+    rvq = yaml.safe_load(package["xp.cfg"])["rvq"]  # audiocraft names the codebook size bins
+    assert rvq["bins"] == codec.card == 64 and "card" not in rvq
     names = set(package["best_state"])
     assert expected_names | {"encoder.model.13.lstm.weight_ih_l1", "quantizer.vq.layers.3._codebook.embed_avg",
                              "quantizer.vq.layers.0._codebook.inited"} <= names

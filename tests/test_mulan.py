@@ -3,6 +3,7 @@ quantizer, an `ostinato train experiment=mulan_tiny` run that exports and loads,
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import socket
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from ostinato.nn.contrastive import (ContrastiveLoss, RetrievalMetrics, retrieval_metrics, sigmoid_contrastive_loss,
                                      softmax_contrastive_loss)
-from ostinato.models.mulan import MuLaNQuantizer
+from ostinato.models.mulan import QUANTIZER_FORMAT, MuLaNQuantizer
 from tests.runner import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -245,6 +246,17 @@ def test_quantizer_fits_deterministic_tokens_with_independent_namespaces(tmp_pat
     loaded = MuLaNQuantizer.load(path)
     assert torch.equal(loaded.tokens(emb, "coarse"), q.tokens(emb, "coarse"))
     assert torch.equal(loaded.tokens(emb, "semantic"), q.tokens(emb, "semantic"))
+    assert loaded.card("semantic") == 8 and loaded.config["card"] == 8
+
+    # a quantizer file written before the codebook size was named card (config key bins) still loads
+    from safetensors.torch import load_file, save_file
+    old = dict(q.config, bins=q.config["card"], namespaces={"semantic": {}, "coarse": {"n_q": 2, "bins": 8}})
+    del old["card"]
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"),
+              metadata={"format": QUANTIZER_FORMAT, "config": json.dumps(old), "source": ""})
+    older = MuLaNQuantizer.load(tmp_path / "old.safetensors")
+    assert (older.card("semantic"), older.card("coarse"), older.n_q("coarse")) == (8, 8, 2)
+    assert torch.equal(older.tokens(emb, "coarse"), q.tokens(emb, "coarse"))
     with pytest.raises(KeyError, match="namespace 'acoustic'"):
         q.tokens(emb, "acoustic")
     with pytest.raises(RuntimeError, match="not fitted"):
