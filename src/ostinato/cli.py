@@ -12,7 +12,7 @@
     ostinato tokenize --semantic DIR SHARDS OUT  audio shards -> semantic token shards (one k-means stream)
     ostinato encode SHARDS OUT --model REF       audio shards -> Musika latents / Jukebox codes (array shards)
     ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
-    ostinato generate --family musiclm ...       text -> semantic -> coarse -> fine -> wav, MuLaN-reranked
+    ostinato generate --semantic S --coarse C ...   text -> semantic -> coarse -> fine -> wav, MuLaN-reranked
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
     ostinato demo                                the embedded default end to end (what `make demo` runs)
@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_number(float, 0, 1), default=0.0, help="0 = no nucleus filtering")
     g.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
-    lm = g.add_argument_group("musiclm", "--family musiclm: the three stages, MuLaN and reranking")
+    lm = g.add_argument_group("musiclm", "MusicLM: the three stages (or --model BUNDLE), MuLaN and reranking")
     lm.add_argument("--semantic", default=None, help="the semantic stage (XP signature, folder, export)")
     lm.add_argument("--coarse", default=None, help="the coarse stage")
     lm.add_argument("--fine", default=None, help="the fine stage")
@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for --continue (default: the one of the semantic stage's token shards)")
     lm.add_argument("--num-candidates", type=_number(int, 1), default=1,
                     help="samples per prompt, generated in one batch; the best MuLaN text-audio score is kept")
-    mk = g.add_argument_group("musika", "--family musika")
+    mk = g.add_argument_group("musika", "Musika")
     mk.add_argument("--truncation", type=_number(float, 0), default=None,
                     help="latent anchors and style drawn from a normal cut at +-T (default 2; lower = more typical, "
                          "less varied; 0 = untruncated)")
