@@ -58,7 +58,7 @@ def write_token_shards(folder: Path, n_shards: int, per_shard: int, frames: int)
                 codes = torch.randint(0, CARD, (N_Q, frames), generator=g)
                 meta = {"caption": f"clip {i}", "genre": "synthetic", "index": i, "frames": frames,
                         "frame_rate": FRAME_RATE}
-                w.write({"__key__": f"s{i:05d}", "npy": encode_codes(codes), "json": json.dumps(meta).encode()})
+                w.write({"__key__": f"s{i:05d}", "codes.npy": encode_codes(codes), "json": json.dumps(meta).encode()})
         shards.append(TokenShard(name=name, samples=per_shard, frames=per_shard * frames))
     codec = CodecInfo(id="synthetic", hash="0", sample_rate=32000, channels=1, frame_rate=FRAME_RATE, n_q=N_Q,
                       card=CARD)

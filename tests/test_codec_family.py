@@ -64,7 +64,7 @@ def test_tokenize_then_decode_reproduces_reconstructions(env, tmp_path):
             with torch.no_grad():
                 recon = codec(wav).recon
                 decoded = codec.decode(codes[None])[..., : wav.shape[-1]]
-            assert meta["frames"] == codes.shape[-1] == codec.num_frames(wav.shape[-1])
+            assert meta["frames"]["codes"] == codes.shape[-1] == codec.num_frames(wav.shape[-1])
             assert (decoded - recon).abs().max() < 1e-5
             checked += 1
     assert checked == 16

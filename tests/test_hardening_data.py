@@ -514,7 +514,7 @@ def _write_token_shards(folder: Path, per_shard: int = 8, frames: int = 200) -> 
     folder.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
         for i in range(per_shard):
-            w.write({"__key__": f"s{i:05d}", "npy": encode_codes(torch.randint(0, 256, (4, frames))),
+            w.write({"__key__": f"s{i:05d}", "codes.npy": encode_codes(torch.randint(0, 256, (4, frames))),
                      "json": json.dumps({"caption": f"clip {i}", "index": i}).encode()})
     codec = CodecInfo(id="synthetic", hash="0", sample_rate=24000, channels=1, frame_rate=75.0, n_q=4,
                       card=256)
@@ -635,7 +635,7 @@ def _whole_token_samples(path: Path) -> int:
     n = 0
     try:
         for sample in iter_raw_samples(str(path)):
-            n += "npy" in sample
+            n += "codes.npy" in sample
     except Exception:  # noqa: BLE001 - the damage ends the count
         pass
     return n

@@ -52,7 +52,7 @@ def write_token_shards(folder: Path, frames: list[int], *, per_shard: int = 4, f
                 i = first_index + s + j
                 codes = pattern_codes(f) if fixed else torch.randint(0, 256, (4, f), generator=gen)
                 meta = {**META, "caption": f"clip {i}", "index": i, "frames": f, "frame_rate": 75.0}
-                w.write({"__key__": f"s{i:05d}", "npy": encode_codes(codes), "json": json.dumps(meta).encode()})
+                w.write({"__key__": f"s{i:05d}", "codes.npy": encode_codes(codes), "json": json.dumps(meta).encode()})
         shards.append(TokenShard(name=name, samples=len(chunk), frames=sum(chunk)))
     manifest = TokenManifest(shards=shards, codec=CODEC)
     manifest.save(folder)

@@ -33,7 +33,7 @@ def _write(folder: Path, info: CodecInfo, items: list[tuple[str, torch.Tensor]],
         with wds.TarWriter(str(folder / name)) as w:
             for key, codes in items[s:s + per_shard]:
                 meta = {"caption": f"clip {key}", "frames": codes.shape[-1], "frame_rate": info.frame_rate}
-                w.write({"__key__": key, "npy": encode_codes(codes), "json": json.dumps(meta).encode()})
+                w.write({"__key__": key, "codes.npy": encode_codes(codes), "json": json.dumps(meta).encode()})
         shards.append(TokenShard(name=name, samples=len(items[s:s + per_shard]),
                                  frames=sum(c.shape[-1] for _, c in items[s:s + per_shard])))
     TokenManifest(shards=shards, codec=info).save(folder)

@@ -174,7 +174,7 @@ def test_cli_prep_semantic_then_tokenize_into_token_shards(tmp_path):
     for shard in manifest.shards:
         for key, codes, meta in iter_token_samples(str(out / shard.name)):
             wav, sr = audio[key]
-            assert codes.shape == (1, math.ceil(wav.shape[-1] * 16000 / sr / 320)) == (1, meta["frames"])
+            assert codes.shape == (1, math.ceil(wav.shape[-1] * 16000 / sr / 320)) == (1, meta["frames"]["codes"])
             assert torch.equal(codes, tok.tokens(wav[None], sr)[0])
 
     dm = TokenDataModule(out, segment_seconds=0.8, batch_size=2, batches_per_epoch=2, num_workers=0)

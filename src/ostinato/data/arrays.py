@@ -1,129 +1,34 @@
 """Array shards: what a model's encoder made of audio shards, for families that train on encoded audio.
 
-Musika trains its latent GAN on continuous latents (float16 ``[D, F]``) of its autoencoder; the Jukebox-style
-priors train on the codes of a hierarchical VQ-VAE (int16 ``[1, F_level]`` per level). Both are *streams* of
-frames at known rates, written once by ``ostinato encode`` and read here.
-
-Layout of an array shard folder::
-
-  shard-000000.tar   samples ``<key>.<stream>.npy`` (one array ``[K, F]`` per stream) + ``<key>.json`` (the audio
-                     sample's metadata plus ``frames`` per stream), one array shard per audio shard, same name
-  shard-000000.json  done marker (samples, frames of the first stream, skipped)
-  manifest.json      written last: shards, the streams (rate, channels, dtype) and the model that wrote them (id,
-                     weights hash, kind, sample rate, channels, its own fields)
-
-Training crops every stream at the same start time (``aligned_crop``), so a batch holds time-aligned windows of
-the streams a family asks for.
+The format (layout, manifest, encoding of one array) is ``data/array_shards.py``; this module reads it for
+training. Training crops every stream at the same start time (``aligned_crop``), so a batch holds time-aligned
+windows of the streams a family asks for.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ostinato.data.array_shards import (ARRAY_FORMAT, CODES, ArrayManifest, ArrayShard, ArraySource, ModelInfo,
+                                        aligned_crop, decode_array, encode_array, resolve_array_shards, stream_data)
 from ostinato.data.batch import length_mask
 from ostinato.data.datamodule import ShardDataModule, Spec
-from ostinato.data.manifest import ShardManifest, StreamInfo, card_named
-from ostinato.data.musiclm_tokens import aligned_crop
-from ostinato.data.sources import resolve_listed
+from ostinato.data.manifest import StreamInfo
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARRAY_FORMAT", "StreamInfo", "ModelInfo", "ArrayShard", "ArrayManifest", "ArrayBatch",
-           "ArrayDataModule", "encode_array", "decode_array", "resolve_array_shards"]
-
-ARRAY_FORMAT = "ostinato.array-shards/1"
-
-
-@dataclass
-class ModelInfo:
-    """The model that wrote the arrays: ``id`` (the reference it was loaded from), ``hash`` of its weights,
-    ``kind`` (``musika_autoencoder``, ``jukebox_vqvae``), its audio ``sample_rate`` / ``channels``."""
-
-    id: str
-    hash: str
-    kind: str
-    sample_rate: int
-    channels: int
-
-
-@dataclass
-class ArrayShard:
-    name: str
-    samples: int
-    frames: int
-
-
-@dataclass
-class ArrayManifest(ShardManifest):
-    FORMAT: ClassVar[str] = ARRAY_FORMAT
-    KIND: ClassVar[str] = "array"
-    HINT: ClassVar[str] = "write the arrays with `ostinato encode SHARDS OUT --model REF`"
-
-    shards: list[ArrayShard]
-    streams: dict[str, StreamInfo]
-    model: ModelInfo
-    source: dict[str, Any] = field(default_factory=dict)
-    format: str = ARRAY_FORMAT
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> ArrayManifest:
-        if d.get("format") != ARRAY_FORMAT:
-            raise ValueError(f"{origin}: format {d.get('format')!r} is not {ARRAY_FORMAT!r} (token shards from "
-                             "`ostinato tokenize` are read by data=demo_tokens, not by this datamodule)")
-        return cls(shards=[ArrayShard(**s) for s in d["shards"]],
-                   streams={k: StreamInfo(**card_named(v)) for k, v in d["streams"].items()},
-                   model=ModelInfo(**d["model"]), source=d.get("source", {}))
-
-
-def encode_array(x: Tensor) -> bytes:
-    """``[K, F]`` -> ``.npy`` bytes: floats as float16, integers as int16."""
-    if x.is_floating_point():
-        arr = x.detach().float().cpu().numpy().astype(np.float16)
-    else:
-        if x.numel() and int(x.max()) > np.iinfo(np.int16).max:
-            raise ValueError("codes do not fit int16")
-        arr = x.detach().cpu().numpy().astype(np.int16)
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_array(data: bytes) -> Tensor:
-    """``.npy`` bytes -> float32 (from float16) or int64 (from int16) ``[K, F]``."""
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
-    return torch.from_numpy(arr.astype(np.float32 if arr.dtype.kind == "f" else np.int64))
-
-
-@dataclass
-class ArraySource:
-    """Resolved array shard paths with their manifest's streams and model (one split)."""
-
-    urls: list[str]
-    streams: dict[str, StreamInfo]
-    model: ModelInfo
-    num_samples: int
-    counts: dict[str, int] = field(default_factory=dict)  # samples per shard url, from the manifests
-
-
-def resolve_array_shards(spec: Spec) -> ArraySource:
-    """An array shard folder (or its manifest), or a list of them written by one model -> paths and streams."""
-    listed = resolve_listed(spec, ArrayManifest)
-    (_, first), *rest = listed.manifests
-    for folder, manifest in rest:
-        if (first.model.hash, first.streams) != (manifest.model.hash, manifest.streams):
-            raise ValueError(f"array shards in {folder} come from another model ({manifest.model.id}) than the "
-                             f"others ({first.model.id}); encode every part with the same model")
-    return ArraySource(listed.urls, first.streams, first.model, listed.total, listed.counts)
+__all__ = ["ARRAY_FORMAT", "CODES", "StreamInfo", "ModelInfo", "ArrayShard", "ArrayManifest", "ArraySource",
+           "ArrayBatch", "ArrayDataModule", "encode_array", "decode_array", "resolve_array_shards", "stream_data",
+           "aligned_crop"]
 
 
 @dataclass
@@ -167,7 +72,7 @@ def decode_array_clip(sample: dict, *, seconds: float, rates: Mapping[str, float
     stream, meta)``; the crop starts at a random time with ``rng``, else at 0. Raises ``CorruptSample``."""
     key = sample.get("__key__", "?")
     try:
-        streams = {name: decode_array(sample[f"{name}.npy"]) for name in rates}
+        streams = {name: decode_array(stream_data(sample, name)) for name in rates}
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except Exception as e:
         raise CorruptSample(f"array sample {key}: {type(e).__name__}: {e}") from e

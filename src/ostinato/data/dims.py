@@ -38,11 +38,14 @@ def _folder_dims(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no manifest at {path}")
     m = read_json(path)
     fmt = str(m.get("format", ""))
-    if fmt.startswith("ostinato.token-shards/"):
+    out: dict[str, Any] = {}
+    if fmt.startswith(("ostinato.token-shards/", "ostinato.array-shards/")) and m.get("codec"):
         codec = card_named(m["codec"])
-        return {"codec": {k: codec[k] for k in ("sample_rate", "channels", "frame_rate", "n_q", "card")}}
+        out["codec"] = {k: codec[k] for k in ("sample_rate", "channels", "frame_rate", "n_q", "card")}
     if fmt.startswith("ostinato.array-shards/"):
-        return {"streams": {n: card_named(s) for n, s in m["streams"].items()}, "model": dict(m["model"])}
+        return {**out, "streams": {n: card_named(s) for n, s in m["streams"].items()}, "model": dict(m["model"])}
+    if out:
+        return out
     if fmt.startswith("ostinato.mulan-tokens/"):
         return {"mulan": {ns: card_named(o) for ns, o in m["namespaces"].items()}}
     return {}  # audio shards: their rate and channels are the family's to choose

@@ -33,6 +33,24 @@ class StreamInfo:
     card: int = 0
 
 
+@dataclass
+class CodecInfo:
+    """The codec (or semantic tokenizer) that wrote a ``codes`` stream: what a token consumer needs to know."""
+
+    id: str
+    hash: str
+    sample_rate: int
+    channels: int
+    frame_rate: float
+    n_q: int
+    card: int  # codebook size
+
+    @property
+    def dims(self) -> tuple[float, int, int]:
+        """(frame rate, n_q, codebook size): what an LM trained on the tokens depends on."""
+        return float(self.frame_rate), int(self.n_q), int(self.card)
+
+
 def card_named(d: dict[str, Any]) -> dict[str, Any]:
     """A manifest entry with its codebook size named ``card`` (manifests written before said ``cardinality`` or
     ``bins``)."""

@@ -5,7 +5,8 @@ A split is a mapping of streams to folders::
   train: {semantic: .../semantic/train, codec: .../tokens/train, mulan: .../mulan/train}
 
 ``semantic`` and ``codec`` are token shard folders (``ostinato tokenize`` / ``--semantic``) of the same audio
-shards: same shard names, same sample keys. ``mulan`` is a folder written once by ``ostinato prep mulan``
+shards: same shard names, same sample keys; both are array shards of one ``codes`` stream, resolved and decoded by
+the array reader (``data/arrays.py``). ``mulan`` is a folder written once by ``ostinato prep mulan``
 (``ostinato.encoding.mulan``): the MuLaN audio embedding of every clip quantized per namespace
 (``mulan_tokens.npz``: ``keys [N]`` + one int16 ``[N, n_q]`` array per namespace, and ``manifest.json``), so nothing
 is re-embedded per step.
@@ -18,7 +19,6 @@ semantic, 10 s coarse, 3 s fine), set per experiment with ``data.segment_seconds
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ostinato.data.arrays import CODES, aligned_crop, decode_array, stream_data
 from ostinato.data.datamodule import ShardDataModule
 from ostinato.data.manifest import card_named
 from ostinato.data.sources import iter_raw_samples
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
-from ostinato.data.tokens import CodecInfo, decode_codes, resolve_token_shards
+from ostinato.data.tokens import CodecInfo, resolve_token_shards
 from ostinato.fileio import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -123,39 +124,17 @@ def collate_musiclm(items: list[tuple[dict[str, Tensor], int, dict[str, Any]]], 
     return MusicLMBatch(semantic, sl, codes, cl, mulan, [m for _, _, m in items], skipped)
 
 
-def aligned_crop(streams: Mapping[str, Tensor], rates: Mapping[str, float], seconds: float,
-                 rng: np.random.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, int], float]:
-    """Crop ``streams`` (name -> ``[K, F]`` at ``rates[name]`` frames/s) at one start time.
-
-    The start is drawn on the frame grid of the slowest stream (exact for 25 / 50 / 75 Hz), within the shortest
-    stream's duration. Returns ``(crops [K, round(seconds * rate)] zero-padded, valid frames, start seconds)``.
-    """
-    slow = min(rates[n] for n in streams)
-    duration = min(x.shape[-1] / rates[n] for n, x in streams.items())
-    start = 0.0
-    if rng is not None and duration > seconds:
-        start = int(rng.integers(0, math.floor((duration - seconds) * slow + 1e-6) + 1)) / slow
-    crops, valid = {}, {}
-    for name, x in streams.items():
-        rate = rates[name]
-        first, n = round(start * rate), round(seconds * rate)
-        total = min(x.shape[-1], math.floor(duration * rate + 1e-6))
-        clip = x[:, first:min(first + n, total)]
-        valid[name] = clip.shape[-1]
-        crops[name] = torch.nn.functional.pad(clip, (0, n - clip.shape[-1])).contiguous()
-    return crops, valid, start
-
-
 def decode_aligned(sample: dict, *, seconds: float, rates: Mapping[str, float], mulan: Mapping[str, Tensor] | None,
                    primary: str, rng: np.random.Generator | None = None
                    ) -> tuple[dict[str, Tensor], int, dict[str, Any]]:
-    """A joined sample (``<stream>.npy`` per token stream + ``json``) -> ``(crops, valid frames of primary, meta)``.
+    """A joined sample (``<stream>.npy`` per token stream: ``semantic``, ``codec`` + ``json``) -> ``(crops, valid
+    frames of primary, meta)``.
 
     ``mulan`` (namespace -> ``[N, n_q]``) is indexed by the sample's ``__mulan_row__``.
     """
     key = sample.get("__key__", "?")
     try:
-        streams = {name: decode_codes(sample[f"{name}.npy"]) for name in rates}
+        streams = {name: decode_array(stream_data(sample, name)) for name in rates}
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except Exception as e:
         raise CorruptSample(f"token sample {key}: {type(e).__name__}: {e}") from e
@@ -205,14 +184,16 @@ def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None,
     others = {n: _read_whole(paths[n]) for n in names[1:]}
     for raw in iter_raw_samples(paths[names[0]]):
         key = raw["__key__"]
-        if "npy" not in raw:  # a tar cut inside the sample
-            raise CorruptSample(f"{paths[names[0]]}: sample {key} has no tokens (npy entry)")
+        try:
+            first = stream_data(raw, CODES)
+        except KeyError:  # a tar cut inside the sample
+            raise CorruptSample(f"{paths[names[0]]}: sample {key} has no tokens ({CODES}.npy entry)") from None
         if any(key not in o for o in others.values()) or (mulan_rows is not None and key not in mulan_rows):
             if left_out is not None:
                 left_out.append(key)
             continue
-        out = {"__key__": key, f"{names[0]}.npy": raw["npy"], "json": raw.get("json", b"{}")}
-        out.update({f"{n}.npy": others[n][key]["npy"] for n in names[1:]})
+        out = {"__key__": key, f"{names[0]}.npy": first, "json": raw.get("json", b"{}")}
+        out.update({f"{n}.npy": stream_data(others[n][key], CODES) for n in names[1:]})
         if mulan_rows is not None:
             out["__mulan_row__"] = mulan_rows[key]
         yield out

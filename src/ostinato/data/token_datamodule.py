@@ -1,9 +1,10 @@
 """``TokenDataModule``: token shards (``ostinato tokenize``) -> ``TokenBatch`` for LM families.
 
-The sampling is the audio loader's (``data/streams.py``): an endless training stream resampled per (seed, epoch,
-rank, worker) with fixed-length epochs, and an evaluation set dealt over the ranks; only the decoding differs
-(random crops of ``round(segment_seconds * frame_rate)`` frames of codes instead of audio). The codec's frame
-rate, ``n_q`` and codebook size (``card``) come from the token manifests (``codec``), their single home.
+It is the array-shard datamodule reading one stream, ``codes``. The sampling is the audio loader's
+(``data/streams.py``): an endless training stream resampled per (seed, epoch, rank, worker) with fixed-length
+epochs, and an evaluation set dealt over the ranks; only the decoding differs (random crops of
+``round(segment_seconds * frame_rate)`` frames of codes instead of audio). The codec's frame rate, ``n_q`` and
+codebook size (``card``) come from the token manifests (``codec``), their single home.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from typing import Any
 
 import torch
 
+from ostinato.data.arrays import ArrayDataModule
 from ostinato.data.batch import length_mask
-from ostinato.data.datamodule import ShardDataModule, Spec
+from ostinato.data.datamodule import Spec
 from ostinato.data.streams import EvalSet, TrainStream
-from ostinato.data.tokens import CodecInfo, TokenSource, decode_token_clip, resolve_token_shards
+from ostinato.data.tokens import CODES, CodecInfo, TokenSource, decode_token_clip, resolve_token_shards
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ def collate_tokens(items: list[tuple[torch.Tensor, int, dict[str, Any]]], skippe
                       meta=[m for _, _, m in items], skipped=skipped)
 
 
-class TokenDataModule(ShardDataModule):
-    """Token shards for training (random crops, endless, resampled) and evaluation (crops from frame 0).
+class TokenDataModule(ArrayDataModule):
+    """Token shards for training (random crops, endless, resampled) and evaluation (crops from frame 0): the
+    ``codes`` stream of array shards that record their codec.
 
     Crops are ``round(segment_seconds * frame_rate)`` frames; the codec (frame rate, ``n_q``, codebook size) is
     read from the token manifests. The rest (``**loading``) is ``ShardDataModule``'s.
@@ -65,7 +68,7 @@ class TokenDataModule(ShardDataModule):
 
     def __init__(self, train: Spec | None = None, valid: Spec | None = None, test: Spec | None = None,
                  **loading: Any):
-        super().__init__(train, valid, test, **loading)
+        super().__init__(train, valid, test, streams=[CODES], **loading)
 
     # -- sources --------------------------------------------------------------------------------------------
     def source(self, split: str) -> TokenSource:

@@ -1,113 +1,76 @@
 """Token shards: the discrete codes of a codec, the contract between the codec and every LM family.
 
-Layout of a token shard folder::
+Token shards are array shards (``data/arrays.py``) of one stream, ``codes`` (int16 ``[n_q, F]``), whose manifest
+also records the ``codec`` that wrote them (id, weights hash, sample rate, channels, frame rate, n_q, card)::
 
-  shard-000000.tar   samples ``<key>.npy`` (int16 codes [K, F]) + ``<key>.json`` (the audio sample's metadata
-                     plus ``frames`` and ``frame_rate``), one token shard per audio shard, same name
+  shard-000000.tar   samples ``<key>.codes.npy`` + ``<key>.json`` (the audio sample's metadata plus ``frames``
+                     per stream and ``frame_rate``), one token shard per audio shard, same name
   shard-000000.json  done marker (samples, frames)
-  manifest.json      written last: shards, the codec (id, weights hash, sample rate, frame rate, n_q,
-                     card, channels) and the audio source
+  manifest.json      written last: shards, streams, model, codec and the audio source
 
-An LM family reads ``codec`` from the manifest, so the rate, frame rate and codebook sizes have one home.
+An LM family reads ``codec`` from the manifest, so the rate, frame rate and codebook sizes have one home. Token
+shards of the earlier format (``<key>.npy``, ``ostinato.token-shards/1``) read the same.
 """
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ostinato.data.manifest import ShardManifest, card_named
-from ostinato.data.sources import iter_raw_samples, resolve_listed
+from ostinato.data.array_shards import (CODES, ArrayManifest, ArrayShard, ArraySource, decode_array, encode_array,
+                                        resolve_array_shards, stream_data)
+from ostinato.data.manifest import CodecInfo
+from ostinato.data.sources import iter_raw_samples
 from ostinato.data.streams import CorruptSample
 
-FORMAT = "ostinato.token-shards/1"
+__all__ = ["CODES", "CodecInfo", "TokenManifest", "TokenShard", "TokenSource", "encode_codes", "decode_codes",
+           "iter_token_samples", "resolve_token_shards", "decode_token_clip"]
+
+TokenShard = ArrayShard
+TokenSource = ArraySource  # with its ``codec`` set
 
 
 @dataclass
-class CodecInfo:
-    """What a token consumer needs to know about the codec that wrote the tokens."""
+class TokenManifest(ArrayManifest):
+    """An array manifest with a ``codec`` (its ``codes`` stream and ``model`` follow from it)."""
 
-    id: str
-    hash: str
-    sample_rate: int
-    channels: int
-    frame_rate: float
-    n_q: int
-    card: int  # codebook size
-
-    @property
-    def dims(self) -> tuple[float, int, int]:
-        """(frame rate, n_q, codebook size): what an LM trained on the tokens depends on."""
-        return float(self.frame_rate), int(self.n_q), int(self.card)
-
-
-@dataclass
-class TokenShard:
-    name: str
-    samples: int
-    frames: int
-
-
-@dataclass
-class TokenManifest(ShardManifest):
-    FORMAT: ClassVar[str] = FORMAT
     KIND: ClassVar[str] = "token"
     HINT: ClassVar[str] = "run `ostinato tokenize` to create it"
 
-    shards: list[TokenShard]
-    codec: CodecInfo
-    source: dict[str, Any] = field(default_factory=dict)
-    format: str = FORMAT
-
-    @property
-    def total_frames(self) -> int:
-        return sum(s.frames for s in self.shards)
-
-    def totals(self) -> dict[str, Any]:
-        return {"total_samples": self.total_samples, "total_frames": self.total_frames}
+    def __post_init__(self) -> None:
+        if self.codec is None:
+            raise ValueError("token shards need the codec that wrote them (manifest `codec`)")
+        super().__post_init__()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "<manifest>") -> TokenManifest:
-        d = cls.check_format(d, origin)
-        return cls(shards=[TokenShard(**s) for s in d["shards"]], codec=CodecInfo(**card_named(d["codec"])),
-                   source=d.get("source", {}))
+        if not d.get("codec"):
+            raise ValueError(f"{origin}: these array shards hold no codec tokens (no `codec` entry); write token "
+                             "shards with `ostinato tokenize`")
+        return super().from_dict(d, origin)  # type: ignore[return-value]
 
 
 def encode_codes(codes: torch.Tensor) -> bytes:
     """[K, F] integer codes -> ``.npy`` bytes (int16: every codebook here has at most 32768 entries)."""
-    if codes.numel() and int(codes.max()) > np.iinfo(np.int16).max:
-        raise ValueError("codes do not fit int16")
-    buf = io.BytesIO()
-    np.save(buf, codes.detach().cpu().numpy().astype(np.int16), allow_pickle=False)
-    return buf.getvalue()
+    if codes.is_floating_point():
+        raise TypeError("codes must be integers")
+    return encode_array(codes)
 
 
 def decode_codes(data: bytes) -> torch.Tensor:
     """``.npy`` bytes -> [K, F] int64 codes."""
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64))
+    return decode_array(data).long()
 
 
 def iter_token_samples(url: str) -> Iterator[tuple[str, torch.Tensor, dict[str, Any]]]:
     """(key, codes [K, F] int64, meta) of one token shard, in order."""
     for raw in iter_raw_samples(url):
-        yield raw["__key__"], decode_codes(raw["npy"]), json.loads(raw["json"])
-
-
-# -- reading token shards for training ------------------------------------------------------------------------
-@dataclass
-class TokenSource:
-    """Resolved token shard paths plus their codec and sample count (from the manifests)."""
-
-    urls: list[str]
-    codec: CodecInfo
-    num_samples: int
-    counts: dict[str, int] = field(default_factory=dict)  # samples per shard url, from the manifests
+        yield raw["__key__"], decode_codes(stream_data(raw, CODES)), json.loads(raw["json"])
 
 
 def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path, ...]) -> TokenSource:
@@ -116,13 +79,7 @@ def resolve_token_shards(spec: str | Path | list[str | Path] | tuple[str | Path,
     Token shards are always read through their manifests: the manifest is where the codec (frame rate, n_q,
     card) is written. Every part of a list must come from the same codec.
     """
-    listed = resolve_listed(spec, TokenManifest)
-    (_, first), *rest = listed.manifests
-    for folder, manifest in rest:
-        if manifest.codec.dims != first.codec.dims:
-            raise ValueError(f"token shards in {folder} come from another codec ({manifest.codec.id}, "
-                             f"{manifest.codec.dims}) than the others ({first.codec.id}, {first.codec.dims})")
-    return TokenSource(listed.urls, first.codec, listed.total, listed.counts)
+    return resolve_array_shards(spec, TokenManifest)
 
 
 def decode_token_clip(sample: dict, *, frames: int, n_q: int | None = None,
@@ -134,7 +91,7 @@ def decode_token_clip(sample: dict, *, frames: int, n_q: int | None = None,
     """
     key = sample.get("__key__", "?")
     try:
-        codes = decode_codes(sample["npy"])
+        codes = decode_codes(stream_data(sample, CODES))
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except Exception as e:
         raise CorruptSample(f"token sample {key}: {type(e).__name__}: {e}") from e

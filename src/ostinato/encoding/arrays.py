@@ -20,7 +20,14 @@ from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, encode_ar
 from ostinato.data.sources import naming
 from ostinato.encoding.writer import open_output, write_shards
 
-__all__ = ["ModelArrays", "encode_shards", "load_encoder"]
+__all__ = ["ModelArrays", "array_entries", "encode_shards", "load_encoder"]
+
+
+def array_entries(arrays: dict[str, Tensor]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """One item's streams (name -> ``[K, F]``) -> its tar entries (``<stream>.npy``) and JSON fields (``frames``
+    per stream): the array-shard sample every writer makes."""
+    return ({f"{n}.npy": encode_array(x) for n, x in arrays.items()},
+            {"frames": {n: int(x.shape[-1]) for n, x in arrays.items()}})
 
 
 def load_encoder(ref: str, trust: bool = False, device: str = "cpu") -> nn.Module:
@@ -50,8 +57,7 @@ class ModelArrays:
         return self.model.encode_arrays(wav)
 
     def sample(self, arrays: dict[str, Tensor]) -> tuple[dict[str, bytes], dict[str, Any], int]:
-        entries = {f"{n}.npy": encode_array(x) for n, x in arrays.items()}
-        return entries, {"frames": {n: int(x.shape[-1]) for n, x in arrays.items()}}, int(arrays[self.first].shape[-1])
+        return *array_entries(arrays), int(arrays[self.first].shape[-1])
 
 
 def _open(ref: str | nn.Module, trust: bool, device: str) -> ModelArrays:

@@ -1,7 +1,8 @@
 """``ostinato tokenize``: audio shards -> token shards with a codec or a fitted semantic tokenizer.
 
-The "codec" is anything ``load_tokenizer`` resolves: a neural codec, or a ``SemanticTokenizer`` folder (one stream
-of k-means tokens, ``n_q = 1``). The loop (resume, workers, devices, skipped samples) is ``writer.write_shards``.
+The "codec" is anything ``load_tokenizer`` resolves: a neural codec, or a ``SemanticTokenizer`` folder (k-means
+tokens, ``n_q = 1``). Token shards are array shards of one ``codes`` stream whose manifest records the codec
+(``data/tokens.py``). The loop (resume, workers, devices, skipped samples) is ``writer.write_shards``.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes
+from ostinato.data.array_shards import ModelInfo
 from ostinato.data.sources import naming
+from ostinato.data.tokens import CODES, CodecInfo, TokenManifest, TokenShard
+from ostinato.encoding.arrays import array_entries
 from ostinato.encoding.writer import open_output, write_shards
 from ostinato.interop.codecs import load_codec, weights_hash
 from ostinato.models.codec import Codec
@@ -36,7 +39,7 @@ def tokenizer_hash(codec: Codec | SemanticTokenizer) -> str:
 
 class CodecTokens:
     """A codec (or semantic tokenizer) as a ``ShardEncoder``: one stream of int16 codes ``[n_q, F]`` per item,
-    stored as ``<key>.npy`` with ``frames`` and ``frame_rate`` in its JSON."""
+    stored as ``<key>.codes.npy`` with ``frames`` (per stream) and ``frame_rate`` in its JSON."""
 
     def __init__(self, codec: nn.Module, n_q: int):
         self.codec, self.n_q = codec, n_q
@@ -46,12 +49,11 @@ class CodecTokens:
         """``wav [B, C, T]`` -> ``{"codes": [B, n_q, ceil(T / hop)]}``."""
         codes = self.codec.encode(wav, n_q=self.n_q)
         codes = codes.codes if hasattr(codes, "codes") else codes
-        return {"codes": codes[..., :math.ceil(wav.shape[-1] / self.codec.hop_length)]}
+        return {CODES: codes[..., :math.ceil(wav.shape[-1] / self.codec.hop_length)]}
 
     def sample(self, arrays: dict[str, Tensor]) -> tuple[dict[str, bytes], dict[str, Any], int]:
-        codes = arrays["codes"]
-        frames = int(codes.shape[-1])
-        return {"npy": encode_codes(codes)}, {"frames": frames, "frame_rate": self.codec.frame_rate}, frames
+        entries, fields = array_entries({CODES: arrays[CODES]})
+        return entries, {**fields, "frame_rate": self.codec.frame_rate}, int(arrays[CODES].shape[-1])
 
 
 def _open(ref: str, n_q: int, trust: bool, device: str) -> CodecTokens:
@@ -80,9 +82,12 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
                            identity={"codec_hash": info.hash, "n_q": n_q}, what="token shards",
                            batch_size=batch_size, workers=workers, devices=devices, overwrite=overwrite,
                            progress=progress)
-    semantic = {"semantic": codec.id} if isinstance(codec, SemanticTokenizer) else {}
+    is_semantic = isinstance(codec, SemanticTokenizer)
+    semantic = {"semantic": codec.id} if is_semantic else {}
+    model = ModelInfo(info.id, info.hash, "semantic_tokenizer" if is_semantic else "codec", info.sample_rate,
+                      info.channels)
     manifest = TokenManifest(shards=[TokenShard(m["name"], m["samples"], m["frames"]) for m in written.markers],
-                             codec=info, source=written.source_record(**semantic))
+                             model=model, codec=info, source=written.source_record(**semantic))
     with naming(Path(out) / "manifest.json"):
         manifest.save(out)
     return manifest
