@@ -629,13 +629,13 @@ def test_every_valid_sample_corrupt_stops_training_with_one_line_and_keeps_the_c
 
 
 def _whole_token_samples(path: Path) -> int:
-    """Samples of a truncated token tar read with their tokens (the cut may leave a last one without them)."""
+    """Samples of a truncated token tar read whole, tokens and JSON (the cut may leave a last one without one)."""
     from ostinato.data.sources import iter_raw_samples
 
     n = 0
     try:
         for sample in iter_raw_samples(str(path)):
-            n += "codes.npy" in sample
+            n += "codes.npy" in sample and "json" in sample
     except Exception:  # noqa: BLE001 - the damage ends the count
         pass
     return n

@@ -184,15 +184,15 @@ def iter_joined(paths: Mapping[str, str], mulan_rows: Mapping[str, int] | None,
     others = {n: _read_whole(paths[n]) for n in names[1:]}
     for raw in iter_raw_samples(paths[names[0]]):
         key = raw["__key__"]
-        try:
-            first = stream_data(raw, CODES)
-        except KeyError:  # a tar cut inside the sample
-            raise CorruptSample(f"{paths[names[0]]}: sample {key} has no tokens ({CODES}.npy entry)") from None
+        try:  # every token sample has both entries: one missing is a tar cut inside the sample
+            first, _ = stream_data(raw, CODES), raw["json"]
+        except KeyError as e:
+            raise CorruptSample(f"{paths[names[0]]}: sample {key} lacks its {e} entry (a cut tar)") from None
         if any(key not in o for o in others.values()) or (mulan_rows is not None and key not in mulan_rows):
             if left_out is not None:
                 left_out.append(key)
             continue
-        out = {"__key__": key, f"{names[0]}.npy": first, "json": raw.get("json", b"{}")}
+        out = {"__key__": key, f"{names[0]}.npy": first, "json": raw["json"]}
         out.update({f"{n}.npy": stream_data(others[n][key], CODES) for n in names[1:]})
         if mulan_rows is not None:
             out["__mulan_row__"] = mulan_rows[key]
