@@ -152,7 +152,7 @@ def test_ssl_tokenizer_saves_and_loads(tones, hubert_folder, tmp_path):
 def test_cli_prep_semantic_then_tokenize_into_token_shards(tmp_path):
     shards = tmp_path / "shards"
     write_tones(shards, sample_rate=24000, corrupt=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "ostinato.cli"]
     fit = subprocess.run(cli + ["prep", "semantic", str(shards), str(tmp_path / "tok"), "--k", "8", "--frame-rate",
                                 "50", "--batch-frames", "128", "--iterations", "2", "--seed", "1", "--workers", "0"],
