@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -114,9 +115,12 @@ def test_manifests_written_before_card_still_load(tmp_path: Path):
     old["streams"]["top"]["cardinality"] = old["streams"]["top"].pop("card")
     path.write_text(json.dumps(old))
     assert ArrayManifest.load(tmp_path / "a").streams["top"].card == 64
-    MuLaNTokens(["a"], {"semantic": torch.zeros(1, 5, dtype=torch.long)}, {"semantic": 16}).save(tmp_path / "m")
-    path = tmp_path / "m" / "manifest.json"
-    old = json.loads(path.read_text())
-    old["namespaces"]["semantic"]["bins"] = old["namespaces"]["semantic"].pop("card")
-    path.write_text(json.dumps(old))
+    # MuLaN tokens of the format before array shards (``mulan_tokens.npz``), their codebook size named bins
+    (tmp_path / "m").mkdir()
+    np.savez(tmp_path / "m" / "mulan_tokens.npz", keys=np.array(["a"], dtype=str),
+             tokens_semantic=np.zeros((1, 5), dtype=np.int16))
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({
+        "format": "ostinato.mulan-tokens/1", "samples": 1, "source": "", "quantizer": "",
+        "namespaces": {"semantic": {"n_q": 5, "bins": 16}}}))
     assert MuLaNTokens.load(tmp_path / "m").card == {"semantic": 16}
+    assert data_dims(tmp_path / "m")["mulan"]["semantic"]["card"] == 16

@@ -161,6 +161,20 @@ def test_write_mulan_tokens_embeds_every_clip_once(tmp_path):
     assert loaded.keys == [f"s{i:05d}" for i in range(6)] and loaded.card == {"semantic": 8, "coarse": 8}
     assert loaded.tokens["semantic"].shape == (6, MULAN_NQ)
     assert torch.equal(loaded.tokens["coarse"], tokens.tokens["coarse"])
+    # array shards of the shared writer: one per audio shard, one [n_q, 1] stream per namespace, resumable
+    from ostinato.data.array_shards import ArrayManifest
+
+    manifest = ArrayManifest.load(tmp_path / "mulan")
+    assert manifest.model.kind == "mulan" and [s.name for s in manifest.shards] == ["shard-000000.tar",
+                                                                                    "shard-000001.tar"]
+    assert {ns: (s.channels, s.card) for ns, s in manifest.streams.items()} == {
+        "semantic": (MULAN_NQ, MULAN_CARD), "coarse": (MULAN_NQ, MULAN_CARD)}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_mulan_tokens(tmp_path / "audio", tmp_path / "mulan", mulan, quantizer)
+    (tmp_path / "mulan" / "manifest.json").unlink()  # a run stopped before its manifest: finished shards are kept
+    (tmp_path / "mulan" / "shard-000001.json").unlink()
+    again = write_mulan_tokens(tmp_path / "audio", tmp_path / "mulan", mulan, quantizer, batch_size=4)
+    assert again.keys == loaded.keys and torch.equal(again.tokens["semantic"], loaded.tokens["semantic"])
 
 
 # -- stages --------------------------------------------------------------------------------------------------

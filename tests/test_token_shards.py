@@ -1,5 +1,6 @@
-"""Token shards are array shards of one ``codes`` stream with their codec in the manifest; token shards written
-in the earlier format (``<key>.npy``, ``ostinato.token-shards/1``) still read, through every reader."""
+"""Token shards are array shards of one ``codes`` stream with their codec in the manifest, and MuLaN tokens array
+shards of one stream per namespace; token shards written in the earlier format (``<key>.npy``,
+``ostinato.token-shards/1``) still read, through every reader."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from ostinato.data.array_shards import ARRAY_FORMAT, TOKEN_FORMAT, ArrayManifest
 from ostinato.data.arrays import ArrayDataModule
 from ostinato.data.dims import data_dims
 from ostinato.data.manifest import StreamInfo
-from ostinato.data.musiclm_tokens import MusicLMTokenDataModule
+from ostinato.data.musiclm_tokens import MuLaNTokens, MusicLMTokenDataModule
 from ostinato.data.token_datamodule import TokenDataModule
 from ostinato.data.tokens import CodecInfo, TokenManifest, TokenShard, encode_codes, iter_token_samples
 from ostinato.fileio import read_json
@@ -98,3 +99,19 @@ def test_musiclm_joins_legacy_and_array_token_shards(tmp_path):
     assert batch.semantic.shape == (2, 1, 10) and batch.codes.shape == (2, 4, 30)
     assert torch.equal(batch.semantic[1], _codes(SEM, 1)[:, :10])
     assert torch.equal(batch.codes[1], _codes(CODEC, 1)[:, :30])
+
+
+def test_mulan_tokens_are_array_shards(tmp_path):
+    keys = ["a", "b", "c"]
+    tokens = MuLaNTokens(keys, {"semantic": torch.tensor([[1, 2], [3, 4], [5, 6]]), "coarse": torch.zeros(3, 3).long()},
+                         {"semantic": 8, "coarse": 16}, source="mulan-ref", quantizer="q.safetensors")
+    tokens.save(tmp_path / "m")
+    manifest = ArrayManifest.load(tmp_path / "m")
+    assert manifest.model.kind == "mulan" and manifest.model.id == "mulan-ref" and manifest.total_samples == 3
+    assert manifest.streams["semantic"] == StreamInfo(0.0, 2, "int16", 8)
+    assert data_dims(tmp_path / "m") == {"mulan": {"semantic": {"n_q": 2, "card": 8}, "coarse": {"n_q": 3, "card": 16}}}
+    loaded = MuLaNTokens.load(tmp_path / "m")
+    assert loaded.keys == keys and loaded.card == tokens.card and loaded.quantizer == "q.safetensors"
+    assert all(torch.equal(loaded.tokens[ns], t) for ns, t in tokens.tokens.items())
+    with pytest.raises(ValueError, match="not MuLaN tokens"):
+        MuLaNTokens.load(write_tokens(tmp_path / "t", CODEC))

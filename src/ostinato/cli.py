@@ -117,7 +117,8 @@ def _prep_mulan(args: argparse.Namespace) -> None:
     for split in ("train", "valid", "test"):
         if (shards / split).is_dir():
             tokens = write_mulan_tokens(str(shards / split), out / split, mulan, quantizer,
-                                        segment_seconds=args.segment, source=args.mulan)
+                                        segment_seconds=args.segment, source=args.mulan,
+                                        overwrite=True)  # the quantizer is fitted anew
             print(f"mulan/{split}: {len(tokens.keys)} clips x {list(tokens.tokens)} -> {out / split}")
     print(f"quantizer: {out / 'quantizer.safetensors'} ({args.n_q} x {args.card} per namespace)")
 

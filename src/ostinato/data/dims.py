@@ -42,6 +42,8 @@ def _folder_dims(folder: str | Path) -> dict[str, Any]:
     if fmt.startswith(("ostinato.token-shards/", "ostinato.array-shards/")) and m.get("codec"):
         codec = card_named(m["codec"])
         out["codec"] = {k: codec[k] for k in ("sample_rate", "channels", "frame_rate", "n_q", "card")}
+    if fmt.startswith("ostinato.array-shards/") and m["model"].get("kind") == "mulan":
+        return {"mulan": {ns: {"n_q": s["channels"], "card": card_named(s)["card"]} for ns, s in m["streams"].items()}}
     if fmt.startswith("ostinato.array-shards/"):
         return {**out, "streams": {n: card_named(s) for n, s in m["streams"].items()}, "model": dict(m["model"])}
     if out:

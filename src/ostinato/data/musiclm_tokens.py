@@ -7,9 +7,8 @@ A split is a mapping of streams to folders::
 ``semantic`` and ``codec`` are token shard folders (``ostinato tokenize`` / ``--semantic``) of the same audio
 shards: same shard names, same sample keys; both are array shards of one ``codes`` stream, resolved and decoded by
 the array reader (``data/arrays.py``). ``mulan`` is a folder written once by ``ostinato prep mulan``
-(``ostinato.encoding.mulan``): the MuLaN audio embedding of every clip quantized per namespace
-(``mulan_tokens.npz``: ``keys [N]`` + one int16 ``[N, n_q]`` array per namespace, and ``manifest.json``), so nothing
-is re-embedded per step.
+(``ostinato.encoding.mulan``): the MuLaN audio embedding of every clip quantized per namespace, as array shards
+(one ``[n_q, 1]`` stream per namespace, ``MuLaNTokens``), so nothing is re-embedded per step.
 
 Streams are joined by sample key (a shard's samples missing from another stream are skipped). Crops are
 time-aligned: the start time is drawn on the grid of the slowest stream and every stream is cut from
@@ -29,28 +28,36 @@ import json
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch import Tensor
 
-from ostinato.data.arrays import CODES, aligned_crop, decode_array, stream_data
+from ostinato.data.array_shards import (CODES, ArrayManifest, ArrayShard, ModelInfo, aligned_crop, decode_array,
+                                        encode_array, stream_data)
 from ostinato.data.datamodule import ShardDataModule
-from ostinato.data.manifest import card_named
+from ostinato.data.manifest import StreamInfo, card_named
 from ostinato.data.sources import iter_raw_samples
 from ostinato.data.streams import CorruptSample, EvalSet, TrainStream
 from ostinato.data.tokens import CodecInfo, resolve_token_shards
-from ostinato.fileio import atomic_write_json, read_json
+from ostinato.fileio import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MusicLMBatch", "MusicLMTokenDataModule", "MuLaNTokens", "aligned_crop"]
+__all__ = ["MusicLMBatch", "MusicLMTokenDataModule", "MuLaNTokens", "aligned_crop", "mulan_manifest"]
 
 TOKEN_STREAMS = ("semantic", "codec")
-MULAN_FORMAT = "ostinato.mulan-tokens/1"
+MULAN_FORMAT = "ostinato.mulan-tokens/1"  # MuLaN tokens written before they were array shards (read only)
+MULAN_KIND = "mulan"
 
 
 # -- MuLaN tokens ---------------------------------------------------------------------------------------------
 @dataclass
 class MuLaNTokens:
-    """Per-clip MuLaN tokens: ``tokens[namespace]`` is ``[N, n_q]`` int64, row i belongs to ``keys[i]``."""
+    """Per-clip MuLaN tokens: ``tokens[namespace]`` is ``[N, n_q]`` int64, row i belongs to ``keys[i]``.
+
+    On disk they are array shards (``data/array_shards.py``, model kind ``mulan``): one stream per namespace,
+    ``<key>.<namespace>.npy`` int16 ``[n_q, 1]`` (one frame per clip), the MuLaN ref as the model's id and the
+    quantizer file in the manifest's ``source``. Folders of the earlier ``mulan_tokens.npz`` format still load.
+    """
 
     keys: list[str]
     tokens: dict[str, Tensor]
@@ -62,14 +69,36 @@ class MuLaNTokens:
         return {k: i for i, k in enumerate(self.keys)}
 
     def save(self, folder: str | Path) -> Path:
+        """Write the tokens as one array shard and its manifest."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {f"tokens_{ns}": t.numpy().astype(np.int16) for ns, t in self.tokens.items()}
-        np.savez(folder / "mulan_tokens.npz", keys=np.array(self.keys, dtype=str), **arrays)
-        atomic_write_json(folder / "manifest.json", {
-            "format": MULAN_FORMAT, "samples": len(self.keys), "source": self.source, "quantizer": self.quantizer,
-            "namespaces": {ns: {"n_q": int(t.shape[1]), "card": self.card[ns]} for ns, t in self.tokens.items()}})
+        name = "shard-000000.tar"
+        with atomic_path(folder / name) as tmp, wds.TarWriter(str(tmp)) as writer:
+            for i, key in enumerate(self.keys):
+                writer.write({"__key__": key, "json": b"{}",
+                              **{f"{ns}.npy": encode_array(t[i][:, None]) for ns, t in self.tokens.items()}})
+        model = ModelInfo(self.source, "", MULAN_KIND, 0, 1)
+        mulan_manifest(self.card, {ns: int(t.shape[1]) for ns, t in self.tokens.items()}, model,
+                       [ArrayShard(name, len(self.keys), len(self.keys))], {"quantizer": self.quantizer}).save(folder)
         return folder
+
+    @classmethod
+    def read(cls, folder: str | Path, manifest: ArrayManifest) -> MuLaNTokens:
+        """The tokens of the array shards ``manifest`` lists in ``folder``."""
+        if manifest.model.kind != MULAN_KIND:
+            raise ValueError(f"{folder} holds {manifest.model.kind} arrays, not MuLaN tokens; write them with "
+                             "`ostinato prep mulan`")
+        keys: list[str] = []
+        rows: dict[str, list[Tensor]] = {ns: [] for ns in manifest.streams}
+        for shard in manifest.shards:
+            for raw in iter_raw_samples(str(Path(folder) / shard.name)):
+                keys.append(raw["__key__"])
+                for ns in rows:
+                    rows[ns].append(decode_array(stream_data(raw, ns))[:, 0])
+        tokens = {ns: torch.stack(r) if r else torch.zeros(0, manifest.streams[ns].channels, dtype=torch.long)
+                  for ns, r in rows.items()}
+        return cls(keys, tokens, {ns: s.card for ns, s in manifest.streams.items()}, manifest.model.id,
+                   str(manifest.source.get("quantizer", "")))
 
     @classmethod
     def load(cls, folder: str | Path) -> MuLaNTokens:
@@ -79,12 +108,19 @@ class MuLaNTokens:
                                     "(data.<split>.mulan must be its output folder)")
         meta = read_json(folder / "manifest.json")
         if meta.get("format") != MULAN_FORMAT:
-            raise ValueError(f"{folder}: format {meta.get('format')!r} is not {MULAN_FORMAT!r}")
-        with np.load(folder / "mulan_tokens.npz", allow_pickle=False) as z:
+            return cls.read(folder, ArrayManifest.from_dict(meta, origin=str(folder / "manifest.json")))
+        with np.load(folder / "mulan_tokens.npz", allow_pickle=False) as z:  # the format before array shards
             keys = [str(k) for k in z["keys"]]
             tokens = {ns: torch.from_numpy(z[f"tokens_{ns}"].astype(np.int64)) for ns in meta["namespaces"]}
         card = {ns: int(card_named(o)["card"]) for ns, o in meta["namespaces"].items()}
         return cls(keys, tokens, card, meta.get("source", ""), meta.get("quantizer", ""))
+
+
+def mulan_manifest(card: Mapping[str, int], n_q: Mapping[str, int], model: ModelInfo, shards: list[ArrayShard],
+                   source: dict[str, Any]) -> ArrayManifest:
+    """The manifest of MuLaN token shards: one stream of ``n_q[ns]`` rows, one frame per clip, per namespace."""
+    streams = {ns: StreamInfo(0.0, int(n_q[ns]), "int16", int(card[ns])) for ns in card}
+    return ArrayManifest(shards=shards, streams=streams, model=model, source=source)
 
 
 # -- batches --------------------------------------------------------------------------------------------------
