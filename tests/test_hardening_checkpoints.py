@@ -253,6 +253,28 @@ def test_continue_from_a_checkpoint_of_another_family_names_its_family(tmp_path)
         "none of its 2 tensors fit DebugFamily: give a checkpoint of the family being trained")
 
 
+def test_a_codec_written_before_the_model_split_loads_and_a_foreign_one_is_one_line(tmp_path) -> None:
+    """Before wrappers held their model as ``model``, a codec's tensors sat under ``codec.``: such a checkpoint
+    loads as the same Codec; tensors of some other model are refused in one line naming the record."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "family" / "codec_tiny.yaml"
+    family = OmegaConf.to_container(OmegaConf.load(conf))
+    torch.manual_seed(0)
+    codec = instantiate(family, _convert_="all").model
+    old = {f"codec.{k}": v for k, v in codec.state_dict().items()}
+    old["discriminator.conv.weight"] = torch.zeros(2)  # training-only parts beside it
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old, "global_step": 3, CONFIG_KEY: {"family": family}}, path)
+    loaded = load(path)
+    assert type(loaded) is type(codec)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), codec.state_dict().values()))
+    torch.save({"state_dict": {"encoder.w": torch.zeros(2)}, CONFIG_KEY: {"family": family}}, tmp_path / "x.ckpt")
+    with pytest.raises(UserError, match=r"x.ckpt: its tensors do not fit a Codec \(\d+ missing"):
+        load(tmp_path / "x.ckpt")
+
+
 def test_export_of_an_audiocraft_file_says_to_import_it(capsys, tmp_path) -> None:
     """audiocraft's exporters write {'best_state': ..., 'xp.cfg': ...}: not an ostinato checkpoint."""
     path = tmp_path / "state_dict.bin"

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ostinato.errors import UserError
 from ostinato.registry import kind_of, resolve
 from ostinato.store import records
 from ostinato.store.records import MODEL_PREFIX, export_folder, read_weights, resolve_ref
@@ -21,6 +22,23 @@ def model_weights(weights: dict[str, torch.Tensor], folder: Path | None) -> dict
     if folder is not None or not any(k.startswith(MODEL_PREFIX) for k in weights):
         return weights  # an export; or a checkpoint from before its wrapper held the model (its keys are the model's)
     return {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
+
+
+def fitting(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``weights`` as ``model``'s state dict. A record written before its wrapper held the model as ``model`` kept
+    the networks under a name of its own (``codec.``, ``mulan.``, ``autoencoder.``, ``vqvae.``...): that name is
+    dropped. Tensors that fit neither way are refused in one line."""
+    own = set(model.state_dict())
+    if set(weights) == own:
+        return weights
+    for head in sorted({k.split(".", 1)[0] for k in weights}):
+        inner = {k[len(head) + 1:]: v for k, v in weights.items() if k.startswith(f"{head}.")}
+        if set(inner) == own:
+            return inner
+    missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
+    raise UserError(f"{source}: its tensors do not fit a {type(model).__name__} ({len(missing)} missing, e.g. "
+                    f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or ['-'])[0]}); it was "
+                    "written by another model or version: give a record of this model, written by this ostinato")
 
 
 def build(cfg: dict[str, Any], folder: Path | None = None, source: str = "this record") -> torch.nn.Module:
@@ -38,5 +56,5 @@ def load(ref: str | Path, map_location: str | torch.device = "cpu", xps_dir: str
         raise ValueError(f"{source}: no config.yaml beside the weights; cannot tell which family to build")
     folder = export_folder(resolved)
     model = build(cfg, folder, source)
-    model.load_state_dict(model_weights(weights, folder), strict=True)
+    model.load_state_dict(fitting(model, model_weights(weights, folder), source), strict=True)
     return model.to(map_location).eval()
