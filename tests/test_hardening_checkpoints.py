@@ -275,6 +275,13 @@ def test_a_codec_written_before_the_model_split_loads_and_a_foreign_one_is_one_l
         load(tmp_path / "x.ckpt")
 
 
+def test_an_import_written_before_its_wrapper_moved_still_names_a_known_family() -> None:
+    from ostinato.registry import kind_of
+
+    old = {"family": {"_target_": "ostinato.interop.musicgen_import.ImportedMusicGenFamily"}}
+    assert kind_of(old).model == "ostinato.models.musicgen:MusicGen"
+
+
 def test_export_of_an_audiocraft_file_says_to_import_it(capsys, tmp_path) -> None:
     """audiocraft's exporters write {'best_state': ..., 'xp.cfg': ...}: not an ostinato checkpoint."""
     path = tmp_path / "state_dict.bin"

@@ -62,6 +62,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 _BY_WRAPPER = {k.wrapper: k for k in KINDS}
+# where a wrapper lived before: records written then still name it
+_BY_WRAPPER["ostinato.interop.musicgen_import.ImportedMusicGenFamily"] = _BY_WRAPPER[
+    "ostinato.families.musicgen.ImportedMusicGenFamily"]
 
 
 def resolve(dotted: str) -> Any:
