@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import importlib
 import logging
-import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ostinato.metrics.embeddings.base import EmbeddingBackend
+from ostinato.models.mulan import window_starts  # the windowing MuLaN embeds with (same 10 s-window rule)
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +148,6 @@ def quantize_int16(x: Tensor) -> Tensor:
     """laion_clap's ``int16_to_float32(float32_to_int16(x))`` in torch: x [..., T] float -> [..., T] float32."""
     q = (x.float().clamp(-1.0, 1.0) * 32767.0).to(torch.int16)  # float -> int truncates towards zero, as numpy
     return (q.double() / 32767.0).float()
-
-
-def window_starts(length: int, window: int) -> list[int]:
-    """Start samples of the windows of a clip of ``length`` samples: [0] up to one window (repeat-padded), else
-    0, window, 2 window, ... with the last window ending at ``length``; [] for an empty clip."""
-    if length <= 0:
-        return []
-    if length <= window:
-        return [0]
-    n = math.ceil(length / window)
-    return [i * window for i in range(n - 1)] + [length - window]
 
 
 class ClapBackend(EmbeddingBackend):
