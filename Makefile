@@ -3,6 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# reference packages the parity tests build their models with, each in its own folder (never on the venv's path)
+REF    := $(VENV)/ref
+AUDIOCRAFT_REF := audiocraft==1.3.0 einops==0.8.2 julius==0.2.8 num2words==0.5.14 flashy==0.0.2 av==18.1.0 \
+                  colorlog==6.12.0 docopt==0.6.2
 # chromium + chromium-driver: the headless browser of the app and demo-report tests
 APT_PACKAGES := fluidsynth fluid-soundfont-gm chromium chromium-driver
 DEMO_DIR ?= data/demo
@@ -24,6 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "pip install failed; if it says 'No space left on device': df -h $(CURDIR) shows what is free, and the venv needs about $(INSTALL_GB) GB" >&2; exit 1; }
 # laion-clap pins numpy<2 (it runs on numpy 2): installed without its requirements, which are in pyproject.toml.
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt laion-clap==1.1.7
+# audiocraft 1.3.0 pins torch 2.1: installed without its requirements into its own folder (tests/references.py)
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(REF)/audiocraft $(AUDIOCRAFT_REF)
 	@touch $@
 
 sysdeps:

@@ -27,10 +27,10 @@ _MAX_LOG_CE = 50.0  # exp() of a larger cross-entropy (a diverged step) overflow
 
 def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, lengths: Tensor,
                      prefix: Tensor | None = None, cond: Tensor | None = None,
-                     cond_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     cond_mask: Tensor | None = None, trim_delays: bool = False) -> tuple[Tensor, Tensor]:
     """codes ``[B, K, T]``, valid frames ``lengths [B]``, optional ``prefix [B, P, dim]`` and cross-attention
     ``cond [B, Tc, D]`` / ``cond_mask [B, Tc]`` -> (per-codebook mean CE ``[K]`` over valid targets, their count
-    ``[K]``)."""
+    ``[K]``). ``trim_delays``: the last ``delays[k]`` frames of codebook ``k`` are no targets (audiocraft's loss)."""
     b, k, t = codes.shape
     card = lm.cfg.card
     frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]  # [B, T]
@@ -38,7 +38,12 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
     seq, _ = pattern.build(codes, card)  # [B, K, S]
     pos = pattern.positions(t).to(codes.device)  # [K, T]
     valid = torch.zeros(seq.shape, dtype=torch.bool, device=codes.device)
-    valid.scatter_(2, pos[None].expand(b, k, t), frame_ok[:, None, :].expand(b, k, t))
+    target_ok = frame_ok[:, None, :].expand(b, k, t)
+    if trim_delays:
+        delays = torch.as_tensor(getattr(pattern, "delays", [0] * k), device=codes.device)
+        frames = torch.arange(t, device=codes.device)
+        target_ok = target_ok & (frames[None, :] < t - delays[:, None])[None]
+    valid.scatter_(2, pos[None].expand(b, k, t), target_ok)
     logits = lm(seq[:, :, :-1], cond, cond_mask, prefix=prefix)  # [B, K, S-1, card]
     target, valid = seq[:, :, 1:], valid[:, :, 1:]
     ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), target.clamp(max=card - 1), reduction="none")

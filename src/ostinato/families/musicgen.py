@@ -67,15 +67,18 @@ class MusicGenFamily(CodebookLMFamily):
         cfg_dropout: probability, per training item, of the null condition (no text, zero prefix).
         attribute_dropout: probability, per training item and structured field, of leaving the field out.
         text_dropout: probability of leaving the text out alone (what double CFG's "style only" rows need).
+        semantics: ``Semantics`` kwargs (text padding in cross-attention, which frames the loss counts).
     """
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
                  text: Mapping[str, Any] | None = None, melody: Mapping[str, Any] | None = None,
                  style: Mapping[str, Any] | None = None, delays: Sequence[int] | None = None,
                  cfg_dropout: float = 0.1, attribute_dropout: float = 0.0, text_dropout: float = 0.0,
-                 codec: str | None = None, optim: Mapping[str, Any] | None = None):
+                 codec: str | None = None, semantics: Mapping[str, Any] | None = None,
+                 optim: Mapping[str, Any] | None = None):
         super().__init__(optim)
-        kwargs = dict(n_q=n_q, card=card, lm=lm, text=text, melody=melody, style=style, delays=delays, codec=codec)
+        kwargs = dict(n_q=n_q, card=card, lm=lm, text=text, melody=melody, style=style, delays=delays, codec=codec,
+                      semantics=semantics)
         self.model = MusicGen(**model_kwargs(kwargs))
         self.model.set_codec_loader(load_codec)
         self.melody_dropout = float((melody or {}).get("dropout", 0.0))
@@ -171,7 +174,8 @@ class MusicGenFamily(CodebookLMFamily):
     def compute_losses(self, codes: Tensor, lengths: Tensor, cond: Tensor | None = None,
                        cond_mask: Tensor | None = None, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-codebook mean cross-entropy ``[K]`` over valid targets, and the count of those targets ``[K]``."""
-        return masked_lm_losses(self.model.lm, self.model.pattern, codes, lengths, prefix, cond, cond_mask)
+        trim = self.model.semantics.loss_frames == "trim_delays"
+        return masked_lm_losses(self.model.lm, self.model.pattern, codes, lengths, prefix, cond, cond_mask, trim)
 
     def _step(self, batch: TokenBatch | AudioBatch, train: bool) -> tuple[Tensor, Tensor | None]:
         codes, lengths, wav = self.batch_codes(batch)

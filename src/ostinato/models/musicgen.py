@@ -36,7 +36,7 @@ from ostinato.nn.resample import resample
 from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_features
 from ostinato.nn.transformer import CodebookLM, lm_config
 
-__all__ = ["MusicGen", "LongForm", "AudioRef", "recorded_codec", "locate", "model_kwargs",
+__all__ = ["MusicGen", "Semantics", "LongForm", "AudioRef", "recorded_codec", "locate", "model_kwargs",
            "exported_family", "imported_kwargs", "FAMILY_TARGET"]
 
 FAMILY_TARGET = "ostinato.families.musicgen.MusicGenFamily"
@@ -50,6 +50,28 @@ class AudioRef(Protocol):
 
     wav: Tensor
     sample_rate: int
+
+
+@dataclass(frozen=True)
+class Semantics:
+    """How the model's source computes what generation, evaluation and training share; an import records its
+    source's, so that the imported model gives the source's tokens and losses.
+
+    text_padding: "masked" (ostinato, transformers): cross-attention skips the padded positions of a batch's
+        shorter texts; "attended" (audiocraft): they are zero vectors that still take a share of the softmax, so a
+        text's condition depends on the longest text of its batch.
+    loss_frames: "all" (ostinato): every valid frame of every codebook is a target; "trim_delays" (audiocraft):
+        the last ``delays[k]`` frames of codebook ``k`` are not.
+    """
+
+    text_padding: str = "masked"
+    loss_frames: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.text_padding not in ("masked", "attended"):
+            raise ValueError(f"family.semantics.text_padding={self.text_padding!r}: use masked or attended")
+        if self.loss_frames not in ("all", "trim_delays"):
+            raise ValueError(f"family.semantics.loss_frames={self.loss_frames!r}: use all or trim_delays")
 
 
 @dataclass
@@ -161,7 +183,7 @@ def model_kwargs(family: Mapping[str, Any], folder: Path | None = None) -> dict[
     if "export" in family:
         export = locate(str(family.pop("export")), folder)
         family = imported_kwargs(export, **family)
-    kw = {k: family.get(k) for k in ("n_q", "card", "lm", "text", "melody", "style", "delays", "codec")}
+    kw = {k: family.get(k) for k in ("n_q", "card", "lm", "text", "melody", "style", "delays", "codec", "semantics")}
     for key, drop in TRAINING_KEYS.items():
         if kw[key] is not None:
             kw[key] = {k: v for k, v in kw[key].items() if k not in drop}
@@ -187,13 +209,15 @@ class MusicGen(nn.Module):
             encoder folder), ``layer``, ``trust_remote_code``; None = no style.
         delays: the delay pattern (default ``[0, 1, ..., n_q - 1]``).
         codec: the codec reference the tokens come from, loaded on first use unless one is attached.
+        semantics: ``Semantics`` kwargs (an import's source's; default ostinato's).
     """
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
                  text: Mapping[str, Any] | None = None, melody: Mapping[str, Any] | None = None,
                  style: Mapping[str, Any] | None = None, delays: Sequence[int] | None = None,
-                 codec: str | None = None):
+                 codec: str | None = None, semantics: Mapping[str, Any] | None = None):
         super().__init__()
+        self.semantics = Semantics(**(semantics or {}))
         self.n_q, self.card = int(n_q), int(card)
         self.cfg = lm_config(lm, n_q=self.n_q, card=self.card, cross_attention=text is not None)
         self.lm = CodebookLM(self.cfg)
@@ -290,11 +314,14 @@ class MusicGen(nn.Module):
         """``(cond [B, Tc, D], mask [B, Tc])`` for the LM; None, None when there is no text conditioner.
 
         A null condition (all-False mask) attends to one zero vector instead: with bias-free keys/values that
-        adds exactly nothing, where an all-masked softmax would give NaN.
+        adds exactly nothing, where an all-masked softmax would give NaN. With ``semantics.text_padding``
+        "attended" every position of the batch's padded length is attended (padding is zero vectors).
         """
         if self.text is None:
             return None, None
         cond, mask = self.text(list(texts))
+        if self.semantics.text_padding == "attended":
+            return cond, torch.ones_like(mask)
         attend = mask.clone()
         attend[~mask.any(dim=1), 0] = True
         return cond, attend

@@ -1,0 +1,1 @@
+"""Stand-in for xformers, which audiocraft imports at module level; the tests use its torch attention backend."""

@@ -1,0 +1,134 @@
+"""The reference packages the parity tests compare with, built from the packages themselves.
+
+audiocraft 1.3.0 pins torch 2.1, so ``make install`` puts it with ``pip install --no-deps --target`` into
+``.venv/ref/audiocraft`` with its small pure-Python requirements; ``audiocraft()`` puts that folder and the stubs of
+``xformers`` and ``spacy`` (tests/reference_stubs) on ``sys.path``, works offline, selects the torch attention backend
+and returns the package. Nothing else of the test process changes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = Path(os.environ.get("OSTINATO_REF", ROOT / ".venv" / "ref"))
+STUBS = Path(__file__).resolve().parent / "reference_stubs"
+
+
+def _on_path(folder: Path) -> None:
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))  # appended: the venv's own packages (torch, transformers) come first
+
+
+def audiocraft() -> ModuleType:
+    """The audiocraft 1.3.0 package (``make install`` put it in ``.venv/ref/audiocraft``)."""
+    folder = REF / "audiocraft"
+    if not (folder / "audiocraft").is_dir():
+        pytest.fail(f"{folder}: audiocraft 1.3.0 is not installed there; run `make install`")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # its exporters and loaders pickle OmegaConf configs
+    _on_path(folder)
+    _on_path(STUBS)
+    from ostinato.metrics.embeddings.clap import import_laion_clap
+
+    import_laion_clap()  # audiocraft imports laion_clap, which fetches tokenizers at import: ostinato's offline import
+    import audiocraft as package
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+
+    set_efficient_attention_backend("torch")
+    return package
+
+
+# ----- audiocraft MusicGen configs ---------------------------------------------------------------------------
+# The values of audiocraft's config/model/lm/{default,musicgen_lm}.yaml and config/conditioner/*.yaml (repository
+# facebookresearch/audiocraft) that its builders read; sizes are the caller's (tests use small, non-default ones).
+AC_TRANSFORMER_LM = dict(
+    dim=512, num_heads=8, num_layers=8, hidden_scale=4, n_q=4, card=2048, dropout=0.0, emb_lr=None,
+    activation="gelu", norm_first=True, bias_ff=False, bias_attn=False, bias_proj=False, past_context=None,
+    causal=True, custom=False, memory_efficient=False, attention_as_float32=False, layer_scale=None,
+    positional_embedding="sin", xpos=False, checkpointing="none", weight_init="gaussian", depthwise_init="current",
+    zero_bias_init=True, norm="layer_norm", cross_attention=False, qk_layer_norm=False, qk_layer_norm_cross=False,
+    attention_dropout=None, kv_repeat=1, two_step_cfg=False)
+AC_T5 = dict(name="t5-base", finetune=False, word_dropout=0.0, normalize_text=False)
+AC_CONDITIONERS = {
+    # text2music.yaml: T5 description through cross-attention
+    "text": dict(fuser=dict(cross=["description"], prepend=[]), cfg_dropout=0.3,
+                 conditioners={"description": {"model": "t5", "t5": AC_T5}}),
+    # chroma2music.yaml (melody): chroma and description both prepended
+    "chroma": dict(fuser=dict(cross=[], prepend=["self_wav", "description"]), cfg_dropout=0.2,
+                   conditioners={"self_wav": {"model": "chroma_stem", "chroma_stem": dict(
+                       sample_rate=32000, n_chroma=12, radix2_exp=14, argmax=True, match_len_on_eval=False,
+                       eval_wavs=None, n_eval_wavs=100, cache_path=None)},
+                       "description": {"model": "t5", "t5": AC_T5}}),
+}
+
+
+def audiocraft_lm_cfg(conditioner: str = "text", *, n_q: int = 4, card: int = 64, dim: int = 48,
+                      num_heads: int = 4, num_layers: int = 2, delays: list[int] | None = None,
+                      sample_rate: int = 32000, channels: int = 1, t5_name: str = "t5-base", **lm):
+    """An audiocraft MusicGen experiment config (``xp.cfg``) for ``builders.get_lm_model``: the yaml defaults of
+    musicgen_lm + the ``conditioner`` group ("text" | "chroma"), with these sizes."""
+    from omegaconf import OmegaConf
+
+    cond = AC_CONDITIONERS[conditioner]
+    conditioners = {k: dict(v) for k, v in cond["conditioners"].items()}
+    if "description" in conditioners:
+        conditioners["description"] = {"model": "t5", "t5": {**AC_T5, "name": t5_name}}
+    if "self_wav" in conditioners:
+        conditioners["self_wav"]["chroma_stem"] = {**conditioners["self_wav"]["chroma_stem"],
+                                                   "sample_rate": sample_rate}
+    fuser = dict(cross_attention_pos_emb=False, cross_attention_pos_emb_scale=1, sum=[], input_interpolate=[],
+                 **cond["fuser"])
+    return OmegaConf.create({
+        "lm_model": "transformer_lm", "device": "cpu", "dtype": "float32", "sample_rate": sample_rate,
+        "channels": channels, "dataset": {"segment_duration": 10.0},
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": delays or list(range(n_q)),
+                                                             "flatten_first": 0, "empty_initial": 0}},
+        "transformer_lm": {**AC_TRANSFORMER_LM, "n_q": n_q, "card": card, "dim": dim, "num_heads": num_heads,
+                           "num_layers": num_layers, **lm},
+        "classifier_free_guidance": {"training_dropout": cond["cfg_dropout"], "inference_coef": 3.0},
+        "attribute_dropout": {}, "fuser": fuser, "conditioners": conditioners})
+
+
+def use_local_t5(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str = "t5-base") -> None:
+    """audiocraft's ``T5Conditioner(name)`` loads ``folder`` (a tiny T5 encoder with its tokenizer) offline."""
+    from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
+
+    conditioners = audiocraft().modules.conditioners
+
+    class LocalTokenizer:
+        @staticmethod
+        def from_pretrained(_name: str, *args, **kwargs):
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+    class LocalEncoder:
+        @staticmethod
+        def from_pretrained(_name: str, *args, **kwargs):
+            return T5EncoderModel.from_pretrained(folder, local_files_only=True)
+
+    monkeypatch.setattr(conditioners, "T5Tokenizer", LocalTokenizer)
+    monkeypatch.setattr(conditioners, "T5EncoderModel", LocalEncoder)
+    width = AutoConfig.from_pretrained(folder, local_files_only=True).d_model
+    monkeypatch.setitem(conditioners.T5Conditioner.MODELS_DIMS, name, width)
+
+
+def audiocraft_export_lm(lm, cfg, out: Path) -> Path:
+    """``lm``'s weights as audiocraft's own ``export_lm`` writes them from a solver checkpoint -> ``out``
+    (a ``state_dict.bin``)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    audiocraft()
+    from audiocraft.utils.export import export_lm
+
+    solver = out.with_name(out.name + ".solver.th")
+    torch.save({"xp.cfg": OmegaConf.create(OmegaConf.to_container(cfg)), "fsdp_best_state": None,
+                "best_state": {"model": lm.state_dict()}}, solver)
+    export_lm(solver, out)
+    solver.unlink()
+    return out
