@@ -92,7 +92,9 @@ def audiocraft_lm_cfg(conditioner: str = "text", *, n_q: int = 4, card: int = 64
         "transformer_lm": {**AC_TRANSFORMER_LM, "n_q": n_q, "card": card, "dim": dim, "num_heads": num_heads,
                            "num_layers": num_layers, **lm},
         "classifier_free_guidance": {"training_dropout": cond["cfg_dropout"], "inference_coef": 3.0},
-        "attribute_dropout": {}, "fuser": fuser, "conditioners": conditioners})
+        "attribute_dropout": {}, "fuser": fuser, "conditioners": conditioners,
+        # stereo: L/R codebooks of the mono codec interleaved (audiocraft's grids/musicgen/musicgen_stereo_finetune)
+        "interleave_stereo_codebooks": {"use": channels == 2, "per_timestep": False}})
 
 
 def use_local_t5(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str = "t5-base") -> None:
@@ -130,5 +132,49 @@ def audiocraft_export_lm(lm, cfg, out: Path) -> Path:
     torch.save({"xp.cfg": OmegaConf.create(OmegaConf.to_container(cfg)), "fsdp_best_state": None,
                 "best_state": {"model": lm.state_dict()}}, solver)
     export_lm(solver, out)
+    solver.unlink()
+    return out
+
+
+# ----- audiocraft EnCodec ------------------------------------------------------------------------------------
+# The values of audiocraft's config/model/encodec/default.yaml; sizes are the caller's.
+AC_SEANET = dict(dimension=128, n_filters=32, n_residual_layers=1, ratios=[8, 5, 4, 2], activation="ELU",
+                 activation_params={"alpha": 1.0}, norm="weight_norm", norm_params={}, kernel_size=7,
+                 residual_kernel_size=3, last_kernel_size=7, dilation_base=2, pad_mode="constant", true_skip=True,
+                 compress=2, lstm=2, disable_norm_outer_blocks=0,
+                 decoder={"trim_right_ratio": 1.0, "final_activation": None, "final_activation_params": None},
+                 encoder={})
+AC_RVQ = dict(n_q=8, q_dropout=False, bins=1024, decay=0.99, kmeans_init=True, kmeans_iters=50,
+              threshold_ema_dead_code=2, orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False)
+
+
+def audiocraft_encodec_cfg(*, sample_rate: int = 32000, channels: int = 1, n_q: int = 4, bins: int = 64,
+                           causal: bool = False, **seanet):
+    """An audiocraft EnCodec experiment config for ``builders.get_compression_model``: encodec/default.yaml with
+    these sizes (``seanet`` overrides, e.g. ``dimension``, ``n_filters``, ``ratios``, ``lstm``). Its codebooks
+    start random (``kmeans_init: false``), so that random weights give distinct codes."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "compression_model": "encodec", "device": "cpu", "sample_rate": sample_rate, "channels": channels,
+        "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": sample_rate, "channels": channels,
+                    "causal": causal, "renormalize": False},
+        "seanet": {**AC_SEANET, "channels": channels, "causal": causal, **seanet},
+        "rvq": {**AC_RVQ, "n_q": n_q, "bins": bins, "kmeans_init": False}})
+
+
+def audiocraft_export_compression(model, cfg, out: Path) -> Path:
+    """``model``'s weights as audiocraft's own ``export_encodec`` writes them from a solver checkpoint -> ``out``
+    (a ``compression_state_dict.bin``)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    audiocraft()
+    from audiocraft.utils.export import export_encodec
+
+    solver = out.with_name(out.name + ".solver.th")
+    torch.save({"xp.cfg": OmegaConf.create(OmegaConf.to_container(cfg)), "best_state": {"model": model.state_dict()}},
+               solver)
+    export_encodec(solver, out)
     solver.unlink()
     return out

@@ -13,7 +13,7 @@ from ostinato.interop.codecs import load_codec
 from ostinato.interop.encodec import export_audiocraft_encodec, load_audiocraft_encodec
 from tests.synth import write_tiny_encodec
 from tests.disks import tmpfs
-from tests.test_musicgen_import import XP_CFG, assert_parity, copy_tokenizer, hf_musicgen, to_audiocraft  # noqa: F401
+from tests.test_musicgen_import import TEXTS, XP_CFG, assert_parity, copy_tokenizer, hf_musicgen, to_audiocraft  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
@@ -53,7 +53,7 @@ def test_state_dict_imports_without_user(hf_musicgen, tmp_path: Path, no_user, c
     assert "audiocraft" in capsys.readouterr().out
     import ostinato
 
-    assert_parity(ostinato.load(tmp_path / "out"), model)
+    assert_parity(ostinato.load(tmp_path / "out"), model, TEXTS[:1])  # one text: audiocraft attends padding
 
 
 def test_an_interpolation_the_importer_reads_names_the_key(tmp_path: Path, no_user) -> None:

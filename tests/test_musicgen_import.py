@@ -310,7 +310,8 @@ def test_import_audiocraft_state_dict_matches_transformers(hf_musicgen, tmp_path
     family = ostinato.load(tmp_path / "out")
     recorded = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["family"]
     assert recorded["cfg_dropout"] == 0.3 and family.pattern.delays == [0, 1, 2, 3]  # training's, in the config
-    assert_parity(family, model)
+    assert recorded["semantics"] == {"text_padding": "attended", "loss_frames": "trim_delays"}  # audiocraft's
+    assert_parity(family, model, TEXTS[:1])  # one text: no padding, which audiocraft attends and transformers masks
 
     # an OmegaConf object as xp.cfg (older releases) is pickled Python: only with --trust
     torch.save({**package, "xp.cfg": OmegaConf.create(XP_CFG)}, tmp_path / "pickled.bin")

@@ -1,5 +1,7 @@
 """One loader for every codec ostinato can tokenize with: its own (XP, checkpoint, export), a transformers
-``EncodecModel`` folder, or audiocraft's ``compression_state_dict.bin``."""
+``EncodecModel`` folder, or audiocraft's ``compression_state_dict.bin``; and the interleaved stereo codec of stereo
+MusicGens: a folder holding ``interleaved_stereo.json`` (``{"mono": PATH}``, PATH relative to the folder) that names
+the mono codec run on each channel."""
 from __future__ import annotations
 
 import hashlib
@@ -11,16 +13,23 @@ from pathlib import Path
 import torch
 
 from ostinato.models.codec import Codec
+from ostinato.models.stereo_codec import InterleavedStereoCodec
 from ostinato.models.musicgen import MusicGen, recorded_codec
 from ostinato.models.musika import recorded_autoencoder
 from ostinato.registry import kind_of
 from ostinato.store.records import resolve_ref, xps_dir
 
 
-def load_codec(ref: str | Path, trust: bool = False) -> Codec:
+STEREO_FILE = "interleaved_stereo.json"  # marks a folder as an interleaved stereo codec (see the module docstring)
+
+
+def load_codec(ref: str | Path, trust: bool = False) -> Codec | InterleavedStereoCodec:
     """``ref``: an ostinato codec (XP signature, //sig/SIG, XP folder, .ckpt, export folder), a transformers
-    EncodecModel folder (config.json with model_type "encodec"), or an audiocraft compression_state_dict.bin."""
+    EncodecModel folder (config.json with model_type "encodec"), an audiocraft compression_state_dict.bin, or an
+    interleaved stereo codec folder (``interleaved_stereo.json``)."""
     path = Path(str(ref))
+    if (path / STEREO_FILE).is_file():
+        return InterleavedStereoCodec(load_codec(stereo_mono_ref(path), trust=trust)).eval()
     if is_foreign_codec(path) and path.is_dir():
         from ostinato.interop.encodec import load_transformers_encodec
 
@@ -49,6 +58,8 @@ def is_foreign_codec(ref: str | Path) -> bool:
     """Whether ``ref`` is another toolkit's codec: a transformers EncodecModel folder or an audiocraft
     compression_state_dict.bin."""
     path = Path(str(ref))
+    if (path / STEREO_FILE).is_file():
+        return True
     if path.is_dir() and (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text()).get("model_type") == "encodec"
     return path.is_file() and path.suffix in (".bin", ".th", ".pt") and "compression" in path.name
@@ -72,7 +83,7 @@ def copy_codec(ref: str, dst: Path, trust: bool = False, exporter: Exporter | No
     from ostinato.store.checkpoint import SIG_PREFIX
 
     path = Path(ref).expanduser()
-    if path.is_dir() and ((path / "config.json").is_file() or (path / "model.safetensors").is_file()):
+    if path.is_dir() and any((path / name).is_file() for name in ("config.json", "model.safetensors", STEREO_FILE)):
         shutil.copytree(path, dst, ignore=shutil.ignore_patterns(*FOREIGN_WEIGHTS))
         return dst
     if path.is_file() and path.suffix in (".bin", ".th", ".pt"):
@@ -82,6 +93,36 @@ def copy_codec(ref: str, dst: Path, trust: bool = False, exporter: Exporter | No
     if exporter is not None and (ref.startswith(SIG_PREFIX) or path.exists() or (xps_dir() / ref).is_dir()):
         return exporter(resolve_ref(ref), dst, xps_dir=xps_dir(), trust=trust)
     return None
+
+
+def stereo_mono_ref(folder: str | Path) -> Path:
+    """The mono codec an interleaved stereo codec folder names (``interleaved_stereo.json``: ``{"mono": PATH}``)."""
+    folder = Path(folder)
+    marker = folder / STEREO_FILE
+    try:
+        mono = json.loads(marker.read_text())["mono"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{marker}: expected {{\"mono\": PATH}} naming the mono codec (relative to the folder); "
+                         "rewrite it with ostinato.interop.codecs.write_stereo_codec") from None
+    path = folder / mono
+    if not path.exists():
+        raise FileNotFoundError(f"{marker}: its mono codec {path} is not there; copy the stereo codec folder whole")
+    return path
+
+
+def write_stereo_codec(mono_ref: str, dst: str | Path, trust: bool = False) -> Path:
+    """An interleaved stereo codec folder ``dst`` around a copy of the local mono codec ``mono_ref`` (a transformers
+    EncodecModel folder, a compression_state_dict.bin or an export folder), placed in ``dst/mono``. Returns ``dst``."""
+    dst = Path(dst)
+    codec = load_codec(mono_ref, trust=trust)
+    if codec.channels != 1:
+        raise ValueError(f"{mono_ref}: a {codec.channels}-channel codec; an interleaved stereo codec wraps a mono one")
+    placed = copy_codec(str(mono_ref), dst / "mono", trust=trust)
+    if placed is None:
+        raise ValueError(f"{mono_ref}: not a local codec file or folder; give the mono codec's path")
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / STEREO_FILE).write_text(json.dumps({"mono": placed.relative_to(dst).as_posix()}) + "\n")
+    return dst
 
 
 def embed_codec(cfg: dict, stage: Path, out: Path, trust: bool = False, exporter: Exporter | None = None) -> dict:

@@ -58,7 +58,9 @@ AUDIOCRAFT_FILES = ("state_dict.bin", "state_dict.th")
 # the parts of an audiocraft xp.cfg the importer reads (only these are resolved: dora.dir and the like may hold
 # ${oc.env:USER}, unset in containers and CI)
 AUDIOCRAFT_LM_KEYS = ("transformer_lm", "codebooks_pattern", "conditioners", "fuser", "classifier_free_guidance",
-                      "attribute_dropout", "channels", "sample_rate")
+                      "attribute_dropout", "channels", "sample_rate", "interleave_stereo_codebooks")
+# audiocraft's semantics (its ConditionFuser attends the zero-padded T5 states; its loss leaves out delayed frames)
+AUDIOCRAFT_SEMANTICS = {"text_padding": "attended", "loss_frames": "trim_delays"}
 _FOREIGN_WEIGHTS = FOREIGN_WEIGHTS
 
 
@@ -169,8 +171,10 @@ class _Parts:
     delays: list[int]
     proj: dict[str, Tensor] | None = None  # text projection {weight [D, H], bias [D]}; None = no text
     cfg_dropout: float = 0.1
-    channels: int = 1  # 2: stereo MusicGen, L/R codebooks interleaved (a mono codec per channel)
+    channels: int = 1  # 2: stereo MusicGen
+    interleaved: bool = False  # stereo over a mono codec: L/R codebooks interleaved (an InterleavedStereoCodec)
     codec: str | None = None  # relative to the export folder when inside it (see _codec_ref)
+    semantics: dict[str, str] | None = None  # the source's Semantics kwargs (None: ostinato's)
 
 
 def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any], dict[str, Tensor],
@@ -190,7 +194,8 @@ def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any]
     delays = stereo_delays(lm.n_q // 2) if channels == 2 else list(range(lm.n_q))
     if kind == "transformers-conditional":
         proj = proj or _identity_proj(_text_width(config["text_encoder"]), lm.dim, folder)
-    parts = _Parts(str(folder), kind, lm, transformers_state_to_lm(dec_state), delays, proj, channels=channels)
+    parts = _Parts(str(folder), kind, lm, transformers_state_to_lm(dec_state), delays, proj, channels=channels,
+                   interleaved=channels == 2)
     return parts, config, text_state, audio_state
 
 
@@ -234,9 +239,28 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
     if lm.cross_attention and not proj:
         raise ValueError(f"{path}: a cross-attention LM without {AUDIOCRAFT_TEXT_PROJ}* weights")
     cfg_dropout = float((cfg.get("classifier_free_guidance") or {}).get("training_dropout", 0.1))
+    channels = int(cfg.get("channels") or 1)
     parts = _Parts(str(path), "audiocraft", lm, lm_state, audiocraft_delays(cfg, lm.n_q), proj or None,
-                   cfg_dropout, channels=int(cfg.get("channels") or 1))
+                   cfg_dropout, channels=channels, interleaved=_audiocraft_interleaved(cfg, channels, lm.n_q, path),
+                   semantics=dict(AUDIOCRAFT_SEMANTICS))
     return parts, cfg
+
+
+def _audiocraft_interleaved(cfg: Mapping[str, Any], channels: int, n_q: int, path: Path) -> bool:
+    """Whether a stereo audiocraft LM models L/R interleaved codebooks of a mono codec
+    (``interleave_stereo_codebooks.use``, audiocraft's ``InterleaveStereoCompressionModel``)."""
+    interleave = dict(cfg.get("interleave_stereo_codebooks") or {})
+    if not interleave.get("use"):
+        return False
+    if channels != 2:
+        raise ValueError(f"{path}: xp.cfg interleave_stereo_codebooks.use=true with channels={channels}; "
+                         "interleaved stereo needs channels: 2")
+    if interleave.get("per_timestep"):
+        raise ValueError(f"{path}: xp.cfg interleave_stereo_codebooks.per_timestep=true is not supported (only "
+                         "codebook interleaving, as the released stereo MusicGens)")
+    if n_q % 2:
+        raise ValueError(f"{path}: interleaved stereo needs an even transformer_lm.n_q, got {n_q}")
+    return True
 
 
 def _load_audiocraft_package(path: Path, trust: bool) -> dict[str, Any]:
@@ -373,11 +397,13 @@ def _check_codec(ref: str, parts: _Parts, trust: bool) -> int:
     from ostinato.interop.codecs import load_codec
 
     codec = load_codec(ref, trust=trust)
-    per_code = parts.channels if codec.channels == 1 else 1  # stereo MusicGen: a mono codec on each channel
+    if codec.channels != parts.channels:
+        raise ValueError(f"codec {ref}: {codec.channels} channel(s), the LM models {parts.channels}; pass --codec "
+                         "with the codec the LM was trained on")
     if codec.card != parts.lm.card:
         raise ValueError(f"codec {ref}: codebook size {codec.card} != the LM's card {parts.lm.card}; "
                          "pass --codec with the codec the LM was trained on")
-    if codec.n_q * per_code < parts.lm.n_q:
+    if codec.n_q < parts.lm.n_q:
         raise ValueError(f"codec {ref}: {codec.n_q} codebooks, the LM models {parts.lm.n_q}; pass --codec with the "
                          "codec the LM was trained on")
     return int(codec.n_q)
@@ -391,9 +417,12 @@ def _family_config(parts: _Parts, root: Path | None) -> dict[str, Any]:
     lm = {k: v for k, v in asdict(parts.lm).items() if k not in ("n_q", "card")}
     text_dir = TEXT_DIR if root is None else str(root / TEXT_DIR)
     text = None if parts.proj is None else {"model": text_dir, "max_length": TEXT_MAX_LENGTH, "dropout": 0.0}
-    return {"_target_": FAMILY_TARGET, "n_q": parts.lm.n_q, "card": parts.lm.card, "lm": lm, "text": text,
-            "delays": list(parts.delays), "cfg_dropout": parts.cfg_dropout, "attribute_dropout": 0.0,
-            "codec": _codec_ref(root, parts.codec)}
+    family = {"_target_": FAMILY_TARGET, "n_q": parts.lm.n_q, "card": parts.lm.card, "lm": lm, "text": text,
+              "delays": list(parts.delays), "cfg_dropout": parts.cfg_dropout, "attribute_dropout": 0.0,
+              "codec": _codec_ref(root, parts.codec)}
+    if parts.semantics is not None:
+        family["semantics"] = dict(parts.semantics)
+    return family
 
 
 def _family_state(parts: _Parts) -> dict[str, Tensor]:
@@ -539,5 +568,26 @@ def _prepare(kind: str, path: Path, tmp: Path, *, text_encoder: str | Path | Non
         _check_text(tmp / TEXT_DIR, int(parts.proj["weight"].shape[1]))
     if codec is not None and codec != CODEC_DIR:
         codec = _place_codec(codec, tmp)
+    if codec is not None and parts.interleaved:
+        codec = _stereo_codec(codec, tmp, trust)
     parts.codec = codec
     return parts
+
+
+def _stereo_codec(codec: str, tmp: Path, trust: bool) -> str:
+    """The codec of an interleaved stereo MusicGen: a mono codec placed in ``tmp/codec`` becomes the interleaved
+    stereo codec folder ``tmp/codec`` around it (``codec/mono``); a stereo codec folder is kept as it is."""
+    from ostinato.interop.codecs import STEREO_FILE, write_stereo_codec
+
+    placed = _codec_ref(tmp, codec)
+    if (Path(placed) / STEREO_FILE).is_file():
+        return codec
+    if codec != CODEC_DIR and not codec.startswith(CODEC_DIR + "/"):
+        raise ValueError(f"--codec {codec}: a stereo MusicGen decodes each channel with its mono codec; give a local "
+                         "mono codec (a transformers EncodecModel folder or a compression_state_dict.bin)")
+    mono = tmp / (CODEC_DIR + ".mono")
+    os.replace(tmp / CODEC_DIR, mono)
+    inside = mono / Path(codec).relative_to(CODEC_DIR) if codec != CODEC_DIR else mono
+    write_stereo_codec(str(inside), tmp / CODEC_DIR, trust=trust)
+    shutil.rmtree(mono)
+    return CODEC_DIR

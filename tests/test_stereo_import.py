@@ -1,0 +1,211 @@
+"""Stereo MusicGens (small / medium / large) from audiocraft and transformers: the references are built from the
+packages themselves with random weights and non-default sizes, imported with ``ostinato import``, and compared on a
+batch of prompts of different lengths (fp32 logits, greedy tokens at CFG 1 and 3, decoded stereo audio)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ostinato
+from ostinato.interop.codecs import load_codec
+from ostinato.interop.musicgen_import import import_musicgen
+from ostinato.models.musicgen import MusicGen
+from ostinato.models.stereo_codec import InterleavedStereoCodec
+from ostinato.nn.conditioners import default_text_model
+from ostinato.nn.decoding import GenerationParams, generate
+from tests.references import (audiocraft, audiocraft_encodec_cfg, audiocraft_export_compression,
+                              audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+K_MONO, CARD, SR, T5_DIM = 4, 64, 16000, 32
+K = 2 * K_MONO
+STEREO_DELAYS = [0, 0, 1, 1, 2, 2, 3, 3]
+TEXTS = ["organ", "an irish reel on fiddle and flute", "a slow blues with a muted trumpet and brushed drums"]
+# two sizes standing for small / medium / large (heads, layers and widths differ; none is a default)
+SIZES = {"narrow": dict(dim=48, num_heads=4, num_layers=2), "wide": dict(dim=64, num_heads=8, num_layers=3)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_tokenizer(dst: Path) -> None:
+    """The MiniLM tokenizer (the one available offline; its vocabulary is the tiny T5's)."""
+    for name in TOKENIZER_FILES:
+        if (default_text_model() / name).is_file():
+            shutil.copy2(default_text_model() / name, dst / name)
+
+
+def t5_config():
+    from transformers import T5Config
+
+    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
+    copy_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ac_encodec(tmp_path_factory: pytest.TempPathFactory):
+    """audiocraft's mono EnCodec (16 kHz, 4 x 64 codes at 50 Hz) from its builders, exported with its exporter."""
+    builders = audiocraft().models.builders
+    torch.manual_seed(1)
+    cfg = audiocraft_encodec_cfg(sample_rate=SR, n_q=K_MONO, bins=CARD, dimension=16, n_filters=4, lstm=1)
+    model = builders.get_compression_model(cfg).eval()
+    path = audiocraft_export_compression(model, cfg, tmp_path_factory.mktemp("ac_encodec") /
+                                         "compression_state_dict.bin")
+    return model, path
+
+
+@pytest.fixture(scope="module", params=sorted(SIZES))
+def ac_stereo(request, t5, ac_encodec, tmp_path_factory: pytest.TempPathFactory):
+    """audiocraft's stereo LM (8 interleaved codebooks, delays [0, 0, 1, 1, 2, 2, 3, 3]) exported with its mono
+    compression model beside it, as the released stereo MusicGens are, and imported."""
+    ac = audiocraft()
+    torch.manual_seed(2)
+    cfg = audiocraft_lm_cfg("text", n_q=K, card=CARD, channels=2, delays=STEREO_DELAYS, sample_rate=SR,
+                            hidden_scale=2, **SIZES[request.param])
+    with pytest.MonkeyPatch.context() as mp:
+        use_local_t5(mp, t5)
+        lm = ac.models.builders.get_lm_model(cfg).eval()
+    with torch.no_grad():  # sharper heads than the init: greedy decoding without near-ties
+        for linear in lm.linears:
+            linear.weight.mul_(20)
+    folder = tmp_path_factory.mktemp(f"ac_stereo_{request.param}")
+    audiocraft_export_lm(lm, cfg, folder / "state_dict.bin")
+    shutil.copy2(ac_encodec[1], folder / "compression_state_dict.bin")
+    compression = ac.models.builders.get_wrapped_compression_model(ac_encodec[0], cfg)
+    out = import_musicgen(folder, folder.parent / f"{folder.name}_import", text_encoder=t5)
+    return lm, compression, out
+
+
+def ac_conditions(texts: list[str]):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    return [ConditioningAttributes(text={"description": t}) for t in texts]
+
+
+def greedy(model: MusicGen, texts: list[str], frames: int, cfg: float) -> torch.Tensor:
+    cond, mask = model.condition(texts)
+    params = GenerationParams(temperature=0.0, cfg_scale=cfg, backend="cache")
+    return generate(model.lm, model.pattern, frames, cond=cond, cond_mask=mask, params=params)
+
+
+# -- audiocraft -----------------------------------------------------------------------------------------------
+def test_audiocraft_stereo_imports_with_logit_and_greedy_parity(ac_stereo) -> None:
+    lm, _, out = ac_stereo
+    model = ostinato.load(out.out)
+    assert model.pattern.delays == STEREO_DELAYS and (model.n_q, model.card) == (K, CARD)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, CARD, (len(TEXTS), K, 7), generator=g)
+    seq, _, _ = lm.pattern_provider.get_pattern(7).build_pattern_sequence(codes, lm.special_token_id)
+    ours_seq, _ = model.pattern.build(codes, CARD)
+    assert torch.equal(seq, ours_seq)  # the same interleaving and delays
+    with torch.no_grad():
+        ref = lm(seq, ac_conditions(TEXTS))
+        cond, mask = model.condition(TEXTS)
+        logits = model.lm(seq, cond, mask)
+    assert logits.shape == ref.shape == (len(TEXTS), K, seq.shape[-1], CARD)
+    assert (logits - ref).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):
+        with torch.no_grad():
+            want = lm.generate(conditions=ac_conditions(TEXTS), max_gen_len=8, use_sampling=False, cfg_coef=cfg)
+        got = greedy(model, TEXTS, 8, cfg)
+        assert torch.equal(got, want) and len(torch.unique(got)) > 8, cfg
+
+
+def test_audiocraft_stereo_codec_decodes_like_audiocraft(ac_stereo) -> None:
+    _, compression, out = ac_stereo
+    assert type(compression).__name__ == "InterleaveStereoCompressionModel"
+    codec = load_codec(out.out / "codec")
+    assert isinstance(codec, InterleavedStereoCodec)
+    assert (codec.channels, codec.n_q, codec.card, codec.sample_rate) == (2, K, CARD, SR)
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, CARD, (2, K, 10), generator=g)
+    wav = torch.randn(2, 2, SR // 5, generator=g) * 0.3
+    with torch.no_grad():
+        ref = compression.decode(codes)
+        ours = codec.decode(codes)
+        ref_codes, _ = compression.encode(wav)
+        ours_codes = codec.encode(wav).codes
+    assert ours.shape == ref.shape == (2, 2, 10 * codec.hop_length)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert torch.equal(ours_codes, ref_codes)
+    # the model decodes its stereo codes to stereo audio [B, 2, T]
+    model = ostinato.load(out.out)
+    wav = model.generate(TEXTS[:2], duration=0.1, params=GenerationParams(temperature=0.0, cfg_scale=3.0))
+    assert wav.shape == (2, 2, SR // 10)
+
+
+# -- transformers ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=sorted(SIZES))
+def hf_stereo(request, tmp_path_factory: pytest.TempPathFactory):
+    """A transformers stereo MusicgenForConditionalGeneration (audio_channels 2, 8 decoder codebooks over a mono
+    4-codebook EnCodec), saved with its tokenizer, and imported."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration)
+
+    size = SIZES[request.param]
+    torch.manual_seed(5)
+    codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
+                          codebook_size=CARD, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
+                          target_bandwidths=[1.2], use_causal_conv=False, normalize=False)
+    decoder = MusicgenDecoderConfig(num_codebooks=K, audio_channels=2, vocab_size=CARD, hidden_size=size["dim"],
+                                    num_attention_heads=size["num_heads"], num_hidden_layers=size["num_layers"],
+                                    ffn_dim=2 * size["dim"], max_position_embeddings=256, dropout=0.0,
+                                    pad_token_id=CARD, bos_token_id=CARD)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5_config(), audio_encoder=codec,
+                                                            decoder=decoder)).eval()
+    model.generation_config.pad_token_id = model.generation_config.decoder_start_token_id = CARD
+    with torch.no_grad():
+        for head in model.decoder.lm_heads:
+            head.weight.mul_(20)
+    folder = tmp_path_factory.mktemp(f"hf_stereo_{request.param}")
+    model.save_pretrained(folder)
+    copy_tokenizer(folder)
+    return model, import_musicgen(folder, folder.parent / f"{folder.name}_import")
+
+
+def hf_tokens(texts: list[str]) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(default_text_model(), local_files_only=True)(texts, padding=True,
+                                                                                      return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def test_transformers_stereo_imports_with_logit_and_generation_parity(hf_stereo) -> None:
+    hf, out = hf_stereo
+    model = ostinato.load(out.out)
+    assert model.pattern.delays == STEREO_DELAYS and out.family["codec"] == str(out.out / "codec")
+    codec = model.codec
+    assert isinstance(codec, InterleavedStereoCodec) and codec.n_q == K
+    g = torch.Generator().manual_seed(6)
+    seq, _ = model.pattern.build(torch.randint(0, CARD, (len(TEXTS), K, 7), generator=g), CARD)
+    enc = hf_tokens(TEXTS)
+    with torch.no_grad():
+        b, k, s = seq.shape
+        ref = hf(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False).logits.reshape(b, k, s, -1)
+        cond, mask = model.condition(TEXTS)
+        logits = model.lm(seq, cond, mask)
+    assert (logits - ref).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):
+        with torch.no_grad():
+            want = hf.generate(**enc, do_sample=False, guidance_scale=cfg, max_new_tokens=12)
+        assert want.shape[:2] == (len(TEXTS), 2)
+        frames = want.shape[-1] // codec.hop_length
+        codes = greedy(model, TEXTS, frames, cfg)
+        assert len(torch.unique(codes)) > 8
+        with torch.no_grad():
+            wav = codec.decode(codes)
+        assert wav.shape == want.shape and (wav - want).abs().max().item() <= 1e-5, cfg
