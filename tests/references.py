@@ -178,3 +178,62 @@ def audiocraft_export_compression(model, cfg, out: Path) -> Path:
     export_encodec(solver, out)
     solver.unlink()
     return out
+
+
+# ----- audiocraft MusicGen-Style (not in the 1.3.0 release) ----------------------------------------------------
+# The style conditioner of audiocraft's repository (audiocraft/modules/conditioners.py at 896ec7c, FeatureExtractor
+# and StyleConditioner, lines 762-1003; config/conditioner/style2music.yaml) is not in any audiocraft release: the
+# reference is assembled from the 1.3.0 package's own blocks (WaveformConditioner, StreamingTransformer,
+# ResidualVectorQuantizer, convert_audio) with the source's attribute names and forward.
+AC_STYLE = dict(model_name="mert", transformer_scale="default", sample_rate=32000, encodec_n_q=3, length=3.0,
+                ds_factor=15, n_q_out=6, eval_q=3, q_dropout=True, bins=1024, varying_lengths=[1.5, 4.5],
+                batch_norm=True, compute_mask=True, ds_rate_compression=640, use_middle_of_segment=False,
+                rvq_threshold_ema_dead_code=0.1, encodec_checkpoint="//pretrained/facebook/encodec_32khz")
+
+
+def audiocraft_style_conditioner(mert, *, output_dim: int, feature_dim: int, width: int, num_heads: int,
+                                 num_layers: int, n_q_out: int, eval_q: int, bins: int, ds_factor: int,
+                                 length: float, sample_rate: int = 32000):
+    """audiocraft's MusicGen-Style ``StyleConditioner`` (mert features, ``use_middle_of_segment`` so that the
+    excerpt is deterministic) over ``mert`` (a frozen HF encoder standing for MERT); random weights."""
+    import torch
+    from torch import nn
+
+    audiocraft()
+    from audiocraft.data.audio_utils import convert_audio
+    from audiocraft.modules.conditioners import WaveformConditioner
+    from audiocraft.modules.transformer import StreamingTransformer
+    from audiocraft.quantization import ResidualVectorQuantizer
+
+    class StyleConditioner(WaveformConditioner):
+        def __init__(self) -> None:
+            super().__init__(dim=width, output_dim=output_dim, device="cpu")
+            self.__dict__["feat_extractor"] = mert.eval()  # frozen, outside the state dict (source line 814)
+            self.embed = nn.Linear(feature_dim, width)  # "hardcoded" 768 -> dim in the source (line 815)
+            self.transformer = StreamingTransformer(  # tr_args of the source (lines 903-915)
+                d_model=width, num_heads=num_heads, num_layers=num_layers, dim_feedforward=4 * width,
+                memory_efficient=True, activation="gelu", norm_first=True, causal=False, layer_scale=None,
+                bias_ff=False, bias_attn=False)
+            self.rvq = ResidualVectorQuantizer(width, n_q=n_q_out, q_dropout=True, bins=bins,
+                                               threshold_ema_dead_code=0.1)
+            self.batch_norm = nn.BatchNorm1d(width, affine=False)
+            self.sample_rate, self.length_subwav = sample_rate, int(length * sample_rate)
+
+        def _get_wav_embedding(self, x):  # FeatureExtractor + StyleConditioner._get_wav_embedding, in eval
+            if x.wav.shape[-1] == 1:
+                return torch.zeros(x.wav.shape[0], 1, width)
+            start = int((x.wav.shape[-1] - self.length_subwav) / 2)
+            wav = convert_audio(x.wav[:, :, start:start + self.length_subwav], from_rate=x.sample_rate[0],
+                                to_rate=24000, to_channels=1)
+            with torch.no_grad():
+                out = self.embed(self.feat_extractor(wav.squeeze(-2)).last_hidden_state)
+            out = self.transformer(out)
+            out = self.batch_norm(out.transpose(1, 2)).transpose(1, 2)
+            self.rvq.set_num_codebooks(n_q_out if self.training else eval_q)
+            out = self.rvq(out.transpose(1, 2), frame_rate=1.).x.transpose(1, 2)
+            return out[:, ::ds_factor]
+
+        def _downsampling_factor(self):
+            return self.sample_rate / 75 * ds_factor
+
+    return StyleConditioner()

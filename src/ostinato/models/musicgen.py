@@ -151,6 +151,8 @@ def _located(family: dict[str, Any], folder: Path | None) -> dict[str, Any]:
         family["codec"] = locate(str(family["codec"]), folder)
     if isinstance(family.get("text"), Mapping) and family["text"].get("model"):
         family["text"] = {**family["text"], "model": locate(str(family["text"]["model"]), folder)}
+    if isinstance(family.get("style"), Mapping) and family["style"].get("features", "codec") != "codec":
+        family["style"] = {**family["style"], "features": locate(str(family["style"]["features"]), folder)}
     return family
 
 
@@ -243,7 +245,7 @@ class MusicGen(nn.Module):
 
     def _style(self, kw: dict[str, Any]) -> StyleConditioner:
         self.style_source = str(kw.pop("features", "codec"))
-        hf_kw = {k: kw.pop(k) for k in ("layer", "trust_remote_code") if k in kw}
+        hf_kw = {k: kw.pop(k) for k in ("layer", "trust_remote_code", "normalize", "resampler") if k in kw}
         if self.style_source != "codec":
             features = HFAudioFeatures(self.style_source, **hf_kw)
             self.__dict__["_style_features"] = features  # frozen, unregistered (like the text encoder)
@@ -372,13 +374,23 @@ class MusicGen(nn.Module):
             return None
         codec = self.codec
         if style is None:  # the dropped-style condition the model also trained on
-            frames = int(self.style.eval_excerpt_seconds * codec.frame_rate)
-            return torch.zeros(b, self.style.num_tokens(frames), self.cfg.dim, device=self.device)
+            return torch.zeros(b, self._null_style_tokens(), self.cfg.dim, device=self.device)
         wav = _at(style, codec.sample_rate, codec.channels).to(self.device)
         codes = codec.encode(wav, n_q=self.n_q).codes
         self.style.eval()
         tokens, _ = self.style_tokens(codes, train=False, wav=wav)
         return tokens.expand(b, -1, -1)
+
+    def _null_style_tokens(self) -> int:
+        assert self.style is not None
+        if self.style.null_tokens is not None:
+            return self.style.null_tokens
+        if self.style_source == "codec":
+            frames = int(self.style.eval_excerpt_seconds * self.codec.frame_rate)
+        else:
+            features: HFAudioFeatures = self.__dict__["_style_features"]
+            frames = features.num_frames(round(self.style.eval_excerpt_seconds * features.sample_rate))
+        return self.style.num_tokens(frames)
 
     def _melody_chroma(self, melody: AudioRef, need: int) -> Tensor:
         """``[1, need, 12]``: the reference's chromagram, looped when shorter than the output, cropped when longer."""

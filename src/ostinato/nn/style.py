@@ -12,7 +12,14 @@ the LM input::
 
 Fewer codebooks at inference (``eval_q``) pass less information, so the generation follows the style more loosely.
 Defaults follow audiocraft's ``StyleConditioner``: width 512, 8 layers, 8 heads, 6 codebooks of 1024 codes, 3 at
-eval, downsampling by 15, excerpts of 1.5 to 4.5 s, dead-code threshold 0.1.
+eval, downsampling by 15, excerpts of 1.5 to 4.5 s, dead-code threshold 0.1. With ``norm_bias`` (LayerNorms with a
+bias, as audiocraft's) and ``q_dropout`` the state dict holds an audiocraft MusicGen-Style conditioner under the same
+names but three (``embed`` -> ``input_proj``, ``batch_norm`` -> ``norm``, ``rvq.vq.layers`` -> ``rvq.layers``;
+``ostinato.interop.musicgen_style`` maps them).
+
+MERT (``m-a-p/MERT-v1-95M``, the features of audiocraft's MusicGen-Style) is published with remote code, a HuBERT
+whose options (CQT features, DeepNorm, attention relaxation) are all off in the v1 models: ``HFAudioFeatures`` loads
+such a folder into transformers' own ``HubertModel``, without running its code.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ostinato.nn.resample import resample
+from ostinato.nn.resample import resample, resample_audiocraft
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.transformer import sinusoidal_embedding
 
@@ -44,12 +51,17 @@ class StyleConditioner(nn.Module):
         downsample: one token per ``downsample`` feature frames.
         excerpt_seconds: (min, max) excerpt length drawn in training; ``eval_excerpt_seconds``: the eval length.
         commitment_weight: scale of the RVQ commitment loss returned as ``penalty``.
+        norm_bias: LayerNorms with a bias in the encoder (audiocraft's); off in ostinato's own design.
+        q_dropout: in training, each batch uses a random number of codebooks in [1, n_q] (audiocraft's).
+        null_tokens: tokens of the "no style" condition at generation; None = as many as an eval excerpt gives
+            (ostinato trains with that), 1 for audiocraft imports (its null style is one zero token).
     """
 
     def __init__(self, feature_dim: int, dim: int, width: int = 512, num_layers: int = 8, num_heads: int = 8,
                  n_q: int = 6, card: int = 1024, eval_q: int = 3, downsample: int = 15,
                  excerpt_seconds: tuple[float, float] = (1.5, 4.5), eval_excerpt_seconds: float = 3.0,
-                 commitment_weight: float = 1.0) -> None:
+                 commitment_weight: float = 1.0, norm_bias: bool = False, q_dropout: bool = False,
+                 null_tokens: int | None = None) -> None:
         super().__init__()
         if n_q < 1:
             raise ValueError(f"n_q must be >= 1, got {n_q}")
@@ -64,10 +76,13 @@ class StyleConditioner(nn.Module):
             raise ValueError(f"excerpt_seconds must be (min, max) with 0 < min <= max, got {excerpt_seconds}")
         if eval_excerpt_seconds <= 0:
             raise ValueError(f"eval_excerpt_seconds must be > 0, got {eval_excerpt_seconds}")
+        if null_tokens is not None and null_tokens < 1:
+            raise ValueError(f"null_tokens must be >= 1 or None, got {null_tokens}")
         self.config: dict[str, Any] = dict(
             feature_dim=feature_dim, dim=dim, width=width, num_layers=num_layers, num_heads=num_heads, n_q=n_q,
             card=card, eval_q=eval_q, downsample=downsample, excerpt_seconds=(lo, hi),
-            eval_excerpt_seconds=float(eval_excerpt_seconds), commitment_weight=commitment_weight)
+            eval_excerpt_seconds=float(eval_excerpt_seconds), commitment_weight=commitment_weight,
+            norm_bias=norm_bias, q_dropout=q_dropout, null_tokens=null_tokens)
         self.feature_dim = feature_dim
         self.dim = dim
         self.width = width
@@ -76,15 +91,20 @@ class StyleConditioner(nn.Module):
         self.downsample = downsample
         self.excerpt_seconds = (lo, hi)
         self.eval_excerpt_seconds = float(eval_excerpt_seconds)
+        self.null_tokens = null_tokens
 
         self.input_proj = nn.Linear(feature_dim, width)
         layer = nn.TransformerEncoderLayer(width, num_heads, dim_feedforward=4 * width, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True, bias=False)
         # No final LayerNorm: the BatchNorm right after normalises the output anyway.
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        if norm_bias:  # torch's bias=False drops the LayerNorm biases too; audiocraft's keep theirs
+            for block in self.transformer.layers:
+                block.norm1 = nn.LayerNorm(width, eps=block.norm1.eps)
+                block.norm2 = nn.LayerNorm(width, eps=block.norm2.eps)
         self.norm = nn.BatchNorm1d(width, affine=False)
         self.rvq = ResidualVectorQuantizer(width, n_q=n_q, card=card, threshold_ema_dead_code=0.1,
-                                           commitment_weight=commitment_weight)
+                                           commitment_weight=commitment_weight, q_dropout=q_dropout)
         self.output_proj = nn.Linear(width, dim)
 
     def num_tokens(self, num_feature_frames: int) -> int:
@@ -187,18 +207,26 @@ class HFAudioFeatures:
     Args:
         path: folder saved with ``save_pretrained`` (``config.json``; ``preprocessor_config.json`` for the rate).
         layer: which hidden state to return (0 = the encoder's input, the projected conv features; None = last).
-        trust_remote_code: needed by MERT, whose modelling code files must be in the folder.
+        trust_remote_code: run the folder's own modelling code; without it a MERT-v1 folder (``model_type``
+            ``mert_model``) is loaded into transformers' ``HubertModel``.
+        normalize: zero-mean unit-variance input per item; None = the folder's ``do_normalize`` (audiocraft's
+            MusicGen-Style feeds MERT raw audio: False).
+        resampler: "ostinato" (``resample``) or "audiocraft" (``resample_audiocraft``, what its imports need).
     """
 
-    def __init__(self, path: str, layer: int | None = None, trust_remote_code: bool = False) -> None:
-        from transformers import AutoConfig, AutoModel
-
+    def __init__(self, path: str, layer: int | None = None, trust_remote_code: bool = False,
+                 normalize: bool | None = None, resampler: str = "ostinato") -> None:
+        if resampler not in ("ostinato", "audiocraft"):
+            raise ValueError(f"resampler={resampler!r}: use ostinato or audiocraft")
+        self.resample = resample if resampler == "ostinato" else resample_audiocraft
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{str(folder)!r} has no config.json: give a local folder saved with "
                                     "save_pretrained (models are never downloaded)")
         self.path = str(folder)
-        config = AutoConfig.from_pretrained(self.path, local_files_only=True, trust_remote_code=trust_remote_code)
+        raw = json.loads((folder / "config.json").read_text())
+        mert = raw.get("model_type") == MERT_MODEL_TYPE and not trust_remote_code
+        config = mert_hubert_config(folder, raw) if mert else _auto_config(self.path, trust_remote_code)
         preprocessor = folder / "preprocessor_config.json"
         prep: dict[str, Any] = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
         rate = prep.get("sampling_rate") or getattr(config, "sampling_rate", None) or getattr(config, "sample_rate",
@@ -221,9 +249,9 @@ class HFAudioFeatures:
         # Shortest input giving one frame: the receptive field of the conv feature extractor.
         self.min_samples = 1 + sum((int(k) - 1) * math.prod(int(s) for s in strides[:i])
                                    for i, k in enumerate(kernels))
-        self.normalize = bool(prep.get("do_normalize", False))
+        self.normalize = bool(prep.get("do_normalize", False)) if normalize is None else bool(normalize)
         self.layer = layer
-        model = AutoModel.from_pretrained(self.path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = _load_mert(folder, config) if mert else _auto_model(self.path, trust_remote_code)
         self.model = model.eval().requires_grad_(False)
 
     def num_frames(self, num_samples: int) -> int:
@@ -237,7 +265,7 @@ class HFAudioFeatures:
         """wav [B, C, T] at ``sample_rate`` -> features [B, F, dim] float32 (mono, resampled), no gradient."""
         if wav.dim() != 3:
             raise ValueError(f"expected wav [B, C, T], got {tuple(wav.shape)}")
-        x = resample(wav.detach().float().mean(dim=1), int(sample_rate), self.sample_rate)
+        x = self.resample(wav.detach().float().mean(dim=1), int(sample_rate), self.sample_rate)
         if x.shape[-1] < self.min_samples:
             raise ValueError(f"{wav.shape[-1]} samples at {sample_rate} Hz is shorter than one frame of "
                              f"{self.path} ({self.min_samples} samples at {self.sample_rate} Hz); give a longer "
@@ -250,3 +278,58 @@ class HFAudioFeatures:
             out = self.model(x, output_hidden_states=self.layer is not None)
         hidden = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
         return hidden.float()
+
+
+# ----- MERT without remote code --------------------------------------------------------------------------------
+
+MERT_MODEL_TYPE = "mert_model"
+# MERTConfig options whose code differs from HuBERT's; the values under which it is HuBERT's (those of MERT-v1)
+_MERT_HUBERT_VALUES: dict[str, Any] = {"feature_extractor_cqt": False, "deepnorm": False}
+_MERT_ONLY_KEYS = ("feature_extractor_cqt", "feature_extractor_cqt_bins", "deepnorm", "attention_relax",
+                   "sample_rate", "model_type", "architectures", "auto_map")
+
+
+def mert_hubert_config(folder: Path, raw: dict[str, Any]) -> Any:
+    """A MERT folder's ``config.json`` contents -> the ``HubertConfig`` that computes the same model.
+
+    MERT's ``MERTModel`` subclasses transformers' ``HubertModel``; with CQT features, DeepNorm and attention
+    relaxation off (MERT-v1-95M / 330M) its forward is HuBERT's. Other settings are refused (one line naming the key).
+    """
+    from transformers import HubertConfig
+
+    for key, value in _MERT_HUBERT_VALUES.items():
+        if bool(raw.get(key, value)) != value:
+            raise ValueError(f"{folder / 'config.json'}: {key}={raw[key]!r} needs MERT's own code; set "
+                             "trust_remote_code: true (with its modelling files in the folder)")
+    if float(raw.get("attention_relax", -1.0)) > 0:
+        raise ValueError(f"{folder / 'config.json'}: attention_relax={raw['attention_relax']!r} needs MERT's own "
+                         "code; set trust_remote_code: true (with its modelling files in the folder)")
+    config = HubertConfig(**{k: v for k, v in raw.items() if k not in _MERT_ONLY_KEYS})
+    config.sample_rate = raw.get("sample_rate")
+    return config
+
+
+def _load_mert(folder: Path, config: Any) -> nn.Module:
+    """A MERT folder's weights in a ``HubertModel``; every weight of either side must find its match."""
+    from transformers import HubertModel
+
+    model, info = HubertModel.from_pretrained(folder, config=config, local_files_only=True,
+                                              output_loading_info=True)
+    bad = {k: sorted(v)[:8] for k, v in info.items()
+           if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"{folder}: its weights do not fit a HuBERT of its config.json ({bad}); set "
+                         "trust_remote_code: true (with MERT's modelling files in the folder)")
+    return model
+
+
+def _auto_config(path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def _auto_model(path: str, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
