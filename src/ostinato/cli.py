@@ -188,8 +188,10 @@ def _export(args: argparse.Namespace) -> None:
     from ostinato.store.records import resolve_ref, xps_dir
 
     ref = resolve_ref(args.ref)
-    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust, overwrite=args.overwrite)
-    print(f"exported {ref} -> {out} (model.safetensors, config.yaml, export.json)")
+    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust, overwrite=args.overwrite, lora=args.lora)
+    weights = "adapter/" if (out / "adapter").is_dir() else "model.safetensors"
+    files = f"{weights}, config.yaml, export.json"
+    print(f"exported {ref} -> {out} ({files})")
 
 
 def _encode(args: argparse.Namespace) -> None:
@@ -561,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="output folder")
     e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     e.add_argument("--overwrite", action="store_true", help="replace an OUT that already holds files")
+    e.add_argument("--lora", choices=("merge", "keep"), default="merge",
+                   help="a LoRA run: merge the adapters into the weights (default), or keep them apart in peft's "
+                        "format (adapter/) beside the base's reference")
     e.set_defaults(func=_export)
 
     t = verbs.add_parser("tokenize", help="audio shards -> token shards with a codec or a semantic tokenizer")

@@ -84,9 +84,13 @@ def run(cfg: DictConfig) -> L.Trainer:
     resume = last_checkpoint(folder, set_aside_damaged=spec.rank == 0)
     if resume is not None:
         check_resume_fits(resume, family)
-    if cfg.continue_from and resume is None:
-        load_weights(family, cfg.continue_from, xps_dir=Path(xp.dora.dir) / xp.dora.xps,
-                     trust=cfg.trainer.trust_checkpoints)
+    lora = getattr(family, "lora", None) is not None
+    if lora and not cfg.continue_from:
+        raise ConfigError("family.lora trains adapters on a pretrained model: set continue_from= (an import "
+                          "folder, an export or an XP) to the model they adapt")
+    if cfg.continue_from and (resume is None or lora):  # a LoRA run's checkpoints hold the adapters alone
+        load_base(family, cfg.continue_from, Path(xp.dora.dir) / xp.dora.xps, cfg.trainer.trust_checkpoints,
+                  resuming=resume is not None)
     apply_compile_and_checkpointing(cfg.trainer, family)
     resumed_step = checkpoint_step(resume) if resume is not None else None
     loggers = build_loggers(cfg.logger, folder, xp.sig, resumed_step) if cfg.logger.kind != "none" else []
@@ -110,6 +114,18 @@ def run(cfg: DictConfig) -> L.Trainer:
         kept = last_checkpoint(folder)
         raise NonFiniteError(f"{e} ({kept or 'no checkpoint was written yet'})") from None
     return trainer
+
+
+def load_base(family: L.LightningModule, ref: str, xps: Path, trust: bool, resuming: bool) -> None:
+    """``continue_from``'s weights into ``family``; at a LoRA run's resume a base that is gone is refused in one
+    line (its checkpoints hold the adapters alone)."""
+    try:
+        load_weights(family, ref, xps_dir=xps, trust=trust)
+    except FileNotFoundError as e:
+        if not resuming:
+            raise
+        raise ConfigError(f"continue_from={ref}: the base this LoRA run adapts is gone ({e}); its checkpoints hold "
+                          "the adapters alone: put the base back at that path to resume") from None
 
 
 def checkpoint_step(path: Path) -> int:

@@ -71,6 +71,8 @@ def check_resume_fits(path: Path, family: torch.nn.Module) -> None:
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         theirs, own = ckpt["state_dict"], family.state_dict()
+        if hasattr(family, "checkpoint_state"):  # what its checkpoints hold (a LoRA run: the adapters)
+            own = family.checkpoint_state(own)
         missing = sorted(set(own) - set(theirs))
         unexpected = sorted(set(theirs) - set(own))
         shapes = sorted(k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape))

@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 from ostinato.errors import UserError
 from ostinato.fileio import atomic_write_json, atomic_write_text
 from ostinato.models import model_weights
+from ostinato.models.lora import ADAPTER_DIR, BUFFERS_NAME, base_reference, kept_export, merged, record_lora
+from ostinato.nn.lora import adapted_keys, adapter_state, has_adapters, save_adapters
 from ostinato.registry import kind_of
-from ostinato.store.records import (CONFIG_NAME, INFO_NAME, MODEL_PREFIX, WEIGHTS_NAME, export_folder, read_weights,
-                                   staged_folder)
+from ostinato.store.records import (CONFIG_NAME, INFO_NAME, MODEL_PREFIX, WEIGHTS_NAME, export_folder, read_config,
+                                   read_weights, staged_folder)
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,25 @@ def _family_name(target: str) -> str:
 def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path | None = None,
                  trust: bool = False) -> LoadReport:
     """Load what matches by name and shape; report loaded, missing, unexpected and mismatched keys. A source of
-    which nothing fits (another family's checkpoint) is refused, naming its family."""
-    weights, cfg, source = read_weights(ref, xps_dir, trust)
+    which nothing fits (another family's checkpoint) is refused, naming its family.
+
+    LoRA: a base's weights go under the adapted names of a module with adapters (``<layer>.base_layer.weight``);
+    a LoRA run's record loads its base first, then its adapters into the module's (the same ``family.lora``), or,
+    into a module without adapters, merged; a kept-adapters export loads merged."""
+    if kept_export(ref) is not None:
+        weights, cfg, source = _merged_weights(ref, xps_dir, trust)
+    else:
+        weights, cfg, source = read_weights(ref, xps_dir, trust)
+    base = None
+    if record_lora(cfg) is not None and export_folder(ref) is None:
+        if has_adapters(module):
+            base = load_weights(module, base_reference(cfg, source), xps_dir, trust)
+        else:
+            weights, cfg, source = _merged_weights(ref, xps_dir, trust)
     if _holds_model_alone(ref, cfg, source):  # an export of a split family: the wrapper holds it as ``model``
         weights = {f"{MODEL_PREFIX}{k}": v for k, v in weights.items()}
     own = module.state_dict()
+    weights = adapted_keys(weights, own)
     report = LoadReport(source=source)
     usable = {}
     for key, value in weights.items():
@@ -59,7 +75,12 @@ def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path |
         else:
             usable[key] = value
     report.loaded = sorted(usable)
-    report.missing = sorted(set(own) - set(usable) - {m.split(" ")[0] for m in report.mismatched})
+    report.missing = sorted(set(own) - set(usable) - {m.split(" ")[0] for m in report.mismatched}
+                            - {k for k in own if ".lora_" in k})  # adapters a base has not start afresh
+    if base is not None:  # what the base brought counts as loaded
+        report.loaded = sorted(set(report.loaded) | set(base.loaded))
+        report.missing = sorted(set(report.missing) - set(base.loaded))
+        report.source = f"{source} over {base.source}"
     if weights and not usable:
         theirs = ((cfg or {}).get("family") or {}).get("_target_")
         which = f"a checkpoint of family {_family_name(theirs)} ({theirs})" if theirs else "weights of another model"
@@ -70,6 +91,16 @@ def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path |
     return report
 
 
+def _merged_weights(ref: str | Path, xps_dir: str | Path | None,
+                    trust: bool) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """A LoRA record as the plain model's weights (``model.``-prefixed), adapters merged in."""
+    from ostinato.models import load
+
+    model = merged(load(ref, xps_dir=xps_dir, trust=trust))
+    cfg = read_config(ref, xps_dir, trust) if kept_export(ref) is None else None
+    return {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}, cfg, f"{ref} (LoRA adapters merged)"
+
+
 def _holds_model_alone(ref: str | Path, cfg: dict | None, source: str) -> bool:
     try:
         return export_folder(ref) is not None and kind_of(cfg, source).model is not None
@@ -78,30 +109,64 @@ def _holds_model_alone(ref: str | Path, cfg: dict | None, source: str) -> bool:
 
 
 def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, trust: bool = False,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, lora: str = "merge") -> Path:
     """Write ``model.safetensors`` (EMA weights when present), ``config.yaml`` and ``export.json`` to ``out``.
+
+    A LoRA run's record: ``lora="merge"`` (default) folds the adapters into the base weights (a plain model);
+    ``"keep"`` writes them apart, in peft's format (``adapter/``), beside the base's reference (``export.json``
+    ``base``) and the model's buffers, with no ``model.safetensors`` (see ``ostinato.models.lora``).
 
     All or nothing: the files are written to a temp folder beside ``out`` that is renamed onto it at the end; an
     ``out`` that holds files is replaced only with ``overwrite``."""
+    if lora not in ("merge", "keep"):
+        raise UserError(f"--lora {lora}: use merge (fold the adapters into the weights) or keep (write them apart)")
     out = Path(out)
     _check_export_folder(out, overwrite)
+    if kept_export(ref) is not None:
+        raise UserError(f"{ref} is an export already (its adapters kept apart); load it with ostinato.load, or "
+                        "export the XP it came from")
     weights, cfg, source = read_weights(ref, xps_dir, trust)
     if cfg is None:
         raise ValueError(f"{source} carries no config; export needs a checkpoint written by `ostinato train`")
     kind = kind_of(cfg, source)
-    if kind.model is not None and export_folder(ref) is None:  # a checkpoint: its model's tensors only
+    spec = record_lora(cfg) if export_folder(ref) is None else None
+    adapted = None
+    if spec is not None:
+        from ostinato.models import load
+
+        adapted = load(ref, xps_dir=xps_dir, trust=trust)
+        cfg = {**cfg, "continue_from": _absolute(base_reference(cfg, source))}
+        if lora == "merge":
+            weights = merged(adapted).state_dict()
+            cfg = {**cfg, "family": {**cfg["family"], "lora": None}}
+    elif kind.model is not None and export_folder(ref) is None:  # a checkpoint: its model's tensors only
         weights = model_weights(weights, None)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+    info = {"source": source, "tensors": len(tensors), "family": kind.family, "wrapper": kind.wrapper,
+            "model": kind.model}
     with staged_folder(out) as stage:
         from ostinato.interop.codecs import embed_codec
 
         cfg = embed_codec(cfg, stage, out, trust, export)  # a MusicGen's codec travels with it
-        save_file(tensors, str(stage / WEIGHTS_NAME))
+        if spec is not None and lora == "keep":
+            assert adapted is not None
+            save_adapters(adapted.lm, spec, stage / ADAPTER_DIR, base=cfg["continue_from"])
+            buffers = {k: v.detach().cpu().contiguous() for k, v in adapted.state_dict().items()
+                       if k in dict(adapted.named_buffers())}
+            if buffers:
+                save_file(buffers, str(stage / BUFFERS_NAME))
+            info = {**info, "tensors": len(adapter_state(adapted.lm)), "lora": "kept", "base": cfg["continue_from"]}
+        else:
+            save_file(tensors, str(stage / WEIGHTS_NAME))
         atomic_write_text(stage / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-        atomic_write_json(stage / INFO_NAME, {"source": source, "tensors": len(tensors),
-                                              "family": kind.family, "wrapper": kind.wrapper,
-                                              "model": kind.model})
+        atomic_write_json(stage / INFO_NAME, info)
     return out
+
+
+def _absolute(ref: str) -> str:
+    """A local base reference as an absolute path (the export may be read from anywhere); XP signatures as they are."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if not ref.startswith("//") and path.exists() else ref
 
 
 def _check_export_folder(out: Path, overwrite: bool) -> None:

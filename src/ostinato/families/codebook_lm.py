@@ -7,9 +7,14 @@ valid frame.
 
 ``CodebookLMFamily``: a wrapper defines ``losses(batch, train) -> ce [K]``; the base logs, per split, ``ce`` (mean
 over codebooks), ``loss``, ``ppl`` and per codebook ``ce_q{k}`` / ``ppl_q{k}``.
+
+LoRA (``family.lora``, ``use_lora``): adapters on ``self.model.lm``, everything else frozen (the optimizer takes
+only what requires grad); checkpoints hold the adapters and the buffers alone (the base is ``continue_from``'s,
+loaded again at resume), so Lightning's restore is not strict.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ostinato.families.base import FamilyModule
+from ostinato.nn.lora import LoRA, add_adapters, lora_spec, spec_dict
 from ostinato.nn.patterns import CodebookPattern
 from ostinato.nn.transformer import CodebookLM, _Block
 
@@ -53,7 +59,33 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
 
 
 class CodebookLMFamily(FamilyModule):
-    """Base of the wrappers that train a ``CodebookLM``: steps and logging around ``losses``."""
+    """Base of the wrappers that train a ``CodebookLM``: steps and logging around ``losses``; LoRA fine-tuning of
+    ``self.model.lm`` when a wrapper calls ``use_lora`` (last in its ``__init__``)."""
+
+    lora: LoRA | None = None
+
+    def use_lora(self, spec: Mapping[str, Any] | None) -> None:
+        """``family.lora`` (null = off): adapters on the LM; every other parameter is frozen."""
+        self.lora = lora_spec(spec)
+        if self.lora is None:
+            return
+        self.requires_grad_(False)
+        add_adapters(self.model.lm, self.lora)  # its new adapter parameters are the only ones requiring grad
+        self.strict_loading = False  # checkpoints hold the adapters; the base comes from continue_from
+
+    def checkpoint_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What a checkpoint keeps of ``state`` (this module's state dict): all of it, or with LoRA the adapters
+        and the buffers (data rates, windows) a model is rebuilt with."""
+        if self.lora is None:
+            return dict(state)
+        params = {name for name, _ in self.named_parameters()}
+        return {k: v for k, v in state.items() if ".lora_" in k or k not in params}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.lora is not None:
+            checkpoint["state_dict"] = self.checkpoint_state(checkpoint["state_dict"])
+            checkpoint["lora"] = spec_dict(self.lora)
 
     def losses(self, batch: Any, train: bool) -> Tensor:
         """Per-codebook mean cross-entropy ``[K]`` of a batch (conditions dropped out when ``train``)."""

@@ -108,18 +108,20 @@ class JukeboxPrior(CodebookLMFamily):
         cfg_dropout: probability, per training item, of the null condition (zero metadata prefix).
         vqvae: the VQ-VAE the codes come from (anything ``ostinato.load`` takes); None = the one recorded in the
             array shards' manifest.
+        lora: LoRA adapters to train on the LM instead of the model (``LoRA`` kwargs; null = off).
     """
 
     ema_modules = ("model.lm", "model.prefix_modules")
 
     def __init__(self, level: str, card: int, cfg_dropout: float = 0.1, vqvae: str | None = None,
-                 optim: Mapping[str, Any] | None = None, **model: Any):
+                 lora: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None, **model: Any):
         super().__init__(optim)
         model = {k: plain(v) for k, v in model.items()}
         self.metadata_dropout = float((model.get("metadata") or {}).get("dropout", 0.0))
         self.model = LevelPrior(level, card, **model)
         self.cfg_dropout = float(cfg_dropout)
         self.vqvae_ref = None if vqvae is None else str(vqvae)
+        self.use_lora(lora)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

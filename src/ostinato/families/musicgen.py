@@ -68,6 +68,8 @@ class MusicGenFamily(CodebookLMFamily):
         attribute_dropout: probability, per training item and structured field, of leaving the field out.
         text_dropout: probability of leaving the text out alone (what double CFG's "style only" rows need).
         semantics: ``Semantics`` kwargs (text padding in cross-attention, which frames the loss counts).
+        lora: ``LoRA`` kwargs (``rank``, ``alpha``, ``dropout``, ``targets``): train adapters on the LM alone;
+            null = train the model.
     """
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
@@ -75,7 +77,7 @@ class MusicGenFamily(CodebookLMFamily):
                  style: Mapping[str, Any] | None = None, delays: Sequence[int] | None = None,
                  cfg_dropout: float = 0.1, attribute_dropout: float = 0.0, text_dropout: float = 0.0,
                  codec: str | None = None, semantics: Mapping[str, Any] | None = None,
-                 optim: Mapping[str, Any] | None = None):
+                 lora: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None):
         super().__init__(optim)
         kwargs = dict(n_q=n_q, card=card, lm=lm, text=text, melody=melody, style=style, delays=delays, codec=codec,
                       semantics=semantics)
@@ -91,6 +93,7 @@ class MusicGenFamily(CodebookLMFamily):
         if model.style is not None:  # not the RVQ codebooks: they keep their own EMA
             ema += ["style.input_proj", "style.transformer", "style.output_proj"]
         self.ema_modules = tuple(f"model.{name}" for name in ema)
+        self.use_lora(lora)
 
     @property
     def n_q(self) -> int:
@@ -224,13 +227,15 @@ class ImportedMusicGenFamily(MusicGenFamily):
         export: the folder ``ostinato import`` wrote.
         lm, text: changes to the import's ``LMConfig`` / ``TextConditioner`` kwargs (null values keep the import's).
         delays, cfg_dropout, attribute_dropout, codec: replace the import's values when not null.
+        lora: LoRA adapters to train instead of the model (see ``MusicGenFamily``).
     """
 
     def __init__(self, export: str, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
                  delays: Sequence[int] | None = None, cfg_dropout: float | None = None,
                  attribute_dropout: float | None = None, codec: str | None = None,
-                 optim: Mapping[str, Any] | None = None):
+                 lora: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None):
         kwargs = imported_kwargs(export, lm, text, delays=delays, cfg_dropout=cfg_dropout,
                                  attribute_dropout=attribute_dropout, codec=codec)
-        super().__init__(**kwargs, optim=optim)
+        kwargs.pop("lora", None)  # an export's own adapters are merged into its weights
+        super().__init__(**kwargs, lora=lora, optim=optim)
         self.export_dir = str(export)

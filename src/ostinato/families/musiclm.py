@@ -93,11 +93,14 @@ class SemanticStage(_Stage):
     Args:
         card, mulan_n_q, mulan_card, lm: the ``SemanticLM``'s (``card`` is checked against the token manifest).
         cfg_dropout: probability of a zero MuLaN prefix.
+        lora: LoRA adapters to train on the LM instead of the model (``LoRA`` kwargs; null = off).
     """
 
     def __init__(self, card: int, mulan_n_q: int = 12, mulan_card: int = 1024, lm: Mapping[str, Any] | None = None,
-                 cfg_dropout: float = 0.1, optim: Mapping[str, Any] | None = None):
+                 cfg_dropout: float = 0.1, lora: Mapping[str, Any] | None = None,
+                 optim: Mapping[str, Any] | None = None):
         super().__init__(SemanticLM(card, mulan_n_q, mulan_card, lm), cfg_dropout, optim)
+        self.use_lora(lora)
 
     def check_data(self, dm: Any) -> None:
         self._check(getattr(dm, "semantic", None), "semantic", 1, self.model.card)
@@ -122,9 +125,10 @@ class CoarseStage(_Stage):
 
     def __init__(self, card: int, coarse_q: int, semantic_card: int, mulan_n_q: int = 12, mulan_card: int = 1024,
                  pattern: str = "unroll", lm: Mapping[str, Any] | None = None, cfg_dropout: float = 0.1,
-                 optim: Mapping[str, Any] | None = None):
+                 lora: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None):
         super().__init__(CoarseLM(card, coarse_q, semantic_card, mulan_n_q, mulan_card, pattern, lm), cfg_dropout,
                          optim)
+        self.use_lora(lora)
 
     def check_data(self, dm: Any) -> None:
         self._check(getattr(dm, "codec", None), "codec", self.model.n_q, self.model.card)
@@ -149,8 +153,10 @@ class FineStage(_Stage):
     """
 
     def __init__(self, n_q: int, card: int, coarse_q: int, pattern: str = "unroll",
-                 lm: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None):
+                 lm: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
+                 optim: Mapping[str, Any] | None = None):
         super().__init__(FineLM(n_q, card, coarse_q, pattern, lm), 0.0, optim)
+        self.use_lora(lora)
 
     def check_data(self, dm: Any) -> None:
         self._check(getattr(dm, "codec", None), "codec", self.model.total_q, self.model.card)

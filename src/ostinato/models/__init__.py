@@ -49,12 +49,29 @@ def build(cfg: dict[str, Any], folder: Path | None = None, source: str = "this r
 def load(ref: str | Path, map_location: str | torch.device = "cpu", xps_dir: str | Path | None = None,
          trust: bool = False) -> torch.nn.Module:
     """An export folder, an XP (folder or signature) or a checkpoint -> its inference model, in eval mode; the
-    family is read from the record's config."""
+    family is read from the record's config. A LoRA run's record (or kept-adapters export) is its base with the
+    adapters on (``ostinato.models.lora``)."""
+    from functools import partial
+
+    from ostinato.models import lora
+
     resolved = resolve_ref(str(ref))
-    weights, cfg, source = read_weights(resolved, xps_dir if xps_dir is not None else records.xps_dir(), trust)
+    xps = xps_dir if xps_dir is not None else records.xps_dir()
+    load_base = partial(load, xps_dir=xps, trust=trust)
+    kept = lora.kept_export(resolved)
+    if kept is not None:
+        cfg, spec, state, base = lora.read_kept(kept)
+        model = lora.adapted_model(build(cfg, kept, str(kept)), spec, base, state, str(kept), load_base)
+        return model.to(map_location).eval()
+    weights, cfg, source = read_weights(resolved, xps, trust)
     if cfg is None:
         raise ValueError(f"{source}: no config.yaml beside the weights; cannot tell which family to build")
     folder = export_folder(resolved)
     model = build(cfg, folder, source)
+    spec = lora.record_lora(cfg) if folder is None else None  # an export's adapters are merged into its weights
+    if spec is not None:
+        state = model_weights(weights, folder)
+        model = lora.adapted_model(model, spec, lora.base_reference(cfg, source), state, source, load_base)
+        return model.to(map_location).eval()
     model.load_state_dict(fitting(model, model_weights(weights, folder), source), strict=True)
     return model.to(map_location).eval()

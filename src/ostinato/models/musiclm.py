@@ -74,7 +74,7 @@ class _StageLM(nn.Module):
     """What the three stage models share: the LM, its pattern, the prefix modules and the recorded frame rates."""
 
     namespace: str | None = None  # MuLaN tokens of this stage's prefix
-    training_keys: tuple[str, ...] = ("cfg_dropout", "optim")  # the wrapper's, not the model's
+    training_keys: tuple[str, ...] = ("cfg_dropout", "lora", "optim")  # the wrapper's, not the model's
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None, pattern: str, mulan_n_q: int,
                  mulan_card: int):

@@ -1,0 +1,179 @@
+"""LoRA fine-tuning (``family.lora``): only the adapters train and are saved, resume and ``continue_from`` carry
+them, ``export`` merges them (or keeps them apart in peft's format) and ``ostinato.load`` reads both; for an
+imported MusicGen through the CLI, and for a MusicLM stage and a Jukebox prior in process."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ostinato
+from ostinato.cli import main
+from ostinato.engine.weights import export, load_weights
+from ostinato.families.musicgen import ImportedMusicGenFamily
+from ostinato.models.musicgen import MusicGen
+from ostinato.nn.lora import has_adapters
+from tests.runner import train, xp_folder
+from tests.synth import write_shards
+from tests.test_musicgen_import import SR, TEXTS, codes_seq, hf_musicgen, imported  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 4
+LORA = "family.lora={rank: 4, alpha: 8}"
+
+
+def lora_keys(state: dict) -> list[str]:
+    return sorted(k for k in state if ".lora_" in k)
+
+
+def logits(model: MusicGen) -> torch.Tensor:
+    with torch.no_grad():
+        cond, mask = model.condition(TEXTS)
+        return model.lm(codes_seq(), cond, mask)
+
+
+@pytest.fixture(scope="module")
+def musicgen_run(imported, env, tmp_path_factory):  # noqa: F811
+    """The tiny import fine-tuned with LoRA through `ostinato train` (4 steps, rank 4 on the attention)."""
+    root = tmp_path_factory.mktemp("lora_musicgen")
+    out = imported.out
+    for split, n in (("train", 8), ("valid", 4)):
+        write_shards(root / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR)
+        main(["tokenize", str(root / "audio" / split), str(root / "tokens" / split), "--codec", str(out / "codec"),
+              "--devices", "cpu", "--workers", "1"])
+    run_env = {**env, "OSTINATO_OUTPUTS": str(root / "xps"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    base = ["family=musicgen_import", f"family.export={out}", f"continue_from={out}", "data=demo_tokens",
+            f"data.train={root / 'tokens' / 'train'}", f"data.valid={root / 'tokens' / 'valid'}", "data.test=null",
+            "trainer.limit_val_batches=1", "ema.decay=0.5", LORA]
+    run = [*base, f"trainer.max_steps={STEPS}", f"trainer.checkpoint_every_steps={STEPS}"]
+    proc = train(run_env, *run)
+    folder = Path(re.search(r"XP \w+ in (\S+)", proc.stderr)[1])
+    return {"env": run_env, "base": base, "folder": folder, "import": out, "root": root}
+
+
+def test_only_the_adapters_train_and_are_saved(musicgen_run) -> None:
+    folder, out = musicgen_run["folder"], musicgen_run["import"]
+    ckpt_path = folder / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    state = ckpt["state_dict"]
+    layers = 2  # the import's decoder layers; 4 self- and 4 cross-attention projections each, A and B
+    assert ckpt["global_step"] == STEPS and len(lora_keys(state)) == layers * 8 * 2 == len(state)
+    assert ckpt["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj",
+                                                                                    "out_proj"]}
+    optimizer = ckpt["optimizer_states"][0]
+    assert len(optimizer["state"]) == len(state)  # the optimizer took the adapters alone
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    base = load_file(out / "model.safetensors")
+    assert nbytes(state.values()) < nbytes(base.values()) / 10
+    assert ckpt_path.stat().st_size < (out / "model.safetensors").stat().st_size / 2  # with Adam's moments and EMA
+    assert all(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k)  # B starts at 0: they trained
+
+    tuned = ostinato.load(folder)  # the import with the adapters on
+    own = tuned.state_dict()
+    for key, value in base.items():  # the base is bit-identical
+        moved = key.replace(".weight", ".base_layer.weight")
+        assert torch.equal(own[key if key in own else moved], value), key
+    assert has_adapters(tuned) and not torch.allclose(logits(tuned), logits(ostinato.load(out)), atol=1e-4)
+
+
+def test_resume_continues_the_adapters(musicgen_run) -> None:
+    run_env, folder = musicgen_run["env"], musicgen_run["folder"]
+    moved = [*musicgen_run["base"], f"trainer.max_steps={STEPS + 2}", f"trainer.checkpoint_every_steps={STEPS}"]
+    target = xp_folder(run_env, *moved) / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copy(folder / "checkpoints" / "last.ckpt", target / "last.ckpt")
+    proc = train(run_env, *moved)
+    assert f"resuming {target / 'last.ckpt'}" in proc.stderr
+    before = torch.load(target / "last-previous.ckpt", weights_only=True)
+    after = torch.load(target / "last.ckpt", weights_only=True)
+    assert after["global_step"] == STEPS + 2
+    adam = after["optimizer_states"][0]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {STEPS + 2}  # the optimizer went on from step 4
+    # two more steps from the restored adapters: a small change, where a fresh start would be far off
+    prev, now = before["state_dict"], after["state_dict"]
+    for key in lora_keys(prev):
+        if ".lora_B." in key:
+            assert (now[key] - prev[key]).norm() < prev[key].norm(), key
+
+
+def test_a_resume_without_its_base_is_refused_in_one_line(musicgen_run, tmp_path) -> None:
+    run_env, folder = musicgen_run["env"], musicgen_run["folder"]
+    base = tmp_path / "base"
+    shutil.copytree(musicgen_run["import"], base)
+    run = [*[o for o in musicgen_run["base"] if not o.startswith("continue_from=")], f"continue_from={base}",
+           f"trainer.max_steps={STEPS + 1}"]
+    target = xp_folder(run_env, *run) / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copy(folder / "checkpoints" / "last.ckpt", target / "last.ckpt")
+    shutil.rmtree(base)
+    proc = train(run_env, *run, check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"continue_from={base}" in line and "LoRA" in line and "put the base back" in line
+
+
+def test_export_merges_or_keeps_the_adapters(musicgen_run, tmp_path) -> None:
+    folder = musicgen_run["folder"]
+    adapted = logits(ostinato.load(folder))
+    merged_dir = export(folder, tmp_path / "merged")
+    merged = ostinato.load(merged_dir)
+    assert not has_adapters(merged) and type(merged) is MusicGen
+    assert set(load_file(merged_dir / "model.safetensors")) == set(load_file(musicgen_run["import"] /
+                                                                             "model.safetensors"))
+    assert (logits(merged) - adapted).abs().max() <= 1e-5
+
+    main(["export", str(folder), str(tmp_path / "kept"), "--lora", "keep"])
+    kept = tmp_path / "kept"
+    config = json.loads((kept / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA" and not (kept / "model.safetensors").exists()
+    assert len(load_file(kept / "adapter" / "adapter_model.safetensors")) == 32
+    assert json.loads((kept / "export.json").read_text())["base"] == str(musicgen_run["import"])
+    from_kept = ostinato.load(kept)
+    assert has_adapters(from_kept) and (logits(from_kept) - adapted).abs().max() <= 1e-6
+
+
+def test_continue_from_carries_the_adapters(musicgen_run, tmp_path) -> None:
+    out, folder = musicgen_run["import"], musicgen_run["folder"]
+    lora = {"rank": 4, "alpha": 8}
+    adapted = logits(ostinato.load(folder))
+    family = ImportedMusicGenFamily(export=str(out), lora=lora)
+    report = load_weights(family, folder)  # an XP of a LoRA run: its base, then its adapters
+    assert not report.missing and len(lora_keys(report.loaded)) == 32
+    assert (logits(family.model.eval()) - adapted).abs().max() <= 1e-6
+    export(folder, tmp_path / "kept", lora="keep")
+    plain = ImportedMusicGenFamily(export=str(out))  # no adapters here: theirs come merged
+    load_weights(plain, tmp_path / "kept")
+    assert (logits(plain.model.eval()) - adapted).abs().max() <= 1e-5
+
+
+def test_lora_off_is_the_plain_family(imported) -> None:  # noqa: F811
+    torch.manual_seed(0)
+    plain = ImportedMusicGenFamily(export=str(imported.out))
+    torch.manual_seed(0)
+    off = ImportedMusicGenFamily(export=str(imported.out), lora=None)
+    assert off.lora is None and off.strict_loading and not has_adapters(off)
+    state = off.state_dict()
+    assert list(state) == list(plain.state_dict()) and off.checkpoint_state(state).keys() == state.keys()
+    assert all(p.requires_grad for p in off.parameters())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())
+
+
+def test_lora_needs_a_base_and_known_targets(imported, musicgen_run) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match=r"family.lora.targets: 'qkv' names no linear layer of the LM; choose among"):
+        ImportedMusicGenFamily(export=str(imported.out), lora={"targets": ["qkv"]})
+    with pytest.raises(ValueError, match=r"family.lora.ranks is not a LoRA setting"):
+        ImportedMusicGenFamily(export=str(imported.out), lora={"ranks": 4})
+    run = [o for o in musicgen_run["base"] if not o.startswith("continue_from=")] + ["trainer.max_steps=1"]
+    proc = train(musicgen_run["env"], *run, check=False)
+    assert proc.returncode == 2 and "family.lora trains adapters on a pretrained model: set continue_from=" in \
+        proc.stderr.strip().splitlines()[-1]
+
+
+_ = L  # lightning is imported by the stage tests below
