@@ -3,21 +3,33 @@ packages themselves with random weights and non-default sizes, imported with ``o
 batch of prompts of different lengths (fp32 logits, greedy tokens at CFG 1 and 3, decoded stereo audio)."""
 from __future__ import annotations
 
+import csv
+import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 import ostinato
-from ostinato.interop.codecs import load_codec
+from ostinato.cli import main
+from ostinato.engine.weights import load_weights
+from ostinato.errors import UserError
+from ostinato.families.musicgen import ImportedMusicGenFamily
+from ostinato.interop.codecs import load_codec, write_stereo_codec
 from ostinato.interop.musicgen_import import import_musicgen
 from ostinato.models.musicgen import MusicGen
 from ostinato.models.stereo_codec import InterleavedStereoCodec
 from ostinato.nn.conditioners import default_text_model
 from ostinato.nn.decoding import GenerationParams, generate
+from ostinato.nn.patterns import interleave_stereo
 from tests.references import (audiocraft, audiocraft_encodec_cfg, audiocraft_export_compression,
                               audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5)
+from tests.runner import train
+from tests.synth import write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -209,3 +221,76 @@ def test_transformers_stereo_imports_with_logit_and_generation_parity(hf_stereo)
         with torch.no_grad():
             wav = codec.decode(codes)
         assert wav.shape == want.shape and (wav - want).abs().max().item() <= 1e-5, cfg
+
+
+# -- mono -> stereo -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_mono(tmp_path_factory: pytest.TempPathFactory):
+    """A transformers mono MusicGen (4 codebooks over the same kind of EnCodec), imported: what stereo starts from."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration)
+
+    torch.manual_seed(7)
+    codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
+                          codebook_size=CARD, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
+                          target_bandwidths=[1.2], use_causal_conv=False, normalize=False)
+    decoder = MusicgenDecoderConfig(num_codebooks=K_MONO, vocab_size=CARD, hidden_size=48, num_attention_heads=4,
+                                    num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256, dropout=0.0,
+                                    pad_token_id=CARD, bos_token_id=CARD)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5_config(), audio_encoder=codec,
+                                                            decoder=decoder)).eval()
+    folder = tmp_path_factory.mktemp("hf_mono")
+    model.save_pretrained(folder)
+    copy_tokenizer(folder)
+    return import_musicgen(folder, folder.parent / "hf_mono_import").out
+
+
+def test_stereo_from_mono_starts_as_the_mono_model_on_each_channel(hf_mono, hf_stereo) -> None:
+    """Right after the conversion, identical L/R codes give on each channel the mono model's logits: L and R of
+    codebook k start from mono codebook k (heads copied, embeddings halved: their sum is the mono input)."""
+    mono = ostinato.load(hf_mono)
+    family = ImportedMusicGenFamily(export=str(hf_mono), stereo_from_mono=True)
+    stereo = family.model
+    assert (stereo.n_q, stereo.pattern.delays, stereo.codec_ref) == (K, STEREO_DELAYS, None)
+    report = load_weights(family, hf_mono)
+    assert not (report.missing or report.unexpected or report.mismatched)
+    g = torch.Generator().manual_seed(8)
+    codes = torch.randint(0, CARD, (len(TEXTS), K_MONO, 7), generator=g)
+    mono_seq, _ = mono.pattern.build(codes, CARD)
+    stereo_seq, _ = stereo.pattern.build(interleave_stereo(codes, codes), CARD)
+    with torch.no_grad():
+        cond, mask = mono.condition(TEXTS)
+        want = mono.lm(mono_seq, cond, mask)
+        got = stereo.lm(stereo_seq, *stereo.condition(TEXTS))
+    assert got.shape == (len(TEXTS), K, mono_seq.shape[-1], CARD)
+    for channel in (0, 1):
+        assert (got[:, channel::2] - want).abs().max().item() <= 1e-4
+    # a continue_from that is no mono version of this model is refused in one line
+    with pytest.raises(UserError, match=r"stereo_from_mono needs a mono MusicGen with 4 codebooks .* it has 8"):
+        load_weights(family, hf_stereo[1].out)
+
+
+def test_stereo_from_mono_fine_tunes_on_stereo_tokens(hf_mono, env, tmp_path: Path) -> None:
+    stereo_codec = write_stereo_codec(str(hf_mono / "codec"), tmp_path / "stereo_codec")
+    for split, n in (("train", 8), ("valid", 4)):
+        write_shards(tmp_path / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR, channels=2)
+        main(["tokenize", str(tmp_path / "audio" / split), str(tmp_path / "tokens" / split), "--codec",
+              str(stereo_codec), "--devices", "cpu", "--workers", "1"])
+    manifest = json.loads((tmp_path / "tokens" / "train" / "manifest.json").read_text())
+    assert (manifest["codec"]["n_q"], manifest["codec"]["channels"]) == (K, 2)
+    run_env = {**env, "OSTINATO_OUTPUTS": str(tmp_path / "xps"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = train(run_env, "family=musicgen_import", f"family.export={hf_mono}", "family.stereo_from_mono=true",
+                 f"continue_from={hf_mono}", "data=demo_tokens", f"data.train={tmp_path / 'tokens' / 'train'}",
+                 f"data.valid={tmp_path / 'tokens' / 'valid'}", "data.test=null", "trainer.max_steps=8",
+                 "trainer.checkpoint_every_steps=8", "trainer.limit_val_batches=1", "family.cfg_dropout=0.0")
+    folder = Path(re.search(r"XP \w+ in (\S+)", proc.stderr)[1])
+    loaded = re.search(r"continue_from: (\d+) tensors loaded from \S+(.*)", (folder / "train.log").read_text())
+    assert int(loaded[1]) == len(load_file(hf_mono / "model.safetensors")) + 2 * K_MONO  # + the R emb and heads
+    assert loaded[2].strip() == ""  # nothing missing, unexpected or mismatched
+    with open(folder / "csv" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    tuned = ostinato.load(folder)
+    assert tuned.n_q == K and isinstance(tuned.codec, InterleavedStereoCodec)
+    wav = tuned.generate(TEXTS[:2], duration=0.1, params=GenerationParams(temperature=0.0, cfg_scale=3.0))
+    assert wav.shape == (2, 2, SR // 10)

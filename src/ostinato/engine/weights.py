@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def load_weights(module: torch.nn.Module, ref: str | Path, xps_dir: str | Path |
         weights = {f"{MODEL_PREFIX}{k}": v for k, v in weights.items()}
     own = module.state_dict()
     weights = adapted_keys(weights, own)
+    if getattr(module, "stereo_from_mono", False):
+        weights = stereo_from_mono(weights, own, ref)
     report = LoadReport(source=source)
     usable = {}
     for key, value in weights.items():
@@ -99,6 +102,43 @@ def _merged_weights(ref: str | Path, xps_dir: str | Path | None,
     model = merged(load(ref, xps_dir=xps_dir, trust=trust))
     cfg = read_config(ref, xps_dir, trust) if kept_export(ref) is None else None
     return {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}, cfg, f"{ref} (LoRA adapters merged)"
+
+
+_CODEBOOK = re.compile(r"^(.*\blm\.(?:emb|heads))\.(\d+)\.weight$")  # a codebook's embedding or output head
+
+
+def _codebooks(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``{prefix: count}`` of the per-codebook tensors (``...lm.emb`` / ``...lm.heads``) of a state dict."""
+    found: dict[str, set[int]] = {}
+    for key in state:
+        if match := _CODEBOOK.match(key):
+            found.setdefault(match[1], set()).add(int(match[2]))
+    return {prefix: len(ks) for prefix, ks in found.items()}
+
+
+def stereo_from_mono(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                     ref: str | Path) -> dict[str, torch.Tensor]:
+    """A mono MusicGen's ``weights`` for its stereo version ``own`` (``family.stereo_from_mono``): L and R codebook
+    ``k`` (stereo codebooks ``2k`` and ``2k + 1``) both start from mono codebook ``k``: its output head copied, its
+    embedding copied at half scale. The LM sums its codebooks' embeddings: halved, identical L/R codes sum to the
+    mono input exactly, so that the converted model's per-channel logits equal the mono model's (audiocraft's
+    recipe copies the embeddings whole, which doubles that sum). Everything else is taken by name."""
+    mine, theirs = _codebooks(own), _codebooks(weights)
+    out = {k: v for k, v in weights.items() if not _CODEBOOK.match(k)}
+    for prefix, count in mine.items():
+        if theirs.get(prefix, 0) * 2 != count:
+            raise UserError(f"continue_from={ref}: family.stereo_from_mono needs a mono MusicGen with {count // 2} "
+                            f"codebooks ({prefix}.*), it has {theirs.get(prefix, 0)}; give the mono model this "
+                            "stereo one is made from, or leave stereo_from_mono out")
+        for k in range(count):
+            mono = weights[f"{prefix}.{k // 2}.weight"]
+            target = own[f"{prefix}.{k}.weight"]
+            if mono.shape != target.shape:
+                raise UserError(f"continue_from={ref}: {prefix}.{k // 2}.weight is {list(mono.shape)} there, "
+                                f"{list(target.shape)} here; stereo_from_mono keeps the mono model's sizes "
+                                "(family.lm, card)")
+            out[f"{prefix}.{k}.weight"] = mono / 2 if prefix.endswith(".emb") else mono
+    return out
 
 
 def _holds_model_alone(ref: str | Path, cfg: dict | None, source: str) -> bool:

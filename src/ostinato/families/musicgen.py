@@ -70,6 +70,9 @@ class MusicGenFamily(CodebookLMFamily):
         semantics: ``Semantics`` kwargs (text padding in cross-attention, which frames the loss counts).
         lora: ``LoRA`` kwargs (``rank``, ``alpha``, ``dropout``, ``targets``): train adapters on the LM alone;
             null = train the model.
+        stereo_from_mono: ``continue_from`` is a mono MusicGen and this model its stereo version (``n_q`` L/R
+            interleaved codebooks, delays by default ``[0, 0, 1, 1, ...]``): ``engine.weights.stereo_from_mono``
+            maps its codebook embeddings and heads onto both channels.
     """
 
     def __init__(self, n_q: int, card: int, lm: Mapping[str, Any] | None = None,
@@ -77,10 +80,12 @@ class MusicGenFamily(CodebookLMFamily):
                  style: Mapping[str, Any] | None = None, delays: Sequence[int] | None = None,
                  cfg_dropout: float = 0.1, attribute_dropout: float = 0.0, text_dropout: float = 0.0,
                  codec: str | None = None, semantics: Mapping[str, Any] | None = None,
-                 lora: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None):
+                 lora: Mapping[str, Any] | None = None, stereo_from_mono: bool = False,
+                 optim: Mapping[str, Any] | None = None):
         super().__init__(optim)
         kwargs = dict(n_q=n_q, card=card, lm=lm, text=text, melody=melody, style=style, delays=delays, codec=codec,
-                      semantics=semantics)
+                      semantics=semantics, stereo_from_mono=stereo_from_mono)
+        self.stereo_from_mono = bool(stereo_from_mono)  # read by continue_from (engine.weights.load_weights)
         self.model = MusicGen(**model_kwargs(kwargs))
         self.model.set_codec_loader(load_codec)
         self.melody_dropout = float((melody or {}).get("dropout", 0.0))
@@ -228,14 +233,18 @@ class ImportedMusicGenFamily(MusicGenFamily):
         lm, text: changes to the import's ``LMConfig`` / ``TextConditioner`` kwargs (null values keep the import's).
         delays, cfg_dropout, attribute_dropout, codec: replace the import's values when not null.
         lora: LoRA adapters to train instead of the model (see ``MusicGenFamily``).
+        stereo_from_mono: train the stereo version of the (mono) import, from its weights (``continue_from=OUT``):
+            twice its codebooks, its delays doubled (``[0, 0, 1, 1, ...]``), the token shards' stereo codec.
     """
 
     def __init__(self, export: str, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
                  delays: Sequence[int] | None = None, cfg_dropout: float | None = None,
                  attribute_dropout: float | None = None, codec: str | None = None,
-                 lora: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None):
-        kwargs = imported_kwargs(export, lm, text, delays=delays, cfg_dropout=cfg_dropout,
-                                 attribute_dropout=attribute_dropout, codec=codec)
+                 lora: Mapping[str, Any] | None = None, stereo_from_mono: bool = False,
+                 optim: Mapping[str, Any] | None = None):
+        kwargs = imported_kwargs(export, lm, text, stereo_from_mono=stereo_from_mono, delays=delays,
+                                 cfg_dropout=cfg_dropout, attribute_dropout=attribute_dropout, codec=codec)
         kwargs.pop("lora", None)  # an export's own adapters are merged into its weights
         super().__init__(**kwargs, lora=lora, optim=optim)
+        self.stereo_from_mono = bool(stereo_from_mono)
         self.export_dir = str(export)

@@ -37,7 +37,7 @@ from ostinato.nn.style import HFAudioFeatures, StyleConditioner, codec_latent_fe
 from ostinato.nn.transformer import CodebookLM, lm_config
 
 __all__ = ["MusicGen", "Semantics", "LongForm", "AudioRef", "recorded_codec", "locate", "model_kwargs",
-           "exported_family", "imported_kwargs", "FAMILY_TARGET"]
+           "exported_family", "imported_kwargs", "stereo_kwargs", "FAMILY_TARGET"]
 
 FAMILY_TARGET = "ostinato.families.musicgen.MusicGenFamily"
 # codecs come in several formats (ostinato, transformers, audiocraft) that interop reads; resolved on use, as the
@@ -107,7 +107,8 @@ def recorded_codec(cfg: Mapping[str, Any] | None, strict: bool = False) -> str |
     cfg = cfg or {}
     family = cfg.get("family") or {}
     ref = family.get("codec")
-    if ref is None and family.get("export") is not None:  # a fine-tuned import: the import's codec
+    # a fine-tuned import: the import's codec (not a mono import's when the model is its stereo version)
+    if ref is None and family.get("export") is not None and not family.get("stereo_from_mono"):
         ref = exported_family(family["export"]).get("codec")
     train = (cfg.get("data") or {}).get("train")
     if ref is None and train is not None:
@@ -167,10 +168,13 @@ def _merge(base: Mapping[str, Any] | None, changes: Mapping[str, Any] | None, ke
 
 
 def imported_kwargs(export: str | Path, lm: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None,
-                    **replace: Any) -> dict[str, Any]:
-    """The family kwargs of an import (``export``'s config.yaml) with ``lm`` / ``text`` changes merged and the
-    non-null ``replace`` values (delays, cfg_dropout, attribute_dropout, codec) put in."""
+                    stereo_from_mono: bool = False, **replace: Any) -> dict[str, Any]:
+    """The family kwargs of an import (``export``'s config.yaml) with ``lm`` / ``text`` changes merged, made the
+    stereo version of that mono model with ``stereo_from_mono`` (``stereo_kwargs``), and the non-null ``replace``
+    values (delays, cfg_dropout, attribute_dropout, codec) put in."""
     base = exported_family(export)
+    if stereo_from_mono:
+        base = stereo_kwargs(base)
     kwargs = dict(base, lm=_merge(base.get("lm") or {}, lm, "lm"), text=_merge(base.get("text"), text, "text"))
     for key, value in replace.items():
         if value is not None:
@@ -178,13 +182,29 @@ def imported_kwargs(export: str | Path, lm: Mapping[str, Any] | None = None, tex
     return kwargs
 
 
+def stereo_kwargs(mono: Mapping[str, Any], codec: str | None = None) -> dict[str, Any]:
+    """The kwargs of the stereo version of the mono MusicGen of kwargs ``mono`` (``stereo_from_mono``): twice the
+    codebooks, L and R of codebook ``k`` at ``2k`` and ``2k + 1`` with the mono delay of ``k`` (``[0, 1, 2, 3]`` ->
+    ``[0, 0, 1, 1, 2, 2, 3, 3]``), and ``codec`` (None: the token shards' interleaved stereo codec)."""
+    n_q = int(mono["n_q"])
+    delays = list(mono.get("delays") or range(n_q))
+    return {**mono, "n_q": 2 * n_q, "delays": [int(d) for d in delays for _ in range(2)], "codec": codec}
+
+
 def model_kwargs(family: Mapping[str, Any], folder: Path | None = None) -> dict[str, Any]:
     """A family config section (``MusicGenFamily`` or ``ImportedMusicGenFamily`` kwargs) -> ``MusicGen`` kwargs:
-    an import's section expanded, training-only keys dropped, relative paths resolved against ``folder``."""
+    an import's section expanded (made stereo with ``stereo_from_mono``), training-only keys dropped, relative paths
+    resolved against ``folder``."""
     family = {k: v for k, v in family.items() if k not in ("_target_", "optim")}
+    stereo = bool(family.pop("stereo_from_mono", False))
     if "export" in family:
         export = locate(str(family.pop("export")), folder)
-        family = imported_kwargs(export, **family)
+        family = imported_kwargs(export, **family, stereo_from_mono=stereo)
+    elif stereo and family.get("delays") is None:
+        n_q = int(family["n_q"])
+        if n_q % 2:
+            raise ValueError(f"family.stereo_from_mono: n_q={n_q} must be even (L/R codebook pairs)")
+        family = {**family, "delays": [d for d in range(n_q // 2) for _ in range(2)]}
     kw = {k: family.get(k) for k in ("n_q", "card", "lm", "text", "melody", "style", "delays", "codec", "semantics")}
     for key, drop in TRAINING_KEYS.items():
         if kw[key] is not None:
