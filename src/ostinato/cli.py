@@ -7,7 +7,7 @@
     ostinato train [-d] [overrides ...]          train an experiment (== dora -P ostinato run ...)
     ostinato grid NAME [dora grid options]       launch/monitor a grid from grids/ (== dora -P ostinato grid)
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
-    ostinato export SIG|PATH OUT                 EMA weights as safetensors + resolved config
+    ostinato export SIG|PATH OUT [--format F]    EMA weights + config; a MusicGen also as audiocraft / transformers
     ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
     ostinato tokenize --semantic DIR SHARDS OUT  audio shards -> semantic token shards (one k-means stream)
     ostinato encode SHARDS OUT --model REF       audio shards -> Musika latents / Jukebox codes (array shards)
@@ -188,9 +188,12 @@ def _export(args: argparse.Namespace) -> None:
     from ostinato.store.records import resolve_ref, xps_dir
 
     ref = resolve_ref(args.ref)
-    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust, overwrite=args.overwrite, lora=args.lora)
+    out = export(ref, args.out, xps_dir=xps_dir(), trust=args.trust, overwrite=args.overwrite, lora=args.lora,
+                 format=args.format, t5_name=args.t5_name)
     weights = "adapter/" if (out / "adapter").is_dir() else "model.safetensors"
-    files = f"{weights}, config.yaml, export.json"
+    files = {"ostinato": f"{weights}, config.yaml, export.json",
+             "audiocraft": "state_dict.bin, compression_state_dict.bin: audiocraft's MusicGen.get_pretrained(OUT)",
+             "transformers": "MusicgenForConditionalGeneration.from_pretrained(OUT)"}[args.format]
     print(f"exported {ref} -> {out} ({files})")
 
 
@@ -566,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora", choices=("merge", "keep"), default="merge",
                    help="a LoRA run: merge the adapters into the weights (default), or keep them apart in peft's "
                         "format (adapter/) beside the base's reference")
+    e.add_argument("--format", choices=("ostinato", "audiocraft", "transformers"), default="ostinato",
+                   help="a MusicGen as audiocraft's state_dict.bin + compression_state_dict.bin, or a transformers "
+                        "MusicgenForConditionalGeneration folder (default: ostinato's own export)")
+    e.add_argument("--t5-name", default=None, help="--format audiocraft: the T5 audiocraft loads (t5-base...), "
+                                                   "when the import recorded none")
     e.set_defaults(func=_export)
 
     t = verbs.add_parser("tokenize", help="audio shards -> token shards with a codec or a semantic tokenizer")

@@ -149,8 +149,11 @@ def _holds_model_alone(ref: str | Path, cfg: dict | None, source: str) -> bool:
 
 
 def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, trust: bool = False,
-           overwrite: bool = False, lora: str = "merge") -> Path:
-    """Write ``model.safetensors`` (EMA weights when present), ``config.yaml`` and ``export.json`` to ``out``.
+           overwrite: bool = False, lora: str = "merge", format: str = "ostinato",
+           t5_name: str | None = None) -> Path:
+    """Write ``model.safetensors`` (EMA weights when present), ``config.yaml`` and ``export.json`` to ``out``;
+    with ``format`` "audiocraft" or "transformers", a MusicGen in that toolkit's files instead
+    (``interop.musicgen_export``; ``t5_name``: the T5 audiocraft loads, when the import recorded none).
 
     A LoRA run's record: ``lora="merge"`` (default) folds the adapters into the base weights (a plain model);
     ``"keep"`` writes them apart, in peft's format (``adapter/``), beside the base's reference (``export.json``
@@ -162,6 +165,8 @@ def export(ref: str | Path, out: str | Path, xps_dir: str | Path | None = None, 
         raise UserError(f"--lora {lora}: use merge (fold the adapters into the weights) or keep (write them apart)")
     out = Path(out)
     _check_export_folder(out, overwrite)
+    if format != "ostinato":
+        return _export_foreign(ref, out, xps_dir, trust, overwrite, lora, format, t5_name)
     if kept_export(ref) is not None:
         raise UserError(f"{ref} is an export already (its adapters kept apart); load it with ostinato.load, or "
                         "export the XP it came from")
@@ -214,3 +219,35 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out} is a file; give a folder (new or empty) for the export")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and holds files; pass --overwrite to replace it, or choose another folder")
+
+
+def _export_foreign(ref: str | Path, out: Path, xps_dir: str | Path | None, trust: bool, overwrite: bool,
+                    lora: str, format: str, t5_name: str | None) -> Path:
+    """A MusicGen record -> ``format``'s files (the model with EMA weights and LoRA adapters merged, its codec and
+    text encoder)."""
+    from ostinato.interop.codecs import load_codec
+    from ostinato.interop.musicgen_export import FORMATS, export_musicgen
+    from ostinato.models import load
+    from ostinato.models.musicgen import MusicGen
+
+    if format not in FORMATS:
+        raise UserError(f"--format {format}: unknown; use ostinato (the default), {' or '.join(FORMATS)}")
+    if lora != "merge":
+        raise UserError(f"--lora {lora} --format {format}: {format}'s files hold whole weights; the adapters are "
+                        "merged in (leave --lora out), or kept apart in ostinato's own export (leave --format out)")
+    kept = kept_export(ref)
+    if kept is not None:  # adapters kept apart: its config.yaml beside them
+        cfg = OmegaConf.to_container(OmegaConf.load(kept / CONFIG_NAME)) if (kept / CONFIG_NAME).is_file() else None
+    else:
+        cfg = read_config(ref, xps_dir, trust)
+    kind = kind_of(cfg, str(ref)) if cfg is not None else None
+    if kind is None or kind.family != "musicgen":
+        what = f"a {kind.family} model" if kind is not None else "a record without a config"
+        raise UserError(f"--format {format}: {ref} is {what}; only MusicGen models have a {format} format "
+                        "(leave --format out for ostinato's own export)")
+    model = merged(load(ref, xps_dir=xps_dir, trust=trust))
+    assert isinstance(model, MusicGen)
+    model.set_codec_loader(lambda codec: load_codec(codec, trust=trust))
+    family = (cfg or {}).get("family") or {}
+    return export_musicgen(model, out, format, overwrite=overwrite, t5_name=t5_name,
+                           cfg_dropout=float(family.get("cfg_dropout", 0.1)))

@@ -153,6 +153,44 @@ def load_transformers_encodec(folder: str | Path) -> Codec:
     return codec.eval()
 
 
+def codec_to_transformers(codec: Codec) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``codec`` -> (``EncodecConfig`` kwargs, ``EncodecModel`` state dict): the inverse of
+    ``load_transformers_encodec``. Codecs that transformers' EnCodec cannot build (another activation, a final
+    activation, per-side overrides, unnormalized outer blocks) raise a ``ValueError`` naming the setting."""
+    cfg = dict(codec.config)
+    unsupported = {"activation": (cfg.get("activation"), "ELU"),
+                   "activation_params": (cfg.get("activation_params"), {"alpha": 1.0}),
+                   "final_activation": (cfg.get("final_activation"), None),
+                   "disable_norm_outer_blocks": (cfg.get("disable_norm_outer_blocks", 0), 0),
+                   "encoder": (cfg.get("encoder") or {}, {}), "decoder": (cfg.get("decoder") or {}, {})}
+    for key, (have, want) in unsupported.items():
+        if have != want:
+            raise ValueError(f"codec {key}={have!r}: transformers' EnCodec has only {want!r}")
+    frame_rate = math.ceil(cfg["sample_rate"] / math.prod(cfg["ratios"]))
+    bandwidth = int(cfg["n_q"]) * frame_rate * math.ceil(math.log2(int(cfg["card"]))) / 1000
+    config = dict(
+        sampling_rate=int(cfg["sample_rate"]), audio_channels=int(cfg["channels"]), normalize=bool(cfg["normalize"]),
+        hidden_size=int(cfg["dimension"]), codebook_dim=int(cfg["dimension"]), num_filters=int(cfg["n_filters"]),
+        num_residual_layers=int(cfg["n_residual_layers"]), upsampling_ratios=[int(r) for r in cfg["ratios"]],
+        norm_type=str(cfg["norm"]), kernel_size=int(cfg["kernel_size"]), last_kernel_size=int(cfg["last_kernel_size"]),
+        residual_kernel_size=int(cfg["residual_kernel_size"]), dilation_growth_rate=int(cfg["dilation_base"]),
+        use_causal_conv=bool(cfg["causal"]), pad_mode=str(cfg["pad_mode"]), use_conv_shortcut=not cfg["true_skip"],
+        compress=int(cfg["compress"]), num_lstm_layers=int(cfg["lstm"]),
+        trim_right_ratio=float(cfg["trim_right_ratio"]), codebook_size=int(cfg["card"]),
+        target_bandwidths=[bandwidth], chunk_length_s=None, overlap=None)
+    state: dict[str, Tensor] = {}
+    for key, value in codec.state_dict().items():
+        if key == "quantizer.steps":
+            continue
+        value = value.detach().clone()
+        if match := re.match(r"^(encoder|decoder)\.model\.(\d+)\.(.+)$", key):
+            key = f"{match[1]}.layers.{match[2]}.{match[3]}"
+        elif key.endswith(".codebook.inited"):
+            value = value.float().reshape(1)
+        state[key] = value
+    return config, state
+
+
 # ----- audiocraft -----
 
 _AC_CONV = re.compile(r"^(encoder|decoder)\.model\.(\d+)\.((?:block\.\d+\.|shortcut\.)?)"

@@ -175,6 +175,7 @@ class _Parts:
     interleaved: bool = False  # stereo over a mono codec: L/R codebooks interleaved (an InterleavedStereoCodec)
     codec: str | None = None  # relative to the export folder when inside it (see _codec_ref)
     semantics: dict[str, str] | None = None  # the source's Semantics kwargs (None: ostinato's)
+    text_name: str | None = None  # the source's name of its text encoder (t5-base...): what an export back needs
 
 
 def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any], dict[str, Tensor],
@@ -195,7 +196,8 @@ def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any]
     if kind == "transformers-conditional":
         proj = proj or _identity_proj(_text_width(config["text_encoder"]), lm.dim, folder)
     parts = _Parts(str(folder), kind, lm, transformers_state_to_lm(dec_state), delays, proj, channels=channels,
-                   interleaved=channels == 2)
+                   interleaved=channels == 2,
+                   text_name=(config.get("text_encoder") or {}).get("_name_or_path") or None)
     return parts, config, text_state, audio_state
 
 
@@ -242,7 +244,8 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
     channels = int(cfg.get("channels") or 1)
     parts = _Parts(str(path), "audiocraft", lm, lm_state, audiocraft_delays(cfg, lm.n_q), proj or None,
                    cfg_dropout, channels=channels, interleaved=_audiocraft_interleaved(cfg, channels, lm.n_q, path),
-                   semantics=dict(AUDIOCRAFT_SEMANTICS))
+                   semantics=dict(AUDIOCRAFT_SEMANTICS),
+                   text_name=((cfg.get("conditioners") or {}).get("description") or {}).get("t5", {}).get("name"))
     return parts, cfg
 
 
@@ -462,7 +465,7 @@ def _write_folder(tmp: Path, out: Path, parts: _Parts) -> int:
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     info = {"source": parts.source, "kind": parts.kind, "tensors": len(tensors), "family": "musicgen",
             "wrapper": FAMILY_TARGET, "model": f"{MusicGen.__module__}:{MusicGen.__name__}",
-            "imported_by": "ostinato import"}
+            "imported_by": "ostinato import", "text_encoder_name": parts.text_name}
     (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return len(tensors)
 

@@ -1,0 +1,279 @@
+"""`ostinato export --format audiocraft|transformers`: a MusicGen imported from the reference package, fine-tuned a
+few steps with ostinato, written back in the package's files; the package itself loads them and gives the
+fine-tuned model's logits for a batch of prompts of different lengths, and importing the export gives the same
+tensors again."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import ostinato
+from ostinato.cli import main
+from ostinato.errors import UserError
+from ostinato.families.musicgen import MusicGenFamily
+from ostinato.interop.codecs import load_codec
+from ostinato.interop.musicgen_export import export_musicgen
+from ostinato.interop.musicgen_import import import_musicgen
+from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family
+from ostinato.nn.conditioners import default_text_model
+from ostinato.nn.patterns import DelayPattern
+from tests.references import audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+K, CARD, DIM, T5_DIM, SR = 4, 64, 48, 32, 16000
+TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo", "drums"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_tokenizer(dst: Path) -> None:
+    """The MiniLM tokenizer (the only one offline; its vocabulary size is the tiny T5's)."""
+    for name in TOKENIZER_FILES:
+        if (default_text_model() / name).is_file():
+            shutil.copy2(default_text_model() / name, dst / name)
+
+
+def t5_config():
+    from transformers import T5Config
+
+    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
+
+
+def encodec_config():
+    from transformers import EncodecConfig
+
+    return EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
+                         codebook_size=CARD, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
+                         target_bandwidths=[1.2], use_causal_conv=False, normalize=False)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny T5 encoder folder (with the MiniLM tokenizer) and a tiny transformers EnCodec (16 kHz, 4 x 64)."""
+    from transformers import EncodecModel, T5EncoderModel
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sources")
+    T5EncoderModel(t5_config()).save_pretrained(root / "t5")
+    copy_tokenizer(root / "t5")
+    EncodecModel(encodec_config()).save_pretrained(root / "encodec")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_t5(sources: Path):
+    """audiocraft's T5Conditioner("t5-base") loads the tiny T5 for the whole module."""
+    patch = pytest.MonkeyPatch()
+    use_local_t5(patch, sources / "t5")
+    yield
+    patch.undo()
+
+
+def sharpen(heads) -> None:
+    with torch.no_grad():  # sharper logits than the 0.02 init, so that greedy decoding has no near-ties
+        for head in heads:
+            head.weight.mul_(20)
+
+
+def finetune(export: Path, out: Path, **family) -> Path:
+    """Four AdamW steps of ``MusicGenFamily``'s loss on random codes from the import ``export`` -> a checkpoint
+    in `ostinato train`'s layout (wrapper state under ``model.``, the config under ``ostinato_config``)."""
+    kwargs = {**exported_family(export), **family}
+    wrapper = MusicGenFamily(**kwargs)
+    wrapper.model.load_state_dict(load_file(export / "model.safetensors"), strict=True)
+    wrapper.train()
+    opt = torch.optim.AdamW(wrapper.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        codes = torch.randint(0, CARD, (3, K, 10), generator=g)
+        cond, mask = wrapper.model.condition(TEXTS)
+        ce, _ = wrapper.compute_losses(codes, torch.tensor([10, 8, 6]), cond, mask)
+        opt.zero_grad()
+        ce.mean().backward()
+        opt.step()
+    ckpt = out / "tuned.ckpt"
+    torch.save({"state_dict": wrapper.state_dict(), "global_step": 4,
+                "ostinato_config": {"family": {"_target_": FAMILY_TARGET, **kwargs}}}, ckpt)
+    return ckpt
+
+
+def codes_seq(b: int = 3, t: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    seq, _ = DelayPattern(K).build(torch.randint(0, CARD, (b, K, t), generator=g), CARD)
+    return seq
+
+
+def ours(model: MusicGen, seq: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        cond, mask = model.condition(TEXTS)
+        return model.lm(seq, cond, mask)
+
+
+def assert_changed(tuned: MusicGen, export: Path) -> None:
+    before = load_file(export / "model.safetensors")
+    after = tuned.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+    assert "text.proj.weight" in changed and any(k.startswith("lm.layers.") for k in changed)
+
+
+def assert_same_tensors(a: Path, tuned: MusicGen) -> None:
+    """The import ``a`` of an export holds the fine-tuned model's tensors, its codec and text encoder."""
+    again = ostinato.load(a)
+    mine, theirs = tuned.state_dict(), again.state_dict()
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert again.pattern.delays == tuned.pattern.delays
+    codec_a, codec_b = load_codec(tuned.codec_ref), load_codec(again.codec_ref)
+    assert all(torch.equal(v, codec_b.state_dict()[k]) for k, v in codec_a.state_dict().items())
+    enc_a, enc_b = tuned.text.__dict__["encoder"].state_dict(), again.text.__dict__["encoder"].state_dict()
+    assert set(enc_a) == set(enc_b) and all(torch.equal(v, enc_b[k]) for k, v in enc_a.items())
+
+
+# -- audiocraft ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ac_tuned(sources: Path, local_t5, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An audiocraft LM built by audiocraft (T5 text through cross-attention, non-default sizes) -> its own
+    export_lm -> ostinato import -> fine-tuned with audiocraft's semantics: (import folder, checkpoint)."""
+    from audiocraft.models import builders
+
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("audiocraft")
+    lm = builders.get_lm_model(audiocraft_lm_cfg(n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2,
+                                                 sample_rate=SR, hidden_scale=2)).eval()
+    sharpen(lm.linears)
+    audiocraft_export_lm(lm, audiocraft_lm_cfg(n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2,
+                                               sample_rate=SR, hidden_scale=2), root / "state_dict.bin")
+    imported = import_musicgen(root / "state_dict.bin", root / "import", text_encoder=sources / "t5",
+                               codec=str(sources / "encodec"), trust=True)
+    semantics = {"text_padding": "attended", "loss_frames": "trim_delays"}
+    return imported.out, finetune(imported.out, root, semantics=semantics)
+
+
+def test_audiocraft_loads_the_export_of_a_finetuned_import(ac_tuned, tmp_path: Path, capsys) -> None:
+    from audiocraft.models import loaders
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    export, ckpt = ac_tuned
+    tuned = ostinato.load(ckpt)
+    assert tuned.semantics.text_padding == "attended"
+    assert_changed(tuned, export)
+    out = tmp_path / "ac"
+    main(["export", str(ckpt), str(out), "--format", "audiocraft"])
+    assert "state_dict.bin" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["compression_state_dict.bin", "state_dict.bin"]
+    package = torch.load(out / "state_dict.bin", weights_only=True)  # a yaml xp.cfg: no pickled objects
+    assert package["exported"] is True and isinstance(package["xp.cfg"], str)
+    xp = yaml.safe_load(package["xp.cfg"])
+    assert xp["conditioners"]["description"]["t5"]["name"] == "t5-base"  # as the source recorded it
+    assert xp["codebooks_pattern"]["delay"]["delays"] == [0, 1, 2, 3] and xp["sample_rate"] == SR
+
+    reference = loaders.load_lm_model(out / "state_dict.bin")  # audiocraft's own loader
+    seq = codes_seq()
+    with torch.no_grad():
+        attributes = [ConditioningAttributes(text={"description": t}) for t in TEXTS]
+        tensors = reference.condition_provider(reference.condition_provider.tokenize(attributes))
+        theirs = reference(seq, [], condition_tensors=tensors)
+    assert theirs.shape == (3, K, seq.shape[-1], CARD)
+    assert (ours(tuned, seq) - theirs).abs().max().item() <= 1e-4
+
+    codec = loaders.load_compression_model(out / "compression_state_dict.bin")
+    wav = torch.sin(torch.arange(SR // 2) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
+    with torch.no_grad():
+        assert torch.equal(codec.encode(wav)[0], tuned.codec.encode(wav).codes)
+
+    again = tmp_path / "again"  # the round trip: import the export
+    import_musicgen(out / "state_dict.bin", again, text_encoder=Path(tuned.text.model_path))
+    assert_same_tensors(again, tuned)
+
+
+# -- transformers ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_tuned(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random MusicgenForConditionalGeneration (T5 32 wide, EnCodec, decoder 48 wide) -> ostinato import ->
+    fine-tuned: (import folder, checkpoint)."""
+    from transformers import MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
+
+    torch.manual_seed(2)
+    root = tmp_path_factory.mktemp("transformers")
+    decoder = MusicgenDecoderConfig(num_codebooks=K, vocab_size=CARD, hidden_size=DIM, num_attention_heads=4,
+                                    num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256, dropout=0.0,
+                                    pad_token_id=CARD, bos_token_id=CARD)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5_config(), audio_encoder=encodec_config(),
+                                                            decoder=decoder)).eval()
+    sharpen(model.decoder.lm_heads)
+    model.save_pretrained(root / "hf")
+    copy_tokenizer(root / "hf")
+    imported = import_musicgen(root / "hf", root / "import")
+    return imported.out, finetune(imported.out, root)
+
+
+def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    export, ckpt = hf_tuned
+    tuned = ostinato.load(ckpt)
+    assert_changed(tuned, export)
+    out = tmp_path / "hf"
+    main(["export", str(ckpt), str(out), "--format", "transformers"])
+    reference, info = MusicgenForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    reference.eval()
+    gen = reference.generation_config
+    assert (gen.pad_token_id, gen.decoder_start_token_id, reference.config.decoder.num_codebooks) == (CARD, CARD, K)
+    enc = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, return_tensors="pt")  # the tokenizer travels
+    seq = codes_seq()
+    b, k, s = seq.shape
+    with torch.no_grad():
+        theirs = reference(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False).logits
+    assert (ours(tuned, seq) - theirs.reshape(b, k, s, -1)).abs().max().item() <= 1e-4
+    wav = torch.sin(torch.arange(SR // 2) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
+    with torch.no_grad():
+        codes = reference.audio_encoder.encode(wav, bandwidth=1.2).audio_codes[0]
+        assert torch.equal(codes, tuned.codec.encode(wav).codes)
+
+    again = tmp_path / "again"  # the round trip: import the export
+    import_musicgen(out, again)
+    assert_same_tensors(again, tuned)
+
+
+# -- refusals ----------------------------------------------------------------------------------------------------
+def test_export_refuses_what_a_format_cannot_hold(hf_tuned, tmp_path: Path, capsys) -> None:
+    export, ckpt = hf_tuned
+    family = exported_family(export)
+    minilm = MusicGen(**{**{k: family[k] for k in ("n_q", "card", "lm", "delays", "codec")},
+                         "text": {"model": str(default_text_model())}})
+    with pytest.raises(UserError, match="audiocraft's MusicGen conditions on T5 only"):
+        export_musicgen(minilm, tmp_path / "minilm", "audiocraft")
+    assert not (tmp_path / "minilm").exists() and not (tmp_path / "minilm.tmp").exists()
+
+    no_name = MusicGen(**{k: family[k] for k in ("n_q", "card", "lm", "text", "delays", "codec")})
+    info = json.loads((export / "export.json").read_text())
+    assert info["text_encoder_name"] is None  # the tiny T5 has no name
+    with pytest.raises(UserError, match="--t5-name"):
+        export_musicgen(no_name, tmp_path / "noname", "audiocraft")
+
+    codec = tmp_path / "codec"  # another family's export
+    codec.mkdir()
+    save_file({}, str(codec / "model.safetensors"))
+    (codec / "config.yaml").write_text(yaml.safe_dump({"family": {"_target_": "ostinato.families.codec.CodecFamily"}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(codec), str(tmp_path / "x"), "--format", "transformers"])
+    assert exit_info.value.code == 2 and "only MusicGen models" in capsys.readouterr().err
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["export", str(ckpt), str(out), "--format", "transformers"])
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep").is_file()
+    main(["export", str(ckpt), str(out), "--format", "transformers", "--overwrite"])
+    assert not (out / "keep").exists() and (out / "config.json").is_file()
