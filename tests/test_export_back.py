@@ -261,6 +261,17 @@ def test_export_refuses_what_a_format_cannot_hold(hf_tuned, tmp_path: Path, caps
     with pytest.raises(UserError, match="--t5-name"):
         export_musicgen(no_name, tmp_path / "noname", "audiocraft")
 
+    base = {k: family[k] for k in ("n_q", "card", "lm", "text", "codec")}
+    style = MusicGen(**base, style={"feature_dim": 8, "width": 16, "num_layers": 1, "num_heads": 2, "n_q": 2,
+                                    "eval_q": 1, "card": 8})
+    for fmt in ("transformers", "audiocraft"):
+        with pytest.raises(UserError, match="style conditioning"):
+            export_musicgen(style, tmp_path / "style", fmt)
+    with pytest.raises(UserError, match="models the delays 0..3"):
+        export_musicgen(MusicGen(**base, delays=[0, 0, 0, 0]), tmp_path / "parallel", "transformers")
+    with pytest.raises(UserError, match="layers have no biases"):
+        export_musicgen(MusicGen(**{**base, "lm": {**family["lm"], "bias": True}}), tmp_path / "bias", "transformers")
+
     codec = tmp_path / "codec"  # another family's export
     codec.mkdir()
     save_file({}, str(codec / "model.safetensors"))
