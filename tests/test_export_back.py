@@ -23,6 +23,7 @@ from ostinato.interop.musicgen_export import export_musicgen
 from ostinato.interop.musicgen_import import import_musicgen
 from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family
 from ostinato.nn.conditioners import default_text_model
+from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.patterns import DelayPattern
 from tests.references import audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
 
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-K, CARD, DIM, T5_DIM, SR = 4, 64, 48, 32, 16000
+K, CARD, DIM, T5_DIM, SR = 4, 64, 48, 32, 16000  # K: the mono codec's codebooks; a stereo LM models 2K
+STEREO_DELAYS = [0, 0, 1, 1, 2, 2, 3, 3]
 TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo", "drums"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -92,10 +94,10 @@ def finetune(export: Path, out: Path, **family) -> Path:
     wrapper = MusicGenFamily(**kwargs)
     wrapper.model.load_state_dict(load_file(export / "model.safetensors"), strict=True)
     wrapper.train()
-    opt = torch.optim.AdamW(wrapper.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(wrapper.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(3)
     for _ in range(4):
-        codes = torch.randint(0, CARD, (3, K, 10), generator=g)
+        codes = torch.randint(0, CARD, (3, wrapper.n_q, 10), generator=g)
         cond, mask = wrapper.model.condition(TEXTS)
         ce, _ = wrapper.compute_losses(codes, torch.tensor([10, 8, 6]), cond, mask)
         opt.zero_grad()
@@ -107,16 +109,30 @@ def finetune(export: Path, out: Path, **family) -> Path:
     return ckpt
 
 
-def codes_seq(b: int = 3, t: int = 7, seed: int = 1) -> torch.Tensor:
+def codes_seq(pattern: DelayPattern, b: int = 3, t: int = 7, seed: int = 1) -> torch.Tensor:
+    """``[b, K, S]``: random codes under ``pattern`` (special token = ``CARD``)."""
     g = torch.Generator().manual_seed(seed)
-    seq, _ = DelayPattern(K).build(torch.randint(0, CARD, (b, K, t), generator=g), CARD)
+    seq, _ = pattern.build(torch.randint(0, CARD, (b, pattern.n_q, t), generator=g), CARD)
     return seq
+
+
+def mono(model: MusicGen):
+    """The mono codec both formats store (a stereo MusicGen runs it on each channel)."""
+    codec = model.codec
+    return getattr(codec, "mono", codec)
 
 
 def ours(model: MusicGen, seq: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         cond, mask = model.condition(TEXTS)
         return model.lm(seq, cond, mask)
+
+
+def greedy(model: MusicGen, frames: int, cfg: float) -> torch.Tensor:
+    """``[B, K, frames]``: ostinato's greedy decoding of ``TEXTS`` at CFG ``cfg``."""
+    cond, mask = model.condition(TEXTS)
+    params = GenerationParams(temperature=0.0, cfg_scale=cfg, backend="cache")
+    return generate(model.lm, model.pattern, frames, cond=cond, cond_mask=mask, params=params)
 
 
 def assert_changed(tuned: MusicGen, export: Path) -> None:
@@ -139,32 +155,34 @@ def assert_same_tensors(a: Path, tuned: MusicGen) -> None:
 
 
 # -- audiocraft ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ac_tuned(sources: Path, local_t5, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An audiocraft LM built by audiocraft (T5 text through cross-attention, non-default sizes) -> its own
-    export_lm -> ostinato import -> fine-tuned with audiocraft's semantics: (import folder, checkpoint)."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["mono", "stereo"])
+def ac_tuned(request, sources: Path, local_t5, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An audiocraft LM built by audiocraft (T5 text through cross-attention, non-default sizes; stereo: 2K
+    interleaved codebooks) -> its own export_lm -> ostinato import -> fine-tuned: (import folder, checkpoint)."""
     from audiocraft.models import builders
 
+    channels = request.param
     torch.manual_seed(1)
     root = tmp_path_factory.mktemp("audiocraft")
-    lm = builders.get_lm_model(audiocraft_lm_cfg(n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2,
-                                                 sample_rate=SR, hidden_scale=2)).eval()
+    cfg = audiocraft_lm_cfg(n_q=K * channels, card=CARD, dim=DIM, num_heads=4, num_layers=2, sample_rate=SR,
+                            channels=channels, delays=STEREO_DELAYS if channels == 2 else None, hidden_scale=2)
+    lm = builders.get_lm_model(cfg).eval()
     sharpen(lm.linears)
-    audiocraft_export_lm(lm, audiocraft_lm_cfg(n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2,
-                                               sample_rate=SR, hidden_scale=2), root / "state_dict.bin")
+    audiocraft_export_lm(lm, cfg, root / "state_dict.bin")
     imported = import_musicgen(root / "state_dict.bin", root / "import", text_encoder=sources / "t5",
                                codec=str(sources / "encodec"), trust=True)
-    semantics = {"text_padding": "attended", "loss_frames": "trim_delays"}
-    return imported.out, finetune(imported.out, root, semantics=semantics)
+    return imported.out, finetune(imported.out, root)
 
 
 def test_audiocraft_loads_the_export_of_a_finetuned_import(ac_tuned, tmp_path: Path, capsys) -> None:
+    from audiocraft.models import MusicGen as MusicGenAC
     from audiocraft.models import loaders
     from audiocraft.modules.conditioners import ConditioningAttributes
 
     export, ckpt = ac_tuned
     tuned = ostinato.load(ckpt)
-    assert tuned.semantics.text_padding == "attended"
+    assert tuned.semantics.text_padding == "attended"  # audiocraft's, as the import recorded it
+    stereo = tuned.codec.channels == 2
     assert_changed(tuned, export)
     out = tmp_path / "ac"
     main(["export", str(ckpt), str(out), "--format", "audiocraft"])
@@ -174,21 +192,30 @@ def test_audiocraft_loads_the_export_of_a_finetuned_import(ac_tuned, tmp_path: P
     assert package["exported"] is True and isinstance(package["xp.cfg"], str)
     xp = yaml.safe_load(package["xp.cfg"])
     assert xp["conditioners"]["description"]["t5"]["name"] == "t5-base"  # as the source recorded it
-    assert xp["codebooks_pattern"]["delay"]["delays"] == [0, 1, 2, 3] and xp["sample_rate"] == SR
+    assert xp["codebooks_pattern"]["delay"]["delays"] == tuned.pattern.delays and xp["sample_rate"] == SR
+    assert xp["channels"] == tuned.codec.channels and xp["interleave_stereo_codebooks"]["use"] is stereo
 
     reference = loaders.load_lm_model(out / "state_dict.bin")  # audiocraft's own loader
-    seq = codes_seq()
+    seq = codes_seq(tuned.pattern)
     with torch.no_grad():
         attributes = [ConditioningAttributes(text={"description": t}) for t in TEXTS]
         tensors = reference.condition_provider(reference.condition_provider.tokenize(attributes))
         theirs = reference(seq, [], condition_tensors=tensors)
-    assert theirs.shape == (3, K, seq.shape[-1], CARD)
+    assert theirs.shape == (3, tuned.n_q, seq.shape[-1], CARD)
     assert (ours(tuned, seq) - theirs).abs().max().item() <= 1e-4
 
-    codec = loaders.load_compression_model(out / "compression_state_dict.bin")
+    package = MusicGenAC.get_pretrained(str(out), device="cpu")  # the whole model, as audiocraft's users load it
+    assert package.compression_model.channels == tuned.codec.channels and package.sample_rate == SR
+    for cfg in (1.0, 3.0):
+        with torch.no_grad():
+            want = package.lm.generate(conditions=attributes, max_gen_len=8, use_sampling=False, cfg_coef=cfg)
+        got = greedy(tuned, 8, cfg)
+        assert torch.equal(got, want) and len(torch.unique(got)) > 8, cfg
+
+    codec = loaders.load_compression_model(out / "compression_state_dict.bin")  # the mono EnCodec
     wav = torch.sin(torch.arange(SR // 2) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
     with torch.no_grad():
-        assert torch.equal(codec.encode(wav)[0], tuned.codec.encode(wav).codes)
+        assert torch.equal(codec.encode(wav)[0], mono(tuned).encode(wav).codes)
 
     again = tmp_path / "again"  # the round trip: import the export
     import_musicgen(out / "state_dict.bin", again, text_encoder=Path(tuned.text.model_path))
@@ -196,16 +223,26 @@ def test_audiocraft_loads_the_export_of_a_finetuned_import(ac_tuned, tmp_path: P
 
 
 # -- transformers ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[1, 2], ids=["mono", "stereo"])
+def hf_tuned(request, sources: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tuned_transformers(request.param, tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
-def hf_tuned(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny random MusicgenForConditionalGeneration (T5 32 wide, EnCodec, decoder 48 wide) -> ostinato import ->
-    fine-tuned: (import folder, checkpoint)."""
+def hf_mono(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tuned_transformers(1, tmp_path_factory)
+
+
+def tuned_transformers(channels: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random MusicgenForConditionalGeneration (T5 32 wide, EnCodec, decoder 48 wide; stereo:
+    audio_channels 2, 2K codebooks) -> ostinato import -> fine-tuned: (import folder, checkpoint)."""
     from transformers import MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
     torch.manual_seed(2)
     root = tmp_path_factory.mktemp("transformers")
-    decoder = MusicgenDecoderConfig(num_codebooks=K, vocab_size=CARD, hidden_size=DIM, num_attention_heads=4,
-                                    num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256, dropout=0.0,
+    decoder = MusicgenDecoderConfig(num_codebooks=K * channels, audio_channels=channels, vocab_size=CARD,
+                                    hidden_size=DIM, num_attention_heads=4, num_hidden_layers=2, ffn_dim=96,
+                                    max_position_embeddings=256, dropout=0.0,
                                     pad_token_id=CARD, bos_token_id=CARD)
     model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5_config(), audio_encoder=encodec_config(),
                                                             decoder=decoder)).eval()
@@ -228,17 +265,30 @@ def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path:
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     reference.eval()
     gen = reference.generation_config
-    assert (gen.pad_token_id, gen.decoder_start_token_id, reference.config.decoder.num_codebooks) == (CARD, CARD, K)
-    enc = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, return_tensors="pt")  # the tokenizer travels
-    seq = codes_seq()
+    assert (gen.pad_token_id, gen.decoder_start_token_id) == (CARD, CARD)
+    assert (reference.config.decoder.num_codebooks, reference.config.decoder.audio_channels) == (tuned.n_q,
+                                                                                               tuned.codec.channels)
+    tokenizer = AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the export
+    enc = {k: v for k, v in tokenizer(TEXTS, padding=True, return_tensors="pt").items()
+           if k in ("input_ids", "attention_mask")}
+    seq = codes_seq(tuned.pattern)
     b, k, s = seq.shape
     with torch.no_grad():
         theirs = reference(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False).logits
     assert (ours(tuned, seq) - theirs.reshape(b, k, s, -1)).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):  # transformers' generate, with the exported generation config (pad, start token)
+        with torch.no_grad():
+            want = reference.generate(**enc, do_sample=False, guidance_scale=cfg, max_new_tokens=12)
+        assert want.shape[:2] == (len(TEXTS), tuned.codec.channels)
+        codes = greedy(tuned, want.shape[-1] // tuned.codec.hop_length, cfg)
+        assert len(torch.unique(codes)) > 8
+        with torch.no_grad():
+            wav = tuned.codec.decode(codes)
+        assert wav.shape == want.shape and (wav - want).abs().max().item() <= 1e-5, cfg
     wav = torch.sin(torch.arange(SR // 2) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
     with torch.no_grad():
         codes = reference.audio_encoder.encode(wav, bandwidth=1.2).audio_codes[0]
-        assert torch.equal(codes, tuned.codec.encode(wav).codes)
+        assert torch.equal(codes, mono(tuned).encode(wav).codes)
 
     again = tmp_path / "again"  # the round trip: import the export
     import_musicgen(out, again)
@@ -246,8 +296,8 @@ def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path:
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
-def test_export_refuses_what_a_format_cannot_hold(hf_tuned, tmp_path: Path, capsys) -> None:
-    export, ckpt = hf_tuned
+def test_export_refuses_what_a_format_cannot_hold(hf_mono, tmp_path: Path, capsys) -> None:
+    export, ckpt = hf_mono
     family = exported_family(export)
     minilm = MusicGen(**{**{k: family[k] for k in ("n_q", "card", "lm", "delays", "codec")},
                          "text": {"model": str(default_text_model())}})
@@ -267,7 +317,7 @@ def test_export_refuses_what_a_format_cannot_hold(hf_tuned, tmp_path: Path, caps
     for fmt in ("transformers", "audiocraft"):
         with pytest.raises(UserError, match="style conditioning"):
             export_musicgen(style, tmp_path / "style", fmt)
-    with pytest.raises(UserError, match="models the delays 0..3"):
+    with pytest.raises(UserError, match=r"models the delays \[0, 1, 2, 3\] only"):
         export_musicgen(MusicGen(**base, delays=[0, 0, 0, 0]), tmp_path / "parallel", "transformers")
     with pytest.raises(UserError, match="layers have no biases"):
         export_musicgen(MusicGen(**{**base, "lm": {**family["lm"], "bias": True}}), tmp_path / "bias", "transformers")

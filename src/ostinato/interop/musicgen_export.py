@@ -30,6 +30,7 @@ from torch import Tensor
 from ostinato.errors import UserError
 from ostinato.models.codec import Codec
 from ostinato.models.musicgen import MusicGen
+from ostinato.models.stereo_codec import InterleavedStereoCodec
 from ostinato.nn.patterns import stereo_delays
 from ostinato.nn.transformer import LMConfig
 
@@ -132,10 +133,6 @@ def _check_model(model: MusicGen, fmt: str) -> None:
                                                             f"mean the same in {fmt}")
     if fmt == "transformers":
         _refuse_unless(not cfg.bias, fmt, "lm.bias=true: transformers' MusicGen layers have no biases")
-        n = cfg.n_q
-        _refuse_unless(list(model.pattern.delays) in (list(range(n)), stereo_delays(n // 2) if n % 2 == 0 else []),
-                       fmt, f"delays {list(model.pattern.delays)}: transformers' MusicGen models the delays "
-                            f"0..{n - 1} (or the stereo interleaving) only")
 
 
 def _text_folder(model: MusicGen) -> Path:
@@ -172,19 +169,23 @@ def text_encoder_name(model: MusicGen, name: str | None = None) -> str:
     return str(name)
 
 
-def _stereo(model: MusicGen, codec: Codec) -> bool:
-    """A stereo MusicGen models a mono codec's codebooks for L and R, interleaved (delays 0, 0, 1, 1, ...)."""
-    n = model.n_q
-    return codec.channels == 1 and n % 2 == 0 and n // 2 <= codec.n_q and n > 1 \
-        and list(model.pattern.delays) == stereo_delays(n // 2) and n > codec.n_q
+def _codec(model: MusicGen, fmt: str) -> tuple[Codec, int]:
+    """(the mono codec both formats store, the model's channels): a stereo MusicGen's codec is a mono one on each
+    channel, codebooks interleaved (``InterleavedStereoCodec``)."""
+    if "_codec" not in model.__dict__ and "_codec_loader" not in model.__dict__:
+        from ostinato.interop.codecs import load_codec
 
-
-def _codec(model: MusicGen) -> Codec:
+        model.set_codec_loader(load_codec)  # a MusicGen built by hand: its codec_ref is read as ostinato.load reads it
     try:
-        return model.codec
+        codec = model.codec
     except ValueError as e:
-        raise UserError(f"the MusicGen has no usable codec ({str(e).splitlines()[0]}); the export writes it too: "
-                        "record one at import (--codec) or train on token shards that name it") from e
+        raise UserError(f"--format {fmt}: the MusicGen has no usable codec ({str(e).splitlines()[0]}); the export "
+                        "writes it too: record one at import (--codec) or train on token shards that name it") from e
+    if isinstance(codec, InterleavedStereoCodec):
+        return codec.mono, 2
+    _refuse_unless(int(codec.channels) == 1, fmt, f"a {codec.channels}-channel codec: {fmt}'s stereo MusicGens "
+                                                  "interleave the codebooks of a mono codec run on each channel")
+    return codec, 1
 
 
 def _semantics_note(model: MusicGen, fmt: str) -> None:
@@ -224,8 +225,8 @@ def audiocraft_xp_config(model: MusicGen, t5_name: str, sample_rate: int, channe
         "conditioners": {"description": {"model": "t5", "t5": {"name": t5_name, "finetune": False,
                                                                 "word_dropout": 0.0, "normalize_text": False}}},
     }
-    if channels == 2:
-        xp["interleave_stereo_codebooks"] = {"use": True, "per_timestep": False}
+    # stereo: the L/R codebooks of the mono codec interleaved (audiocraft's InterleaveStereoCompressionModel)
+    xp["interleave_stereo_codebooks"] = {"use": channels == 2, "per_timestep": False}
     return xp
 
 
@@ -235,8 +236,7 @@ def _write_audiocraft(model: MusicGen, stage: Path, t5_name: str | None, cfg_dro
     from ostinato.interop.encodec import export_audiocraft_encodec
 
     name = text_encoder_name(model, t5_name)
-    codec = _codec(model)
-    channels = 2 if _stereo(model, codec) else int(codec.channels)
+    codec, channels = _codec(model, "audiocraft")
     assert model.text is not None
     state = lm_state_to_audiocraft(model.lm.state_dict())
     prefix = "condition_provider.conditioners.description.output_proj."
@@ -275,12 +275,16 @@ def _write_transformers(model: MusicGen, stage: Path) -> None:
     _refuse_unless(type(encoder).__name__ == MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(model_type), "transformers",
                    f"the text encoder {_text_folder(model)} ({type(encoder).__name__}) is not what transformers' "
                    "MusicGen builds for its config (AutoModelForTextEncoding)")
-    codec = _codec(model)
-    stereo = _stereo(model, codec)
+    codec, channels = _codec(model, "transformers")
+    n, delays = model.n_q, list(model.pattern.delays)
+    want = stereo_delays(n // 2) if channels == 2 else list(range(n))
+    _refuse_unless(delays == want, "transformers", f"delays {delays}: transformers' "
+                                                   f"{'stereo ' if channels == 2 else ''}MusicGen models the delays "
+                                                   f"{want} only")
     codec_cfg, codec_state = codec_to_transformers(codec)
     audio = EncodecModel(EncodecConfig(**codec_cfg))
     audio.load_state_dict(codec_state, strict=True)
-    decoder = MusicgenForCausalLM(MusicgenDecoderConfig(**transformers_decoder_config(model, 2 if stereo else 1)))
+    decoder = MusicgenForCausalLM(MusicgenDecoderConfig(**transformers_decoder_config(model, channels)))
     decoder.load_state_dict(lm_state_to_transformers(model.lm.state_dict()), strict=True)
     proj = model.text.proj
     width = int(proj.weight.shape[1])
