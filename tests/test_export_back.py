@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import ostinato
 from ostinato.cli import main
+from ostinato.engine.weights import load_weights
 from ostinato.errors import UserError
 from ostinato.families.musicgen import MusicGenFamily
 from ostinato.interop.codecs import load_codec
@@ -24,6 +25,7 @@ from ostinato.interop.musicgen_import import import_musicgen
 from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family
 from ostinato.nn.conditioners import default_text_model
 from ostinato.nn.decoding import GenerationParams, generate
+from ostinato.nn.lora import has_adapters
 from ostinato.nn.patterns import DelayPattern
 from tests.references import audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
 
@@ -88,13 +90,16 @@ def sharpen(heads) -> None:
 
 
 def finetune(export: Path, out: Path, **family) -> Path:
-    """Four AdamW steps of ``MusicGenFamily``'s loss on random codes from the import ``export`` -> a checkpoint
-    in `ostinato train`'s layout (wrapper state under ``model.``, the config under ``ostinato_config``)."""
+    """Four AdamW steps of ``MusicGenFamily``'s loss on random codes from the import ``export`` (``family``
+    overrides, e.g. ``lora``) -> a checkpoint in `ostinato train`'s layout (wrapper state under ``model.``, with
+    LoRA the adapters alone; the config under ``ostinato_config``)."""
     kwargs = {**exported_family(export), **family}
     wrapper = MusicGenFamily(**kwargs)
-    wrapper.model.load_state_dict(load_file(export / "model.safetensors"), strict=True)
+    report = load_weights(wrapper, export)
+    assert not (report.missing or report.unexpected or report.mismatched)
     wrapper.train()
-    opt = torch.optim.AdamW(wrapper.parameters(), lr=1e-3)
+    lr = 1e-2 if wrapper.lora is not None else 1e-3  # adapters start at zero: a larger step shows in the logits
+    opt = torch.optim.AdamW([p for p in wrapper.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(3)
     for _ in range(4):
         codes = torch.randint(0, CARD, (3, wrapper.n_q, 10), generator=g)
@@ -104,8 +109,9 @@ def finetune(export: Path, out: Path, **family) -> Path:
         ce.mean().backward()
         opt.step()
     ckpt = out / "tuned.ckpt"
-    torch.save({"state_dict": wrapper.state_dict(), "global_step": 4,
-                "ostinato_config": {"family": {"_target_": FAMILY_TARGET, **kwargs}}}, ckpt)
+    torch.save({"state_dict": wrapper.checkpoint_state(wrapper.state_dict()), "global_step": 4,
+                "ostinato_config": {"family": {"_target_": FAMILY_TARGET, **kwargs}, "continue_from": str(export)}},
+               ckpt)
     return ckpt
 
 
@@ -253,29 +259,35 @@ def tuned_transformers(channels: int, tmp_path_factory: pytest.TempPathFactory) 
     return imported.out, finetune(imported.out, root)
 
 
-def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path: Path) -> None:
-    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+def from_pretrained(out: Path):
+    """transformers' own loading of an export: every key used, none missing."""
+    from transformers import MusicgenForConditionalGeneration
 
+    reference, info = MusicgenForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    return reference.eval()
+
+
+def hf_logits(reference, enc: dict[str, torch.Tensor], seq: torch.Tensor) -> torch.Tensor:
+    b, k, s = seq.shape
+    with torch.no_grad():
+        return reference(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False).logits.reshape(b, k, s, -1)
+
+
+def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path: Path) -> None:
     export, ckpt = hf_tuned
     tuned = ostinato.load(ckpt)
     assert_changed(tuned, export)
     out = tmp_path / "hf"
     main(["export", str(ckpt), str(out), "--format", "transformers"])
-    reference, info = MusicgenForConditionalGeneration.from_pretrained(out, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    reference.eval()
+    reference = from_pretrained(out)
     gen = reference.generation_config
     assert (gen.pad_token_id, gen.decoder_start_token_id) == (CARD, CARD)
     assert (reference.config.decoder.num_codebooks, reference.config.decoder.audio_channels) == (tuned.n_q,
                                                                                                tuned.codec.channels)
-    tokenizer = AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the export
-    enc = {k: v for k, v in tokenizer(TEXTS, padding=True, return_tensors="pt").items()
-           if k in ("input_ids", "attention_mask")}
+    enc = tokens_of(out)  # the tokenizer travels with the export
     seq = codes_seq(tuned.pattern)
-    b, k, s = seq.shape
-    with torch.no_grad():
-        theirs = reference(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False).logits
-    assert (ours(tuned, seq) - theirs.reshape(b, k, s, -1)).abs().max().item() <= 1e-4
+    assert (ours(tuned, seq) - hf_logits(reference, enc, seq)).abs().max().item() <= 1e-4
     for cfg in (1.0, 3.0):  # transformers' generate, with the exported generation config (pad, start token)
         with torch.no_grad():
             want = reference.generate(**enc, do_sample=False, guidance_scale=cfg, max_new_tokens=12)
@@ -293,6 +305,31 @@ def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path:
     again = tmp_path / "again"  # the round trip: import the export
     import_musicgen(out, again)
     assert_same_tensors(again, tuned)
+
+
+def test_a_lora_run_exports_with_its_adapters_merged(hf_mono, tmp_path: Path, capsys) -> None:
+    export, _ = hf_mono
+    ckpt = finetune(export, tmp_path, lora={"rank": 4, "alpha": 8})
+    adapted = ostinato.load(ckpt)  # the base with the run's adapters
+    assert has_adapters(adapted)
+    out = tmp_path / "hf"
+    main(["export", str(ckpt), str(out), "--format", "transformers"])
+    reference = from_pretrained(out)
+    enc = tokens_of(out)
+    seq = codes_seq(adapted.pattern)
+    theirs = hf_logits(reference, enc, seq)
+    assert (ours(adapted, seq) - theirs).abs().max().item() <= 1e-4
+    assert (ours(ostinato.load(export), seq) - theirs).abs().max().item() > 1e-3  # the adapters are in it
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(ckpt), str(tmp_path / "kept"), "--format", "audiocraft", "--lora", "keep"])
+    assert exit_info.value.code == 2 and "--lora keep --format audiocraft" in capsys.readouterr().err
+
+
+def tokens_of(out: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
