@@ -19,7 +19,7 @@ from ostinato.cli import main
 from ostinato.engine.weights import load_weights
 from ostinato.errors import UserError
 from ostinato.families.musicgen import ImportedMusicGenFamily
-from ostinato.interop.codecs import load_codec, write_stereo_codec
+from ostinato.interop.codecs import load_codec
 from ostinato.interop.musicgen_import import import_musicgen
 from ostinato.models.musicgen import MusicGen
 from ostinato.models.stereo_codec import InterleavedStereoCodec
@@ -159,6 +159,31 @@ def test_audiocraft_stereo_codec_decodes_like_audiocraft(ac_stereo) -> None:
     assert wav.shape == (2, 2, SR // 10)
 
 
+def one_line_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_stereo_faults_are_one_line(ac_stereo, t5, tmp_path: Path, capsys) -> None:
+    from omegaconf import OmegaConf
+
+    _, _, out = ac_stereo
+    package = torch.load(out.source, weights_only=True)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.interleave_stereo_codebooks.per_timestep = True
+    torch.save({**package, "xp.cfg": OmegaConf.to_yaml(cfg)}, tmp_path / "state_dict.bin")
+    err = one_line_error(capsys, "import", str(tmp_path / "state_dict.bin"), str(tmp_path / "out"),
+                         "--text-encoder", str(t5), "--codec", str(out.out / "codec"))
+    assert "interleave_stereo_codebooks.per_timestep=true is not supported" in err
+    # a stereo codec is no mono codec to make stereo
+    err = one_line_error(capsys, "bundle", "stereo-codec", str(out.out / "codec"), str(tmp_path / "twice"))
+    assert "a 2-channel codec; an interleaved stereo codec wraps a mono one" in err
+    assert not (tmp_path / "twice").exists()
+
+
 # -- transformers ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=sorted(SIZES))
 def hf_stereo(request, tmp_path_factory: pytest.TempPathFactory):
@@ -271,7 +296,8 @@ def test_stereo_from_mono_starts_as_the_mono_model_on_each_channel(hf_mono, hf_s
 
 
 def test_stereo_from_mono_fine_tunes_on_stereo_tokens(hf_mono, env, tmp_path: Path) -> None:
-    stereo_codec = write_stereo_codec(str(hf_mono / "codec"), tmp_path / "stereo_codec")
+    stereo_codec = tmp_path / "stereo_codec"
+    main(["bundle", "stereo-codec", str(hf_mono / "codec"), str(stereo_codec)])
     for split, n in (("train", 8), ("valid", 4)):
         write_shards(tmp_path / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR, channels=2)
         main(["tokenize", str(tmp_path / "audio" / split), str(tmp_path / "tokens" / split), "--codec",

@@ -426,6 +426,19 @@ def _bundle_jukebox(args: argparse.Namespace) -> None:
     print(f"wrote {path}; generate with: ostinato generate --model {args.out} --duration 4 --out gen/jukebox")
 
 
+def _bundle_stereo_codec(args: argparse.Namespace) -> None:
+    from ostinato.errors import UserError
+    from ostinato.interop.codecs import CODEC_KINDS, write_stereo_codec
+    from ostinato.store.records import require_ref
+
+    require_ref(args.codec, "codec", CODEC_KINDS)
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} exists; give a new folder for the stereo codec")
+    out = write_stereo_codec(args.codec, args.out, trust=args.trust)
+    print(f"wrote {out} (interleaved stereo over {args.codec}); tokenize stereo audio with it: "
+          f"ostinato tokenize SHARDS TOKENS --codec {out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
@@ -683,6 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     for part in ("mulan", "quantizer", "codec", "semantic-tokenizer"):
         ml.add_argument(f"--{part}", default=None)
     ml.set_defaults(func=_bundle_musiclm)
+    st = bundles.add_parser("stereo-codec", help="OUT: a mono codec on each channel, L/R codebooks interleaved (the "
+                                                 "codec of a stereo MusicGen: tokenize stereo audio with it)")
+    st.add_argument("codec", help="the mono codec: a transformers EncodecModel folder, a compression_state_dict.bin, "
+                                  "an export folder")
+    st.add_argument("out", help="output folder (new)")
+    st.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    st.set_defaults(func=_bundle_stereo_codec)
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
                          description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "
