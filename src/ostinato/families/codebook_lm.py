@@ -1,7 +1,8 @@
 """The one training base of codebook language models: MusicGen, the MusicLM stages and the Jukebox priors.
 
 ``masked_lm_losses``: codes ``[B, K, T]`` with item lengths -> the codebook pattern's sequence (frames past an
-item's length become the special token first, so padding never enters a valid target's context) -> the LM reads
+item's length become the special token first, so padding never enters a valid target's context; audiocraft's
+loss, ``trim_delays``, keeps them as its solver does) -> the LM reads
 steps ``[:-1]`` and predicts steps ``[1:]``; the cross-entropy counts only positions that hold a real code of a
 valid frame.
 
@@ -36,11 +37,17 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
                      cond_mask: Tensor | None = None, trim_delays: bool = False) -> tuple[Tensor, Tensor]:
     """codes ``[B, K, T]``, valid frames ``lengths [B]``, optional ``prefix [B, P, dim]`` and cross-attention
     ``cond [B, Tc, D]`` / ``cond_mask [B, Tc]`` -> (per-codebook mean CE ``[K]`` over valid targets, their count
-    ``[K]``). ``trim_delays``: the last ``delays[k]`` frames of codebook ``k`` are no targets (audiocraft's loss)."""
+    ``[K]``).
+
+    ``trim_delays``: audiocraft's loss (its solver's mask: the item's frames and the pattern steps complete within
+    the batch's T frames): the last ``delays[k]`` frames of codebook ``k`` of the batch are no targets, and the
+    frames past an item's length keep their codes (the codec's codes of the padded audio, audiocraft's
+    ``padding_with_special_token: false``), which the valid targets of later codebooks see."""
     b, k, t = codes.shape
     card = lm.cfg.card
     frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]  # [B, T]
-    codes = codes.masked_fill(~frame_ok[:, None, :], card)
+    if not trim_delays:
+        codes = codes.masked_fill(~frame_ok[:, None, :], card)
     seq, _ = pattern.build(codes, card)  # [B, K, S]
     pos = pattern.positions(t).to(codes.device)  # [K, T]
     valid = torch.zeros(seq.shape, dtype=torch.bool, device=codes.device)

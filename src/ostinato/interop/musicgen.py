@@ -50,7 +50,8 @@ from ostinato.nn.transformer import CodebookLM, LMConfig
 __all__ = [
     "MUSICGEN_DECODER_DEFAULTS", "MusicgenImport", "decoder_config_to_lm_config", "transformers_state_to_lm",
     "load_transformers_musicgen_decoder", "load_transformers_musicgen", "AUDIOCRAFT_TEXT_PROJ",
-    "audiocraft_lm_config", "audiocraft_delays", "audiocraft_state_to_lm",
+    "audiocraft_lm_config", "audiocraft_delays", "audiocraft_state_to_lm", "AUDIOCRAFT_SEMANTICS",
+    "TRANSFORMERS_SEMANTICS",
 ]
 
 # MusicgenDecoderConfig's defaults: config.json files written with ``use_diff`` omit them.
@@ -200,6 +201,14 @@ def load_transformers_musicgen(folder_or_state: str | Path | Mapping[str, Tensor
 
 
 # ----- audiocraft -----
+
+# What each toolkit computes (``ostinato.models.musicgen.Semantics``), read from audiocraft 1.3.0 and transformers:
+# audiocraft's ConditionFuser hands cross-attention the T5 states (padding zeroed by T5Conditioner) without their
+# mask, and its solver's loss mask is the pattern's valid steps of the batch (LMModel.compute_predictions with
+# keep_only_valid_steps), which leaves out the last delays[k] frames of codebook k; transformers passes the
+# encoder's attention mask to cross-attention and counts every label that is not the pad (special) token.
+AUDIOCRAFT_SEMANTICS: dict[str, str] = {"text_padding": "attended", "loss_frames": "trim_delays"}
+TRANSFORMERS_SEMANTICS: dict[str, str] = {"text_padding": "masked", "loss_frames": "all"}
 
 AUDIOCRAFT_TEXT_PROJ = "condition_provider.conditioners.description.output_proj."
 _AC_LAYER = r"^transformer\.layers\.(\d+)\."

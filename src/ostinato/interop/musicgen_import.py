@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ostinato.interop.codecs import FOREIGN_WEIGHTS
 from ostinato.interop.musicgen import (
-    AUDIOCRAFT_TEXT_PROJ, MUSICGEN_DECODER_DEFAULTS, _read_weights, audiocraft_delays, audiocraft_lm_config,
-    audiocraft_state_to_lm, decoder_config_to_lm_config, transformers_state_to_lm,
+    AUDIOCRAFT_SEMANTICS, AUDIOCRAFT_TEXT_PROJ, MUSICGEN_DECODER_DEFAULTS, TRANSFORMERS_SEMANTICS, _read_weights,
+    audiocraft_delays, audiocraft_lm_config, audiocraft_state_to_lm, decoder_config_to_lm_config,
+    transformers_state_to_lm,
 )
 from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family, model_kwargs
 from ostinato.nn.patterns import stereo_delays
@@ -59,8 +60,6 @@ AUDIOCRAFT_FILES = ("state_dict.bin", "state_dict.th")
 # ${oc.env:USER}, unset in containers and CI)
 AUDIOCRAFT_LM_KEYS = ("transformer_lm", "codebooks_pattern", "conditioners", "fuser", "classifier_free_guidance",
                       "attribute_dropout", "channels", "sample_rate", "interleave_stereo_codebooks")
-# audiocraft's semantics (its ConditionFuser attends the zero-padded T5 states; its loss leaves out delayed frames)
-AUDIOCRAFT_SEMANTICS = {"text_padding": "attended", "loss_frames": "trim_delays"}
 _FOREIGN_WEIGHTS = FOREIGN_WEIGHTS
 
 
@@ -196,7 +195,7 @@ def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any]
     if kind == "transformers-conditional":
         proj = proj or _identity_proj(_text_width(config["text_encoder"]), lm.dim, folder)
     parts = _Parts(str(folder), kind, lm, transformers_state_to_lm(dec_state), delays, proj, channels=channels,
-                   interleaved=channels == 2,
+                   interleaved=channels == 2, semantics=dict(TRANSFORMERS_SEMANTICS),
                    text_name=(config.get("text_encoder") or {}).get("_name_or_path") or None)
     return parts, config, text_state, audio_state
 

@@ -348,6 +348,14 @@ class MusicGen(nn.Module):
         attend[~mask.any(dim=1), 0] = True
         return cond, attend
 
+    def null_mask(self, mask: Tensor | None) -> Tensor | None:
+        """``[B, Tc]``: what cross-attention attends of the CFG null condition (zero states) beside ``mask``, the
+        condition's: nothing (None) but under "attended" text padding, where audiocraft tokenizes the null
+        condition in the same batch as the texts and attends its zero states at their padded length."""
+        if mask is None or self.semantics.text_padding != "attended":
+            return None
+        return torch.ones_like(mask)
+
     def melody_frames(self, n_frames: int, frame_rate: float) -> int:
         """Melody prefix tokens for a window of ``n_frames`` codec frames."""
         assert self.melody is not None
@@ -462,6 +470,7 @@ class MusicGen(nn.Module):
         fr, b = float(codec.frame_rate), len(descriptions)
         frames = max(1, round(duration * fr))
         cond, mask = self.condition(list(descriptions))
+        null_mask = self.null_mask(mask)
         style_tokens = self._style_prefix(style, b)
         melody_fn = self._melody_prefix(melody, b, frames)
         prefix = None
@@ -493,7 +502,7 @@ class MusicGen(nn.Module):
             overlap = round(long_form.overlap * fr)
             res = generate_chained(self.lm, self.pattern, frames, segment_frames=window, overlap_frames=overlap,
                                    cond=cond, cond_mask=mask, prompt=prompt, params=params, batch_size=b,
-                                   progress=progress, prefix=prefix)
+                                   progress=progress, prefix=prefix, null_mask=null_mask)
             segments = list(res.segments)
             if head is not None:
                 segments[0] = torch.cat([head, segments[0]], dim=-1)
@@ -503,7 +512,7 @@ class MusicGen(nn.Module):
             params = GenerationParams(**{**params.__dict__, "max_window_frames": window,
                                          "extend_stride_frames": stride})
         codes = generate(self.lm, self.pattern, frames, cond=cond, cond_mask=mask, prompt=prompt, params=params,
-                         batch_size=b, progress=progress, prefix=prefix)
+                         batch_size=b, progress=progress, prefix=prefix, null_mask=null_mask)
         if head is not None:
             codes = torch.cat([head, codes], dim=-1)
         return codec.decode(codes)[..., :n_samples]

@@ -14,7 +14,8 @@ prepended to every window (melody chroma, style tokens). A prefix may be a funct
 Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B rows) and mixes the two halves
 with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
 contributes nothing (SDPA yields zeros for fully masked rows, and the values of a zero input are zero without
-Linear biases), and a zero prefix (the null condition the family trains with), unless the prefix function
+Linear biases), or with ``null_mask`` (audiocraft's null condition: zero states attended, which with biased keys
+and values is not nothing), and a zero prefix (the null condition the family trains with), unless the prefix function
 returns a pair ``(prefix, null_prefix)`` (MusicLM's coarse stage: MuLaN tokens dropped, semantic tokens kept). CFG
 is skipped (single B-row forward) when there is no condition or ``cfg_scale == 1``. With ``cfg_beta`` set,
 MusicGen-Style's double CFG runs 3B rows: ``[text + prefix; prefix only; nothing]`` mixed by ``double_cfg_logits``.
@@ -164,7 +165,8 @@ class _Decoder:
 
     def __init__(self, model: CodebookLM, pattern: CodebookPattern, b: int, cond: Tensor | None,
                  cond_mask: Tensor | None, prefix: Tensor | PrefixFn | None, params: GenerationParams,
-                 generator: torch.Generator | None, use_cache: bool, progress: Progress | None) -> None:
+                 generator: torch.Generator | None, use_cache: bool, progress: Progress | None,
+                 null_mask: Tensor | None = None) -> None:
         self.model, self.pattern, self.b, self.params = model, pattern, b, params
         self.generator, self.use_cache, self.progress = generator, use_cache, progress
         self.device = next(model.parameters()).device
@@ -178,7 +180,8 @@ class _Decoder:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
         self.rows = (3 if self.double else 2) if self.cfg_on else 1
         if self.cfg_on and cond is not None and cond_mask is not None:
-            zeros, off = torch.zeros_like(cond), torch.zeros_like(cond_mask, dtype=torch.bool)
+            zeros = torch.zeros_like(cond)
+            off = torch.zeros_like(cond_mask, dtype=torch.bool) if null_mask is None else null_mask.bool()
             self.cond = torch.cat([cond, zeros] + ([zeros] if self.double else []))
             self.cond_mask = torch.cat([cond_mask.bool(), off] + ([off] if self.double else []))
         else:
@@ -314,7 +317,8 @@ def _batch_size(cond: Tensor | None, prompt: Tensor | None, prefix: Tensor | Pre
 def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: Tensor | None,
               cond_mask: Tensor | None, prompt: Tensor | None, params: GenerationParams, batch_size: int,
               progress: Progress | None, use_cache: bool, generator: torch.Generator | None,
-              prefix: Tensor | PrefixFn | None = None, frame_offset: int = 0) -> Tensor:
+              prefix: Tensor | PrefixFn | None = None, frame_offset: int = 0,
+              null_mask: Tensor | None = None) -> Tensor:
     if pattern.n_q != model.cfg.n_q:
         raise ValueError(f"pattern has {pattern.n_q} codebooks, model {model.cfg.n_q}")
     n_prompt = 0 if prompt is None else prompt.shape[-1]
@@ -323,7 +327,7 @@ def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: 
     if n_prompt > n_frames:
         raise ValueError(f"prompt ({n_prompt} frames) longer than n_frames ({n_frames})")
     b = _batch_size(cond, prompt, prefix, batch_size)
-    dec = _Decoder(model, pattern, b, cond, cond_mask, prefix, params, generator, use_cache, progress)
+    dec = _Decoder(model, pattern, b, cond, cond_mask, prefix, params, generator, use_cache, progress, null_mask)
     plan = _window_plan(n_frames, n_prompt, params.max_window_frames, params.extend_stride_frames)
     dec.total = sum(pattern.max_steps(frames) - 1 for frames, _ in plan)
     out = dec.segment(plan[0][0], prompt, frame_offset)
@@ -338,7 +342,8 @@ def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: 
 def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond: Tensor | None = None,
              cond_mask: Tensor | None = None, prompt: Tensor | None = None,
              params: GenerationParams | None = None, batch_size: int = 1, progress: Progress | None = None,
-             use_cache: bool = True, prefix: Tensor | PrefixFn | None = None) -> Tensor:
+             use_cache: bool = True, prefix: Tensor | PrefixFn | None = None,
+             null_mask: Tensor | None = None) -> Tensor:
     """Sample ``codes [B, K, n_frames]`` (prompt included) from ``model`` through ``pattern``.
 
     Args:
@@ -349,6 +354,8 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
         progress: called as ``progress(done_steps, total_steps)`` over all windows' sequence steps.
         use_cache: KV-cached decoding (default) or a full recompute of the prefix every step (reference path).
         prefix: ``[B, P, dim]`` prepended embeddings, or ``fn(start_frame, n_frames)`` giving them per window.
+        null_mask: ``[B, Tc]`` bool: the positions of the CFG null condition (zero states) cross-attention attends
+            (None = none).
     """
     params = GenerationParams() if params is None else params
     was_training = model.training
@@ -356,7 +363,7 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
     try:
         gen = _make_generator(params.seed, next(model.parameters()).device)
         return _generate(model, pattern, n_frames, cond, cond_mask, prompt, params, batch_size, progress,
-                         use_cache, gen, prefix)
+                         use_cache, gen, prefix, null_mask=null_mask)
     finally:
         model.train(was_training)
 
@@ -366,11 +373,12 @@ def generate_chained(model: CodebookLM, pattern: CodebookPattern, n_frames: int,
                      overlap_frames: int, cond: Tensor | None = None, cond_mask: Tensor | None = None,
                      prompt: Tensor | None = None, params: GenerationParams | None = None, batch_size: int = 1,
                      progress: Progress | None = None, use_cache: bool = True,
-                     prefix: Tensor | PrefixFn | None = None) -> ChainedCodes:
+                     prefix: Tensor | PrefixFn | None = None, null_mask: Tensor | None = None) -> ChainedCodes:
     """UnlimitedMusicGen-style chaining: segments of ``segment_frames`` (the last one may be shorter), each
     prompted with the last ``overlap_frames`` of the previous one, ``n_frames`` frames in all.
 
-    Decode ``result.segments`` one by one and join the audio with ``crossfade(wavs, overlap_frames * hop)``.
+    Decode ``result.segments`` one by one and join the audio with ``crossfade(wavs, overlap_frames * hop)``;
+    ``null_mask`` as in ``generate``.
     """
     params = GenerationParams() if params is None else params
     if not 0 <= overlap_frames < segment_frames:
@@ -390,7 +398,7 @@ def generate_chained(model: CodebookLM, pattern: CodebookPattern, n_frames: int,
             tail = prompt if i == 0 else (segs[-1][:, :, segs[-1].shape[-1] - overlap_frames:]
                                           if overlap_frames else None)
             segs.append(_generate(model, pattern, length, cond, cond_mask, tail, params, batch_size,
-                                  tracker.for_segment(i), use_cache, gen, prefix, start))
+                                  tracker.for_segment(i), use_cache, gen, prefix, start, null_mask))
         starts = [start for start, _ in spans]
         codes = torch.cat([segs[0]] + [s[:, :, overlap_frames:] for s in segs[1:]], dim=-1)
         return ChainedCodes(codes=codes, segments=segs, overlap_frames=overlap_frames, starts=starts)
