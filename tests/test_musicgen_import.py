@@ -263,13 +263,20 @@ def audiocraft_lm(monkeypatch: pytest.MonkeyPatch, t5: Path, out: Path, **lm) ->
     return model
 
 
-def test_import_audiocraft_state_dict(hf_musicgen, tmp_path: Path, capsys, monkeypatch) -> None:
+def audiocraft_checkpoint(hf_musicgen, folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module,
+                                                                                                 Path, Path]:
+    """(audiocraft LM, t5 folder, EnCodec folder): ``folder/state_dict.bin`` by audiocraft's exporter, beside the
+    transformers fixture's T5 and EnCodec saved as folders (what ``--text-encoder`` / ``--codec`` take)."""
     model, _ = hf_musicgen
-    t5, encodec = tmp_path / "t5", tmp_path / "encodec"
+    t5, encodec = folder / "t5", folder / "encodec"
     model.text_encoder.save_pretrained(t5)
     copy_tokenizer(t5)
     model.audio_encoder.save_pretrained(encodec)
-    lm = audiocraft_lm(monkeypatch, t5, tmp_path / "state_dict.bin")
+    return audiocraft_lm(monkeypatch, t5, folder / "state_dict.bin"), t5, encodec
+
+
+def test_import_audiocraft_state_dict(hf_musicgen, tmp_path: Path, capsys, monkeypatch) -> None:
+    lm, t5, encodec = audiocraft_checkpoint(hf_musicgen, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="--text-encoder FOLDER"):
         import_musicgen(tmp_path / "state_dict.bin", tmp_path / "out")
     main(["import", str(tmp_path), str(tmp_path / "out"), "--text-encoder", str(t5), "--codec", str(encodec)])
