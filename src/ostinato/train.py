@@ -84,10 +84,7 @@ def run(cfg: DictConfig) -> L.Trainer:
     resume = last_checkpoint(folder, set_aside_damaged=spec.rank == 0)
     if resume is not None:
         check_resume_fits(resume, family)
-    lora = getattr(family, "lora", None) is not None
-    if lora and not cfg.continue_from:
-        raise ConfigError("family.lora trains adapters on a pretrained model: set continue_from= (an import "
-                          "folder, an export or an XP) to the model they adapt")
+    lora = getattr(family, "lora", None) is not None  # continue_from is set: engine.config.check_lora
     if cfg.continue_from and (resume is None or lora):  # a LoRA run's checkpoints hold the adapters alone
         load_base(family, cfg.continue_from, Path(xp.dora.dir) / xp.dora.xps, cfg.trainer.trust_checkpoints,
                   resuming=resume is not None)

@@ -435,6 +435,7 @@ def validate(cfg: DictConfig, data_paths: bool = True, checks: Sequence[Callable
         if isinstance(value, ListConfig) and len(value) != length:
             raise ConfigError(f"{key}={list(value)}: give {length} values")
     check_bounds(cfg)
+    check_lora(cfg)
     if data_paths:
         check_data_paths(cfg)
     for check in checks:
@@ -443,6 +444,15 @@ def validate(cfg: DictConfig, data_paths: bool = True, checks: Sequence[Callable
     check_target(cfg.family, "family", provided=("optim",))
     world = int(cfg.trainer.devices if str(cfg.trainer.devices).isdigit() else 1) * int(cfg.trainer.num_nodes)
     check_global_batch(cfg, world)
+
+
+def check_lora(cfg: DictConfig) -> None:
+    """``family.lora`` trains adapters over a pretrained base: ``continue_from`` must name it (its checkpoints hold
+    the adapters alone, so a resume loads the base from there again)."""
+    family = cfg.get("family")
+    if family is not None and family.get("lora") is not None and not cfg.get("continue_from"):
+        raise ConfigError("family.lora trains adapters on a pretrained model: set continue_from= (an import "
+                          "folder, an export or an XP) to the model they adapt")
 
 
 def check_global_batch(cfg: DictConfig, world_size: int) -> None:

@@ -27,6 +27,7 @@ from ostinato.store.checkpoint import ema_weights_from_checkpoint, load_checkpoi
 WEIGHTS_NAME, CONFIG_NAME, INFO_NAME = "model.safetensors", "config.yaml", "export.json"
 CONFIG_KEY = "ostinato_config"  # where the engine stores the resolved config inside Lightning checkpoints
 MODEL_PREFIX = "model."  # a training wrapper holds its inference model as ``self.model``
+KEPT_ADAPTERS = "adapter/adapter_config.json"  # what marks an export whose LoRA adapters were kept apart
 
 
 def export_folder(ref: str | Path) -> Path | None:
@@ -98,6 +99,9 @@ def read_weights(ref: str | Path, xps_dir: str | Path | None = None,
     if path.is_dir() and (path / WEIGHTS_NAME).is_file():
         cfg = OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)) if (path / CONFIG_NAME).is_file() else None
         return load_file(path / WEIGHTS_NAME), cfg, str(path / WEIGHTS_NAME)
+    if path.is_dir() and (path / KEPT_ADAPTERS).is_file() and (path / CONFIG_NAME).is_file():
+        # an export of LoRA adapters kept apart: no weights of its own (ostinato.models.lora builds it)
+        return {}, OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)), str(path / KEPT_ADAPTERS)
     if path.suffix == ".safetensors":
         return load_file(path), None, str(path)
     ckpt_path = resolve_checkpoint(ref, xps_dir)
@@ -166,4 +170,7 @@ def read_config(ref: str | Path, xps_dir_: str | Path | None = None, trust: bool
     if folder is not None:
         path = folder / CONFIG_NAME
         return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+    path = Path(str(ref))
+    if (path / KEPT_ADAPTERS).is_file() and (path / CONFIG_NAME).is_file():
+        return OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME))
     return read_weights(ref, xps_dir_ if xps_dir_ is not None else xps_dir(), trust)[1]
