@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import ostinato
 from ostinato.cli import main
-from ostinato.engine.weights import load_weights
+from ostinato.engine.weights import load_weights, stereo_from_mono
 from ostinato.errors import UserError
-from ostinato.families.musicgen import ImportedMusicGenFamily
+from ostinato.families.musicgen import ImportedMusicGenFamily, MusicGenFamily
 from ostinato.interop.codecs import load_codec
 from ostinato.interop.musicgen_import import import_musicgen
 from ostinato.models.musicgen import MusicGen
@@ -237,15 +237,27 @@ def test_transformers_stereo_imports_with_logit_and_generation_parity(hf_stereo)
         logits = model.lm(seq, cond, mask)
     assert (logits - ref).abs().max().item() <= 1e-4
     for cfg in (1.0, 3.0):
-        with torch.no_grad():
-            want = hf.generate(**enc, do_sample=False, guidance_scale=cfg, max_new_tokens=12)
-        assert want.shape[:2] == (len(TEXTS), 2)
-        frames = want.shape[-1] // codec.hop_length
-        codes = greedy(model, TEXTS, frames, cfg)
-        assert len(torch.unique(codes)) > 8
-        with torch.no_grad():
+        want_codes, want = hf_greedy(hf, enc, cfg, 12)
+        assert want.shape[:2] == (len(TEXTS), 2) and want_codes.shape[:2] == (len(TEXTS), K)
+        codes = greedy(model, TEXTS, want_codes.shape[-1], cfg)
+        assert torch.equal(codes, want_codes) and len(torch.unique(codes)) > 8, cfg
+        with torch.no_grad():  # transformers' generate decodes each channel with its mono EnCodec: so does ours
             wav = codec.decode(codes)
         assert wav.shape == want.shape and (wav - want).abs().max().item() <= 1e-5, cfg
+
+
+def hf_greedy(hf, enc: dict[str, torch.Tensor], cfg: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' greedy ``generate`` at guidance ``cfg``: (codes ``[B, K, T]``, stereo audio ``[B, 2, T']``).
+    Its audio is what it returns; its codes are the argmax of the guided scores of every step, under its own delay
+    pattern mask (``build_delay_pattern_mask`` / ``apply_delay_pattern_mask``)."""
+    with torch.no_grad():
+        out = hf.generate(**enc, do_sample=False, guidance_scale=cfg, max_new_tokens=steps, output_scores=True,
+                          return_dict_in_generate=True)
+    ids = torch.stack(out.scores, dim=1).argmax(-1)  # [B * K, steps]
+    ids = torch.cat([torch.full((ids.shape[0], 1), CARD), ids], dim=1)
+    _, mask = hf.decoder.build_delay_pattern_mask(ids[:, :1], pad_token_id=CARD, max_length=ids.shape[1])
+    ids = hf.decoder.apply_delay_pattern_mask(ids, mask)
+    return ids[ids != CARD].reshape(enc["input_ids"].shape[0], K, -1), out.sequences
 
 
 # -- mono -> stereo -------------------------------------------------------------------------------------------
@@ -293,6 +305,24 @@ def test_stereo_from_mono_starts_as_the_mono_model_on_each_channel(hf_mono, hf_s
     # a continue_from that is no mono version of this model is refused in one line
     with pytest.raises(UserError, match=r"stereo_from_mono needs a mono MusicGen with 4 codebooks .* it has 8"):
         load_weights(family, hf_stereo[1].out)
+
+
+def test_stereo_from_mono_of_an_ostinato_musicgen() -> None:
+    """An ostinato MusicGen (``+family.stereo_from_mono=true``, n_q from the stereo token shards): stereo delays by
+    default, and its mono checkpoint's weights give each channel the mono logits for identical L/R codes."""
+    lm = dict(dim=32, num_heads=4, num_layers=2, ffn_dim=64, dropout=0.0)
+    torch.manual_seed(9)
+    mono = MusicGenFamily(n_q=K_MONO, card=CARD, lm=lm, text=None)
+    stereo = MusicGenFamily(n_q=K, card=CARD, lm=lm, text=None, stereo_from_mono=True)
+    assert stereo.model.pattern.delays == STEREO_DELAYS
+    stereo.load_state_dict(stereo_from_mono(mono.state_dict(), stereo.state_dict(), "mono.ckpt"), strict=True)
+    codes = torch.randint(0, CARD, (2, K_MONO, 5), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        want = mono.model.lm(mono.model.pattern.build(codes, CARD)[0])
+        got = stereo.model.lm(stereo.model.pattern.build(interleave_stereo(codes, codes), CARD)[0])
+    assert (got[:, 0::2] - want).abs().max().item() <= 1e-4 and (got[:, 1::2] - want).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match=r"family.stereo_from_mono: n_q=7 must be even"):
+        MusicGenFamily(n_q=7, card=CARD, lm=lm, text=None, stereo_from_mono=True)
 
 
 def test_stereo_from_mono_fine_tunes_on_stereo_tokens(hf_mono, env, tmp_path: Path) -> None:
