@@ -21,7 +21,8 @@ from ostinato.engine.weights import load_weights
 from ostinato.interop.codecs import load_codec
 from ostinato.families.musicgen import ImportedMusicGenFamily
 from ostinato.interop.musicgen_import import detect_source, import_musicgen
-from ostinato.models.musicgen import MusicGen
+from ostinato.models.musicgen import MusicGen, Semantics
+from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.conditioners import TextConditioner, default_text_model
 from ostinato.nn.patterns import DelayPattern
 from ostinato.nn.transformer import generate_greedy
@@ -36,6 +37,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 K, CARD, DIM, T5_DIM, LAYERS, SR = 4, 64, 48, 32, 2, 16000
 TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo"]
+BATCH = ["organ", *TEXTS]  # three token lengths: the shorter two are padded, which transformers masks
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -193,13 +195,30 @@ def test_imported_model_matches_transformers(imported, hf_musicgen) -> None:
     family = ostinato.load(imported.out)
     assert type(family) is MusicGen and family.codec_ref == str(imported.out / "codec")
     assert not isinstance(family, L.LightningModule)
-    assert_parity(family, model)
+    assert family.semantics == Semantics()  # transformers masks the padding and counts every frame, as ostinato
+    assert_parity(family, model, BATCH)
     # the codec is transformers' audio encoder: the same codes
     wav = torch.sin(torch.arange(SR) / SR * 2 * torch.pi * 220.0)[None, None] * 0.5
     with torch.no_grad():
         ref = model.audio_encoder.encode(wav, bandwidth=1.2).audio_codes[0]
         ours = load_codec(imported.out / "codec").encode(wav).codes
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_greedy_generation_matches_transformers_for_a_batch(imported, hf_musicgen, cfg: float) -> None:
+    """transformers' ``generate`` (its CFG: zero states, all-masked) and ``MusicGen.generate`` give the same audio
+    for prompts of different lengths."""
+    model, _ = hf_musicgen
+    family = ostinato.load(imported.out)
+    params = GenerationParams(temperature=0.0, cfg_scale=cfg)
+    with torch.no_grad():
+        want = model.generate(**tokens(BATCH), do_sample=False, guidance_scale=cfg, max_new_tokens=12)
+        wav = family.generate(BATCH, want.shape[-1] / SR, params=params)
+        assert wav.shape == want.shape and (wav - want).abs().max().item() <= 1e-5
+        cond, mask = family.condition(BATCH)
+        codes = generate(family.lm, family.pattern, want.shape[-1] // 320, cond=cond, cond_mask=mask, params=params)
+    assert len(torch.unique(codes)) > 8  # tokens far from constant: the audio comparison means something
 
 
 def test_a_moved_import_finds_its_codec_and_text_encoder(imported, hf_musicgen, tmp_path: Path) -> None:
