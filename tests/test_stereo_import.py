@@ -139,6 +139,7 @@ def test_audiocraft_stereo_imports_with_logit_and_greedy_parity(ac_stereo) -> No
 def test_audiocraft_stereo_codec_decodes_like_audiocraft(ac_stereo) -> None:
     _, compression, out = ac_stereo
     assert type(compression).__name__ == "InterleaveStereoCompressionModel"
+    assert "codec/             the codec (stereo: its mono codec on each channel)" in out.summary()
     codec = load_codec(out.out / "codec")
     assert isinstance(codec, InterleavedStereoCodec)
     assert (codec.channels, codec.n_q, codec.card, codec.sample_rate) == (2, K, CARD, SR)

@@ -89,8 +89,11 @@ class ImportResult:
             lines.append(f"  {TEXT_DIR}/      frozen text encoder + tokenizer")
         codec = f["codec"]
         if codec and Path(codec).is_relative_to(self.out):
+            from ostinato.interop.codecs import STEREO_FILE
+
+            stereo = " (stereo: its mono codec on each channel)" if (Path(codec) / STEREO_FILE).is_file() else ""
             lines.append(f"  {Path(codec).relative_to(self.out)}{'/' if Path(codec).is_dir() else ''}"
-                         f"             the codec")
+                         f"             the codec{stereo}")
         elif codec:
             lines.append(f"  codec: {codec} (referenced, not copied)")
         else:
