@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed
 REF    := $(VENV)/ref
 AUDIOCRAFT_REF := audiocraft==1.3.0 einops==0.8.2 julius==0.2.8 num2words==0.5.14 flashy==0.0.2 av==18.1.0 \
                   colorlog==6.12.0 docopt==0.6.2
+# descript-audio-codec 1.0.0 and what it imports: its descript-audiotools pins protobuf<3.20 (ours is 7)
+DAC_REF := descript-audio-codec==1.0.0 descript-audiotools==0.7.2 argbind==0.3.9 docstring-parser==0.18.0 \
+           einops==0.8.2 julius==0.2.8 flatten-dict==0.4.2 six==1.17.0 ffmpy==1.0.0 importlib-resources==7.1.0 \
+           randomname==0.2.1
 # chromium + chromium-driver: the headless browser of the app and demo-report tests
 APT_PACKAGES := fluidsynth fluid-soundfont-gm chromium chromium-driver
 DEMO_DIR ?= data/demo
@@ -30,6 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt laion-clap==1.1.7
 # audiocraft 1.3.0 pins torch 2.1: installed without its requirements into its own folder (tests/references.py)
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(REF)/audiocraft $(AUDIOCRAFT_REF)
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(REF)/dac $(DAC_REF)
 	@touch $@
 
 sysdeps:

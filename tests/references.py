@@ -4,6 +4,11 @@ audiocraft 1.3.0 pins torch 2.1, so ``make install`` puts it with ``pip install 
 ``.venv/ref/audiocraft`` with its small pure-Python requirements; ``audiocraft()`` puts that folder and the stubs of
 ``xformers`` and ``spacy`` (tests/reference_stubs) on ``sys.path``, works offline, selects the torch attention backend
 and returns the package. Nothing else of the test process changes.
+
+descript-audio-codec 1.0.0 needs descript-audiotools, whose requirements (protobuf<3.20, tensorboard, IPython...)
+conflict with ours: ``make install`` puts both with their small pure-Python imports into ``.venv/ref/dac``, and
+``dac()`` loads them; audiotools imports tensorboard's ``SummaryWriter`` at module level and never uses it there, so
+without tensorboard ``torch.utils.tensorboard`` becomes a stand-in that refuses to write.
 """
 from __future__ import annotations
 
@@ -237,3 +242,33 @@ def audiocraft_style_conditioner(mert, *, output_dim: int, feature_dim: int, wid
             return self.sample_rate / 75 * ds_factor
 
     return StyleConditioner()
+
+
+# ----- descript-audio-codec ----------------------------------------------------------------------------------
+def _without_tensorboard() -> None:
+    """``torch.utils.tensorboard`` as an empty stand-in when tensorboard is not installed (audiotools imports its
+    ``SummaryWriter`` at module level; DAC never writes a log)."""
+    import importlib.util
+    from types import ModuleType
+
+    if importlib.util.find_spec("tensorboard") is None and "torch.utils.tensorboard" not in sys.modules:
+        stub = ModuleType("torch.utils.tensorboard")
+
+        class SummaryWriter:
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("tensorboard is not installed (a stand-in for the reference packages)")
+
+        stub.SummaryWriter = SummaryWriter
+        sys.modules["torch.utils.tensorboard"] = stub
+
+
+def dac() -> ModuleType:
+    """The descript-audio-codec 1.0.0 package (``make install`` put it in ``.venv/ref/dac``)."""
+    folder = REF / "dac"
+    if not (folder / "dac").is_dir():
+        pytest.fail(f"{folder}: descript-audio-codec 1.0.0 is not installed there; run `make install`")
+    _without_tensorboard()
+    _on_path(folder)
+    import dac as package
+
+    return package

@@ -407,12 +407,28 @@ def _bundle_musiclm(args: argparse.Namespace) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
+    from ostinato.interop.dac import is_dac_file
     from ostinato.interop.musicgen_import import import_musicgen
 
+    if is_dac_file(args.src):
+        _import_dac(args)
+        return
     result = import_musicgen(args.src, args.out, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                              codec=args.codec, trust=args.trust, overwrite=args.overwrite)
     print(result.summary())
     print(result.finetune_hint())
+
+
+def _import_dac(args: argparse.Namespace) -> None:
+    from ostinato.errors import UserError
+    from ostinato.interop.dac import import_dac
+
+    given = [flag for flag in ("text_encoder", "tokenizer", "codec") if getattr(args, flag) is not None]
+    if given:
+        raise UserError(f"{args.src} is a DAC codec: --{given[0].replace('_', '-')} is for MusicGen imports; drop it")
+    out = import_dac(args.src, args.out, trust=args.trust, overwrite=args.overwrite)
+    print(f"imported DAC codec {args.src} -> {out} (model.safetensors, config.yaml, export.json)\n"
+          f"tokenize with it: ostinato tokenize SHARDS TOKENS --codec {out}")
 
 
 def _bundle_jukebox(args: argparse.Namespace) -> None:
@@ -597,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a semantic tokenizer folder fitted by `ostinato prep semantic`")
     which.add_argument("--codec", default=None,
                        help="an ostinato codec (XP signature, export folder, .ckpt), a transformers EncodecModel "
-                            "folder, or audiocraft's compression_state_dict.bin")
+                            "folder, audiocraft's compression_state_dict.bin, or a DAC .pth (descript-audio-codec)")
     t.add_argument("--n-q", type=_number(int, 1), default=None, help="codebooks to keep (default: all)")
     t.add_argument("--batch-size", type=_number(int, 1), default=16)
     t.add_argument("--workers", type=_number(int, 0), default=2, help="audio decoding processes per device "
@@ -663,10 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust", action="store_true")
     g.set_defaults(func=_generate)
 
-    i = verbs.add_parser("import", help="a transformers or audiocraft MusicGen -> an export folder "
-                                        "(ostinato.load, continue_from, generate)")
-    i.add_argument("src", help="a transformers MusicgenForConditionalGeneration / MusicgenForCausalLM folder, or "
-                               "an audiocraft state_dict.bin (or a folder holding one)")
+    i = verbs.add_parser("import", help="a transformers or audiocraft MusicGen, or a DAC codec -> an export folder "
+                                        "(ostinato.load, continue_from, generate; --codec)")
+    i.add_argument("src", help="a transformers MusicgenForConditionalGeneration / MusicgenForCausalLM folder, "
+                               "an audiocraft state_dict.bin (or a folder holding one), or a DAC .pth "
+                               "(descript-audio-codec weights)")
     i.add_argument("out", help="the export folder to write")
     i.add_argument("--text-encoder", default=None, metavar="FOLDER",
                    help="audiocraft only: a local text-encoder folder (e.g. t5-base) with its tokenizer")

@@ -1,7 +1,7 @@
 """One loader for every codec ostinato can tokenize with: its own (XP, checkpoint, export), a transformers
-``EncodecModel`` folder, or audiocraft's ``compression_state_dict.bin``; and the interleaved stereo codec of stereo
-MusicGens: a folder holding ``interleaved_stereo.json`` (``{"mono": PATH}``, PATH relative to the folder) that names
-the mono codec run on each channel."""
+``EncodecModel`` folder, audiocraft's ``compression_state_dict.bin``, or a DAC (descript-audio-codec) ``.pth``; and
+the interleaved stereo codec of stereo MusicGens: a folder holding ``interleaved_stereo.json`` (``{"mono": PATH}``,
+PATH relative to the folder) that names the mono codec run on each channel."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ostinato.interop.dac import is_dac_file, load_dac, write_codec_export
 from ostinato.models.codec import Codec
 from ostinato.models.stereo_codec import InterleavedStereoCodec
 from ostinato.models.musicgen import MusicGen, recorded_codec
@@ -25,11 +26,13 @@ STEREO_FILE = "interleaved_stereo.json"  # marks a folder as an interleaved ster
 
 def load_codec(ref: str | Path, trust: bool = False) -> Codec | InterleavedStereoCodec:
     """``ref``: an ostinato codec (XP signature, //sig/SIG, XP folder, .ckpt, export folder), a transformers
-    EncodecModel folder (config.json with model_type "encodec"), an audiocraft compression_state_dict.bin, or an
-    interleaved stereo codec folder (``interleaved_stereo.json``)."""
+    EncodecModel folder (config.json with model_type "encodec"), an audiocraft compression_state_dict.bin, a DAC
+    weights .pth (``interop.dac``) or an interleaved stereo codec folder (``interleaved_stereo.json``)."""
     path = Path(str(ref))
     if (path / STEREO_FILE).is_file():
         return InterleavedStereoCodec(load_codec(stereo_mono_ref(path), trust=trust)).eval()
+    if is_dac_file(path):
+        return load_dac(path, trust=trust).eval()
     if is_foreign_codec(path) and path.is_dir():
         from ostinato.interop.encodec import load_transformers_encodec
 
@@ -55,18 +58,18 @@ def load_codec(ref: str | Path, trust: bool = False) -> Codec | InterleavedStere
 
 
 def is_foreign_codec(ref: str | Path) -> bool:
-    """Whether ``ref`` is another toolkit's codec: a transformers EncodecModel folder or an audiocraft
-    compression_state_dict.bin."""
+    """Whether ``ref`` is another toolkit's codec: a transformers EncodecModel folder, an audiocraft
+    compression_state_dict.bin, a DAC .pth, or an interleaved stereo codec folder."""
     path = Path(str(ref))
-    if (path / STEREO_FILE).is_file():
+    if (path / STEREO_FILE).is_file() or is_dac_file(path):
         return True
     if path.is_dir() and (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text()).get("model_type") == "encodec"
     return path.is_file() and path.suffix in (".bin", ".th", ".pt") and "compression" in path.name
 
 
-CODEC_KINDS = ("a codec: an XP folder, a checkpoint, an export folder, a transformers EncodecModel folder or a "
-               "compression_state_dict.bin")
+CODEC_KINDS = ("a codec: an XP folder, a checkpoint, an export folder, a transformers EncodecModel folder, a "
+               "compression_state_dict.bin or a DAC .pth")
 CODEC_DIR = "codec"  # an export's own copy of its codec
 AUTOENCODER_DIR = "autoencoder"  # a Musika GAN export's own copy of its autoencoder
 FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.gguf")  # other frameworks' copies
@@ -77,12 +80,15 @@ Exporter = Callable[..., Path]  # engine.weights.export: (ref, out, xps_dir=, tr
 
 def copy_codec(ref: str, dst: Path, trust: bool = False, exporter: Exporter | None = None) -> Path | None:
     """A copy of the local codec ``ref`` at ``dst`` (a folder): a transformers EncodecModel or export folder is
-    copied, an audiocraft file becomes ``dst/compression_state_dict.bin``, an ostinato XP or checkpoint is
-    exported with ``exporter`` (EMA weights + config; only when one is given). Returns the codec reference inside
-    ``dst``, or None when ``ref`` is nothing local (then it stays as it is)."""
+    copied, an audiocraft file becomes ``dst/compression_state_dict.bin``, a DAC .pth becomes a codec export folder
+    (read weights-only from then on), an ostinato XP or checkpoint is exported with ``exporter`` (EMA weights +
+    config; only when one is given). Returns the codec reference inside ``dst``, or None when ``ref`` is nothing
+    local (then it stays as it is)."""
     from ostinato.store.checkpoint import SIG_PREFIX
 
     path = Path(ref).expanduser()
+    if is_dac_file(path):
+        return write_codec_export(load_dac(path, trust=trust), dst, str(path.resolve()))
     if path.is_dir() and any((path / name).is_file() for name in ("config.json", "model.safetensors", STEREO_FILE)):
         shutil.copytree(path, dst, ignore=shutil.ignore_patterns(*FOREIGN_WEIGHTS))
         return dst

@@ -100,7 +100,15 @@ class Codec(nn.Module):
         keys of ``SEANET_DEFAULTS`` shared by encoder and decoder, the decoder keys of ``DECODER_ONLY_DEFAULTS``,
         the quantizer keys of ``QUANTIZER_DEFAULTS`` and ``encoder`` / ``decoder``: dicts of SEANet keys that
         override the shared ones for one side only. Unknown keys raise ``ValueError``.
+        ``architecture``: "seanet" (the default, all of the above) or "dac" (``models.dac.DACCodec.build``'s keys).
         """
+        architecture = kwargs.pop("architecture", "seanet")
+        if architecture != "seanet":
+            from ostinato.models.dac import ARCHITECTURE, DACCodec
+
+            if architecture != ARCHITECTURE:
+                raise ValueError(f"codec.architecture {architecture!r}: 'seanet' (EnCodec) or '{ARCHITECTURE}'")
+            return DACCodec.build(architecture=architecture, **kwargs)
         known = {"sample_rate", "encoder", "decoder", *CODEC_DEFAULTS, *SEANET_DEFAULTS, *DECODER_ONLY_DEFAULTS,
                  *QUANTIZER_DEFAULTS}
         unknown = sorted(set(kwargs) - known)
