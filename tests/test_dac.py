@@ -144,3 +144,7 @@ def test_musicgen_trains_on_dac_tokens_and_generates_through_the_dac(tmp_path):
           "--out", str(tmp_path / "gen")])  # the codec: the one the token manifest records, the DAC
     wav, sr = sf.read(tmp_path / "gen" / "000.wav")
     assert sr == 22050 and wav.shape == (round(0.5 * 22050),) and abs(wav).max() > 0
+    main(["export", str(folder), str(tmp_path / "export")])  # the DAC travels inside it, as a codec export
+    exported = ostinato.load(tmp_path / "export")
+    assert (tmp_path / "export" / "codec" / "model.safetensors").is_file()
+    assert type(exported.codec) is DACCodec and weights_hash(exported.codec) == manifest.codec.hash
