@@ -3,7 +3,8 @@ MusicGen's ``family.codec``, ``ostinato.load``, reconstruction suites).
 
 wav [B, 1, T] --pad right to a hop multiple--> encoder --> latents [B, D, F] --factorized RVQ--> codes [B, K, F]
 --decoder--> wav [B, 1, F * hop], F = ceil(T / hop). The public 44.1 kHz model: hop 512 (encoder rates 2, 4, 8, 8),
-9 codebooks of 1024 codes, 86.13 frames per second.
+9 codebooks of 1024 codes, 86.13 frames per second. The padding is DAC's own (``DAC.forward``, ``DAC.compress``);
+audiocraft's DAC wrapper encodes unpadded audio, floor(T / hop) frames, of which only the last differs from ours.
 """
 from __future__ import annotations
 
