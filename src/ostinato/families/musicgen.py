@@ -154,7 +154,9 @@ class MusicGenFamily(CodebookLMFamily):
         texts = ["" if d else t for t, d in zip(texts, drop_text.tolist())]
         cond, mask = model.condition(texts)
         out = Conditions(cond, mask)
+        text = model.text_tokens(texts)  # MusicGen-melody's text prefix (None for cross-attention)
         if not model.needs_audio_features:
+            out.prefix = text
             return out
         codec = model.codec
         if wav is None and model.melody is not None:
@@ -170,12 +172,15 @@ class MusicGenFamily(CodebookLMFamily):
                 style = style * keep(self.style_dropout)[:, None, None].to(style.dtype)
         if model.melody is not None:
             assert wav is not None
-            chroma = model.melody.features(wav, codec.sample_rate)[:, :model.melody_frames(codes.shape[-1],
-                                                                                          codec.frame_rate)]
+            frames = model.melody_frames(codes.shape[-1], codec.frame_rate)
+            chroma = model.fit_chroma(model.melody.features(wav, codec.sample_rate), frames)
             melody = model.melody(chroma)
-            if train:
+            if train and model.melody.chroma == "transformers":  # its null melody is pitch class C
+                silent = model.melody(model.melody.null(b, frames))
+                melody = torch.where(keep(self.melody_dropout)[:, None, None], melody, silent)
+            elif train:
                 melody = melody * keep(self.melody_dropout)[:, None, None].to(melody.dtype)
-        out.prefix = model.prefix(style, melody)
+        out.prefix = model.prefix(style, melody, text)
         return out
 
     # -- loss -----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ostinato.interop.musicgen_melody import audiocraft_fusing
 from ostinato.nn.transformer import CodebookLM, LMConfig
 
 __all__ = [
@@ -237,7 +238,7 @@ def audiocraft_lm_config(cfg: Mapping[str, Any]) -> LMConfig:
     """audiocraft experiment config (``xp.cfg`` as plain containers) -> ``LMConfig`` of the same decoder.
 
     Raises ``ValueError`` naming the ``transformer_lm`` / ``fuser`` key for what ``CodebookLM`` cannot reproduce
-    (post-norm, LayerScale, RoPE, limited context, qk-norm, grouped kv, biased heads, prepended/summed conditions).
+    (post-norm, LayerScale, RoPE, limited context, qk-norm, grouped kv, biased heads, summed conditions).
     """
     tlm = dict(cfg.get("transformer_lm") or {})
     for key in ("dim", "num_heads", "num_layers", "n_q", "card"):
@@ -249,13 +250,8 @@ def audiocraft_lm_config(cfg: Mapping[str, Any]) -> LMConfig:
     if bool(tlm.get("bias_ff", False)) != bool(tlm.get("bias_attn", False)):
         raise ValueError("xp.cfg: transformer_lm.bias_ff and bias_attn differ; CodebookLM has one bias flag")
     fuser = dict(cfg.get("fuser") or {})
-    for method in ("sum", "prepend", "input_interpolate"):
-        if fuser.get(method):
-            raise ValueError(f"xp.cfg: fuser.{method}={fuser[method]} is not supported (only text cross-attention: "
-                             "text-to-music MusicGen, not melody/style models)")
-    cross = list(fuser.get("cross") or [])
-    if cross not in ([], ["description"]):
-        raise ValueError(f"xp.cfg: fuser.cross={cross} is not supported (only ['description'])")
+    _, text_fuse = audiocraft_fusing(cfg)
+    cross = text_fuse == "cross" and "description" in (fuser.get("cross") or [])
     if fuser.get("cross_attention_pos_emb"):
         raise ValueError("xp.cfg: fuser.cross_attention_pos_emb=true is not supported")
     dim, dropout = int(tlm["dim"]), float(tlm.get("dropout") or 0.0)

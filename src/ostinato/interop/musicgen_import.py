@@ -44,6 +44,9 @@ from ostinato.interop.musicgen import (
     audiocraft_delays, audiocraft_lm_config, audiocraft_state_to_lm, decoder_config_to_lm_config,
     transformers_state_to_lm,
 )
+from ostinato.interop.musicgen_melody import (
+    MELODY_SEMANTICS, audiocraft_fusing, audiocraft_melody, split_audiocraft_melody, transformers_melody,
+)
 from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family, model_kwargs
 from ostinato.nn.patterns import stereo_delays
 from ostinato.nn.transformer import LMConfig
@@ -59,7 +62,7 @@ AUDIOCRAFT_FILES = ("state_dict.bin", "state_dict.th")
 # the parts of an audiocraft xp.cfg the importer reads (only these are resolved: dora.dir and the like may hold
 # ${oc.env:USER}, unset in containers and CI)
 AUDIOCRAFT_LM_KEYS = ("transformer_lm", "codebooks_pattern", "conditioners", "fuser", "classifier_free_guidance",
-                      "attribute_dropout", "channels", "sample_rate", "interleave_stereo_codebooks")
+                      "attribute_dropout", "channels", "sample_rate", "interleave_stereo_codebooks", "dataset")
 _FOREIGN_WEIGHTS = FOREIGN_WEIGHTS
 
 
@@ -151,8 +154,11 @@ def detect_source(src: str | Path) -> tuple[str, Path]:
 
 def _transformers_kind(config: Mapping[str, Any]) -> str | None:
     model_type, archs = config.get("model_type"), list(config.get("architectures") or [])
-    if model_type == "musicgen_melody" or any("Melody" in a for a in archs):
-        raise ValueError("MusicGen-Melody (model_type musicgen_melody) is not supported: chroma conditioning")
+    if model_type == "musicgen_melody" or "MusicgenMelodyForConditionalGeneration" in archs:
+        return "transformers-melody"
+    if model_type == "musicgen_melody_decoder" or "MusicgenMelodyForCausalLM" in archs:
+        raise ValueError("a MusicgenMelodyForCausalLM folder holds no chroma projection: import the whole "
+                         "MusicgenMelodyForConditionalGeneration folder")
     if model_type == "musicgen" or "MusicgenForConditionalGeneration" in archs:
         return "transformers-conditional"
     if model_type == "musicgen_decoder" or "MusicgenForCausalLM" in archs:
@@ -178,6 +184,9 @@ class _Parts:
     codec: str | None = None  # relative to the export folder when inside it (see _codec_ref)
     semantics: dict[str, str] | None = None  # the source's Semantics kwargs (None: ostinato's)
     text_name: str | None = None  # the source's name of its text encoder (t5-base...): what an export back needs
+    melody: dict[str, Any] | None = None  # MusicGen-melody: MelodyConditioner kwargs (interop.musicgen_melody)
+    melody_proj: dict[str, Tensor] | None = None  # chroma projection {weight [dim, 12], bias [dim]}
+    text_fuse: str = "cross"  # "prefix": MusicGen-melody prepends the text after the chroma
 
 
 def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any], dict[str, Tensor],
@@ -185,21 +194,29 @@ def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any]
     """A transformers folder -> (parts, full config, text-encoder state, audio-encoder state)."""
     config = json.loads((folder / "config.json").read_text())
     state = _read_weights(folder)
+    melody = kind == "transformers-melody"
     if kind == "transformers-causal":
         dec_cfg, dec_state, text_state, audio_state, proj = config, state, {}, {}, None
     else:
         dec_cfg = dict(config["decoder"])
-        groups = _split_prefixes(state, ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj."), folder)
+        prefixes = ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj.") + (
+            ("audio_enc_to_dec_proj.",) if melody else ())
+        groups = _split_prefixes(state, prefixes, folder)
         dec_state, text_state, audio_state = groups["decoder."], groups["text_encoder."], groups["audio_encoder."]
         proj = groups["enc_to_dec_proj."] or None
     lm = decoder_config_to_lm_config(dec_cfg)
+    if melody:  # the text and the chroma are prepended: no cross-attention
+        lm = lm.with_(cross_attention=False)
     channels = int({**MUSICGEN_DECODER_DEFAULTS, **dec_cfg}["audio_channels"])
     delays = stereo_delays(lm.n_q // 2) if channels == 2 else list(range(lm.n_q))
-    if kind == "transformers-conditional":
+    if kind != "transformers-causal":
         proj = proj or _identity_proj(_text_width(config["text_encoder"]), lm.dim, folder)
     parts = _Parts(str(folder), kind, lm, transformers_state_to_lm(dec_state), delays, proj, channels=channels,
                    interleaved=channels == 2, semantics=dict(TRANSFORMERS_SEMANTICS),
                    text_name=(config.get("text_encoder") or {}).get("_name_or_path") or None)
+    if melody:
+        parts.melody, parts.melody_proj = transformers_melody(config, folder), groups["audio_enc_to_dec_proj."]
+        parts.text_fuse, parts.semantics = "prefix", {**TRANSFORMERS_SEMANTICS, **MELODY_SEMANTICS}
     return parts, config, text_state, audio_state
 
 
@@ -240,6 +257,11 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
     cfg = _plain_config(package["xp.cfg"], AUDIOCRAFT_LM_KEYS)
     lm = audiocraft_lm_config(cfg)
     lm_state, proj = audiocraft_state_to_lm(package["best_state"])
+    has_melody, text_fuse = audiocraft_fusing(cfg)
+    melody_proj = split_audiocraft_melody(lm_state) if has_melody else None
+    if has_melody and not melody_proj:
+        raise ValueError(f"{path}: a melody LM (fuser.prepend self_wav) without "
+                         "condition_provider.conditioners.self_wav.output_proj.* weights")
     if lm.cross_attention and not proj:
         raise ValueError(f"{path}: a cross-attention LM without {AUDIOCRAFT_TEXT_PROJ}* weights")
     cfg_dropout = float((cfg.get("classifier_free_guidance") or {}).get("training_dropout", 0.1))
@@ -248,6 +270,8 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
                    cfg_dropout, channels=channels, interleaved=_audiocraft_interleaved(cfg, channels, lm.n_q, path),
                    semantics=dict(AUDIOCRAFT_SEMANTICS),
                    text_name=((cfg.get("conditioners") or {}).get("description") or {}).get("t5", {}).get("name"))
+    if has_melody:
+        parts.melody, parts.melody_proj, parts.text_fuse = audiocraft_melody(cfg), melody_proj, text_fuse
     return parts, cfg
 
 
@@ -422,11 +446,15 @@ def _family_config(parts: _Parts, root: Path | None) -> dict[str, Any]:
     lm = {k: v for k, v in asdict(parts.lm).items() if k not in ("n_q", "card")}
     text_dir = TEXT_DIR if root is None else str(root / TEXT_DIR)
     text = None if parts.proj is None else {"model": text_dir, "max_length": TEXT_MAX_LENGTH, "dropout": 0.0}
+    if text is not None and parts.text_fuse != "cross":
+        text["fuse"] = parts.text_fuse
     family = {"_target_": FAMILY_TARGET, "n_q": parts.lm.n_q, "card": parts.lm.card, "lm": lm, "text": text,
               "delays": list(parts.delays), "cfg_dropout": parts.cfg_dropout, "attribute_dropout": 0.0,
               "codec": _codec_ref(root, parts.codec)}
     if parts.semantics is not None:
         family["semantics"] = dict(parts.semantics)
+    if parts.melody is not None:
+        family["melody"] = dict(parts.melody)
     return family
 
 
@@ -436,6 +464,8 @@ def _family_state(parts: _Parts) -> dict[str, Tensor]:
         weight = parts.proj["weight"]
         state["text.proj.weight"] = weight
         state["text.proj.bias"] = parts.proj.get("bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+    if parts.melody_proj is not None:
+        state.update({f"melody.proj.{k}": v for k, v in parts.melody_proj.items()})
     return state
 
 
@@ -564,7 +594,7 @@ def _prepare(kind: str, path: Path, tmp: Path, *, text_encoder: str | Path | Non
         codec = codec if codec is not None else (str(sibling) if sibling.is_file() else None)
     else:
         parts, config, text_state, audio_state = _transformers_parts(path, kind)
-        if kind == "transformers-conditional":
+        if kind != "transformers-causal":
             _write_text_from_state(config["text_encoder"], text_state, tmp / TEXT_DIR)
             _copy_tokenizer(Path(tokenizer).expanduser() if tokenizer else path, tmp / TEXT_DIR, "--tokenizer")
             if codec is None:

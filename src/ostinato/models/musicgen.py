@@ -224,7 +224,9 @@ class MusicGen(nn.Module):
     Args:
         n_q, card: codebooks and codebook size of the codec tokens the LM models.
         lm: ``LMConfig`` kwargs, optionally ``preset: tiny|small|medium|large`` plus overrides.
-        text: ``TextConditioner`` kwargs (``model``, ``max_length``, ``dropout``); None = no text.
+        text: ``TextConditioner`` kwargs (``model``, ``max_length``, ``dropout``) plus ``fuse``: "cross"
+            (cross-attention, default) or "prefix" (MusicGen-melody: the zero-padded text states are prepended after
+            the melody and attended whole; needs ``semantics.text_padding: attended``); None = no text.
         melody: ``MelodyConditioner`` kwargs (``sample_rate`` of the chroma analysis, ``hop_seconds``, ``argmax``);
             None = no melody.
         style: ``StyleConditioner`` kwargs plus ``features`` ("codec" = the codec's latents, or a local HF audio
@@ -241,15 +243,22 @@ class MusicGen(nn.Module):
         super().__init__()
         self.semantics = Semantics(**(semantics or {}))
         self.n_q, self.card = int(n_q), int(card)
-        self.cfg = lm_config(lm, n_q=self.n_q, card=self.card, cross_attention=text is not None)
+        text = None if text is None else dict(text)
+        self.text_prefix = text is not None and text.pop("fuse", "cross") == "prefix"
+        if self.text_prefix and self.semantics.text_padding != "attended":
+            raise ValueError("family.text.fuse=prefix prepends the padded text whole: set "
+                             "family.semantics.text_padding=attended")
+        self.cfg = lm_config(lm, n_q=self.n_q, card=self.card,
+                             cross_attention=text is not None and not self.text_prefix)
         self.lm = CodebookLM(self.cfg)
         self.text: TextConditioner | None = None
         if text is not None:
             kw = dict(text)
-            if "dim" in kw and kw["dim"] != self.cfg.kv_dim:
-                raise ValueError(f"family.text.dim={kw['dim']} must equal the LM cross-attention width "
-                                 f"{self.cfg.kv_dim}; leave it out")
-            kw["dim"] = self.cfg.kv_dim
+            width = self.cfg.dim if self.text_prefix else self.cfg.kv_dim
+            if "dim" in kw and kw["dim"] != width:
+                raise ValueError(f"family.text.dim={kw['dim']} must equal the LM width it feeds ({width}); "
+                                 "leave it out")
+            kw["dim"] = width
             self.text = TextConditioner(**kw)
         self.melody: MelodyConditioner | None = None
         if melody is not None:
@@ -337,9 +346,10 @@ class MusicGen(nn.Module):
 
         A null condition (all-False mask) attends to one zero vector instead: with bias-free keys/values that
         adds exactly nothing, where an all-masked softmax would give NaN. With ``semantics.text_padding``
-        "attended" every position of the batch's padded length is attended (padding is zero vectors).
+        "attended" every position of the batch's padded length is attended (padding is zero vectors). A text
+        prefix (``text.fuse: prefix``) is no cross-attention condition: see ``text_tokens``.
         """
-        if self.text is None:
+        if self.text is None or self.text_prefix:
             return None, None
         cond, mask = self.text(list(texts))
         if self.semantics.text_padding == "attended":
@@ -356,10 +366,25 @@ class MusicGen(nn.Module):
             return None
         return torch.ones_like(mask)
 
+    def text_tokens(self, texts: Sequence[str]) -> Tensor | None:
+        """``[B, Tt, dim]``: the texts as prefix tokens (zero vectors past each text and for "", all attended);
+        None unless ``text.fuse`` is "prefix"."""
+        if self.text is None or not self.text_prefix:
+            return None
+        return self.text(list(texts))[0]
+
     def melody_frames(self, n_frames: int, frame_rate: float) -> int:
         """Melody prefix tokens for a window of ``n_frames`` codec frames."""
         assert self.melody is not None
+        if self.melody.frames is not None:
+            return self.melody.frames
         return max(1, self.melody.num_frames(math.ceil(n_frames / frame_rate * self.melody.sample_rate)))
+
+    def fit_chroma(self, chroma: Tensor, frames: int) -> Tensor:
+        """``[B, F, 12]`` looped when shorter than ``frames``, cut when longer."""
+        if chroma.shape[1] < frames:
+            chroma = chroma.repeat(1, -(-frames // chroma.shape[1]), 1)
+        return chroma[:, :frames]
 
     def style_features(self, codes: Tensor, wav: Tensor | None = None) -> tuple[Tensor, float]:
         """Frozen style features ``[B, T, feature_dim]`` of an excerpt's codes (or audio), and their frame rate."""
@@ -390,9 +415,10 @@ class MusicGen(nn.Module):
         feats, _ = self.style_features(excerpt, piece)
         return self.style(feats)
 
-    def prefix(self, style: Tensor | None, melody: Tensor | None) -> Tensor | None:
-        """``[B, P, dim]``: style tokens then melody tokens (None when neither)."""
-        parts = [p for p in (style, melody) if p is not None]
+    def prefix(self, style: Tensor | None, melody: Tensor | None, text: Tensor | None = None) -> Tensor | None:
+        """``[B, P, dim]``: style tokens, melody tokens, then text tokens (MusicGen-melody's order of
+        ``[self_wav, description]``; None when none)."""
+        parts = [p for p in (style, melody, text) if p is not None]
         return torch.cat(parts, dim=1) if parts else None
 
     def _style_prefix(self, style: AudioRef | None, b: int) -> Tensor | None:
@@ -424,9 +450,7 @@ class MusicGen(nn.Module):
         """``[1, need, 12]``: the reference's chromagram, looped when shorter than the output, cropped when longer."""
         assert self.melody is not None
         chroma = self.melody.features(melody.wav[None].float().to(self.device), int(melody.sample_rate))
-        if chroma.shape[1] < need:
-            chroma = chroma.repeat(1, -(-need // chroma.shape[1]), 1)
-        return chroma[:, :need]
+        return self.fit_chroma(chroma, need)
 
     def _melody_prefix(self, melody: AudioRef | Sequence[AudioRef] | None, b: int,
                        total_frames: int) -> Callable[[int, int], Tensor] | None:
@@ -436,8 +460,8 @@ class MusicGen(nn.Module):
                 raise ValueError("--melody given, but this model has no melody conditioner (family.melody)")
             return None
         fr, mel = float(self.codec.frame_rate), self.melody
-        if melody is None:
-            return lambda start, n: torch.zeros(b, self.melody_frames(n, fr), self.cfg.dim, device=self.device)
+        if melody is None:  # the null melody (of the source's length, when it fixes one)
+            return lambda start, n: mel(mel.null(b, mel.null_frames or self.melody_frames(n, fr)))
         need = self.melody_frames(total_frames, fr) + 1
         melodies = list(melody) if isinstance(melody, Sequence) else [melody]
         if len(melodies) not in (1, b):
@@ -472,12 +496,19 @@ class MusicGen(nn.Module):
         frames = max(1, -(-round(duration * codec.sample_rate) // codec.hop_length))
         cond, mask = self.condition(list(descriptions))
         null_mask = self.null_mask(mask)
+        text_tokens = self.text_tokens(list(descriptions))
         style_tokens = self._style_prefix(style, b)
         melody_fn = self._melody_prefix(melody, b, frames)
         prefix = None
-        if style_tokens is not None or melody_fn is not None:
-            def prefix(start: int, n: int) -> Tensor:
-                return self.prefix(style_tokens, None if melody_fn is None else melody_fn(start, n))
+        if style_tokens is not None or melody_fn is not None or text_tokens is not None:
+            def prefix(start: int, n: int) -> Tensor | tuple[Tensor, Tensor]:
+                mel = None if melody_fn is None else melody_fn(start, n)
+                full = self.prefix(style_tokens, mel, text_tokens)
+                if self.melody is None or self.melody.chroma != "transformers" or mel is None:
+                    return full  # the null rows of classifier-free guidance: zeros
+                null = self.melody(self.melody.null(b, mel.shape[1]))
+                zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+                return full, self.prefix(zeros(style_tokens), null, zeros(text_tokens))
         prompt = None
         if continuation is not None:
             wav = _at(continuation, codec.sample_rate, codec.channels).to(self.device)

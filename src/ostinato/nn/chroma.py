@@ -17,6 +17,12 @@ Design:
   ``ceil(T / hop)`` frames for any ``T >= 1``.
 * Silence: a frame is all-zero when the Hann-weighted RMS of its window is below ``silence_db`` dBFS (RMS 1 = 0 dB).
   The RMS comes from the same power spectrum via Parseval, so the gate sees exactly what the chroma sees.
+
+``source_chromagram`` is the other extractor, that of the released MusicGen-melody models (audiocraft's
+``ChromaExtractor``, transformers' ``MusicgenMelodyFeatureExtractor``): a reflect-padded centred STFT (``T // hop + 1``
+frames), librosa's Gaussian chroma filterbank, max-normalised with a floor of 1e-6 and always one-hot (silence is
+pitch class C). An imported melody model records it as ``melody.chroma`` ("audiocraft" or "transformers"): the
+weights were trained on it.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["chroma_filterbank", "chromagram", "default_n_fft", "MelodyConditioner"]
+__all__ = ["chroma_filterbank", "chromagram", "default_n_fft", "source_chromagram", "MelodyConditioner",
+           "CHROMAS"]
 
 C4_HZ = 440.0 * 2.0 ** (-9 / 12)  # the pitch class of C is bin 0
 
@@ -106,38 +113,126 @@ def chromagram(wav: Tensor, sample_rate: int, hop_length: int, n_fft: int | None
     return chroma * (voiced & (peak.squeeze(-1) > 0)).unsqueeze(-1).to(chroma.dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _librosa_filterbank(sample_rate: int, n_fft: int) -> Tensor:
+    from librosa import filters
+
+    return torch.from_numpy(filters.chroma(sr=sample_rate, n_fft=n_fft, tuning=0, n_chroma=12)).float()
+
+
+def source_chromagram(wav: Tensor, sample_rate: int, hop_length: int, n_fft: int) -> Tensor:
+    """MusicGen-melody's own chroma of ``wav`` ``[B, C, T]`` (channels averaged) or ``[B, T]`` ->
+    one-hot ``[B, max(T, n_fft) // hop_length + 1, 12]`` (see the module docstring)."""
+    if wav.dim() == 3:
+        wav = wav.mean(dim=1)
+    wav = wav.float()
+    if wav.shape[-1] < n_fft:  # a short (or nullified) reference is centred in one window
+        pad = n_fft - wav.shape[-1]
+        wav = nn.functional.pad(wav, (pad // 2, pad - pad // 2))
+    window = torch.hann_window(n_fft, periodic=True, device=wav.device)
+    spec = torch.stft(wav, n_fft=n_fft, hop_length=hop_length, window=window, center=True, pad_mode="reflect",
+                      return_complex=True)
+    power = (spec.abs() / window.square().sum().sqrt()).square()  # [B, K, F]
+    chroma = torch.einsum("ck,bkf->bfc", _librosa_filterbank(int(sample_rate), int(n_fft)).to(wav.device), power)
+    chroma = nn.functional.normalize(chroma, p=float("inf"), dim=-1, eps=1e-6)
+    return nn.functional.one_hot(chroma.argmax(dim=-1), 12).to(chroma.dtype)
+
+
+CHROMAS = ("ostinato", "audiocraft", "transformers")
+
+
 class MelodyConditioner(nn.Module):
     """Chromagram of a reference audio, projected to the LM width (to be prepended to the LM input).
 
     ``features`` turns audio into the (untrained, deterministic) chroma; ``forward`` applies the trainable
     projection, so the chroma can be computed once in the data pipeline and stored.
+
+    ``chroma``: "ostinato" (``chromagram``), or an imported model's source: "audiocraft" (``source_chromagram``;
+    the frames from ``ceil(T / hop)`` on are masked: all-zero chroma rows, projected to zero vectors, as
+    audiocraft's ``WaveformConditioner`` masks them; the null melody is such frames) or "transformers"
+    (``source_chromagram``, every row projected; the null melody is pitch class C). ``frames``: a fixed prefix
+    length (transformers' ``chroma_length``): the chroma is looped or cut to it. ``stems``: "mix", the chroma of the
+    whole reference (audiocraft's melody models take that of its demucs vocals + other stems; ostinato has no
+    demucs).
     """
 
     def __init__(self, dim: int, sample_rate: int, hop_seconds: float = 0.128, n_fft: int | None = None,
-                 argmax: bool = True) -> None:
+                 argmax: bool = True, chroma: str = "ostinato", frames: int | None = None,
+                 stems: str = "mix") -> None:
         super().__init__()
+        if chroma not in CHROMAS:
+            raise ValueError(f"family.melody.chroma={chroma!r}: use one of {', '.join(CHROMAS)}")
+        if stems != "mix":  # audiocraft separates vocals + other with demucs first; ostinato has no demucs
+            raise ValueError(f"family.melody.stems={stems!r}: only mix (the chroma of the whole melody) is supported")
         self.sample_rate = int(sample_rate)
         self.hop_length = max(1, round(hop_seconds * sample_rate))
         self.n_fft = default_n_fft(self.hop_length) if n_fft is None else int(n_fft)
         self.argmax = argmax
+        self.chroma = chroma
+        self.frames = None if frames is None else int(frames)
         self.proj = nn.Linear(12, dim)
+
+    def null(self, b: int, frames: int) -> Tensor:
+        """The null (absent) melody's chroma ``[b, frames, 12]``: zeros, or pitch class C for "transformers"."""
+        chroma = torch.zeros(b, frames, 12, device=self.proj.weight.device)
+        if self.chroma == "transformers":
+            chroma[..., 0] = 1.0
+        return chroma
+
+    @property
+    def null_frames(self) -> int | None:
+        """Prefix length of the null melody when the source fixes it (the chroma of one sample); None = that of
+        the window."""
+        if self.chroma == "ostinato":
+            return self.frames
+        return self.frames or self.num_frames(1)
 
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
 
     def num_frames(self, num_samples: int) -> int:
+        if self.chroma != "ostinato":
+            return max(int(num_samples), self.n_fft) // self.hop_length + 1
         return -(-int(num_samples) // self.hop_length)
 
     @torch.no_grad()
-    def features(self, wav: Tensor, sample_rate: int | None = None) -> Tensor:
-        """``[B, C, T]`` or ``[B, T]`` at ``sample_rate`` (default: the conditioner's) -> chroma ``[B, F, 12]``."""
+    def features(self, wav: Tensor, sample_rate: int | None = None, lengths: Tensor | None = None) -> Tensor:
+        """``[B, C, T]`` or ``[B, T]`` at ``sample_rate`` (default: the conditioner's) -> chroma ``[B, F, 12]``.
+
+        ``lengths [B]``: samples of each zero-padded item ("audiocraft" masks its frames from ``ceil(length /
+        hop)`` on, as its ``WaveformConditioner`` does; default: the whole of ``T``).
+        """
+        ratio = 1.0
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
             import torchaudio.functional as AF
 
+            ratio = self.sample_rate / int(sample_rate)
             wav = AF.resample(wav.float(), int(sample_rate), self.sample_rate)
-        return chromagram(wav, self.sample_rate, self.hop_length, self.n_fft, argmax=self.argmax)
+        if self.chroma == "ostinato":
+            return chromagram(wav, self.sample_rate, self.hop_length, self.n_fft, argmax=self.argmax)
+        chroma = source_chromagram(wav, self.sample_rate, self.hop_length, self.n_fft)
+        if self.chroma == "audiocraft":
+            if lengths is None:
+                lengths = torch.full((wav.shape[0],), wav.shape[-1], device=wav.device)
+            else:
+                lengths = lengths.to(wav.device).double() * ratio
+            valid = torch.ceil(lengths / self.hop_length)  # [B]
+            frame = torch.arange(chroma.shape[1], device=wav.device)
+            chroma = chroma * (frame[None] < valid[:, None]).unsqueeze(-1).to(chroma.dtype)
+        return chroma
+
+    def batch_features(self, wavs: list[Tensor], sample_rate: int) -> Tensor:
+        """Chroma ``[B, F, 12]`` of references ``[C, T_i]`` as the source computes a batch of them: zero-padded
+        to the longest (and masked past each one's end for "audiocraft")."""
+        longest = max(w.shape[-1] for w in wavs)
+        padded = torch.stack([nn.functional.pad(w.float().mean(0), (0, longest - w.shape[-1])) for w in wavs])
+        lengths = torch.tensor([w.shape[-1] for w in wavs])
+        return self.features(padded.to(self.proj.weight.device), sample_rate, lengths)
 
     def forward(self, chroma: Tensor) -> Tensor:
-        """``[B, F, 12]`` -> ``[B, F, dim]``."""
-        return self.proj(chroma.to(self.proj.weight.dtype))
+        """``[B, F, 12]`` -> ``[B, F, dim]`` (audiocraft's masked frames, all-zero rows, -> zero vectors)."""
+        out = self.proj(chroma.to(self.proj.weight.dtype))
+        if self.chroma == "audiocraft":
+            out = out * chroma.ne(0).any(dim=-1, keepdim=True).to(out.dtype)
+        return out

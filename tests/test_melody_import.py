@@ -1,0 +1,367 @@
+"""MusicGen-Melody import: audiocraft 1.3.0's own melody LM (``chroma2music``: chroma and text prepended) and
+transformers' ``MusicgenMelodyForConditionalGeneration``, with random weights, -> an ostinato export whose chroma,
+logits and greedy tokens (CFG 1 and 3) equal the source's for a batch of prompts and melodies of different lengths;
+generation with a melody file and fine-tuning of the import."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import ostinato
+from ostinato.engine.weights import load_weights
+from ostinato.interop.musicgen_import import detect_source, import_musicgen
+from ostinato.models.musicgen import MusicGen
+from ostinato.nn.conditioners import default_text_model
+from ostinato.nn.decoding import GenerationParams, generate
+from ostinato.nn.patterns import DelayPattern
+from tests.references import audiocraft, audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+CARD, SR, T5_DIM = 64, 32000, 32
+TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo", "jazz"]
+NOTES = [(0.9, [60, 64, 67, 72]), (0.45, [69, 62]), (0.7, [71, 66, 59])]  # seconds, MIDI notes: 3 lengths
+# (name, audiocraft config overrides): melody and melody-large are one architecture at two sizes (tiny here);
+# stereo-melody has 2 channels, 8 codebooks interleaved L/R, delays [0, 0, 1, 1, 2, 2, 3, 3]
+SIZES = {"melody": dict(n_q=4, dim=48, num_heads=4, num_layers=2),
+         "melody-large": dict(n_q=4, dim=64, num_heads=8, num_layers=3, hidden_scale=2),
+         "stereo-melody": dict(n_q=8, dim=48, num_heads=4, num_layers=2, channels=2,
+                               delays=[0, 0, 1, 1, 2, 2, 3, 3])}
+
+
+def melody(seconds: float, notes: list[int], sr: int = SR) -> torch.Tensor:
+    """``[1, T]``: harmonic tones, one note after the other."""
+    t = torch.arange(round(seconds * sr), dtype=torch.float64) / sr
+    which = torch.clamp((t / seconds * len(notes)).long(), max=len(notes) - 1)
+    hz = torch.tensor([440.0 * 2 ** ((n - 69) / 12) for n in notes], dtype=torch.float64)[which]
+    wav = sum(torch.sin(2 * math.pi * k * hz * t) / k for k in range(1, 5))
+    return (0.3 * wav / wav.abs().max()).float()[None]
+
+
+MELODIES = [melody(s, n) for s, n in NOTES]
+
+
+def copy_tokenizer(dst: Path) -> None:
+    """The MiniLM tokenizer (the only one offline; the tiny T5's vocabulary is its size)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (default_text_model() / name).is_file():
+            shutil.copy2(default_text_model() / name, dst / name)
+
+
+def t5_config():
+    from transformers import T5Config
+
+    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
+    copy_tokenizer(folder)
+    return folder
+
+
+def delay_seq(n_q: int, delays: list[int], b: int = 3, t: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    seq, _ = DelayPattern(n_q, delays).build(torch.randint(0, CARD, (b, n_q, t), generator=g), CARD)
+    return seq
+
+
+def prefix_of(model: MusicGen, texts: list[str] = TEXTS) -> torch.Tensor:
+    """The imported model's prefix for ``texts`` and ``MELODIES`` (the chroma of the batch, as its source computes
+    it): ``[B, P, dim]``."""
+    chroma = model.melody.batch_features(MELODIES, SR)
+    if model.melody.frames is not None:
+        chroma = model.fit_chroma(chroma, model.melody.frames)
+    return model.prefix(None, model.melody(chroma), model.text_tokens(texts))
+
+
+def ours_greedy(model: MusicGen, n_frames: int, cfg: float) -> torch.Tensor:
+    pre = prefix_of(model)
+    null = None
+    if model.melody.chroma == "transformers":  # its null melody is pitch class C, not zeros
+        frames = model.melody.frames
+        text = torch.zeros_like(model.text_tokens(TEXTS))
+        null = model.prefix(None, model.melody(model.melody.null(len(TEXTS), frames)), text)
+    params = GenerationParams(temperature=0.0, cfg_scale=cfg, backend="cache")
+    with torch.no_grad():
+        return generate(model.lm, model.pattern, n_frames, params=params, batch_size=len(TEXTS),
+                        prefix=(lambda s, n: (pre, null)) if null is not None else pre)
+
+
+# -- audiocraft ---------------------------------------------------------------------------------------------
+def audiocraft_attributes(texts: list[str] = TEXTS) -> list:
+    from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
+
+    attrs = []
+    for text, wav in zip(texts, MELODIES):
+        attr = ConditioningAttributes(text={"description": text})
+        attr.wav["self_wav"] = WavCondition(wav[None], torch.tensor([wav.shape[-1]]), sample_rate=[SR], path=[None],
+                                            seek_time=[None])
+        attrs.append(attr)
+    return attrs
+
+
+@pytest.fixture(scope="module", params=sorted(SIZES))
+def audiocraft_melody(request, t5: Path, hf_import, tmp_path_factory: pytest.TempPathFactory):
+    """(audiocraft LMModel, size, its state_dict.bin through audiocraft's export_lm, ostinato's import with the
+    transformers model's 32 kHz EnCodec as its codec)."""
+    audiocraft()
+    from audiocraft.models.builders import get_lm_model
+
+    size = dict(SIZES[request.param])
+    cfg = audiocraft_lm_cfg("chroma", card=CARD, sample_rate=SR, **size)
+    torch.manual_seed(2)
+    with pytest.MonkeyPatch.context() as mp:
+        use_local_t5(mp, t5)
+        lm = get_lm_model(cfg).eval()
+    with torch.no_grad():  # sharp heads: greedy decoding without near-ties
+        for head in lm.linears:
+            head.weight.mul_(20)
+    folder = tmp_path_factory.mktemp(f"ac_{request.param}")
+    src = audiocraft_export_lm(lm, cfg, folder / "state_dict.bin")
+    result = import_musicgen(src, folder / "import", text_encoder=t5, codec=str(hf_import.out / "codec"))
+    return lm, size, src, result
+
+
+def test_audiocraft_melody_import_records_the_source(audiocraft_melody) -> None:
+    _, size, src, result = audiocraft_melody
+    assert detect_source(src) == ("audiocraft", src)
+    family = yaml.safe_load((result.out / "config.yaml").read_text())["family"]
+    assert family["text"]["fuse"] == "prefix" and family["lm"]["cross_attention"] is False
+    assert family["semantics"]["text_padding"] == "attended"
+    assert family["melody"] == {"sample_rate": SR, "hop_seconds": 4096 / SR, "n_fft": 16384,
+                                "chroma": "audiocraft", "stems": "mix", "dropout": 0.0}
+    assert family["delays"] == size.get("delays", list(range(size["n_q"])))
+    model = ostinato.load(result.out)
+    assert model.lm.layers[0].cross_attn is None and model.condition(TEXTS) == (None, None)
+
+
+def test_audiocraft_melody_chroma_equals_its_chroma_extractor(audiocraft_melody) -> None:
+    lm, _, _, result = audiocraft_melody
+    model = ostinato.load(result.out)
+    provider = lm.condition_provider
+    tokenized = provider.tokenize(audiocraft_attributes())
+    with torch.no_grad():
+        ref, mask = provider.conditioners["self_wav"](tokenized["self_wav"])  # [B, F, dim], masked
+        ours = model.melody(model.melody.batch_features(MELODIES, SR))
+    assert ours.shape == ref.shape and mask.sum(1).tolist() == [math.ceil(w.shape[-1] / 4096) for w in MELODIES]
+    assert (ours - ref).abs().max().item() <= 1e-5
+    chroma = model.melody.features(MELODIES[0][None], SR)[0]
+    assert chroma.sum(-1).tolist() == [1.0] * 8 and chroma.argmax(-1).tolist()[::2] == [0, 4, 7, 0]  # C E G C
+    exact = model.melody.features(torch.randn(1, 1, 6 * 4096), SR)[0]  # T // hop + 1 frames, the last masked
+    assert exact.sum(-1).tolist() == [1.0] * 6 + [0.0]
+
+
+def test_audiocraft_melody_logits_and_greedy_tokens_match(audiocraft_melody) -> None:
+    lm, size, _, result = audiocraft_melody
+    model = ostinato.load(result.out)
+    delays = size.get("delays", list(range(size["n_q"])))
+    seq = delay_seq(size["n_q"], delays)
+    with torch.no_grad():
+        ref = lm(seq, audiocraft_attributes())
+        ours = model.lm(seq, prefix=prefix_of(model))
+    assert ours.shape == ref.shape == (3, size["n_q"], seq.shape[-1], CARD)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):
+        with torch.no_grad():
+            theirs = lm.generate(conditions=audiocraft_attributes(), max_gen_len=6, use_sampling=False,
+                                 cfg_coef=cfg, two_step_cfg=False)
+        mine = ours_greedy(model, 6, cfg)
+        assert torch.equal(mine, theirs) and len(torch.unique(mine)) > 3, cfg
+
+
+def decoded_batch(codec, n_frames: int = 30, seed: int = 3):
+    """A token batch of 3 items (the last one shorter) and its audio as the family decodes it."""
+    from ostinato.data.token_datamodule import TokenBatch
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, CARD, (3, 4, n_frames), generator=g)
+    lengths = torch.tensor([n_frames, n_frames, n_frames - 7])
+    codes[2, :, -7:] = 0
+    with torch.no_grad():
+        wav = codec.decode(codes)
+    wav = wav * (torch.arange(wav.shape[-1])[None] < (lengths * codec.hop_length)[:, None])[:, None]
+    return TokenBatch(codes, lengths, TEXTS, [{"caption": t} for t in TEXTS]), wav
+
+
+@pytest.mark.parametrize("audiocraft_melody", ["melody", "melody-large"], indirect=True)  # mono tokens
+def test_finetuning_an_audiocraft_melody_import_prepends_like_audiocraft(audiocraft_melody) -> None:
+    from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
+
+    from ostinato.families.musicgen import ImportedMusicGenFamily
+
+    lm, size, _, result = audiocraft_melody
+    family = ImportedMusicGenFamily(export=str(result.out)).eval()
+    assert not load_weights(family, result.out).missing  # what continue_from=OUT does
+    batch, wav = decoded_batch(family.model.codec)
+    c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
+    assert c.cond is None and c.mask is None
+    attrs = []
+    for text, item in zip(TEXTS, wav):  # the whole decoded segment, as audiocraft's solver gives self_wav
+        attr = ConditioningAttributes(text={"description": text})
+        attr.wav["self_wav"] = WavCondition(item[None], torch.tensor([item.shape[-1]]), [SR], [None], [None])
+        attrs.append(attr)
+    with torch.no_grad():
+        tensors = lm.condition_provider(lm.condition_provider.tokenize(attrs))
+        ref, _ = lm.fuser(torch.zeros(3, 0, size["dim"]), tensors)  # the prefix audiocraft prepends
+    assert c.prefix.shape == ref.shape and (c.prefix - ref).abs().max().item() <= 1e-5
+    loss = family.losses(batch, train=True).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and family.model.melody.proj.weight.grad.abs().sum() > 0
+    assert family.model.text.proj.weight.grad.abs().sum() > 0
+
+
+# -- transformers ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_melody(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random MusicgenMelodyForConditionalGeneration (T5 32 wide, EnCodec 32 kHz 4 x 64, decoder 48 wide,
+    chroma_length 11) saved with its feature extractor and the MiniLM tokenizer."""
+    from transformers import (EncodecConfig, MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
+                              MusicgenMelodyFeatureExtractor, MusicgenMelodyForConditionalGeneration)
+
+    torch.manual_seed(0)
+    codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
+                          codebook_size=CARD, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
+                          target_bandwidths=[2.56], use_causal_conv=False, normalize=False)
+    decoder = MusicgenMelodyDecoderConfig(num_codebooks=4, vocab_size=CARD, hidden_size=48, num_attention_heads=4,
+                                          num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256,
+                                          dropout=0.0, pad_token_id=CARD, bos_token_id=CARD)
+    config = MusicgenMelodyConfig(text_encoder=t5_config().to_dict(), audio_encoder=codec.to_dict(),
+                                  decoder=decoder.to_dict(), chroma_length=11)
+    model = MusicgenMelodyForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for head in model.decoder.lm_heads:
+            head.weight.mul_(20)
+    folder = tmp_path_factory.mktemp("hf_melody")
+    model.save_pretrained(folder)
+    features = MusicgenMelodyFeatureExtractor(sampling_rate=SR)
+    features.save_pretrained(folder)
+    copy_tokenizer(folder)
+    return model, features, folder
+
+
+def hf_inputs(features, texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_text_model(), local_files_only=True)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    chroma = features([w[0].numpy() for w in MELODIES], sampling_rate=SR, return_tensors="pt")["input_features"]
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "input_features": chroma}
+
+
+@pytest.fixture(scope="module")
+def hf_import(hf_melody, tmp_path_factory: pytest.TempPathFactory):
+    _, _, folder = hf_melody
+    return import_musicgen(folder, tmp_path_factory.mktemp("hf_import") / "import")
+
+
+def hf_greedy(model, inputs: dict[str, torch.Tensor], n_frames: int, cfg: float) -> torch.Tensor:
+    """transformers' own conditional (+ null, for CFG) prefix rows, decoded step by step without a cache."""
+    from transformers import GenerationConfig
+
+    kwargs = model._prepare_encoder_hidden_states_kwargs_for_generation(
+        inputs["input_ids"], {"attention_mask": inputs["attention_mask"],
+                              "input_features": inputs["input_features"]}, "input_ids",
+        GenerationConfig(guidance_scale=cfg))
+    states = kwargs["encoder_hidden_states"]
+    b, k = inputs["input_ids"].shape[0], 4
+    pattern = DelayPattern(k)
+    valid = pattern.valid_mask(n_frames)
+    seq = torch.full((b, k, pattern.max_steps(n_frames)), CARD)
+    for step in range(seq.shape[-1] - 1):
+        rows = seq[:, :, :step + 1].repeat(states.shape[0] // b, 1, 1)
+        with torch.no_grad():
+            logits = model(encoder_hidden_states=states, decoder_input_ids=rows.reshape(-1, step + 1)).logits
+        logits = logits.reshape(-1, k, logits.shape[1], CARD)[:, :, -1]
+        if cfg != 1.0:
+            cond, null = logits.split(b)
+            logits = null + (cond - null) * cfg
+        seq[:, :, step + 1] = torch.where(valid[:, step + 1], logits.argmax(-1), CARD)
+    return pattern.revert(seq, n_frames)[0]
+
+
+def test_transformers_melody_import_matches(hf_melody, hf_import) -> None:
+    model, features, folder = hf_melody
+    assert detect_source(folder) == ("transformers-melody", folder)
+    family = yaml.safe_load((hf_import.out / "config.yaml").read_text())["family"]
+    assert family["melody"] == {"sample_rate": SR, "hop_seconds": 4096 / SR, "n_fft": 16384,
+                                "chroma": "transformers", "frames": 11, "stems": "mix", "dropout": 0.0}
+    assert family["text"]["fuse"] == "prefix" and family["semantics"]["text_padding"] == "attended"
+    ours_model = ostinato.load(hf_import.out)
+    inputs = hf_inputs(features)
+    assert torch.equal(ours_model.melody.batch_features(MELODIES, SR), inputs["input_features"])
+    seq = delay_seq(4, [0, 1, 2, 3])
+    b, k, s = seq.shape
+    with torch.no_grad():
+        ref = model(**inputs, decoder_input_ids=seq.reshape(b * k, s)).logits.reshape(b, k, -1, CARD)[:, :, -s:]
+        ours = ours_model.lm(seq, prefix=prefix_of(ours_model))
+    assert (ours - ref).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):
+        mine = ours_greedy(ours_model, 6, cfg)
+        assert torch.equal(mine, hf_greedy(model, inputs, 6, cfg)) and len(torch.unique(mine)) > 3, cfg
+
+
+def test_generate_with_a_melody_file_from_an_import(hf_melody, hf_import, tmp_path: Path) -> None:
+    import soundfile as sf
+
+    from ostinato.cli import main
+    from ostinato.generation.request import AudioInput
+
+    model, features, _ = hf_melody
+    ours = ostinato.load(hf_import.out)
+    tune = MELODIES[0]
+    # MusicGen.generate (what `ostinato generate` runs): one melody for two prompts, greedy, CFG 3
+    ref_inputs = hf_inputs(features, TEXTS[:2])
+    ref_inputs["input_features"] = features([tune[0].numpy()] * 2, sampling_rate=SR,
+                                            return_tensors="pt")["input_features"]
+    theirs = hf_greedy(model, ref_inputs, 6, 3.0)
+    params = GenerationParams(temperature=0.0, cfg_scale=3.0, backend="cache")
+    wav = ours.generate(TEXTS[:2], 0.06, melody=AudioInput(tune, SR), params=params)
+    with torch.no_grad():
+        expected = ours.codec.decode(theirs)[..., :wav.shape[-1]]
+    assert wav.shape == (2, 1, round(0.06 * SR)) and torch.allclose(wav, expected, atol=1e-6)
+    # the CLI, with a melody file
+    sf.write(tmp_path / "tune.wav", tune[0].numpy(), SR)
+    main(["generate", "--model", str(hf_import.out), "--prompt", TEXTS[0], "--melody", str(tmp_path / "tune.wav"),
+          "--duration", "0.06", "--temperature", "0", "--out", str(tmp_path / "clips"), "--quiet"])
+    clip, rate = sf.read(tmp_path / "clips" / "000.wav")
+    assert rate == SR and clip.shape[0] == round(0.06 * SR)
+    assert torch.allclose(torch.from_numpy(clip).float(), expected[0, 0], atol=1e-4)
+
+
+def test_finetuning_a_transformers_melody_import_uses_its_null_melody(hf_melody, hf_import) -> None:
+    from transformers import GenerationConfig
+
+    from ostinato.families.musicgen import ImportedMusicGenFamily
+
+    model, features, _ = hf_melody
+    family = ImportedMusicGenFamily(export=str(hf_import.out), cfg_dropout=1.0)
+    assert not load_weights(family, hf_import.out).missing
+    batch, wav = decoded_batch(family.model.codec)
+    chroma = features([w[0].numpy() for w in wav], sampling_rate=SR, return_tensors="pt")["input_features"]
+    inputs = {**hf_inputs(features), "input_features": chroma}
+    kwargs = model._prepare_encoder_hidden_states_kwargs_for_generation(
+        inputs["input_ids"], {"attention_mask": inputs["attention_mask"], "input_features": chroma}, "input_ids",
+        GenerationConfig(guidance_scale=3.0))
+    cond, null = kwargs["encoder_hidden_states"].split(3)  # transformers' conditional and null prefix rows
+    with torch.no_grad():
+        c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
+        dropped = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=True)
+    assert (c.prefix - cond).abs().max().item() <= 1e-5  # chroma of the decoded audio, looped, then the text
+    # CFG dropout: transformers' null melody (pitch class C), and the empty texts' zero states
+    assert (dropped.prefix[:, :11] - null[:, :11]).abs().max().item() <= 1e-6
+    assert not dropped.prefix[:, 11:].any() and not torch.equal(null[:, :11], cond[:, :11])
