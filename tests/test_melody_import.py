@@ -184,12 +184,12 @@ def test_audiocraft_melody_logits_and_greedy_tokens_match(audiocraft_melody) -> 
         assert torch.equal(mine, theirs) and len(torch.unique(mine)) > 3, cfg
 
 
-def decoded_batch(codec, n_frames: int = 30, seed: int = 3):
+def decoded_batch(codec, n_q: int = 4, n_frames: int = 30, seed: int = 3):
     """A token batch of 3 items (the last one shorter) and its audio as the family decodes it."""
     from ostinato.data.token_datamodule import TokenBatch
 
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, CARD, (3, 4, n_frames), generator=g)
+    codes = torch.randint(0, CARD, (3, n_q, n_frames), generator=g)
     lengths = torch.tensor([n_frames, n_frames, n_frames - 7])
     codes[2, :, -7:] = 0
     with torch.no_grad():
@@ -198,7 +198,6 @@ def decoded_batch(codec, n_frames: int = 30, seed: int = 3):
     return TokenBatch(codes, lengths, TEXTS, [{"caption": t} for t in TEXTS]), wav
 
 
-@pytest.mark.parametrize("audiocraft_melody", ["melody", "melody-large"], indirect=True)  # mono tokens
 def test_finetuning_an_audiocraft_melody_import_prepends_like_audiocraft(audiocraft_melody) -> None:
     from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
 
@@ -207,14 +206,15 @@ def test_finetuning_an_audiocraft_melody_import_prepends_like_audiocraft(audiocr
     lm, size, _, result = audiocraft_melody
     family = ImportedMusicGenFamily(export=str(result.out)).eval()
     assert not load_weights(family, result.out).missing  # what continue_from=OUT does
-    batch, wav = decoded_batch(family.model.codec)
+    batch, wav = decoded_batch(family.model.codec, size["n_q"])
+    assert wav.shape[1] == size.get("channels", 1)  # stereo-melody: the interleaved stereo codec of the import
     c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
     assert c.cond is None and c.mask is None
     attrs = []
     for text, item in zip(TEXTS, wav):  # the whole decoded segment, as audiocraft's solver gives self_wav
         attr = ConditioningAttributes(text={"description": text})
         attr.wav["self_wav"] = WavCondition(item[None], torch.tensor([item.shape[-1]]), [SR], [None], [None])
-        attrs.append(attr)
+        attrs.append(attr)  # audiocraft averages a stereo melody's channels, as ostinato does
     with torch.no_grad():
         tensors = lm.condition_provider(lm.condition_provider.tokenize(attrs))
         ref, _ = lm.fuser(torch.zeros(3, 0, size["dim"]), tensors)  # the prefix audiocraft prepends
@@ -365,3 +365,31 @@ def test_finetuning_a_transformers_melody_import_uses_its_null_melody(hf_melody,
     # CFG dropout: transformers' null melody (pitch class C), and the empty texts' zero states
     assert (dropped.prefix[:, :11] - null[:, :11]).abs().max().item() <= 1e-6
     assert not dropped.prefix[:, 11:].any() and not torch.equal(null[:, :11], cond[:, :11])
+
+
+# -- what the melody import refuses -----------------------------------------------------------------------------
+@pytest.mark.parametrize("audiocraft_melody", ["melody"], indirect=True)
+def test_melody_imports_refuse_what_they_cannot_reproduce(hf_melody, audiocraft_melody, tmp_path: Path,
+                                                          capsys) -> None:
+    from omegaconf import OmegaConf
+
+    from ostinato.cli import main
+    from ostinato.nn.chroma import MelodyConditioner
+
+    model, _, _ = hf_melody
+    model.decoder.save_pretrained(tmp_path / "decoder")  # a MusicgenMelodyForCausalLM: no chroma projection
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", str(tmp_path / "decoder"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "import the whole MusicgenMelodyForConditionalGeneration folder" in capsys.readouterr().err
+    _, _, src, _ = audiocraft_melody
+    package = torch.load(src, weights_only=False)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.conditioners.self_wav.chroma_stem.argmax = False
+    torch.save({**package, "xp.cfg": OmegaConf.to_yaml(cfg)}, tmp_path / "soft.bin")
+    with pytest.raises(ValueError, match=r"conditioners\.self_wav\.chroma_stem needs n_chroma=12 and argmax=true"):
+        import_musicgen(tmp_path / "soft.bin", tmp_path / "out2", text_encoder=tmp_path)
+    with pytest.raises(ValueError, match="set family.semantics.text_padding=attended"):
+        MusicGen(n_q=4, card=CARD, lm={"preset": "tiny"}, text={"fuse": "prefix"})
+    with pytest.raises(ValueError, match="family.melody.chroma='librosa': use one of ostinato, audiocraft"):
+        MelodyConditioner(8, SR, chroma="librosa")

@@ -6,9 +6,11 @@
   ``audio_encoder.*``, ``enc_to_dec_proj``); the tokenizer files must sit in the folder (a processor saved with
   it) or come from ``tokenizer=``;
 * a transformers ``MusicgenForCausalLM`` folder (decoder only: no text conditioning; ``codec=`` or none);
-* audiocraft's MusicGen ``state_dict.bin`` (``{'xp.cfg', 'best_state'}``), or a folder holding one. audiocraft does
-  not ship the T5 weights: ``text_encoder=`` names a local encoder folder (with its tokenizer), and ``codec=`` the
-  codec (default: a ``compression_state_dict.bin`` beside the file).
+* a transformers ``MusicgenMelodyForConditionalGeneration`` folder (MusicGen-Melody, ``audio_enc_to_dec_proj``: see
+  ``interop.musicgen_melody``);
+* audiocraft's MusicGen ``state_dict.bin`` (``{'xp.cfg', 'best_state'}``; text-to-music or melody), or a folder
+  holding one. audiocraft does not ship the T5 weights: ``text_encoder=`` names a local encoder folder (with its
+  tokenizer), and ``codec=`` the codec (default: a ``compression_state_dict.bin`` beside the file).
 
 The export folder ``OUT`` (built in ``OUT.tmp``, then renamed):
 
@@ -74,7 +76,7 @@ class ImportResult:
 
     out: Path
     source: str
-    kind: str  # transformers-conditional | transformers-causal | audiocraft
+    kind: str  # transformers-conditional | transformers-causal | transformers-melody | audiocraft
     family: dict[str, Any]
     tensors: int
     codec_n_q: int | None = None  # codebooks of the codec (the LM may use fewer: tokenize --n-q)
@@ -133,7 +135,7 @@ def detect_source(src: str | Path) -> tuple[str, Path]:
                                 "audiocraft state_dict.bin")
     if path.is_dir() and (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
-        kind = _transformers_kind(config)
+        kind = _transformers_kind(config, path / "config.json")
         if kind:
             return kind, path
         if not any((path / name).is_file() for name in AUDIOCRAFT_FILES):
@@ -152,13 +154,13 @@ def detect_source(src: str | Path) -> tuple[str, Path]:
     raise ValueError(f"{path}: expected a transformers MusicGen folder or an audiocraft state_dict.bin")
 
 
-def _transformers_kind(config: Mapping[str, Any]) -> str | None:
+def _transformers_kind(config: Mapping[str, Any], source: Path) -> str | None:
     model_type, archs = config.get("model_type"), list(config.get("architectures") or [])
     if model_type == "musicgen_melody" or "MusicgenMelodyForConditionalGeneration" in archs:
         return "transformers-melody"
     if model_type == "musicgen_melody_decoder" or "MusicgenMelodyForCausalLM" in archs:
-        raise ValueError("a MusicgenMelodyForCausalLM folder holds no chroma projection: import the whole "
-                         "MusicgenMelodyForConditionalGeneration folder")
+        raise ValueError(f"{source}: a MusicgenMelodyForCausalLM folder holds no chroma projection: import the "
+                         "whole MusicgenMelodyForConditionalGeneration folder")
     if model_type == "musicgen" or "MusicgenForConditionalGeneration" in archs:
         return "transformers-conditional"
     if model_type == "musicgen_decoder" or "MusicgenForCausalLM" in archs:
