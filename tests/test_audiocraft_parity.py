@@ -170,3 +170,19 @@ def test_training_loss_matches_audiocraft(pair) -> None:
         assert (ours - torch.stack(ref)).abs().max().item() <= 1e-5
         every, _ = masked_lm_losses(family.model.lm, family.model.pattern, codes, lengths, None, cond, mask)
         assert (every - torch.stack(ref))[1:].abs().min().item() > 1e-4  # "all" frames is not audiocraft's loss
+
+
+def test_a_semantics_value_that_is_none_is_one_line(t5: Path, tmp_path: Path, capsys) -> None:
+    """A hand-edited ``family.semantics`` names the key and the values it takes."""
+    audiocraft_source(t5, tmp_path, seed=0, **SIZES["small"])
+    edited = import_musicgen(tmp_path / "state_dict.bin", tmp_path / "edited", text_encoder=t5).out
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["family"]["semantics"]["text_padding"] = "padded"
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()  # transformers' loading progress
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(edited), "--prompt", "organ", "--duration", "0.1", "--out",
+              str(tmp_path / "gen")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "family.semantics.text_padding='padded': use masked or attended" in err
