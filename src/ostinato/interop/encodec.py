@@ -375,8 +375,9 @@ def load_audiocraft_encodec(path: str | Path, config: Mapping[str, Any] | None =
     if not isinstance(package, Mapping):
         raise ValueError(f"{path}: expected a dict, got {type(package).__name__}")
     if "pretrained" in package and "best_state" not in package:
-        raise ValueError(f"{path} only references the pretrained model {package['pretrained']!r}: download its "
-                         "transformers folder and use load_transformers_encodec")
+        raise ValueError(f"{path} only references the pretrained model {package['pretrained']!r} (as audiocraft's "
+                         "released MusicGens ship it): download that transformers EncodecModel folder and give it "
+                         "instead (ostinato import --codec FOLDER; load_transformers_encodec)")
     state = package.get("best_state", package)
     if config is None:
         if "xp.cfg" not in package:

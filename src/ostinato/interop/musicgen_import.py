@@ -604,11 +604,30 @@ def _prepare(kind: str, path: Path, tmp: Path, *, text_encoder: str | Path | Non
     if parts.proj is not None:
         _check_text(tmp / TEXT_DIR, int(parts.proj["weight"].shape[1]))
     if codec is not None and codec != CODEC_DIR:
+        _refuse_codec_reference(codec, trust)
         codec = _place_codec(codec, tmp)
     if codec is not None and parts.interleaved:
         codec = _stereo_codec(codec, tmp, trust)
     parts.codec = codec
     return parts
+
+
+def _refuse_codec_reference(ref: str, trust: bool) -> None:
+    """A ``compression_state_dict.bin`` that only names its EnCodec (``{'pretrained': NAME}``, as audiocraft's
+    released MusicGens ship it) is refused naming the file and the flag, before anything is copied."""
+    from ostinato.interop.encodec import _load_package
+
+    path = Path(ref).expanduser()
+    if not (path.is_file() and path.suffix in (".bin", ".th", ".pt")):
+        return
+    try:
+        package = _load_package(path, trust)
+    except ValueError:  # not loadable here: loading the codec names the fault
+        return
+    if isinstance(package, Mapping) and "pretrained" in package and "best_state" not in package:
+        raise ValueError(f"{path} only references the pretrained model {package['pretrained']!r} (as audiocraft's "
+                         "released MusicGens ship it): download that transformers EncodecModel folder and pass "
+                         "--codec FOLDER")
 
 
 def _stereo_codec(codec: str, tmp: Path, trust: bool) -> str:
