@@ -148,3 +148,18 @@ def test_musicgen_trains_on_dac_tokens_and_generates_through_the_dac(tmp_path):
     exported = ostinato.load(tmp_path / "export")
     assert (tmp_path / "export" / "codec" / "model.safetensors").is_file()
     assert type(exported.codec) is DACCodec and weights_hash(exported.codec) == manifest.codec.hash
+
+
+def test_the_preset_composes_at_its_full_size(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ostinato.engine.config import validate
+    from ostinato.train import conf_dir
+
+    monkeypatch.setenv("OSTINATO_DATA", str(tmp_path))  # no token shards there: the preset's own dimensions stand
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=musicgen_dac44k"])
+    validate(cfg)
+    assert (cfg.family.n_q, cfg.family.card) == (9, 1024)
+    assert (cfg.family.lm.dim, cfg.family.lm.num_layers, cfg.trainer.precision) == (1024, 24, "bf16-mixed")
+    assert cfg.data.train == f"{tmp_path}/dac44k/tokens/train"

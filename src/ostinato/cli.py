@@ -690,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tokenizer", default=None, metavar="FOLDER",
                    help="tokenizer files, when SRC (or --text-encoder) has none")
     i.add_argument("--codec", default=None, metavar="REF",
-                   help="the codec: a transformers EncodecModel folder, a compression_state_dict.bin or an "
-                        "ostinato codec (default: the source's audio encoder / a compression_state_dict.bin "
+                   help="the codec: a transformers EncodecModel folder, a compression_state_dict.bin, a DAC .pth "
+                        "or an ostinato codec (default: the source's audio encoder / a compression_state_dict.bin "
                         "beside an audiocraft file); local ones are copied into OUT/codec")
     i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
     i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
