@@ -142,11 +142,12 @@ def test_greedy_tokens_match_audiocraft(pair, cfg_coef: float) -> None:
     with torch.no_grad():
         ref = lm.generate(conditions=attrs, max_gen_len=FRAMES, use_sampling=False, cfg_coef=cfg_coef)
         cond, mask = model.condition(TEXTS)
-        params = GenerationParams(temperature=0.0, cfg_scale=cfg_coef)
-        ours = generate(model.lm, model.pattern, FRAMES, cond=cond, cond_mask=mask, params=params,
-                        null_mask=model.null_mask(mask))
-    assert ours.shape == ref.shape == (len(TEXTS), K, FRAMES)
-    assert torch.equal(ours, ref) and len(torch.unique(ours)) > 8
+        for backend in ("cache", "static"):  # the model's forward; the fused static-shape step
+            params = GenerationParams(temperature=0.0, cfg_scale=cfg_coef, backend=backend)
+            ours = generate(model.lm, model.pattern, FRAMES, cond=cond, cond_mask=mask, params=params,
+                            null_mask=model.null_mask(mask))
+            assert ours.shape == ref.shape == (len(TEXTS), K, FRAMES)
+            assert torch.equal(ours, ref) and len(torch.unique(ours)) > 8, backend
     wav = model.generate(TEXTS, FRAMES / model.codec.frame_rate, params=params)  # the same through MusicGen
     assert (wav - model.codec.decode(ref)[..., :wav.shape[-1]]).abs().max().item() <= 1e-5
 

@@ -60,8 +60,10 @@ class Semantics:
     text_padding: "masked" (ostinato, transformers): cross-attention skips the padded positions of a batch's
         shorter texts; "attended" (audiocraft): they are zero vectors that still take a share of the softmax, so a
         text's condition depends on the longest text of its batch.
-    loss_frames: "all" (ostinato): every valid frame of every codebook is a target; "trim_delays" (audiocraft):
-        the last ``delays[k]`` frames of codebook ``k`` are not.
+    loss_frames: "all" (ostinato, transformers): every valid frame of every codebook is a target, and frames
+        past an item's length are special tokens in the context; "trim_delays" (audiocraft's solver): the last
+        ``delays[k]`` frames of codebook ``k`` of the batch are not targets, and the frames past an item's length
+        keep their codes in the context (``masked_lm_losses``).
     """
 
     text_padding: str = "masked"
@@ -346,7 +348,8 @@ class MusicGen(nn.Module):
 
         A null condition (all-False mask) attends to one zero vector instead: with bias-free keys/values that
         adds exactly nothing, where an all-masked softmax would give NaN. With ``semantics.text_padding``
-        "attended" every position of the batch's padded length is attended (padding is zero vectors). A text
+        "attended" every position of the batch's padded length is attended (padding is zero vectors), and the CFG
+        null condition attends its zeros too (``null_mask``). A text
         prefix (``text.fuse: prefix``) is no cross-attention condition: see ``text_tokens``.
         """
         if self.text is None or self.text_prefix:
