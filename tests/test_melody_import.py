@@ -117,13 +117,19 @@ def audiocraft_attributes(texts: list[str] = TEXTS) -> list:
 
 @pytest.fixture(scope="module", params=sorted(SIZES))
 def audiocraft_melody(request, t5: Path, hf_import, tmp_path_factory: pytest.TempPathFactory):
-    """(audiocraft LMModel, size, its state_dict.bin through audiocraft's export_lm, ostinato's import with the
-    transformers model's 32 kHz EnCodec as its codec)."""
+    """(audiocraft LMModel, its state_dict.bin through audiocraft's export_lm, ostinato's import with the
+    transformers model's 32 kHz EnCodec as its codec, size)."""
     audiocraft()
-    from audiocraft.models.builders import get_lm_model
-
     size = dict(SIZES[request.param])
     cfg = audiocraft_lm_cfg("chroma", card=CARD, sample_rate=SR, **size)
+    folder = tmp_path_factory.mktemp(f"ac_{request.param}")
+    return (*audiocraft_import(cfg, t5, folder, str(hf_import.out / "codec")), size)
+
+
+def audiocraft_import(cfg, t5: Path, folder: Path, codec: str):
+    """(audiocraft's LMModel of ``cfg``, its state_dict.bin through audiocraft's export_lm, ostinato's import)."""
+    from audiocraft.models.builders import get_lm_model
+
     torch.manual_seed(2)
     with pytest.MonkeyPatch.context() as mp:
         use_local_t5(mp, t5)
@@ -131,14 +137,12 @@ def audiocraft_melody(request, t5: Path, hf_import, tmp_path_factory: pytest.Tem
     with torch.no_grad():  # sharp heads: greedy decoding without near-ties
         for head in lm.linears:
             head.weight.mul_(20)
-    folder = tmp_path_factory.mktemp(f"ac_{request.param}")
     src = audiocraft_export_lm(lm, cfg, folder / "state_dict.bin")
-    result = import_musicgen(src, folder / "import", text_encoder=t5, codec=str(hf_import.out / "codec"))
-    return lm, size, src, result
+    return lm, src, import_musicgen(src, folder / "import", text_encoder=t5, codec=codec)
 
 
 def test_audiocraft_melody_import_records_the_source(audiocraft_melody) -> None:
-    _, size, src, result = audiocraft_melody
+    _, src, result, size = audiocraft_melody
     assert detect_source(src) == ("audiocraft", src)
     family = yaml.safe_load((result.out / "config.yaml").read_text())["family"]
     assert family["text"]["fuse"] == "prefix" and family["lm"]["cross_attention"] is False
@@ -151,7 +155,7 @@ def test_audiocraft_melody_import_records_the_source(audiocraft_melody) -> None:
 
 
 def test_audiocraft_melody_chroma_equals_its_chroma_extractor(audiocraft_melody) -> None:
-    lm, _, _, result = audiocraft_melody
+    lm, _, result, _ = audiocraft_melody
     model = ostinato.load(result.out)
     provider = lm.condition_provider
     tokenized = provider.tokenize(audiocraft_attributes())
@@ -167,7 +171,7 @@ def test_audiocraft_melody_chroma_equals_its_chroma_extractor(audiocraft_melody)
 
 
 def test_audiocraft_melody_logits_and_greedy_tokens_match(audiocraft_melody) -> None:
-    lm, size, _, result = audiocraft_melody
+    lm, _, result, size = audiocraft_melody
     model = ostinato.load(result.out)
     delays = size.get("delays", list(range(size["n_q"])))
     seq = delay_seq(size["n_q"], delays)
@@ -182,6 +186,26 @@ def test_audiocraft_melody_logits_and_greedy_tokens_match(audiocraft_melody) -> 
                                  cfg_coef=cfg, two_step_cfg=False)
         mine = ours_greedy(model, 6, cfg)
         assert torch.equal(mine, theirs) and len(torch.unique(mine)) > 3, cfg
+
+
+def test_audiocraft_melody_matched_to_the_segment_length(t5: Path, hf_import, tmp_path: Path) -> None:
+    """``chroma_stem.match_len_on_eval: true``: the chroma is looped or cut to the training segment's frames and
+    never masked, so the null melody is pitch class C: the import records transformers' chroma semantics."""
+    cfg = audiocraft_lm_cfg("chroma", card=CARD, sample_rate=SR, **SIZES["melody"])
+    cfg.conditioners.self_wav.chroma_stem.match_len_on_eval = True
+    cfg.dataset.segment_duration = 2.0
+    lm, _, result = audiocraft_import(cfg, t5, tmp_path, str(hf_import.out / "codec"))
+    model = ostinato.load(result.out)
+    assert (model.melody.chroma, model.melody.frames) == ("transformers", 2 * SR // 4096 + 1)
+    seq = delay_seq(4, [0, 1, 2, 3])
+    with torch.no_grad():
+        ref = lm(seq, audiocraft_attributes())
+        ours = model.lm(seq, prefix=prefix_of(model))
+    assert (ours - ref).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        theirs = lm.generate(conditions=audiocraft_attributes(), max_gen_len=6, use_sampling=False, cfg_coef=3.0,
+                             two_step_cfg=False)
+    assert torch.equal(ours_greedy(model, 6, 3.0), theirs)
 
 
 def decoded_batch(codec, n_q: int = 4, n_frames: int = 30, seed: int = 3):
@@ -203,7 +227,7 @@ def test_finetuning_an_audiocraft_melody_import_prepends_like_audiocraft(audiocr
 
     from ostinato.families.musicgen import ImportedMusicGenFamily
 
-    lm, size, _, result = audiocraft_melody
+    lm, _, result, size = audiocraft_melody
     family = ImportedMusicGenFamily(export=str(result.out)).eval()
     assert not load_weights(family, result.out).missing  # what continue_from=OUT does
     batch, wav = decoded_batch(family.model.codec, size["n_q"])
@@ -362,6 +386,9 @@ def test_finetuning_a_transformers_melody_import_uses_its_null_melody(hf_melody,
         c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
         dropped = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=True)
     assert (c.prefix - cond).abs().max().item() <= 1e-5  # chroma of the decoded audio, looped, then the text
+    # what valid/ce_text_only scores: the null melody, the texts kept
+    assert torch.equal(c.text_only[:, 11:], c.prefix[:, 11:])
+    assert (c.text_only[:, :11] - null[:, :11]).abs().max().item() <= 1e-6
     # CFG dropout: transformers' null melody (pitch class C), and the empty texts' zero states
     assert (dropped.prefix[:, :11] - null[:, :11]).abs().max().item() <= 1e-6
     assert not dropped.prefix[:, 11:].any() and not torch.equal(null[:, :11], cond[:, :11])
@@ -382,7 +409,7 @@ def test_melody_imports_refuse_what_they_cannot_reproduce(hf_melody, audiocraft_
         main(["import", str(tmp_path / "decoder"), str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "import the whole MusicgenMelodyForConditionalGeneration folder" in capsys.readouterr().err
-    _, _, src, _ = audiocraft_melody
+    _, src, _, _ = audiocraft_melody
     package = torch.load(src, weights_only=False)
     cfg = OmegaConf.create(package["xp.cfg"])
     cfg.conditioners.self_wav.chroma_stem.argmax = False

@@ -46,12 +46,14 @@ __all__ = ["MusicGenFamily", "ImportedMusicGenFamily", "Conditions"]
 @dataclass
 class Conditions:
     """What the LM is conditioned on: cross-attention ``cond [B, Tc, D]`` + ``mask [B, Tc]``, a ``prefix
-    [B, P, dim]`` (style tokens then melody), and the style bottleneck's commitment ``penalty``."""
+    [B, P, dim]`` (style tokens, melody, then a prefixed text), the style bottleneck's commitment ``penalty``, and
+    ``text_only``: the prefix with style and melody at their null condition (None without either)."""
 
     cond: Tensor | None = None
     mask: Tensor | None = None
     prefix: Tensor | None = None
     penalty: Tensor | None = None
+    text_only: Tensor | None = None
 
 
 class MusicGenFamily(CodebookLMFamily):
@@ -181,6 +183,11 @@ class MusicGenFamily(CodebookLMFamily):
             elif train:
                 melody = melody * keep(self.melody_dropout)[:, None, None].to(melody.dtype)
         out.prefix = model.prefix(style, melody, text)
+        silent = None
+        if melody is not None:
+            silent = torch.zeros_like(melody) if model.melody.chroma != "transformers" else \
+                model.melody(model.melody.null(b, melody.shape[1]))
+        out.text_only = model.prefix(None if style is None else torch.zeros_like(style), silent, text)
         return out
 
     # -- loss -----------------------------------------------------------------------------------------------
@@ -211,8 +218,8 @@ class MusicGenFamily(CodebookLMFamily):
         codes, lengths, wav = self.batch_codes(batch)
         c = self.batch_conditions(batch, codes, lengths, wav, train=False)
         ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix)
-        if c.prefix is not None:  # what melody / style add: the same batch with a null (zero) prefix
-            ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, torch.zeros_like(c.prefix))
+        if c.text_only is not None:  # what melody / style add: the same batch with their null condition
+            ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.text_only)
             self.log(f"{split}/ce_text_only", ce_text.mean(), sync_dist=True, batch_size=len(batch))
         self.log_ce(split, ce, len(batch))
 
