@@ -136,6 +136,26 @@ def test_audiocraft_stereo_imports_with_logit_and_greedy_parity(ac_stereo) -> No
         assert torch.equal(got, want) and len(torch.unique(got)) > 8, cfg
 
 
+def test_audiocraft_stereo_training_loss_matches_audiocraft(ac_stereo) -> None:
+    """audiocraft's solver loss per codebook over the stereo delays (the last delays[k] frames of codebook k and
+    each item's padding are no targets), as fine-tuning the import computes it."""
+    from audiocraft.solvers.musicgen import MusicGenSolver
+
+    lm, _, out = ac_stereo
+    family = ImportedMusicGenFamily(export=str(out.out)).eval()
+    load_weights(family, out.out)
+    codes = torch.randint(0, CARD, (len(TEXTS), K, 9), generator=torch.Generator().manual_seed(11))
+    lengths = torch.tensor([9, 7, 3])
+    padding = torch.arange(9)[None, None, :] < lengths[:, None, None]
+    with torch.no_grad():
+        tensors = lm.condition_provider(lm.condition_provider.tokenize(ac_conditions(TEXTS)))
+        pred = lm.compute_predictions(codes, [], tensors)
+        _, ref = MusicGenSolver._compute_cross_entropy(None, pred.logits, codes, padding & pred.mask)
+        ours, count = family.compute_losses(codes, lengths, *family.model.condition(TEXTS))
+    assert count.tolist() == (padding & pred.mask).sum(dim=(0, 2)).tolist()
+    assert (ours - torch.stack(ref)).abs().max().item() <= 1e-5
+
+
 def test_audiocraft_stereo_codec_decodes_like_audiocraft(ac_stereo) -> None:
     _, compression, out = ac_stereo
     assert type(compression).__name__ == "InterleaveStereoCompressionModel"
