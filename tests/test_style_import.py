@@ -38,9 +38,10 @@ from tests.references import AC_STYLE, audiocraft, audiocraft_style_conditioner
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SR, SECONDS = 32000, 3.0
-SIZES = dict(feature_dim=32, width=48, num_heads=4, num_layers=2, n_q_out=4, eval_q=2, bins=32, ds_factor=15,
+# transformer_scale "xsmall" (width 256, 8 heads, 4 layers), fewer and smaller codebooks than the defaults
+SIZES = dict(feature_dim=32, width=256, num_heads=8, num_layers=4, n_q_out=4, eval_q=2, bins=32, ds_factor=15,
              length=SECONDS)
-OUT_DIM = 40
+OUT_DIM = 48  # the LM width
 
 
 def write_mert(folder: Path, **config) -> Path:
@@ -98,8 +99,8 @@ def _hubert_config(folder: Path):
 
 def xp_cfg() -> dict:
     """The conditioner part of a MusicGen-Style xp.cfg (style2music.yaml with this test's sizes)."""
-    style = {**AC_STYLE, "n_q_out": SIZES["n_q_out"], "eval_q": SIZES["eval_q"], "bins": SIZES["bins"],
-             "ds_factor": SIZES["ds_factor"], "length": SECONDS}
+    style = {**AC_STYLE, "transformer_scale": "xsmall", "n_q_out": SIZES["n_q_out"], "eval_q": SIZES["eval_q"],
+             "bins": SIZES["bins"], "ds_factor": SIZES["ds_factor"], "length": SECONDS}
     return {"conditioners": {"self_wav": {"model": "style", "style": style},
                              "description": {"model": "t5", "t5": {"name": "t5-base", "finetune": False}}},
             "fuser": {"prepend": ["self_wav", "description"], "cross": [], "sum": [], "input_interpolate": []}}
@@ -108,8 +109,6 @@ def xp_cfg() -> dict:
 def ours(reference, mert: Path) -> tuple[StyleConditioner, HFAudioFeatures]:
     state = {STYLE_PREFIX + k: v for k, v in reference.state_dict().items()}
     kwargs = style_kwargs(xp_cfg(), state)
-    # the width comes from transformer_scale in audiocraft; this test's is not one of the three scales
-    kwargs.update(width=SIZES["width"], num_layers=SIZES["num_layers"], num_heads=SIZES["num_heads"])
     cond = StyleConditioner(dim=OUT_DIM, **kwargs)
     mapped, rest = style_state(state)
     assert not rest
@@ -174,7 +173,7 @@ def test_style_kwargs_and_state_names(reference) -> None:
     assert is_style(xp_cfg())
     kwargs = style_kwargs(xp_cfg(), state)
     assert kwargs["feature_dim"] == SIZES["feature_dim"]
-    assert (kwargs["width"], kwargs["num_layers"], kwargs["num_heads"]) == (512, 8, 8)  # transformer_scale default
+    assert (kwargs["width"], kwargs["num_layers"], kwargs["num_heads"]) == (256, 4, 8)  # transformer_scale xsmall
     assert (kwargs["n_q"], kwargs["eval_q"], kwargs["card"], kwargs["downsample"]) == (4, 2, 32, 15)
     assert kwargs["eval_excerpt_seconds"] == SECONDS and kwargs["excerpt_seconds"] == [1.5, 4.5]
     assert kwargs["norm_bias"] and kwargs["q_dropout"] and kwargs["null_tokens"] == 1
@@ -187,3 +186,264 @@ def test_style_kwargs_and_state_names(reference) -> None:
         cfg["conditioners"]["self_wav"]["style"][key] = value
         with pytest.raises(ValueError, match=f"conditioners.self_wav.style.{key}="):
             style_kwargs(cfg, state)
+
+
+# ----- the whole MusicGen-Style: imported with `ostinato import`, generating as audiocraft does ---------------
+K, CARD, DIM = 4, 64, OUT_DIM
+TEXTS = ["organ", "an irish reel on fiddle and flute", "a slow blues with a muted trumpet and brushed drums"]
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import T5EncoderModel
+
+    from tests.test_stereo_import import copy_tokenizer, t5_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
+    copy_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ac_style(t5: Path, mert: Path, reference, tmp_path_factory: pytest.TempPathFactory):
+    """audiocraft's LM (1.3.0 builders) with the T5 description and the reference style conditioner both prepended
+    (fuser.prepend [self_wav, description], no cross-attention), exported with audiocraft's exporter beside its
+    EnCodec, and imported with ``ostinato import --text-encoder --style-encoder``."""
+    from omegaconf import OmegaConf
+
+    from ostinato.cli import main
+    from tests.references import audiocraft_encodec_cfg, audiocraft_export_compression, audiocraft_export_lm
+    from tests.references import audiocraft_lm_cfg, use_local_t5
+
+    ac = audiocraft()
+    torch.manual_seed(2)
+    cfg = audiocraft_lm_cfg("text", n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2, sample_rate=SR,
+                            hidden_scale=2)
+    cfg.fuser.cross, cfg.fuser.prepend = [], ["self_wav", "description"]
+    with pytest.MonkeyPatch.context() as mp:
+        use_local_t5(mp, t5)
+        lm = ac.models.builders.get_lm_model(cfg).eval()
+    lm.condition_provider.conditioners["self_wav"] = reference  # 1.3.0's builders know no "style" model
+    with torch.no_grad():  # sharper heads than the init: greedy decoding without near-ties
+        for linear in lm.linears:
+            linear.weight.mul_(20)
+    style = {**xp_cfg()["conditioners"]["self_wav"]["style"], "num_codebooks_lm": K}
+    export_cfg = OmegaConf.merge(cfg, {"conditioners": {"self_wav": {"model": "style", "style": style}}})
+    folder = tmp_path_factory.mktemp("ac_style")
+    audiocraft_export_lm(lm, export_cfg, folder / "state_dict.bin")
+    torch.manual_seed(3)
+    codec_cfg = audiocraft_encodec_cfg(sample_rate=SR, n_q=K, bins=CARD, dimension=16, n_filters=4, lstm=1)
+    audiocraft_export_compression(ac.models.builders.get_compression_model(codec_cfg).eval(), codec_cfg,
+                                  folder / "compression_state_dict.bin")
+    out = folder.parent / "style_import"
+    main(["import", str(folder), str(out), "--text-encoder", str(t5), "--style-encoder", str(mert)])
+    return lm, out, folder
+
+
+def ac_attributes(texts: list[str | None], wav: torch.Tensor):
+    from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
+
+    return [ConditioningAttributes(text={"description": t}, wav={"self_wav": WavCondition(
+        wav[None], torch.tensor([wav.shape[-1]]), [SR], [None], [None])}) for t in texts]
+
+
+def style_input(wav: torch.Tensor):
+    from ostinato.generation.request import AudioInput
+
+    return AudioInput(wav, SR)
+
+
+def test_import_writes_style_and_text_prefix(ac_style) -> None:
+    _, out, _ = ac_style
+    import ostinato
+
+    family = json.loads((out / "export.json").read_text())
+    assert family["kind"] == "audiocraft"
+    model = ostinato.load(out)
+    assert model.style is not None and model.text is not None and model.text_prefix
+    assert not model.cfg.cross_attention
+    assert (out / "style_encoder" / "config.json").is_file()
+    assert model.style.eval_q == SIZES["eval_q"] and model.style.null_tokens == 1
+    assert model.semantics.text_padding == "attended"
+
+
+def test_imported_style_model_matches_audiocraft_logits(ac_style) -> None:
+    import ostinato
+
+    lm, out, _ = ac_style
+    model = ostinato.load(out)
+    wav = wavs(1, seed=5)[0]
+    codes = torch.randint(0, CARD, (len(TEXTS), K, 6), generator=torch.Generator().manual_seed(4))
+    seq, _, _ = lm.pattern_provider.get_pattern(6).build_pattern_sequence(codes, lm.special_token_id)
+    with torch.no_grad():
+        ref = lm(seq, ac_attributes(TEXTS, wav))
+        style = model._style_prefix(style_input(wav), len(TEXTS))
+        text = model.text_tokens(TEXTS)
+        assert style.shape[1] == 15  # 3 s at 5 Hz, before the text
+        logits = model.lm(seq, prefix=model.prefix(style, None, text))
+    assert logits.shape == ref.shape
+    assert (logits - ref).abs().max().item() <= 1e-4
+    with torch.no_grad():  # the source's order is style then text: the other order gives other logits
+        swapped = model.lm(seq, prefix=torch.cat([text, style], dim=1))
+    assert (swapped - ref).abs().max().item() > 1e-2
+
+
+def _ac_double_cfg(lm, texts: list[str], wav: torch.Tensor, frames: int, alpha: float, beta: float) -> torch.Tensor:
+    """audiocraft's double CFG (lm.py ``_sample_next_token`` with ``cfg_coef_beta``, source lines 362-376; the
+    conditions of ``generate``, 490-495: full, description dropped, all dropped), greedy, recomputing the whole
+    sequence every step with 1.3.0's LM forward (1.3.0 has no cfg_coef_beta)."""
+    from audiocraft.modules.conditioners import AttributeDropout, ClassifierFreeGuidanceDropout
+
+    full = ac_attributes(texts, wav)
+    wav_only = AttributeDropout(p={"text": {"description": 1.0}, "wav": {"self_wav": 0.0}})(full)
+    null = ClassifierFreeGuidanceDropout(p=1.0)(full)
+    conditions = full + wav_only + null
+    pattern = lm.pattern_provider.get_pattern(frames)
+    b = len(texts)
+    codes = torch.full((b, K, frames), -1, dtype=torch.long)
+    seq, _, mask = pattern.build_pattern_sequence(codes, lm.special_token_id)
+    seq = torch.full_like(seq, lm.special_token_id)
+    with torch.no_grad():
+        for s in range(1, seq.shape[-1]):
+            logits = lm(torch.cat([seq[..., :s]] * 3), conditions)[:, :, -1]
+            c, w, u = logits.split(b)
+            nxt = (u + alpha * (w + beta * (c - w) - u)).argmax(-1)
+            seq[..., s] = torch.where(mask[None, :, s], nxt, seq[..., s])
+    out, _, _ = pattern.revert_pattern_sequence(seq, special_token=-1)
+    return out[..., :frames]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_imported_style_model_generates_audiocrafts_tokens(ac_style, cfg: float) -> None:
+    import ostinato
+    from ostinato.nn.decoding import GenerationParams
+
+    lm, out, _ = ac_style
+    model = ostinato.load(out)
+    wav, frames = wavs(1, seed=6)[0], 8
+    with torch.no_grad():
+        ref = lm.generate(conditions=ac_attributes(TEXTS, wav), max_gen_len=frames, use_sampling=False,
+                          cfg_coef=cfg)
+        audio = model.generate(TEXTS, frames / model.codec.frame_rate, style=style_input(wav),
+                               params=GenerationParams(temperature=0.0, cfg_scale=cfg, backend="cache"))
+        want = model.codec.decode(ref)
+    torch.testing.assert_close(audio, want[..., :audio.shape[-1]], atol=1e-5, rtol=1e-5)
+
+
+def test_double_cfg_generates_audiocrafts_tokens(ac_style) -> None:
+    import ostinato
+    from ostinato.nn.decoding import GenerationParams
+
+    lm, out, _ = ac_style
+    model = ostinato.load(out)
+    wav, frames, alpha, beta = wavs(1, seed=7)[0], 6, 3.0, 2.0
+    ref = _ac_double_cfg(lm, TEXTS, wav, frames, alpha, beta)
+    params = GenerationParams(temperature=0.0, cfg_scale=alpha, cfg_beta=beta, backend="cache")
+    with torch.no_grad():
+        audio = model.generate(TEXTS, frames / model.codec.frame_rate, style=style_input(wav), params=params)
+        plain = model.generate(TEXTS, frames / model.codec.frame_rate, style=style_input(wav),
+                               params=GenerationParams(temperature=0.0, cfg_scale=alpha, backend="cache"))
+        want = model.codec.decode(ref)
+    torch.testing.assert_close(audio, want[..., :audio.shape[-1]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(audio, plain, atol=1e-3)
+
+
+def test_style_import_errors_name_the_flag(ac_style, t5: Path, mert: Path, tmp_path: Path, capsys) -> None:
+    from ostinato.cli import main
+
+    _, _, folder = ac_style
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", str(folder), str(out), "--text-encoder", str(t5)])
+    assert exit_info.value.code == 2 and "pass --style-encoder FOLDER" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+    wide = tmp_path / "wide"
+    from transformers import HubertConfig, HubertModel
+
+    HubertModel(HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+                ).save_pretrained(wide)
+    (wide / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 24000}))
+    with pytest.raises(SystemExit):
+        main(["import", str(folder), str(out), "--text-encoder", str(t5), "--style-encoder", str(wide)])
+    assert "16-dim features, but the checkpoint's style conditioner takes 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["import", str(folder), str(out), "--text-encoder", str(t5), "--style-encoder", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"--style-encoder {tmp_path}: no config.json there" in err and not out.exists()
+
+
+def test_text_only_generation_matches_audiocraft(ac_style) -> None:
+    """Without a style reference audiocraft's MusicGen gives every item a one-sample zero wav (musicgen.py
+    ``_prepare_tokens_and_attributes``): one zero style token, which the import records as ``null_tokens: 1``."""
+    import ostinato
+    from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
+
+    from ostinato.nn.decoding import GenerationParams
+
+    lm, out, _ = ac_style
+    model = ostinato.load(out)
+    attributes = [ConditioningAttributes(text={"description": t}, wav={"self_wav": WavCondition(
+        torch.zeros(1, 1, 1), torch.tensor([0]), [SR], [None], [None])}) for t in TEXTS]
+    with torch.no_grad():
+        ref = lm.generate(conditions=attributes, max_gen_len=8, use_sampling=False, cfg_coef=3.0)
+        audio = model.generate(TEXTS, 8 / model.codec.frame_rate,
+                               params=GenerationParams(temperature=0.0, cfg_scale=3.0, backend="cache"))
+        want = model.codec.decode(ref)
+    torch.testing.assert_close(audio, want[..., :audio.shape[-1]], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_cli_with_style_and_double_cfg(ac_style, tmp_path: Path) -> None:
+    """``ostinato generate --style ref.wav --cfg 3 --cfg-beta 2 --style-eval-q 1`` on the import writes one clip
+    per prompt; fewer style codebooks (eval_q 1, the import's is 2) give another clip."""
+    from ostinato.cli import main
+    from ostinato.fileio import write_wav
+
+    _, out, _ = ac_style
+    ref = tmp_path / "ref.wav"
+    write_wav(ref, wavs(1, seconds=4.0, seed=8)[0], SR)
+    for eval_q in ("1", "2"):
+        main(["generate", "--model", str(out), "--prompt", "organ", "--prompt", "an irish reel", "--style", str(ref),
+              "--cfg", "3", "--cfg-beta", "2", "--style-eval-q", eval_q, "--temperature", "0", "--duration", "0.1",
+              "--out", str(tmp_path / f"q{eval_q}")])
+    clips = {q: sorted((tmp_path / f"q{q}").glob("*.wav")) for q in "12"}
+    assert len(clips["1"]) == len(clips["2"]) == 2
+    import soundfile
+
+    one, two = (soundfile.read(str(clips[q][0]))[0] for q in "12")
+    assert one.shape == two.shape and abs(one - two).max() > 1e-3
+
+
+def test_finetuning_the_import_conditions_like_audiocraft(ac_style) -> None:
+    """``continue_from=OUT`` with ``family=musicgen_import``: the family's eval prefix of a 3 s token batch is what
+    audiocraft's conditioners and fuser prepend (style then text), and a training loss reaches the style
+    conditioner and the text projection."""
+    from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
+
+    from ostinato.data.token_datamodule import TokenBatch
+    from ostinato.engine.weights import load_weights
+    from ostinato.families.musicgen import ImportedMusicGenFamily
+
+    lm, out, _ = ac_style
+    family = ImportedMusicGenFamily(export=str(out)).eval()
+    assert not load_weights(family, out).missing
+    codec = family.model.codec
+    frames = int(SECONDS * codec.frame_rate)
+    codes = torch.randint(0, CARD, (len(TEXTS), K, frames), generator=torch.Generator().manual_seed(9))
+    batch = TokenBatch(codes, torch.full((len(TEXTS),), frames), TEXTS, [{"caption": t} for t in TEXTS])
+    c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
+    with torch.no_grad():
+        wav = codec.decode(codes)
+        attrs = [ConditioningAttributes(text={"description": t}, wav={"self_wav": WavCondition(
+            w[None], torch.tensor([w.shape[-1]]), [SR], [None], [None])}) for t, w in zip(TEXTS, wav)]
+        tensors = lm.condition_provider(lm.condition_provider.tokenize(attrs))
+        ref, _ = lm.fuser(torch.zeros(len(TEXTS), 0, DIM), tensors)
+    assert c.prefix.shape == ref.shape and (c.prefix - ref).abs().max().item() <= 1e-4
+    family.train()
+    loss = family.losses(batch, train=True).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert family.model.style.input_proj.weight.grad.abs().sum() > 0
+    assert family.model.text.proj.weight.grad.abs().sum() > 0

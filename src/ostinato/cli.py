@@ -414,7 +414,8 @@ def _import(args: argparse.Namespace) -> None:
         _import_dac(args)
         return
     result = import_musicgen(args.src, args.out, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                             codec=args.codec, trust=args.trust, overwrite=args.overwrite)
+                             codec=args.codec, trust=args.trust, overwrite=args.overwrite,
+                             style_encoder=args.style_encoder)
     print(result.summary())
     print(result.finetune_hint())
 
@@ -693,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the codec: a transformers EncodecModel folder, a compression_state_dict.bin, a DAC .pth "
                         "or an ostinato codec (default: the source's audio encoder / a compression_state_dict.bin "
                         "beside an audiocraft file); local ones are copied into OUT/codec")
+    i.add_argument("--style-encoder", default=None, metavar="FOLDER",
+                   help="audiocraft MusicGen-Style only: the local MERT folder (m-a-p/MERT-v1-95M) its style "
+                        "conditioner reads; copied into OUT/style_encoder")
     i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
     i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     i.set_defaults(func=_import)

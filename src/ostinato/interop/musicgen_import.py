@@ -49,6 +49,9 @@ from ostinato.interop.musicgen import (
 from ostinato.interop.musicgen_melody import (
     MELODY_SEMANTICS, audiocraft_fusing, audiocraft_melody, split_audiocraft_melody, transformers_melody,
 )
+from ostinato.interop.musicgen_style import (
+    STYLE_DIR, STYLE_FEATURES, check_fuser, is_style, style_kwargs, style_state, write_style_encoder,
+)
 from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family, model_kwargs
 from ostinato.nn.patterns import stereo_delays
 from ostinato.nn.transformer import LMConfig
@@ -92,6 +95,8 @@ class ImportResult:
                  "  export.json        source and kind"]
         if f["text"]:
             lines.append(f"  {TEXT_DIR}/      frozen text encoder + tokenizer")
+        if f.get("style"):
+            lines.append(f"  {STYLE_DIR}/     frozen MERT of the style conditioner (generate --style REF.wav)")
         codec = f["codec"]
         if codec and Path(codec).is_relative_to(self.out):
             from ostinato.interop.codecs import STEREO_FILE
@@ -117,7 +122,8 @@ class ImportResult:
                  "      data=demo_tokens data.train=TOKENS/train data.valid=TOKENS/valid data.test=null",
                  "  (family.cfg_dropout=..., family.lm.dropout=..., family.lm.checkpointing=true adjust it)",
                  "generate with it:",
-                 f"  ostinato generate --model {out} --codec {codec} --prompt \"...\" --out samples"]
+                 f"  ostinato generate --model {out} --codec {codec} --prompt \"...\" --out samples"
+                 + (" --style REF.wav [--cfg-beta 5]" if f.get("style") else "")]
         if not f["codec"]:
             lines.insert(0, "no codec recorded (pass --codec REF to ostinato import): CODEC = the codec whose "
                             f"codes this LM models ({f['n_q']} x {f['card']})")
@@ -189,6 +195,8 @@ class _Parts:
     melody: dict[str, Any] | None = None  # MusicGen-melody: MelodyConditioner kwargs (interop.musicgen_melody)
     melody_proj: dict[str, Tensor] | None = None  # chroma projection {weight [dim, 12], bias [dim]}
     text_fuse: str = "cross"  # "prefix": MusicGen-melody prepends the text after the chroma
+    style: dict[str, Any] | None = None  # MusicGen-Style: StyleConditioner kwargs (interop.musicgen_style)
+    style_state: dict[str, Tensor] | None = None  # its tensors, in StyleConditioner names
 
 
 def _transformers_parts(folder: Path, kind: str) -> tuple[_Parts, dict[str, Any], dict[str, Tensor],
@@ -257,9 +265,15 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
 
     package = _load_audiocraft_package(path, trust)
     cfg = _plain_config(package["xp.cfg"], AUDIOCRAFT_LM_KEYS)
+    style, best = None, package["best_state"]
+    if is_style(cfg):  # style then text prepended, no cross-attention
+        check_fuser(cfg)
+        style = (style_kwargs(cfg, best), *style_state(best))
+        best = style[2]
     lm = audiocraft_lm_config(cfg)
-    lm_state, proj = audiocraft_state_to_lm(package["best_state"])
+    lm_state, proj = audiocraft_state_to_lm(best)
     has_melody, text_fuse = audiocraft_fusing(cfg)
+    has_melody = has_melody and style is None  # style's self_wav is no chroma
     melody_proj = split_audiocraft_melody(lm_state) if has_melody else None
     if has_melody and not melody_proj:
         raise ValueError(f"{path}: a melody LM (fuser.prepend self_wav) without "
@@ -274,6 +288,8 @@ def _audiocraft_parts(path: Path, trust: bool) -> tuple[_Parts, dict[str, Any]]:
                    text_name=((cfg.get("conditioners") or {}).get("description") or {}).get("t5", {}).get("name"))
     if has_melody:
         parts.melody, parts.melody_proj, parts.text_fuse = audiocraft_melody(cfg), melody_proj, text_fuse
+    if style is not None:  # style tokens, then the text, prepended
+        parts.style, parts.style_state, parts.text_fuse = style[0], style[1], text_fuse
     return parts, cfg
 
 
@@ -457,6 +473,9 @@ def _family_config(parts: _Parts, root: Path | None) -> dict[str, Any]:
         family["semantics"] = dict(parts.semantics)
     if parts.melody is not None:
         family["melody"] = dict(parts.melody)
+    if parts.style is not None:
+        family["style"] = {**parts.style, "features": STYLE_DIR if root is None else str(root / STYLE_DIR),
+                           **STYLE_FEATURES}
     return family
 
 
@@ -468,6 +487,8 @@ def _family_state(parts: _Parts) -> dict[str, Tensor]:
         state["text.proj.bias"] = parts.proj.get("bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
     if parts.melody_proj is not None:
         state.update({f"melody.proj.{k}": v for k, v in parts.melody_proj.items()})
+    if parts.style_state is not None:
+        state.update({f"style.{k}": v for k, v in parts.style_state.items()})
     return state
 
 
@@ -516,7 +537,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Path | None = None,
                     tokenizer: str | Path | None = None, codec: str | None = None, trust: bool = False,
-                    overwrite: bool = False) -> ImportResult:
+                    overwrite: bool = False, style_encoder: str | Path | None = None) -> ImportResult:
     """Convert a transformers or audiocraft MusicGen into the export folder ``out`` (see the module docstring).
 
     Args:
@@ -528,6 +549,8 @@ def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Pat
             codec); replaces a transformers MusicGen's audio encoder. Local ones are copied into ``out/codec``.
         trust: allow full unpickling of audiocraft files that weights-only loading refuses.
         overwrite: replace an existing ``out``.
+        style_encoder: audiocraft MusicGen-Style only: the local MERT folder (m-a-p/MERT-v1-95M), copied into
+            ``out/style_encoder``.
     """
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
@@ -542,6 +565,7 @@ def import_musicgen(src: str | Path, out: str | Path, *, text_encoder: str | Pat
     try:
         tmp.mkdir(parents=True)
         parts = _prepare(kind, path, tmp, text_encoder=text_encoder, tokenizer=tokenizer, codec=codec, trust=trust)
+        _place_style_encoder(parts, style_encoder, tmp)
         codec_n_q = None if parts.codec is None else _check_codec(_codec_ref(tmp, parts.codec), parts, trust)
         tensors = _write_folder(tmp, out, parts)
         _swap_in(tmp, out)
@@ -628,6 +652,19 @@ def _refuse_codec_reference(ref: str, trust: bool) -> None:
         raise ValueError(f"{path} only references the pretrained model {package['pretrained']!r} (as audiocraft's "
                          "released MusicGens ship it): download that transformers EncodecModel folder and pass "
                          "--codec FOLDER")
+
+
+def _place_style_encoder(parts: _Parts, style_encoder: str | Path | None, tmp: Path) -> None:
+    """MusicGen-Style's MERT (``--style-encoder``, not in audiocraft's checkpoint) -> ``tmp/style_encoder``."""
+    if parts.style is None:
+        if style_encoder is not None:
+            raise ValueError(f"--style-encoder is for MusicGen-Style checkpoints; {parts.source} has no style "
+                             "conditioner (conditioners.self_wav.model: style)")
+        return
+    if style_encoder is None:
+        raise ValueError(f"{parts.source}: a MusicGen-Style checkpoint does not hold its MERT; pass --style-encoder "
+                         "FOLDER (a local m-a-p/MERT-v1-95M folder)")
+    write_style_encoder(style_encoder, tmp / STYLE_DIR, int(parts.style["feature_dim"]))
 
 
 def _stereo_codec(codec: str, tmp: Path, trust: bool) -> str:

@@ -30,13 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["STYLE_PREFIX", "STYLE_DIR", "MERT_RATE", "is_style", "check_fuser", "style_kwargs", "style_state",
-           "write_style_encoder"]
+__all__ = ["STYLE_PREFIX", "STYLE_DIR", "STYLE_FEATURES", "MERT_RATE", "is_style", "check_fuser", "style_kwargs",
+           "style_state", "write_style_encoder"]
 
 STYLE_PREFIX = "condition_provider.conditioners.self_wav."
 STYLE_DIR = "style_encoder"
 MERT_RATE = 24000  # audiocraft resamples the excerpt to 24 kHz whatever the MERT folder says
 MERT_FRAME_RATE = 75.0  # its _downsampling_factor assumes MERT's 75 Hz
+# how audiocraft runs MERT: raw audio (no do_normalize), its last hidden state, resampled by julius
+STYLE_FEATURES = {"normalize": False, "layer": None, "resampler": "audiocraft"}
 # transformer_scale -> (width, layers, heads), as the source's StyleConditioner.__init__ sets them
 _SCALES = {"xsmall": (256, 4, 8), "default": (512, 8, 8), "large": (1024, 24, 16)}
 _CODEBOOK = re.compile(r"^rvq\.vq\.layers\.(\d+)\._codebook\.(inited|cluster_size|embed|embed_avg)$")

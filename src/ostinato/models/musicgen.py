@@ -504,9 +504,12 @@ class MusicGen(nn.Module):
         melody_fn = self._melody_prefix(melody, b, frames)
         prefix = None
         if style_tokens is not None or melody_fn is not None or text_tokens is not None:
-            def prefix(start: int, n: int) -> Tensor | tuple[Tensor, Tensor]:
+            def prefix(start: int, n: int) -> Tensor | tuple[Tensor, ...]:
                 mel = None if melody_fn is None else melody_fn(start, n)
                 full = self.prefix(style_tokens, mel, text_tokens)
+                if params.cfg_beta is not None and text_tokens is not None:  # double CFG: a style-only row
+                    style_only = self.prefix(style_tokens, mel, torch.zeros_like(text_tokens))
+                    return full, style_only, torch.zeros_like(full)
                 if self.melody is None or self.melody.chroma != "transformers" or mel is None:
                     return full  # the null rows of classifier-free guidance: zeros
                 null = self.melody(self.melody.null(b, mel.shape[1]))

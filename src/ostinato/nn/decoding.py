@@ -55,8 +55,9 @@ from ostinato.nn.transformer import CodebookLM
 __all__ = ["GenerationParams", "ChainedCodes", "generate", "generate_chained", "crossfade", "resolve_backend"]
 
 Progress = Callable[[int, int], None]
-# (start_frame, n_frames) -> [B, P, dim], or a pair (prefix, null prefix) when CFG must keep part of the prefix
-PrefixFn = Callable[[int, int], "Tensor | tuple[Tensor, Tensor]"]
+# (start_frame, n_frames) -> [B, P, dim], or a pair (prefix, null prefix) when CFG must keep part of the prefix, or
+# a triple (prefix, style-only prefix, null prefix) for double CFG when the text is in the prefix (MusicGen-Style)
+PrefixFn = Callable[[int, int], "Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]"]
 
 
 @dataclass
@@ -174,7 +175,7 @@ class _Decoder:
         has_cond = cond is not None or prefix is not None
         self.cfg_on = has_cond and params.cfg_scale != 1.0
         self.double = self.cfg_on and params.cfg_beta is not None
-        if self.double and (cond is None or prefix is None):
+        if self.double and prefix is None:
             raise ValueError("double CFG (cfg_beta) needs both a text condition and a prefix (style)")
         if cond is not None and cond_mask is None:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
@@ -194,14 +195,20 @@ class _Decoder:
         if self.prefix is None:
             return None
         pre = self.prefix(start, n_frames) if callable(self.prefix) else self.prefix
-        null = None
-        if isinstance(pre, tuple):  # (prefix, its null condition): only a part of the prefix is guided
+        partial = null = None
+        if isinstance(pre, tuple) and len(pre) == 3:  # text in the prefix: double CFG's style-only row drops it
+            pre, partial, null = pre
+        elif isinstance(pre, tuple):  # (prefix, its null condition): only a part of the prefix is guided
             pre, null = pre
         pre = pre.to(self.device)
         if not self.cfg_on:
             return pre
+        if self.double and self.cond is None and partial is None:
+            raise ValueError("double CFG (cfg_beta) needs a text condition: cross-attended, or in the prefix with "
+                             "its style-only rows")
         null = torch.zeros_like(pre) if null is None else null.to(self.device)
-        return torch.cat([pre] + ([pre] if self.double else []) + [null])
+        partial = pre if partial is None else partial.to(self.device)
+        return torch.cat([pre] + ([partial] if self.double else []) + [null])
 
     def _logits(self, inp: Tensor, cache, prefix: Tensor | None) -> Tensor:
         # inp [B, K, s] -> [B, K, card] for the step after inp
