@@ -104,7 +104,8 @@ def finetune(export: Path, out: Path, **family) -> Path:
     for _ in range(4):
         codes = torch.randint(0, CARD, (3, wrapper.n_q, 10), generator=g)
         cond, mask = wrapper.model.condition(TEXTS)
-        ce, _ = wrapper.compute_losses(codes, torch.tensor([10, 8, 6]), cond, mask)
+        prefix = None if wrapper.model.melody is None else melody_prefix(wrapper.model)
+        ce, _ = wrapper.compute_losses(codes, torch.tensor([10, 8, 6]), cond, mask, prefix)
         opt.zero_grad()
         ce.mean().backward()
         opt.step()
@@ -141,11 +142,12 @@ def greedy(model: MusicGen, frames: int, cfg: float) -> torch.Tensor:
     return generate(model.lm, model.pattern, frames, cond=cond, cond_mask=mask, params=params)
 
 
-def assert_changed(tuned: MusicGen, export: Path) -> None:
+def assert_changed(tuned: MusicGen, export: Path, *also: str) -> None:
+    """Fine-tuning changed the LM, the text projection and ``also``."""
     before = load_file(export / "model.safetensors")
     after = tuned.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
-    assert "text.proj.weight" in changed and any(k.startswith("lm.layers.") for k in changed)
+    assert {"text.proj.weight", *also} <= set(changed) and any(k.startswith("lm.layers.") for k in changed)
 
 
 def assert_same_tensors(a: Path, tuned: MusicGen) -> None:
@@ -359,6 +361,12 @@ def test_export_refuses_what_a_format_cannot_hold(hf_mono, tmp_path: Path, capsy
     with pytest.raises(UserError, match="layers have no biases"):
         export_musicgen(MusicGen(**{**base, "lm": {**family["lm"], "bias": True}}), tmp_path / "bias", "transformers")
 
+    own_chroma = MusicGen(**{**base, "text": {**family["text"], "fuse": "prefix"}}, melody={"sample_rate": SR},
+                          semantics={"text_padding": "attended"})  # trained on ostinato's chromagram
+    for fmt in ("transformers", "audiocraft"):
+        with pytest.raises(UserError, match="melody.chroma=ostinato"):
+            export_musicgen(own_chroma, tmp_path / "chroma", fmt)
+
     codec = tmp_path / "codec"  # another family's export
     codec.mkdir()
     save_file({}, str(codec / "model.safetensors"))
@@ -375,3 +383,169 @@ def test_export_refuses_what_a_format_cannot_hold(hf_mono, tmp_path: Path, capsy
     assert "--overwrite" in capsys.readouterr().err and (out / "keep").is_file()
     main(["export", str(ckpt), str(out), "--format", "transformers", "--overwrite"])
     assert not (out / "keep").exists() and (out / "config.json").is_file()
+
+
+# -- MusicGen-melody ---------------------------------------------------------------------------------------------
+SR_MELODY = 32000  # the released melody models' rate; the chroma's STFT is 2**14 with a hop of 4096
+TUNES = [(0.9, [60, 64, 67, 72]), (0.45, [69, 62]), (0.7, [71, 66, 59])]  # seconds, MIDI notes: 3 lengths
+
+
+def tune(seconds: float, notes: list[int]) -> torch.Tensor:
+    """``[1, T]`` at 32 kHz: the notes one after the other, with three overtones."""
+    t = torch.arange(round(seconds * SR_MELODY), dtype=torch.float64) / SR_MELODY
+    step = torch.clamp((t / seconds * len(notes)).long(), max=len(notes) - 1)
+    hz = torch.tensor([440.0 * 2 ** ((n - 69) / 12) for n in notes], dtype=torch.float64)[step]
+    wav = sum(torch.sin(2 * torch.pi * k * hz * t) / k for k in range(1, 5))
+    return (0.3 * wav / wav.abs().max()).float()[None]
+
+
+MELODIES = [tune(s, n) for s, n in TUNES]
+
+
+def melody_prefix(model: MusicGen) -> torch.Tensor:
+    """``[3, P, dim]``: the chroma of ``MELODIES`` (as the model's source computes a batch) then ``TEXTS``."""
+    chroma = model.melody.batch_features(MELODIES, SR_MELODY)
+    if model.melody.frames is not None:
+        chroma = model.fit_chroma(chroma, model.melody.frames)
+    return model.prefix(None, model.melody(chroma), model.text_tokens(TEXTS))
+
+
+def melody_logits(model: MusicGen, seq: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.lm(seq, prefix=melody_prefix(model))
+
+
+@pytest.fixture(scope="module")
+def encodec32(sources: Path) -> Path:
+    """A tiny transformers EnCodec at 32 kHz (4 x 64 codes at 100 Hz)."""
+    from transformers import EncodecModel
+
+    torch.manual_seed(4)
+    config = encodec_config()
+    config.sampling_rate, config.target_bandwidths = SR_MELODY, [2.56]
+    EncodecModel(config).save_pretrained(sources / "encodec32")
+    return sources / "encodec32"
+
+
+def audiocraft_melody_attributes() -> list:
+    from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
+
+    attributes = []
+    for text, wav in zip(TEXTS, MELODIES):
+        attribute = ConditioningAttributes(text={"description": text})
+        attribute.wav["self_wav"] = WavCondition(wav[None], torch.tensor([wav.shape[-1]]), sample_rate=[SR_MELODY],
+                                                 path=[None], seek_time=[None])
+        attributes.append(attribute)
+    return attributes
+
+
+def audiocraft_melody_logits(out: Path, seq: torch.Tensor) -> torch.Tensor:
+    """audiocraft's own loading of a melody export, and its logits for ``seq`` under ``TEXTS`` and ``MELODIES``."""
+    from audiocraft.models import loaders
+
+    reference = loaders.load_lm_model(out / "state_dict.bin")
+    with torch.no_grad():
+        return reference(seq, audiocraft_melody_attributes())
+
+
+@pytest.fixture(scope="module")
+def ac_melody_tuned(sources: Path, local_t5, encodec32: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """audiocraft's own melody LM (chroma2music: chroma and text prepended) -> export_lm -> ostinato import ->
+    fine-tuned with the melody prefix: (import folder, checkpoint)."""
+    from audiocraft.models import builders
+
+    torch.manual_seed(5)
+    root = tmp_path_factory.mktemp("audiocraft_melody")
+    cfg = audiocraft_lm_cfg("chroma", n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2, sample_rate=SR_MELODY,
+                            hidden_scale=2)
+    lm = builders.get_lm_model(cfg).eval()
+    sharpen(lm.linears)
+    audiocraft_export_lm(lm, cfg, root / "state_dict.bin")
+    imported = import_musicgen(root / "state_dict.bin", root / "import", text_encoder=sources / "t5",
+                               codec=str(encodec32), trust=True)
+    return imported.out, finetune(imported.out, root)
+
+
+def test_audiocraft_loads_the_melody_export_of_a_finetuned_import(ac_melody_tuned, tmp_path: Path,
+                                                                   capsys) -> None:
+    export, ckpt = ac_melody_tuned
+    tuned = ostinato.load(ckpt)
+    assert tuned.melody.chroma == "audiocraft" and tuned.text_prefix
+    assert_changed(tuned, export, "melody.proj.weight")
+    out = tmp_path / "ac"
+    main(["export", str(ckpt), str(out), "--format", "audiocraft"])
+    xp = yaml.safe_load(torch.load(out / "state_dict.bin", weights_only=True)["xp.cfg"])
+    assert xp["fuser"]["prepend"] == ["self_wav", "description"] and xp["fuser"]["cross"] == []
+    assert xp["conditioners"]["self_wav"]["chroma_stem"]["match_len_on_eval"] is False
+    seq = codes_seq(tuned.pattern)
+    theirs = audiocraft_melody_logits(out, seq)
+    assert theirs.shape == (3, K, seq.shape[-1], CARD)
+    assert (melody_logits(tuned, seq) - theirs).abs().max().item() <= 1e-4
+    again = tmp_path / "again"
+    import_musicgen(out / "state_dict.bin", again, text_encoder=Path(tuned.text.model_path))
+    assert_same_tensors(again, tuned)
+    # transformers' MusicGen-melody loops the chroma to a fixed length: a masked chroma has no place there
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "transformers"])
+    assert exit_info.value.code == 2 and "chroma_length" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hf_melody_tuned(sources: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random MusicgenMelodyForConditionalGeneration (chroma_length 11), saved with its feature extractor ->
+    ostinato import -> fine-tuned with the melody prefix: (import folder, checkpoint)."""
+    from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyFeatureExtractor,
+                              MusicgenMelodyForConditionalGeneration)
+
+    torch.manual_seed(6)
+    root = tmp_path_factory.mktemp("transformers_melody")
+    audio = encodec_config()
+    audio.sampling_rate, audio.target_bandwidths = SR_MELODY, [2.56]
+    decoder = MusicgenMelodyDecoderConfig(num_codebooks=K, vocab_size=CARD, hidden_size=DIM, num_attention_heads=4,
+                                          num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256,
+                                          dropout=0.0, pad_token_id=CARD, bos_token_id=CARD)
+    config = MusicgenMelodyConfig(text_encoder=t5_config().to_dict(), audio_encoder=audio.to_dict(),
+                                  decoder=decoder.to_dict(), chroma_length=11)
+    model = MusicgenMelodyForConditionalGeneration(config).eval()
+    sharpen(model.decoder.lm_heads)
+    model.save_pretrained(root / "hf")
+    MusicgenMelodyFeatureExtractor(sampling_rate=SR_MELODY).save_pretrained(root / "hf")
+    copy_tokenizer(root / "hf")
+    imported = import_musicgen(root / "hf", root / "import")
+    return imported.out, finetune(imported.out, root)
+
+
+def test_transformers_and_audiocraft_load_the_melody_export_of_a_finetuned_import(hf_melody_tuned, local_t5,
+                                                                                  tmp_path: Path) -> None:
+    from transformers import MusicgenMelodyFeatureExtractor, MusicgenMelodyForConditionalGeneration
+
+    export, ckpt = hf_melody_tuned
+    tuned = ostinato.load(ckpt)
+    assert tuned.melody.chroma == "transformers" and tuned.melody.frames == 11
+    assert_changed(tuned, export, "melody.proj.weight")
+    out = tmp_path / "hf"
+    main(["export", str(ckpt), str(out), "--format", "transformers"])
+    reference, info = MusicgenMelodyForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert reference.config.chroma_length == 11
+    features = MusicgenMelodyFeatureExtractor.from_pretrained(out)  # the chroma's STFT travels with it
+    chroma = features([w[0].numpy() for w in MELODIES], sampling_rate=SR_MELODY, return_tensors="pt")
+    seq = codes_seq(tuned.pattern)
+    b, k, s = seq.shape
+    with torch.no_grad():
+        theirs = reference(**tokens_of(out), input_features=chroma["input_features"],
+                           decoder_input_ids=seq.reshape(b * k, s)).logits.reshape(b, k, -1, CARD)[:, :, -s:]
+    ours = melody_logits(tuned, seq)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    again = tmp_path / "again"
+    import_musicgen(out, again)
+    assert_same_tensors(again, tuned)
+
+    # the same model to audiocraft: a chroma of fixed length is its match_len_on_eval
+    ac = tmp_path / "ac"
+    export_musicgen(tuned, ac, "audiocraft", t5_name="t5-base")
+    xp = yaml.safe_load(torch.load(ac / "state_dict.bin", weights_only=True)["xp.cfg"])
+    assert xp["conditioners"]["self_wav"]["chroma_stem"]["match_len_on_eval"] is True
+    with pytest.MonkeyPatch.context() as patch:  # audiocraft's "t5-base" is this model's own text encoder
+        use_local_t5(patch, Path(tuned.text.model_path))
+        assert (audiocraft_melody_logits(ac, seq) - ours).abs().max().item() <= 1e-4

@@ -10,6 +10,12 @@
 folder (decoder, the text encoder, the EnCodec as ``audio_encoder``, ``enc_to_dec_proj``, generation config) with
 the text encoder's tokenizer files. Both are built in ``OUT.tmp`` and renamed onto ``OUT`` when complete.
 
+Stereo (an ``InterleavedStereoCodec``): audiocraft's ``interleave_stereo_codebooks`` / transformers'
+``audio_channels: 2``, both over the mono EnCodec. MusicGen-melody (text prepended after the chroma): audiocraft's
+``chroma2music`` conditioners and fuser (a chroma of fixed length, ``melody.frames``, is its ``match_len_on_eval``
+with the training segment that gives that length), or ``MusicgenMelodyForConditionalGeneration`` with
+``chroma_length`` and the feature extractor's ``preprocessor_config.json``.
+
 The mappings are the inverses of ``interop.musicgen``'s ``audiocraft_state_to_lm`` / ``transformers_state_to_lm``.
 What a format cannot hold is refused in one line (``UserError``) naming the reason: style conditioning, a text
 encoder other than T5 for audiocraft, LM options the format's transformer lacks.
@@ -119,8 +125,6 @@ def _check_model(model: MusicGen, fmt: str) -> None:
                                         "for ostinato's own export)")
     _refuse_unless(model.style is None, fmt, "this MusicGen has style conditioning (MusicGen-Style), which "
                                              f"{fmt}'s MusicGen format does not hold")
-    _refuse_unless(model.melody is None, fmt, "this MusicGen has melody (chroma) conditioning, which the "
-                                              f"{fmt} export does not write yet; export it with ostinato's format")
     _refuse_unless(model.text is not None, fmt, "this MusicGen has no text conditioner (an unconditional LM); "
                                                 f"{fmt}'s text-to-music MusicGen needs one")
     _refuse_unless(cfg.positional == "sin", fmt, f"lm.positional={cfg.positional}: {fmt}'s MusicGen has "
@@ -133,6 +137,30 @@ def _check_model(model: MusicGen, fmt: str) -> None:
                                                             f"mean the same in {fmt}")
     if fmt == "transformers":
         _refuse_unless(not cfg.bias, fmt, "lm.bias=true: transformers' MusicGen layers have no biases")
+        _refuse_unless(model.text_prefix == (model.melody is not None), fmt, "the text is prepended without a melody: "
+                       "transformers' MusicGen cross-attends it (MusicGen-melody alone prepends it, after the chroma)")
+    if model.melody is not None:
+        _check_melody(model, fmt)
+
+
+def _check_melody(model: MusicGen, fmt: str) -> None:
+    """What MusicGen-melody's formats hold: the text prepended after the chroma, the source's chromagram (librosa's
+    filterbank: ``melody.chroma`` audiocraft or transformers), audiocraft's STFT (a power of 2, hop n_fft / 4)."""
+    mel = model.melody
+    assert mel is not None
+    _refuse_unless(model.text_prefix, fmt, f"a melody MusicGen whose text is cross-attended: {fmt}'s MusicGen-melody "
+                                           "prepends the text after the chroma (family.text.fuse: prefix)")
+    _refuse_unless(mel.chroma != "ostinato", fmt, f"melody.chroma=ostinato: {fmt}'s MusicGen-melody computes "
+                                                  "another chromagram (librosa's filterbank, a centred STFT) than the "
+                                                  "one this model was trained on")
+    if fmt == "transformers":
+        _refuse_unless(mel.frames is not None, fmt, "melody.chroma=audiocraft (masked, of any length): transformers' "
+                                                    "MusicGen-melody loops the chroma to chroma_length frames")
+    else:
+        n_fft = int(mel.n_fft)
+        _refuse_unless(n_fft & (n_fft - 1) == 0 and mel.hop_length * 4 == n_fft, fmt,
+                       f"melody n_fft={n_fft}, hop {mel.hop_length}: audiocraft's chroma takes a power of 2 "
+                       "(radix2_exp) with a hop of a quarter of it")
 
 
 def _text_folder(model: MusicGen) -> Path:
@@ -200,7 +228,8 @@ def _semantics_note(model: MusicGen, fmt: str) -> None:
 
 def audiocraft_xp_config(model: MusicGen, t5_name: str, sample_rate: int, channels: int,
                          cfg_dropout: float = 0.1) -> dict[str, Any]:
-    """The parts of an audiocraft experiment config that ``builders.get_lm_model`` reads, for ``model``."""
+    """The parts of an audiocraft experiment config that ``builders.get_lm_model`` reads, for ``model``
+    (MusicGen-melody: ``chroma2music``'s conditioners and fuser)."""
     cfg = model.cfg
     transformer_lm = dict(
         dim=cfg.dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers, hidden_scale=cfg.ffn_dim / cfg.dim,
@@ -208,26 +237,50 @@ def audiocraft_xp_config(model: MusicGen, t5_name: str, sample_rate: int, channe
         bias_ff=cfg.bias, bias_attn=cfg.bias, bias_proj=False, past_context=None, causal=True, custom=False,
         memory_efficient=False, attention_as_float32=False, layer_scale=None, positional_embedding="sin",
         max_period=cfg.max_period, xpos=False, checkpointing="none", weight_init="gaussian",
-        depthwise_init="current", zero_bias_init=True, norm="layer_norm", cross_attention=True, qk_layer_norm=False,
+        depthwise_init="current", zero_bias_init=True, norm="layer_norm", cross_attention=cfg.cross_attention,
+        qk_layer_norm=False,
         qk_layer_norm_cross=False, attention_dropout=cfg.attention_dropout, kv_repeat=1, two_step_cfg=False)
     if transformer_lm["hidden_scale"] == int(transformer_lm["hidden_scale"]):
         transformer_lm["hidden_scale"] = int(transformer_lm["hidden_scale"])
+    prepend = (["self_wav"] if model.melody is not None else []) + (["description"] if model.text_prefix else [])
+    conditioners: dict[str, Any] = {"description": {"model": "t5", "t5": {
+        "name": t5_name, "finetune": False, "word_dropout": 0.0, "normalize_text": False}}}
+    duration = 30.0
+    if model.melody is not None:
+        conditioners["self_wav"], duration = _audiocraft_chroma(model)
     xp: dict[str, Any] = {
         "lm_model": "transformer_lm", "device": "cpu", "dtype": "float32", "sample_rate": int(sample_rate),
-        "channels": int(channels), "dataset": {"segment_duration": 30.0},
+        "channels": int(channels), "dataset": {"segment_duration": duration},
         "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [int(d) for d in model.pattern.delays],
                                                              "flatten_first": 0, "empty_initial": 0}},
         "transformer_lm": transformer_lm,
         "classifier_free_guidance": {"training_dropout": float(cfg_dropout), "inference_coef": 3.0},
         "attribute_dropout": {},
-        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
-                  "cross": ["description"], "input_interpolate": []},
-        "conditioners": {"description": {"model": "t5", "t5": {"name": t5_name, "finetune": False,
-                                                                "word_dropout": 0.0, "normalize_text": False}}},
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [],
+                  "prepend": prepend, "cross": [] if model.text_prefix else ["description"], "input_interpolate": []},
+        "conditioners": conditioners,
     }
     # stereo: the L/R codebooks of the mono codec interleaved (audiocraft's InterleaveStereoCompressionModel)
     xp["interleave_stereo_codebooks"] = {"use": channels == 2, "per_timestep": False}
     return xp
+
+
+def _audiocraft_chroma(model: MusicGen) -> tuple[dict[str, Any], float]:
+    """(``conditioners.self_wav`` of chroma2music, ``dataset.segment_duration``): a chroma of fixed length
+    (``melody.frames``, looped or cut, null C) is audiocraft's ``match_len_on_eval``, whose length the training
+    segment gives: ``int(duration * sample_rate) // hop + 1`` frames."""
+    mel = model.melody
+    assert mel is not None
+    duration = 30.0
+    if mel.frames is not None:
+        samples = (mel.frames - 1) * mel.hop_length
+        duration = samples / mel.sample_rate
+        if int(duration * mel.sample_rate) != samples:  # a float below the sample count: half a sample more
+            duration = (samples + 0.5) / mel.sample_rate
+    stem = {"sample_rate": mel.sample_rate, "n_chroma": 12, "radix2_exp": int(mel.n_fft).bit_length() - 1,
+            "argmax": True, "match_len_on_eval": mel.frames is not None, "eval_wavs": None, "n_eval_wavs": 0,
+            "cache_path": None}
+    return {"model": "chroma_stem", "chroma_stem": stem}, duration
 
 
 def _write_audiocraft(model: MusicGen, stage: Path, t5_name: str | None, cfg_dropout: float) -> None:
@@ -239,8 +292,12 @@ def _write_audiocraft(model: MusicGen, stage: Path, t5_name: str | None, cfg_dro
     codec, channels = _codec(model, "audiocraft")
     assert model.text is not None
     state = lm_state_to_audiocraft(model.lm.state_dict())
-    prefix = "condition_provider.conditioners.description.output_proj."
-    state.update({prefix + k: v for k, v in model.text.proj.state_dict().items()})
+    conditioners = "condition_provider.conditioners."
+    state.update({f"{conditioners}description.output_proj.{k}": v for k, v in model.text.proj.state_dict().items()})
+    if model.melody is not None:  # the chroma projection, and the Hann window of its STFT (a buffer there)
+        state.update({f"{conditioners}self_wav.output_proj.{k}": v
+                      for k, v in model.melody.proj.state_dict().items()})
+        state[f"{conditioners}self_wav.chroma.spec.window"] = torch.hann_window(int(model.melody.n_fft))
     xp = audiocraft_xp_config(model, name, codec.sample_rate, channels, cfg_dropout)
     package = {"xp.cfg": OmegaConf.to_yaml(OmegaConf.create(xp)),
                "best_state": {k: v.detach().cpu().float().contiguous().clone() for k, v in state.items()},
@@ -262,9 +319,17 @@ def transformers_decoder_config(model: MusicGen, channels: int = 1) -> dict[str,
                 pad_token_id=cfg.card, bos_token_id=cfg.card, decoder_start_token_id=cfg.card)
 
 
+def _transformers_classes(melody: bool) -> tuple[type, type, type]:
+    """(decoder config, decoder, whole model) classes: MusicGen's, or MusicGen-melody's."""
+    import transformers as tf
+
+    if melody:
+        return tf.MusicgenMelodyDecoderConfig, tf.MusicgenMelodyForCausalLM, tf.MusicgenMelodyForConditionalGeneration
+    return tf.MusicgenDecoderConfig, tf.MusicgenForCausalLM, tf.MusicgenForConditionalGeneration
+
+
 def _write_transformers(model: MusicGen, stage: Path) -> None:
-    from transformers import (EncodecConfig, EncodecModel, MusicgenDecoderConfig, MusicgenForCausalLM,
-                              MusicgenForConditionalGeneration)
+    from transformers import EncodecConfig, EncodecModel
     from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
     from ostinato.interop.encodec import codec_to_transformers
@@ -284,7 +349,8 @@ def _write_transformers(model: MusicGen, stage: Path) -> None:
     codec_cfg, codec_state = codec_to_transformers(codec)
     audio = EncodecModel(EncodecConfig(**codec_cfg))
     audio.load_state_dict(codec_state, strict=True)
-    decoder = MusicgenForCausalLM(MusicgenDecoderConfig(**transformers_decoder_config(model, channels)))
+    decoder_config, decoder_class, full_class = _transformers_classes(model.melody is not None)
+    decoder = decoder_class(decoder_config(**transformers_decoder_config(model, channels)))
     decoder.load_state_dict(lm_state_to_transformers(model.lm.state_dict()), strict=True)
     proj = model.text.proj
     width = int(proj.weight.shape[1])
@@ -292,11 +358,12 @@ def _write_transformers(model: MusicGen, stage: Path) -> None:
         _refuse_unless(torch.equal(proj.weight, torch.eye(width)) and not bool(proj.bias.any()), "transformers",
                        f"the text encoder is as wide as the decoder ({width}), where transformers' MusicGen has no "
                        "text projection, but this model's text.proj is not the identity")
-    full = MusicgenForConditionalGeneration(text_encoder=type(encoder)(encoder.config), audio_encoder=audio,
-                                            decoder=decoder)
+    full = full_class(text_encoder=type(encoder)(encoder.config), audio_encoder=audio, decoder=decoder)
     full.text_encoder.load_state_dict(encoder.state_dict(), strict=True)
-    if full.enc_to_dec_proj is not None:
+    if getattr(full, "enc_to_dec_proj", None) is not None:
         full.enc_to_dec_proj.load_state_dict(proj.state_dict(), strict=True)
+    if model.melody is not None:
+        _melody_to_transformers(model, full, stage)
     gen = full.generation_config
     gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = model.card
     gen.do_sample, gen.guidance_scale = True, 3.0
@@ -308,6 +375,21 @@ def _write_transformers(model: MusicGen, stage: Path) -> None:
     for name in _TOKENIZER_FILES:
         if (_text_folder(model) / name).is_file():
             shutil.copy2(_text_folder(model) / name, stage / name)
+
+
+def _melody_to_transformers(model: MusicGen, full: Any, stage: Path) -> None:
+    """The chroma projection (``audio_enc_to_dec_proj``), ``chroma_length`` and the feature extractor's STFT
+    (``preprocessor_config.json``) of a MusicGen-melody."""
+    from transformers import MusicgenMelodyFeatureExtractor
+
+    mel = model.melody
+    assert mel is not None and mel.frames is not None
+    full.config.chroma_length, full.config.num_chroma = int(mel.frames), 12
+    _refuse_unless(getattr(full, "audio_enc_to_dec_proj", None) is not None, "transformers",
+                   "a decoder 12 wide: transformers' MusicGen-melody then feeds the chroma unprojected")
+    full.audio_enc_to_dec_proj.load_state_dict(mel.proj.state_dict(), strict=True)
+    MusicgenMelodyFeatureExtractor(sampling_rate=mel.sample_rate, hop_length=mel.hop_length,
+                                   n_fft=int(mel.n_fft)).save_pretrained(stage)
 
 
 # ----- the folder ---------------------------------------------------------------------------------------------
