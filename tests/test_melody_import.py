@@ -89,14 +89,14 @@ def prefix_of(model: MusicGen, texts: list[str] = TEXTS) -> torch.Tensor:
     return model.prefix(None, model.melody(chroma), model.text_tokens(texts))
 
 
-def ours_greedy(model: MusicGen, n_frames: int, cfg: float) -> torch.Tensor:
+def ours_greedy(model: MusicGen, n_frames: int, cfg: float, backend: str = "cache") -> torch.Tensor:
     pre = prefix_of(model)
     null = None
     if model.melody.chroma == "transformers":  # its null melody is pitch class C, not zeros
         frames = model.melody.frames
         text = torch.zeros_like(model.text_tokens(TEXTS))
         null = model.prefix(None, model.melody(model.melody.null(len(TEXTS), frames)), text)
-    params = GenerationParams(temperature=0.0, cfg_scale=cfg, backend="cache")
+    params = GenerationParams(temperature=0.0, cfg_scale=cfg, backend=backend)
     with torch.no_grad():
         return generate(model.lm, model.pattern, n_frames, params=params, batch_size=len(TEXTS),
                         prefix=(lambda s, n: (pre, null)) if null is not None else pre)
@@ -186,6 +186,7 @@ def test_audiocraft_melody_logits_and_greedy_tokens_match(audiocraft_melody) -> 
                                  cfg_coef=cfg, two_step_cfg=False)
         mine = ours_greedy(model, 6, cfg)
         assert torch.equal(mine, theirs) and len(torch.unique(mine)) > 3, cfg
+        assert torch.equal(ours_greedy(model, 6, cfg, backend="static"), theirs)  # the fast decoding step
 
 
 def test_audiocraft_melody_matched_to_the_segment_length(t5: Path, hf_import, tmp_path: Path) -> None:
@@ -335,8 +336,9 @@ def test_transformers_melody_import_matches(hf_melody, hf_import) -> None:
         ours = ours_model.lm(seq, prefix=prefix_of(ours_model))
     assert (ours - ref).abs().max().item() <= 1e-4
     for cfg in (1.0, 3.0):
-        mine = ours_greedy(ours_model, 6, cfg)
-        assert torch.equal(mine, hf_greedy(model, inputs, 6, cfg)) and len(torch.unique(mine)) > 3, cfg
+        mine, theirs = ours_greedy(ours_model, 6, cfg), hf_greedy(model, inputs, 6, cfg)
+        assert torch.equal(mine, theirs) and len(torch.unique(mine)) > 3, cfg
+        assert torch.equal(ours_greedy(ours_model, 6, cfg, backend="static"), theirs)
 
 
 def test_generate_with_a_melody_file_from_an_import(hf_melody, hf_import, tmp_path: Path) -> None:
