@@ -150,6 +150,29 @@ def test_mert_folder_loads_as_hubert_without_remote_code(mert: Path, tmp_path: P
         HFAudioFeatures(str(deep))
 
 
+@pytest.mark.parametrize("layout", ["weight_g_v", "mert_model_prefix"])
+def test_mert_checkpoint_layouts_load(mert: Path, tmp_path: Path, layout: str) -> None:
+    """MERT's published pytorch_model.bin: the positional conv's weight norm as ``weight_g`` / ``weight_v`` (torch's
+    old weight_norm), and keys that may carry MERT's ``mert_model.`` prefix; both load into the same HuBERT."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / layout
+    shutil.copytree(mert, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    state = {k.replace("parametrizations.weight.original0", "weight_g")
+              .replace("parametrizations.weight.original1", "weight_v"): v for k, v in state.items()}
+    assert "encoder.pos_conv_embed.conv.weight_g" in state
+    if layout == "mert_model_prefix":
+        state = {f"mert_model.{k}": v for k, v in state.items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    wav = wavs(1, seconds=0.5)
+    want = HFAudioFeatures(str(mert), normalize=False)(wav, SR)
+    torch.testing.assert_close(HFAudioFeatures(str(folder), normalize=False)(wav, SR), want)
+
+
 def test_style_tokens_match_audiocraft(reference, mert: Path) -> None:
     cond, features = ours(reference, mert)
     wav = wavs(2)
@@ -447,3 +470,20 @@ def test_finetuning_the_import_conditions_like_audiocraft(ac_style) -> None:
     assert torch.isfinite(loss)
     assert family.model.style.input_proj.weight.grad.abs().sum() > 0
     assert family.model.text.proj.weight.grad.abs().sum() > 0
+
+
+def test_a_reference_at_another_rate_is_resampled_as_audiocraft_does(ac_style, reference) -> None:
+    """audiocraft's ``generate_with_chroma`` brings the reference to the model's rate with ``convert_audio``
+    (julius) before the conditioner resamples it again for MERT: a 44.1 kHz reference gives its tokens."""
+    import ostinato
+    from audiocraft.data.audio_utils import convert_audio
+
+    from ostinato.generation.request import AudioInput
+
+    _, out, _ = ac_style
+    model = ostinato.load(out)
+    wav44 = 0.3 * torch.randn(1, 1, int(SECONDS * 44100), generator=torch.Generator().manual_seed(11))
+    want = reference_tokens(reference, convert_audio(wav44, 44100, SR, 1))
+    with torch.no_grad():
+        tokens = model._style_prefix(AudioInput(wav44[0], 44100), 1)
+    assert tokens.shape == want.shape and (tokens - want).abs().max() <= 1e-4

@@ -214,10 +214,11 @@ def model_kwargs(family: Mapping[str, Any], folder: Path | None = None) -> dict[
     return _located(kw, folder)
 
 
-def _at(ref: AudioRef, sample_rate: int, channels: int) -> Tensor:
+def _at(ref: AudioRef, sample_rate: int, channels: int,
+        resampler: Callable[[Tensor, int, int], Tensor] = resample) -> Tensor:
     """``[1, channels, T']`` of a reference at ``sample_rate``."""
     wav = convert_channels(ref.wav.float(), "mono" if channels == 1 else "stereo")
-    return resample(wav, int(ref.sample_rate), sample_rate).unsqueeze(0)
+    return resampler(wav, int(ref.sample_rate), sample_rate).unsqueeze(0)
 
 
 class MusicGen(nn.Module):
@@ -432,7 +433,9 @@ class MusicGen(nn.Module):
         codec = self.codec
         if style is None:  # the dropped-style condition the model also trained on
             return torch.zeros(b, self._null_style_tokens(), self.cfg.dim, device=self.device)
-        wav = _at(style, codec.sample_rate, codec.channels).to(self.device)
+        features = self.__dict__.get("_style_features")  # an import resamples as its source (audiocraft) does
+        wav = _at(style, codec.sample_rate, codec.channels, resample if features is None else features.resample)
+        wav = wav.to(self.device)
         codes = codec.encode(wav, n_q=self.n_q).codes
         self.style.eval()
         tokens, _ = self.style_tokens(codes, train=False, wav=wav)

@@ -313,8 +313,11 @@ def _load_mert(folder: Path, config: Any) -> nn.Module:
     """A MERT folder's weights in a ``HubertModel``; every weight of either side must find its match."""
     from transformers import HubertModel
 
-    model, info = HubertModel.from_pretrained(folder, config=config, local_files_only=True,
-                                              output_loading_info=True)
+    class MertAsHubert(HubertModel):  # HuBERT's forward; MERT's prefix, should its file carry one
+        base_model_prefix = MERT_MODEL_TYPE
+
+    model, info = MertAsHubert.from_pretrained(folder, config=config, local_files_only=True,
+                                               output_loading_info=True)
     bad = {k: sorted(v)[:8] for k, v in info.items()
            if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
