@@ -95,14 +95,19 @@ def finetuned(hf_musicgen, tmp_path_factory: pytest.TempPathFactory) -> dict:  #
     _, src = hf_musicgen
     root = tmp_path_factory.mktemp("finetune")
     paths = {"SRC": src, "OG": root / "og", "AUDIO": _audio(root / "audio"), "MINE": root / "mine",
-             "TUNED": root / "tuned", "GEN": root / "gen", "OSTINATO_OUTPUTS": root / "outputs"}
+             "TUNED": root / "tuned", "ADAPTERS": root / "adapters", "BACK": root / "back", "GEN": root / "gen",
+             "OSTINATO_OUTPUTS": root / "outputs"}
     proc = run_journey("finetune", root / "work", timeout=400, SR=16000, SEGMENT=1, WORKERS=1, BATCH=4, STEPS=2,
-                       TRAINER="default", LR=1e-4, LOGGER="csv", DURATION=1.5, **paths)
+                       TRAINER="default", LR=1e-3, LOGGER="csv", DURATION=1.5, RANK=4, **paths)
     return {**paths, "proc": proc}
 
 
 def test_finetune_journey_imports_tunes_exports_and_generates(finetuned: dict) -> None:
     from safetensors.torch import load_file
+    from transformers import MusicgenForConditionalGeneration
+
+    import ostinato
+    from ostinato.nn.lora import has_adapters
 
     og, tuned = finetuned["OG"], finetuned["TUNED"]
     assert (og / "codec").is_dir() and (og / "text_encoder").is_dir()
@@ -112,11 +117,24 @@ def test_finetune_journey_imports_tunes_exports_and_generates(finetuned: dict) -
     xp = next((finetuned["OSTINATO_OUTPUTS"] / "xps").iterdir())
     log = (xp / "train.log").read_text()
     assert re.search(rf"continue_from: \d+ tensors loaded from {re.escape(str(og))}", log), log[-2000:]
-    assert torch.load(xp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    ckpt = torch.load(xp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["lora"]["rank"] == 4
+    assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # LoRA: the adapters alone
     before, after = load_file(og / "model.safetensors"), load_file(tuned / "model.safetensors")
-    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(re.search(r"_attn\.(q|k|v|out)_proj\.weight$", k) for k in changed), changed
     wav, sr = sf.read(finetuned["GEN"] / "000.wav")
     assert sr == 16000 and wav.shape == (24000,) and np.abs(wav).max() > 0
+    kept, merged = ostinato.load(finetuned["ADAPTERS"]), ostinato.load(tuned)
+    assert has_adapters(kept) and not has_adapters(merged)
+    codes = torch.randint(0, merged.card, (1, merged.n_q, 5))
+    with torch.no_grad():
+        cond, mask = merged.condition(["a sine tone"])
+        assert (kept.lm(codes, cond, mask) - merged.lm(codes, cond, mask)).abs().max() <= 1e-5
+    back = MusicgenForConditionalGeneration.from_pretrained(finetuned["BACK"])
+    q = "decoder.model.decoder.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(back.state_dict()[q], after["lm.layers.0.self_attn.q_proj.weight"], atol=1e-6)
 
 
 def test_eval_journey_scores_the_tuned_model(finetuned: dict, tmp_path: Path) -> None:

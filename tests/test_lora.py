@@ -148,6 +148,13 @@ def test_export_merges_or_keeps_the_adapters(musicgen_run, tmp_path) -> None:
     assert json.loads((kept / "export.json").read_text())["base"] == str(musicgen_run["import"])
     from_kept = ostinato.load(kept)
     assert has_adapters(from_kept) and (logits(from_kept) - adapted).abs().max() <= 1e-6
+    back = export(folder, tmp_path / "back", format="transformers")  # the source's format, adapters merged in
+    from transformers import MusicgenForConditionalGeneration
+
+    hf = MusicgenForConditionalGeneration.from_pretrained(back).state_dict()
+    for name, ours in (("self_attn.q_proj", "self_attn.q_proj"), ("encoder_attn.v_proj", "cross_attn.v_proj")):
+        assert torch.allclose(hf[f"decoder.model.decoder.layers.1.{name}.weight"],
+                              merged.state_dict()[f"lm.layers.1.{ours}.weight"], atol=1e-6)
     for model in (folder, kept):  # generation takes the adapted model as it is, from its XP or kept apart
         main(["generate", "--model", str(model), "--prompt", TEXTS[0], "--duration", "0.2", "--seed", "0",
               "--out", str(tmp_path / "gen" / model.name)])

@@ -249,5 +249,10 @@ def _export_foreign(ref: str | Path, out: Path, xps_dir: str | Path | None, trus
     assert isinstance(model, MusicGen)
     model.set_codec_loader(lambda codec: load_codec(codec, trust=trust))
     family = (cfg or {}).get("family") or {}
+    dropout = family.get("cfg_dropout")
+    if dropout is None and family.get("export"):  # a fine-tuned import (null = the import's)
+        from ostinato.models.musicgen import exported_family
+
+        dropout = exported_family(family["export"]).get("cfg_dropout")
     return export_musicgen(model, out, format, overwrite=overwrite, t5_name=t5_name,
-                           cfg_dropout=float(family.get("cfg_dropout", 0.1)))
+                           cfg_dropout=0.1 if dropout is None else float(dropout))
