@@ -448,16 +448,18 @@ def audiocraft_melody_logits(out: Path, seq: torch.Tensor) -> torch.Tensor:
         return reference(seq, audiocraft_melody_attributes())
 
 
-@pytest.fixture(scope="module")
-def ac_melody_tuned(sources: Path, local_t5, encodec32: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """audiocraft's own melody LM (chroma2music: chroma and text prepended) -> export_lm -> ostinato import ->
-    fine-tuned with the melody prefix: (import folder, checkpoint)."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["mono", "stereo"])
+def ac_melody_tuned(request, sources: Path, local_t5, encodec32: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """audiocraft's own melody LM (chroma2music: chroma and text prepended; stereo-melody: 2K interleaved
+    codebooks) -> export_lm -> ostinato import -> fine-tuned with the melody prefix: (import folder, checkpoint)."""
     from audiocraft.models import builders
 
+    channels = request.param
     torch.manual_seed(5)
     root = tmp_path_factory.mktemp("audiocraft_melody")
-    cfg = audiocraft_lm_cfg("chroma", n_q=K, card=CARD, dim=DIM, num_heads=4, num_layers=2, sample_rate=SR_MELODY,
-                            hidden_scale=2)
+    cfg = audiocraft_lm_cfg("chroma", n_q=K * channels, card=CARD, dim=DIM, num_heads=4, num_layers=2,
+                            sample_rate=SR_MELODY, channels=channels,
+                            delays=STEREO_DELAYS if channels == 2 else None, hidden_scale=2)
     lm = builders.get_lm_model(cfg).eval()
     sharpen(lm.linears)
     audiocraft_export_lm(lm, cfg, root / "state_dict.bin")
@@ -479,7 +481,7 @@ def test_audiocraft_loads_the_melody_export_of_a_finetuned_import(ac_melody_tune
     assert xp["conditioners"]["self_wav"]["chroma_stem"]["match_len_on_eval"] is False
     seq = codes_seq(tuned.pattern)
     theirs = audiocraft_melody_logits(out, seq)
-    assert theirs.shape == (3, K, seq.shape[-1], CARD)
+    assert theirs.shape == (3, tuned.n_q, seq.shape[-1], CARD)
     assert (melody_logits(tuned, seq) - theirs).abs().max().item() <= 1e-4
     again = tmp_path / "again"
     import_musicgen(out / "state_dict.bin", again, text_encoder=Path(tuned.text.model_path))
@@ -490,18 +492,21 @@ def test_audiocraft_loads_the_melody_export_of_a_finetuned_import(ac_melody_tune
     assert exit_info.value.code == 2 and "chroma_length" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def hf_melody_tuned(sources: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny random MusicgenMelodyForConditionalGeneration (chroma_length 11), saved with its feature extractor ->
-    ostinato import -> fine-tuned with the melody prefix: (import folder, checkpoint)."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["mono", "stereo"])
+def hf_melody_tuned(request, sources: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random MusicgenMelodyForConditionalGeneration (chroma_length 11; stereo: audio_channels 2, 2K
+    codebooks), saved with its feature extractor -> ostinato import -> fine-tuned with the melody prefix: (import
+    folder, checkpoint)."""
     from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyFeatureExtractor,
                               MusicgenMelodyForConditionalGeneration)
 
+    channels = request.param
     torch.manual_seed(6)
     root = tmp_path_factory.mktemp("transformers_melody")
     audio = encodec_config()
     audio.sampling_rate, audio.target_bandwidths = SR_MELODY, [2.56]
-    decoder = MusicgenMelodyDecoderConfig(num_codebooks=K, vocab_size=CARD, hidden_size=DIM, num_attention_heads=4,
+    decoder = MusicgenMelodyDecoderConfig(num_codebooks=K * channels, audio_channels=channels, vocab_size=CARD,
+                                          hidden_size=DIM, num_attention_heads=4,
                                           num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256,
                                           dropout=0.0, pad_token_id=CARD, bos_token_id=CARD)
     config = MusicgenMelodyConfig(text_encoder=t5_config().to_dict(), audio_encoder=audio.to_dict(),

@@ -124,7 +124,10 @@ def _check_model(model: MusicGen, fmt: str) -> None:
     _refuse_unless(fmt in FORMATS, fmt, f"unknown format; use one of {', '.join(FORMATS)} (or leave --format out "
                                         "for ostinato's own export)")
     _refuse_unless(model.style is None, fmt, "this MusicGen has style conditioning (MusicGen-Style), which "
-                                             f"{fmt}'s MusicGen format does not hold")
+                                             f"{fmt}'s MusicGen format does not hold ("
+                                             + ("transformers has no MusicGen-Style" if fmt == "transformers" else
+                                                "its style conditioner is in no audiocraft release: 1.3.0 cannot "
+                                                "load it") + "); keep ostinato's export")
     _refuse_unless(model.text is not None, fmt, "this MusicGen has no text conditioner (an unconditional LM); "
                                                 f"{fmt}'s text-to-music MusicGen needs one")
     _refuse_unless(cfg.positional == "sin", fmt, f"lm.positional={cfg.positional}: {fmt}'s MusicGen has "
