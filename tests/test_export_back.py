@@ -18,11 +18,11 @@ import ostinato
 from ostinato.cli import main
 from ostinato.engine.weights import load_weights
 from ostinato.errors import UserError
-from ostinato.families.musicgen import MusicGenFamily
+from ostinato.families.musicgen import ImportedMusicGenFamily
 from ostinato.interop.codecs import load_codec
 from ostinato.interop.musicgen_export import export_musicgen
 from ostinato.interop.musicgen_import import import_musicgen
-from ostinato.models.musicgen import FAMILY_TARGET, MusicGen, exported_family
+from ostinato.models.musicgen import MusicGen, exported_family
 from ostinato.nn.conditioners import default_text_model
 from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.lora import has_adapters
@@ -36,6 +36,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 K, CARD, DIM, T5_DIM, SR = 4, 64, 48, 32, 16000  # K: the mono codec's codebooks; a stereo LM models 2K
 STEREO_DELAYS = [0, 0, 1, 1, 2, 2, 3, 3]
+IMPORTED_TARGET = "ostinato.families.musicgen.ImportedMusicGenFamily"  # family=musicgen_import
 TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo", "drums"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -90,11 +91,12 @@ def sharpen(heads) -> None:
 
 
 def finetune(export: Path, out: Path, **family) -> Path:
-    """Four AdamW steps of ``MusicGenFamily``'s loss on random codes from the import ``export`` (``family``
-    overrides, e.g. ``lora``) -> a checkpoint in `ostinato train`'s layout (wrapper state under ``model.``, with
-    LoRA the adapters alone; the config under ``ostinato_config``)."""
-    kwargs = {**exported_family(export), **family}
-    wrapper = MusicGenFamily(**kwargs)
+    """Four AdamW steps of ``ImportedMusicGenFamily``'s loss on random codes from the import ``export`` (``family``
+    overrides, e.g. ``lora``) -> a checkpoint in `ostinato train family=musicgen_import`'s layout (wrapper state
+    under ``model.``, with LoRA the adapters alone; the config under ``ostinato_config``, null = the import's)."""
+    kwargs = {"export": str(export), "lm": {"dropout": None}, "text": {"max_length": None}, "delays": None,
+              "cfg_dropout": None, "attribute_dropout": None, "codec": None, "lora": None, **family}
+    wrapper = ImportedMusicGenFamily(**kwargs)
     report = load_weights(wrapper, export)
     assert not (report.missing or report.unexpected or report.mismatched)
     wrapper.train()
@@ -111,7 +113,7 @@ def finetune(export: Path, out: Path, **family) -> Path:
         opt.step()
     ckpt = out / "tuned.ckpt"
     torch.save({"state_dict": wrapper.checkpoint_state(wrapper.state_dict()), "global_step": 4,
-                "ostinato_config": {"family": {"_target_": FAMILY_TARGET, **kwargs}, "continue_from": str(export)}},
+                "ostinato_config": {"family": {"_target_": IMPORTED_TARGET, **kwargs}, "continue_from": str(export)}},
                ckpt)
     return ckpt
 
@@ -202,6 +204,7 @@ def test_audiocraft_loads_the_export_of_a_finetuned_import(ac_tuned, tmp_path: P
     assert xp["conditioners"]["description"]["t5"]["name"] == "t5-base"  # as the source recorded it
     assert xp["codebooks_pattern"]["delay"]["delays"] == tuned.pattern.delays and xp["sample_rate"] == SR
     assert xp["channels"] == tuned.codec.channels and xp["interleave_stereo_codebooks"]["use"] is stereo
+    assert xp["classifier_free_guidance"]["training_dropout"] == 0.3  # the import's (text2music), null in the run
 
     reference = loaders.load_lm_model(out / "state_dict.bin")  # audiocraft's own loader
     seq = codes_seq(tuned.pattern)
