@@ -233,6 +233,24 @@ def test_audiocraft_loads_the_export_of_a_finetuned_import(ac_tuned, tmp_path: P
     assert_same_tensors(again, tuned)
 
 
+def test_an_audiocraft_import_exports_to_transformers(ac_tuned, tmp_path: Path, caplog) -> None:
+    """Across formats: transformers masks the text padding audiocraft attends; the export says so, and a prompt
+    alone (no padding) gives the same logits."""
+    _, ckpt = ac_tuned
+    tuned = ostinato.load(ckpt)
+    out = tmp_path / "hf"
+    with caplog.at_level("WARNING"):
+        main(["export", str(ckpt), str(out), "--format", "transformers"])
+    assert "--format transformers: its MusicGen has text_padding masked, this model attended" in caplog.text
+    reference = from_pretrained(out)
+    enc = {k: v[1:2] for k, v in tokens_of(out).items()}
+    seq = codes_seq(tuned.pattern)[1:2]
+    with torch.no_grad():
+        cond, mask = tuned.condition(TEXTS[1:2])
+        mine = tuned.lm(seq, cond, mask)
+    assert (mine - hf_logits(reference, enc, seq)).abs().max().item() <= 1e-4
+
+
 # -- transformers ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=[1, 2], ids=["mono", "stereo"])
 def hf_tuned(request, sources: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -279,12 +297,14 @@ def hf_logits(reference, enc: dict[str, torch.Tensor], seq: torch.Tensor) -> tor
         return reference(**enc, decoder_input_ids=seq.reshape(b * k, s), use_cache=False).logits.reshape(b, k, s, -1)
 
 
-def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path: Path) -> None:
+def test_transformers_loads_the_export_of_a_finetuned_import(hf_tuned, tmp_path: Path, caplog) -> None:
     export, ckpt = hf_tuned
     tuned = ostinato.load(ckpt)
     assert_changed(tuned, export)
     out = tmp_path / "hf"
-    main(["export", str(ckpt), str(out), "--format", "transformers"])
+    with caplog.at_level("WARNING"):
+        main(["export", str(ckpt), str(out), "--format", "transformers"])
+    assert "text_padding" not in caplog.text  # transformers masks it as the model does
     reference = from_pretrained(out)
     gen = reference.generation_config
     assert (gen.pad_token_id, gen.decoder_start_token_id) == (CARD, CARD)

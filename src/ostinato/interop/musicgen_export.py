@@ -220,11 +220,14 @@ def _codec(model: MusicGen, fmt: str) -> tuple[Codec, int]:
 
 
 def _semantics_note(model: MusicGen, fmt: str) -> None:
-    want = "attended" if fmt == "audiocraft" else "masked"
-    if model.semantics.text_padding != want:
-        log.warning("%s attends %s text padding, this model %s it: a batch of prompts of different lengths "
-                    "conditions differently there (single prompts are the same)", fmt,
-                    "all" if want == "attended" else "no", model.semantics.text_padding)
+    """Warn when the format computes the text condition of a batch otherwise than the model was trained to:
+    audiocraft (and any prepended text) attends the padding of the batch's shorter texts, transformers' cross-attention
+    masks it."""
+    theirs = "attended" if fmt == "audiocraft" or model.text_prefix else "masked"
+    if model.semantics.text_padding != theirs:
+        log.warning("--format %s: its MusicGen has text_padding %s, this model %s (family.semantics): a batch of "
+                    "prompts of different lengths is conditioned otherwise there; a prompt alone is the same", fmt,
+                    theirs, model.semantics.text_padding)
 
 
 # ----- audiocraft ---------------------------------------------------------------------------------------------
