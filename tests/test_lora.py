@@ -73,6 +73,8 @@ def test_only_the_adapters_train_and_are_saved(musicgen_run) -> None:
                                                                                     "out_proj"]}
     optimizer = ckpt["optimizer_states"][0]
     assert len(optimizer["state"]) == len(state)  # the optimizer took the adapters alone
+    shadows = [c["shadow"] for c in ckpt["callbacks"].values() if isinstance(c, dict) and "shadow" in c]
+    assert len(shadows) == 1 and set(shadows[0]) == set(state)  # the EMA averages the adapters alone
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     base = load_file(out / "model.safetensors")
     assert nbytes(state.values()) < nbytes(base.values()) / 10
