@@ -199,7 +199,7 @@ def test_style_kwargs_and_state_names(reference) -> None:
     assert (kwargs["width"], kwargs["num_layers"], kwargs["num_heads"]) == (256, 4, 8)  # transformer_scale xsmall
     assert (kwargs["n_q"], kwargs["eval_q"], kwargs["card"], kwargs["downsample"]) == (4, 2, 32, 15)
     assert kwargs["eval_excerpt_seconds"] == SECONDS and kwargs["excerpt_seconds"] == [1.5, 4.5]
-    assert kwargs["norm_bias"] and kwargs["q_dropout"] and kwargs["null_tokens"] == 1
+    assert kwargs["norm_bias"] and kwargs["q_dropout"] and kwargs["null_tokens"] == 1 and kwargs["mask_excerpt"]
     mapped, _ = style_state(state)
     assert mapped["rvq.layers.0.codebook.inited"].dtype == torch.bool
     assert "input_proj.weight" in mapped and "norm.running_var" in mapped and "rvq.steps" in mapped
@@ -439,13 +439,42 @@ def test_generate_cli_with_style_and_double_cfg(ac_style, tmp_path: Path) -> Non
     assert one.shape == two.shape and abs(one - two).max() > 1e-3
 
 
+def token_batch(frames: int, seed: int = 9):
+    from ostinato.data.token_datamodule import TokenBatch
+
+    codes = torch.randint(0, CARD, (len(TEXTS), K, frames), generator=torch.Generator().manual_seed(seed))
+    return TokenBatch(codes, torch.full((len(TEXTS),), frames), TEXTS, [{"caption": t} for t in TEXTS])
+
+
+def test_finetuning_leaves_the_style_excerpt_out_of_the_loss(ac_style) -> None:
+    """audiocraft's ``compute_mask`` (style2music.yaml; conditioners.py ``_get_mask_wav``, lines 860-869, and the
+    solver's ``padding_mask & model_output.mask & style_mask``): the frames the style excerpt was cut from are no
+    targets, in training (random start and length) and in evaluation (the first ``length`` seconds)."""
+    from ostinato.families.musicgen import ImportedMusicGenFamily
+
+    _, out, _ = ac_style
+    family = ImportedMusicGenFamily(export=str(out)).eval()
+    fr = family.model.codec.frame_rate
+    batch = token_batch(int(5 * fr))
+    c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
+    excerpt = int(SECONDS * fr)
+    assert not c.targets[:, :excerpt].any() and c.targets[:, excerpt:].all()
+    _, masked = family.compute_losses(batch.codes, batch.lengths, c.cond, c.mask, c.prefix, c.targets)
+    _, whole = family.compute_losses(batch.codes, batch.lengths, c.cond, c.mask, c.prefix)
+    assert torch.equal(whole - masked, torch.full((K,), len(TEXTS) * excerpt))
+    c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=True)
+    cut = (~c.targets).sum(dim=1)
+    assert bool((cut == cut[0]).all()) and 1.5 * fr <= int(cut[0]) <= 4.5 * fr  # one length, drawn
+    family.model.style.mask_excerpt = False
+    assert family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False).targets is None
+
+
 def test_finetuning_the_import_conditions_like_audiocraft(ac_style) -> None:
     """``continue_from=OUT`` with ``family=musicgen_import``: the family's eval prefix of a 3 s token batch is what
     audiocraft's conditioners and fuser prepend (style then text), and a training loss reaches the style
     conditioner and the text projection."""
     from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
 
-    from ostinato.data.token_datamodule import TokenBatch
     from ostinato.engine.weights import load_weights
     from ostinato.families.musicgen import ImportedMusicGenFamily
 
@@ -454,8 +483,8 @@ def test_finetuning_the_import_conditions_like_audiocraft(ac_style) -> None:
     assert not load_weights(family, out).missing
     codec = family.model.codec
     frames = int(SECONDS * codec.frame_rate)
-    codes = torch.randint(0, CARD, (len(TEXTS), K, frames), generator=torch.Generator().manual_seed(9))
-    batch = TokenBatch(codes, torch.full((len(TEXTS),), frames), TEXTS, [{"caption": t} for t in TEXTS])
+    batch = token_batch(frames)
+    codes = batch.codes
     c = family.batch_conditions(batch, batch.codes, batch.lengths, None, train=False)
     with torch.no_grad():
         wav = codec.decode(codes)
@@ -465,7 +494,7 @@ def test_finetuning_the_import_conditions_like_audiocraft(ac_style) -> None:
         ref, _ = lm.fuser(torch.zeros(len(TEXTS), 0, DIM), tensors)
     assert c.prefix.shape == ref.shape and (c.prefix - ref).abs().max().item() <= 1e-4
     family.train()
-    loss = family.losses(batch, train=True).mean()
+    loss = family.losses(token_batch(6 * frames // 3), train=True).mean()  # 6 s: targets outside the excerpt
     loss.backward()
     assert torch.isfinite(loss)
     assert family.model.style.input_proj.weight.grad.abs().sum() > 0

@@ -34,7 +34,8 @@ _MAX_LOG_CE = 50.0  # exp() of a larger cross-entropy (a diverged step) overflow
 
 def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, lengths: Tensor,
                      prefix: Tensor | None = None, cond: Tensor | None = None,
-                     cond_mask: Tensor | None = None, trim_delays: bool = False) -> tuple[Tensor, Tensor]:
+                     cond_mask: Tensor | None = None, trim_delays: bool = False,
+                     targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """codes ``[B, K, T]``, valid frames ``lengths [B]``, optional ``prefix [B, P, dim]`` and cross-attention
     ``cond [B, Tc, D]`` / ``cond_mask [B, Tc]`` -> (per-codebook mean CE ``[K]`` over valid targets, their count
     ``[K]``).
@@ -42,7 +43,10 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
     ``trim_delays``: audiocraft's loss (its solver's mask: the item's frames and the pattern steps complete within
     the batch's T frames): the last ``delays[k]`` frames of codebook ``k`` of the batch are no targets, and the
     frames past an item's length keep their codes (the codec's codes of the padded audio, audiocraft's
-    ``padding_with_special_token: false``), which the valid targets of later codebooks see."""
+    ``padding_with_special_token: false``), which the valid targets of later codebooks see.
+
+    ``targets``: ``[B, T]`` bool, False for frames that are no targets though they stay in the context
+    (MusicGen-Style's: the frames its style excerpt was cut from, which the LM could otherwise copy)."""
     b, k, t = codes.shape
     card = lm.cfg.card
     frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]  # [B, T]
@@ -56,6 +60,8 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
         delays = torch.as_tensor(getattr(pattern, "delays", [0] * k), device=codes.device)
         frames = torch.arange(t, device=codes.device)
         target_ok = target_ok & (frames[None, :] < t - delays[:, None])[None]
+    if targets is not None:
+        target_ok = target_ok & targets.to(device=codes.device, dtype=torch.bool)[:, None, :]
     valid.scatter_(2, pos[None].expand(b, k, t), target_ok)
     logits = lm(seq[:, :, :-1], cond, cond_mask, prefix=prefix)  # [B, K, S-1, card]
     target, valid = seq[:, :, 1:], valid[:, :, 1:]

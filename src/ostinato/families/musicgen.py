@@ -47,13 +47,15 @@ __all__ = ["MusicGenFamily", "ImportedMusicGenFamily", "Conditions"]
 class Conditions:
     """What the LM is conditioned on: cross-attention ``cond [B, Tc, D]`` + ``mask [B, Tc]``, a ``prefix
     [B, P, dim]`` (style tokens, melody, then a prefixed text), the style bottleneck's commitment ``penalty``, and
-    ``text_only``: the prefix with style and melody at their null condition (None without either)."""
+    ``text_only``: the prefix with style and melody at their null condition (None without either); ``targets``:
+    ``[B, T]`` False on the frames a style excerpt was cut from when ``style.mask_excerpt`` (None = all)."""
 
     cond: Tensor | None = None
     mask: Tensor | None = None
     prefix: Tensor | None = None
     penalty: Tensor | None = None
     text_only: Tensor | None = None
+    targets: Tensor | None = None
 
 
 class MusicGenFamily(CodebookLMFamily):
@@ -169,7 +171,12 @@ class MusicGenFamily(CodebookLMFamily):
         keep = lambda p: (~(null | (torch.rand(b) < p))).to(codes.device)  # noqa: E731
         style = melody = None
         if model.style is not None:
-            style, out.penalty = model.style_tokens(codes, train, wav)
+            starts, length = model.style_excerpt(codes, train)
+            style, out.penalty = model.style_tokens(codes, train, wav, excerpt=(starts, length))
+            if model.style.mask_excerpt:  # audiocraft's compute_mask: no loss on what the style was cut from
+                frames = torch.arange(codes.shape[-1], device=codes.device)[None]
+                first = torch.tensor(starts, device=codes.device)[:, None]
+                out.targets = (frames < first) | (frames >= first + length)
             if train:
                 style = style * keep(self.style_dropout)[:, None, None].to(style.dtype)
         if model.melody is not None:
@@ -192,15 +199,17 @@ class MusicGenFamily(CodebookLMFamily):
 
     # -- loss -----------------------------------------------------------------------------------------------
     def compute_losses(self, codes: Tensor, lengths: Tensor, cond: Tensor | None = None,
-                       cond_mask: Tensor | None = None, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       cond_mask: Tensor | None = None, prefix: Tensor | None = None,
+                       targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-codebook mean cross-entropy ``[K]`` over valid targets, and the count of those targets ``[K]``."""
         trim = self.model.semantics.loss_frames == "trim_delays"
-        return masked_lm_losses(self.model.lm, self.model.pattern, codes, lengths, prefix, cond, cond_mask, trim)
+        return masked_lm_losses(self.model.lm, self.model.pattern, codes, lengths, prefix, cond, cond_mask, trim,
+                                targets)
 
     def _step(self, batch: TokenBatch | AudioBatch, train: bool) -> tuple[Tensor, Tensor | None]:
         codes, lengths, wav = self.batch_codes(batch)
         c = self.batch_conditions(batch, codes, lengths, wav, train)
-        ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix)
+        ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix, c.targets)
         return ce, c.penalty
 
     def losses(self, batch: TokenBatch | AudioBatch, train: bool) -> Tensor:
@@ -217,9 +226,9 @@ class MusicGenFamily(CodebookLMFamily):
     def evaluate(self, batch: TokenBatch | AudioBatch, split: str) -> None:
         codes, lengths, wav = self.batch_codes(batch)
         c = self.batch_conditions(batch, codes, lengths, wav, train=False)
-        ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix)
+        ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix, c.targets)
         if c.text_only is not None:  # what melody / style add: the same batch with their null condition
-            ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.text_only)
+            ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.text_only, c.targets)
             self.log(f"{split}/ce_text_only", ce_text.mean(), sync_dist=True, batch_size=len(batch))
         self.log_ce(split, ce, len(batch))
 

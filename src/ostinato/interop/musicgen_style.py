@@ -91,7 +91,8 @@ def style_kwargs(cfg: Mapping[str, Any], state: Mapping[str, Tensor]) -> dict[st
                 n_q=int(style.get("n_q_out", 6)), card=int(style.get("bins", 1024)),
                 eval_q=int(style.get("eval_q", 3)), downsample=int(style.get("ds_factor", 15)),
                 excerpt_seconds=lengths, eval_excerpt_seconds=float(style.get("length", 3.0)),
-                norm_bias=True, q_dropout=bool(style.get("q_dropout", True)), null_tokens=1)
+                norm_bias=True, q_dropout=bool(style.get("q_dropout", True)), null_tokens=1,
+                mask_excerpt=bool(style.get("compute_mask", True)))
 
 
 def style_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

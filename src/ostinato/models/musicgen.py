@@ -401,22 +401,28 @@ class MusicGen(nn.Module):
                 wav = codec.decode(codes)
         return features(wav, codec.sample_rate), float(features.frame_rate)
 
-    def style_tokens(self, codes: Tensor, train: bool, wav: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """A style excerpt of ``codes [B, K, T]`` (per-item start in training, from frame 0 in eval) ->
-        ``(tokens [B, Ts, dim], penalty)``; the excerpt length is shared by the batch."""
+    def style_excerpt(self, codes: Tensor, train: bool) -> tuple[list[int], int]:
+        """``(start frame per item, length)`` of the style excerpts of ``codes [B, K, T]``: per-item starts in
+        training, frame 0 in eval; the length is shared by the batch."""
+        assert self.style is not None
+        start, length = self.style.excerpt(codes.shape[-1], self.codec.frame_rate, train=train)
+        if train and codes.shape[-1] > length:
+            return torch.randint(0, codes.shape[-1] - length + 1, (codes.shape[0],)).tolist(), length
+        return [start] * codes.shape[0], length
+
+    def style_tokens(self, codes: Tensor, train: bool, wav: Tensor | None = None,
+                     excerpt: tuple[list[int], int] | None = None) -> tuple[Tensor, Tensor]:
+        """The style excerpts of ``codes [B, K, T]`` (``excerpt``: from ``style_excerpt``, drawn when None) ->
+        ``(tokens [B, Ts, dim], penalty)``."""
         assert self.style is not None
         codec = self.codec
-        start, length = self.style.excerpt(codes.shape[-1], codec.frame_rate, train=train)
-        if train and codes.shape[-1] > length:
-            starts = torch.randint(0, codes.shape[-1] - length + 1, (codes.shape[0],)).tolist()
-        else:
-            starts = [start] * codes.shape[0]
-        excerpt = torch.stack([c[:, s:s + length] for c, s in zip(codes, starts)])
+        starts, length = excerpt or self.style_excerpt(codes, train)
+        cut = torch.stack([c[:, s:s + length] for c, s in zip(codes, starts)])
         piece = None
         if wav is not None:
             hop = codec.hop_length
             piece = torch.stack([w[:, s * hop:(s + length) * hop] for w, s in zip(wav, starts)])
-        feats, _ = self.style_features(excerpt, piece)
+        feats, _ = self.style_features(cut, piece)
         return self.style(feats)
 
     def prefix(self, style: Tensor | None, melody: Tensor | None, text: Tensor | None = None) -> Tensor | None:

@@ -55,13 +55,15 @@ class StyleConditioner(nn.Module):
         q_dropout: in training, each batch uses a random number of codebooks in [1, n_q] (audiocraft's).
         null_tokens: tokens of the "no style" condition at generation; None = as many as an eval excerpt gives
             (ostinato trains with that), 1 for audiocraft imports (its null style is one zero token).
+        mask_excerpt: the LM loss leaves out the frames the excerpt was cut from (audiocraft's ``compute_mask``),
+            so that the LM cannot learn to copy it.
     """
 
     def __init__(self, feature_dim: int, dim: int, width: int = 512, num_layers: int = 8, num_heads: int = 8,
                  n_q: int = 6, card: int = 1024, eval_q: int = 3, downsample: int = 15,
                  excerpt_seconds: tuple[float, float] = (1.5, 4.5), eval_excerpt_seconds: float = 3.0,
                  commitment_weight: float = 1.0, norm_bias: bool = False, q_dropout: bool = False,
-                 null_tokens: int | None = None) -> None:
+                 null_tokens: int | None = None, mask_excerpt: bool = False) -> None:
         super().__init__()
         if n_q < 1:
             raise ValueError(f"n_q must be >= 1, got {n_q}")
@@ -82,7 +84,7 @@ class StyleConditioner(nn.Module):
             feature_dim=feature_dim, dim=dim, width=width, num_layers=num_layers, num_heads=num_heads, n_q=n_q,
             card=card, eval_q=eval_q, downsample=downsample, excerpt_seconds=(lo, hi),
             eval_excerpt_seconds=float(eval_excerpt_seconds), commitment_weight=commitment_weight,
-            norm_bias=norm_bias, q_dropout=q_dropout, null_tokens=null_tokens)
+            norm_bias=norm_bias, q_dropout=q_dropout, null_tokens=null_tokens, mask_excerpt=mask_excerpt)
         self.feature_dim = feature_dim
         self.dim = dim
         self.width = width
@@ -92,6 +94,7 @@ class StyleConditioner(nn.Module):
         self.excerpt_seconds = (lo, hi)
         self.eval_excerpt_seconds = float(eval_excerpt_seconds)
         self.null_tokens = null_tokens
+        self.mask_excerpt = bool(mask_excerpt)
 
         self.input_proj = nn.Linear(feature_dim, width)
         layer = nn.TransformerEncoderLayer(width, num_heads, dim_feedforward=4 * width, dropout=0.0,
