@@ -209,6 +209,45 @@ def test_audiocraft_melody_matched_to_the_segment_length(t5: Path, hf_import, tm
     assert torch.equal(ours_greedy(model, 6, 3.0), theirs)
 
 
+@pytest.mark.parametrize("audiocraft_melody", ["melody"], indirect=True)
+def test_generate_takes_the_whole_melody_as_audiocraft_does(audiocraft_melody) -> None:
+    """One window: audiocraft's generate_with_chroma prepends the chroma of the whole melody (0.9 s here), not the
+    part under the 0.06 s output."""
+    from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout, ConditioningAttributes, WavCondition
+
+    from ostinato.generation.request import AudioInput
+
+    lm, _, result, _ = audiocraft_melody
+    model = ostinato.load(result.out)
+    tune = MELODIES[0]
+    attrs = []
+    for text in TEXTS[:2]:
+        attr = ConditioningAttributes(text={"description": text})
+        attr.wav["self_wav"] = WavCondition(tune[None], torch.tensor([tune.shape[-1]]), [SR], [None], [None])
+        attrs.append(attr)
+    with torch.no_grad():
+        theirs = lm.generate(conditions=attrs, max_gen_len=6, use_sampling=False, cfg_coef=3.0, two_step_cfg=False)
+        expected = model.codec.decode(theirs)[..., :round(0.06 * SR)]
+    prefixes, forward = [], model.lm.forward
+
+    def spy(*args, **kwargs):  # the prefix the LM reads (its first, prefilling call)
+        if kwargs.get("prefix") is not None:
+            prefixes.append(kwargs["prefix"])
+        return forward(*args, **kwargs)
+
+    model.lm.forward = spy
+    params = GenerationParams(temperature=0.0, cfg_scale=3.0, backend="cache")
+    wav = model.generate(TEXTS[:2], 0.06, melody=AudioInput(tune, SR), params=params)
+    assert wav.shape == expected.shape and torch.allclose(wav, expected, atol=1e-6)
+    provider = lm.condition_provider
+    with torch.no_grad():
+        null = ClassifierFreeGuidanceDropout(p=1.0)(attrs)
+        tensors = provider(provider.tokenize(attrs + null))  # the conditional rows, then CFG's null ones
+        ref, _ = lm.fuser(torch.zeros(4, 0, model.cfg.dim), tensors)
+    assert tensors["self_wav"][0].shape[1] == 8  # the whole melody's chroma frames
+    assert prefixes[0].shape == ref.shape and (prefixes[0] - ref).abs().max().item() <= 1e-5
+
+
 def decoded_batch(codec, n_q: int = 4, n_frames: int = 30, seed: int = 3):
     """A token batch of 3 items (the last one shorter) and its audio as the family decodes it."""
     from ostinato.data.token_datamodule import TokenBatch

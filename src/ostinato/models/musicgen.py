@@ -13,7 +13,8 @@ submodule: not trained, not in the state dict.
 Long outputs: ``LongForm("window", ...)`` is audiocraft's sliding window (each new window is prompted with the last
 ``window - stride`` seconds); ``LongForm("chain", ...)`` is UnlimitedMusicGen's chaining of independent segments
 joined by a crossfade over their shared ``overlap``. In both, the melody prefix of every window is the part of the
-melody (looped when shorter than the output) under that window, as in training.
+melody (looped when shorter than the output) under that window, as in training; an import of audiocraft's chroma
+(``melody.chroma: audiocraft``) follows audiocraft's ``generate_with_chroma`` instead (``_audiocraft_melody``).
 """
 from __future__ import annotations
 
@@ -464,9 +465,10 @@ class MusicGen(nn.Module):
         chroma = self.melody.features(melody.wav[None].float().to(self.device), int(melody.sample_rate))
         return self.fit_chroma(chroma, need)
 
-    def _melody_prefix(self, melody: AudioRef | Sequence[AudioRef] | None, b: int,
-                       total_frames: int) -> Callable[[int, int], Tensor] | None:
-        """``(start frame, frames) -> [B, P, dim]``: the melody tokens under a window."""
+    def _melody_prefix(self, melody: AudioRef | Sequence[AudioRef] | None, b: int, total_frames: int,
+                       one_window: bool = True) -> Callable[[int, int], Tensor] | None:
+        """``(start frame, frames) -> [B, P, dim]``: the melody tokens under a window (audiocraft's windows for
+        its chroma: ``_audiocraft_melody``)."""
         if self.melody is None:
             if melody is not None:
                 raise ValueError("--melody given, but this model has no melody conditioner (family.melody)")
@@ -478,11 +480,32 @@ class MusicGen(nn.Module):
         melodies = list(melody) if isinstance(melody, Sequence) else [melody]
         if len(melodies) not in (1, b):
             raise ValueError(f"{len(melodies)} melodies for {b} prompts: give one melody, or one per prompt")
+        if mel.chroma == "audiocraft":
+            return self._audiocraft_melody(melodies, b, one_window)
         chroma = torch.cat([self._melody_chroma(m, need) for m in melodies]).expand(b, -1, -1)
 
         def window(start: int, n: int) -> Tensor:
             first = round(start / fr * mel.frame_rate)
             return mel(chroma[:, first:first + self.melody_frames(n, fr)])
+
+        return window
+
+    def _audiocraft_melody(self, melodies: Sequence[AudioRef], b: int,
+                           one_window: bool) -> Callable[[int, int], Tensor]:
+        """audiocraft's ``generate_with_chroma``: an output of one window takes the chroma of the whole melody (any
+        length, masked past each one's end); past one window, each window takes the melody's waveform looped from
+        the window's start for the window's length."""
+        fr, mel = float(self.codec.frame_rate), self.melody
+        assert mel is not None
+        wavs = [_at(m, mel.sample_rate, 1)[0] for m in melodies]  # [1, T] each
+
+        def window(start: int, n: int) -> Tensor:
+            pieces = wavs
+            if not one_window:
+                first, length = int(start / fr * mel.sample_rate), int(n / fr * mel.sample_rate)
+                pieces = [w[:, torch.arange(first, first + length) % w.shape[-1]] for w in wavs]
+            chroma = mel.batch_features(pieces, mel.sample_rate)
+            return mel(chroma).expand(b, -1, -1)
 
         return window
 
@@ -510,7 +533,8 @@ class MusicGen(nn.Module):
         null_mask = self.null_mask(mask)
         text_tokens = self.text_tokens(list(descriptions))
         style_tokens = self._style_prefix(style, b)
-        melody_fn = self._melody_prefix(melody, b, frames)
+        one_window = long_form.window is None or round(long_form.window * fr) >= frames
+        melody_fn = self._melody_prefix(melody, b, frames, one_window)
         prefix = None
         if style_tokens is not None or melody_fn is not None or text_tokens is not None:
             def prefix(start: int, n: int) -> Tensor | tuple[Tensor, ...]:
