@@ -283,6 +283,15 @@ def test_finetuning_an_audiocraft_melody_import_prepends_like_audiocraft(audiocr
         tensors = lm.condition_provider(lm.condition_provider.tokenize(attrs))
         ref, _ = lm.fuser(torch.zeros(3, 0, size["dim"]), tensors)  # the prefix audiocraft prepends
     assert c.prefix.shape == ref.shape and (c.prefix - ref).abs().max().item() <= 1e-5
+    # the loss: audiocraft's solver cross-entropy per codebook (its mask: the batch's padding, the pattern's steps)
+    from audiocraft.solvers.musicgen import MusicGenSolver
+
+    padding = torch.arange(batch.codes.shape[-1])[None, None, :] < batch.lengths[:, None, None]
+    with torch.no_grad():
+        pred = lm.compute_predictions(batch.codes, attrs)
+        _, theirs = MusicGenSolver._compute_cross_entropy(None, pred.logits, batch.codes, padding & pred.mask)
+        ours, _ = family.compute_losses(batch.codes, batch.lengths, c.cond, c.mask, c.prefix)
+    assert (ours - torch.stack(theirs)).abs().max().item() <= 1e-4  # of losses ~40 (sharpened heads)
     loss = family.losses(batch, train=True).mean()
     loss.backward()
     assert torch.isfinite(loss) and family.model.melody.proj.weight.grad.abs().sum() > 0
