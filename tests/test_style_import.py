@@ -516,3 +516,17 @@ def test_a_reference_at_another_rate_is_resampled_as_audiocraft_does(ac_style, r
     with torch.no_grad():
         tokens = model._style_prefix(AudioInput(wav44[0], 44100), 1)
     assert tokens.shape == want.shape and (tokens - want).abs().max() <= 1e-4
+
+
+def test_a_moved_import_finds_its_style_encoder(ac_style, tmp_path: Path) -> None:
+    import shutil
+
+    import ostinato
+
+    _, out, _ = ac_style
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    recorded = (moved / "config.yaml").read_text()
+    assert "features: style_encoder" in recorded and str(out) not in recorded  # relative to the folder
+    model = ostinato.load(moved)
+    assert Path(model.style_source) == moved / "style_encoder"
