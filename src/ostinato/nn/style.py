@@ -36,7 +36,7 @@ from ostinato.nn.resample import resample, resample_audiocraft
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.transformer import sinusoidal_embedding
 
-__all__ = ["StyleConditioner", "HFAudioFeatures", "codec_latent_features"]
+__all__ = ["StyleConditioner", "HFAudioFeatures", "codec_latent_features", "mert_hubert_config", "MERT_MODEL_TYPE"]
 
 
 class StyleConditioner(nn.Module):
