@@ -301,25 +301,30 @@ def test_finetuning_an_audiocraft_melody_import_prepends_like_audiocraft(audiocr
 # -- transformers ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_melody(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny random MusicgenMelodyForConditionalGeneration (T5 32 wide, EnCodec 32 kHz 4 x 64, decoder 48 wide,
-    chroma_length 11) saved with its feature extractor and the MiniLM tokenizer."""
+    return build_hf_melody(tmp_path_factory.mktemp("hf_melody"))
+
+
+def build_hf_melody(folder: Path, channels: int = 1):
+    """A tiny random MusicgenMelodyForConditionalGeneration (T5 32 wide, EnCodec 32 kHz 4 x 64, decoder 48 wide
+    over 4 codebooks per channel, chroma_length 11) saved in ``folder`` with its feature extractor and the MiniLM
+    tokenizer."""
     from transformers import (EncodecConfig, MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
                               MusicgenMelodyFeatureExtractor, MusicgenMelodyForConditionalGeneration)
 
-    torch.manual_seed(0)
+    torch.manual_seed(channels)
     codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],
                           codebook_size=CARD, hidden_size=16, codebook_dim=16, num_lstm_layers=1,
                           target_bandwidths=[2.56], use_causal_conv=False, normalize=False)
-    decoder = MusicgenMelodyDecoderConfig(num_codebooks=4, vocab_size=CARD, hidden_size=48, num_attention_heads=4,
-                                          num_hidden_layers=2, ffn_dim=96, max_position_embeddings=256,
-                                          dropout=0.0, pad_token_id=CARD, bos_token_id=CARD)
+    decoder = MusicgenMelodyDecoderConfig(num_codebooks=4 * channels, vocab_size=CARD, hidden_size=48,
+                                          num_attention_heads=4, num_hidden_layers=2, ffn_dim=96,
+                                          max_position_embeddings=256, dropout=0.0, pad_token_id=CARD,
+                                          bos_token_id=CARD, audio_channels=channels)
     config = MusicgenMelodyConfig(text_encoder=t5_config().to_dict(), audio_encoder=codec.to_dict(),
                                   decoder=decoder.to_dict(), chroma_length=11)
     model = MusicgenMelodyForConditionalGeneration(config).eval()
     with torch.no_grad():
         for head in model.decoder.lm_heads:
             head.weight.mul_(20)
-    folder = tmp_path_factory.mktemp("hf_melody")
     model.save_pretrained(folder)
     features = MusicgenMelodyFeatureExtractor(sampling_rate=SR)
     features.save_pretrained(folder)
@@ -342,7 +347,8 @@ def hf_import(hf_melody, tmp_path_factory: pytest.TempPathFactory):
     return import_musicgen(folder, tmp_path_factory.mktemp("hf_import") / "import")
 
 
-def hf_greedy(model, inputs: dict[str, torch.Tensor], n_frames: int, cfg: float) -> torch.Tensor:
+def hf_greedy(model, inputs: dict[str, torch.Tensor], n_frames: int, cfg: float,
+              pattern: DelayPattern | None = None) -> torch.Tensor:
     """transformers' own conditional (+ null, for CFG) prefix rows, decoded step by step without a cache."""
     from transformers import GenerationConfig
 
@@ -351,8 +357,8 @@ def hf_greedy(model, inputs: dict[str, torch.Tensor], n_frames: int, cfg: float)
                               "input_features": inputs["input_features"]}, "input_ids",
         GenerationConfig(guidance_scale=cfg))
     states = kwargs["encoder_hidden_states"]
-    b, k = inputs["input_ids"].shape[0], 4
-    pattern = DelayPattern(k)
+    pattern = pattern or DelayPattern(4)
+    b, k = inputs["input_ids"].shape[0], pattern.n_q
     valid = pattern.valid_mask(n_frames)
     seq = torch.full((b, k, pattern.max_steps(n_frames)), CARD)
     for step in range(seq.shape[-1] - 1):
@@ -387,6 +393,26 @@ def test_transformers_melody_import_matches(hf_melody, hf_import) -> None:
         mine, theirs = ours_greedy(ours_model, 6, cfg), hf_greedy(model, inputs, 6, cfg)
         assert torch.equal(mine, theirs) and len(torch.unique(mine)) > 3, cfg
         assert torch.equal(ours_greedy(ours_model, 6, cfg, backend="static"), theirs)
+
+
+def test_transformers_stereo_melody_import_matches(tmp_path: Path) -> None:
+    """musicgen-stereo-melody: 8 codebooks (L/R interleaved, delays 0,0,1,1,2,2,3,3) over the mono EnCodec."""
+    from ostinato.nn.patterns import stereo_delays
+
+    model, features, folder = build_hf_melody(tmp_path / "src", channels=2)
+    result = import_musicgen(folder, tmp_path / "import")
+    ours = ostinato.load(result.out)
+    assert ours.pattern.delays == stereo_delays(4) == [0, 0, 1, 1, 2, 2, 3, 3] and ours.codec.channels == 2
+    inputs = hf_inputs(features)
+    seq = delay_seq(8, stereo_delays(4))
+    b, k, s = seq.shape
+    with torch.no_grad():
+        ref = model(**inputs, decoder_input_ids=seq.reshape(b * k, s)).logits.reshape(b, k, -1, CARD)[:, :, -s:]
+        assert (ours.lm(seq, prefix=prefix_of(ours)) - ref).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):
+        mine = ours_greedy(ours, 6, cfg)
+        assert torch.equal(mine, hf_greedy(model, inputs, 6, cfg, DelayPattern(8, stereo_delays(4)))), cfg
+        assert len(torch.unique(mine)) > 3
 
 
 def test_generate_with_a_melody_file_from_an_import(hf_melody, hf_import, tmp_path: Path) -> None:
