@@ -50,6 +50,11 @@ def melody(seconds: float, notes: list[int], sr: int = SR) -> torch.Tensor:
 MELODIES = [melody(s, n) for s, n in NOTES]
 
 
+def noise(seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
+    """``[1, T]`` white noise: its chroma is full of near-ties, which tell resamplers apart."""
+    return 0.1 * torch.randn(1, round(seconds * sr), generator=torch.Generator().manual_seed(seed))
+
+
 def copy_tokenizer(dst: Path) -> None:
     """The MiniLM tokenizer (the only one offline; the tiny T5's vocabulary is its size)."""
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
@@ -168,6 +173,17 @@ def test_audiocraft_melody_chroma_equals_its_chroma_extractor(audiocraft_melody)
     assert chroma.sum(-1).tolist() == [1.0] * 8 and chroma.argmax(-1).tolist()[::2] == [0, 4, 7, 0]  # C E G C
     exact = model.melody.features(torch.randn(1, 1, 6 * 4096), SR)[0]  # T // hop + 1 frames, the last masked
     assert exact.sum(-1).tolist() == [1.0] * 6 + [0.0]
+    # a 48 kHz melody: audiocraft's generate_with_chroma resamples it with its convert_audio (julius)
+    from audiocraft.data.audio_utils import convert_audio
+    from audiocraft.modules.conditioners import WavCondition
+
+    tune = noise(0.9, 48000)  # near-ties between pitch classes: another resampler flips some frames
+    at_sr = convert_audio(tune[None], 48000, SR, 1)
+    cond = WavCondition(at_sr, torch.tensor([at_sr.shape[-1]]), [SR], [None], [None])
+    with torch.no_grad():
+        ref, _ = provider.conditioners["self_wav"](provider.conditioners["self_wav"].tokenize(cond))
+        ours = model.melody(model.melody.batch_features([tune], 48000))
+    assert (ours - ref).abs().max().item() <= 1e-5
 
 
 def test_audiocraft_melody_logits_and_greedy_tokens_match(audiocraft_melody) -> None:
@@ -383,6 +399,11 @@ def test_transformers_melody_import_matches(hf_melody, hf_import) -> None:
     ours_model = ostinato.load(hf_import.out)
     inputs = hf_inputs(features)
     assert torch.equal(ours_model.melody.batch_features(MELODIES, SR), inputs["input_features"])
+    at_48k = [noise(s, 48000, seed=i) for i, (s, _) in enumerate(NOTES)]  # resampled as its extractor does
+    longest = max(w.shape[-1] for w in at_48k)  # it resamples a batch tensor (zero-padded to the longest)
+    batch = torch.stack([torch.nn.functional.pad(w[0], (0, longest - w.shape[-1])) for w in at_48k])
+    theirs = features(batch, sampling_rate=48000, return_tensors="pt")["input_features"]
+    assert torch.equal(ours_model.melody.batch_features(at_48k, 48000), theirs)
     seq = delay_seq(4, [0, 1, 2, 3])
     b, k, s = seq.shape
     with torch.no_grad():

@@ -497,7 +497,7 @@ class MusicGen(nn.Module):
         the window's start for the window's length."""
         fr, mel = float(self.codec.frame_rate), self.melody
         assert mel is not None
-        wavs = [_at(m, mel.sample_rate, 1)[0] for m in melodies]  # [1, T] each
+        wavs = [mel.resample(m.wav.float().mean(0, keepdim=True), int(m.sample_rate)) for m in melodies]  # [1, T]
 
         def window(start: int, n: int) -> Tensor:
             pieces = wavs

@@ -205,10 +205,8 @@ class MelodyConditioner(nn.Module):
         """
         ratio = 1.0
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
-            import torchaudio.functional as AF
-
             ratio = self.sample_rate / int(sample_rate)
-            wav = AF.resample(wav.float(), int(sample_rate), self.sample_rate)
+            wav = self.resample(wav.float(), int(sample_rate))
         if self.chroma == "ostinato":
             return chromagram(wav, self.sample_rate, self.hop_length, self.n_fft, argmax=self.argmax)
         chroma = source_chromagram(wav, self.sample_rate, self.hop_length, self.n_fft)
@@ -221,6 +219,20 @@ class MelodyConditioner(nn.Module):
             frame = torch.arange(chroma.shape[1], device=wav.device)
             chroma = chroma * (frame[None] < valid[:, None]).unsqueeze(-1).to(chroma.dtype)
         return chroma
+
+    def resample(self, wav: Tensor, sample_rate: int) -> Tensor:
+        """``[..., T]`` at ``sample_rate`` -> the analysis rate, with the source's resampler: audiocraft's
+        ``convert_audio`` (julius), transformers' feature extractor's (torchaudio, rolloff 0.945, 24 zero
+        crossings), else ostinato's."""
+        import torchaudio.functional as AF
+
+        from ostinato.nn.resample import resample, resample_audiocraft
+
+        if self.chroma == "audiocraft":
+            return resample_audiocraft(wav, sample_rate, self.sample_rate)
+        if self.chroma == "transformers":
+            return AF.resample(wav, sample_rate, self.sample_rate, rolloff=0.945, lowpass_filter_width=24)
+        return resample(wav, sample_rate, self.sample_rate)
 
     def batch_features(self, wavs: list[Tensor], sample_rate: int) -> Tensor:
         """Chroma ``[B, F, 12]`` of references ``[C, T_i]`` as the source computes a batch of them: zero-padded
