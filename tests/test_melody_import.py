@@ -517,3 +517,43 @@ def test_melody_imports_refuse_what_they_cannot_reproduce(hf_melody, audiocraft_
         MusicGen(n_q=4, card=CARD, lm={"preset": "tiny"}, text={"fuse": "prefix"})
     with pytest.raises(ValueError, match="family.melody.chroma='librosa': use one of ostinato, audiocraft"):
         MelodyConditioner(8, SR, chroma="librosa")
+
+
+# -- end to end: audiocraft's MusicGen.generate_with_chroma ------------------------------------------------------
+@pytest.fixture(scope="module")
+def audiocraft_musicgen(t5: Path, tmp_path_factory: pytest.TempPathFactory):
+    """audiocraft's whole melody MusicGen (its LM and EnCodec, random weights, max_duration 0.1 s) and the import of
+    its exported state_dict.bin + compression_state_dict.bin."""
+    audiocraft()
+    from audiocraft.models import builders
+    from audiocraft.models.musicgen import MusicGen as ACMusicGen
+
+    from tests.references import audiocraft_encodec_cfg, audiocraft_export_compression
+
+    folder = tmp_path_factory.mktemp("ac_musicgen")
+    codec_cfg = audiocraft_encodec_cfg(n_q=4, bins=CARD, dimension=16, n_filters=4, lstm=1)
+    torch.manual_seed(5)
+    codec = builders.get_compression_model(codec_cfg).eval()
+    audiocraft_export_compression(codec, codec_cfg, folder / "compression_state_dict.bin")
+    cfg = audiocraft_lm_cfg("chroma", card=CARD, sample_rate=SR, **SIZES["melody"])
+    lm, src, result = audiocraft_import(cfg, t5, folder, str(folder / "compression_state_dict.bin"))
+    ac = ACMusicGen("melody-test", codec, lm, max_duration=30.0)  # its constructor checks its 18 s default stride
+    ac.max_duration = 0.1  # the window: 10 frames at 100 Hz
+    return ac, result
+
+
+@pytest.mark.parametrize("duration", [0.08, 0.25])  # one window; three windows of 0.1 s sliding by 0.05 s
+def test_generation_equals_audiocraft_generate_with_chroma(audiocraft_musicgen, duration: float) -> None:
+    from ostinato.generation.request import AudioInput
+    from ostinato.models.musicgen import LongForm
+
+    ac, result = audiocraft_musicgen
+    model = ostinato.load(result.out)
+    tune = MELODIES[0]
+    ac.set_generation_params(use_sampling=False, duration=duration, cfg_coef=3.0, extend_stride=0.05)
+    with torch.no_grad():
+        theirs = ac.generate_with_chroma(TEXTS[:2], tune[None].expand(2, -1, -1), SR)
+    params = GenerationParams(temperature=0.0, cfg_scale=3.0, backend="cache")
+    ours = model.generate(TEXTS[:2], duration, melody=AudioInput(tune, SR), params=params,
+                          long_form=LongForm("window", window=0.1, stride=0.05))
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() <= 1e-5
