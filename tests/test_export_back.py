@@ -350,6 +350,15 @@ def test_a_lora_run_exports_with_its_adapters_merged(hf_mono, tmp_path: Path, ca
     assert exit_info.value.code == 2 and "--lora keep --format audiocraft" in capsys.readouterr().err
 
 
+def test_an_import_folder_exports_as_it_is(hf_mono, tmp_path: Path) -> None:
+    export, _ = hf_mono
+    imported = ostinato.load(export)
+    out = tmp_path / "hf"
+    main(["export", str(export), str(out), "--format", "transformers"])
+    seq = codes_seq(imported.pattern)
+    assert (ours(imported, seq) - hf_logits(from_pretrained(out), tokens_of(out), seq)).abs().max().item() <= 1e-4
+
+
 def tokens_of(out: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer
 

@@ -592,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_encode)
 
     e = verbs.add_parser("export", help="write an XP's EMA weights as safetensors + config for ostinato.load")
-    e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file")
+    e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file (with --format also an "
+                               "export or import folder)")
     e.add_argument("out", help="output folder")
     e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     e.add_argument("--overwrite", action="store_true", help="replace an OUT that already holds files")
