@@ -97,6 +97,9 @@ class ImportResult:
             lines.append(f"  {TEXT_DIR}/      frozen text encoder + tokenizer")
         if f.get("style"):
             lines.append(f"  {STYLE_DIR}/     frozen MERT of the style conditioner (generate --style REF.wav)")
+        if f.get("melody"):
+            lines.append(f"  melody             the {f['melody']['chroma']} chroma of the whole melody (no demucs "
+                         "stems), prepended before the text (generate --melody TUNE.wav)")
         codec = f["codec"]
         if codec and Path(codec).is_relative_to(self.out):
             from ostinato.interop.codecs import STEREO_FILE
@@ -123,7 +126,8 @@ class ImportResult:
                  "  (family.cfg_dropout=..., family.lm.dropout=..., family.lm.checkpointing=true adjust it)",
                  "generate with it:",
                  f"  ostinato generate --model {out} --codec {codec} --prompt \"...\" --out samples"
-                 + (" --style REF.wav [--cfg-beta 5]" if f.get("style") else "")]
+                 + (" --style REF.wav [--cfg-beta 5]" if f.get("style") else "")
+                 + (" --melody TUNE.wav" if f.get("melody") else "")]
         if not f["codec"]:
             lines.insert(0, "no codec recorded (pass --codec REF to ostinato import): CODEC = the codec whose "
                             f"codes this LM models ({f['n_q']} x {f['card']})")
