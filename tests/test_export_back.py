@@ -399,6 +399,15 @@ def test_export_refuses_what_a_format_cannot_hold(hf_mono, tmp_path: Path, capsy
         with pytest.raises(UserError, match="melody.chroma=ostinato"):
             export_musicgen(own_chroma, tmp_path / "chroma", fmt)
 
+    from ostinato.models.dac import DACCodec
+
+    on_dac = MusicGen(**base)
+    on_dac.attach_codec(DACCodec.build(sample_rate=16000, encoder_dim=4, encoder_rates=[2, 4], decoder_dim=8,
+                                       decoder_rates=[4, 2], n_q=K, card=CARD, codebook_dim=4))
+    for fmt in ("transformers", "audiocraft"):
+        with pytest.raises(UserError, match="the codec is a dac codec, not an EnCodec"):
+            export_musicgen(on_dac, tmp_path / "dac", fmt, t5_name="t5-base")
+
     codec = tmp_path / "codec"  # another family's export
     codec.mkdir()
     save_file({}, str(codec / "model.safetensors"))

@@ -212,7 +212,12 @@ def _codec(model: MusicGen, fmt: str) -> tuple[Codec, int]:
     except ValueError as e:
         raise UserError(f"--format {fmt}: the MusicGen has no usable codec ({str(e).splitlines()[0]}); the export "
                         "writes it too: record one at import (--codec) or train on token shards that name it") from e
-    if isinstance(codec, InterleavedStereoCodec):
+    stereo = isinstance(codec, InterleavedStereoCodec)
+    mono = codec.mono if stereo else codec
+    architecture = mono.config.get("architecture", "seanet")
+    _refuse_unless(architecture == "seanet", fmt, f"the codec is a {architecture} codec, not an EnCodec: {fmt}'s "
+                                                  "MusicGen files hold an EnCodec; keep ostinato's export")
+    if stereo:
         return codec.mono, 2
     _refuse_unless(int(codec.channels) == 1, fmt, f"a {codec.channels}-channel codec: {fmt}'s stereo MusicGens "
                                                   "interleave the codebooks of a mono codec run on each channel")
