@@ -559,3 +559,24 @@ def test_generation_equals_audiocraft_generate_with_chroma(audiocraft_musicgen, 
     ours = model.generate(TEXTS[:2], duration, melody=AudioInput(tune, SR), params=params,
                           long_form=LongForm("window", window=0.1, stride=0.05))
     assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_lora_on_a_melody_import_trains_adapters_from_its_loss(hf_import) -> None:
+    """``family.lora`` on a melody import: the adapters start at the import's loss (zero-initialised) and are the
+    only trained tensors; the chroma and text projections stay the import's."""
+    from ostinato.families.musicgen import ImportedMusicGenFamily
+
+    base = ImportedMusicGenFamily(export=str(hf_import.out))
+    tuned = ImportedMusicGenFamily(export=str(hf_import.out), lora={"rank": 4})
+    for family in (base, tuned):
+        load_weights(family, hf_import.out)
+        family.eval()
+    batch, _ = decoded_batch(base.model.codec)
+    with torch.no_grad():
+        assert (tuned.losses(batch, train=False) - base.losses(batch, train=False)).abs().max().item() <= 1e-5
+    tuned.train()
+    tuned.losses(batch, train=True).mean().backward()
+    trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained) and all(p.grad is not None for n, p in
+                                                                     tuned.named_parameters() if n in trained)
+    assert tuned.model.melody.proj.weight.grad is None and tuned.model.text.proj.weight.grad is None
