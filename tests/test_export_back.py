@@ -451,6 +451,20 @@ def melody_prefix(model: MusicGen) -> torch.Tensor:
     return model.prefix(None, model.melody(chroma), model.text_tokens(TEXTS))
 
 
+def melody_greedy(model: MusicGen, frames: int, cfg: float) -> torch.Tensor:
+    """``[3, K, frames]``: ostinato's greedy decoding under ``melody_prefix``; the null rows of CFG are zeros, or
+    for a transformers chroma its null melody (pitch class C) before zero text states."""
+    prefix = melody_prefix(model)
+    params = GenerationParams(temperature=0.0, cfg_scale=cfg, backend="cache")
+    rows = prefix
+    if model.melody.chroma == "transformers":
+        null = model.prefix(None, model.melody(model.melody.null(3, model.melody.frames)),
+                            torch.zeros_like(model.text_tokens(TEXTS)))
+        rows = lambda start, n: (prefix, null)  # noqa: E731
+    with torch.no_grad():
+        return generate(model.lm, model.pattern, frames, params=params, batch_size=3, prefix=rows)
+
+
 def melody_logits(model: MusicGen, seq: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.lm(seq, prefix=melody_prefix(model))
@@ -511,6 +525,8 @@ def ac_melody_tuned(request, sources: Path, local_t5, encodec32: Path, tmp_path_
 
 def test_audiocraft_loads_the_melody_export_of_a_finetuned_import(ac_melody_tuned, tmp_path: Path,
                                                                    capsys) -> None:
+    from audiocraft.models import loaders
+
     export, ckpt = ac_melody_tuned
     tuned = ostinato.load(ckpt)
     assert tuned.melody.chroma == "audiocraft" and tuned.text_prefix
@@ -524,6 +540,13 @@ def test_audiocraft_loads_the_melody_export_of_a_finetuned_import(ac_melody_tune
     theirs = audiocraft_melody_logits(out, seq)
     assert theirs.shape == (3, tuned.n_q, seq.shape[-1], CARD)
     assert (melody_logits(tuned, seq) - theirs).abs().max().item() <= 1e-4
+    reference = loaders.load_lm_model(out / "state_dict.bin")  # (get_pretrained makes any chroma match_len)
+    for cfg in (1.0, 3.0):
+        with torch.no_grad():
+            want = reference.generate(conditions=audiocraft_melody_attributes(), max_gen_len=6, use_sampling=False,
+                                       cfg_coef=cfg, two_step_cfg=False)
+        got = melody_greedy(tuned, 6, cfg)
+        assert torch.equal(got, want) and len(torch.unique(got)) > 3, cfg
     again = tmp_path / "again"
     import_musicgen(out / "state_dict.bin", again, text_encoder=Path(tuned.text.model_path))
     assert_same_tensors(again, tuned)
@@ -583,6 +606,15 @@ def test_transformers_and_audiocraft_load_the_melody_export_of_a_finetuned_impor
                            decoder_input_ids=seq.reshape(b * k, s)).logits.reshape(b, k, -1, CARD)[:, :, -s:]
     ours = melody_logits(tuned, seq)
     assert (ours - theirs).abs().max().item() <= 1e-4
+    for cfg in (1.0, 3.0):  # transformers' generate with the exported generation config
+        with torch.no_grad():
+            want = reference.generate(**tokens_of(out), input_features=chroma["input_features"], do_sample=False,
+                                      guidance_scale=cfg, max_new_tokens=8)
+        codes = melody_greedy(tuned, want.shape[-1] // tuned.codec.hop_length, cfg)
+        assert len(torch.unique(codes)) > 3
+        with torch.no_grad():
+            wav = tuned.codec.decode(codes)
+        assert wav.shape == want.shape and (wav - want).abs().max().item() <= 1e-5, cfg
     again = tmp_path / "again"
     import_musicgen(out, again)
     assert_same_tensors(again, tuned)
