@@ -212,9 +212,11 @@ def test_audiocraft_melody_matched_to_the_segment_length(t5: Path, hf_import, tm
     cfg = audiocraft_lm_cfg("chroma", card=CARD, sample_rate=SR, **SIZES["melody"])
     cfg.conditioners.self_wav.chroma_stem.match_len_on_eval = True
     cfg.dataset.segment_duration = 2.0
+    cfg.attribute_dropout = {"args": {"active_on_eval": False}, "text": {}, "wav": {"self_wav": 0.5}}  # the yaml's
     lm, _, result = audiocraft_import(cfg, t5, tmp_path, str(hf_import.out / "codec"))
     model = ostinato.load(result.out)
     assert (model.melody.chroma, model.melody.frames) == ("transformers", 2 * SR // 4096 + 1)
+    assert model_melody(result.out)["dropout"] == 0.5  # fine-tuning leaves the melody out as audiocraft trained
     seq = delay_seq(4, [0, 1, 2, 3])
     with torch.no_grad():
         ref = lm(seq, audiocraft_attributes())
@@ -580,3 +582,8 @@ def test_lora_on_a_melody_import_trains_adapters_from_its_loss(hf_import) -> Non
     assert trained and all(".lora_" in n for n in trained) and all(p.grad is not None for n, p in
                                                                      tuned.named_parameters() if n in trained)
     assert tuned.model.melody.proj.weight.grad is None and tuned.model.text.proj.weight.grad is None
+
+
+def model_melody(export: Path) -> dict:
+    """The ``melody`` section an import's config.yaml records."""
+    return yaml.safe_load((export / "config.yaml").read_text())["family"]["melody"]

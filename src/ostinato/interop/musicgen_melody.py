@@ -69,8 +69,10 @@ def audiocraft_melody(cfg: Mapping[str, Any]) -> dict[str, Any]:
     sample_rate = int(stem.get("sample_rate") or cfg.get("sample_rate") or 32000)
     n_fft = 2 ** int(stem.get("radix2_exp", 12))
     hop = n_fft // 4
+    # the training recipe's attribute dropout of the melody alone (chroma2music.yaml: 0.5), for fine-tuning
+    dropout = float(((cfg.get("attribute_dropout") or {}).get("wav") or {}).get("self_wav", 0.0))
     melody: dict[str, Any] = {"sample_rate": sample_rate, "hop_seconds": hop / sample_rate, "n_fft": n_fft,
-                              "chroma": "audiocraft", "stems": "mix", "dropout": 0.0}
+                              "chroma": "audiocraft", "stems": "mix", "dropout": dropout}
     if stem.get("match_len_on_eval", True):  # looped or cut to the training segment's frames, no mask, null C
         duration = float((cfg.get("dataset") or {}).get("segment_duration") or 30.0)
         melody.update(chroma="transformers", frames=max(int(sample_rate * duration), n_fft) // hop + 1)
