@@ -359,6 +359,32 @@ def test_an_import_folder_exports_as_it_is(hf_mono, tmp_path: Path) -> None:
     assert (ours(imported, seq) - hf_logits(from_pretrained(out), tokens_of(out), seq)).abs().max().item() <= 1e-4
 
 
+def test_a_decoder_only_import_exports_as_a_causal_lm(hf_mono, tmp_path: Path, capsys) -> None:
+    """A ``MusicgenForCausalLM`` import (no text) goes back as that decoder folder; audiocraft has no such model."""
+    from transformers import MusicgenForCausalLM, MusicgenForConditionalGeneration
+
+    export, _ = hf_mono
+    MusicgenForConditionalGeneration.from_pretrained(export.parent / "hf").decoder.save_pretrained(tmp_path / "dec")
+    causal = import_musicgen(tmp_path / "dec", tmp_path / "causal", codec=str(export / "codec")).out
+    model = ostinato.load(causal)
+    assert model.text is None
+    out = tmp_path / "hf"
+    main(["export", str(causal), str(out), "--format", "transformers"])
+    reference, info = MusicgenForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert reference.generation_config.decoder_start_token_id == CARD
+    seq = codes_seq(model.pattern)
+    with torch.no_grad():
+        theirs = reference.eval()(input_ids=seq.reshape(-1, seq.shape[-1])).logits.reshape(*seq.shape, CARD)
+        assert (model.lm(seq) - theirs).abs().max().item() <= 1e-4
+    again = import_musicgen(out, tmp_path / "again", codec=str(export / "codec")).out
+    mine, theirs_state = model.state_dict(), ostinato.load(again).state_dict()
+    assert set(mine) == set(theirs_state) and all(torch.equal(v, theirs_state[k]) for k, v in mine.items())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(causal), str(tmp_path / "ac"), "--format", "audiocraft"])
+    assert exit_info.value.code == 2 and "no text conditioner" in capsys.readouterr().err
+
+
 def tokens_of(out: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer
 

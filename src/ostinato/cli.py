@@ -193,7 +193,7 @@ def _export(args: argparse.Namespace) -> None:
     weights = "adapter/" if (out / "adapter").is_dir() else "model.safetensors"
     files = {"ostinato": f"{weights}, config.yaml, export.json",
              "audiocraft": "state_dict.bin, compression_state_dict.bin: audiocraft's MusicGen.get_pretrained(OUT)",
-             "transformers": "MusicgenForConditionalGeneration.from_pretrained(OUT)"}[args.format]
+             "transformers": "a transformers MusicGen folder: from_pretrained(OUT)"}[args.format]
     print(f"exported {ref} -> {out} ({files})")
 
 

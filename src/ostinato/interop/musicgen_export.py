@@ -8,7 +8,8 @@
 
 ``export_musicgen(model, OUT, "transformers")`` writes a ``MusicgenForConditionalGeneration.save_pretrained``
 folder (decoder, the text encoder, the EnCodec as ``audio_encoder``, ``enc_to_dec_proj``, generation config) with
-the text encoder's tokenizer files. Both are built in ``OUT.tmp`` and renamed onto ``OUT`` when complete.
+the text encoder's tokenizer files (a MusicGen without text, a ``MusicgenForCausalLM`` import: that decoder folder
+alone). Both are built in ``OUT.tmp`` and renamed onto ``OUT`` when complete.
 
 Stereo (an ``InterleavedStereoCodec``): audiocraft's ``interleave_stereo_codebooks`` / transformers'
 ``audio_channels: 2``, both over the mono EnCodec. MusicGen-melody (text prepended after the chroma): audiocraft's
@@ -128,8 +129,12 @@ def _check_model(model: MusicGen, fmt: str) -> None:
                                              + ("transformers has no MusicGen-Style" if fmt == "transformers" else
                                                 "its style conditioner is in no audiocraft release: 1.3.0 cannot "
                                                 "load it") + "); keep ostinato's export")
-    _refuse_unless(model.text is not None, fmt, "this MusicGen has no text conditioner (an unconditional LM); "
-                                                f"{fmt}'s text-to-music MusicGen needs one")
+    _refuse_unless(model.text is not None or fmt == "transformers", fmt, "this MusicGen has no text conditioner "
+                                                                         "(an unconditional LM); audiocraft's "
+                                                                         "text-to-music MusicGen needs one")
+    _refuse_unless(model.text is not None or cfg.cross_attention, fmt, "an LM without text and without "
+                                                                       "cross-attention layers: transformers' "
+                                                                       "MusicgenForCausalLM always has them")
     _refuse_unless(cfg.positional == "sin", fmt, f"lm.positional={cfg.positional}: {fmt}'s MusicGen has "
                                                  "sinusoidal positions only")
     _refuse_unless(cfg.cond_dim is None, fmt, f"lm.cond_dim={cfg.cond_dim}: {fmt}'s cross-attention reads "
@@ -339,24 +344,48 @@ def _transformers_classes(melody: bool) -> tuple[type, type, type]:
     return tf.MusicgenDecoderConfig, tf.MusicgenForCausalLM, tf.MusicgenForConditionalGeneration
 
 
+def _check_delays(model: MusicGen, channels: int) -> None:
+    n, delays = model.n_q, list(model.pattern.delays)
+    want = stereo_delays(n // 2) if channels == 2 else list(range(n))
+    _refuse_unless(delays == want, "transformers", f"delays {delays}: transformers' "
+                                                   f"{'stereo ' if channels == 2 else ''}MusicGen models the delays "
+                                                   f"{want} only")
+
+
+def _set_generation(model: MusicGen, generation: Any) -> None:
+    """The generation config: the special token ``card`` starts the decoder and pads; sampling with CFG 3."""
+    generation.decoder_start_token_id = generation.pad_token_id = generation.bos_token_id = model.card
+    generation.do_sample, generation.guidance_scale = True, 3.0
+    generation.max_length = 1500
+
+
+def _write_transformers_decoder(model: MusicGen, stage: Path) -> None:
+    """A MusicGen without text (a ``MusicgenForCausalLM`` import): transformers' decoder alone, as it came in."""
+    recorded = model.codec_ref is not None or "_codec" in model.__dict__
+    channels = _codec(model, "transformers")[1] if recorded else 1
+    _check_delays(model, channels)
+    decoder_config, decoder_class, _ = _transformers_classes(False)
+    decoder = decoder_class(decoder_config(**transformers_decoder_config(model, channels)))
+    decoder.load_state_dict(lm_state_to_transformers(model.lm.state_dict()), strict=True)
+    _set_generation(model, decoder.generation_config)
+    decoder.save_pretrained(stage)
+
+
 def _write_transformers(model: MusicGen, stage: Path) -> None:
     from transformers import EncodecConfig, EncodecModel
     from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
     from ostinato.interop.encodec import codec_to_transformers
 
-    assert model.text is not None
+    if model.text is None:
+        return _write_transformers_decoder(model, stage)
     encoder = model.text.__dict__["encoder"]
     model_type = encoder.config.model_type
     _refuse_unless(type(encoder).__name__ == MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(model_type), "transformers",
                    f"the text encoder {_text_folder(model)} ({type(encoder).__name__}) is not what transformers' "
                    "MusicGen builds for its config (AutoModelForTextEncoding)")
     codec, channels = _codec(model, "transformers")
-    n, delays = model.n_q, list(model.pattern.delays)
-    want = stereo_delays(n // 2) if channels == 2 else list(range(n))
-    _refuse_unless(delays == want, "transformers", f"delays {delays}: transformers' "
-                                                   f"{'stereo ' if channels == 2 else ''}MusicGen models the delays "
-                                                   f"{want} only")
+    _check_delays(model, channels)
     codec_cfg, codec_state = codec_to_transformers(codec)
     audio = EncodecModel(EncodecConfig(**codec_cfg))
     audio.load_state_dict(codec_state, strict=True)
@@ -375,10 +404,7 @@ def _write_transformers(model: MusicGen, stage: Path) -> None:
         full.enc_to_dec_proj.load_state_dict(proj.state_dict(), strict=True)
     if model.melody is not None:
         _melody_to_transformers(model, full, stage)
-    gen = full.generation_config
-    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = model.card
-    gen.do_sample, gen.guidance_scale = True, 3.0
-    gen.max_length = 1500
+    _set_generation(model, full.generation_config)
     full.config.decoder.pad_token_id = full.config.decoder.bos_token_id = model.card
     full.config.decoder.decoder_start_token_id = model.card
     full.config.pad_token_id = full.config.decoder_start_token_id = model.card
