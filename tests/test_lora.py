@@ -150,6 +150,11 @@ def test_export_merges_or_keeps_the_adapters(musicgen_run, tmp_path) -> None:
     assert json.loads((kept / "export.json").read_text())["base"] == str(musicgen_run["import"])
     from_kept = ostinato.load(kept)
     assert has_adapters(from_kept) and (logits(from_kept) - adapted).abs().max() <= 1e-6
+    from peft import PeftModel  # peft itself reads the adapter folder onto the base LM
+
+    base = ostinato.load(musicgen_run["import"])
+    base.lm = PeftModel.from_pretrained(base.lm, kept / "adapter").base_model.model
+    assert (logits(base) - adapted).abs().max() <= 1e-6
     back = export(folder, tmp_path / "back", format="transformers")  # the source's format, adapters merged in
     from transformers import MusicgenForConditionalGeneration
 
