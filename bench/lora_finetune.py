@@ -8,6 +8,7 @@ frozen base in ``--lora-base`` (bf16 by default: it never steps) and its adapter
 
     python bench/lora_finetune.py                                   # on the GPU: batch 4 x 30 s at 50 Hz
     python bench/lora_finetune.py --device cpu --tiny               # a smoke run anywhere
+    python bench/lora_finetune.py --profile                         # + GPU kernel time of one step (gpu_s)
 
 Prints one JSON line per mode and a Markdown table row per mode (for bench/RESULTS.md); ``--json PATH`` appends
 the JSON lines to a file. A mode that runs out of memory is reported as such.
@@ -52,6 +53,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="steps before timing (default 3; tiny 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; tiny 2)")
     ap.add_argument("--json", default=None, help="append the JSON lines to this file")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, one step under torch.profiler: its GPU kernel time (gpu_s)")
     args = ap.parse_args(argv)
     defaults = dict(batch=2, seconds=0.4, warmup=1, steps=2) if args.tiny else dict(batch=4, seconds=30.0,
                                                                                    warmup=3, steps=10)
@@ -76,6 +79,29 @@ def build(args: argparse.Namespace, mode: str, device: torch.device) -> tuple[Co
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def train_step(lm: CodebookLM, opt: torch.optim.Optimizer, pattern: DelayPattern, codes: torch.Tensor,
+         lengths: torch.Tensor, cond: torch.Tensor, autocast: torch.autocast) -> torch.Tensor:
+    """One training step; returns the per-codebook CE ``[K]``."""
+    with autocast:
+        ce, _ = masked_lm_losses(lm, pattern, codes, lengths, cond=cond)
+    ce.mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ce
+
+
+def profiled_gpu_seconds(run: Any, device: torch.device) -> float:
+    """The summed GPU kernel time of one ``run()``: against the step's wall time it says whether the GPU or the
+    host (Python, kernel launches) bounds a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
 def run_mode(args: argparse.Namespace, mode: str, device: torch.device) -> dict[str, Any]:
@@ -104,16 +130,15 @@ def run_mode(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         for step in range(args.warmup + args.steps):
             sync(device)
             start = time.perf_counter()
-            with autocast:
-                ce, _ = masked_lm_losses(lm, pattern, codes, lengths, cond=cond)
-            ce.mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            ce = train_step(lm, opt, pattern, codes, lengths, cond, autocast)
             sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
         record["step_s"] = statistics.median(times)
         record["loss"] = float(ce.mean().detach())
+        if args.profile and device.type == "cuda":
+            record["gpu_s"] = profiled_gpu_seconds(lambda: train_step(lm, opt, pattern, codes, lengths, cond, autocast),
+                                                   device)
     except torch.OutOfMemoryError:
         record["oom"] = True
     if device.type == "cuda":
@@ -126,9 +151,9 @@ def run_mode(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
 
 
 def markdown_row(r: dict[str, Any]) -> str:
-    """| mode | trainable / params | batch x seconds | peak GiB | step s | device |"""
+    """| mode | trainable / params | batch x seconds | peak GiB | step s (GPU kernel s) | device |"""
     peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
-    step = "OOM" if r.get("oom") else f"{r['step_s']:.3f}"
+    step = "OOM" if r.get("oom") else f"{r['step_s']:.3f}" + (f" ({r['gpu_s']:.3f})" if "gpu_s" in r else "")
     mode = r["mode"] + (f" (rank {r['rank']}, {r['targets']})" if r["mode"] == "lora" else "")
     trainable = f"{r.get('trainable', 0):,} / {r.get('params', 0):,}"
     return f"| {mode} | {trainable} | {r['batch']} x {r['seconds']:g} s | {peak} | {step} | {r['device']} |"
@@ -148,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(line + "\n")
-    print("| mode | trainable / params | batch x length | peak GiB | step s (median) | device |")
+    print("| mode | trainable / params | batch x length | peak GiB | step s, median (GPU kernel s) | device |")
     print("|---|---|---|---|---|---|")
     for record in records:
         print(markdown_row(record))
