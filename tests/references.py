@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +31,22 @@ def _on_path(folder: Path) -> None:
         sys.path.append(str(folder))  # appended: the venv's own packages (torch, transformers) come first
 
 
+@contextmanager
+def unpickling_torch_load() -> Iterator[None]:
+    """audiocraft's exporters ``torch.load`` solver checkpoints (pickled OmegaConf configs) without
+    ``weights_only``, which torch >= 2.6 refuses; allowed only inside this block, so that no other test of the
+    process loads pickles."""
+    before = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = before
+
+
 def audiocraft() -> ModuleType:
     """The audiocraft 1.3.0 package (``make install`` put it in ``.venv/ref/audiocraft``)."""
     folder = REF / "audiocraft"
@@ -36,7 +54,6 @@ def audiocraft() -> ModuleType:
         pytest.fail(f"{folder}: audiocraft 1.3.0 is not installed there; run `make install`")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # its exporters and loaders pickle OmegaConf configs
     _on_path(folder)
     _on_path(STUBS)
     from ostinato.metrics.embeddings.clap import import_laion_clap
@@ -136,7 +153,8 @@ def audiocraft_export_lm(lm, cfg, out: Path) -> Path:
     solver = out.with_name(out.name + ".solver.th")
     torch.save({"xp.cfg": OmegaConf.create(OmegaConf.to_container(cfg)), "fsdp_best_state": None,
                 "best_state": {"model": lm.state_dict()}}, solver)
-    export_lm(solver, out)
+    with unpickling_torch_load():
+        export_lm(solver, out)
     solver.unlink()
     return out
 
@@ -180,7 +198,8 @@ def audiocraft_export_compression(model, cfg, out: Path) -> Path:
     solver = out.with_name(out.name + ".solver.th")
     torch.save({"xp.cfg": OmegaConf.create(OmegaConf.to_container(cfg)), "best_state": {"model": model.state_dict()}},
                solver)
-    export_encodec(solver, out)
+    with unpickling_torch_load():
+        export_encodec(solver, out)
     solver.unlink()
     return out
 
