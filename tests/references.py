@@ -119,6 +119,41 @@ def audiocraft_lm_cfg(conditioner: str = "text", *, n_q: int = 4, card: int = 64
         "interleave_stereo_codebooks": {"use": channels == 2, "per_timestep": False}})
 
 
+# ----- the tiny T5 the tests stand in for t5-base ----------------------------------------------------------------
+T5_DIM = 32
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_tokenizer(dst: Path) -> None:
+    """The MiniLM tokenizer into ``dst`` (the one available offline; the tiny T5's vocabulary is its size)."""
+    import shutil
+
+    from ostinato.nn.conditioners import default_text_model
+
+    for name in TOKENIZER_FILES:
+        if (default_text_model() / name).is_file():
+            shutil.copy2(default_text_model() / name, dst / name)
+
+
+def t5_config(**kw):
+    """A tiny T5 (``T5_DIM`` wide, 2 layers) over the MiniLM vocabulary."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                    **kw)
+
+
+def write_t5(folder: Path, seed: int = 0) -> Path:
+    """A tiny random T5 encoder (``torch.manual_seed(seed)``) with the MiniLM tokenizer, saved in ``folder``."""
+    import torch
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(seed)
+    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
+    copy_tokenizer(folder)
+    return folder
+
+
 def use_local_t5(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str = "t5-base") -> None:
     """audiocraft's ``T5Conditioner(name)`` loads ``folder`` (a tiny T5 encoder with its tokenizer) offline."""
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel

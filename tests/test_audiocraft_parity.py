@@ -18,9 +18,15 @@ from ostinato.families.musicgen import ImportedMusicGenFamily
 from ostinato.interop.musicgen_import import import_musicgen
 from ostinato.models.musicgen import MusicGen
 from ostinato.nn.decoding import GenerationParams, generate
-from tests.references import (audiocraft, audiocraft_encodec_cfg, audiocraft_export_compression, audiocraft_export_lm,
-                              audiocraft_lm_cfg, use_local_t5)
-from tests.test_musicgen_import import copy_tokenizer, t5_config
+from tests.references import (
+    audiocraft,
+    audiocraft_encodec_cfg,
+    audiocraft_export_compression,
+    audiocraft_export_lm,
+    audiocraft_lm_cfg,
+    use_local_t5,
+    write_t5,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,13 +44,7 @@ ATTENDED = {"text_padding": "attended", "loss_frames": "trim_delays"}
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random T5 encoder with a tokenizer: the stand-in for t5-base."""
-    from transformers import T5EncoderModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
-    copy_tokenizer(folder)
-    return folder
+    return write_t5(tmp_path_factory.mktemp("t5"))
 
 
 def audiocraft_source(t5: Path, folder: Path, seed: int, **size) -> torch.nn.Module:

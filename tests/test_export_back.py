@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from ostinato.nn.conditioners import default_text_model
 from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.lora import has_adapters
 from ostinato.nn.patterns import DelayPattern
-from tests.references import audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
+from tests.references import audiocraft_export_lm, audiocraft_lm_cfg, copy_tokenizer, t5_config, use_local_t5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,20 +37,10 @@ K, CARD, DIM, T5_DIM, SR = 4, 64, 48, 32, 16000  # K: the mono codec's codebooks
 STEREO_DELAYS = [0, 0, 1, 1, 2, 2, 3, 3]
 IMPORTED_TARGET = "ostinato.families.musicgen.ImportedMusicGenFamily"  # family=musicgen_import
 TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo", "drums"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def copy_tokenizer(dst: Path) -> None:
-    """The MiniLM tokenizer (the only one offline; its vocabulary size is the tiny T5's)."""
-    for name in TOKENIZER_FILES:
-        if (default_text_model() / name).is_file():
-            shutil.copy2(default_text_model() / name, dst / name)
 
 
-def t5_config():
-    from transformers import T5Config
-
-    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
 
 
 def encodec_config():
@@ -587,8 +576,12 @@ def hf_melody_tuned(request, sources: Path, tmp_path_factory) -> tuple[Path, Pat
     """A tiny random MusicgenMelodyForConditionalGeneration (chroma_length 11; stereo: audio_channels 2, 2K
     codebooks), saved with its feature extractor -> ostinato import -> fine-tuned with the melody prefix: (import
     folder, checkpoint)."""
-    from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyFeatureExtractor,
-                              MusicgenMelodyForConditionalGeneration)
+    from transformers import (
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        MusicgenMelodyFeatureExtractor,
+        MusicgenMelodyForConditionalGeneration,
+    )
 
     channels = request.param
     torch.manual_seed(6)

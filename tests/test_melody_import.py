@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,15 @@ from ostinato.models.musicgen import MusicGen
 from ostinato.nn.conditioners import default_text_model
 from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.patterns import DelayPattern
-from tests.references import audiocraft, audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
+from tests.references import (
+    audiocraft,
+    audiocraft_export_lm,
+    audiocraft_lm_cfg,
+    copy_tokenizer,
+    t5_config,
+    use_local_t5,
+    write_t5,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,28 +62,13 @@ def noise(seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
     return 0.1 * torch.randn(1, round(seconds * sr), generator=torch.Generator().manual_seed(seed))
 
 
-def copy_tokenizer(dst: Path) -> None:
-    """The MiniLM tokenizer (the only one offline; the tiny T5's vocabulary is its size)."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (default_text_model() / name).is_file():
-            shutil.copy2(default_text_model() / name, dst / name)
 
 
-def t5_config():
-    from transformers import T5Config
-
-    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
 
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import T5EncoderModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
-    copy_tokenizer(folder)
-    return folder
+    return write_t5(tmp_path_factory.mktemp("t5"))
 
 
 def delay_seq(n_q: int, delays: list[int], b: int = 3, t: int = 7, seed: int = 1) -> torch.Tensor:
@@ -327,8 +319,13 @@ def build_hf_melody(folder: Path, channels: int = 1):
     """A tiny random MusicgenMelodyForConditionalGeneration (T5 32 wide, EnCodec 32 kHz 4 x 64, decoder 48 wide
     over 4 codebooks per channel, chroma_length 11) saved in ``folder`` with its feature extractor and the MiniLM
     tokenizer."""
-    from transformers import (EncodecConfig, MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
-                              MusicgenMelodyFeatureExtractor, MusicgenMelodyForConditionalGeneration)
+    from transformers import (
+        EncodecConfig,
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        MusicgenMelodyFeatureExtractor,
+        MusicgenMelodyForConditionalGeneration,
+    )
 
     torch.manual_seed(channels)
     codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],

@@ -18,15 +18,22 @@ from safetensors.torch import load_file
 import ostinato
 from ostinato.cli import main
 from ostinato.engine.weights import load_weights
-from ostinato.interop.codecs import load_codec
 from ostinato.families.musicgen import ImportedMusicGenFamily
+from ostinato.interop.codecs import load_codec
 from ostinato.interop.musicgen_import import detect_source, import_musicgen
 from ostinato.models.musicgen import MusicGen, Semantics
-from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.conditioners import TextConditioner, default_text_model
+from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.patterns import DelayPattern
 from ostinato.nn.transformer import generate_greedy
-from tests.references import audiocraft, audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5
+from tests.references import (
+    audiocraft,
+    audiocraft_export_lm,
+    audiocraft_lm_cfg,
+    copy_tokenizer,
+    t5_config,
+    use_local_t5,
+)
 from tests.runner import train
 from tests.synth import write_shards
 
@@ -38,29 +45,17 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 K, CARD, DIM, T5_DIM, LAYERS, SR = 4, 64, 48, 32, 2, 16000
 TEXTS = ["a baroque chorale for organ", "an irish reel on fiddle and flute at a fast tempo"]
 BATCH = ["organ", *TEXTS]  # three token lengths: the shorter two are padded, which transformers masks
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def copy_tokenizer(dst: Path) -> None:
-    """The MiniLM tokenizer (the only one offline; its vocabulary size is the tiny T5's)."""
-    for name in TOKENIZER_FILES:
-        if (default_text_model() / name).is_file():
-            shutil.copy2(default_text_model() / name, dst / name)
 
 
-def t5_config(**kw):
-    from transformers import T5Config
-
-    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                    **kw)
 
 
 @pytest.fixture(scope="module")
 def hf_musicgen(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random MusicgenForConditionalGeneration (T5 32 wide, EnCodec 16 kHz 4 x 64 at 50 Hz, decoder 48
     wide) saved with the MiniLM tokenizer files beside it, as a processor would."""
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration)
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
     torch.manual_seed(0)
     codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],

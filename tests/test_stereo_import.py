@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 import ostinato
@@ -26,8 +25,17 @@ from ostinato.models.stereo_codec import InterleavedStereoCodec
 from ostinato.nn.conditioners import default_text_model
 from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.patterns import interleave_stereo
-from tests.references import (audiocraft, audiocraft_encodec_cfg, audiocraft_export_compression,
-                              audiocraft_export_lm, audiocraft_lm_cfg, use_local_t5)
+from tests.references import (
+    audiocraft,
+    audiocraft_encodec_cfg,
+    audiocraft_export_compression,
+    audiocraft_export_lm,
+    audiocraft_lm_cfg,
+    copy_tokenizer,
+    t5_config,
+    use_local_t5,
+    write_t5,
+)
 from tests.runner import train
 from tests.synth import write_shards
 
@@ -40,31 +48,15 @@ STEREO_DELAYS = [0, 0, 1, 1, 2, 2, 3, 3]
 TEXTS = ["organ", "an irish reel on fiddle and flute", "a slow blues with a muted trumpet and brushed drums"]
 # two sizes standing for small / medium / large (heads, layers and widths differ; none is a default)
 SIZES = {"narrow": dict(dim=48, num_heads=4, num_layers=2), "wide": dict(dim=64, num_heads=8, num_layers=3)}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def copy_tokenizer(dst: Path) -> None:
-    """The MiniLM tokenizer (the one available offline; its vocabulary is the tiny T5's)."""
-    for name in TOKENIZER_FILES:
-        if (default_text_model() / name).is_file():
-            shutil.copy2(default_text_model() / name, dst / name)
 
 
-def t5_config():
-    from transformers import T5Config
-
-    return T5Config(vocab_size=30522, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
 
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import T5EncoderModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
-    copy_tokenizer(folder)
-    return folder
+    return write_t5(tmp_path_factory.mktemp("t5"))
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +215,7 @@ def test_stereo_faults_are_one_line(ac_stereo, t5, tmp_path: Path, capsys) -> No
 def hf_stereo(request, tmp_path_factory: pytest.TempPathFactory):
     """A transformers stereo MusicgenForConditionalGeneration (audio_channels 2, 8 decoder codebooks over a mono
     4-codebook EnCodec), saved with its tokenizer, and imported."""
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration)
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
     size = SIZES[request.param]
     torch.manual_seed(5)
@@ -298,8 +289,7 @@ def hf_greedy(hf, enc: dict[str, torch.Tensor], cfg: float, steps: int) -> tuple
 @pytest.fixture(scope="module")
 def hf_mono(tmp_path_factory: pytest.TempPathFactory):
     """A transformers mono MusicGen (4 codebooks over the same kind of EnCodec), imported: what stereo starts from."""
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration)
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
     torch.manual_seed(7)
     codec = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=8, upsampling_ratios=[8, 5, 4, 2],

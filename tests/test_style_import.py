@@ -33,7 +33,7 @@ import torch
 
 from ostinato.interop.musicgen_style import STYLE_PREFIX, is_style, style_kwargs, style_state
 from ostinato.nn.style import HFAudioFeatures, StyleConditioner
-from tests.references import AC_STYLE, audiocraft, audiocraft_style_conditioner
+from tests.references import AC_STYLE, audiocraft, audiocraft_style_conditioner, write_t5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,15 +218,7 @@ TEXTS = ["organ", "an irish reel on fiddle and flute", "a slow blues with a mute
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import T5EncoderModel
-
-    from tests.test_stereo_import import copy_tokenizer, t5_config
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(t5_config()).eval().save_pretrained(folder)
-    copy_tokenizer(folder)
-    return folder
+    return write_t5(tmp_path_factory.mktemp("t5"))
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +229,13 @@ def ac_style(t5: Path, mert: Path, reference, tmp_path_factory: pytest.TempPathF
     from omegaconf import OmegaConf
 
     from ostinato.cli import main
-    from tests.references import audiocraft_encodec_cfg, audiocraft_export_compression, audiocraft_export_lm
-    from tests.references import audiocraft_lm_cfg, use_local_t5
+    from tests.references import (
+        audiocraft_encodec_cfg,
+        audiocraft_export_compression,
+        audiocraft_export_lm,
+        audiocraft_lm_cfg,
+        use_local_t5,
+    )
 
     ac = audiocraft()
     torch.manual_seed(2)
@@ -401,9 +398,9 @@ def test_style_import_errors_name_the_flag(ac_style, t5: Path, mert: Path, tmp_p
 def test_text_only_generation_matches_audiocraft(ac_style) -> None:
     """Without a style reference audiocraft's MusicGen gives every item a one-sample zero wav (musicgen.py
     ``_prepare_tokens_and_attributes``): one zero style token, which the import records as ``null_tokens: 1``."""
-    import ostinato
     from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
 
+    import ostinato
     from ostinato.nn.decoding import GenerationParams
 
     lm, out, _ = ac_style
@@ -504,9 +501,9 @@ def test_finetuning_the_import_conditions_like_audiocraft(ac_style) -> None:
 def test_a_reference_at_another_rate_is_resampled_as_audiocraft_does(ac_style, reference) -> None:
     """audiocraft's ``generate_with_chroma`` brings the reference to the model's rate with ``convert_audio``
     (julius) before the conditioner resamples it again for MERT: a 44.1 kHz reference gives its tokens."""
-    import ostinato
     from audiocraft.data.audio_utils import convert_audio
 
+    import ostinato
     from ostinato.generation.request import AudioInput
 
     _, out, _ = ac_style
