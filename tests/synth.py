@@ -11,11 +11,19 @@ from ostinato.data.audio import encode_flac
 from ostinato.data.manifest import Manifest, ShardInfo
 
 
-
 def tone(freq: float, seconds: float, sr: int, channels: int = 1) -> torch.Tensor:
     t = torch.arange(round(seconds * sr)) / sr
     wav = 0.5 * torch.sin(2 * torch.pi * freq * t)
     return wav.expand(channels, -1).clone()
+
+
+def tune(seconds: float, notes: list[int], sr: int) -> torch.Tensor:
+    """``[1, T]``: MIDI ``notes`` one after the other, each with three overtones (a melody with a clear chroma)."""
+    t = torch.arange(round(seconds * sr), dtype=torch.float64) / sr
+    step = torch.clamp((t / seconds * len(notes)).long(), max=len(notes) - 1)
+    hz = torch.tensor([440.0 * 2 ** ((n - 69) / 12) for n in notes], dtype=torch.float64)[step]
+    wav = sum(torch.sin(2 * torch.pi * k * hz * t) / k for k in range(1, 5))
+    return (0.3 * wav / wav.abs().max()).float()[None]
 
 
 def write_shards(folder: Path, *, n_shards: int = 3, per_shard: int = 8, sample_rate: int = 16000,

@@ -27,6 +27,7 @@ from ostinato.nn.decoding import GenerationParams, generate
 from ostinato.nn.lora import has_adapters
 from ostinato.nn.patterns import DelayPattern
 from tests.references import audiocraft_export_lm, audiocraft_lm_cfg, copy_tokenizer, t5_config, use_local_t5
+from tests.synth import tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -446,16 +447,7 @@ SR_MELODY = 32000  # the released melody models' rate; the chroma's STFT is 2**1
 TUNES = [(0.9, [60, 64, 67, 72]), (0.45, [69, 62]), (0.7, [71, 66, 59])]  # seconds, MIDI notes: 3 lengths
 
 
-def tune(seconds: float, notes: list[int]) -> torch.Tensor:
-    """``[1, T]`` at 32 kHz: the notes one after the other, with three overtones."""
-    t = torch.arange(round(seconds * SR_MELODY), dtype=torch.float64) / SR_MELODY
-    step = torch.clamp((t / seconds * len(notes)).long(), max=len(notes) - 1)
-    hz = torch.tensor([440.0 * 2 ** ((n - 69) / 12) for n in notes], dtype=torch.float64)[step]
-    wav = sum(torch.sin(2 * torch.pi * k * hz * t) / k for k in range(1, 5))
-    return (0.3 * wav / wav.abs().max()).float()[None]
-
-
-MELODIES = [tune(s, n) for s, n in TUNES]
+MELODIES = [tune(s, n, SR_MELODY) for s, n in TUNES]
 
 
 def melody_prefix(model: MusicGen) -> torch.Tensor:

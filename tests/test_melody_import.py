@@ -28,6 +28,7 @@ from tests.references import (
     use_local_t5,
     write_t5,
 )
+from tests.synth import tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,16 +46,7 @@ SIZES = {"melody": dict(n_q=4, dim=48, num_heads=4, num_layers=2),
                                delays=[0, 0, 1, 1, 2, 2, 3, 3])}
 
 
-def melody(seconds: float, notes: list[int], sr: int = SR) -> torch.Tensor:
-    """``[1, T]``: harmonic tones, one note after the other."""
-    t = torch.arange(round(seconds * sr), dtype=torch.float64) / sr
-    which = torch.clamp((t / seconds * len(notes)).long(), max=len(notes) - 1)
-    hz = torch.tensor([440.0 * 2 ** ((n - 69) / 12) for n in notes], dtype=torch.float64)[which]
-    wav = sum(torch.sin(2 * math.pi * k * hz * t) / k for k in range(1, 5))
-    return (0.3 * wav / wav.abs().max()).float()[None]
-
-
-MELODIES = [melody(s, n) for s, n in NOTES]
+MELODIES = [tune(s, n, SR) for s, n in NOTES]
 
 
 def noise(seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
