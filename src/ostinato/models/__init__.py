@@ -14,6 +14,7 @@ from ostinato.errors import UserError
 from ostinato.registry import kind_of, resolve
 from ostinato.store import records
 from ostinato.store.records import MODEL_PREFIX, export_folder, read_weights, resolve_ref
+from ostinato.models import dac as _dac  # noqa: F401, E402  (registers Codec architecture "dac")
 
 
 def model_weights(weights: dict[str, torch.Tensor], folder: Path | None) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,7 +61,16 @@ class Codec(nn.Module):
     the scale, which ``decode`` needs.
 
     ``config`` is a plain dict such that ``Codec.build(**codec.config)`` rebuilds the same architecture.
+    Other architectures subclass it with their name (``class DACCodec(Codec, architecture="dac")``), and
+    ``Codec.build(architecture=NAME, ...)`` builds them.
     """
+
+    architectures: ClassVar[dict[str, type[Codec]]] = {}
+
+    def __init_subclass__(cls, architecture: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if architecture is not None:
+            Codec.architectures[architecture] = cls
 
     def __init__(self, encoder: SEANetEncoder, decoder: SEANetDecoder, quantizer: ResidualVectorQuantizer,
                  sample_rate: int, channels: int, normalize: bool = False) -> None:
@@ -104,11 +113,11 @@ class Codec(nn.Module):
         """
         architecture = kwargs.pop("architecture", "seanet")
         if architecture != "seanet":
-            from ostinato.models.dac import ARCHITECTURE, DACCodec
-
-            if architecture != ARCHITECTURE:
-                raise ValueError(f"codec.architecture {architecture!r}: 'seanet' (EnCodec) or '{ARCHITECTURE}'")
-            return DACCodec.build(architecture=architecture, **kwargs)
+            other = Codec.architectures.get(architecture)
+            if other is None:
+                raise ValueError(f"codec.architecture {architecture!r}: 'seanet' (EnCodec) or one of "
+                                 f"{sorted(Codec.architectures)}")
+            return other.build(architecture=architecture, **kwargs)
         known = {"sample_rate", "encoder", "decoder", *CODEC_DEFAULTS, *SEANET_DEFAULTS, *DECODER_ONLY_DEFAULTS,
                  *QUANTIZER_DEFAULTS}
         unknown = sorted(set(kwargs) - known)

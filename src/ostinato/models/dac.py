@@ -23,7 +23,7 @@ DAC_DEFAULTS: dict[str, Any] = dict(encoder_dim=64, encoder_rates=[2, 4, 8, 8], 
                                     decoder_rates=[8, 8, 4, 2], n_q=9, card=1024, codebook_dim=8)
 
 
-class DACCodec(Codec):
+class DACCodec(Codec, architecture=ARCHITECTURE):
     """DAC's encoder, factorized L2-normalised residual VQ and decoder behind ``Codec``'s interface (mono, no
     normalization: DAC's own loudness normalization belongs to its file compressor, not to the model)."""
 
