@@ -124,12 +124,13 @@ class MelDistance(_Float64SumMetric):
     ) -> None:
         super().__init__(**kwargs)
         self.floor = floor
-        self._mel = [
-            torchaudio.transforms.MelSpectrogram(
-                sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max,
-                n_mels=n_mels, power=1.0, window_fn=torch.hann_window,
-            )
-        ]
+        with torch.device("cpu"):  # no meta kernel for its filterbank; _item_values moves it to the audio's device
+            self._mel = [
+                torchaudio.transforms.MelSpectrogram(
+                    sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max,
+                    n_mels=n_mels, power=1.0, window_fn=torch.hann_window,
+                )
+            ]
 
     def _item_values(self, pred: Tensor, target: Tensor) -> Tensor:
         mel = self._mel[0]

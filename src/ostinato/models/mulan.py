@@ -103,8 +103,10 @@ class LogMelPatches(nn.Module):
         self.sample_rate, self.n_fft = int(sample_rate), int(n_fft)
         self.hop_length = int(hop_length or sample_rate // 100)
         self.n_mels, self.patch_freq, self.patch_time = int(n_mels), int(patch_freq), int(patch_time)
-        fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, f_min, f_max or sample_rate / 2, n_mels,
-                                                  sample_rate, norm="slaney", mel_scale="slaney")
+        with torch.device("cpu"):  # its indexing has no meta-device kernel (a model built on "meta" to size it)
+            fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, f_min, f_max or sample_rate / 2, n_mels,
+                                                      sample_rate, norm="slaney", mel_scale="slaney")
+        fb = fb.to(torch.empty(0).device)  # then onto the device the module is built on
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         self.register_buffer("filterbank", fb, persistent=False)  # [n_fft // 2 + 1, n_mels]
 

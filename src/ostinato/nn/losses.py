@@ -54,7 +54,9 @@ class _MelScale:
                  f_max: float | None, normalized: bool) -> None:
         self.n_fft = n_fft
         self.hop_length = hop_length
-        with warnings.catch_warnings():
+        # Built on the CPU even inside `with torch.device("meta")` (a family sized without memory): its filterbank
+        # has no meta kernel, and __call__ moves it to the signal's device anyway.
+        with warnings.catch_warnings(), torch.device("cpu"):
             # Small FFTs cannot resolve every mel band; the empty bands are zero for both signals, as in audiocraft.
             warnings.filterwarnings("ignore", message=".*mel filterbank has all zero values.*")
             self.transform = torchaudio.transforms.MelSpectrogram(
