@@ -30,7 +30,7 @@ def _overrides(cfg_family) -> list[str]:
     """Test-only stand-ins for files this machine lacks (see the module docstring)."""
     out = []
     text = cfg_family.get("text") if "text" in cfg_family else None
-    if text is not None and text.get("model") is not None:
+    if text is not None and text.get("model") not in (None, "scratch"):  # scratch: a tower trained here, no file
         out.append("family.text.model=null")  # the packaged all-MiniLM-L6-v2
     return out
 
