@@ -8,10 +8,12 @@ Every recipe file states, in comments:
 The family is built on the meta device (no memory, no weights), so a 3B model costs nothing; its parameter count
 must be within 10 % of the stated one, so a recipe of the wrong size fails here.
 
-Files a recipe names but that are not on this machine are replaced for the test only (``_OVERRIDES``): the text
+Files a recipe names but that are not on this machine are replaced for the test only (``_overrides``): the text
 encoder (a T5-base ``save_pretrained`` folder in the recipes) becomes the packaged all-MiniLM-L6-v2. Its weights are
 frozen and unregistered (not counted); only the projection onto the LM's width changes (384 instead of 768 inputs:
-< 0.1 % of any recipe here). Data manifests are absent: the ``${manifest:KEY,FALLBACK}`` fallbacks stand.
+< 0.1 % of any recipe here). A style encoder's MERT folder becomes ``features: codec`` with the recipe's own
+``feature_dim`` (the frozen features are not counted; the trained input projection keeps its size).
+Data manifests are absent: the ``${manifest:KEY,FALLBACK}`` fallbacks stand.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def _overrides(cfg_family) -> list[str]:
     text = cfg_family.get("text") if "text" in cfg_family else None
     if text is not None and text.get("model") not in (None, "scratch"):  # scratch: a tower trained here, no file
         out.append("family.text.model=null")  # the packaged all-MiniLM-L6-v2
+    style = cfg_family.get("style") if "style" in cfg_family else None
+    if style is not None and style.get("features", "codec") != "codec":
+        out.append("family.style.features=codec")  # a MERT folder's frozen features -> the codec's, same feature_dim
     return out
 
 
