@@ -6,7 +6,8 @@ Every recipe file states, in comments:
     # params: 1.5e9                                    (trainable parameters of the family it builds)
     # gpus: N, per-GPU batch: B                        (what its data.batch_size assumes)
 The family is built on the meta device (no memory, no weights), so a 3B model costs nothing; its parameter count
-must be within 10 % of the stated one, so a recipe of the wrong size fails here.
+must be within 10 % of the stated one, so a recipe of the wrong size fails here. The stated GPUs times the per-GPU
+batch must be the recipe's (global) ``data.batch_size``, which must divide over those GPUs (``check_global_batch``).
 
 Files a recipe names but that are not on this machine are replaced for the test only (``_overrides``): the text
 encoder (a T5-base ``save_pretrained`` folder in the recipes) becomes the packaged all-MiniLM-L6-v2. Its weights are
@@ -76,7 +77,7 @@ def test_the_recipe_builds_at_its_stated_size(path, monkeypatch, tmp_path):
     from hydra.utils import instantiate
 
     import ostinato.nn.conditioners as conditioners
-    from ostinato.engine.config import validate
+    from ostinato.engine.config import check_global_batch, validate
 
     # hydra reads "# @package" only from the leading "# @..." lines, so it comes first; the source right after it
     lines = [line for line in path.read_text().splitlines() if not re.match(r"\s*#\s*@", line)]
@@ -89,6 +90,10 @@ def test_the_recipe_builds_at_its_stated_size(path, monkeypatch, tmp_path):
     cfg = _compose(path.stem, [])
     cfg = _compose(path.stem, _overrides(cfg.family))
     validate(cfg, data_paths=False)
+    # the stated GPUs and per-GPU batch are the recipe's global data.batch_size, and it divides over them
+    n_gpus, per_gpu = int(re.match(r"\d+", gpus)[0]), int(re.search(r"per-GPU batch:\s*(\d+)", gpus)[1])
+    assert cfg.data.batch_size == n_gpus * per_gpu, f"{path.name}: data.batch_size vs '# gpus: {gpus}'"
+    check_global_batch(cfg, n_gpus)
 
     monkeypatch.setattr(conditioners, "load_text_encoder", _on_cpu(conditioners.load_text_encoder))
     monkeypatch.setattr(torchaudio.functional, "melscale_fbanks", _on_cpu(torchaudio.functional.melscale_fbanks))
