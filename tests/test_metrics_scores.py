@@ -173,3 +173,22 @@ def test_chroma_resamples_and_checks_inputs() -> None:
         empty.compute()
     with pytest.raises(ValueError, match="generated"):
         ChromaCosineSimilarity(SR).update(torch.zeros(1, SR), torch.zeros(1, SR))
+
+
+def test_diversity_tells_a_steady_buzz_from_different_clips() -> None:
+    from ostinato.metrics.diversity import diversity_report
+
+    sr = 8000
+    t = torch.arange(sr) / sr
+    buzz = torch.stack([torch.sin(2 * math.pi * 110 * t + phase) for phase in (0.0, 1.0, 2.0)])
+    tones = torch.stack([torch.sin(2 * math.pi * f * t) * torch.linspace(0, 1, sr) ** k
+                         for f, k in ((110, 1), (440, 2), (1500, 0))])
+    same = diversity_report(buzz, sr)
+    different = diversity_report(tones, sr)
+    assert same["pairs"] == 3
+    assert same["spectral_sim_mean"] > 0.98  # the phase does not matter
+    assert same["waveform_corr_mean"] < 0.7  # ... though the samples differ
+    assert different["spectral_sim_max"] < 0.6
+    assert abs(diversity_report(buzz[:1].repeat(2, 1), sr)["waveform_corr_max"] - 1) < 1e-9
+    with pytest.raises(ValueError, match="at least 2"):
+        diversity_report(buzz[:1], sr)
