@@ -213,3 +213,32 @@ def test_training_samples_are_clamped_16_bit_wavs_written_atomically(tmp_path):
     back, _ = sf.read(str(path))
     assert abs(back.min() + 1) < 1e-3 and abs(back.max() - 1) < 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_0.png", "gen_0.wav"]  # no temp file left
+
+
+def test_max_time_stops_training_within_its_minutes(tmp_path):
+    """trainer.max_time (minutes) bounds a run's wall clock whatever max_steps says: what a timed benchmark
+    (bench/learning_run.py) needs; null leaves only max_steps."""
+    import time
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from ostinato.data.batch import AudioBatch
+    from ostinato.engine.trainer import build_trainer
+
+    class Noise(IterableDataset):
+        def __iter__(self):
+            while True:
+                yield AudioBatch(torch.randn(2, 1, 64), torch.full((2,), 64), ["", ""], [{}, {}])
+
+    cfg = _cfg(**{"trainer.max_steps": 10**7, "trainer.max_time": 0.02, "trainer.accelerator": "cpu",
+                  "trainer.progress_bar": False, "trainer.model_summary": False, "ema.decay": 0.0,
+                  "trainer.checkpoint_every_steps": 0})
+    family = DebugFamily(hidden=4)
+    trainer = build_trainer(cfg, tmp_path, family)
+    start = time.time()
+    trainer.fit(family, DataLoader(Noise(), batch_size=None))
+    assert 0 < trainer.global_step < 10**7
+    assert time.time() - start < 30  # 1.2 s of training, then the checkpoint at the stop
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    untimed = build_trainer(_cfg(**{"trainer.accelerator": "cpu", "ema.decay": 0.0}), tmp_path / "b", DebugFamily())
+    assert untimed.max_steps == 1000 and all(type(c).__name__ != "Timer" for c in untimed.callbacks)

@@ -39,6 +39,7 @@ class TrainerSchema:
     strategy: str = MISSING
     precision: str = MISSING
     max_steps: int = MISSING
+    max_time: Optional[float] = MISSING
     val_every_epochs: int = MISSING
     validate_first: bool = MISSING
     limit_val_batches: float = MISSING
@@ -147,6 +148,7 @@ BOUNDS: dict[str, Bound] = {
     "trainer.devices": POSITIVE,  # a number of devices; "auto" or a list of ids is not a number
     "trainer.num_nodes": POSITIVE,
     "trainer.max_steps": POSITIVE,
+    "trainer.max_time": POSITIVE,  # minutes; null = no limit
     "trainer.val_every_epochs": POSITIVE,
     "trainer.limit_val_batches": NON_NEGATIVE,
     "trainer.sanity_val_steps": Bound(ge=-1),  # -1: all of them (Lightning)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,13 @@ def apply_compile_and_checkpointing(cfg: Any, family: FamilyModule) -> None:
         apply_activation_checkpointing(family, check_fn=lambda m: isinstance(m, blocks))
 
 
+def _max_time(cfg: Any) -> timedelta | None:
+    """``trainer.max_time`` (minutes, or null) as Lightning's ``max_time``: training stops at the first batch end
+    past it (checkpointed as at any stop), so a run fits a wall-clock budget whatever its steps per second."""
+    minutes = cfg.get("max_time") if hasattr(cfg, "get") else getattr(cfg, "max_time", None)
+    return None if minutes is None else timedelta(minutes=float(minutes))
+
+
 def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None = None,
                   loggers: list | None = None, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """``cfg`` is the whole resolved config; ``folder`` the XP folder (default_root_dir). ``extra_callbacks``: the
@@ -203,7 +211,7 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
             precision = None  # given by the plugin
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, plugins=plugins,
-        precision=precision, max_steps=t.max_steps, max_epochs=-1,
+        precision=precision, max_steps=t.max_steps, max_epochs=-1, max_time=_max_time(t),
         check_val_every_n_epoch=t.val_every_epochs, limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=t.sanity_val_steps,
         gradient_clip_val=(t.gradient_clip_val or None) if family.automatic_optimization else None,
