@@ -231,3 +231,17 @@ def test_describe_names_everything_with_varied_templates():
     folk = describe({**meta, "composer": "Traditional", "genre": "european folk song"}, np.random.default_rng(0))
     assert "traditional european folk song" in folk.lower() and "by Traditional" not in folk
     assert describe(meta, np.random.default_rng(4)) == describe(meta, np.random.default_rng(4))
+
+
+def test_finished_corpus_needs_no_synthesizer(mono, monkeypatch):
+    """A corpus rendered on one machine is used on another without fluidsynth or a soundfont (a GPU node)."""
+    import ostinato.recipes.corpus as corpus
+
+    out, summary = mono
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(corpus, "SOUNDFONT_CANDIDATES", ())
+    monkeypatch.delenv(corpus.SOUNDFONT_ENV, raising=False)
+    again = render_corpus(out, sample_rate=MONO_RATE, hours=0.02, seed=0, workers=1, progress=False)
+    assert again.total_clips == summary.total_clips
+    with pytest.raises(corpus.MissingSynthesizer):  # other options do need the synthesizer
+        render_corpus(out, sample_rate=MONO_RATE, hours=0.03, seed=0, workers=1, progress=False)

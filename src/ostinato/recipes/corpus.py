@@ -849,6 +849,17 @@ def _split_dirs(out: Path) -> list[Path]:
     return [out / "audio" / split for split in SPLITS]
 
 
+def _finished(out: Path, options: dict[str, Any]) -> CorpusSummary | None:
+    """The finished corpus in ``out`` rendered with these options (any soundfont, on any machine), else None."""
+    manifest = out / CORPUS_NAME
+    if not manifest.is_file():
+        return None
+    saved = read_json(manifest)
+    if {k: v for k, v in (saved.get("options") or {}).items() if k in options} != options:
+        return None
+    return CorpusSummary.from_dict({**saved["summary"], "out": str(out)})
+
+
 def _existing(out: Path, options: dict[str, Any], overwrite: bool) -> CorpusSummary | None:
     """The finished corpus with identical options, or None once ``out`` is free to write; raises otherwise."""
     manifest = out / CORPUS_NAME
@@ -972,12 +983,16 @@ def render_corpus(out: str | Path, *, sample_rate: int = 24000, channels: Litera
     """
     _validate(sample_rate, channels, hours, clip_seconds, valid_fraction, test_fraction, workers)
     out = Path(out)
+    options = {"sample_rate": int(sample_rate), "channels": channels, "hours": float(hours),
+               "clip_seconds": float(clip_seconds), "seed": int(seed), "valid_fraction": float(valid_fraction),
+               "test_fraction": float(test_fraction)}
+    finished = None if overwrite or soundfont is not None else _finished(out, options)
+    if finished is not None:  # a machine without fluidsynth (a GPU node) runs on a corpus rendered elsewhere
+        return finished
     font = find_soundfont(soundfont)
     output_folder(out, "--out")  # before the rendering: a file there, a read-only or full disk
     fluidsynth = find_fluidsynth()
-    options = {"sample_rate": int(sample_rate), "channels": channels, "hours": float(hours),
-               "clip_seconds": float(clip_seconds), "seed": int(seed), "valid_fraction": float(valid_fraction),
-               "test_fraction": float(test_fraction), "soundfont": str(font)}
+    options["soundfont"] = str(font)
     existing = _existing(out, options, overwrite)
     if existing is not None:
         return existing
