@@ -1,0 +1,140 @@
+"""bench/learning_run.py: packing a corpus for the 64 MiB carry, the --tiny run end to end, the targets' verdict."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from tests.synth import tune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+SR = 32000
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("learning_run", ROOT / "bench" / "learning_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lr = _load_bench()
+
+
+def _write_corpus(root: Path, counts: dict[str, int], seconds: float = 2.0) -> Path:
+    """A rendered-corpus look-alike: audio/{split}/NAME.flac + NAME.json sidecars (caption, piece, segment) and
+    corpus.json; two pieces per split, each a different tune, segments in turn."""
+    for split, n in counts.items():
+        folder = root / "audio" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            piece, segment = f"{split}{i % 2}", i // 2
+            notes = [60 + (i % 5), 64 + (i % 3), 67, 72 - (i % 4)]
+            sf.write(folder / f"{piece}_{segment:03d}.flac", tune(seconds, notes, SR)[0].numpy(), SR,
+                     subtype="PCM_16")
+            caption = f"A {'calm' if i % 2 else 'lively'} tune number {i} in {['C', 'D', 'E'][i % 3]} major."
+            (folder / f"{piece}_{segment:03d}.json").write_text(json.dumps(
+                {"caption": caption, "piece": piece, "segment": segment, "duration": seconds, "split": split}))
+    (root / "corpus.json").write_text(json.dumps({"format": "ostinato.demo-corpus/1", "summary": {
+        "clips": counts, "seconds": {s: n * seconds for s, n in counts.items()}}}))
+    return root
+
+
+def test_choose_clips_keeps_whole_clips_and_each_splits_share():
+    sizes = {"train": [(f"t{i}", 100) for i in range(90)], "valid": [(f"v{i}", 100) for i in range(5)],
+             "test": [(f"s{i}", 100) for i in range(5)]}
+    chosen = lr.choose_clips(sizes, budget=2000)  # a fifth of the 10000 bytes
+    assert {k: len(v) for k, v in chosen.items()} == {"train": 18, "valid": 1, "test": 1}
+    assert chosen["train"] == [f"t{i}" for i in range(18)]  # the packing order, a prefix of it
+    assert lr.choose_clips(sizes, budget=10**6) == {k: [n for n, _ in v] for k, v in sizes.items()}
+
+
+def test_clip_order_takes_each_pieces_first_segment_first():
+    metas = {"a_000": {"piece": "a", "segment": 0}, "a_001": {"piece": "a", "segment": 1},
+             "b_000": {"piece": "b", "segment": 0}, "b_001": {"piece": "b", "segment": 1}}
+    assert lr.clip_order(metas) == ["a_000", "b_000", "a_001", "b_001"]
+
+
+def test_pack_fits_the_budget_and_unpack_gives_a_32k_flac_corpus(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus", {"train": 40, "valid": 4, "test": 4}, seconds=4.0)
+    info = lr.pack(corpus, tmp_path / "carry", budget_mb=0.4, transport="lossy", quality=0.8)
+    size = sum(p.stat().st_size for p in (tmp_path / "carry").rglob("*") if p.is_file())
+    assert size <= 0.4 * 2**20
+    assert info["transport"] == "lossy" and info["format"] == "OGG" and 10 < info["kbps"] < 120
+    assert 0 < info["clips"]["train"] < 40 and info["clips"]["valid"] >= 1 and info["clips"]["test"] >= 1
+    assert info["clips"]["train"] > 5 * info["clips"]["test"]  # the splits' proportions
+    with pytest.raises(FileExistsError, match="already packed"):
+        lr.pack(corpus, tmp_path / "carry", budget_mb=0.4)
+    lr.unpack(tmp_path / "carry", tmp_path / "decoded", workers=1)
+    flacs = sorted((tmp_path / "decoded" / "audio" / "test").glob("*.flac"))
+    assert len(flacs) == info["clips"]["test"]
+    for path in flacs:
+        wav, sr = sf.read(path, dtype="float32")
+        original, _ = sf.read(corpus / "audio" / "test" / path.name, dtype="float32")
+        assert sr == SR and len(wav) == len(original)
+        assert torch.corrcoef(torch.stack([torch.from_numpy(wav), torch.from_numpy(original)]))[0, 1] > 0.95
+        assert json.loads(path.with_suffix(".json").read_text())["caption"].startswith("A ")
+    assert (tmp_path / "decoded" / "corpus.json").is_file()
+
+
+def test_verdict_says_met_missed_and_the_gaps():
+    v = lr.verdict(val_ce=4.0, entropy=5.5, recon_fad=2.0, gen_fad=5.0)
+    assert v["ce"]["met"] is True and v["ce"]["gap_nats"] == 0.0 and v["ce"]["nats_below_unigram"] == 1.5
+    assert v["fad"]["met"] is False and v["fad"]["ratio"] == 2.5 and v["fad"]["gap_fad"] == 1.0
+    v = lr.verdict(val_ce=5.0, entropy=5.5, recon_fad=None, gen_fad=1.0)
+    assert v["ce"]["met"] is False and v["ce"]["gap_nats"] == pytest.approx(0.5)
+    assert v["fad"]["met"] is None
+    md = lr.render_results_md({"date": "2026-12-05", "command": "python bench/learning_run.py run", "targets": v,
+                               "corpus": {"transport": "lossy", "hours": 2.1, "format": "OGG", "subtype": "VORBIS",
+                                          "kbps": 55.0, "clips": {"train": 700}},
+                               "stages": {"codec_train": 120.0}, "val_ce": 5.0, "unigram_entropy": 5.5})
+    assert "carried as lossy (OGG VORBIS, 55 kbps)" in md and "| codec_train | 120.0 |" in md
+    assert "missed (0.500 nats below; gap 0.500)" in md and "not measured" in md
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("learning_run")
+    corpus = _write_corpus(root / "corpus", {"train": 16, "valid": 4, "test": 3})
+    carry = root / "carry"
+    lr.pack(corpus, carry, budget_mb=4.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_run.py"), "--corpus", str(carry),
+                           "--out", str(root / "out"), "--work", str(root / "work"), "--tiny", "--workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"root": root, "out": root / "out", "work": root / "work",
+            "results": json.loads((root / "out" / "results.json").read_text())}
+
+
+def test_tiny_run_measures_every_stage_and_writes_its_report(tiny_run):
+    r, out = tiny_run["results"], tiny_run["out"]
+    assert list(r["stages"]) == ["decode", "shards", "codec_train", "codec_export", "tokenize", "musicgen_train",
+                                 "generate", "evaluate"]
+    assert all(s > 0 for s in r["stages"].values())
+    for key in ("val_ce", "unigram_entropy", "recon_fad", "gen_fad", "gen_fad_text_only"):
+        assert isinstance(r[key], float) and r[key] == r[key], key  # a number, not NaN
+    assert set(r["ce_by_condition"]) == {"text + melody", "text only", "melody only", "neither"}
+    assert set(r["chroma_cosine"]) == {"melody-conditioned", "text only (no melody)"}
+    assert len(r["codebook_perplexity"]) == 4 and all(1 <= p <= r["codebook_card"] for p in r["codebook_perplexity"])
+    # the per-codebook perplexities are exp of the per-codebook entropies whose mean is the unigram entropy
+    assert sum(torch.tensor(r["codebook_perplexity"]).log()) / 4 == pytest.approx(r["unigram_entropy"], rel=1e-6)
+    assert r["targets"]["ce"]["met"] in (True, False) and r["targets"]["fad"]["met"] in (True, False)
+    assert any("lossy transport" in note for note in r["notes"])
+    md = (out / "results.md").read_text()
+    assert "## Learning run" in md and "--tiny" in md and "| validation CE, melody only |" in md
+    names = {p.name for p in out.iterdir()}
+    assert {"curves_codec.png", "curves_musicgen.png", "generated_0.wav", "spectrogram_generated_0.png"} <= names
+    assert not any(p.suffix == ".ckpt" for p in out.rglob("*"))  # checkpoints stay in --work
+    assert sum(p.stat().st_size for p in out.rglob("*")) < 50e6
+    assert {p.name for p in tiny_run["work"].glob(".done-*")} == {
+        f".done-{s}" for s in ("decode", "shards", "codec_train", "codec_export", "tokenize", "musicgen_train")}
