@@ -56,7 +56,7 @@ FLAC = {"format": "FLAC", "subtype": "PCM_16", "suffix": ".flac"}
 CODEC_GPU = ["experiment=recipe_encodec32", "family.codec.n_filters=32", "family.codec.card=1024",
              "family.disc_warmup_steps=1000", "data.batch_size=32", "data.segment_seconds=1.0",
              "data.eval_segment_seconds=5.0", "data.batches_per_epoch=250", "data.num_workers=8",
-             "data.eval_batch_size=16", "trainer.limit_val_batches=4", "trainer.max_steps=3000",
+             "data.eval_batch_size=16", "trainer.limit_val_batches=4", "trainer.max_steps=2000",
              "trainer.checkpoint_every_steps=500", "slurm.gpus=1"]
 # MusicGen of real width (MusicGen-small's 1024 x 16 heads; 10 layers instead of 24), text + melody (chroma).
 MELODY = "{sample_rate:32000,hop_seconds:0.128,argmax:true,dropout:0.3}"
@@ -65,7 +65,7 @@ MUSICGEN_GPU = ["experiment=musicgen_tiny", f"family.melody={MELODY}", "family.l
                 "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "data.batch_size=32",
                 "data.segment_seconds=10.0", "data.batches_per_epoch=200", "data.num_workers=8",
                 "data.eval_batch_size=16", "optim.lr=5.0e-4", "optim.schedule.warmup_steps=100",
-                "trainer.max_steps=4000", "trainer.checkpoint_every_steps=500", "ema.decay=0.99"]
+                "trainer.max_steps=1500", "trainer.checkpoint_every_steps=500", "ema.decay=0.99"]
 TINY_COMMON = ["trainer.accelerator=cpu", "trainer.checkpoint_every_steps=6", "data.batches_per_epoch=3",
                "trainer.limit_val_batches=1", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=4"]
 CODEC_TINY = ["experiment=codec_tiny", f"family.sample_rate={SAMPLE_RATE}", "trainer.max_steps=6",
@@ -181,6 +181,23 @@ def _decode_clip(job: tuple[str, str]) -> None:
     wav, sr = sf.read(src, dtype="float32")
     sf.write(dst + ".tmp", wav, sr, format="FLAC", subtype="PCM_16")
     os.replace(dst + ".tmp", dst)
+
+
+CARRY_NAME = "carry.json"  # what bench/carry.py's pack writes (the same layout, other fields)
+
+
+def carried_info(carry: Path) -> dict:
+    """pack.json of a packed folder; a folder of bench/carry.py (carry.json) in pack.json's terms."""
+    if (carry / PACK_NAME).is_file():
+        return json.loads((carry / PACK_NAME).read_text())
+    theirs = json.loads((carry / CARRY_NAME).read_text())
+    audio = [p for p in (carry / "audio").rglob("*") if p.suffix in (".ogg", ".flac")]
+    seconds = theirs.get("hours", 0.0) * 3600
+    lossy = theirs.get("transport") == "vorbis"
+    return {"transport": "lossy" if lossy else "flac", "format": "OGG" if lossy else "FLAC",
+            "subtype": "VORBIS" if lossy else "PCM_16", "compression_level": theirs.get("vorbis_quality"),
+            "clips": theirs.get("clips"), "hours": theirs.get("hours", 0.0),
+            "kbps": sum(p.stat().st_size for p in audio) * 8 / max(seconds, 1e-9) / 1000}
 
 
 def unpack(carry: Path, corpus: Path, workers: int) -> None:
@@ -511,10 +528,10 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
                                or "cpu", "versions": _versions(), "notes": notes}
 
     # corpus: a packed carry is decoded to FLAC; a rendered corpus is used where it is
-    packed = (corpus_arg / PACK_NAME).is_file()
+    packed = (corpus_arg / PACK_NAME).is_file() or (corpus_arg / CARRY_NAME).is_file()
     corpus = work / "corpus" if packed else corpus_arg
     if packed:
-        info = json.loads((corpus_arg / PACK_NAME).read_text())
+        info = carried_info(corpus_arg)
         results["corpus"] = info
         stages.run("decode", lambda: unpack(corpus_arg, corpus, workers))
         if info.get("transport") == "lossy":

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SR = 32000
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("learning_run", ROOT / "bench" / "learning_run.py")
+def _load_bench(name: str = "learning_run"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -83,6 +83,18 @@ def test_pack_fits_the_budget_and_unpack_gives_a_32k_flac_corpus(tmp_path):
         assert torch.corrcoef(torch.stack([torch.from_numpy(wav), torch.from_numpy(original)]))[0, 1] > 0.95
         assert json.loads(path.with_suffix(".json").read_text())["caption"].startswith("A ")
     assert (tmp_path / "decoded" / "corpus.json").is_file()
+
+
+def test_a_folder_of_bench_carry_is_taken_too(tmp_path):
+    """bench/carry.py packs the same layout with its own carry.json: the run reads its transport and hours."""
+    corpus = _write_corpus(tmp_path / "corpus", {"train": 6, "valid": 2, "test": 2})
+    corpus_json = json.loads((corpus / "corpus.json").read_text())
+    (corpus / "corpus.json").write_text(json.dumps({**corpus_json, "options": {"sample_rate": SR, "channels": "mono"}}))
+    _load_bench("carry").pack(corpus, tmp_path / "carry")
+    info = lr.carried_info(tmp_path / "carry")
+    assert info["transport"] == "lossy" and info["hours"] == pytest.approx(20 / 3600) and info["kbps"] > 0
+    lr.unpack(tmp_path / "carry", tmp_path / "decoded", workers=1)
+    assert len(list((tmp_path / "decoded" / "audio" / "train").glob("*.flac"))) == 6
 
 
 def test_verdict_says_met_missed_and_the_gaps():
