@@ -72,6 +72,7 @@ CODEC_TINY = ["experiment=codec_tiny", f"family.sample_rate={SAMPLE_RATE}", "tra
               "data.eval_segment_seconds=1.0", *TINY_COMMON]
 MUSICGEN_TINY = ["experiment=musicgen_tiny", f"family.melody={MELODY}", "trainer.max_steps=6",
                  "data.segment_seconds=2.0", *TINY_COMMON]
+CALL_SECONDS = 540  # one device call: 10 min, less Python's and the machine's start-up
 TARGET_CE_GAP = 1.0  # nats below the unigram entropy (issue 19 item 3)
 TARGET_FAD_RATIO = 2.0  # generated FAD at most this times the codec's reconstruction FAD
 
@@ -669,6 +670,10 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
     results["skipped_stages"] = stages.skipped
     results["xps"] = {"codec": str(codec_xp), "musicgen": str(lm_xp)}
     results["total_seconds"] = time.time() - start_all
+    if results["total_seconds"] > CALL_SECONDS:
+        notes.append(f"the run took {results['total_seconds'] / 60:.1f} min, more than one device call's "
+                     f"{CALL_SECONDS / 60:.0f} min: lower --codec-minutes / --lm-minutes (the finished stages are "
+                     "kept in --work; a second call resumes after them)")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(render_results_md(results))
     print(render_results_md(results))
