@@ -35,7 +35,7 @@ _MAX_LOG_CE = 50.0  # exp() of a larger cross-entropy (a diverged step) overflow
 def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, lengths: Tensor,
                      prefix: Tensor | None = None, cond: Tensor | None = None,
                      cond_mask: Tensor | None = None, trim_delays: bool = False,
-                     targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     targets: Tensor | None = None, step_cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """codes ``[B, K, T]``, valid frames ``lengths [B]``, optional ``prefix [B, P, dim]`` and cross-attention
     ``cond [B, Tc, D]`` / ``cond_mask [B, Tc]`` -> (per-codebook mean CE ``[K]`` over valid targets, their count
     ``[K]``).
@@ -46,7 +46,11 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
     ``padding_with_special_token: false``), which the valid targets of later codebooks see.
 
     ``targets``: ``[B, T]`` bool, False for frames that are no targets though they stay in the context
-    (MusicGen-Style's: the frames its style excerpt was cut from, which the LM could otherwise copy)."""
+    (MusicGen-Style's: the frames its style excerpt was cut from, which the LM could otherwise copy).
+
+    ``step_cond``: ``[B, T', dim]`` added to the LM's input at sequence steps ``0 .. T' - 1`` (cut or zero-padded to
+    the ``S - 1`` input steps); with a one-codebook parallel pattern row t sits on the step that predicts frame t
+    (a Jukebox upsampler's upper codes)."""
     b, k, t = codes.shape
     card = lm.cfg.card
     frame_ok = torch.arange(t, device=codes.device)[None, :] < lengths.to(codes.device)[:, None]  # [B, T]
@@ -63,7 +67,11 @@ def masked_lm_losses(lm: CodebookLM, pattern: CodebookPattern, codes: Tensor, le
     if targets is not None:
         target_ok = target_ok & targets.to(device=codes.device, dtype=torch.bool)[:, None, :]
     valid.scatter_(2, pos[None].expand(b, k, t), target_ok)
-    logits = lm(seq[:, :, :-1], cond, cond_mask, prefix=prefix)  # [B, K, S-1, card]
+    extra = {}
+    if step_cond is not None:
+        n = seq.shape[-1] - 1
+        extra["step_cond"] = F.pad(step_cond[:, :n], (0, 0, 0, n - min(n, step_cond.shape[1])))
+    logits = lm(seq[:, :, :-1], cond, cond_mask, prefix=prefix, **extra)  # [B, K, S-1, card]
     target, valid = seq[:, :, 1:], valid[:, :, 1:]
     ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), target.clamp(max=card - 1), reduction="none")
     ce = ce * valid  # [B, K, S-1]

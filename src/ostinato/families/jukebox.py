@@ -8,7 +8,8 @@ array shards (``ostinato encode`` with its export: streams ``top``, ``middle``, 
 ``JukeboxPrior`` trains one ``LevelPrior`` (``self.model``, ``level: top | middle | bottom``) with the codebook-LM
 base's masked cross-entropy on crops of that level's codes. What training adds: the metadata fields dropped with
 ``metadata.dropout`` and all of the metadata with ``cfg_dropout`` (the null condition classifier-free guidance uses);
-for the upsamplers, the codes of the level above cropped with this level's and upsampled into the prefix. The
+for the upsamplers, the codes of the level above cropped with this level's, upsampled and added to the LM's input
+frame by frame (``LevelPrior.upper_condition``; the null condition keeps them). The
 level's frame rate and window come from the array shards' manifest at setup.
 """
 from __future__ import annotations
@@ -151,18 +152,23 @@ class JukeboxPrior(CodebookLMFamily):
             self.vqvae_ref = dm.model.id
 
     def batch_prefix(self, batch: ArrayBatch, train: bool) -> Tensor | None:
-        """The LM prefix of a batch: metadata (fields dropped, then all of it with ``cfg_dropout`` in training) and,
-        for the upsamplers, the upper codes of the crop."""
+        """The LM prefix of a batch ``[B, fields, dim]``: metadata (fields dropped, then all of it with
+        ``cfg_dropout`` in training); None without metadata."""
         prior = self.model
         gen = torch.Generator().manual_seed(random.getrandbits(31)) if train and prior.metadata_fields else None
         meta = prior.metadata_prefix(batch.meta, self.metadata_dropout if train else 0.0, gen)
         if meta is not None and train and self.cfg_dropout > 0:
             keep = (torch.rand(meta.shape[0], device=meta.device) >= self.cfg_dropout).to(meta.dtype)
             meta = meta * keep[:, None, None]
-        cond = None
-        if prior.upper is not None:
-            cond = prior.upper_condition(batch.arrays[prior.upper], batch.lengths[prior.upper])
-        return prior.prefix(meta, cond)
+        return meta
+
+    def batch_step_cond(self, batch: ArrayBatch) -> Tensor | None:
+        """Upsamplers: the upper codes of the crop as ``[B, F_up * level_ratio, dim]``, row t for frame t; the top
+        prior: None."""
+        prior = self.model
+        if prior.upper is None:
+            return None
+        return prior.upper_condition(batch.arrays[prior.upper], batch.lengths[prior.upper])
 
     def losses(self, batch: ArrayBatch, train: bool) -> Tensor:
         """Cross-entropy ``[1]`` of this level's codes (a crop padded or cut to ``window`` frames)."""
@@ -171,7 +177,7 @@ class JukeboxPrior(CodebookLMFamily):
         if prior.window and codes.shape[-1] != prior.window:
             codes = F.pad(codes[..., :prior.window], (0, max(0, prior.window - codes.shape[-1])))
         ce, _ = masked_lm_losses(prior.lm, prior.pattern, codes, lengths.clamp(max=codes.shape[-1]),
-                                 self.batch_prefix(batch, train))
+                                 self.batch_prefix(batch, train), step_cond=self.batch_step_cond(batch))
         return ce
 
     def evaluate(self, batch: ArrayBatch, split: str) -> None:

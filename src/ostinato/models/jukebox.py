@@ -9,13 +9,19 @@ and a SEANet decoder, i.e. an ostinato ``Codec`` with a single codebook. Their h
 
 Level names, from the finest: ``bottom``, ``middle``, ``top``.
 
-Prior conditioners (prefixes of a ``CodebookLM``):
+Prior conditioners of a ``CodebookLM``:
 
 * ``MetadataConditioner``: one embedding per metadata field (genre, composer, ...). Values are hashed into
-  ``buckets`` rows per field (a stable CRC-32 of the lower-cased text), so no vocabulary has to be built or stored
-  and any value, seen in training or not, maps to a row; row 0 is "unknown / dropped".
+  ``buckets`` rows per field, twice (stable CRC-32s of the lower-cased text, unsalted and salted), and the two rows
+  summed, so no vocabulary has to be built or stored and any value, seen in training or not, maps to a pair of
+  rows; row 0 is "unknown / dropped". With one hash two of the demo's 24 genres shared a row in 1024 ("march",
+  "scottish strathspey"), and the prior could not tell them apart; two values now meet only if both hashes
+  collide (about 1 in a million for a pair). The LM's prefix.
 * ``UpperConditioner``: the codes of the level above, embedded, refined by residual convolutions at their own rate,
-  upsampled by nearest repetition (``ratio``) and a convolution: one vector per frame of the level being modelled.
+  upsampled by nearest repetition (``ratio``) and a convolution: one vector per frame of the level being modelled,
+  added (as in Jukebox) to the LM's input at the step that predicts that frame. In a prefix the condition of frame t
+  would sit a whole window back, a distance the LM has to learn to attend to before the upper codes mean anything,
+  and the upsamplers barely used them.
 
 ``LevelPrior``: one level's ``CodebookLM`` with those prefixes; ``Jukebox``: the VQ-VAE and the three priors,
 ``generate(prompts or metadata, duration)`` samples top -> middle -> bottom codes and decodes the bottom ones.
@@ -143,8 +149,11 @@ class HierarchicalVQVAE(nn.Module):
         return {name: codes[name] for name in reversed(LEVELS)}
 
 
-def _hash(text: str, buckets: int) -> int:
-    return zlib.crc32(" ".join(str(text).lower().split()).encode("utf-8")) % buckets + 1
+HASH_SALTS = (b"", b"ostinato metadata #2")  # one row per salt, summed
+
+
+def _hash(text: str, buckets: int, salt: bytes = b"") -> int:
+    return zlib.crc32(salt + " ".join(str(text).lower().split()).encode("utf-8")) % buckets + 1
 
 
 class MetadataConditioner(nn.Module):
@@ -160,8 +169,9 @@ class MetadataConditioner(nn.Module):
 
     def ids(self, metas: Sequence[Mapping[str, Any]], dropout: float = 0.0,
             generator: torch.Generator | None = None) -> Tensor:
-        """Per item and field the hashed row (0 where the field is missing, empty or dropped): ``[B, fields]``."""
-        out = torch.zeros(len(metas), len(self.fields), dtype=torch.long)
+        """Per item and field the hashed rows, one per salt (0 where the field is missing, empty or dropped):
+        ``[B, fields, 2]``."""
+        out = torch.zeros(len(metas), len(self.fields), len(HASH_SALTS), dtype=torch.long)
         for i, meta in enumerate(metas):
             for j, name in enumerate(self.fields):
                 value = meta.get(name)
@@ -171,13 +181,14 @@ class MetadataConditioner(nn.Module):
                     continue
                 if dropout > 0 and float(torch.rand((), generator=generator)) < dropout:
                     continue
-                out[i, j] = _hash(str(value), self.buckets)
+                out[i, j] = torch.tensor([_hash(str(value), self.buckets, salt) for salt in HASH_SALTS])
         return out
 
     def forward(self, ids: Tensor) -> Tensor:
-        """ids [B, fields] -> [B, fields, dim]."""
+        """ids [B, fields, 2] -> [B, fields, dim] (the sum of the rows)."""
         offsets = torch.arange(len(self.fields), device=ids.device) * (self.buckets + 1)
-        return self.emb(ids.to(self.emb.weight.device) + offsets.to(self.emb.weight.device))
+        rows = ids.to(self.emb.weight.device) + offsets.to(self.emb.weight.device)[:, None]
+        return self.emb(rows).sum(dim=2)
 
 
 def parse_metadata(text: str, fields: Sequence[str]) -> dict[str, str]:
@@ -225,8 +236,8 @@ class UpperConditioner(nn.Module):
 
 class LevelPrior(nn.Module):
     """A Jukebox prior over one level's codes: a single-codebook ``CodebookLM`` whose prefix holds the metadata
-    embeddings, then (upsamplers) the codes of the level above upsampled to this level's rate and zero-padded to
-    ``window`` frames, so the code of frame t and its condition are always the same number of positions apart.
+    embeddings and (upsamplers) whose input at the step predicting frame t gets the codes of the level above,
+    upsampled to this level's rate, at frame t.
 
     Args:
         level: ``top`` (the top-level prior) or ``middle`` / ``bottom`` (upsamplers, conditioned on the level above).
@@ -289,17 +300,9 @@ class LevelPrior(nn.Module):
         return module(module.ids(metas, field_dropout, generator))
 
     def upper_condition(self, upper: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Codes of the level above ``[B, 1, F_up]`` -> ``[B, F_up * level_ratio, dim]``."""
+        """Codes of the level above ``[B, 1, F_up]`` -> ``[B, F_up * level_ratio, dim]``: row t is added to the
+        LM's input at the step that predicts frame t (``step_cond``)."""
         return self.prefix_modules["upper"](upper, lengths)
-
-    def prefix(self, meta: Tensor | None, condition: Tensor | None) -> Tensor | None:
-        """The LM prefix ``[B, fields + window, dim]``: metadata, then the upper condition ``[B, F, dim]``
-        zero-padded (or cut) to ``window`` frames."""
-        parts = [p for p in (meta,) if p is not None]
-        if condition is not None:
-            n = self.window or condition.shape[1]
-            parts.append(F.pad(condition[:, :n], (0, 0, 0, n - min(n, condition.shape[1]))))
-        return torch.cat(parts, dim=1) if parts else None
 
     def decoding_steps(self, n_frames: int) -> int:
         """Steps ``generate`` reports for ``n_frames``: windows of ``window`` frames advancing by half a window."""
@@ -319,24 +322,27 @@ class LevelPrior(nn.Module):
                  params: GenerationParams | None = None, progress: Progress | None = None) -> Tensor:
         """Codes ``[B, 1, n_frames]``, one item per metadata dict, given (upsamplers) the codes of the level above
         ``upper [B, 1, n_frames / level_ratio]``. Outputs longer than ``window`` slide half a window per step; each
-        window's condition is the part of ``upper`` under it. ``params.cfg_scale`` guides by the metadata."""
+        window's condition is the part of ``upper`` under it. ``params.cfg_scale`` guides by the metadata (the null
+        condition zeroes the metadata and keeps the upper codes)."""
         params = params or GenerationParams()
         window = self.window or None
         params = replace(params, max_window_frames=window, cfg_beta=None,
                          extend_stride_frames=None if window is None else max(1, window // 2))
         device = self.codes_per_second.device
-        meta = self.metadata_prefix(metas)
-        prefix: Any = meta
+        step_cond = None
         if self.upper is not None:
             if upper is None:
                 raise ValueError(f"the {self.level} prior samples given the {self.upper} codes: pass upper")
+            if upper.shape[-1] * self.level_ratio < n_frames:
+                raise ValueError(f"{n_frames} {self.level} frames need {-(-n_frames // self.level_ratio)} "
+                                 f"{self.upper} frames, got {upper.shape[-1]}")
             condition = self.upper_condition(upper.to(device))
 
-            def prefix(start: int, n: int) -> Tensor:
-                return self.prefix(meta, condition[:, start:start + n])
+            def step_cond(start: int, n: int) -> Tensor:
+                return condition[:, start:start + n]
 
-        return generate(self.lm, self.pattern, n_frames, prefix=prefix, batch_size=len(metas), params=params,
-                        progress=progress)
+        return generate(self.lm, self.pattern, n_frames, prefix=self.metadata_prefix(metas), batch_size=len(metas),
+                        params=params, progress=progress, step_cond=step_cond)
 
 
 class Jukebox(nn.Module):
@@ -392,8 +398,8 @@ class Jukebox(nn.Module):
                        params: GenerationParams | None = None, progress: Progress | None = None) -> dict[str, Tensor]:
         """Per level codes ``[B, 1, F_level]`` for ``duration`` seconds, one item per metadata dict.
 
-        ``params.cfg_scale`` guides the top prior by the metadata; the upsamplers sample without guidance (their
-        null condition would drop the upper codes too); level i is seeded ``seed + i``.
+        ``params.cfg_scale`` guides every level by the metadata (an upsampler's null condition keeps its upper codes);
+        level i is seeded ``seed + i``.
         """
         params = params or GenerationParams(cfg_scale=3.0)
         frames = {"top": max(1, math.ceil(duration * self.priors["top"].frame_rate))}
@@ -410,8 +416,7 @@ class Jukebox(nn.Module):
                 if progress is not None:
                     progress(before + d, total)
 
-            level = replace(params, cfg_scale=params.cfg_scale if prior.upper is None else 1.0,
-                            seed=None if params.seed is None else params.seed + i)
+            level = replace(params, seed=None if params.seed is None else params.seed + i)
             upper = None if prior.upper is None else codes[prior.upper]
             codes[part] = prior.generate(frames[part], metas, upper, level, report)
             done += steps[part]

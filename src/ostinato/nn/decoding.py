@@ -9,7 +9,11 @@ P output frames are the prompt exactly. All steps before the first one that need
 
 Conditioning is cross-attention states ``cond [B, Tc, D]`` and/or a ``prefix [B, P, dim]`` of embeddings
 prepended to every window (melody chroma, style tokens). A prefix may be a function ``(start_frame, n_frames) ->
-[B, P, dim]`` so that each sliding window gets the part of a time-aligned condition (the melody) it covers.
+[B, P, dim]`` so that each sliding window gets the part of a time-aligned condition (the melody) it covers. A
+``step_cond`` (a Jukebox upsampler's upper codes) is added to the input of every step instead: row t of
+``fn(start_frame, n_frames) -> [B, n_frames, dim]`` on the window's step t (the one whose logits predict frame t of
+a one-codebook parallel pattern); every CFG row keeps it (it is no part of the null condition), and the fast
+backends, which have no such input, give way to ``"cache"``.
 
 Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B rows) and mixes the two halves
 with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
@@ -58,6 +62,8 @@ Progress = Callable[[int, int], None]
 # (start_frame, n_frames) -> [B, P, dim], or a pair (prefix, null prefix) when CFG must keep part of the prefix, or
 # a triple (prefix, style-only prefix, null prefix) for double CFG when the text is in the prefix (MusicGen-Style)
 PrefixFn = Callable[[int, int], "Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]"]
+# (start_frame, n_frames) -> [B, n_frames, dim] added to the inputs of the window's steps
+StepCondFn = Callable[[int, int], Tensor]
 
 
 @dataclass
@@ -167,7 +173,7 @@ class _Decoder:
     def __init__(self, model: CodebookLM, pattern: CodebookPattern, b: int, cond: Tensor | None,
                  cond_mask: Tensor | None, prefix: Tensor | PrefixFn | None, params: GenerationParams,
                  generator: torch.Generator | None, use_cache: bool, progress: Progress | None,
-                 null_mask: Tensor | None = None) -> None:
+                 null_mask: Tensor | None = None, step_cond: StepCondFn | None = None) -> None:
         self.model, self.pattern, self.b, self.params = model, pattern, b, params
         self.generator, self.use_cache, self.progress = generator, use_cache, progress
         self.device = next(model.parameters()).device
@@ -189,6 +195,17 @@ class _Decoder:
             self.cond, self.cond_mask = cond, cond_mask
         self.done, self.total = 0, 0
         self.backend, self.dtype = resolve_backend(model, params) if use_cache else ("none", torch.float32)
+        self.step_cond = step_cond
+        if step_cond is not None and self.backend in ("static", "graph"):
+            self.backend = "cache"  # the fast step embeds codes alone
+
+    def window_step_cond(self, start: int, n_frames: int, steps: int) -> Tensor | None:
+        """The step condition of one window: ``[rows * B, steps, dim]``, zeros past ``n_frames``."""
+        if self.step_cond is None:
+            return None
+        sc = self.step_cond(start, n_frames).to(self.device)
+        sc = torch.nn.functional.pad(sc[:, :steps], (0, 0, 0, steps - min(steps, sc.shape[1])))
+        return torch.cat([sc] * self.rows) if self.rows > 1 else sc
 
     def window_prefix(self, start: int, n_frames: int) -> Tensor | None:
         """The prefix rows of one window: ``[rows * B, P, dim]`` (full; [prefix only]; zeros)."""
@@ -210,11 +227,12 @@ class _Decoder:
         partial = pre if partial is None else partial.to(self.device)
         return torch.cat([pre] + ([partial] if self.double else []) + [null])
 
-    def _logits(self, inp: Tensor, cache, prefix: Tensor | None) -> Tensor:
-        # inp [B, K, s] -> [B, K, card] for the step after inp
+    def _logits(self, inp: Tensor, cache, prefix: Tensor | None, step_cond: Tensor | None = None) -> Tensor:
+        # inp [B, K, s] -> [B, K, card] for the step after inp; step_cond [rows * B, s, dim]
         if self.cfg_on:
             inp = torch.cat([inp] * self.rows)
-        logits = self.model(inp, self.cond, self.cond_mask, cache=cache, prefix=prefix)[:, :, -1]
+        extra = {} if step_cond is None else {"step_cond": step_cond}
+        logits = self.model(inp, self.cond, self.cond_mask, cache=cache, prefix=prefix, **extra)[:, :, -1]
         if self.double:
             full, partial, null = logits.float().split(self.b)
             assert self.params.cfg_beta is not None
@@ -254,14 +272,16 @@ class _Decoder:
             out, _ = pattern.revert(seq, n_frames)
             return out
         cache = model.make_cache(self.rows * b, n_prefix + steps) if self.use_cache else None
+        step_cond = self.window_step_cond(start, n_frames, steps)
         for s in range(first - 1, steps - 1):
             if cache is None:
-                inp, pre = seq[:, :, :s + 1], prefix
+                lo, pre = 0, prefix
             elif s == first - 1:
-                inp, pre = seq[:, :, :first], prefix
+                lo, pre = 0, prefix
             else:
-                inp, pre = seq[:, :, s:s + 1], None
-            logits = self._logits(inp, cache, pre)
+                lo, pre = s, None
+            inp = seq[:, :, lo:s + 1]
+            logits = self._logits(inp, cache, pre, None if step_cond is None else step_cond[:, lo:s + 1])
             if bool(free[s + 1]):
                 tok = sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator)  # [B, K]
                 sampled = torch.where(valid[:, s + 1], tok, torch.full_like(tok, special))
@@ -325,7 +345,7 @@ def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: 
               cond_mask: Tensor | None, prompt: Tensor | None, params: GenerationParams, batch_size: int,
               progress: Progress | None, use_cache: bool, generator: torch.Generator | None,
               prefix: Tensor | PrefixFn | None = None, frame_offset: int = 0,
-              null_mask: Tensor | None = None) -> Tensor:
+              null_mask: Tensor | None = None, step_cond: StepCondFn | None = None) -> Tensor:
     if pattern.n_q != model.cfg.n_q:
         raise ValueError(f"pattern has {pattern.n_q} codebooks, model {model.cfg.n_q}")
     n_prompt = 0 if prompt is None else prompt.shape[-1]
@@ -334,7 +354,8 @@ def _generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, cond: 
     if n_prompt > n_frames:
         raise ValueError(f"prompt ({n_prompt} frames) longer than n_frames ({n_frames})")
     b = _batch_size(cond, prompt, prefix, batch_size)
-    dec = _Decoder(model, pattern, b, cond, cond_mask, prefix, params, generator, use_cache, progress, null_mask)
+    dec = _Decoder(model, pattern, b, cond, cond_mask, prefix, params, generator, use_cache, progress, null_mask,
+                   step_cond)
     plan = _window_plan(n_frames, n_prompt, params.max_window_frames, params.extend_stride_frames)
     dec.total = sum(pattern.max_steps(frames) - 1 for frames, _ in plan)
     out = dec.segment(plan[0][0], prompt, frame_offset)
@@ -350,7 +371,7 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
              cond_mask: Tensor | None = None, prompt: Tensor | None = None,
              params: GenerationParams | None = None, batch_size: int = 1, progress: Progress | None = None,
              use_cache: bool = True, prefix: Tensor | PrefixFn | None = None,
-             null_mask: Tensor | None = None) -> Tensor:
+             null_mask: Tensor | None = None, step_cond: StepCondFn | None = None) -> Tensor:
     """Sample ``codes [B, K, n_frames]`` (prompt included) from ``model`` through ``pattern``.
 
     Args:
@@ -363,6 +384,8 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
         prefix: ``[B, P, dim]`` prepended embeddings, or ``fn(start_frame, n_frames)`` giving them per window.
         null_mask: ``[B, Tc]`` bool: the positions of the CFG null condition (zero states) cross-attention attends
             (None = none).
+        step_cond: ``fn(start_frame, n_frames) -> [B, n_frames, dim]`` added to the inputs of each window's steps
+            (see the module docstring).
     """
     params = GenerationParams() if params is None else params
     was_training = model.training
@@ -370,7 +393,7 @@ def generate(model: CodebookLM, pattern: CodebookPattern, n_frames: int, *, cond
     try:
         gen = _make_generator(params.seed, next(model.parameters()).device)
         return _generate(model, pattern, n_frames, cond, cond_mask, prompt, params, batch_size, progress,
-                         use_cache, gen, prefix, null_mask=null_mask)
+                         use_cache, gen, prefix, null_mask=null_mask, step_cond=step_cond)
     finally:
         model.train(was_training)
 

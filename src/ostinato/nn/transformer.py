@@ -373,7 +373,8 @@ class CodebookLM(nn.Module):
                        device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
 
     def forward(self, codes: Tensor, cond: Tensor | None = None, cond_mask: Tensor | None = None,
-                cache: KVCache | None = None, offset: int = 0, prefix: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, offset: int = 0, prefix: Tensor | None = None,
+                step_cond: Tensor | None = None) -> Tensor:
         """Next-step logits.
 
         Args:
@@ -387,6 +388,9 @@ class CodebookLM(nn.Module):
             prefix: ``[B, P, dim]`` embeddings prepended to the sequence (melody chroma, style tokens): they take
                 positions ``offset .. offset + P - 1`` and the codes follow; no logits are returned for them.
                 With a cache, pass it on the first (prefill) call only.
+            step_cond: ``[B, S, dim]`` added to the embeddings of the S given steps (a Jukebox upsampler's upper
+                codes: the condition of the step a position predicts sits on that position, not far back in a
+                prefix).
         Returns:
             ``[B, K, S, card]`` logits; ``[:, :, s]`` predicts step s + 1.
         """
@@ -402,6 +406,10 @@ class CodebookLM(nn.Module):
         x = self.emb[0](codes[:, 0])
         for i in range(1, k):
             x = x + self.emb[i](codes[:, i])
+        if step_cond is not None:
+            if step_cond.shape != (b, s, self.cfg.dim):
+                raise ValueError(f"step_cond must be [{b}, {s}, {self.cfg.dim}], got {tuple(step_cond.shape)}")
+            x = x + step_cond.to(x.dtype)
         if prefix is not None:
             if prefix.shape[0] != b or prefix.shape[2] != self.cfg.dim:
                 raise ValueError(f"prefix must be [{b}, P, {self.cfg.dim}], got {tuple(prefix.shape)}")
