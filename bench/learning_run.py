@@ -267,6 +267,7 @@ def _met(entry: dict) -> str:
 def render_results_md(r: dict) -> str:
     """results.json -> a Markdown section for bench/RESULTS.md."""
     v, pack_info = r.get("targets", {}), r.get("corpus", {})
+    clips = " / ".join(f"{k} {n}" for k, n in (pack_info.get("clips") or {}).items()) + " clips"
     ce, fad = v.get("ce", {}), v.get("fad", {})
     lines = [f"## Learning run (issue 19 items 2, 3, 5), {r.get('date')}", "",
              f"Device: {r.get('device')}; torch {r.get('versions', {}).get('torch')}, lightning "
@@ -274,11 +275,11 @@ def render_results_md(r: dict) -> str:
              f"Command: `{r.get('command')}`" + (" (`--tiny`: a smoke run, not a result)" if r.get("tiny") else ""),
              ""]
     if pack_info.get("transport"):
-        lines.append(f"Corpus: {pack_info.get('hours', 0):.2f} h at 32 kHz mono ({pack_info.get('clips')}), carried "
+        lines.append(f"Corpus: {pack_info.get('hours', 0):.2f} h at 32 kHz mono ({clips}), carried "
                      f"as {pack_info.get('transport')} ({pack_info.get('format')} {pack_info.get('subtype')}, "
                      f"{pack_info.get('kbps', 0):.0f} kbps) and decoded to FLAC on the device.")
     else:
-        lines.append(f"Corpus: {pack_info.get('hours', 0):.2f} h at 32 kHz mono ({pack_info.get('clips')}), FLAC.")
+        lines.append(f"Corpus: {pack_info.get('hours', 0):.2f} h at 32 kHz mono ({clips}), FLAC.")
     lines += ["", "| stage | wall s |", "| --- | --- |"]
     lines += [f"| {k} | {s:.1f} |" for k, s in r.get("stages", {}).items()]
     lines += ["", "| measure | value |", "| --- | --- |",
@@ -291,7 +292,7 @@ def render_results_md(r: dict) -> str:
         lines.append(f"| validation CE, {name} | {_fmt(value)} |")
     chroma = r.get("chroma_cosine") or {}
     for name, value in chroma.items():
-        lines.append(f"| chroma cosine to the test melody, {name} | {_fmt(value)} |")
+        lines.append(f"| chroma cosine to the test melody ({r.get('chroma_clips')} clips), {name} | {_fmt(value)} |")
     perp = r.get("codebook_perplexity")
     if perp:
         lines.append(f"| codebook perplexity per level (of {r.get('codebook_card')}) | "
@@ -593,14 +594,15 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
     def generate() -> None:
         params = GenerationParams()
         batch = 4 if tiny else 16
-        for mode in ("melody", "text_only", "other_seed"):
+        for mode in ("melody", "text_only", "unconditioned", "other_seed"):  # the last two: the first batch
             torch.manual_seed(1 if mode == "other_seed" else 0)
             parts = []
-            for i in range(0, len(test) if mode != "other_seed" else min(len(test), batch), batch):
+            for i in range(0, len(test) if mode in ("melody", "text_only") else min(len(test), batch), batch):
                 rows = test[i:i + batch]
-                melody = [AudioInput(wav, sr) for _, wav, sr, _ in rows] if mode != "text_only" else None
-                parts.append(generate_audio(model, codec, captions[i:i + batch], seconds, params,
-                                            melody=melody).float().cpu())
+                melody = [AudioInput(wav, sr) for _, wav, sr, _ in rows] if mode in ("melody", "other_seed") \
+                    else None
+                texts = [""] * len(rows) if mode == "unconditioned" else captions[i:i + batch]
+                parts.append(generate_audio(model, codec, texts, seconds, params, melody=melody).float().cpu())
             generated[mode] = torch.cat(parts)
 
     stages.run("generate", generate, resume=False)
@@ -625,12 +627,15 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
         results["gen_fad_text_only"] = _fad(backend, real, list(generated["text_only"]), sr)
         write_wav(out / "reconstruction_0.wav", recon[0], sr)
         chroma = {}
-        for mode, name in (("melody", "melody-conditioned"), ("text_only", "text only (no melody)")):
+        common = len(generated["unconditioned"])  # the same test clips for the three
+        for mode, name in (("melody", "melody-conditioned"), ("text_only", "text only (no melody)"),
+                           ("unconditioned", "unconditioned (no text, no melody)")):
             metric = ChromaCosineSimilarity(sr, argmax=True)
-            for wav, (_, ref, ref_sr, _) in zip(generated[mode], test):
+            for wav, (_, ref, ref_sr, _) in zip(generated[mode][:common], test):
                 metric.update(wav[None], AudioInput(ref, ref_sr).at(sr, ref.shape[0]))
             chroma[name] = float(metric.compute())
         results["chroma_cosine"] = chroma
+        results["chroma_clips"] = common
         n = min(len(generated["melody"]), 8)
         div = {}
         if n >= 2:

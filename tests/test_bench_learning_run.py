@@ -136,7 +136,8 @@ def test_tiny_run_measures_every_stage_and_writes_its_report(tiny_run):
     for key in ("val_ce", "unigram_entropy", "recon_fad", "gen_fad", "gen_fad_text_only"):
         assert isinstance(r[key], float) and r[key] == r[key], key  # a number, not NaN
     assert set(r["ce_by_condition"]) == {"text + melody", "text only", "melody only", "neither"}
-    assert set(r["chroma_cosine"]) == {"melody-conditioned", "text only (no melody)"}
+    assert set(r["chroma_cosine"]) == {"melody-conditioned", "text only (no melody)",
+                                       "unconditioned (no text, no melody)"}
     assert len(r["codebook_perplexity"]) == 4 and all(1 <= p <= r["codebook_card"] for p in r["codebook_perplexity"])
     # the per-codebook perplexities are exp of the per-codebook entropies whose mean is the unigram entropy
     assert sum(torch.tensor(r["codebook_perplexity"]).log()) / 4 == pytest.approx(r["unigram_entropy"], rel=1e-6)
