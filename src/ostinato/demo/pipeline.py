@@ -229,12 +229,29 @@ RETRIEVAL_SHOWN = ("t2a_r10", "a2t_r10", "chance_r10", "t2a_median_rank", "a2t_m
                    "n")
 
 
+CONDITIONS = ("text", "melody", "style")
+
+
+def condition_ces(valid: dict[str, float]) -> dict[str, float]:
+    """``valid/ce_no_{text,melody,style}`` of a validation record (``history.json``'s ``valid``): the CE with
+    each condition nulled alone, for those the model has."""
+    return {f"valid/ce_no_{name}": valid[f"ce_no_{name}"] for name in CONDITIONS if f"ce_no_{name}" in valid}
+
+
+def condition_gaps(lm_ce: float, ce_without: dict[str, float]) -> str:
+    """"text +0.123, melody +0.045 nats": what nulling each condition alone adds to the validation CE."""
+    return ", ".join(f"{key.removeprefix('valid/ce_no_')} {value - lm_ce:+.3f}" for key, value in ce_without.items())
+
+
 def demo_table(evaluation: dict[str, float], lm_ce: float | None, ce_text: float | None, entropy: float,
-               retrieval: dict[str, float], before: float | None, after: float | None) -> dict:
+               retrieval: dict[str, float], before: float | None, after: float | None,
+               ce_without: dict[str, float] | None = None) -> dict:
     """The report's metrics: the evaluation's scalars, then one table each for MusicGen, MuLaN and the codec, keyed
-    by metric names that ``ostinato.evaluation.report.metric_info`` knows (None values are left out)."""
+    by metric names that ``ostinato.evaluation.report.metric_info`` knows (None values are left out).
+    ``ce_without``: ``condition_ces`` of the last validation."""
     table = {**evaluation,
-             "MusicGen": {"valid/ce": lm_ce, "valid/ce_text_only": ce_text, "unigram_entropy": entropy},
+             "MusicGen": {"valid/ce": lm_ce, **(ce_without or {}), "valid/ce_text_only": ce_text,
+                          "unigram_entropy": entropy},
              "MuLaN retrieval, test split": {k: retrieval[k] for k in RETRIEVAL_SHOWN},
              "codec": {"mel_distance_untrained": before, "valid/mel_distance": after}}
     return {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
@@ -252,7 +269,8 @@ def _report(outputs: Path, generated: Path, modes: dict, plan: DemoPlan, recon: 
         sections.append(DemoSection(MODE_TITLES[mode], clips_from_folder(generated / mode, mode),
                                     note=f"{seconds:g} s each; parameters in the .json beside each clip"))
     curves = {"codec": _curves(xps["codec"], ["train/loss", "valid/mel_distance"]),
-              "MusicGen": _curves(xps["musicgen"], ["train/ce", "valid/ce", "valid/ce_text_only"]),
+              "MusicGen": _curves(xps["musicgen"], ["train/ce", "valid/ce", "valid/ce_text_only",
+                                                    *(f"valid/ce_no_{name}" for name in CONDITIONS)]),
               "MuLaN": _curves(xps["mulan"], ["train/loss", "valid/t2a_r10", "valid/a2t_r10", "valid/chance_r10"])}
     return write_demo_report(outputs / "demo" / "report.html", sections, metrics,
                              {k: v for k, v in curves.items() if v}, summary=summary, notes=notes)
@@ -315,6 +333,8 @@ def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> P
     lm_ce = next((h["valid"]["ce"] for h in reversed(lm_history) if "ce" in h.get("valid", {})), None)
     ce_text = next((h["valid"]["ce_text_only"] for h in reversed(lm_history)
                     if "ce_text_only" in h.get("valid", {})), None)
+    ce_without = next((condition_ces(h["valid"]) for h in reversed(lm_history)
+                       if condition_ces(h.get("valid", {}))), {})
     entropy = unigram_entropy(data / "tokens" / "train")
     mulan_valid = next((h["valid"] for h in reversed(_history(Path(mulan_xp.folder)))
                         if "t2a_r10" in h.get("valid", {})), {})
@@ -327,6 +347,9 @@ def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> P
                  f"{codec.frame_rate:g} Hz)")
     lines.append(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram "
                  f"entropy {entropy:.3f} nats" if lm_ce is not None else f"musicgen: XP {lm_xp.sig}")
+    if ce_without and lm_ce is not None:
+        lines.append(f"  each condition nulled alone adds (validation CE minus {lm_ce:.3f}): "
+                     f"{condition_gaps(lm_ce, ce_without)} nats")
     if ce_text is not None:
         lines.append(f"  without its melody and style prefix (text only): {ce_text:.3f} nats")
     lines.append(f"mulan: XP {mulan_xp.sig}; held-out test split ({retrieval['n']:.0f} clips vs their captions): "
@@ -345,7 +368,7 @@ def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> P
     lines.append("evaluation (evaluation/demo.yaml vs the test split): "
                  + ", ".join(f"{k} {v:.4g}" + (f" ({notes[k]})" if k in notes else "") for k, v in shown.items()))
     lines.append(f"  evaluation report: {eval_report}")
-    table = demo_table(shown, lm_ce, ce_text, entropy, retrieval, before, after)
+    table = demo_table(shown, lm_ce, ce_text, entropy, retrieval, before, after, ce_without)
     report = _report(outputs, generated, modes, plan, recon, table,
                      {"codec": Path(xp.folder), "musicgen": Path(lm_xp.folder), "mulan": Path(mulan_xp.folder)},
                      lines, notes)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +48,9 @@ class Conditions:
     """What the LM is conditioned on: cross-attention ``cond [B, Tc, D]`` + ``mask [B, Tc]``, a ``prefix
     [B, P, dim]`` (style tokens, melody, then a prefixed text), the style bottleneck's commitment ``penalty``, and
     ``text_only``: the prefix with style and melody at their null condition (None without either); ``targets``:
-    ``[B, T]`` False on the frames a style excerpt was cut from when ``style.mask_excerpt`` (None = all)."""
+    ``[B, T]`` False on the frames a style excerpt was cut from when ``style.mask_excerpt`` (None = all).
+    ``without``: per condition the model has ("text", "melody", "style"), ``(cond, mask, prefix)`` with that one
+    condition at its null and the others kept (filled outside training only: what validation scores)."""
 
     cond: Tensor | None = None
     mask: Tensor | None = None
@@ -56,6 +58,7 @@ class Conditions:
     penalty: Tensor | None = None
     text_only: Tensor | None = None
     targets: Tensor | None = None
+    without: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None]] = field(default_factory=dict)
 
 
 class MusicGenFamily(CodebookLMFamily):
@@ -161,6 +164,8 @@ class MusicGenFamily(CodebookLMFamily):
         text = model.text_tokens(texts)  # MusicGen-melody's text prefix (None for cross-attention)
         if not model.needs_audio_features:
             out.prefix = text
+            if not train and model.text is not None:
+                out.without["text"] = self._without_text(b, None, text)
             return out
         codec = model.codec
         if wav is None and model.melody is not None:
@@ -184,18 +189,30 @@ class MusicGenFamily(CodebookLMFamily):
             frames = model.melody_frames(codes.shape[-1], codec.frame_rate)
             chroma = model.fit_chroma(model.melody.features(wav, codec.sample_rate), frames)
             melody = model.melody(chroma)
-            if train and model.melody.chroma == "transformers":  # its null melody is pitch class C
-                silent = model.melody(model.melody.null(b, frames))
+            if train:
+                silent = model.melody.null_tokens(b, frames)
                 melody = torch.where(keep(self.melody_dropout)[:, None, None], melody, silent)
-            elif train:
-                melody = melody * keep(self.melody_dropout)[:, None, None].to(melody.dtype)
         out.prefix = model.prefix(style, melody, text)
-        silent = None
-        if melody is not None:
-            silent = torch.zeros_like(melody) if model.melody.chroma != "transformers" else \
-                model.melody(model.melody.null(b, melody.shape[1]))
-        out.text_only = model.prefix(None if style is None else torch.zeros_like(style), silent, text)
+        silent = None if melody is None else model.melody.null_tokens(b, melody.shape[1])  # type: ignore[union-attr]
+        no_style = None if style is None else torch.zeros_like(style)
+        out.text_only = model.prefix(no_style, silent, text)
+        if not train:
+            if model.text is not None:
+                out.without["text"] = self._without_text(b, model.prefix(style, melody, None), text)
+            if melody is not None:
+                out.without["melody"] = (out.cond, out.mask, model.prefix(style, silent, text))
+            if style is not None:
+                out.without["style"] = (out.cond, out.mask, model.prefix(no_style, melody, text))
         return out
+
+    def _without_text(self, b: int, prefix: Tensor | None,
+                      text: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(cond, mask, prefix)`` with the null text (the empty text of CFG dropout) and ``prefix`` (the other
+        prefix conditions) kept."""
+        cond, mask = self.model.condition([""] * b)
+        null_text = None if text is None else torch.zeros_like(text)  # "" is zero vectors as a prefix
+        parts = [p for p in (prefix, null_text) if p is not None]
+        return cond, mask, torch.cat(parts, dim=1) if parts else None
 
     # -- loss -----------------------------------------------------------------------------------------------
     def compute_losses(self, codes: Tensor, lengths: Tensor, cond: Tensor | None = None,
@@ -223,14 +240,30 @@ class MusicGenFamily(CodebookLMFamily):
             loss = loss + self.style_penalty_weight * penalty
         return self.log_ce("train", ce, len(batch), loss)
 
+    def condition_losses(self, batch: TokenBatch | AudioBatch, codes: Tensor, lengths: Tensor,
+                         wav: Tensor | None) -> dict[str, Tensor]:
+        """Validation's cross-entropies of one batch, each ``[K]``: ``ce`` with every condition; ``ce_no_text``,
+        ``ce_no_melody``, ``ce_no_style``: the same batch with that one condition at its null (what each adds);
+        ``ce_text_only``: melody and style both at theirs. Only the conditions the model has are keys."""
+        c = self.batch_conditions(batch, codes, lengths, wav, train=False)
+        out = {"ce": self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix, c.targets)[0]}
+        for name, (cond, mask, prefix) in c.without.items():
+            out[f"ce_no_{name}"] = self.compute_losses(codes, lengths, cond, mask, prefix, c.targets)[0]
+        if c.text_only is not None:
+            alone = [name for name in ("melody", "style") if name in c.without]
+            if len(alone) == 1:  # one prefix condition: nulling it is the text-only score
+                out["ce_text_only"] = out[f"ce_no_{alone[0]}"]
+            else:
+                out["ce_text_only"] = self.compute_losses(codes, lengths, c.cond, c.mask, c.text_only, c.targets)[0]
+        return out
+
     def evaluate(self, batch: TokenBatch | AudioBatch, split: str) -> None:
         codes, lengths, wav = self.batch_codes(batch)
-        c = self.batch_conditions(batch, codes, lengths, wav, train=False)
-        ce, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.prefix, c.targets)
-        if c.text_only is not None:  # what melody / style add: the same batch with their null condition
-            ce_text, _ = self.compute_losses(codes, lengths, c.cond, c.mask, c.text_only, c.targets)
-            self.log(f"{split}/ce_text_only", ce_text.mean(), sync_dist=True, batch_size=len(batch))
-        self.log_ce(split, ce, len(batch))
+        losses = self.condition_losses(batch, codes, lengths, wav)
+        for name, ce in losses.items():  # what each condition adds: the same batch with it at its null
+            if name != "ce":
+                self.log(f"{split}/{name}", ce.mean(), sync_dist=True, batch_size=len(batch))
+        self.log_ce(split, losses["ce"], len(batch))
 
     @property
     def frame_rate(self) -> float | None:

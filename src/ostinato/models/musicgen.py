@@ -475,7 +475,7 @@ class MusicGen(nn.Module):
             return None
         fr, mel = float(self.codec.frame_rate), self.melody
         if melody is None:  # the null melody (of the source's length, when it fixes one)
-            return lambda start, n: mel(mel.null(b, mel.null_frames or self.melody_frames(n, fr)))
+            return lambda start, n: mel.null_tokens(b, mel.null_frames or self.melody_frames(n, fr))
         need = self.melody_frames(total_frames, fr) + 1
         melodies = list(melody) if isinstance(melody, Sequence) else [melody]
         if len(melodies) not in (1, b):
@@ -545,7 +545,7 @@ class MusicGen(nn.Module):
                     return full, style_only, torch.zeros_like(full)
                 if self.melody is None or self.melody.chroma != "transformers" or mel is None:
                     return full  # the null rows of classifier-free guidance: zeros
-                null = self.melody(self.melody.null(b, mel.shape[1]))
+                null = self.melody.null_tokens(b, mel.shape[1])
                 zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
                 return full, self.prefix(zeros(style_tokens), null, zeros(text_tokens))
         prompt = None

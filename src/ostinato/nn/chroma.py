@@ -179,6 +179,15 @@ class MelodyConditioner(nn.Module):
             chroma[..., 0] = 1.0
         return chroma
 
+    def null_tokens(self, b: int, frames: int) -> Tensor:
+        """``[b, frames, dim]``: the prefix of the null (absent) melody, what melody dropout trains on and what
+        generation without a melody (or a CFG null row) feeds: zero vectors, or the projection of pitch class C for
+        "transformers" (its source's null). Not ``forward`` of a zero chroma: that is the projection's bias."""
+        if self.chroma == "transformers":
+            return self(self.null(b, frames))
+        return torch.zeros(b, frames, self.proj.out_features, device=self.proj.weight.device,
+                           dtype=self.proj.weight.dtype)
+
     @property
     def null_frames(self) -> int | None:
         """Prefix length of the null melody when the source fixes it (the chroma of one sample); None = that of

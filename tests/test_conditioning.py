@@ -1,0 +1,139 @@
+"""MusicGen's conditions are used: a small model learns to read an informative melody prefix, validation scores
+each condition by nulling it alone, and every path that leaves the melody out (dropout, validation, generation
+without a melody) feeds the same null prefix."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ostinato.data.token_datamodule import TokenBatch
+from ostinato.families.musicgen import MusicGenFamily
+from ostinato.interop.codecs import load_codec
+from ostinato.models.codec import Codec
+from tests.synth import tune, write_tiny_encodec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SR = 8000  # the tiny EnCodec at 8 kHz runs at 25 frames per second
+NOTE, NOTES = 0.256, 8  # each note holds two chroma frames (0.128 s), so its middle frame has a clean chroma
+LM = dict(preset="tiny", dim=64, num_layers=2, num_heads=4, ffn_dim=128)
+MELODY = dict(sample_rate=SR, hop_seconds=0.128, dropout=0.3)
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory: pytest.TempPathFactory) -> Codec:
+    return load_codec(write_tiny_encodec(tmp_path_factory.mktemp("codec") / "encodec", sample_rate=SR))
+
+
+def melody_batch(codec: Codec, b: int, gen: torch.Generator) -> tuple[TokenBatch, torch.Tensor]:
+    """Token items whose codes are the pitch class of the note sounding in each frame, and the audio of those notes
+    (``[B, 1, S]`` at the codec's rate): without the melody every note's first frame is a guess among 12."""
+    pcs = torch.randint(0, 12, (b, NOTES), generator=gen)
+    wav = torch.stack([tune(NOTES * NOTE, (60 + p).tolist(), SR) for p in pcs])
+    frames = int(NOTES * NOTE * codec.frame_rate)
+    note = (torch.arange(frames) / codec.frame_rate / NOTE).long().clamp(max=NOTES - 1)
+    codes = pcs[:, note][:, None]  # [B, 1, T]
+    return TokenBatch(codes, torch.full((b,), frames), [""] * b, [{} for _ in range(b)]), wav
+
+
+def test_small_musicgen_learns_to_use_an_informative_melody(codec: Codec) -> None:
+    torch.manual_seed(0)
+    family = MusicGenFamily(n_q=1, card=codec.card, lm=LM, text=None, melody=MELODY, cfg_dropout=0.1)
+    family.model.attach_codec(codec)
+    opt = torch.optim.AdamW(family.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):  # the training step's path: melody (and CFG) dropout, the chroma of the segment's audio
+        batch, wav = melody_batch(codec, 16, gen)
+        c = family.batch_conditions(batch, batch.codes, batch.lengths, wav, train=True)
+        ce, _ = family.compute_losses(batch.codes, batch.lengths, c.cond, c.mask, c.prefix, c.targets)
+        opt.zero_grad()
+        ce.mean().backward()
+        opt.step()
+    family.eval()
+    batch, wav = melody_batch(codec, 64, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        losses = {k: v.mean().item() for k, v in
+                  family.condition_losses(batch, batch.codes, batch.lengths, wav).items()}
+    assert set(losses) == {"ce", "ce_no_melody", "ce_text_only"}
+    # 8 notes x ln 12 over 51 frames = 0.39 nats per token is what the melody can tell; 300 steps learn most of it
+    assert losses["ce_no_melody"] - losses["ce"] >= 0.3, losses
+    assert losses["ce_text_only"] == losses["ce_no_melody"]
+
+
+def test_validation_nulls_each_condition_alone(codec: Codec) -> None:
+    torch.manual_seed(0)
+    style = dict(features="codec", feature_dim=codec.dimension, width=32, num_layers=1, num_heads=2, n_q=2, card=16,
+                 eval_q=1, downsample=5, excerpt_seconds=[0.5, 1.0], eval_excerpt_seconds=0.5, dropout=0.3)
+    family = MusicGenFamily(n_q=2, card=codec.card, lm=LM, text={"max_length": 16}, melody=MELODY, style=style)
+    family.model.attach_codec(codec)
+    family.eval()
+    batch, wav = melody_batch(codec, 2, torch.Generator().manual_seed(3))
+    batch.meta = [{"caption": "a reel"}, {"caption": "a chorale"}]
+    codes = torch.cat([batch.codes, batch.codes], dim=1)
+    with torch.no_grad():
+        c = family.batch_conditions(batch, codes, batch.lengths, wav, train=False)
+        losses = family.condition_losses(batch, codes, batch.lengths, wav)
+    assert set(losses) == {"ce", "ce_no_text", "ce_no_melody", "ce_no_style", "ce_text_only"}
+    assert len({round(v.mean().item(), 6) for v in losses.values()}) == 5  # each scores a different input
+    style_n = family.model._null_style_tokens()  # the style tokens come first, then the melody
+    assert c.prefix is not None and c.cond is not None
+    cond, mask, prefix = c.without["text"]  # the empty text of CFG dropout; the prefix kept
+    assert torch.equal(prefix, c.prefix) and not mask[:, 1:].any() and not torch.equal(cond, c.cond)
+    for name, kept, nulled in (("melody", slice(0, style_n), slice(style_n, None)),
+                               ("style", slice(style_n, None), slice(0, style_n))):
+        cond, mask, prefix = c.without[name]
+        assert cond is c.cond and mask is c.mask and prefix is not None
+        assert torch.equal(prefix[:, kept], c.prefix[:, kept])
+        assert not prefix[:, nulled].any() and c.prefix[:, nulled].any()
+
+
+def test_a_left_out_melody_is_the_same_null_in_training_validation_and_generation(codec: Codec) -> None:
+    torch.manual_seed(0)
+    family = MusicGenFamily(n_q=1, card=codec.card, lm=LM, text=None, melody={**MELODY, "dropout": 1.0})
+    model = family.model
+    model.attach_codec(codec)
+    assert model.melody is not None and model.melody.proj.bias.abs().sum() > 0  # proj(zero chroma) is no null
+    batch, wav = melody_batch(codec, 2, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dropped = family.batch_conditions(batch, batch.codes, batch.lengths, wav, train=True).prefix
+        valid = family.batch_conditions(batch, batch.codes, batch.lengths, wav, train=False).text_only
+        generation = model._melody_prefix(None, 2, batch.codes.shape[-1])  # generate() without --melody
+        assert generation is not None
+        generated = generation(0, batch.codes.shape[-1])
+    assert dropped is not None and valid is not None
+    assert not dropped.any() and torch.equal(dropped, valid) and torch.equal(generated, dropped)
+
+
+def test_melody_adherence_scores_generations_with_and_without_the_melody(codec: Codec) -> None:
+    from ostinato.generation.melody_adherence import melody_adherence
+    from ostinato.generation.request import AudioInput
+    from ostinato.nn.decoding import GenerationParams
+
+    torch.manual_seed(0)
+    model = MusicGenFamily(n_q=2, card=codec.card, lm=LM, text=None, melody=MELODY).model
+    melodies = [AudioInput(tune(1.0, [60, 64, 67, 72], SR), SR), AudioInput(tune(0.6, [69, 65], 16000), 16000)]
+    params = GenerationParams(seed=0, top_k=20)
+    scores = melody_adherence(model, ["", ""], melodies, 1.0, params, codec=codec)
+    assert set(scores) == {"chroma_cos_melody", "chroma_cos_unconditioned"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    # the melody reaches generation: the same seed gives other codes with it than without it
+    torch.manual_seed(0)
+    with_melody = model.generate(["", ""], 1.0, melody=melodies, params=params)
+    assert not torch.equal(with_melody, model.generate(["", ""], 1.0, params=params))
+    with pytest.raises(ValueError, match="one each"):
+        melody_adherence(model, ["a"], melodies, 1.0, params)
+
+
+def test_the_demo_shows_what_each_condition_adds(tmp_path) -> None:
+    from ostinato.demo.pipeline import RETRIEVAL_SHOWN, condition_ces, condition_gaps, demo_table
+    from ostinato.demo.report import write_demo_report
+
+    valid = {"ce": 4.0, "ce_no_text": 4.2, "ce_no_melody": 4.35, "ce_no_style": 4.01, "ce_text_only": 4.4}
+    ces = condition_ces(valid)
+    assert list(ces) == ["valid/ce_no_text", "valid/ce_no_melody", "valid/ce_no_style"]
+    assert condition_gaps(4.0, ces) == "text +0.200, melody +0.350, style +0.010"
+    table = demo_table({}, 4.0, 4.4, 5.5, dict.fromkeys(RETRIEVAL_SHOWN, 0.5), None, None, ces)
+    assert table["MusicGen"]["valid/ce_no_melody"] == 4.35
+    page = write_demo_report(tmp_path / "report.html", [], table, {}).read_text()
+    for name in ("ce_no_text", "ce_no_melody", "ce_no_style"):  # each row says which way is better
+        assert f"<code>valid/{name}</code>" in page and "what the" in page
