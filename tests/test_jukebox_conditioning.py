@@ -140,6 +140,31 @@ def test_an_upsampler_generates_what_the_upper_codes_say(middle):
     assert not torch.equal(codes[0], codes[1])
 
 
+def test_the_condition_report_reads_array_shards(middle, tmp_path):
+    """``prior_condition_report`` on array shards in ``ostinato encode``'s layout (what the GPU run prints)."""
+    import json
+
+    import webdataset as wds
+
+    from ostinato.data.arrays import ArrayManifest, ArrayShard, ModelInfo, StreamInfo, encode_array
+    from ostinato.evaluation.jukebox_checks import prior_condition_report
+
+    batch = _upper_batch(torch.Generator().manual_seed(3), 12)
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as w:
+        for i in range(12):
+            w.write({"__key__": f"s{i:05d}", "top.npy": encode_array(batch.arrays["top"][i].to(torch.int16)),
+                     "middle.npy": encode_array(batch.arrays["middle"][i].to(torch.int16)),
+                     "json": json.dumps({"genre": "reel", "composer": "Traditional"}).encode()})
+    ArrayManifest(shards=[ArrayShard("shard-000000.tar", 12, 12 * MID_W // 4)],
+                  streams={"top": StreamInfo(64.0, 1, "int16", CARD), "middle": StreamInfo(256.0, 1, "int16", CARD)},
+                  model=ModelInfo(id="synthetic", hash="0", kind="jukebox_vqvae", sample_rate=4096,
+                                  channels=1)).save(tmp_path)
+    report = prior_condition_report(middle, tmp_path, batches=2, batch_size=6)
+    print("condition report on array shards:", report)
+    assert report["items"] == 12 and report["ce"] < 0.3 and report["ce_shuffled_upper"] > report["ce"] + 1.0
+    assert set(report) == {"ce", "ce_wrong_metadata", "ce_no_metadata", "ce_shuffled_upper", "items"}
+
+
 def test_jukebox_diversity_reports_what_differs(top, middle):
     """The report the GPU run prints: an untrained bottom level on a trained top and middle; the prompts change
     the top codes, and the middle codes follow."""
