@@ -31,11 +31,15 @@ from ostinato.fileio import write_wav
 CODEC_EXPERIMENT = ["experiment=codec_tiny"]
 MUSICGEN_EXPERIMENT = ["experiment=musicgen_tiny_melody_style"]
 MULAN_EXPERIMENT = ["experiment=mulan_tiny"]
-GPU_OVERRIDES = {  # what `ostinato demo` adds on a CUDA machine
-    "codec": ["trainer.precision=bf16-mixed", "data.batch_size=32", "trainer.max_steps=2000"],
+# What `ostinato demo` adds on a CUDA machine. Measured on an H100 (bench/RESULTS.md): with the CPU presets' one or
+# two loader workers the codec trained at 10 steps/s, and the wider MusicGen at the tiny model's lr 2e-3 skipped
+# a third of its bf16 updates as non-finite from step 173 on; the wider model takes AdamW's usual 5e-4.
+GPU_OVERRIDES = {
+    "codec": ["trainer.precision=bf16-mixed", "data.batch_size=32", "trainer.max_steps=2000", "data.num_workers=8"],
     "musicgen": ["trainer.precision=bf16-mixed", "data.batch_size=32", "trainer.max_steps=3000",
-                 "family.lm.dim=512", "family.lm.num_heads=8", "family.lm.num_layers=8", "family.lm.ffn_dim=2048"],
-    "mulan": ["data.batch_size=64", "trainer.max_steps=1000"],
+                 "family.lm.dim=512", "family.lm.num_heads=8", "family.lm.num_layers=8", "family.lm.ffn_dim=2048",
+                 "optim.lr=5.0e-4", "optim.schedule.warmup_steps=200", "data.num_workers=8"],
+    "mulan": ["data.batch_size=64", "trainer.max_steps=1000", "data.num_workers=8"],
 }
 QUICK_OVERRIDES = ["trainer.max_steps=6", "trainer.checkpoint_every_steps=6", "data.batches_per_epoch=3",
                    "trainer.limit_val_batches=1", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=4"]
