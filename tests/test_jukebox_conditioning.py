@@ -140,6 +140,15 @@ def test_an_upsampler_generates_what_the_upper_codes_say(middle):
     assert not torch.equal(codes[0], codes[1])
 
 
+def test_the_fast_decoder_adds_the_upper_codes_as_the_cached_one_does(middle):
+    up = torch.randint(0, U, (2, 1, 2 * MID_W // 4), generator=torch.Generator().manual_seed(4))
+    out = {backend: middle.generate(2 * MID_W, [{"genre": "reel"}] * 2, up,
+                                    GenerationParams(temperature=0.0, cfg_scale=3.0, backend=backend))
+           for backend in ("cache", "static")}
+    assert torch.equal(out["cache"], out["static"])  # greedy: the same tokens on every backend
+    assert float((out["static"] == TABLE[up[:, 0]].reshape(2, 1, -1)).float().mean()) >= 0.9
+
+
 def test_the_condition_report_reads_array_shards(middle, tmp_path):
     """``prior_condition_report`` on array shards in ``ostinato encode``'s layout (what the GPU run prints)."""
     import json

@@ -12,8 +12,7 @@ prepended to every window (melody chroma, style tokens). A prefix may be a funct
 [B, P, dim]`` so that each sliding window gets the part of a time-aligned condition (the melody) it covers. A
 ``step_cond`` (a Jukebox upsampler's upper codes) is added to the input of every step instead: row t of
 ``fn(start_frame, n_frames) -> [B, n_frames, dim]`` on the window's step t (the one whose logits predict frame t of
-a one-codebook parallel pattern); every CFG row keeps it (it is no part of the null condition), and the fast
-backends, which have no such input, give way to ``"cache"``.
+a one-codebook parallel pattern); every CFG row keeps it (it is no part of the null condition).
 
 Classifier-free guidance runs in one batched forward over ``[cond; uncond]`` (2B rows) and mixes the two halves
 with ``cfg_logits``. The unconditional half is ``zeros_like(cond)`` with an all-False mask, so cross-attention
@@ -196,8 +195,6 @@ class _Decoder:
         self.done, self.total = 0, 0
         self.backend, self.dtype = resolve_backend(model, params) if use_cache else ("none", torch.float32)
         self.step_cond = step_cond
-        if step_cond is not None and self.backend in ("static", "graph"):
-            self.backend = "cache"  # the fast step embeds codes alone
 
     def window_step_cond(self, start: int, n_frames: int, steps: int) -> Tensor | None:
         """The step condition of one window: ``[rows * B, steps, dim]``, zeros past ``n_frames``."""
@@ -267,12 +264,12 @@ class _Decoder:
         first = int(idx[0])
         prefix = self.window_prefix(start, n_frames)
         n_prefix = 0 if prefix is None else prefix.shape[1]
+        step_cond = self.window_step_cond(start, n_frames, steps)
         if self.backend in ("static", "graph"):
-            seq = self._fast_segment(seq, valid, forced, first, prefix, base)
+            seq = self._fast_segment(seq, valid, forced, first, prefix, base, step_cond)
             out, _ = pattern.revert(seq, n_frames)
             return out
         cache = model.make_cache(self.rows * b, n_prefix + steps) if self.use_cache else None
-        step_cond = self.window_step_cond(start, n_frames, steps)
         for s in range(first - 1, steps - 1):
             if cache is None:
                 lo, pre = 0, prefix
@@ -291,7 +288,7 @@ class _Decoder:
         return out
 
     def _fast_segment(self, seq: Tensor, valid: Tensor, forced: Tensor, first: int, prefix: Tensor | None,
-                      base: int) -> Tensor:
+                      base: int, step_cond: Tensor | None = None) -> Tensor:
         """The decoding loop of ``segment`` on a ``FastDecoder``: prefill up to ``first``, then one static step
         (or graph replay) per sequence step; returns the window's ``seq [B, K, S]``."""
         p, steps = self.params, seq.shape[-1]
@@ -300,8 +297,9 @@ class _Decoder:
                             top_k=p.top_k, top_p=p.top_p)
         cond_len = 0 if self.cond is None else self.cond.shape[1]
         dec = fast_decoder(self.model, self.dtype, self.b, steps, 0 if prefix is None else prefix.shape[1],
-                           cond_len, spec, graph=self.backend == "graph", compile_mode=p.compile)
-        dec.start(seq, valid, forced, first, self.cond, self.cond_mask, prefix, self.generator)
+                           cond_len, spec, graph=self.backend == "graph", compile_mode=p.compile,
+                           step_cond=step_cond is not None)
+        dec.start(seq, valid, forced, first, self.cond, self.cond_mask, prefix, self.generator, step_cond)
         self._tick(base + first)
         for s in range(first, steps - 1):
             dec.step(s)

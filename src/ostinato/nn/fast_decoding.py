@@ -218,10 +218,13 @@ class FastDecoder:
         compile_mode: ``torch.compile`` the step first (None = eager kernels), e.g. ``"default"`` or
             ``"max-autotune-no-cudagraphs"`` (fused layer norms, residuals and softmaxes; tuned matrix-vector
             kernels); the capture then records the compiled kernels.
+        step_cond: the window comes with a ``[R, S, D]`` condition added to the input of every step (a Jukebox
+            upsampler's upper codes), held in a static buffer that ``start`` fills.
     """
 
     def __init__(self, model: CodebookLM, weights: InferenceWeights, b: int, steps: int, n_prefix: int,
-                 cond_len: int, spec: SamplingSpec, graph: bool = False, compile_mode: str | None = None) -> None:
+                 cond_len: int, spec: SamplingSpec, graph: bool = False, compile_mode: str | None = None,
+                 step_cond: bool = False) -> None:
         cfg = model.cfg
         self.cfg, self.w, self.spec, self.b = cfg, weights, spec, b
         self.steps, self.n_prefix, self.cond_len = steps, n_prefix, cond_len
@@ -250,6 +253,7 @@ class FastDecoder:
         self.valid = torch.zeros(cfg.n_q, steps, dtype=torch.bool, device=dev)
         self.forced = torch.zeros_like(self.valid)
         self.step_index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.step_cond = torch.zeros(self.rows, steps, cfg.dim, device=dev, dtype=dt) if step_cond else None
         self.n_noise = spec.candidates(cfg.card)
         per_step = max(1, b * cfg.n_q * max(1, self.n_noise) * 4)
         self.noise_steps = max(1, min(steps, _NOISE_BYTES // per_step))
@@ -327,9 +331,13 @@ class FastDecoder:
             x = self._linear_add(x, h, w["fc2"], w["fc2_b"])
         return x
 
-    def embed(self, codes: Tensor, positions: Tensor, prefix: Tensor | None = None) -> Tensor:
-        """``codes [R, K, S]`` (+ ``prefix [R, P, D]``) -> ``[R, P + S, D]`` with positions added."""
+    def embed(self, codes: Tensor, positions: Tensor, prefix: Tensor | None = None,
+              step_cond: Tensor | None = None) -> Tensor:
+        """``codes [R, K, S]`` (+ ``step_cond [R, S, D]``, + ``prefix [R, P, D]``) -> ``[R, P + S, D]`` with
+        positions added."""
         x = F.embedding(codes + self.offsets, self.w.emb.flatten(0, 1)).sum(dim=1)  # [R, S, D]
+        if step_cond is not None:
+            x = x + step_cond
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if self.sinusoids is not None:
@@ -349,9 +357,11 @@ class FastDecoder:
     # -- one window ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def start(self, seq: Tensor, valid: Tensor, forced: Tensor, first: int, cond: Tensor | None,
-              cond_mask: Tensor | None, prefix: Tensor | None, generator: torch.Generator | None) -> Tensor:
+              cond_mask: Tensor | None, prefix: Tensor | None, generator: torch.Generator | None,
+              step_cond: Tensor | None = None) -> Tensor:
         """Load a window (``seq [B, K, S]`` with the prompt, ``valid``/``forced [K, S]``, cond ``[R, Tc, kv]``,
-        mask ``[R, Tc]``, prefix ``[R, P, D]``), prefill steps ``0 .. first - 1`` and sample step ``first``.
+        mask ``[R, Tc]``, prefix ``[R, P, D]``, ``step_cond [R, S, D]`` when the decoder was built for one), prefill
+        steps ``0 .. first - 1`` and sample step ``first``.
 
         Returns the guided logits ``[B, K, card]`` that predicted step ``first``.
         """
@@ -379,7 +389,14 @@ class FastDecoder:
         n = self.n_prefix + first
         positions = torch.arange(n, device=self.device)
         codes = self.seq[:, :, :first].repeat(self.spec.rows, 1, 1)
-        x = self.forward(self.embed(codes, positions, prefix), positions, self._self_bias(positions))
+        add = None
+        if self.step_cond is not None:
+            if step_cond is None or step_cond.shape != self.step_cond.shape:
+                got = None if step_cond is None else tuple(step_cond.shape)
+                raise ValueError(f"this decoder takes a step_cond of {tuple(self.step_cond.shape)}, got {got}")
+            self.step_cond.copy_(step_cond)
+            add = self.step_cond[:, :first]
+        x = self.forward(self.embed(codes, positions, prefix, add), positions, self._self_bias(positions))
         logits = self.head(x[:, -1:])[:, :, 0]  # [R, K, card]
         self.step_index.fill_(first - 1)
         return self._finish(logits)
@@ -406,7 +423,8 @@ class FastDecoder:
         s = self.step_index
         positions = s + self.n_prefix
         codes = self.seq.index_select(2, s).repeat(self.spec.rows, 1, 1)  # [R, K, 1]
-        x = self.forward(self.embed(codes, positions), positions, self._self_bias(positions))
+        add = None if self.step_cond is None else self.step_cond.index_select(1, s)  # [R, 1, D]
+        x = self.forward(self.embed(codes, positions, None, add), positions, self._self_bias(positions))
         return self._finish(self.head(x)[:, :, 0])
 
     @torch.no_grad()
@@ -446,14 +464,16 @@ class FastDecoder:
 
 
 def fast_decoder(model: CodebookLM, dtype: torch.dtype, b: int, steps: int, n_prefix: int, cond_len: int,
-                 spec: SamplingSpec, graph: bool, compile_mode: str | None = None) -> FastDecoder:
+                 spec: SamplingSpec, graph: bool, compile_mode: str | None = None,
+                 step_cond: bool = False) -> FastDecoder:
     """A cached ``FastDecoder`` for this window shape and sampling spec (a few are kept per model)."""
     weights = inference_weights(model, dtype)
     store: OrderedDict = model.__dict__.setdefault(_CACHE_KEY, OrderedDict())
-    key = (dtype, b, steps, n_prefix, cond_len, spec, graph, compile_mode, weights.heads.device)
+    key = (dtype, b, steps, n_prefix, cond_len, spec, graph, compile_mode, weights.heads.device, step_cond)
     dec = store.get(key)
     if dec is None or dec.w is not weights:
-        dec = store[key] = FastDecoder(model, weights, b, steps, n_prefix, cond_len, spec, graph, compile_mode)
+        dec = store[key] = FastDecoder(model, weights, b, steps, n_prefix, cond_len, spec, graph, compile_mode,
+                                       step_cond)
         while len(store) > _MAX_DECODERS:
             store.popitem(last=False)
     store.move_to_end(key)
