@@ -34,7 +34,8 @@ def test_quick_demo_prints_every_stage_and_its_report(quick_demo: dict) -> None:
     out, root = quick_demo["stdout"], quick_demo["root"]
     for needle in ("== ostinato demo ==", "codec: XP", "musicgen: XP", "validation cross-entropy",
                    "mulan: XP", "R@10 text->audio", "vs chance", "evaluation (evaluation/demo.yaml",
-                   "fad", "chroma"):
+                   "fad", "chroma", "each condition nulled alone adds", "text +", "melody +", "style +",
+                   "chroma cosine to the originals"):
         assert needle in out, needle
     report = root / "outputs" / "demo" / "report.html"
     assert out.strip().splitlines()[-1] == f"report: {report}" and report.is_file()

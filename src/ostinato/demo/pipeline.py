@@ -1,6 +1,7 @@
 """``ostinato demo`` (what ``make demo`` runs): the embedded default end to end on this machine.
 
-demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny MusicGen conditioned on
+demo corpus -> tiny codec (trained, exported) -> reconstructions -> token shards -> tiny MusicGen (on the audio
+shards, tokenized per batch by the codec, so that its melody is the chroma of the real audio) conditioned on
 text, melody and style -> a tiny MuLaN (held-out text <-> audio retrieval printed) -> generation: text, melody,
 style, continuation, chained segments (10 s = five training windows each) and a 60 s piece -> the demo evaluation
 suite (FAD, FAD-inf, per-song FAD, chroma) against the held-out split -> ``outputs/demo/report.html`` (players,
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import soundfile as sf
@@ -148,6 +150,16 @@ def check_demo(data: Path, outputs: Path, plan: DemoPlan) -> list[str]:
 def _history(folder: Path) -> list[dict]:
     path = folder / "history.json"
     return json.loads(path.read_text()) if path.is_file() else []
+
+
+def melody_kept(codec, shards: Path, count: int = 8) -> float:
+    """``melody_through_codec`` of the first ``count`` clips of ``shards``: how much of their chroma the codec keeps."""
+    from ostinato.data.shards import iter_shard_samples
+    from ostinato.generation.melody_adherence import melody_through_codec
+    from ostinato.generation.request import AudioInput
+
+    samples = (s for shard in sorted(shards.glob("*.tar")) for s in iter_shard_samples(shard))
+    return melody_through_codec(codec, [AudioInput(wav, sr) for _, wav, sr, _ in islice(samples, count)])
 
 
 def _reconstructions(codec, shards: Path, out: Path, count: int = 3) -> list[Path]:
@@ -303,7 +315,9 @@ def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> P
         if not (data / "tokens" / split / "manifest.json").is_file():
             _run(["tokenize", str(data / "shards" / split), str(data / "tokens" / split), "--codec", str(export)])
 
-    lm_run = MUSICGEN_EXPERIMENT + plan.overrides.get("musicgen", [])
+    # audio shards tokenized per batch by the export: the melody chroma of the segment's audio, not of the codec's
+    # reconstruction (the tokens still give the unigram entropy)
+    lm_run = MUSICGEN_EXPERIMENT + [f"family.codec={export}"] + plan.overrides.get("musicgen", [])
     lm_xp = train_main.get_xp(lm_run)
     _run(["train", *lm_run])
     mulan_run = MULAN_EXPERIMENT + plan.overrides.get("mulan", [])
@@ -346,7 +360,9 @@ def run_demo(data: Path, outputs: Path, quick: bool = False, *, verb: Verb) -> P
     if before is not None and after is not None:
         lines.append(f"  validation mel distance: untrained {before:.3f} -> trained {after:.3f} "
                      f"({after / before:.2f} of the untrained value)")
-    lines.append(f"  reconstructions: {recon[0].parent} ({len(recon) // 2} originals + reconstructions)")
+    lines.append(f"  reconstructions: {recon[0].parent} ({len(recon) // 2} originals + reconstructions); chroma "
+                 f"cosine to the originals {melody_kept(codec, data / 'shards' / 'test'):.3f} (what a MusicGen on "
+                 "its tokens would see of the melody; this one reads the audio)")
     lines.append(f"tokens: {data / 'tokens'}/{{train,valid,test}} ({codec.n_q} x {codec.card} codes at "
                  f"{codec.frame_rate:g} Hz)")
     lines.append(f"musicgen: XP {lm_xp.sig}; validation cross-entropy {lm_ce:.3f} nats vs the tokens' unigram "
