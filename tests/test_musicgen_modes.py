@@ -55,6 +55,8 @@ def test_training_logs_style_penalty_and_checkpoints_every_conditioner(trained: 
     assert not any(k.removeprefix("model.").startswith(("text.encoder", "_codec")) for k in keys)  # frozen helpers
     metrics = (trained["folder"] / "csv" / "metrics.csv").read_text()
     assert "train/style_penalty" in metrics and "valid/ce" in metrics
+    header = metrics.splitlines()[0].split(",")  # what each condition adds: the batch with it nulled alone
+    assert {"valid/ce_no_text", "valid/ce_no_melody", "valid/ce_no_style", "valid/ce_text_only"} <= set(header)
 
 
 @pytest.fixture(scope="module")
