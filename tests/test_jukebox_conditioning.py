@@ -4,6 +4,7 @@ prompts, different codes; different seeds, different codes), an upsampler predic
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ GENRES = ["reel", "chorale", "madrigal", "string quartet"]
 
 def _train(prior: JukeboxPrior, batch, steps: int) -> list[float]:
     torch.manual_seed(0)
+    random.seed(0)  # the metadata fields' dropout
     opt = torch.optim.Adam(prior.parameters(), 3e-3)
     history = []
     for _ in range(steps):
@@ -49,7 +51,7 @@ def _genre_batch(gen: torch.Generator, b: int) -> ArrayBatch:
 
 
 @pytest.fixture(scope="module")
-def top() -> LevelPrior:
+def top_family() -> JukeboxPrior:
     torch.manual_seed(0)
     family = JukeboxPrior("top", card=CARD, lm=LM, metadata=META, cfg_dropout=0.2)
     family.model.window_frames.fill_(TOP_W)
@@ -57,7 +59,12 @@ def top() -> LevelPrior:
     gen = torch.Generator().manual_seed(0)
     history = _train(family, lambda b: _genre_batch(gen, b), 300)
     print("top prior CE, first -> last:", history[0], "->", history[-1], f"(genre known: {math.log(16):.3f})")
-    return family.model.eval()
+    return family.eval()
+
+
+@pytest.fixture(scope="module")
+def top(top_family) -> LevelPrior:
+    return top_family.model
 
 
 def test_the_top_prior_predicts_from_its_metadata(top):
@@ -112,7 +119,7 @@ def _upper_batch(gen: torch.Generator, b: int) -> ArrayBatch:
 
 
 @pytest.fixture(scope="module")
-def middle() -> LevelPrior:
+def middle_family() -> JukeboxPrior:
     torch.manual_seed(0)
     family = JukeboxPrior("middle", card=CARD, lm=LM, metadata=META, cfg_dropout=0.1)
     family.model.window_frames.fill_(MID_W)
@@ -120,7 +127,24 @@ def middle() -> LevelPrior:
     gen = torch.Generator().manual_seed(0)
     history = _train(family, lambda b: _upper_batch(gen, b), 80)
     print("middle upsampler CE, first -> last:", history[0], "->", history[-1], "(own context alone: 0.693)")
-    return family.model.eval()
+    return family.eval()
+
+
+@pytest.fixture(scope="module")
+def middle(middle_family) -> LevelPrior:
+    return middle_family.model
+
+
+def test_validation_logs_the_ce_without_each_condition(top_family, middle_family):
+    """``JukeboxPrior.evaluate`` logs these next to ``valid/ce`` (what the GPU run's CSV shows)."""
+    with torch.no_grad():
+        batch = _genre_batch(torch.Generator().manual_seed(5), 16)
+        ce, extra = float(top_family.losses(batch, train=False)), top_family.condition_losses(batch)
+        assert set(extra) == {"ce_no_metadata"} and float(extra["ce_no_metadata"]) > ce + 0.08
+        batch = _upper_batch(torch.Generator().manual_seed(5), 16)
+        ce, extra = float(middle_family.losses(batch, train=False)), middle_family.condition_losses(batch)
+        assert set(extra) == {"ce_no_metadata", "ce_shuffled_upper"}
+        assert float(extra["ce_shuffled_upper"]) > ce + 1.0
 
 
 def test_an_upsampler_predicts_from_the_upper_codes(middle):

@@ -32,15 +32,23 @@ __all__ = ["prior_condition_ce", "prior_condition_report", "jukebox_diversity"]
 
 
 @torch.no_grad()
-def _ce(prior: LevelPrior, codes: Tensor, lengths: Tensor, metas: Sequence[Mapping[str, Any]],
+def _ce(prior: LevelPrior, codes: Tensor, lengths: Tensor, metas: Sequence[Mapping[str, Any]] | None,
         upper: Tensor | None, upper_lengths: Tensor | None) -> float:
+    """Mean CE; ``metas`` None = the metadata's null condition (zeros, what CFG dropout trains)."""
     device = prior.codes_per_second.device
     if prior.window and codes.shape[-1] != prior.window:
         codes = F.pad(codes[..., :prior.window], (0, max(0, prior.window - codes.shape[-1])))
     step_cond = None if upper is None else prior.upper_condition(upper.to(device), upper_lengths)
     ce, _ = masked_lm_losses(prior.lm, prior.pattern, codes.to(device), lengths.clamp(max=codes.shape[-1]),
-                             prior.metadata_prefix(metas), step_cond=step_cond)
+                             _metadata(prior, metas, codes.shape[0]), step_cond=step_cond)
     return float(ce.mean())
+
+
+def _metadata(prior: LevelPrior, metas: Sequence[Mapping[str, Any]] | None, b: int) -> Tensor | None:
+    if metas is None:
+        meta = prior.metadata_prefix([{}] * b)
+        return None if meta is None else torch.zeros_like(meta)
+    return prior.metadata_prefix(metas)
 
 
 @torch.no_grad()
@@ -49,8 +57,8 @@ def prior_condition_ce(prior: LevelPrior, codes: Tensor, metas: Sequence[Mapping
                        upper_lengths: Tensor | None = None) -> dict[str, float]:
     """Cross-entropy (nats per code) of ``codes [B, 1, F]`` (valid frames ``lengths [B]``, default all) under
     ``prior``, B >= 2: ``ce`` with the true conditions, ``ce_wrong_metadata`` (each item given the next item's
-    metadata), ``ce_no_metadata`` (the null condition), and for an upsampler ``ce_shuffled_upper`` (each item given
-    the next item's upper codes ``upper [B, 1, F / level_ratio]``)."""
+    metadata), ``ce_no_metadata`` (the null condition of CFG: zeros), and for an upsampler ``ce_shuffled_upper``
+    (each item given the next item's upper codes ``upper [B, 1, F / level_ratio]``)."""
     if codes.shape[0] < 2:
         raise ValueError(f"the condition checks swap conditions between items: give at least 2, got {codes.shape[0]}")
     if prior.upper is not None and upper is None:
@@ -64,7 +72,7 @@ def prior_condition_ce(prior: LevelPrior, codes: Tensor, metas: Sequence[Mapping
         out = {"ce": _ce(prior, codes, lengths, metas, upper, upper_lengths)}
         if prior.metadata_fields:
             out["ce_wrong_metadata"] = _ce(prior, codes, lengths, rolled, upper, upper_lengths)
-            out["ce_no_metadata"] = _ce(prior, codes, lengths, [{}] * len(metas), upper, upper_lengths)
+            out["ce_no_metadata"] = _ce(prior, codes, lengths, None, upper, upper_lengths)
         if upper is not None:
             rolled_lengths = None if upper_lengths is None else upper_lengths.roll(-1, 0)
             out["ce_shuffled_upper"] = _ce(prior, codes, lengths, metas, upper.roll(-1, 0), rolled_lengths)

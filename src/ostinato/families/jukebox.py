@@ -170,16 +170,37 @@ class JukeboxPrior(CodebookLMFamily):
             return None
         return prior.upper_condition(batch.arrays[prior.upper], batch.lengths[prior.upper])
 
-    def losses(self, batch: ArrayBatch, train: bool) -> Tensor:
+    def _ce(self, batch: ArrayBatch, prefix: Tensor | None, step_cond: Tensor | None) -> Tensor:
         """Cross-entropy ``[1]`` of this level's codes (a crop padded or cut to ``window`` frames)."""
         prior = self.model
         codes, lengths = batch.arrays[prior.level], batch.lengths[prior.level]
         if prior.window and codes.shape[-1] != prior.window:
             codes = F.pad(codes[..., :prior.window], (0, max(0, prior.window - codes.shape[-1])))
-        ce, _ = masked_lm_losses(prior.lm, prior.pattern, codes, lengths.clamp(max=codes.shape[-1]),
-                                 self.batch_prefix(batch, train), step_cond=self.batch_step_cond(batch))
+        ce, _ = masked_lm_losses(prior.lm, prior.pattern, codes, lengths.clamp(max=codes.shape[-1]), prefix,
+                                 step_cond=step_cond)
         return ce
 
+    def losses(self, batch: ArrayBatch, train: bool) -> Tensor:
+        """Cross-entropy ``[1]`` of this level's codes (a crop padded or cut to ``window`` frames)."""
+        return self._ce(batch, self.batch_prefix(batch, train), self.batch_step_cond(batch))
+
+    def condition_losses(self, batch: ArrayBatch) -> dict[str, Tensor]:
+        """What each condition adds, validation's cross-entropies ``[1]`` of the batch: ``ce_no_metadata`` with the
+        metadata at its null (CFG's zeros), ``ce_shuffled_upper`` (upsamplers, 2 items or more) with each item given
+        the next item's upper codes."""
+        prior = self.model
+        meta, step = self.batch_prefix(batch, False), self.batch_step_cond(batch)
+        out = {}
+        if meta is not None:
+            out["ce_no_metadata"] = self._ce(batch, torch.zeros_like(meta), step)
+        if step is not None and len(batch) > 1:
+            out["ce_shuffled_upper"] = self._ce(batch, meta, prior.upper_condition(
+                batch.arrays[prior.upper].roll(-1, 0), batch.lengths[prior.upper].roll(-1, 0)))
+        return out
+
     def evaluate(self, batch: ArrayBatch, split: str) -> None:
-        if bool((batch.lengths[self.model.level] > 0).any()):  # a batch of blanked items has no target
-            super().evaluate(batch, split)
+        if not bool((batch.lengths[self.model.level] > 0).any()):  # a batch of blanked items has no target
+            return
+        super().evaluate(batch, split)
+        for name, ce in self.condition_losses(batch).items():  # a prior that ignores a condition: the same CE
+            self.log(f"{split}/{name}", ce.mean(), sync_dist=True, batch_size=len(batch))
