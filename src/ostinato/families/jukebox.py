@@ -26,6 +26,7 @@ from ostinato.data.arrays import ArrayBatch, StreamInfo
 from ostinato.data.batch import AudioBatch
 from ostinato.families.base import FamilyModule, plain
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
+from ostinato.metrics.codebooks import CodePerplexity
 from ostinato.metrics.codec import MelDistance
 from ostinato.models.jukebox import LEVELS, HierarchicalVQVAE, LevelPrior
 from ostinato.nn.losses import MultiScaleMelLoss, l1_waveform
@@ -34,7 +35,9 @@ __all__ = ["JukeboxVQVAEFamily", "JukeboxPrior"]
 
 
 class JukeboxVQVAEFamily(FamilyModule):
-    """Trains a ``HierarchicalVQVAE`` on ``AudioBatch``es; validation reports each level's mel distance.
+    """Trains a ``HierarchicalVQVAE`` on ``AudioBatch``es; validation reports each level's mel distance and its
+    codebook perplexity over the whole validation set (``valid/perplexity_level{k}``, bottom = 0: near 1 is a
+    collapsed level, ``card`` every code used equally).
 
     Args:
         sample_rate, channels: the audio.
@@ -54,6 +57,7 @@ class JukeboxVQVAEFamily(FamilyModule):
         # larger and drowns the codebooks' commitment)
         self.mel_loss = MultiScaleMelLoss(sample_rate, n_mels=mel_n_mels, normalized=True)
         self.val_mel = nn.ModuleDict({name: MelDistance(sample_rate) for name in LEVELS})
+        self.val_perplexity = nn.ModuleDict({name: CodePerplexity(self.model.card) for name in LEVELS})
         self.ema_modules = tuple(self.model.ema_modules("model"))
 
     def level_losses(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -83,9 +87,13 @@ class JukeboxVQVAEFamily(FamilyModule):
         if not bool(valid.any()):
             return
         x, lengths, n = batch.audio[valid], batch.lengths[valid], int(valid.sum())
-        for name, out in self.model(x).items():
+        for k, (name, out) in enumerate(self.model(x).items()):
             self.val_mel[name].update(out.recon, x, lengths)
             self.log(f"{prefix}/mel_distance_{name}", self.val_mel[name], batch_size=n, prog_bar=name == "bottom")
+            hop = self.model.hop_lengths[k]
+            frames = torch.arange(out.codes.shape[-1], device=x.device)[None] < (lengths[:, None] + hop - 1) // hop
+            self.val_perplexity[name].update(out.codes[:, 0][frames])
+            self.log(f"{prefix}/perplexity_level{k}", self.val_perplexity[name], batch_size=n)
 
     def validation_step(self, batch: AudioBatch, batch_idx: int) -> None:
         self._evaluate(batch, "valid")

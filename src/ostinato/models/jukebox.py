@@ -61,6 +61,22 @@ def _kwargs(fn: Callable[..., Any], family: Mapping[str, Any]) -> dict[str, Any]
     return {k: v for k, v in family.items() if k in names}
 
 
+@torch.no_grad()
+def unit_gain_(module: nn.Module, gain: float = 1.0) -> None:
+    """Give every ``Conv1d`` in ``module`` the norm ``gain`` per output channel (the weight-norm magnitude where the
+    conv is weight-normed) and a zero bias, so that a signal keeps its size through the layers."""
+    for conv in module.modules():
+        if not isinstance(conv, nn.Conv1d):
+            continue
+        if conv.bias is not None:
+            conv.bias.zero_()
+        parametrizations = getattr(conv, "parametrizations", None)
+        if parametrizations is not None and hasattr(parametrizations, "weight"):
+            parametrizations.weight.original0.fill_(gain)
+        else:
+            conv.weight.mul_(gain / conv.weight.norm(dim=(1, 2), keepdim=True).clamp(min=1e-12))
+
+
 class HierarchicalVQVAE(nn.Module):
     """Three single-codebook VQ-VAEs (bottom, middle, top) with hops in the ratio 1 : 4 : 16.
 
@@ -69,19 +85,25 @@ class HierarchicalVQVAE(nn.Module):
         ratios: SEANet ratios per level, bottom first; ``prod(ratios[l])`` is level l's hop.
         card: codebook size (Jukebox: 2048); dimension: code vector size (Jukebox: 64).
         level_ratio: required hop ratio between consecutive levels (4).
+        encoder_gain: every encoder convolution starts with this norm per output channel and a zero bias, so that
+            the latents depend on the input (null: PyTorch's default init, under which a top level's latents are
+            ~99% bias and differ between inputs by 1% of their size: the codebook then sees a point cloud narrower
+            than one optimizer step moves it, and every frame takes the same code).
         Any other key is a ``Codec.build`` key shared by the three levels (``n_filters``, ``lstm``, ...).
     ``config`` holds the constructor arguments.
     """
 
     def __init__(self, sample_rate: int, channels: int = 1,
                  ratios: Sequence[Sequence[int]] = ((2, 2, 2), (4, 4, 2), (4, 4, 4, 2)), card: int = 2048,
-                 dimension: int = 64, level_ratio: int = 4, **codec: Any) -> None:
+                 dimension: int = 64, level_ratio: int = 4, encoder_gain: float | None = 1.0,
+                 **codec: Any) -> None:
         super().__init__()
         ratios = [[int(r) for r in level] for level in ratios]
         if len(ratios) != len(LEVELS):
             raise ValueError(f"ratios must give {len(LEVELS)} levels (bottom, middle, top), got {len(ratios)}")
         self.config: dict[str, Any] = dict(sample_rate=sample_rate, channels=channels, ratios=ratios, card=card,
-                                           dimension=dimension, level_ratio=level_ratio, **codec)
+                                           dimension=dimension, level_ratio=level_ratio,
+                                           encoder_gain=encoder_gain, **codec)
         for bad in ("n_q", "q_dropout"):
             if bad in codec:
                 raise ValueError(f"family.vqvae.{bad}: every level has exactly one codebook; leave it out")
@@ -96,6 +118,9 @@ class HierarchicalVQVAE(nn.Module):
                                  f"({lo}); hops are {dict(zip(LEVELS, hops))} (Jukebox: 8, 32, 128)")
         self.sample_rate, self.channels, self.card, self.level_ratio = int(sample_rate), int(channels), int(
             card), int(level_ratio)
+        if encoder_gain is not None:
+            for codec_ in self.levels:
+                unit_gain_(codec_.encoder, float(encoder_gain))
 
     array_kind = "jukebox_vqvae"  # what ``ostinato encode`` records of the arrays it writes
 
