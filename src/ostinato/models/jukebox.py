@@ -23,7 +23,7 @@ Prior conditioners of a ``CodebookLM``:
   would sit a whole window back, a distance the LM has to learn to attend to before the upper codes mean anything,
   and the upsamplers barely used them.
 
-``LevelPrior``: one level's ``CodebookLM`` with those prefixes; ``Jukebox``: the VQ-VAE and the three priors,
+``LevelPrior``: one level's ``CodebookLM`` with those conditions; ``Jukebox``: the VQ-VAE and the three priors,
 ``generate(prompts or metadata, duration)`` samples top -> middle -> bottom codes and decodes the bottom ones.
 """
 from __future__ import annotations
