@@ -644,6 +644,10 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
         seed_corr = [diversity_report(torch.stack([a, b]), sr)["waveform_corr_mean"]
                      for a, b in zip(generated["melody"], generated["other_seed"])]
         div["same caption + melody, seeds 0 vs 1, waveform_corr_mean"] = sum(seed_corr) / len(seed_corr)
+        melody_corr = [diversity_report(torch.stack([a, b]), sr)["spectral_sim_mean"]
+                       for a, b in zip(generated["melody"], generated["text_only"])]
+        div["same caption and seed, with vs without the melody, spectral_sim_mean"] = \
+            sum(melody_corr) / len(melody_corr)
         results["diversity"] = div
         results["val_ce"] = _last_valid(lm_xp, "ce")
         results["val_ce_text_only_logged"] = _last_valid(lm_xp, "ce_text_only")
