@@ -391,9 +391,9 @@ def _fad(backend: Any, real: list[torch.Tensor], fake: list[torch.Tensor], sr: i
 
 def condition_ablation(lm_xp: Path, codec: Any, tokens: Path, segment_seconds: float, batch_size: int,
                        device: str, max_batches: int = 8) -> dict[str, float]:
-    """Validation CE (nats, mean over codebooks) of the trained MusicGen on ``tokens`` (the valid split, crops from
-    frame 0) with each condition present or nulled: text + melody, text only (the null melody), melody only (the
-    empty text), neither. The family's own ``batch_conditions`` builds them, as in its validation."""
+    """Validation CE (nats, mean over codebooks) of the trained MusicGen (its EMA weights, as generation uses) on
+    ``tokens`` (the valid split, crops from frame 0): with every condition, and with each one at its null alone
+    (the family's ``condition_losses``, what its validation logs as ``valid/ce_no_text``, ``valid/ce_no_melody``)."""
     from hydra.utils import instantiate
 
     from ostinato.data.token_datamodule import collate_tokens
@@ -403,7 +403,7 @@ def condition_ablation(lm_xp: Path, codec: Any, tokens: Path, segment_seconds: f
 
     cfg = read_config(lm_xp) or {}
     family = instantiate(cfg["family"], _convert_="all")
-    load_weights(family, lm_xp)  # the EMA weights, as generation uses
+    load_weights(family, lm_xp)
     family.model.attach_codec(codec)
     family = family.to(device).eval()
     manifest = TokenManifest.load(tokens)
@@ -415,26 +415,18 @@ def condition_ablation(lm_xp: Path, codec: Any, tokens: Path, segment_seconds: f
             crop = torch.zeros(codes.shape[0], frames, dtype=codes.dtype)
             crop[:, :n] = codes[:, :n]
             items.append((crop, n, meta))
-    totals = {"text + melody": 0.0, "text only": 0.0, "melody only": 0.0, "neither": 0.0}
+    names = {"ce": "every condition", "ce_no_text": "without the text", "ce_no_melody": "without the melody",
+             "ce_no_style": "without the style"}
+    totals: dict[str, float] = {}
     count = 0
-    no_text = lambda batch, train: [""] * len(batch)  # noqa: E731  (the null text of CFG)
     with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                           enabled=torch.device(device).type == "cuda"):
         for start in range(0, min(len(items), max_batches * batch_size), batch_size):
             batch = collate_tokens(items[start:start + batch_size])
             codes, lengths = batch.codes.to(device).long(), batch.lengths.to(device)
-            for with_text in (True, False):
-                if not with_text:
-                    family.descriptions = no_text  # the instance's, over the class method
-                c = family.batch_conditions(batch, codes, lengths, None, train=False)
-                if not with_text:
-                    del family.descriptions
-                full, _ = family.compute_losses(codes, lengths, c.cond, c.mask, c.prefix, c.targets)
-                none_, _ = family.compute_losses(codes, lengths, c.cond, c.mask, c.text_only, c.targets) \
-                    if c.text_only is not None else (full, None)
-                w = len(batch)
-                totals["text + melody" if with_text else "melody only"] += float(full.float().mean()) * w
-                totals["text only" if with_text else "neither"] += float(none_.float().mean()) * w
+            for key, ce in family.condition_losses(batch, codes, lengths, None).items():
+                if key in names:
+                    totals[names[key]] = totals.get(names[key], 0.0) + float(ce.float().mean()) * len(batch)
             count += len(batch)
     return {k: v / max(count, 1) for k, v in totals.items()}
 
@@ -594,15 +586,14 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
     def generate() -> None:
         params = GenerationParams()
         batch = 4 if tiny else 16
-        for mode in ("melody", "text_only", "unconditioned", "other_seed"):  # the last two: the first batch
+        for mode in ("melody", "text_only", "other_seed"):  # the last: the first batch alone
             torch.manual_seed(1 if mode == "other_seed" else 0)
             parts = []
-            for i in range(0, len(test) if mode in ("melody", "text_only") else min(len(test), batch), batch):
+            for i in range(0, len(test) if mode != "other_seed" else min(len(test), batch), batch):
                 rows = test[i:i + batch]
-                melody = [AudioInput(wav, sr) for _, wav, sr, _ in rows] if mode in ("melody", "other_seed") \
-                    else None
-                texts = [""] * len(rows) if mode == "unconditioned" else captions[i:i + batch]
-                parts.append(generate_audio(model, codec, texts, seconds, params, melody=melody).float().cpu())
+                melody = [AudioInput(wav, sr) for _, wav, sr, _ in rows] if mode != "text_only" else None
+                parts.append(generate_audio(model, codec, captions[i:i + batch], seconds, params,
+                                            melody=melody).float().cpu())
             generated[mode] = torch.cat(parts)
 
     stages.run("generate", generate, resume=False)
@@ -613,7 +604,7 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
 
     # evaluation
     def evaluate() -> None:
-        from ostinato.metrics.chroma import ChromaCosineSimilarity
+        from ostinato.generation.melody_adherence import melody_adherence
         from ostinato.metrics.diversity import diversity_report
         from ostinato.metrics.embeddings.codec import CodecBackend
 
@@ -626,16 +617,14 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
         results["gen_fad"] = _fad(backend, real, list(generated["melody"]), sr)
         results["gen_fad_text_only"] = _fad(backend, real, list(generated["text_only"]), sr)
         write_wav(out / "reconstruction_0.wav", recon[0], sr)
-        chroma = {}
-        common = len(generated["unconditioned"])  # the same test clips for the three
-        for mode, name in (("melody", "melody-conditioned"), ("text_only", "text only (no melody)"),
-                           ("unconditioned", "unconditioned (no text, no melody)")):
-            metric = ChromaCosineSimilarity(sr, argmax=True)
-            for wav, (_, ref, ref_sr, _) in zip(generated[mode][:common], test):
-                metric.update(wav[None], AudioInput(ref, ref_sr).at(sr, ref.shape[0]))
-            chroma[name] = float(metric.compute())
-        results["chroma_cosine"] = chroma
-        results["chroma_clips"] = common
+        first = test[: (4 if tiny else 16)]
+        torch.manual_seed(0)
+        adherence = melody_adherence(model, [m.get("caption", "") for _, _, _, m in first],
+                                     [AudioInput(wav, rate) for _, wav, rate, _ in first], seconds,
+                                     GenerationParams(), codec=codec)
+        results["chroma_cosine"] = {"melody-conditioned": adherence["chroma_cos_melody"],
+                                    "unconditioned (no melody)": adherence["chroma_cos_unconditioned"]}
+        results["chroma_clips"] = len(first)
         n = min(len(generated["melody"]), 8)
         div = {}
         if n >= 2:
@@ -650,7 +639,7 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
             sum(melody_corr) / len(melody_corr)
         results["diversity"] = div
         results["val_ce"] = _last_valid(lm_xp, "ce")
-        results["val_ce_text_only_logged"] = _last_valid(lm_xp, "ce_text_only")
+        results["val_ce_logged_without"] = {k: _last_valid(lm_xp, f"ce_no_{k}") for k in ("text", "melody")}
         results["unigram_entropy"] = _unigram_entropy(tokens / "train")
         results["codebook_perplexity"] = codebook_perplexities(tokens / "train")
         results["codebook_card"] = int(codec.card)
