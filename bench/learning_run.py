@@ -60,17 +60,24 @@ CODEC_GPU = ["experiment=recipe_encodec32", "family.codec.n_filters=32", "family
              "trainer.checkpoint_every_steps=500", "slurm.gpus=1"]
 # MusicGen of real width (MusicGen-small's 1024 x 16 heads; 10 layers instead of 24), text + melody (chroma).
 MELODY = "{sample_rate:32000,hop_seconds:0.128,argmax:true,dropout:0.3}"
-MUSICGEN_GPU = ["experiment=musicgen_tiny", f"family.melody={MELODY}", "family.lm.dim=1024",
+MUSICGEN_GPU = ["family.lm.dim=1024",
                 "family.lm.num_heads=16", "family.lm.num_layers=10", "family.lm.ffn_dim=4096",
                 "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "data.batch_size=32",
-                "data.segment_seconds=10.0", "data.batches_per_epoch=200", "data.num_workers=8",
-                "data.eval_batch_size=16", "optim.lr=5.0e-4", "optim.schedule.warmup_steps=100",
+                "data.segment_seconds=10.0", "data.batches_per_epoch=200",
+                "data.eval_batch_size=16", "data.num_workers=12", "optim.lr=5.0e-4", "optim.schedule.warmup_steps=100",
                 "trainer.max_steps=1500", "trainer.checkpoint_every_steps=500", "ema.decay=0.99"]
 TINY_COMMON = ["trainer.accelerator=cpu", "trainer.checkpoint_every_steps=6", "data.batches_per_epoch=3",
                "trainer.limit_val_batches=1", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=4"]
 CODEC_TINY = ["experiment=codec_tiny", f"family.sample_rate={SAMPLE_RATE}", "trainer.max_steps=6",
               "data.eval_segment_seconds=1.0", *TINY_COMMON]
-MUSICGEN_TINY = ["experiment=musicgen_tiny", f"family.melody={MELODY}", "trainer.max_steps=6",
+# The MusicGen reads the audio shards and tokenizes each batch with the exported codec (family.codec), so that its
+# melody is the chroma of the segment's audio, as at generation (on token shards it would be the chroma of the
+# codec's reconstruction: ``melody_through_codec`` says how much of it a codec keeps); ``--lm-data tokens`` trains on
+# the token shards instead. The tokens give the unigram entropy and the codebook perplexities either way.
+MUSICGEN_ON = {"audio": ["experiment=musicgen_tiny", "data=demo", f"data.sample_rate={SAMPLE_RATE}", "data.channels=1",
+                         f"family.melody={MELODY}"],
+               "tokens": ["experiment=musicgen_tiny", f"family.melody={MELODY}"]}
+MUSICGEN_TINY = ["trainer.max_steps=6",
                  "data.segment_seconds=2.0", *TINY_COMMON]
 CALL_SECONDS = 540  # one device call: 10 min, less Python's and the machine's start-up
 TARGET_CE_GAP = 1.0  # nats below the unigram entropy (issue 19 item 3)
@@ -293,6 +300,9 @@ def render_results_md(r: dict) -> str:
     chroma = r.get("chroma_cosine") or {}
     for name, value in chroma.items():
         lines.append(f"| chroma cosine to the test melody ({r.get('chroma_clips')} clips), {name} | {_fmt(value)} |")
+    if r.get("melody_through_codec") is not None:
+        lines.append(f"| chroma cosine of the codec's reconstructions to the test clips (melody_through_codec) | "
+                     f"{_fmt(r['melody_through_codec'])} |")
     perp = r.get("codebook_perplexity")
     if perp:
         lines.append(f"| codebook perplexity per level (of {r.get('codebook_card')}) | "
@@ -389,13 +399,17 @@ def _fad(backend: Any, real: list[torch.Tensor], fake: list[torch.Tensor], sr: i
     return float(metric.compute())
 
 
-def condition_ablation(lm_xp: Path, codec: Any, tokens: Path, segment_seconds: float, batch_size: int,
+def condition_ablation(lm_xp: Path, codec: Any, data: Path, segment_seconds: float, batch_size: int,
                        device: str, max_batches: int = 8) -> dict[str, float]:
     """Validation CE (nats, mean over codebooks) of the trained MusicGen (its EMA weights, as generation uses) on
-    ``tokens`` (the valid split, crops from frame 0): with every condition, and with each one at its null alone
-    (the family's ``condition_losses``, what its validation logs as ``valid/ce_no_text``, ``valid/ce_no_melody``)."""
+    ``data`` (the valid split as token or audio shards, crops from the start): with every condition, and with each
+    one at its null alone (the family's ``condition_losses``, what its validation logs as ``valid/ce_no_text``,
+    ``valid/ce_no_melody``)."""
     from hydra.utils import instantiate
 
+    from ostinato.data.audio import convert_channels, resample
+    from ostinato.data.batch import AudioBatch
+    from ostinato.data.shards import iter_shard_samples
     from ostinato.data.token_datamodule import collate_tokens
     from ostinato.data.tokens import TokenManifest, iter_token_samples
     from ostinato.engine.weights import load_weights
@@ -406,15 +420,26 @@ def condition_ablation(lm_xp: Path, codec: Any, tokens: Path, segment_seconds: f
     load_weights(family, lm_xp)
     family.model.attach_codec(codec)
     family = family.to(device).eval()
-    manifest = TokenManifest.load(tokens)
-    frames = round(segment_seconds * manifest.codec.frame_rate)
+    tokens = (data / "manifest.json").is_file() and "codec" in json.loads((data / "manifest.json").read_text())
     items = []
-    for shard in manifest.shards:
-        for _, codes, meta in iter_token_samples(str(tokens / shard.name)):
-            n = min(frames, codes.shape[-1])
-            crop = torch.zeros(codes.shape[0], frames, dtype=codes.dtype)
-            crop[:, :n] = codes[:, :n]
-            items.append((crop, n, meta))
+    if tokens:
+        manifest = TokenManifest.load(data)
+        frames = round(segment_seconds * manifest.codec.frame_rate)
+        for shard in manifest.shards:
+            for _, codes, meta in iter_token_samples(str(data / shard.name)):
+                n = min(frames, codes.shape[-1])
+                crop = torch.zeros(codes.shape[0], frames, dtype=codes.dtype)
+                crop[:, :n] = codes[:, :n]
+                items.append((crop, n, meta))
+    else:
+        samples = round(segment_seconds * codec.sample_rate)
+        for shard in sorted(data.glob("*.tar")):
+            for _, wav, rate, meta in iter_shard_samples(shard):
+                wav = resample(convert_channels(wav.float(), codec.channels), int(rate), codec.sample_rate)
+                n = min(samples, wav.shape[-1])
+                crop = torch.zeros(wav.shape[0], samples)
+                crop[:, :n] = wav[:, :n]
+                items.append((crop, n, meta))
     names = {"ce": "every condition", "ce_no_text": "without the text", "ce_no_melody": "without the melody",
              "ce_no_style": "without the style"}
     totals: dict[str, float] = {}
@@ -422,9 +447,16 @@ def condition_ablation(lm_xp: Path, codec: Any, tokens: Path, segment_seconds: f
     with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                           enabled=torch.device(device).type == "cuda"):
         for start in range(0, min(len(items), max_batches * batch_size), batch_size):
-            batch = collate_tokens(items[start:start + batch_size])
-            codes, lengths = batch.codes.to(device).long(), batch.lengths.to(device)
-            for key, ce in family.condition_losses(batch, codes, lengths, None).items():
+            rows = items[start:start + batch_size]
+            if tokens:
+                batch = collate_tokens(rows)
+                codes, lengths, wav = batch.codes.to(device).long(), batch.lengths.to(device), None
+            else:
+                batch = AudioBatch(torch.stack([w for w, _, _ in rows]).to(device),
+                                   torch.tensor([n for _, n, _ in rows], device=device),
+                                   [str(m.get("caption", "")) for _, _, m in rows], [m for _, _, m in rows])
+                codes, lengths, wav = family.batch_codes(batch)
+            for key, ce in family.condition_losses(batch, codes, lengths, wav).items():
                 if key in names:
                     totals[names[key]] = totals.get(names[key], 0.0) + float(ce.float().mean()) * len(batch)
             count += len(batch)
@@ -506,7 +538,7 @@ def _versions() -> dict[str, str]:
 
 
 def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: float, lm_minutes: float,
-        seconds: float, workers: int, command: str) -> dict:
+        seconds: float, workers: int, command: str, lm_data_kind: str = "audio") -> dict:
     """The whole learning run; returns results.json's content (also written to ``out``)."""
     from ostinato.fileio import write_wav
 
@@ -566,9 +598,14 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
     stages.run("tokenize", tokenize)
 
     # MusicGen: text + melody
-    lm_data = [f"data.{s}={tokens / s}" for s in SPLITS]
-    lm_run = (MUSICGEN_TINY if tiny else MUSICGEN_GPU + [f"trainer.max_time={lm_minutes}"]) + lm_data + \
-        ["logger.kind=csv", "trainer.progress_bar=false"]
+    from ostinato.interop.codecs import load_codec
+
+    exported = load_codec(str(export))
+    lm_data = [f"data.{s}={(shards if lm_data_kind == 'audio' else tokens) / s}" for s in SPLITS]
+    lm_data += [f"family.codec={export}", f"family.n_q={exported.n_q}", f"family.card={exported.card}"]
+    sizing = MUSICGEN_TINY if tiny else MUSICGEN_GPU + [f"trainer.max_time={lm_minutes}"]
+    lm_run = MUSICGEN_ON[lm_data_kind] + sizing + lm_data + ["logger.kind=csv", "trainer.progress_bar=false"]
+    results["musicgen_data"] = lm_data_kind
     lm_xp = _xp_folder(lm_run)
     stages.run("musicgen_train", lambda: ostinato(["train", *lm_run]))
 
@@ -604,7 +641,7 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
 
     # evaluation
     def evaluate() -> None:
-        from ostinato.generation.melody_adherence import melody_adherence
+        from ostinato.generation.melody_adherence import melody_adherence, melody_through_codec
         from ostinato.metrics.diversity import diversity_report
         from ostinato.metrics.embeddings.codec import CodecBackend
 
@@ -645,8 +682,10 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
         results["codebook_card"] = int(codec.card)
         results["codec_val_mel_distance"] = _last_valid(codec_xp, "mel_distance")
         segment = 2.0 if tiny else 10.0
-        results["ce_by_condition"] = condition_ablation(lm_xp, codec, tokens / "valid", segment, 4 if tiny else 16,
-                                                        device, max_batches=2 if tiny else 8)
+        valid = (shards if lm_data_kind == "audio" else tokens) / "valid"
+        results["ce_by_condition"] = condition_ablation(lm_xp, codec, valid, segment, 4 if tiny else 16, device,
+                                                        max_batches=2 if tiny else 8)
+        results["melody_through_codec"] = melody_through_codec(codec, [AudioInput(w, r) for _, w, r, _ in first])
 
     stages.run("evaluate", evaluate, resume=False)
     results["targets"] = verdict(results.get("val_ce"), results.get("unigram_entropy"), results.get("recon_fad"),
@@ -708,13 +747,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="a few CPU steps and seconds: the test of this script")
     p.add_argument("--codec-minutes", type=float, default=2.0, help="trainer.max_time of the codec training")
     p.add_argument("--lm-minutes", type=float, default=2.5, help="trainer.max_time of the MusicGen training")
+    p.add_argument("--lm-data", choices=["audio", "tokens"], default="audio",
+                   help="the MusicGen's data: audio shards tokenized per batch (melody = the audio's chroma) or "
+                        "the token shards (melody = the chroma of the codec's reconstruction)")
     p.add_argument("--seconds", type=float, default=None, help="generated seconds per clip (default 10; tiny 2)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     args = p.parse_args(argv)
     seconds = args.seconds or (2.0 if args.tiny else 10.0)
     command = " ".join(["python bench/learning_run.py", verb, *argv])
     run(args.corpus, args.out, args.work, args.tiny, args.codec_minutes, args.lm_minutes, seconds,
-        args.workers, command)
+        args.workers, command, args.lm_data)
 
 
 if __name__ == "__main__":

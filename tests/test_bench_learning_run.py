@@ -133,7 +133,8 @@ def test_tiny_run_measures_every_stage_and_writes_its_report(tiny_run):
     assert list(r["stages"]) == ["decode", "shards", "codec_train", "codec_export", "tokenize", "musicgen_train",
                                  "generate", "evaluate"]
     assert all(s > 0 for s in r["stages"].values())
-    for key in ("val_ce", "unigram_entropy", "recon_fad", "gen_fad", "gen_fad_text_only"):
+    assert r["musicgen_data"] == "audio"  # audio shards, tokenized per batch: the melody is the audio's chroma
+    for key in ("val_ce", "unigram_entropy", "recon_fad", "gen_fad", "gen_fad_text_only", "melody_through_codec"):
         assert isinstance(r[key], float) and r[key] == r[key], key  # a number, not NaN
     assert set(r["ce_by_condition"]) == {"every condition", "without the text", "without the melody"}
     assert set(r["chroma_cosine"]) == {"melody-conditioned", "unconditioned (no melody)"}
