@@ -224,18 +224,19 @@ def unpack(carry: Path, corpus: Path, workers: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
-def codebook_perplexities(tokens: Path) -> list[float]:
-    """exp(entropy) of each codebook's code frequencies over a token shard folder: of ``card``, how many codes the
-    codec really uses (a collapsed level is near 1)."""
+def token_perplexities(tokens: Path) -> list[float]:
+    """Each codebook's perplexity (``ostinato.metrics.codebooks.CodePerplexity``) over a token shard folder: of
+    ``card``, how many codes the codec really uses (a collapsed level is near 1)."""
     from ostinato.data.tokens import TokenManifest, iter_token_samples
-    from ostinato.nn.quantization import perplexity
+    from ostinato.metrics.codebooks import CodePerplexity
 
     manifest = TokenManifest.load(tokens)
-    counts = torch.zeros(manifest.codec.n_q, manifest.codec.card, dtype=torch.float64)
+    metrics = [CodePerplexity(manifest.codec.card) for _ in range(manifest.codec.n_q)]
     for shard in manifest.shards:
         for _, codes, _ in iter_token_samples(str(tokens / shard.name)):
-            counts.scatter_add_(1, codes.long(), torch.ones_like(codes, dtype=torch.float64))
-    return [float(perplexity(row)) for row in counts]
+            for metric, row in zip(metrics, codes.long()):
+                metric.update(row)
+    return [float(m.compute()) for m in metrics]
 
 
 def verdict(val_ce: float | None, entropy: float | None, recon_fad: float | None,
@@ -305,8 +306,12 @@ def render_results_md(r: dict) -> str:
                      f"{_fmt(r['melody_through_codec'])} |")
     perp = r.get("codebook_perplexity")
     if perp:
-        lines.append(f"| codebook perplexity per level (of {r.get('codebook_card')}) | "
+        lines.append(f"| codebook perplexity per RVQ stage (of {r.get('codebook_card')}), train tokens | "
                      f"{', '.join(f'{p:.0f}' for p in perp)} |")
+    perp_test = r.get("codebook_perplexity_test")
+    if perp_test:
+        lines.append(f"| codebook perplexity per RVQ stage, test clips (metrics.codebooks) | "
+                     f"{', '.join(f'{p:.0f}' for p in perp_test.values())} |")
     for name, value in (r.get("diversity") or {}).items():
         lines.append(f"| diversity, {name} | {_fmt(value)} |")
     lines += ["", f"Target 1, validation CE >= {ce.get('target')} nat below the unigram entropy: {_met(ce)}"
@@ -642,6 +647,7 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
     # evaluation
     def evaluate() -> None:
         from ostinato.generation.melody_adherence import melody_adherence, melody_through_codec
+        from ostinato.metrics.codebooks import codebook_perplexities
         from ostinato.metrics.diversity import diversity_report
         from ostinato.metrics.embeddings.codec import CodecBackend
 
@@ -678,7 +684,8 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
         results["val_ce"] = _last_valid(lm_xp, "ce")
         results["val_ce_logged_without"] = {k: _last_valid(lm_xp, f"ce_no_{k}") for k in ("text", "melody")}
         results["unigram_entropy"] = _unigram_entropy(tokens / "train")
-        results["codebook_perplexity"] = codebook_perplexities(tokens / "train")
+        results["codebook_perplexity"] = token_perplexities(tokens / "train")
+        results["codebook_perplexity_test"] = codebook_perplexities(codec, (w[None] for w in real))
         results["codebook_card"] = int(codec.card)
         results["codec_val_mel_distance"] = _last_valid(codec_xp, "mel_distance")
         segment = 2.0 if tiny else 10.0
