@@ -208,3 +208,16 @@ def test_small_musicgen_learns_to_use_its_style_tokens(codec: Codec) -> None:
         without = family.compute_losses(b.codes, b.lengths, *c.without["style"], first)[0].item()
     assert losses["ce_no_style"].mean() > losses["ce"].mean()
     assert without - with_style >= 0.8, (with_style, without)
+
+
+def test_melody_training_on_audio_without_a_codec_is_one_line(tmp_path) -> None:
+    """The demo's melody experiment reads audio shards and tokenizes them with ``family.codec``: without one (or
+    with one that is not there) training stops in one line naming the key, exit 2."""
+    from tests.runner import make_env, train
+
+    env = make_env(tmp_path)
+    for extra in ([], [f"family.codec={tmp_path / 'missing'}"]):
+        proc = train(env, "experiment=musicgen_tiny_melody_style", "trainer.max_steps=1", "data.num_workers=0",
+                     *extra, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("ostinato train: error: family.codec: "), proc.stderr[-2000:]

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ostinato.data.batch import AudioBatch
 from ostinato.data.token_datamodule import TokenBatch
+from ostinato.errors import UserError
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.interop.codecs import load_codec
 from ostinato.models.codec import Codec
@@ -131,7 +132,10 @@ class MusicGenFamily(CodebookLMFamily):
                 self.model.codec_ref = str(info.id)
         needs_codec = self.model.needs_audio_features or not isinstance(dm, _token_module())
         if needs_codec and dm is not None:
-            codec = self.model.codec  # fails early, naming the fix, when there is none
+            try:  # fails early, naming the fix, when there is none or it cannot be read
+                codec = self.model.codec
+            except (ValueError, FileNotFoundError) as e:
+                raise UserError(f"family.codec: {e}") from None
             self._sample_rate = codec.sample_rate
 
     # -- conditioning ---------------------------------------------------------------------------------------
