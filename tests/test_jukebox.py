@@ -198,6 +198,9 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     vq_folder, *prior_folders = xp_folders(env, *runs, [*_prior_args("bottom"), "trainer.max_steps=4"])
     folder4 = prior_folders.pop()
     train(env, *runs[0])
+    # validation logs every level's codebook perplexity over the validation set into the XP's history
+    valid = [e["valid"] for e in json.loads((vq_folder / "history.json").read_text()) if "valid" in e]
+    assert valid and all(1.0 <= float(valid[-1][f"perplexity_level{k}"]) <= 32 for k in range(3)), valid
     export(vq_folder, tmp_path / "vqvae")  # what `ostinato export` runs
     for split in ("train", "valid", "test"):
         m = encode_shards(str(tmp_path / "vqvae"), data / "shards" / split, data / "jukebox" / split, progress=False)
