@@ -20,7 +20,12 @@ codec when training on tokens), projected to the LM width and prepended. Style (
 segment -> frozen features (the codec's latents, or an HF audio encoder) -> ``StyleConditioner`` (transformer + RVQ
 bottleneck + downsampling) -> tokens, prepended before the melody. A dropped (or null) prefix condition is zeros
 of the same shape, which is also what generation feeds the unconditional CFG rows. The codec is a frozen helper,
-not a submodule (not trained, not in checkpoints), like the text encoder.
+not a submodule (not trained, not in checkpoints), like the text encoder. On token shards the chroma is that of
+the codec's reconstruction, which a small codec barely keeps (``generation.melody_adherence.melody_through_codec``);
+on audio shards it is the segment's own audio, as the melody given at generation is.
+
+Validation (``condition_losses``): ``ce`` with every condition, then the same batch with each condition at its null
+alone (``ce_no_text``, ``ce_no_melody``, ``ce_no_style``) and with melody and style both (``ce_text_only``).
 """
 from __future__ import annotations
 
