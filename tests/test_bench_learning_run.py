@@ -122,7 +122,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_run.py"), "--corpus", str(carry),
-                           "--out", str(root / "out"), "--work", str(root / "work"), "--tiny", "--workers", "1"],
+                           "--out", str(root / "out"), "--work", str(root / "work"), "--tiny", "--workers", "1",
+                           "--text", "captions"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"root": root, "out": root / "out", "work": root / "work",
@@ -131,8 +132,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_tiny_run_measures_every_stage_and_writes_its_report(tiny_run):
     r, out = tiny_run["results"], tiny_run["out"]
-    assert list(r["stages"]) == ["decode", "shards", "codec_train", "codec_export", "tokenize", "musicgen_train",
-                                 "generate", "evaluate"]
+    assert list(r["stages"]) == ["decode", "shards", "codec_train", "codec_export", "tokenize", "text_encoder",
+                                 "musicgen_train", "generate", "evaluate"]
     assert all(s > 0 for s in r["stages"].values())
     assert r["musicgen_data"] == "audio"  # audio shards, tokenized per batch: the melody is the audio's chroma
     for key in ("val_ce", "unigram_entropy", "recon_fad", "gen_fad", "gen_fad_text_only", "melody_through_codec"):
@@ -145,14 +146,15 @@ def test_tiny_run_measures_every_stage_and_writes_its_report(tiny_run):
     assert list(r["codebook_perplexity_test"]) == [f"perplexity_q{k}" for k in range(4)]
     assert r["targets"]["ce"]["met"] in (True, False) and r["targets"]["fad"]["met"] in (True, False)
     assert any("lossy transport" in note for note in r["notes"])
+    assert r["text_encoder"] == "captions" and any("random BERT" in note for note in r["notes"])
     md = (out / "results.md").read_text()
     assert "## Learning run" in md and "--tiny" in md and "| validation CE, without the melody |" in md
     names = {p.name for p in out.iterdir()}
     assert {"curves_codec.png", "curves_musicgen.png", "generated_0.wav", "spectrogram_generated_0.png"} <= names
     assert not any(p.suffix == ".ckpt" for p in out.rglob("*"))  # checkpoints stay in --work
     assert sum(p.stat().st_size for p in out.rglob("*")) < 50e6
-    assert {p.name for p in tiny_run["work"].glob(".done-*")} == {
-        f".done-{s}" for s in ("decode", "shards", "codec_train", "codec_export", "tokenize", "musicgen_train")}
+    assert {p.name for p in tiny_run["work"].glob(".done-*")} == {f".done-{s}" for s in (
+        "decode", "shards", "codec_train", "codec_export", "tokenize", "text_encoder", "musicgen_train")}
 
 
 def test_a_stage_finished_in_an_earlier_call_is_skipped_with_its_time(tmp_path):
@@ -175,3 +177,19 @@ def test_spectrograms_without_matplotlib_are_drawn_with_pil(tmp_path):
     assert lr._pil_png(tmp_path / "s.png", image)
     png = Image.open(tmp_path / "s.png")
     assert png.size == (400, 240) and png.getpixel((0, 239)) == 0 and png.getpixel((399, 0)) == 255
+
+
+def test_the_caption_text_encoder_tells_captions_apart(tmp_path):
+    """Where the packaged MiniLM does not fit the carry: a random BERT over the captions' words, each word a token,
+    loads as family.text.model and gives different states for different captions (one word apart)."""
+    from ostinato.nn.conditioners import TextConditioner
+
+    captions = ["A baroque chorale for organ, in C major.", "A baroque chorale for choir, in C major."]
+    folder = lr.write_caption_text_encoder(captions, tmp_path / "text", width=64, layers=1)
+    text = TextConditioner(str(folder), dim=16).eval()
+    ids = text.tokenize(captions)["input_ids"]
+    assert (ids == 1).sum() == 0  # no [UNK]: every word is in the vocabulary
+    with torch.no_grad():
+        cond, mask = text(captions)
+    assert cond.shape[0] == 2 and mask.all()
+    assert not torch.allclose(cond[0], cond[1])
