@@ -221,3 +221,37 @@ def test_melody_training_on_audio_without_a_codec_is_one_line(tmp_path) -> None:
                      *extra, check=False)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith("ostinato train: error: family.codec: "), proc.stderr[-2000:]
+
+
+def test_small_musicgen_learns_to_use_its_text(codec: Codec) -> None:
+    """Items of 12 kinds, each a fixed code sequence named by its caption: only the text tells the first frame."""
+    names = ["C", "C sharp", "D", "E flat", "E", "F", "F sharp", "G", "A flat", "A", "B flat", "B"]
+    frames = 10
+    sequences = torch.randint(0, codec.card, (len(names), frames), generator=torch.Generator().manual_seed(0))
+
+    def batch(b: int, gen: torch.Generator) -> TokenBatch:
+        kinds = torch.randint(0, len(names), (b,), generator=gen).tolist()
+        return TokenBatch(sequences[kinds][:, None], torch.full((b,), frames), [""] * b,
+                          [{"caption": f"a tune in {names[k]}"} for k in kinds])
+
+    torch.manual_seed(0)
+    family = MusicGenFamily(n_q=1, card=codec.card, lm=LM, text={"max_length": 16}, cfg_dropout=0.1)
+    family.model.attach_codec(codec)
+    opt = torch.optim.AdamW([p for p in family.parameters() if p.requires_grad], lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        b = batch(16, gen)
+        c = family.batch_conditions(b, b.codes, b.lengths, None, train=True)
+        ce, _ = family.compute_losses(b.codes, b.lengths, c.cond, c.mask, c.prefix, c.targets)
+        opt.zero_grad()
+        ce.mean().backward()
+        opt.step()
+    family.eval()
+    b = batch(64, torch.Generator().manual_seed(9))
+    first = torch.zeros(64, frames, dtype=torch.bool)
+    first[:, 0] = True  # ln 12 = 2.48 nats without the text
+    with torch.no_grad():
+        c = family.batch_conditions(b, b.codes, b.lengths, None, train=False)
+        with_text = family.compute_losses(b.codes, b.lengths, c.cond, c.mask, c.prefix, first)[0].item()
+        without = family.compute_losses(b.codes, b.lengths, *c.without["text"], first)[0].item()
+    assert without - with_text >= 1.5, (with_text, without)
