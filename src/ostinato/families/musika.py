@@ -14,7 +14,9 @@ one generator step on the same fakes (``ostinato.families.gan``); only the gener
 step. Fakes come from random style vectors and coordinate windows at random phases relative to the anchors.
 
 Validation reports the Fréchet distance between real and generated latent frames (``valid/latent_fd``, lower is
-better) and the discriminator's mean scores.
+better), the discriminator's mean scores, and ``valid/diversity``: the std of generated windows across their noise
+over that of real windows across items (about 1 when the generator varies as much as the data, ~0 when it
+collapsed to one output whatever its seed).
 """
 from __future__ import annotations
 
@@ -37,7 +39,18 @@ from ostinato.nn.losses import MultiScaleMelLoss, MultiScaleSTFTLoss, l1_wavefor
 
 __all__ = ["MusikaAutoencoderFamily", "MusikaFamily", "AE_WEIGHTS"]
 
-AE_WEIGHTS = {"spec": 1.0, "mel": 1.0, "stft": 1.0, "l1": 0.1, "adv": 1.0, "feat": 1.0}
+AE_WEIGHTS = {"spec": 1.0, "mel": 1.0, "stft": 1.0, "l1": 0.1, "adv": 1.0, "feat": 1.0, "saturation": 1.0}
+SATURATION_LIMIT = 1.5  # |pre-tanh| above which the latents' saturation is penalised (tanh(1.5) = 0.905)
+
+
+def saturation_loss(pre: Tensor, limit: float = SATURATION_LIMIT) -> Tensor:
+    """pre [B, D, L] (the encoder's output before the tanh) -> mean of ``relu(|pre| - limit)^2``.
+
+    Why: the decoder hears larger latents better, so without this the encoder drives them into the tanh's flat
+    ends, where only their sign survives and no gradient flows back: every clip encodes to nearly the same +-1
+    pattern and decodes to the same steady buzz, which the latent GAN then learns whatever its seed.
+    """
+    return F.relu(pre.float().abs() - limit).square().mean()
 
 
 class MusikaAutoencoderFamily(WaveformGANFamily):
@@ -77,7 +90,7 @@ class MusikaAutoencoderFamily(WaveformGANFamily):
     def losses(self, x: Tensor, out: AutoencoderOutput, adversarial: bool) -> dict[str, Tensor]:
         recon = out.recon
         losses = {"spec": F.l1_loss(out.logmag.float(), out.target.float()), "mel": self.mel_loss(recon, x),
-                  "stft": self.stft_loss(recon, x), "l1": l1_waveform(recon, x)}
+                  "stft": self.stft_loss(recon, x), "l1": l1_waveform(recon, x), "saturation": saturation_loss(out.pre)}
         return self.weighted(losses, x, recon, adversarial)
 
     def training_step(self, batch: AudioBatch, batch_idx: int) -> None:
@@ -216,6 +229,9 @@ class MusikaFamily(GANFamily):
         self.log(f"{prefix}/latent_fd", self.val_fd, batch_size=n, prog_bar=True)
         self.log(f"{prefix}/d_real", self.discriminator(real).mean(), batch_size=n, sync_dist=True)
         self.log(f"{prefix}/d_fake", self.discriminator(fake).mean(), batch_size=n, sync_dist=True)
+        if n > 1:  # how much windows from different noise differ, against real windows: ~0 is a collapsed GAN
+            diversity = fake.std(dim=0).mean() / real.std(dim=0).mean().clamp_min(1e-8)
+            self.log(f"{prefix}/diversity", diversity, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: ArrayBatch, batch_idx: int) -> None:
         self._evaluate(batch, "valid", batch_idx)

@@ -6,6 +6,7 @@ parallel and stitched without seams); ``spectral_flux`` and ``seam_statistics`` 
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -13,10 +14,11 @@ import torch
 from torch import Tensor
 
 from ostinato.generation.request import GenerationRequest
+from ostinato.metrics.diversity import diversity_report
 from ostinato.models.musika import Musika, SpectralAutoencoder
 from ostinato.nn.decoding import Progress
 
-__all__ = ["load_autoencoder", "load_musika", "generate_clips", "spectral_flux", "seam_statistics"]
+__all__ = ["load_autoencoder", "load_musika", "generate_clips", "spectral_flux", "seam_statistics", "seed_diversity"]
 
 
 
@@ -126,3 +128,44 @@ def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tens
               "seconds_per_second": round(request.duration / max(elapsed, 1e-9), 2), "truncation": truncation or None,
               "seed": seed}
     return wav, ae.sample_rate, [record]
+
+
+@torch.no_grad()
+def seed_diversity(model: Musika | str, seeds: int = 8, seconds: float = 5.0, truncation: float | None = 2.0,
+                   first_seed: int = 0, reference: Tensor | None = None,
+                   tight_truncation: float = 0.5) -> dict[str, Any]:
+    """Do Musika's generations depend on their seed? ``model`` (a ``Musika`` with its autoencoder, or anything
+    ``load_musika`` takes) writes one ``seconds``-long clip per seed ``first_seed .. first_seed + seeds - 1``, each
+    as ``ostinato generate --seed S`` would.
+
+    Returns ``{"seeds": ..., "latents": ..., "truncation": ..., "reference": ...}``:
+
+    * ``seeds``: mean / max waveform correlation and log-mel cosine over the pairs (a collapsed GAN: all near 1);
+    * ``latents``: ``std_over_seeds``, the generator's latents' std across seeds (averaged over channels and
+      frames), ``abs_mean`` their mean absolute value and, with ``reference``, ``std_real`` the same std across
+      the reference clips' latents: a std far below the real one is the collapse, whatever the autoencoder does;
+    * ``truncation``: the same seed at two bounds (a generator that ignores its noise: near 1);
+    * ``reference`` (when ``reference`` clips ``[N, C, T]`` at the autoencoder's rate are given): the diversity of
+      their autoencoder reconstructions, the ceiling the GAN's clips can reach through this autoencoder.
+    """
+    gan = load_musika(model)[0] if isinstance(model, str) else model
+    ae = gan.autoencoder
+    clips = torch.cat([gan.generate(seconds, truncation=truncation, seed=first_seed + i).cpu()
+                       for i in range(seeds)])
+    n_frames = math.ceil(seconds * ae.frame_rate)
+    latents = torch.cat([gan.latents(n_frames, truncation=truncation, seed=first_seed + i).cpu()
+                         for i in range(seeds)])  # [seeds, D, frames]
+    tight = gan.generate(seconds, truncation=tight_truncation, seed=first_seed).cpu()
+    out: dict[str, Any] = {
+        "seeds": diversity_report(clips, ae.sample_rate),
+        "latents": {"std_over_seeds": float(latents.std(dim=0).mean()), "abs_mean": float(latents.abs().mean())},
+        "truncation": {"bounds": [truncation, tight_truncation],
+                       **diversity_report(torch.cat([clips[:1], tight]), ae.sample_rate)},
+    }
+    if reference is not None:
+        device = next(ae.parameters()).device
+        real = torch.cat([ae.encode(clip[None].to(device)).cpu() for clip in reference])
+        recon = torch.cat([ae.decode(z[None].to(device)).cpu() for z in real])
+        out["reference"] = diversity_report(recon[..., :reference.shape[-1]], ae.sample_rate)
+        out["latents"]["std_real"] = float(real.std(dim=0).mean())
+    return out

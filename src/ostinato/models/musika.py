@@ -87,12 +87,14 @@ def istft_same(spec: Tensor, n_fft: int, hop: int) -> Tensor:
 @dataclass
 class AutoencoderOutput:
     """``SpectralAutoencoder.forward``: recon [B, C, T]; latents [B, D, L]; the decoder's normalised
-    log-magnitudes ``logmag`` and the input's ``target``, both [B, C * bins, L * frame_ratio]."""
+    log-magnitudes ``logmag`` and the input's ``target``, both [B, C * bins, L * frame_ratio]; ``pre`` [B, D, L],
+    the encoder's output before the tanh (``latents = tanh(pre)``)."""
 
     recon: Tensor
     latents: Tensor
     logmag: Tensor
     target: Tensor
+    pre: Tensor
 
 
 class SpectralAutoencoder(nn.Module):
@@ -226,11 +228,12 @@ class SpectralAutoencoder(nn.Module):
         """wav [B, C, T] -> ``AutoencoderOutput`` (reconstruction [B, C, T], latents, decoded and input spectra)."""
         length = wav.shape[-1]
         target = self.features(wav)
-        z = torch.tanh(self.encoder(target))
+        pre = self.encoder(target)
+        z = torch.tanh(pre)
         out = self.decoder(z)
         b, _, frames = out.shape
         logmag = out.reshape(b, self.channels, 2, self.bins, frames)[:, :, 0].reshape(b, -1, frames)
-        return AutoencoderOutput(self.synthesize(out)[..., :length], z, logmag, target)
+        return AutoencoderOutput(self.synthesize(out)[..., :length], z, logmag, target, pre)
 
 
 # -- latent GAN -------------------------------------------------------------------------------------------------

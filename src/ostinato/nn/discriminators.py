@@ -420,20 +420,43 @@ def build_discriminator(
 
 class LatentDiscriminator(nn.Module):
     """D(latents [B, dimension, W]) -> logits [B, 1, W / 2^len(strides)...]: strided 1-D convolutions with
-    LeakyReLU (a patch discriminator over time)."""
+    LeakyReLU (a patch discriminator over time).
+
+    ``minibatch_std``: group size of StyleGAN's minibatch standard deviation (0: off). Before the last two
+    convolutions, each item gets one more channel: the standard deviation over its group of items, averaged over
+    channels and time. A generator whose windows do not depend on their noise gives a std near 0 where real windows
+    give a large one, so the critic sees the collapse that item-by-item scores cannot.
+    """
 
     def __init__(self, dimension: int = 64, channels: Sequence[int] = (128, 256, 256), kernel_size: int = 5,
-                 norm: str = "none") -> None:
+                 norm: str = "none", minibatch_std: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = [NormConv1d(dimension, channels[0], 3, norm=norm)]
         for a, b in zip(channels[:-1], channels[1:]):
             layers += [nn.LeakyReLU(0.2), NormConv1d(a, b, kernel_size, stride=2, norm=norm)]
-        layers += [nn.LeakyReLU(0.2), NormConv1d(channels[-1], channels[-1], 3, norm=norm), nn.LeakyReLU(0.2),
+        self.minibatch_std = int(minibatch_std)
+        self.split = len(layers) + 1  # the last two convolutions (the head) see the group std, when on
+        extra = 1 if self.minibatch_std > 0 else 0
+        layers += [nn.LeakyReLU(0.2), NormConv1d(channels[-1] + extra, channels[-1], 3, norm=norm), nn.LeakyReLU(0.2),
                    NormConv1d(channels[-1], 1, 3, norm=norm)]
         self.model = nn.Sequential(*layers)
         self.dimension = int(dimension)
 
+    def _group_std(self, x: Tensor) -> Tensor:
+        """x [B, C, T] -> [B, 1, T]: per item, the std over its group of ``minibatch_std`` items (the largest
+        divisor of B not above it), averaged over channels and time."""
+        b = x.shape[0]
+        group = max(g for g in range(1, min(self.minibatch_std, b) + 1) if b % g == 0)
+        if group < 2:
+            return x.new_zeros(b, 1, x.shape[-1])
+        y = x.float().view(group, b // group, *x.shape[1:])  # item i sits in group i % (B / group)
+        std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2))  # [B / group]
+        return std.repeat(group)[:, None, None].expand(b, 1, x.shape[-1]).to(x.dtype)
+
     def forward(self, latents: Tensor) -> Tensor:
         if latents.dim() != 3 or latents.shape[1] != self.dimension:
             raise ValueError(f"expected latents [B, {self.dimension}, W], got {tuple(latents.shape)}")
-        return self.model(latents)
+        x = self.model[:self.split](latents)
+        if self.minibatch_std > 0:
+            x = torch.cat([x, self._group_std(x)], dim=1)
+        return self.model[self.split:](x)
