@@ -78,6 +78,33 @@ def test_code_perplexity_counts_every_frame_of_every_batch():
 def test_codebook_perplexities_names_every_rvq_stage_of_a_codec():
     torch.manual_seed(0)
     codec = Codec.build(sample_rate=SR, ratios=[4, 4], n_filters=4, dimension=8, n_q=3, card=16, lstm=0).eval()
-    out = codebook_perplexities(codec, [torch.randn(2, 1, 1600), torch.randn(1, 1, 800)])
+    out = codebook_perplexities(codec, [torch.randn(2, 1, 4000), torch.randn(1, 1, 800)])
     assert sorted(out) == ["perplexity_q0", "perplexity_q1", "perplexity_q2"]
     assert all(1.0 <= v <= 16 for v in out.values())
+
+
+def test_codec_validation_logs_every_stage_perplexity_over_the_valid_frames():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ostinato.data.batch import AudioBatch
+    from ostinato.families.codec import CodecFamily
+
+    torch.manual_seed(0)
+    family = CodecFamily(sample_rate=8000, codec=dict(dimension=8, n_filters=2, ratios=[4, 2], lstm=0, n_q=2, card=16),
+                         loss_weights={"adv": 0, "feat": 0}, balancer=False)
+    audio = 0.1 * torch.randn(2, 1, 4000)
+    audio[1, :, 2000:] = 0  # padding
+    family.model(audio)  # k-means init of the codebooks from this batch
+    batches = [AudioBatch(audio, torch.tensor([4000, 2000]), ["", ""], [{}, {}])] * 3
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.validate(family, DataLoader(batches, batch_size=None), verbose=False)
+    family.eval()
+    with torch.no_grad():
+        codes = family.model.encode(audio).codes  # 500 frames each; the second item's last 250 are padding
+    for k in range(2):
+        kept = torch.cat([codes[0, k], codes[1, k, :250]])
+        expected = float(CodePerplexity(16).to(torch.float64)(kept))
+        assert float(trainer.callback_metrics[f"valid/perplexity_q{k}"]) == pytest.approx(expected, rel=1e-5)
+        assert expected > 2  # random codebooks: the frames spread over several codes

@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from ostinato.data.batch import AudioBatch
 from ostinato.families.base import plain
 from ostinato.families.gan import WaveformGANFamily
-from ostinato.models.codec import Codec
+from ostinato.metrics.codebooks import CodePerplexity
+from ostinato.models.codec import Codec, CodecOutput
 from ostinato.nn.balancer import Balancer
 from ostinato.nn.discriminators import build_discriminator
 from ostinato.nn.losses import MultiScaleMelLoss, l1_waveform
@@ -21,7 +23,8 @@ DEFAULT_WEIGHTS = {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0}
 
 class CodecFamily(WaveformGANFamily):
     """Trains a ``Codec`` (``self.model``; rate and channels are its own) on ``AudioBatch``es; validation reports
-    mel distance, MS-STFT distance and SI-SNR."""
+    mel distance, MS-STFT distance, SI-SNR and each RVQ stage's codebook perplexity over the whole validation set
+    (``valid/perplexity_q{k}``: near 1 is a collapsed codebook, ``card`` every code used equally)."""
 
     ema_modules = ("model.encoder", "model.decoder")  # codebooks keep their own EMA; never the discriminator
 
@@ -42,6 +45,7 @@ class CodecFamily(WaveformGANFamily):
         self.balancer = Balancer(dict(self.weights)) if balancer else None
         self.commitment_weight = commitment_weight
         self.track_reconstruction()
+        self.val_perplexity = nn.ModuleList([CodePerplexity(self.model.card) for _ in range(self.model.n_q)])
 
     # -- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: AudioBatch, batch_idx: int) -> None:
@@ -66,6 +70,13 @@ class CodecFamily(WaveformGANFamily):
                  batch_size=n)
         for name, value in (out.metrics or {}).items():
             self.log(f"train/vq/{name}", torch.as_tensor(value, dtype=torch.float32), batch_size=n)
+
+    def evaluate_output(self, out: CodecOutput, lengths: Tensor, prefix: str) -> None:
+        hop = self.model.hop_length
+        frames = torch.arange(out.codes.shape[-1], device=lengths.device)[None] < (lengths[:, None] + hop - 1) // hop
+        for k in range(out.codes.shape[1]):
+            self.val_perplexity[k].update(out.codes[:, k][frames])
+            self.log(f"{prefix}/perplexity_q{k}", self.val_perplexity[k], batch_size=len(lengths))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -149,13 +149,18 @@ class WaveformGANFamily(GANFamily):
         if not bool(valid.any()):
             return
         x, lengths = batch.audio[valid], batch.lengths[valid]
-        recon = self.model(x).recon
+        out = self.model(x)
         for metric in (self.val_mel, self.val_stft, self.val_sisnr):
-            metric.update(recon, x, lengths)
+            metric.update(out.recon, x, lengths)
         n = int(valid.sum())
         self.log(f"{prefix}/mel_distance", self.val_mel, batch_size=n, prog_bar=True)
         self.log(f"{prefix}/stft_distance", self.val_stft, batch_size=n)
         self.log(f"{prefix}/sisnr", self.val_sisnr, batch_size=n)
+        self.evaluate_output(out, lengths, prefix)
+
+    def evaluate_output(self, out: Any, lengths: Tensor, prefix: str) -> None:
+        """What a subclass measures beyond the reconstruction on the model's output for an evaluation batch
+        (``lengths`` [B] in samples); nothing here."""
 
     def validation_step(self, batch: AudioBatch, batch_idx: int) -> None:
         self._evaluate(batch, "valid")
