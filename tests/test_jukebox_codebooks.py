@@ -6,6 +6,11 @@ between inputs by 0.003 (per-dimension std) around a centre of norm 0.3, while o
 0.01-0.16. Dead-code restarts put codes on this batch's latents, which the next step has already left: every frame
 took the code nearest to the moved cloud. ``HierarchicalVQVAE(encoder_gain=1.0)`` starts every encoder conv at
 norm 1 with zero bias: the spread is 0.2 and every level's codes stay in use.
+
+Measured (one CPU thread, synthetic melodies): at the preset's own size (256 codes, 16 crops of 0.512 s, lr 1e-3)
+the validation perplexity after 100 steps was bottom 207 / middle 1.0 / top 1.0 with PyTorch's init and
+164 / 124 / 106 with ``encoder_gain`` 1 (losses 1.03 / 1.27 / 1.39 -> 0.95 / 1.11 / 1.22). Here (64 codes, 8
+crops, 40 steps): 13.3 / 3.0 / 1.0 -> 57.8 / 18.3 / 22.4.
 """
 from __future__ import annotations
 
