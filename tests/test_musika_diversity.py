@@ -135,10 +135,11 @@ def test_generations_depend_on_the_seed_and_the_truncation(trained_musika):
     print({k: {n: round(v, 3) if isinstance(v, float) else v for n, v in r.items()} for k, r in report.items()})
     ceiling = report["reference"]  # real clips through the same autoencoder: what different clips look like
     assert ceiling["spectral_sim_mean"] < 0.9  # the autoencoder itself keeps different clips apart
-    # a collapsed GAN (the demo's symptom): waveform correlation 0.997 and log-mel cosine ~1 between seeds
+    # a collapsed GAN (the demo's symptom): waveform correlation 0.997 and log-mel cosine ~1 between seeds.
+    # Measured with the critic's minibatch std (without it, the old critic: 0.19 against 0.38, 0.85, 0.968, 0.985)
     seeds, latents = report["seeds"], report["latents"]
-    assert latents["std_over_seeds"] > 0.5 * latents["std_real"]  # measured 0.34 against 0.38
-    assert seeds["waveform_corr_mean"] < 0.8 and seeds["spectral_sim_mean"] < 0.97  # measured 0.60, 0.93
+    assert latents["std_over_seeds"] > 0.5 * latents["std_real"]  # 0.34 against 0.38
+    assert seeds["waveform_corr_mean"] < 0.8 and seeds["spectral_sim_mean"] < 0.97  # 0.60, 0.93
     assert report["truncation"]["waveform_corr_max"] < 0.98  # --truncation 0.5 against 2, the same seed: 0.91
     clips = torch.cat([model.generate(2.56, seed=s) for s in (0, 0, 1)])
     assert torch.equal(clips[0], clips[1]) and diversity_report(clips[1:], SR)["waveform_corr_max"] < 0.99
