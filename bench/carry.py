@@ -1,16 +1,17 @@
-"""Move a rendered corpus (``ostinato prep corpus``) to a machine without fluidsynth inside a size budget.
+"""Move a rendered corpus (``ostinato prep corpus``) to a machine without fluidsynth, inside a size budget.
 
 The GPU machine of the device tool takes 64 MiB a call and has no fluidsynth: a corpus is rendered here, its clips
-are packed as OGG Vorbis (about 22 MB an hour at 24 kHz mono, a fifth of FLAC) with their caption sidecars and
-``corpus.json``, and unpacked there into the same layout (FLAC clips + WebDataset shards) that ``prep corpus``
-writes, so ``ostinato demo`` and the bench scripts find a finished corpus.
+packed as OGG Vorbis (about 22 MB an hour at 24 kHz mono, a fifth of FLAC: libsndfile writes and reads it at any
+rate) with their caption sidecars and ``corpus.json``, and unpacked there into the layout that ``prep corpus``
+writes (FLAC clips, sidecars, ``corpus.json`` and, with ``--shards``, the WebDataset shards), so ``ostinato demo``
+and ``bench/learning_run.py`` find a finished corpus:
 
-    python bench/carry.py pack data/demo .gpu/demo_carry              # here
-    python bench/carry.py unpack .gpu/demo_carry data/demo            # there
+    python bench/carry.py pack data/demo .gpu/demo_carry --budget-mb 30        # here
+    python bench/carry.py unpack .gpu/demo_carry data/demo --shards           # there
 
-``--budget-mb`` keeps whole clips, split by split in proportion, until the budget is spent; the kept hours are
-printed and written to ``carry.json``. The lossy transport is stated there too: results computed from an unpacked
-corpus say so.
+``pack`` keeps whole clips, each split in proportion and every piece's first segment first, until the budget is
+spent; ``pack.json`` records the transport, bitrate, hours and clips, and an unpacked ``corpus.json`` records it
+under ``options.transport``: results computed from an unpacked corpus say what the audio went through.
 """
 from __future__ import annotations
 
@@ -18,74 +19,145 @@ import argparse
 import json
 import os
 import shutil
-import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import soundfile as sf
+from typing import Any
 
 SPLITS = ("train", "valid", "test")
-VORBIS_QUALITY = 0.7  # soundfile's compression_level for Vorbis: 0 best quality .. 1 smallest
+PACK_NAME = "pack.json"
+LOSSY = {"format": "OGG", "subtype": "VORBIS", "suffix": ".ogg"}
+FLAC = {"format": "FLAC", "subtype": "PCM_16", "suffix": ".flac"}
 
 
-def pack(corpus: Path, out: Path, budget_mb: float | None = None, transport: str = "vorbis") -> dict:
-    """corpus/{corpus.json, audio/SPLIT/*.flac + *.json} -> out/ (clips as .ogg or .flac, sidecars, corpus.json)."""
+def clip_order(metas: dict[str, dict]) -> list[str]:
+    """Clip names in packing order: every piece's first segment, then every piece's second... so that a budget
+    that cuts the list keeps as many pieces as it can."""
+    return sorted(metas, key=lambda n: (int(metas[n].get("segment", 0)), str(metas[n].get("piece", "")), n))
+
+
+def choose_clips(sizes: dict[str, list[tuple[str, int]]], budget: int) -> dict[str, list[str]]:
+    """Whole clips per split within ``budget`` bytes, each split keeping its share of the total: ``sizes`` maps a
+    split to its clips ``(name, bytes)`` in packing order. A split's share is its share of all bytes (that is, of
+    the seconds, for clips of one length and bitrate)."""
+    total = sum(n for clips in sizes.values() for _, n in clips)
+    chosen: dict[str, list[str]] = {}
+    for split, clips in sizes.items():
+        share = budget * sum(n for _, n in clips) / max(total, 1)
+        used, names = 0, []
+        for name, n in clips:
+            if used + n > share:
+                break
+            used += n
+            names.append(name)
+        chosen[split] = names
+    return chosen
+
+
+def _map(fn: Callable[[Any], Any], jobs: list, workers: int) -> list:
+    """``fn`` over ``jobs``, in ``workers`` processes (here when 1)."""
+    if workers <= 1:
+        return [fn(job) for job in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(fn, jobs, chunksize=8))
+
+
+def _encode_clip(job: tuple[str, str, dict, float | None]) -> tuple[str, int]:
+    import soundfile as sf
+
+    src, dst, fmt, quality = job
+    wav, sr = sf.read(src, dtype="float32")
+    extra = {} if quality is None else {"compression_level": quality}
+    sf.write(dst, wav, sr, format=fmt["format"], subtype=fmt["subtype"], **extra)
+    return dst, Path(dst).stat().st_size
+
+
+def pack(corpus: Path, to: Path, budget_mb: float, transport: str = "lossy", quality: float = 0.8,
+         workers: int = 1) -> dict:
+    """A rendered corpus (``ostinato prep corpus``: ``audio/{train,valid,test}/*.flac`` + ``.json`` sidecars,
+    ``corpus.json``) -> ``to``: as many whole clips per split as ``budget_mb`` holds (split proportions kept), as
+    Vorbis (``lossy``, libsndfile compression level ``quality`` in [0, 1]) or FLAC, their sidecars, corpus.json and
+    ``pack.json`` (transport, bitrate, hours and clips per split). Returns pack.json's content."""
     if not (corpus / "corpus.json").is_file():
-        raise SystemExit(f"{corpus}: no corpus.json; render one with `ostinato prep corpus --out {corpus}`")
-    if out.exists():
-        shutil.rmtree(out)
-    clips = {s: sorted((corpus / "audio" / s).glob("*.flac")) for s in SPLITS}
-    total = sum(len(v) for v in clips.values())
-    budget = None if budget_mb is None else budget_mb * 1e6
-    used, kept_seconds, kept = 0, 0.0, {s: 0 for s in SPLITS}
-    # round-robin over splits in proportion to their sizes, so a budget cut keeps every split
-    order = sorted(((i / len(v), s, p) for s, v in clips.items() for i, p in enumerate(v)), key=lambda t: t[0])
-    for _, split, src in order:
-        audio, sr = sf.read(src, dtype="float32")
-        dest = out / "audio" / split / (src.stem + (".ogg" if transport == "vorbis" else ".flac"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if transport == "vorbis":
-            sf.write(dest, audio, sr, format="OGG", subtype="VORBIS", compression_level=VORBIS_QUALITY)
-        else:
-            shutil.copyfile(src, dest)
-        size = dest.stat().st_size
-        if budget is not None and used + size > budget:
-            dest.unlink()
-            break
-        used += size
-        kept_seconds += len(audio) / sr
-        kept[split] += 1
-        sidecar = src.with_suffix(".json")
-        if sidecar.is_file():
-            shutil.copyfile(sidecar, dest.with_suffix(".json"))
-    shutil.copyfile(corpus / "corpus.json", out / "corpus.json")
-    info = {"transport": transport, "vorbis_quality": VORBIS_QUALITY if transport == "vorbis" else None,
-            "clips": kept, "clips_in_corpus": total, "hours": kept_seconds / 3600, "megabytes": used / 1e6}
-    (out / "carry.json").write_text(json.dumps(info, indent=1))
-    return info
-
-
-def unpack(carried: Path, out: Path, workers: int | None = None) -> dict:
-    """out/ <- the FLAC clips, sidecars and corpus.json of a packed corpus, plus shards/SPLIT like `prep corpus`."""
-    from ostinato.data.shards import build_shards
-
-    info = json.loads((carried / "carry.json").read_text())
-    options = json.loads((carried / "corpus.json").read_text())["options"]
+        raise FileNotFoundError(f"--corpus {corpus}: no corpus.json; render one with `ostinato prep corpus`")
+    if (to / PACK_NAME).is_file():
+        raise FileExistsError(f"--to {to}: already packed ({to / PACK_NAME}); delete it to pack again")
+    fmt = LOSSY if transport == "lossy" else FLAC
+    staging = to.with_name(to.name + ".all")
+    shutil.rmtree(staging, ignore_errors=True)
+    jobs, metas = [], {}
     for split in SPLITS:
-        folder = out / "audio" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        for src in sorted((carried / "audio" / split).glob("*")):
+        folder = corpus / "audio" / split
+        split_metas = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+        for name in clip_order(split_metas):
+            if (folder / f"{name}.flac").is_file():
+                (staging / split).mkdir(parents=True, exist_ok=True)
+                jobs.append((str(folder / f"{name}.flac"), str(staging / split / f"{name}{fmt['suffix']}"), fmt,
+                             quality if transport == "lossy" else None))
+                metas[(split, name)] = split_metas[name]
+    sizes_by_path = dict(_map(_encode_clip, jobs, workers))
+    sidecars = {key: json.dumps(meta, indent=1) for key, meta in metas.items()}
+    sizes = {s: [(Path(dst).stem, sizes_by_path[dst] + len(sidecars[(s, Path(dst).stem)].encode()))
+                 for _, dst, _, _ in jobs if Path(dst).parent.name == s] for s in SPLITS}
+    budget = int(budget_mb * 2**20) - (corpus / "corpus.json").stat().st_size - 2**14  # 16 KiB: pack.json
+    chosen = choose_clips(sizes, budget)
+    to.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"transport": transport, "format": fmt["format"], "subtype": fmt["subtype"],
+                               "compression_level": quality if transport == "lossy" else None,
+                               "source": str(corpus), "clips": {}, "seconds": {}, "bytes": {}}
+    for split, names in chosen.items():
+        (to / "audio" / split).mkdir(parents=True, exist_ok=True)
+        seconds = 0.0
+        for name in names:
+            shutil.move(str(staging / split / f"{name}{fmt['suffix']}"), to / "audio" / split)
+            meta = metas[(split, name)]
+            (to / "audio" / split / f"{name}.json").write_text(sidecars[(split, name)])
+            seconds += float(meta.get("duration", 0.0))
+        summary["clips"][split], summary["seconds"][split] = len(names), seconds
+        summary["bytes"][split] = sum(Path(to / "audio" / split / f"{name}{fmt['suffix']}").stat().st_size
+                                      for name in names)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copy(corpus / "corpus.json", to / "corpus.json")
+    audio_bytes, seconds = sum(summary["bytes"].values()), sum(summary["seconds"].values())
+    summary["hours"] = seconds / 3600
+    summary["kbps"] = audio_bytes * 8 / max(seconds, 1e-9) / 1000
+    summary["source_clips"] = {s: len(v) for s, v in sizes.items()}
+    (to / PACK_NAME).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _decode_clip(job: tuple[str, str]) -> None:
+    import soundfile as sf
+
+    src, dst = job
+    wav, sr = sf.read(src, dtype="float32")
+    sf.write(dst + ".tmp", wav, sr, format="FLAC", subtype="PCM_16")
+    os.replace(dst + ".tmp", dst)
+
+
+def unpack(carry: Path, corpus: Path, workers: int, shards: bool = False) -> None:
+    """A packed folder -> a normal corpus folder: ``audio/{split}/*.flac`` + sidecars + corpus.json (+ with
+    ``shards``, ``shards/{split}`` as ``prep corpus`` writes them)."""
+    jobs = []
+    for split in SPLITS:
+        out = corpus / "audio" / split
+        out.mkdir(parents=True, exist_ok=True)
+        for src in sorted((carry / "audio" / split).iterdir()):
             if src.suffix == ".json":
-                shutil.copyfile(src, folder / src.name)
-            elif src.suffix in (".ogg", ".flac"):
-                audio, sr = sf.read(src, dtype="float32")
-                sf.write(folder / (src.stem + ".flac"), audio, sr, format="FLAC")
-    corpus = json.loads((carried / "corpus.json").read_text())
-    corpus.setdefault("options", {})["transport"] = info  # what the clips went through on their way here
-    (out / "corpus.json").write_text(json.dumps(corpus, indent=1))
-    for split in SPLITS:
-        build_shards(out / "audio" / split, out / "shards" / split, sample_rate=options["sample_rate"],
-                     channels=options["channels"], workers=workers or os.cpu_count() or 1, overwrite=True)
-    return info
+                shutil.copy(src, out / src.name)
+            elif not (out / f"{src.stem}.flac").is_file():
+                jobs.append((str(src), str(out / f"{src.stem}.flac")))
+    list(_map(_decode_clip, jobs, workers))
+    saved = json.loads((carry / "corpus.json").read_text())
+    saved.setdefault("options", {})["transport"] = json.loads((carry / PACK_NAME).read_text())
+    (corpus / "corpus.json").write_text(json.dumps(saved, indent=1))
+    if shards:  # as `ostinato prep corpus` writes them
+        from ostinato.data.shards import build_shards
+
+        options = saved["options"]
+        for split in SPLITS:
+            build_shards(corpus / "audio" / split, corpus / "shards" / split, sample_rate=options["sample_rate"],
+                         channels=options.get("channels", "mono"), workers=workers, overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,18 +165,23 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="verb", required=True)
     a = sub.add_parser("pack", help="a rendered corpus -> a folder to carry")
     a.add_argument("corpus", type=Path)
-    a.add_argument("out", type=Path)
-    a.add_argument("--budget-mb", type=float, default=None, help="keep whole clips until this many MB")
-    a.add_argument("--transport", choices=["vorbis", "flac"], default="vorbis")
-    b = sub.add_parser("unpack", help="a carried folder -> a corpus folder with FLAC clips and shards")
-    b.add_argument("carried", type=Path)
-    b.add_argument("out", type=Path)
+    a.add_argument("to", type=Path)
+    a.add_argument("--budget-mb", type=float, default=55.0, help="MiB the packed folder may take")
+    a.add_argument("--transport", choices=["lossy", "flac"], default="lossy")
+    a.add_argument("--quality", type=float, default=0.8,
+                   help="libsndfile Vorbis compression level in [0, 1] (0.8: ~55 kbps at 32 kHz mono)")
+    a.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    b = sub.add_parser("unpack", help="a carried folder -> a corpus folder (FLAC clips, sidecars, corpus.json)")
+    b.add_argument("carry", type=Path)
+    b.add_argument("corpus", type=Path)
+    b.add_argument("--shards", action="store_true", help="also write shards/{train,valid,test} as prep corpus does")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
     if args.verb == "pack":
-        info = pack(args.corpus, args.out, args.budget_mb, args.transport)
+        print(json.dumps(pack(args.corpus, args.to, args.budget_mb, args.transport, args.quality, args.workers),
+                         indent=1))
     else:
-        info = unpack(args.carried, args.out)
-    print(json.dumps(info), file=sys.stderr)
+        unpack(args.carry, args.corpus, args.workers, args.shards)
 
 
 if __name__ == "__main__":

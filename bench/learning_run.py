@@ -3,7 +3,7 @@
 Here (fluidsynth renders the corpus; the GPU machine has none), then pack what the 64 MiB carry holds:
 
     ostinato prep corpus --out data/corpus32 --sample-rate 32000 --hours 2
-    python bench/learning_run.py pack --corpus data/corpus32 --to bench_carry --budget-mb 55
+    python bench/carry.py pack data/corpus32 bench_carry --budget-mb 55
 
 On the GPU machine (``bench_carry/`` is gitignored: name it in the device tool's ``carry``):
 
@@ -37,23 +37,20 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SPLITS = ("train", "valid", "test")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from carry import PACK_NAME, SPLITS, unpack  # noqa: E402  (bench/carry.py: the corpus on its way to the GPU)
+
 SAMPLE_RATE = 32000
-PACK_NAME = "pack.json"
-LOSSY = {"format": "OGG", "subtype": "VORBIS", "suffix": ".ogg"}  # libsndfile's Vorbis reads and writes 32 kHz
-FLAC = {"format": "FLAC", "subtype": "PCM_16", "suffix": ".flac"}
 
 # The codec: recipe_encodec32's architecture (SEANet ratios 8-5-4-4 -> 50 Hz, 4 codebooks) at half its width and
 # half its codebook size, so that ~2.5 min of bf16 training on one H200 gets somewhere.
@@ -86,145 +83,6 @@ MUSICGEN_TINY = ["trainer.max_steps=6",
 CALL_SECONDS = 540  # one device call: 10 min, less Python's and the machine's start-up
 TARGET_CE_GAP = 1.0  # nats below the unigram entropy (issue 19 item 3)
 TARGET_FAD_RATIO = 2.0  # generated FAD at most this times the codec's reconstruction FAD
-
-
-# ---------------------------------------------------------------------------------------------------------- pack
-def clip_order(metas: dict[str, dict]) -> list[str]:
-    """Clip names in packing order: every piece's first segment, then every piece's second... so that a budget
-    that cuts the list keeps as many pieces as it can."""
-    return sorted(metas, key=lambda n: (int(metas[n].get("segment", 0)), str(metas[n].get("piece", "")), n))
-
-
-def choose_clips(sizes: dict[str, list[tuple[str, int]]], budget: int) -> dict[str, list[str]]:
-    """Whole clips per split within ``budget`` bytes, each split keeping its share of the total: ``sizes`` maps a
-    split to its clips ``(name, bytes)`` in packing order. A split's share is its share of all bytes (that is, of
-    the seconds, for clips of one length and bitrate)."""
-    total = sum(n for clips in sizes.values() for _, n in clips)
-    chosen: dict[str, list[str]] = {}
-    for split, clips in sizes.items():
-        share = budget * sum(n for _, n in clips) / max(total, 1)
-        used, names = 0, []
-        for name, n in clips:
-            if used + n > share:
-                break
-            used += n
-            names.append(name)
-        chosen[split] = names
-    return chosen
-
-
-def _map(fn: Callable[[Any], Any], jobs: list, workers: int) -> list:
-    """``fn`` over ``jobs``, in ``workers`` processes (here when 1)."""
-    if workers <= 1:
-        return [fn(job) for job in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(fn, jobs, chunksize=8))
-
-
-def _encode_clip(job: tuple[str, str, dict, float | None]) -> tuple[str, int]:
-    import soundfile as sf
-
-    src, dst, fmt, quality = job
-    wav, sr = sf.read(src, dtype="float32")
-    extra = {} if quality is None else {"compression_level": quality}
-    sf.write(dst, wav, sr, format=fmt["format"], subtype=fmt["subtype"], **extra)
-    return dst, Path(dst).stat().st_size
-
-
-def pack(corpus: Path, to: Path, budget_mb: float, transport: str = "lossy", quality: float = 0.8,
-         workers: int = 1) -> dict:
-    """A rendered corpus (``ostinato prep corpus``: ``audio/{train,valid,test}/*.flac`` + ``.json`` sidecars,
-    ``corpus.json``) -> ``to``: as many whole clips per split as ``budget_mb`` holds (split proportions kept), as
-    Vorbis (``lossy``, libsndfile compression level ``quality`` in [0, 1]) or FLAC, their sidecars, corpus.json and
-    ``pack.json`` (transport, bitrate, hours and clips per split). Returns pack.json's content."""
-    if not (corpus / "corpus.json").is_file():
-        raise FileNotFoundError(f"--corpus {corpus}: no corpus.json; render one with `ostinato prep corpus`")
-    if (to / PACK_NAME).is_file():
-        raise FileExistsError(f"--to {to}: already packed ({to / PACK_NAME}); delete it to pack again")
-    fmt = LOSSY if transport == "lossy" else FLAC
-    staging = to.with_name(to.name + ".all")
-    shutil.rmtree(staging, ignore_errors=True)
-    jobs, metas = [], {}
-    for split in SPLITS:
-        folder = corpus / "audio" / split
-        split_metas = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-        for name in clip_order(split_metas):
-            if (folder / f"{name}.flac").is_file():
-                (staging / split).mkdir(parents=True, exist_ok=True)
-                jobs.append((str(folder / f"{name}.flac"), str(staging / split / f"{name}{fmt['suffix']}"), fmt,
-                             quality if transport == "lossy" else None))
-                metas[(split, name)] = split_metas[name]
-    sizes_by_path = dict(_map(_encode_clip, jobs, workers))
-    sidecars = {key: json.dumps(meta, indent=1) for key, meta in metas.items()}
-    sizes = {s: [(Path(dst).stem, sizes_by_path[dst] + len(sidecars[(s, Path(dst).stem)].encode()))
-                 for _, dst, _, _ in jobs if Path(dst).parent.name == s] for s in SPLITS}
-    budget = int(budget_mb * 2**20) - (corpus / "corpus.json").stat().st_size - 2**14  # 16 KiB: pack.json
-    chosen = choose_clips(sizes, budget)
-    to.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"transport": transport, "format": fmt["format"], "subtype": fmt["subtype"],
-                               "compression_level": quality if transport == "lossy" else None,
-                               "source": str(corpus), "clips": {}, "seconds": {}, "bytes": {}}
-    for split, names in chosen.items():
-        (to / "audio" / split).mkdir(parents=True, exist_ok=True)
-        seconds = 0.0
-        for name in names:
-            shutil.move(str(staging / split / f"{name}{fmt['suffix']}"), to / "audio" / split)
-            meta = metas[(split, name)]
-            (to / "audio" / split / f"{name}.json").write_text(sidecars[(split, name)])
-            seconds += float(meta.get("duration", 0.0))
-        summary["clips"][split], summary["seconds"][split] = len(names), seconds
-        summary["bytes"][split] = sum(Path(to / "audio" / split / f"{name}{fmt['suffix']}").stat().st_size
-                                      for name in names)
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copy(corpus / "corpus.json", to / "corpus.json")
-    audio_bytes, seconds = sum(summary["bytes"].values()), sum(summary["seconds"].values())
-    summary["hours"] = seconds / 3600
-    summary["kbps"] = audio_bytes * 8 / max(seconds, 1e-9) / 1000
-    summary["source_clips"] = {s: len(v) for s, v in sizes.items()}
-    (to / PACK_NAME).write_text(json.dumps(summary, indent=1))
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------- corpus (run side)
-def _decode_clip(job: tuple[str, str]) -> None:
-    import soundfile as sf
-
-    src, dst = job
-    wav, sr = sf.read(src, dtype="float32")
-    sf.write(dst + ".tmp", wav, sr, format="FLAC", subtype="PCM_16")
-    os.replace(dst + ".tmp", dst)
-
-
-CARRY_NAME = "carry.json"  # what bench/carry.py's pack writes (the same layout, other fields)
-
-
-def carried_info(carry: Path) -> dict:
-    """pack.json of a packed folder; a folder of bench/carry.py (carry.json) in pack.json's terms."""
-    if (carry / PACK_NAME).is_file():
-        return json.loads((carry / PACK_NAME).read_text())
-    theirs = json.loads((carry / CARRY_NAME).read_text())
-    audio = [p for p in (carry / "audio").rglob("*") if p.suffix in (".ogg", ".flac")]
-    seconds = theirs.get("hours", 0.0) * 3600
-    lossy = theirs.get("transport") == "vorbis"
-    return {"transport": "lossy" if lossy else "flac", "format": "OGG" if lossy else "FLAC",
-            "subtype": "VORBIS" if lossy else "PCM_16", "compression_level": theirs.get("vorbis_quality"),
-            "clips": theirs.get("clips"), "hours": theirs.get("hours", 0.0),
-            "kbps": sum(p.stat().st_size for p in audio) * 8 / max(seconds, 1e-9) / 1000}
-
-
-def unpack(carry: Path, corpus: Path, workers: int) -> None:
-    """A packed folder -> a normal corpus folder: ``audio/{split}/*.flac`` + sidecars + corpus.json."""
-    jobs = []
-    for split in SPLITS:
-        out = corpus / "audio" / split
-        out.mkdir(parents=True, exist_ok=True)
-        for src in sorted((carry / "audio" / split).iterdir()):
-            if src.suffix == ".json":
-                shutil.copy(src, out / src.name)
-            elif not (out / f"{src.stem}.flac").is_file():
-                jobs.append((str(src), str(out / f"{src.stem}.flac")))
-    list(_map(_decode_clip, jobs, workers))
-    shutil.copy(carry / "corpus.json", corpus / "corpus.json")
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -311,7 +169,8 @@ def render_results_md(r: dict) -> str:
     ce, fad = v.get("ce", {}), v.get("fad", {})
     lines = [f"## Learning run (issue 19 items 2, 3, 5), {r.get('date')}", "",
              f"Device: {r.get('device')}; torch {r.get('versions', {}).get('torch')}, lightning "
-             f"{r.get('versions', {}).get('lightning')}, ostinato {r.get('versions', {}).get('ostinato')}.",
+             f"{r.get('versions', {}).get('lightning')}, ostinato {r.get('versions', {}).get('ostinato')}"
+             f"{' ' + r['versions']['ostinato commit'] if 'ostinato commit' in r.get('versions', {}) else ''}.",
              f"Command: `{r.get('command')}`" + (" (`--tiny`: a smoke run, not a result)" if r.get("tiny") else ""),
              ""]
     if pack_info.get("transport"):
@@ -586,6 +445,10 @@ def _versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "?"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent)  # the device copy is a checkout without git history
+    if commit.returncode == 0:
+        out["ostinato commit"] = commit.stdout.strip()
     return out
 
 
@@ -606,10 +469,10 @@ def run(corpus_arg: Path, out: Path, work: Path, tiny: bool, codec_minutes: floa
                                or "cpu", "versions": _versions(), "notes": notes}
 
     # corpus: a packed carry is decoded to FLAC; a rendered corpus is used where it is
-    packed = (corpus_arg / PACK_NAME).is_file() or (corpus_arg / CARRY_NAME).is_file()
+    packed = (corpus_arg / PACK_NAME).is_file()
     corpus = work / "corpus" if packed else corpus_arg
     if packed:
-        info = carried_info(corpus_arg)
+        info = json.loads((corpus_arg / PACK_NAME).read_text())
         results["corpus"] = info
         stages.run("decode", lambda: unpack(corpus_arg, corpus, workers))
         if info.get("transport") == "lossy":
@@ -791,22 +654,11 @@ def _unigram_entropy(tokens: Path) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verb = argv.pop(0) if argv and argv[0] in ("pack", "run") else "run"
-    p = argparse.ArgumentParser(prog=f"learning_run.py {verb}", description=__doc__.split("\n")[0])
+    verb = argv.pop(0) if argv and argv[0] == "run" else "run"
+    p = argparse.ArgumentParser(prog="learning_run.py run", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, type=Path,
-                   help="a corpus of `ostinato prep corpus` (audio/{train,valid,test} + corpus.json), or (run) a "
-                        "folder written by `pack`")
-    if verb == "pack":
-        p.add_argument("--to", required=True, type=Path, help="the carry folder to write (e.g. bench_carry)")
-        p.add_argument("--budget-mb", type=float, default=55.0, help="MiB the packed folder may take")
-        p.add_argument("--transport", choices=["lossy", "flac"], default="lossy")
-        p.add_argument("--quality", type=float, default=0.8,
-                       help="libsndfile Vorbis compression level in [0, 1] (0.8: ~55 kbps at 32 kHz mono)")
-        p.add_argument("--workers", type=int, default=1)
-        args = p.parse_args(argv)
-        info = pack(args.corpus, args.to, args.budget_mb, args.transport, args.quality, args.workers)
-        print(json.dumps(info, indent=1))
-        return
+                   help="a corpus of `ostinato prep corpus` (audio/{train,valid,test} + corpus.json), or a folder "
+                        "written by `python bench/carry.py pack`")
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNGs, a few WAVs")
     p.add_argument("--work", type=Path, default=Path("bench_work"),
                    help="the corpus, XPs, codec export and tokens (resumable; kept out of --out)")

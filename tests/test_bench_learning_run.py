@@ -28,6 +28,7 @@ def _load_bench(name: str = "learning_run"):
 
 
 lr = _load_bench()
+carry = _load_bench("carry")
 
 
 def _write_corpus(root: Path, counts: dict[str, int], seconds: float = 2.0) -> Path:
@@ -52,29 +53,29 @@ def _write_corpus(root: Path, counts: dict[str, int], seconds: float = 2.0) -> P
 def test_choose_clips_keeps_whole_clips_and_each_splits_share():
     sizes = {"train": [(f"t{i}", 100) for i in range(90)], "valid": [(f"v{i}", 100) for i in range(5)],
              "test": [(f"s{i}", 100) for i in range(5)]}
-    chosen = lr.choose_clips(sizes, budget=2000)  # a fifth of the 10000 bytes
+    chosen = carry.choose_clips(sizes, budget=2000)  # a fifth of the 10000 bytes
     assert {k: len(v) for k, v in chosen.items()} == {"train": 18, "valid": 1, "test": 1}
     assert chosen["train"] == [f"t{i}" for i in range(18)]  # the packing order, a prefix of it
-    assert lr.choose_clips(sizes, budget=10**6) == {k: [n for n, _ in v] for k, v in sizes.items()}
+    assert carry.choose_clips(sizes, budget=10**6) == {k: [n for n, _ in v] for k, v in sizes.items()}
 
 
 def test_clip_order_takes_each_pieces_first_segment_first():
     metas = {"a_000": {"piece": "a", "segment": 0}, "a_001": {"piece": "a", "segment": 1},
              "b_000": {"piece": "b", "segment": 0}, "b_001": {"piece": "b", "segment": 1}}
-    assert lr.clip_order(metas) == ["a_000", "b_000", "a_001", "b_001"]
+    assert carry.clip_order(metas) == ["a_000", "b_000", "a_001", "b_001"]
 
 
 def test_pack_fits_the_budget_and_unpack_gives_a_32k_flac_corpus(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus", {"train": 40, "valid": 4, "test": 4}, seconds=4.0)
-    info = lr.pack(corpus, tmp_path / "carry", budget_mb=0.4, transport="lossy", quality=0.8)
+    info = carry.pack(corpus, tmp_path / "carry", budget_mb=0.4, transport="lossy", quality=0.8)
     size = sum(p.stat().st_size for p in (tmp_path / "carry").rglob("*") if p.is_file())
     assert size <= 0.4 * 2**20
     assert info["transport"] == "lossy" and info["format"] == "OGG" and 10 < info["kbps"] < 120
     assert 0 < info["clips"]["train"] < 40 and info["clips"]["valid"] >= 1 and info["clips"]["test"] >= 1
     assert info["clips"]["train"] > 5 * info["clips"]["test"]  # the splits' proportions
     with pytest.raises(FileExistsError, match="already packed"):
-        lr.pack(corpus, tmp_path / "carry", budget_mb=0.4)
-    lr.unpack(tmp_path / "carry", tmp_path / "decoded", workers=1)
+        carry.pack(corpus, tmp_path / "carry", budget_mb=0.4)
+    carry.unpack(tmp_path / "carry", tmp_path / "decoded", workers=1)
     flacs = sorted((tmp_path / "decoded" / "audio" / "test").glob("*.flac"))
     assert len(flacs) == info["clips"]["test"]
     for path in flacs:
@@ -86,16 +87,18 @@ def test_pack_fits_the_budget_and_unpack_gives_a_32k_flac_corpus(tmp_path):
     assert (tmp_path / "decoded" / "corpus.json").is_file()
 
 
-def test_a_folder_of_bench_carry_is_taken_too(tmp_path):
-    """bench/carry.py packs the same layout with its own carry.json: the run reads its transport and hours."""
+def test_unpack_with_shards_gives_the_layout_of_prep_corpus(tmp_path):
+    """The demo on a GPU machine: the unpacked corpus has shards and says what transport its clips went through."""
+    from ostinato.data.manifest import Manifest
+
     corpus = _write_corpus(tmp_path / "corpus", {"train": 6, "valid": 2, "test": 2})
     corpus_json = json.loads((corpus / "corpus.json").read_text())
     (corpus / "corpus.json").write_text(json.dumps({**corpus_json, "options": {"sample_rate": SR, "channels": "mono"}}))
-    _load_bench("carry").pack(corpus, tmp_path / "carry")
-    info = lr.carried_info(tmp_path / "carry")
-    assert info["transport"] == "lossy" and info["hours"] == pytest.approx(20 / 3600) and info["kbps"] > 0
-    lr.unpack(tmp_path / "carry", tmp_path / "decoded", workers=1)
-    assert len(list((tmp_path / "decoded" / "audio" / "train").glob("*.flac"))) == 6
+    carry.pack(corpus, tmp_path / "carry", budget_mb=1.0)
+    carry.unpack(tmp_path / "carry", tmp_path / "decoded", workers=1, shards=True)
+    assert Manifest.load(tmp_path / "decoded" / "shards" / "train").total_samples == 6
+    options = json.loads((tmp_path / "decoded" / "corpus.json").read_text())["options"]
+    assert options["sample_rate"] == SR and options["transport"]["transport"] == "lossy"
 
 
 def test_verdict_says_met_missed_and_the_gaps():
@@ -117,11 +120,11 @@ def test_verdict_says_met_missed_and_the_gaps():
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("learning_run")
     corpus = _write_corpus(root / "corpus", {"train": 16, "valid": 4, "test": 3})
-    carry = root / "carry"
-    lr.pack(corpus, carry, budget_mb=4.0)
+    packed = root / "carry"
+    carry.pack(corpus, packed, budget_mb=4.0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_run.py"), "--corpus", str(carry),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_run.py"), "--corpus", str(packed),
                            "--out", str(root / "out"), "--work", str(root / "work"), "--tiny", "--workers", "1",
                            "--text", "captions"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
