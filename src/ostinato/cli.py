@@ -479,6 +479,21 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"report: {result['report']} (and report.html); metrics: {out / 'metrics.json'}")
 
 
+def _fad(args: argparse.Namespace) -> None:
+    from ostinato.evaluation.folder_fad import compare_folders, format_fad_table
+    from ostinato.fileio import atomic_write_json
+
+    out = Path(args.out) if args.out else (Path(os.environ.get("OSTINATO_OUTPUTS", "outputs")) / "fad" /
+                                          f"{Path(args.ref).stem}__{Path(args.gen).stem}.json")
+    _check_out(str(out.parent), "--out")
+    result = compare_folders(args.ref, args.gen, args.embedding, per=args.per, per_song=args.per_song, inf=args.inf,
+                             inf_protocol=args.inf_protocol, kad=args.kad, bootstrap=args.bootstrap, seed=args.seed,
+                             device=args.device, cache=args.cache, progress=not args.quiet)
+    atomic_write_json(out, result)
+    print(format_fad_table(result))
+    print(f"protocol: {out}")
+
+
 def _app(args: argparse.Namespace) -> None:
     from ostinato.app import launch_app
 
@@ -745,6 +760,33 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     v.set_defaults(func=_eval)
+
+    f = verbs.add_parser("fad", help="FAD between two folders of audio (or shard sets, or cached statistics)",
+                         description="FAD of GEN against REF, one row per --embedding; writes the exact protocol "
+                                     "(embedding and weights hashes, rate, windowing, statistics, N) as JSON. "
+                                     "FAD-inf and per-song FAD are refused, with the reason, when N is too small.")
+    f.add_argument("ref", help="reference: an audio folder (recursive), a shard folder (manifest.json) or a "
+                               "statistics file of the eval cache (.safetensors)")
+    f.add_argument("gen", help="generated: the same kinds (a statistics file only when nothing but FAD is asked)")
+    f.add_argument("--embedding", action="append", required=True, metavar="SPEC",
+                   help="codec:REF, hf:FOLDER[,layer=N], vggish:/path/vggish.pth[,pca=...], clap:/ckpt.pt,text=/dir "
+                        "(repeatable: a row each)")
+    f.add_argument("--per", choices=("frame", "clip"), default="frame",
+                   help="Gaussian over frame embeddings (fadtk) or over clip means")
+    f.add_argument("--per-song", action="store_true", help="per-song FAD of every GEN clip")
+    f.add_argument("--inf", action="store_true", help="FAD-inf: FAD over growing subsets extrapolated to 1/N = 0")
+    f.add_argument("--inf-protocol", choices=("ostinato", "fadtk"), default="ostinato",
+                   help="subsets without replacement (ostinato) or with replacement, int(linspace(500, N, 25)) "
+                        "(fadtk)")
+    f.add_argument("--kad", action="store_true", help="Kernel Audio Distance beside FAD")
+    f.add_argument("--bootstrap", type=_number(int, 0), default=0, metavar="N",
+                   help="confidence interval of FAD from N resamples of the GEN clips (0: none)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and FAD-inf subsets")
+    f.add_argument("--out", default=None, help="the JSON (default: $OSTINATO_OUTPUTS/fad/REF__GEN.json)")
+    f.add_argument("--cache", default=None, help="embedding cache folder (default: $OSTINATO_OUTPUTS/eval_cache)")
+    f.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=_fad)
 
     a = verbs.add_parser("app", help="a Gradio web app to generate with a MusicGen (prompt, duration or unlimited, "
                                      "CFG, sampling, seed, melody / style / continuation uploads)")

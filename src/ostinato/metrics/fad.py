@@ -34,8 +34,9 @@ from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["FAD_INF_MIN_ITEMS", "FAD_INF_MIN_R2", "FADInf", "FrechetAudioDistance", "PerSongFAD", "fad_inf_fit",
-           "fad_inf_reliability", "frechet_distance", "gaussian_stats"]
+__all__ = ["FAD_INF_MIN_ITEMS", "FAD_INF_MIN_R2", "FAD_INF_PROTOCOLS", "FADInf", "FrechetAudioDistance", "PerSongFAD",
+           "bootstrap_fad", "fad_inf_fit", "fad_inf_refusal", "fad_inf_reliability", "frechet_distance",
+           "gaussian_stats", "per_song_refusal"]
 
 Stats = tuple[Tensor, Tensor, int]
 
@@ -98,6 +99,8 @@ def fad_inf_fit(n: Tensor, fad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # clips, and an R^2 near 0 means FAD did not fall as 1 / N over the subsets, so the intercept means nothing.
 FAD_INF_MIN_ITEMS = 100
 FAD_INF_MIN_R2 = 0.8
+FAD_INF_PROTOCOLS = ("ostinato", "fadtk")
+FADTK_MIN_N, FADTK_STEPS = 500, 25  # fadtk's score_inf defaults
 
 
 def fad_inf_reliability(r2: float | None, num_items: int) -> dict[str, Any]:
@@ -113,6 +116,77 @@ def fad_inf_reliability(r2: float | None, num_items: int) -> dict[str, Any]:
         reasons.append(f"{num_items} clips < {FAD_INF_MIN_ITEMS}")
     note = f"unreliable ({', '.join(reasons)}): the extrapolation means nothing; read FAD" if reasons else ""
     return {"reliable": not reasons, "note": note, "min_items": FAD_INF_MIN_ITEMS, "min_r2": FAD_INF_MIN_R2}
+
+
+def fad_inf_refusal(r2: float | None, num_items: int) -> str | None:
+    """Why FAD-inf is not given (one line), or None when it may be: fewer than ``FAD_INF_MIN_ITEMS`` clips or a fit
+    R^2 below ``FAD_INF_MIN_R2`` (``r2=None``: the fit was not made or not finite)."""
+    fit = fad_inf_reliability(r2, num_items)
+    if fit["reliable"]:
+        return None
+    reasons = []
+    if num_items < FAD_INF_MIN_ITEMS:
+        reasons.append(f"{num_items} clips < {FAD_INF_MIN_ITEMS}")
+    if r2 is not None and not r2 >= FAD_INF_MIN_R2:
+        reasons.append(f"fit R^2 {r2:.3g} < {FAD_INF_MIN_R2:g}")
+    elif r2 is None and num_items >= FAD_INF_MIN_ITEMS:
+        reasons.append("no finite fit")
+    return (f"FAD-inf refused ({', '.join(reasons)}): a line through FAD against 1/N would be fitted to noise; "
+            f"read FAD, or score >= {FAD_INF_MIN_ITEMS} clips")
+
+
+def per_song_refusal(frames: Sequence[int], dim: int) -> str | None:
+    """Why per-song FAD is not given (one line), or None. The rule: every song needs >= ``dim + 1`` frames, so
+    that its covariance has full rank; with fewer, a song's FAD measures its length more than its sound."""
+    if not len(frames):
+        return "per-song FAD refused: no generated songs"
+    shortest = min(int(f) for f in frames)
+    if shortest < dim + 1:
+        return (f"per-song FAD refused: the shortest song has {shortest} frames of {dim}-dim embeddings, and a "
+                f"full-rank covariance needs >= {dim + 1}; give longer clips or a lower-dimensional embedding")
+    return None
+
+
+def bootstrap_fad(reference: Stats, clips: Sequence[Tensor], resamples: int, seed: int = 0,
+                  level: float = 0.95) -> dict[str, Any]:
+    """Bootstrap confidence interval of FAD over the generated clips.
+
+    ``reference``: ``(mu [D], sigma [D, D], n)``; ``clips``: per clip ``[F_i, D]`` embeddings (frames, or one clip
+    embedding ``[1, D]`` each). Each of ``resamples`` replicates draws the clips with replacement (seeded
+    ``torch.Generator``) and pools their rows. FAD is biased upwards by repeated draws (the duplicates shrink the
+    covariance's effective sample), so the percentile interval is taken of the replicates shifted by their mean bias
+    (``mean(replicates) - point``), which centres it on the point estimate; the lower end is clamped at 0.
+
+    Returns ``{"point", "low", "high", "level", "resamples", "seed", "std", "bias", "method"}`` (floats, ints).
+    """
+    if resamples < 2:
+        raise ValueError(f"bootstrap needs >= 2 resamples, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(clips) < 2:
+        raise ValueError(f"bootstrap needs >= 2 generated clips, got {len(clips)}")
+    mu_r, sigma_r, _ = (t.double() if isinstance(t, Tensor) else t for t in reference)
+    root_r, trace_r = _sqrtm_psd(sigma_r), torch.trace(sigma_r)
+    x = torch.cat([c.detach().double().cpu() for c in clips])
+    owner = torch.repeat_interleave(torch.arange(len(clips)), torch.tensor([len(c) for c in clips]))
+
+    def fad_of(weights: Tensor) -> Tensor:
+        w = weights[owner].double()
+        n = w.sum()
+        mu = (w @ x) / n
+        sigma = ((x * w[:, None]).mT @ x - n * torch.outer(mu, mu)) / (n - 1)
+        return _frechet_from_root(mu_r, root_r, trace_r, mu, (sigma + sigma.mT) / 2)
+
+    point = float(fad_of(torch.ones(len(clips))))
+    gen = torch.Generator().manual_seed(int(seed))
+    reps = torch.stack([fad_of(torch.bincount(torch.randint(len(clips), (len(clips),), generator=gen),
+                                              minlength=len(clips))) for _ in range(int(resamples))])
+    bias = float(reps.mean()) - point
+    tail = (1 - level) / 2
+    low, high = torch.quantile(reps - bias, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"point": point, "low": max(low, 0.0), "high": high, "level": level, "resamples": int(resamples),
+            "seed": int(seed), "std": float(reps.std()), "bias": bias,
+            "method": "percentile of clip-resampled replicates shifted by their mean bias; low clamped at 0"}
 
 
 def _move_keeping_dtype(metric: Metric, parent_apply: Callable[..., Module], fn: Callable,
@@ -252,23 +326,34 @@ class FADInf(_RealSide):
     """FAD-inf (Gui et al. 2023): FAD extrapolated to infinitely many fake samples; lower is better.
 
     Fake embeddings are kept (float32, gathered over ranks in rank order); the real side is float64 sums or a
-    reference. ``compute()`` evaluates FAD on random subsets (without replacement; ``torch.Generator`` seeded with
-    ``seed``, so every rank draws the same) of ``num_points`` sizes ``N_i`` evenly spaced from ``min_n`` to all
-    ``N`` fake embeddings, as fadtk does, and fits ``FAD_i = fad_inf + slope / N_i`` by least squares.
-    ``min_n`` defaults to ``max(D + 1, N // 10)`` (every subset covariance full rank).
+    reference. ``compute()`` evaluates FAD on random subsets (``torch.Generator`` seeded with ``seed``, so every
+    rank draws the same) of ``num_points`` sizes ``N_i`` evenly spaced from ``min_n`` to all ``N`` fake embeddings
+    and fits ``FAD_i = fad_inf + slope / N_i`` by least squares. ``protocol``:
+
+    * ``"ostinato"``: subsets drawn without replacement, sizes rounded and deduplicated; ``min_n`` defaults to
+      ``max(D + 1, N // 10)`` (every subset covariance full rank).
+    * ``"fadtk"``: fadtk's ``score_inf``: subsets drawn WITH replacement, sizes ``int(linspace(min_n, N, steps))``
+      (truncated, kept even when repeated); ``min_n`` defaults to fadtk's 500 (pass ``num_points=25`` for its steps).
 
     Returns ``{"fad_inf", "slope", "r2": float64 scalars, "n": [P] int64 N_i, "fad": [P] float64 FAD_i}``.
     """
 
     def __init__(self, dim: int, reference: Stats | None = None, num_points: int = 15, min_n: int | None = None,
-                 seed: int = 0, **kwargs: Any) -> None:
+                 seed: int = 0, protocol: str = "ostinato", **kwargs: Any) -> None:
         super().__init__(dim, reference, **kwargs)
+        if protocol not in FAD_INF_PROTOCOLS:
+            raise ValueError(f"FAD-inf protocol must be one of {list(FAD_INF_PROTOCOLS)}, got {protocol!r}")
+        self.protocol = protocol
         if num_points < 2:
             raise ValueError(f"num_points must be >= 2, got {num_points}")
         self.num_points = int(num_points)
         self.min_n = None if min_n is None else int(min_n)
         self.seed = int(seed)
         self.add_state("fake", default=[], dist_reduce_fx="cat")
+
+    def default_min_n(self, total: int) -> int:
+        """The smallest subset when ``min_n`` is not given, for ``total`` fake embeddings."""
+        return FADTK_MIN_N if self.protocol == "fadtk" else max(self.dim + 1, total // 10)
 
     def update(self, embeddings: Tensor, real: bool = False) -> None:
         """``embeddings: [N, D]``."""
@@ -281,18 +366,21 @@ class FADInf(_RealSide):
     def compute(self) -> dict[str, Tensor]:
         fake = dim_zero_cat(self.fake) if len(self.fake) > 0 else torch.zeros(0, self.dim)
         total = len(fake)
-        min_n = max(self.dim + 1, total // 10) if self.min_n is None else self.min_n
+        min_n = self.default_min_n(total) if self.min_n is None else self.min_n
         if min_n < 2 or total <= min_n:
             raise ValueError(f"FAD-inf needs more than min_n={min_n} fake embeddings (and min_n >= 2), got "
                              f"{total}; the default min_n is max(D + 1, N // 10) with D={self.dim}")
         mu_r, sigma_r, n_r = self._real()
         self._warn_if_singular(n_r, "real")
         root_r, trace_r = _sqrtm_psd(sigma_r), torch.trace(sigma_r)
-        sizes = torch.linspace(min_n, total, self.num_points, dtype=torch.float64).round().long().unique()
+        sizes = torch.linspace(min_n, total, self.num_points, dtype=torch.float64)
+        fadtk = self.protocol == "fadtk"
+        sizes = sizes.long() if fadtk else sizes.round().long().unique()
         gen = torch.Generator().manual_seed(self.seed)
         fads = []
         for n in sizes.tolist():
-            idx = torch.randperm(total, generator=gen)[:n].to(fake.device)
+            idx = (torch.randint(total, (n,), generator=gen) if fadtk
+                   else torch.randperm(total, generator=gen)[:n]).to(fake.device)
             mu_f, sigma_f = gaussian_stats(fake[idx])
             fads.append(_frechet_from_root(mu_r, root_r, trace_r, mu_f, sigma_f))
         fad = torch.stack(fads)

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 AUDIO_MEMBERS = ("flac", "wav", "mp3", "ogg", "opus")  # shard member extensions holding the audio
 MAX_LISTED = 20  # skipped clip names kept in the json
+# Clips embedded by this process (cache hits embed none): what a caller reads to tell a hit from a miss.
+counters: dict[str, int] = {"embedded_clips": 0}
 
 
 @dataclass
@@ -149,6 +151,41 @@ def reference_embeddings(backend: EmbeddingBackend, sources: str | os.PathLike |
     return clips
 
 
+def cache_entry(backend: EmbeddingBackend, sources: str | os.PathLike | Sequence[str | os.PathLike],
+                cache_dir: str | Path, *, kind: str = "stats", per: str = "frame",
+                max_items: int | None = None) -> tuple[Path, bool]:
+    """``(tensor file, complete)``: where ``reference_stats`` (``kind="stats"``) or ``reference_embeddings``
+    (``kind="embeddings"``) keeps ``sources`` in ``cache_dir``, and whether a complete entry for them is there now."""
+    if kind not in ("stats", "embeddings"):
+        raise ValueError(f"kind must be 'stats' or 'embeddings', got {kind!r}")
+    entries, _ = _resolve(sources)
+    key = _cache_key(backend, kind, per if kind == "stats" else "frame", max_items, entries)
+    paths = _entry_paths(cache_dir, backend, f"stats-{per}" if kind == "stats" else "embeddings", key)
+    assert paths is not None
+    complete = paths[1].is_file() and paths[0].is_file() and read_json(paths[1]).get("key") == key
+    return paths[0], complete
+
+
+def load_stats_file(path: str | Path) -> tuple[Tensor, Tensor, int, dict[str, Any]]:
+    """A statistics entry written by ``reference_stats`` (``.safetensors`` or its ``.json``) -> ``(mu [D],
+    sigma [D, D], n, meta)``; ``meta`` is the json (backend id, ``per``, sources, counts)."""
+    path = Path(path).expanduser()
+    tensor_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for p in (tensor_path, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{path}: statistics need both {tensor_path.name} and {meta_path.name} (as the "
+                                    "cache writes them); give the pair's .safetensors file")
+    meta = read_json(meta_path)
+    if _sha256(tensor_path) != meta.get("sha256"):
+        raise ValueError(f"{tensor_path} does not match the sha256 in {meta_path.name}: damaged or edited; "
+                         "recompute it from the audio")
+    tensors = load_file(str(tensor_path))
+    if "mu" not in tensors or "sigma" not in tensors:
+        raise ValueError(f"{tensor_path} holds no statistics (mu, sigma): it is a {sorted(tensors)} entry; give a "
+                         "'*-stats-*' file of the cache")
+    return tensors["mu"].double(), tensors["sigma"].double(), int(meta["n"]), meta
+
+
 # ----------------------------------------------------------------------------------------------- the walk
 
 
@@ -223,6 +260,7 @@ def _walk(backend: EmbeddingBackend, entries: list[_Source], total: int | None, 
 
     def flush() -> Iterator[tuple[str, Tensor]]:
         for name, frames in _embed_batch(backend, batch):
+            counters["embedded_clips"] += 1
             bar.update(1)
             if frames.shape[0] == 0:
                 report.empty += 1
