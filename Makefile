@@ -11,6 +11,9 @@ AUDIOCRAFT_REF := audiocraft==1.3.0 einops==0.8.2 julius==0.2.8 num2words==0.5.1
 DAC_REF := descript-audio-codec==1.0.0 descript-audiotools==0.7.2 argbind==0.3.9 docstring-parser==0.18.0 \
            einops==0.8.2 julius==0.2.8 flatten-dict==0.4.2 six==1.17.0 ffmpy==1.0.0 importlib-resources==7.1.0 \
            randomname==0.2.1
+# kadtk 1.1.0 (Kernel Audio Distance) pins torch<2.6, numpy<2 and tensorflow: installed without them; the rest of
+# what it imports at module level (librosa, soundfile, torchaudio, scipy) is in the venv
+KADTK_REF := kadtk==1.1.0 hypy-utils==1.0.29
 # chromium + chromium-driver: the headless browser of the app and demo-report tests
 APT_PACKAGES := fluidsynth fluid-soundfont-gm chromium chromium-driver
 DEMO_DIR ?= data/demo
@@ -35,6 +38,7 @@ $(STAMP): pyproject.toml constraints.txt
 # audiocraft 1.3.0 pins torch 2.1: installed without its requirements into its own folder (tests/references.py)
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(REF)/audiocraft $(AUDIOCRAFT_REF)
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(REF)/dac $(DAC_REF)
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(REF)/kadtk $(KADTK_REF)
 	@touch $@
 
 sysdeps:

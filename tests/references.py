@@ -9,6 +9,12 @@ descript-audio-codec 1.0.0 needs descript-audiotools, whose requirements (protob
 conflict with ours: ``make install`` puts both with their small pure-Python imports into ``.venv/ref/dac``, and
 ``dac()`` loads them; audiotools imports tensorboard's ``SummaryWriter`` at module level and never uses it there, so
 without tensorboard ``torch.utils.tensorboard`` becomes a stand-in that refuses to write.
+
+kadtk 1.1.0 (Kernel Audio Distance) pins torch<2.6, numpy<2 and tensorflow: ``make install`` puts it with hypy-utils
+into ``.venv/ref/kadtk``, and ``kadtk()`` loads its ``kadtk.kad`` module only: the package's ``__init__`` imports its
+embedding models (librosa, tensorflow-era PANNs and CLAP code, even ``turtle``), so ``kadtk`` is entered as a bare
+package and its ``emb_loader`` and ``model_loader`` (what ``kad.py`` imports besides numpy, torch and hypy_utils) as
+stand-ins that refuse to be used.
 """
 from __future__ import annotations
 
@@ -326,3 +332,29 @@ def dac() -> ModuleType:
     import dac as package
 
     return package
+
+
+# ----- kadtk (Kernel Audio Distance) --------------------------------------------------------------------------
+def kadtk() -> ModuleType:
+    """kadtk 1.1.0's ``kadtk.kad`` module (``make install`` put the package in ``.venv/ref/kadtk``), with its
+    ``calc_kernel_audio_distance``, ``median_pairwise_distance`` and ``SCALE_FACTOR``."""
+    import importlib
+
+    folder = REF / "kadtk"
+    if not (folder / "kadtk" / "kad.py").is_file():
+        pytest.fail(f"{folder}: kadtk 1.1.0 is not installed there; run `make install`")
+    if "kadtk.kad" not in sys.modules:
+        _on_path(folder)  # hypy_utils
+
+        class Refused:
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("kadtk's embedding models are stand-ins in the tests")
+
+        package = ModuleType("kadtk")
+        package.__path__ = [str(folder / "kadtk")]  # a bare package: its __init__ (every model) is not run
+        sys.modules["kadtk"] = package
+        for name, attr in (("emb_loader", "EmbeddingLoader"), ("model_loader", "ModelLoader")):
+            stub = ModuleType(f"kadtk.{name}")
+            setattr(stub, attr, Refused)
+            sys.modules[f"kadtk.{name}"] = stub
+    return importlib.import_module("kadtk.kad")

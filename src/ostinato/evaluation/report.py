@@ -27,6 +27,7 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "fad_inf_r2": ("FAD-inf fit R^2 (near 1: the extrapolation holds)", "higher"),
     "per_song_fad_mean": ("per-song FAD, mean", "lower"),
     "per_song_fad_median": ("per-song FAD, median", "lower"),
+    "kad": ("KAD (unbiased MMD^2 x 100, kadtk's scale)", "lower"),
     "text_audio": ("text-audio cosine similarity", "higher"),
     "kld": ("label KL divergence (reference || generated)", "lower"),
     "chroma": ("chroma cosine similarity to the reference", "higher"),

@@ -1,8 +1,8 @@
 """A suite's metrics as torchmetrics objects: built once, updated batch by batch, computed over all DDP ranks.
 
 Every embedding backend is loaded once and its frames computed once per batch, whatever the number of metrics
-that use it. Reference statistics come from the embedding cache (``reference_stats``), computed by rank 0 first
-so the other ranks read the cache.
+that use it. Reference statistics come from the embedding cache (``reference_stats``; KAD's reference embeddings from
+``reference_embeddings``), computed by rank 0 first so the other ranks read the cache.
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class SuiteMetrics:
         self.backends: dict[str, Any] = {}
         self.classifiers: dict[str, Any] = {}
         self._stats: dict[tuple[str, str], tuple[Tensor, Tensor, int]] = {}
+        self._embeddings: dict[tuple[str, str], Tensor] = {}  # KAD's reference points [M, D] per (backend, per)
         for spec in self.specs:
             if spec.name == "kld":
                 from ostinato.evaluation.classifier import load_classifier
@@ -93,16 +94,20 @@ class SuiteMetrics:
         return self.backends[name]
 
     def _reference_stats(self, progress: bool) -> None:
-        """``(mu, sigma, n)`` per (backend, per) that a FAD metric needs; rank 0 fills the cache first."""
-        from ostinato.metrics.embeddings.cache import reference_stats
+        """``(mu, sigma, n)`` per (backend, per) that a FAD metric needs, and the reference embeddings (frames or
+        clip means) a KAD needs; rank 0 fills the cache first."""
+        from ostinato.metrics.embeddings import clip_embeddings
+        from ostinato.metrics.embeddings.cache import reference_embeddings, reference_stats
 
-        needed = []
+        needed: list[tuple[str, str]] = []
+        points: list[tuple[str, str]] = []
         for spec in self.specs:
-            if spec.name in ("fad", "fad_inf", "per_song_fad"):
-                key = (spec.options["embedding"], spec.options.get("per", "frame"))
-                if key not in needed:
-                    needed.append(key)
-        if not needed:
+            key = (spec.options.get("embedding"), spec.options.get("per", "frame"))
+            wanted = needed if spec.name in ("fad", "fad_inf", "per_song_fad") else (
+                points if spec.name == "kad" else None)
+            if wanted is not None and key not in wanted:
+                wanted.append(key)
+        if not needed and not points:
             return
         rank, world = dist_info()
         if rank != 0:
@@ -111,6 +116,15 @@ class SuiteMetrics:
             self._stats[(name, per)] = reference_stats(self.backends[name], self.suite.reference, self.cache,
                                                        per=per, max_items=self.suite.reference_max_items,
                                                        progress=progress)
+        for name, per in points:
+            clips = reference_embeddings(self.backends[name], self.suite.reference, self.cache,
+                                         max_items=self.suite.reference_max_items, progress=progress)
+            emb = (torch.cat(clips) if per == "frame" else clip_embeddings(clips)) if clips else None
+            if emb is None or len(emb) < 2:
+                raise ValueError(f"{self.suite.path or self.suite.name}: metrics.kad: the reference "
+                                 f"{self.suite.reference} gives {0 if emb is None else len(emb)} {per} embeddings; "
+                                 "KAD needs >= 2: give more or longer reference audio")
+            self._embeddings[(name, per)] = emb
         if rank == 0:
             barrier()
 
@@ -127,6 +141,11 @@ class SuiteMetrics:
                 return FADInf(backend.dim, reference=ref, num_points=o["num_points"], min_n=o["min_n"],
                               seed=o["seed"])
             return PerSongFAD(backend.dim, reference=ref)
+        if spec.name == "kad":
+            from ostinato.metrics.kad import KernelAudioDistance
+
+            return KernelAudioDistance(self.backends[o["embedding"]].dim, reference=self._embeddings[
+                (o["embedding"], o["per"])], bandwidth=o["bandwidth"], bandwidth_from=o["bandwidth_from"])
         if spec.name == "text_audio":
             from ostinato.metrics.text_audio import TextAudioScore
 
@@ -171,7 +190,7 @@ class SuiteMetrics:
         frames = {name: self._frames(b, wav, lengths) for name, b in self.backends.items()}
         for spec in self.specs:
             metric, o = self.metrics[spec.name], spec.options
-            if spec.name in ("fad", "fad_inf"):
+            if spec.name in ("fad", "fad_inf", "kad"):
                 f = frames[o["embedding"]]
                 metric.update(torch.cat(f) if o["per"] == "frame" else clip_embeddings(f))
             elif spec.name == "per_song_fad":

@@ -32,6 +32,7 @@ METRICS: dict[str, dict[str, Any]] = {
     "fad": {"embedding": None, "per": "frame"},
     "fad_inf": {"embedding": None, "per": "frame", "num_points": 15, "min_n": None, "seed": 0},
     "per_song_fad": {"embedding": None, "bins": 20},
+    "kad": {"embedding": None, "per": "clip", "bandwidth": None, "bandwidth_from": "reference"},
     "text_audio": {"embedding": None},
     "kld": {"classifier": None, "multilabel": False, "labels": None},
     "chroma": {"hop_seconds": 0.128, "argmax": False},
@@ -40,7 +41,7 @@ METRICS: dict[str, dict[str, Any]] = {
     "sisnr": {},
     "retrieval": {"ks": [1, 5, 10]},
 }
-EMBEDDING_METRICS = ("fad", "fad_inf", "per_song_fad", "text_audio")
+EMBEDDING_METRICS = ("fad", "fad_inf", "per_song_fad", "kad", "text_audio")
 PAIRED_METRICS = ("chroma", "kld", "mel", "stft", "sisnr")
 RECONSTRUCTION_ONLY = ("mel", "stft", "sisnr")
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_beta", "seed", "truncation")
@@ -321,6 +322,15 @@ def _metrics(value: Any, kind: str, embedding: str | None, err) -> list[MetricSp
         if "per" in merged and merged["per"] not in ("frame", "clip"):
             raise err(f"{key}.per", f"{merged['per']!r}: use frame (every embedding frame is a point) or clip "
                                     "(one mean embedding per clip)")
+        if name == "kad" and merged["bandwidth_from"] not in ("reference", "generated"):
+            raise err(f"{key}.bandwidth_from", f"{merged['bandwidth_from']!r}: use reference (the median pairwise "
+                                               "distance of the reference set; kadtk's README) or generated "
+                                               "(kadtk 1.1.0's code)")
+        if name == "kad" and merged["bandwidth"] is not None and not (
+                isinstance(merged["bandwidth"], (int, float)) and not isinstance(merged["bandwidth"], bool)
+                and merged["bandwidth"] > 0):
+            raise err(f"{key}.bandwidth", f"{merged['bandwidth']!r}: a number > 0 (the Gaussian kernel's width), "
+                                          "or null for the median pairwise distance")
         if name == "kld" and not merged["classifier"]:
             raise err(f"{key}.classifier", "missing: an audio classifier backend (hf:/folder of an "
                                            "audio-classification model, or a text-audio backend such as "
