@@ -88,8 +88,11 @@ def test_cli_eval_writes_metrics_report_and_wavs(parts: dict, tmp_path: Path) ->
     assert "fad_inf" in proc.stdout and f"report: {out / 'report.md'}" in proc.stdout
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
-    for key in ("fad", "fad_inf", "fad_inf_slope", "per_song_fad_mean", "per_song_fad_median", "chroma"):
+    for key in ("fad", "fad_inf_r2", "per_song_fad_mean", "per_song_fad_median", "chroma"):
         assert _finite(m[key]), key
+    # FAD-inf from 4 clips is refused: no fit, the reason in its place (metrics.json and the printed table)
+    assert m["fad_inf"] is None and m["fad_inf_slope"] is None
+    assert result["fad_inf_refused"].startswith("FAD-inf refused (4 clips < 100") and "FAD-inf refused" in proc.stdout
     assert len(result["per_song_fad"]["fad"]) == 4 and all(_finite(v) for v in result["per_song_fad"]["fad"])
     assert result["settings"]["generation"]["cfg_scale"] == 1 and result["settings"]["melody_from_reference"]
     assert result["suite_config"]["generation"]["cfg_scale"] == 1 and result["versions"]["torch"]

@@ -163,3 +163,28 @@ def test_unreadable_files_are_skipped_and_counted(data) -> None:
     (mixed / "broken.wav").write_bytes(b"not audio at all" * 10)
     side = _fad(data, mixed, data["a"], out="mixed.json")["rows"][0]["protocol"]["sides"]["REF"]
     assert side["clips"] == 3 and side["corrupt_skipped"] == 1
+
+
+def test_suites_refuse_fad_inf_and_per_song_fad_too(data) -> None:
+    """The suite scorer (``ostinato eval``) gives None and the reason, not a fit, for the same cases; its FAD-inf
+    takes ``protocol: fadtk``."""
+    import yaml
+
+    from ostinato.evaluation.scoring import SuiteMetrics
+    from ostinato.evaluation.suite import load_suite
+
+    suite_file = data["root"] / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump({
+        "name": "fadverb", "kind": "reconstruction", "reference": str(data["shards"]), "num_samples": 4,
+        "seconds": 0.1, "embedding": f"codec:{data['codec']}",
+        "metrics": [{"fad_inf": {"protocol": "fadtk", "num_points": 5}}, "per_song_fad", "fad"]}))
+    suite = load_suite(suite_file)
+    scores = SuiteMetrics(suite, suite.metrics, SR, progress=False, cache=data["cache"])
+    assert scores.metrics["fad_inf"].protocol == "fadtk"
+    wav = torch.stack([tone(300 + 50 * i, 0.1, SR) for i in range(4)])
+    scores.update(wav, None, [""] * 4, [str(i) for i in range(4)])
+    scalars, details = scores.compute(num_items=4)
+    assert scalars["fad"] > 0 and scalars["fad_inf"] is None and scalars["per_song_fad_mean"] is None
+    assert details["fad_inf_refused"].startswith("FAD-inf refused: FAD-inf needs more than min_n=500")
+    assert details["per_song_fad_refused"].startswith("per-song FAD refused: the shortest song has 8 frames")
+    assert details["per_song_fad"]["fad"] == [None] * 4

@@ -98,12 +98,13 @@ def test_fad_inf_of_few_clips_is_flagged_in_metrics_json_reports_and_table(tmp_p
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["fad_inf_fit"]["reliable"] is False and "8 clips < 100" in saved["fad_inf_fit"]["note"]
     md = (tmp_path / "out" / "report.md").read_text()
+    assert saved["metrics"]["fad_inf"] is None and saved["fad_inf_refused"].startswith("FAD-inf refused (8 clips")
     row = next(line for line in md.splitlines() if "(`fad_inf`)" in line)
-    assert "unreliable" in row and "8 clips < 100" in row
+    assert "refused" in row and "8 clips < 100" in row and "n/a" in row  # the reason, not a number
     rows = [line.split("|") for line in md.splitlines() if re.match(r"\| .* \(`\w+`\) \|", line)]
     assert len(rows) == 4 and all(cells[3].strip() for cells in rows), rows  # mel, fad_inf, slope, r2: a direction
-    assert "unreliable" in (tmp_path / "out" / "report.html").read_text()
-    assert "unreliable" in format_table(result["metrics"], metric_notes(result))
+    assert "refused" in (tmp_path / "out" / "report.html").read_text()
+    assert "FAD-inf refused (8 clips < 100" in format_table(result["metrics"], metric_notes(result))
 
 
 # -- the demo verb: early checks --------------------------------------------------------------------------------

@@ -75,10 +75,14 @@ def metric_info(name: str) -> tuple[str, str]:
 
 
 def metric_notes(result: dict[str, Any]) -> dict[str, str]:
-    """``{metric: note}`` to show beside a value of an evaluation result (``metrics.json``): an unreliable FAD-inf."""
+    """``{metric: note}`` to show beside a value of an evaluation result (``metrics.json``): why FAD-inf or per-song
+    FAD was refused, or (a result written before refusals) why FAD-inf is unreliable."""
     metrics = result.get("metrics") or {}
-    if metrics.get("fad_inf") is None:
-        return {}
+    refusals = (("fad_inf_refused", ("fad_inf",)),
+                ("per_song_fad_refused", ("per_song_fad_mean", "per_song_fad_median")))
+    notes = {name: result[key] for key, names in refusals if result.get(key) for name in names}
+    if notes or metrics.get("fad_inf") is None:
+        return notes
     fit = result.get("fad_inf_fit")
     if fit is None:  # a metrics.json written before the flag
         from ostinato.metrics.fad import fad_inf_reliability

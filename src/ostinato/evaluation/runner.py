@@ -207,7 +207,7 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
             scores.update(wav, lengths, [it.prompt for it in group], [str(it.index) for it in group], reference,
                           ref_lengths)
             bar.update(done + len(group) - bar.n)
-    scalars, details = scores.compute()
+    scalars, details = scores.compute(num_items=len(items))
     if "fad_inf" in scalars:  # the flag that reports show beside the number
         from ostinato.metrics.fad import fad_inf_reliability
 

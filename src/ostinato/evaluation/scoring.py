@@ -139,7 +139,7 @@ class SuiteMetrics:
                 return FrechetAudioDistance(backend.dim, reference=ref)
             if spec.name == "fad_inf":
                 return FADInf(backend.dim, reference=ref, num_points=o["num_points"], min_n=o["min_n"],
-                              seed=o["seed"])
+                              seed=o["seed"], protocol=o.get("protocol", "ostinato"))
             return PerSongFAD(backend.dim, reference=ref)
         if spec.name == "kad":
             from ostinato.metrics.kad import KernelAudioDistance
@@ -218,26 +218,45 @@ class SuiteMetrics:
                 else:
                     metric.update(wav, reference, lengths=lengths.to(self.device))
 
-    def compute(self) -> tuple[dict[str, float | None], dict[str, Any]]:
-        """All ranks call this together (torchmetrics gathers the states)."""
+    def compute(self, num_items: int | None = None) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """All ranks call this together (torchmetrics gathers the states). ``num_items``: the clips scored over all
+        ranks; given, FAD-inf from fewer than ``FAD_INF_MIN_ITEMS`` is refused. A refused FAD-inf or per-song FAD
+        is None, its reason in ``details["fad_inf_refused"]`` / ``details["per_song_fad_refused"]``."""
+        from ostinato.metrics.fad import fad_inf_refusal, per_song_refusal
+
         scalars: dict[str, float | None] = {}
         details: dict[str, Any] = {}
         for spec in self.specs:
-            value = self.metrics[spec.name].compute()
+            metric = self.metrics[spec.name]
             if spec.name == "fad_inf":
-                scalars["fad_inf"] = _finite(value["fad_inf"])
-                scalars["fad_inf_slope"] = _finite(value["slope"])
-                scalars["fad_inf_r2"] = _finite(value["r2"])
-                details["fad_inf_curve"] = {"n": [int(n) for n in value["n"].tolist()],
-                                            "fad": [_finite(f) for f in value["fad"].tolist()]}
-            elif spec.name == "per_song_fad":
+                try:
+                    value = metric.compute()
+                except ValueError as e:  # no more embeddings than the smallest subset
+                    value, refused = None, f"FAD-inf refused: {e}"
+                r2 = None if value is None else _finite(value["r2"])
+                if value is not None:
+                    details["fad_inf_curve"] = {"n": [int(n) for n in value["n"].tolist()],
+                                                "fad": [_finite(f) for f in value["fad"].tolist()]}
+                    refused = fad_inf_refusal(r2, num_items) if num_items is not None else None
+                scalars["fad_inf"] = None if refused else _finite(value["fad_inf"])
+                scalars["fad_inf_slope"] = None if refused else _finite(value["slope"])
+                scalars["fad_inf_r2"] = r2
+                if refused:
+                    details["fad_inf_refused"] = refused
+                continue
+            value = metric.compute()
+            if spec.name == "per_song_fad":
                 fad = value["fad"].double().cpu().reshape(-1)  # one clip: a 0-d tensor
-                finite = fad[torch.isfinite(fad)]
+                frames = [int(n) for n in value["frames"].reshape(-1).tolist()]
+                refused = per_song_refusal(frames, metric.dim)
+                finite = fad[torch.isfinite(fad)] if not refused else fad[:0]
                 scalars["per_song_fad_mean"] = _finite(finite.mean()) if len(finite) else None
                 scalars["per_song_fad_median"] = _finite(finite.median()) if len(finite) else None
-                details["per_song_fad"] = {"ids": list(value["ids"]), "fad": [_finite(f) for f in fad.tolist()],
-                                           "frames": [int(n) for n in value["frames"].reshape(-1).tolist()],
-                                           "bins": spec.options["bins"]}
+                details["per_song_fad"] = {"ids": list(value["ids"]),
+                                           "fad": [None if refused else _finite(f) for f in fad.tolist()],
+                                           "frames": frames, "bins": spec.options["bins"]}
+                if refused:
+                    details["per_song_fad_refused"] = refused
             else:
                 name = {"mel": "mel_distance", "stft": "stft_distance"}.get(spec.name, spec.name)
                 scalars[name] = _finite(value)

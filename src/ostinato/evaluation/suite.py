@@ -30,7 +30,8 @@ KINDS = ("text_to_music", "reconstruction", "unconditional", "retrieval")
 # metric -> its settings and their defaults ("embedding": None = the suite's top-level ``embedding``)
 METRICS: dict[str, dict[str, Any]] = {
     "fad": {"embedding": None, "per": "frame"},
-    "fad_inf": {"embedding": None, "per": "frame", "num_points": 15, "min_n": None, "seed": 0},
+    "fad_inf": {"embedding": None, "per": "frame", "num_points": 15, "min_n": None, "seed": 0,
+                "protocol": "ostinato"},
     "per_song_fad": {"embedding": None, "bins": 20},
     "kad": {"embedding": None, "per": "clip", "bandwidth": None, "bandwidth_from": "reference"},
     "text_audio": {"embedding": None},
