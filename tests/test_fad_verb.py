@@ -188,3 +188,24 @@ def test_suites_refuse_fad_inf_and_per_song_fad_too(data) -> None:
     assert details["fad_inf_refused"].startswith("FAD-inf refused: FAD-inf needs more than min_n=500")
     assert details["per_song_fad_refused"].startswith("per-song FAD refused: the shortest song has 8 frames")
     assert details["per_song_fad"]["fad"] == [None] * 4
+
+
+def test_kad_beside_fad_with_its_bootstrap(data) -> None:
+    from ostinato.metrics.embeddings import load_backend, reference_embeddings
+    from ostinato.metrics.kad import kernel_audio_distance
+
+    row = _fad(data, data["a"], data["b"], "--kad", "--bootstrap", "30")["rows"][0]
+    kad = row["kad"]
+    assert kad["kad"] > 0 and kad["statistics"] == "clip" and (kad["n_ref"], kad["n_gen"]) == (8, 8)
+    assert kad["bootstrap"]["low"] <= kad["kad"] <= kad["bootstrap"]["high"]
+    assert row["bootstrap"]["low"] <= row["fad"] <= row["bootstrap"]["high"]
+    backend_clips = {}
+    backend = load_backend(f"codec:{data['codec']}")
+    for side in ("a", "b"):
+        backend_clips[side] = torch.stack([c.double().mean(0) for c in reference_embeddings(backend, data[side],
+                                                                                             progress=False)])
+    expected, _ = kernel_audio_distance(backend_clips["a"], backend_clips["b"])
+    assert kad["kad"] == pytest.approx(float(expected), rel=1e-9)
+    same = _fad(data, data["a"], data["a"], "--kad")["rows"][0]["kad"]["kad"]
+    assert same <= 0 < kad["kad"]  # one set on both sides: the unbiased MMD^2 drops the k(x, x) = 1 terms only
+    # from the within-set means, so it is <= 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,26 +115,25 @@ def _rows(clips: list[Tensor], per: str) -> Tensor:
     return torch.cat(clips) if per == "frame" else torch.stack([c.mean(0) for c in clips])
 
 
-def _kad_metric(dim: int) -> Any:
-    """KAD (``ostinato.metrics.kad``, torchmetrics) when this build has it."""
-    try:
-        module = importlib.import_module("ostinato.metrics.kad")
-    except ModuleNotFoundError:
-        raise UserError("--kad: this build has no ostinato.metrics.kad (Kernel Audio Distance) yet; drop --kad "
-                        "or update ostinato") from None
-    cls = getattr(module, "KernelAudioDistance", None) or getattr(module, "KAD")
-    try:
-        return cls(dim)
-    except TypeError:
-        return cls()
+def _kad(ref_clips: list[Tensor], gen_clips: list[Tensor], bootstrap: int, seed: int,
+         level: float) -> dict[str, Any]:
+    """KAD (``ostinato.metrics.kad``, kadtk's conventions) between the clip embeddings (frame means) of the two
+    sides, with a bootstrap interval over the GEN clips (the bandwidth fixed at the reference's)."""
+    from ostinato.metrics.fad import shifted_percentile_interval
+    from ostinato.metrics.kad import KADTK_SCALE, kernel_audio_distance
 
-
-def _kad(ref_rows: Tensor, gen_rows: Tensor, dim: int) -> float:
-    metric = _kad_metric(dim)
-    metric.update(ref_rows.float(), real=True)
-    metric.update(gen_rows.float(), real=False)
-    value = metric.compute()
-    return float(value["kad"] if isinstance(value, dict) else value)
+    x = torch.stack([c.double().mean(0) for c in ref_clips])
+    y = torch.stack([c.double().mean(0) for c in gen_clips])
+    kad, bandwidth = kernel_audio_distance(x, y)
+    out: dict[str, Any] = {"kad": float(kad), "statistics": "clip", "bandwidth": float(bandwidth),
+                           "bandwidth_from": "reference", "scale": KADTK_SCALE, "n_ref": len(x), "n_gen": len(y)}
+    if bootstrap > 0:
+        gen = torch.Generator().manual_seed(int(seed))
+        reps = torch.stack([kernel_audio_distance(x, y[torch.randint(len(y), (len(y),), generator=gen)],
+                                                  bandwidth=bandwidth)[0] for _ in range(int(bootstrap))])
+        out["bootstrap"] = {**shifted_percentile_interval(float(kad), reps, level), "resamples": int(bootstrap),
+                            "seed": int(seed)}
+    return out
 
 
 def compare_folders(ref: str, gen: str, embeddings: Sequence[str], *, per: str = "frame", per_song: bool = False,
@@ -212,7 +210,7 @@ def compare_folders(ref: str, gen: str, embeddings: Sequence[str], *, per: str =
                                        "fad": fads, "frames": counts,
                                        "rule": f"every song >= D + 1 = {backend.dim + 1} frames"}
         if kad:
-            row["kad"] = _kad(_rows(clips["REF"], per), _rows(clips["GEN"], per), backend.dim)
+            row["kad"] = _kad(clips["REF"], clips["GEN"], bootstrap, seed, level)
         spec_path = str(spec).partition(":")[2].split(",")[0]
         row["protocol"] = {
             "backend": backend.name, "backend_id": backend.id(), "weights": getattr(backend, "weights", None),
@@ -269,7 +267,9 @@ def format_fad_table(result: dict[str, Any]) -> str:
             "-" if inf is None else ("refused" if "refused" in inf else
                                      f"{inf['fad_inf']:.4g} ({inf['protocol']}, R^2 {inf['r2']:.3f})"),
             "-" if song is None else ("refused" if "refused" in song else f"median {song['median']:.4g}"),
-            _cell(row.get("kad"))])
+            "-" if "kad" not in row else _cell(row["kad"]["kad"]) + (
+                f" [{row['kad']['bootstrap']['low']:.4g}, {row['kad']['bootstrap']['high']:.4g}]"
+                if "bootstrap" in row["kad"] else "")])
         for what in (inf, song):
             if what and "refused" in what:
                 lines.append(f"{row['embedding']}: {what['refused']}")

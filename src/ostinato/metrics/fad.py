@@ -36,7 +36,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["FAD_INF_MIN_ITEMS", "FAD_INF_MIN_R2", "FAD_INF_PROTOCOLS", "FADInf", "FrechetAudioDistance", "PerSongFAD",
            "bootstrap_fad", "fad_inf_fit", "fad_inf_refusal", "fad_inf_reliability", "frechet_distance",
-           "gaussian_stats", "per_song_refusal"]
+           "gaussian_stats", "per_song_refusal", "shifted_percentile_interval"]
 
 Stats = tuple[Tensor, Tensor, int]
 
@@ -181,12 +181,24 @@ def bootstrap_fad(reference: Stats, clips: Sequence[Tensor], resamples: int, see
     gen = torch.Generator().manual_seed(int(seed))
     reps = torch.stack([fad_of(torch.bincount(torch.randint(len(clips), (len(clips),), generator=gen),
                                               minlength=len(clips))) for _ in range(int(resamples))])
+    return {**shifted_percentile_interval(point, reps, level, floor=0.0), "resamples": int(resamples),
+            "seed": int(seed)}
+
+
+def shifted_percentile_interval(point: float, replicates: Tensor, level: float = 0.95,
+                                floor: float | None = None) -> dict[str, Any]:
+    """Percentile interval of bootstrap ``replicates [R]`` shifted by their mean bias (``mean - point``), so that
+    a statistic that resampling with replacement biases (FAD, KAD) gets an interval around its point estimate.
+    ``floor``: the lower end is clamped there (0 for FAD). Returns ``{"point", "low", "high", "level", "std",
+    "bias", "method"}``."""
+    reps = replicates.detach().double().cpu()
     bias = float(reps.mean()) - point
     tail = (1 - level) / 2
     low, high = torch.quantile(reps - bias, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return {"point": point, "low": max(low, 0.0), "high": high, "level": level, "resamples": int(resamples),
-            "seed": int(seed), "std": float(reps.std()), "bias": bias,
-            "method": "percentile of clip-resampled replicates shifted by their mean bias; low clamped at 0"}
+    clamp = f"; low clamped at {floor:g}" if floor is not None else ""
+    return {"point": point, "low": low if floor is None else max(low, floor), "high": high, "level": level,
+            "std": float(reps.std()), "bias": bias,
+            "method": f"percentile of clip-resampled replicates shifted by their mean bias{clamp}"}
 
 
 def _move_keeping_dtype(metric: Metric, parent_apply: Callable[..., Module], fn: Callable,
