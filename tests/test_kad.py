@@ -221,3 +221,36 @@ def test_suite_kad_scores_clip_means_against_the_reference_folder(tmp_path: Path
         load_suite(tmp_path / "s.yaml", ["metrics.kad.bandwidth_from=eval"])
     with pytest.raises(SuiteError, match="metrics.kad.bandwidth"):
         load_suite(tmp_path / "s.yaml", ["metrics.kad.bandwidth=-1"])
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+
+def test_bootstrap_replicates_are_kad_of_the_pooled_clips_and_the_interval_narrows() -> None:
+    from ostinato.metrics.kad import _ClipKernels, bootstrap_kad
+
+    x, y = two_sets(60, 90, 8, seed=8, shift=0.2)
+    clips = list(y.split([3, 1, 5, 2, 4] * 6))  # 30 clips of unequal frame counts
+    h = median_pairwise_distance(x)
+    kernels = _ClipKernels(x, clips, 1.0 / (2 * h * h + 1e-8), KADTK_SCALE, chunk_size=7)
+    w = torch.tensor([0, 2, 1, 3, 0, 1] * 5)  # one replicate's draw counts: clips repeated, clips left out
+    pooled = torch.cat([clip for clip, times in zip(clips, w.tolist()) for _ in range(times)])
+    torch.testing.assert_close(kernels.kad(w), kernel_audio_distance(x, pooled, bandwidth=h)[0], rtol=1e-10,
+                               atol=1e-13)
+    ci = bootstrap_kad(x, clips, 200, seed=1)
+    assert ci["point"] == pytest.approx(float(kernel_audio_distance(x, y)[0]), rel=1e-10)
+    assert ci["low"] < ci["point"] < ci["high"] and ci["bias"] > 0  # duplicated clips add k(y, y) = 1 terms
+    assert bootstrap_kad(x, clips, 200, seed=1) == ci  # seeded
+    # one frame per clip: the replicates are KAD of the resampled rows, drawn as a direct loop would draw them
+    from ostinato.metrics.fad import shifted_percentile_interval
+
+    gen = torch.Generator().manual_seed(2)
+    direct = torch.stack([kernel_audio_distance(x, y[torch.randint(len(y), (len(y),), generator=gen)],
+                                                bandwidth=h)[0] for _ in range(40)])
+    fast = bootstrap_kad(x, list(y[:, None]), 40, seed=2)
+    expected = shifted_percentile_interval(float(kernel_audio_distance(x, y)[0]), direct)
+    assert fast["low"] == pytest.approx(expected["low"], rel=1e-9)
+    assert fast["high"] == pytest.approx(expected["high"], rel=1e-9)
+    _, more = two_sets(60, 360, 8, seed=9, shift=0.2)
+    wide = bootstrap_kad(x, list(more.split(3)), 200, seed=1)  # 4x the clips: about half the width
+    assert wide["high"] - wide["low"] < 0.75 * (ci["high"] - ci["low"])
+

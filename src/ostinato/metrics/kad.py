@@ -20,7 +20,7 @@ Conventions, those of kadtk 1.1.0 (the authors' toolkit) so that numbers compare
   ``bandwidth_from="generated"`` reproduces that. A fixed ``bandwidth=h`` overrides both.
 
 Everything is computed in float64, in row blocks of the kernel matrices (``chunk_size`` rows, by default as many as
-keep a block near 256 MB), so 5,000 x 5,000 x D=512 needs no more than a block plus the embeddings. The median takes
+keep a block near 128 MB), so 5,000 x 5,000 x D=512 needs no more than a block plus the embeddings. The median takes
 all ``M (M - 1) / 2`` distances while they are at most ``max_median_pairs``; beyond that it takes that many random
 pairs (``seed``), as kadtk's ``subsample`` option does.
 
@@ -39,14 +39,16 @@ from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ostinato.metrics.fad import _move_keeping_dtype
+from ostinato.metrics.fad import _move_keeping_dtype, shifted_percentile_interval
 
-__all__ = ["KADTK_EPS", "KADTK_SCALE", "KernelAudioDistance", "kernel_audio_distance", "median_pairwise_distance"]
+__all__ = ["KADTK_EPS", "KADTK_SCALE", "KernelAudioDistance", "bootstrap_kad", "kernel_audio_distance",
+           "median_pairwise_distance"]
 
 KADTK_SCALE = 100.0  # kadtk 1.1.0 kad.py SCALE_FACTOR
 KADTK_EPS = 1e-8  # kadtk's eps in gamma = 1 / (2 h^2 + eps)
 MAX_MEDIAN_PAIRS = 2 ** 25  # 33.5M distances (268 MB float64): every pair of up to ~8,190 embeddings
-_BLOCK_ELEMENTS = 2 ** 25  # float64 elements per kernel block (256 MB)
+_BLOCK_ELEMENTS = 2 ** 24  # float64 elements per kernel block (128 MB)
+_REPLICATES_AT_ONCE = 64
 
 BandwidthFrom = Literal["reference", "generated"]
 
@@ -64,7 +66,7 @@ def _rows(n_cols: int, chunk_size: int | None) -> int:
 
 def _sq_dist(a: Tensor, a_sq: Tensor, b: Tensor, b_sq: Tensor) -> Tensor:
     """``[A, B]`` squared distances from the expansion ``|a|^2 + |b|^2 - 2 a.b`` (clamped at 0 against round-off)."""
-    return (a_sq[:, None] + b_sq[None, :] - 2 * a @ b.mT).clamp_min_(0)
+    return (a @ b.mT).mul_(-2).add_(a_sq[:, None]).add_(b_sq[None, :]).clamp_min_(0)  # one block allocated
 
 
 def median_pairwise_distance(emb: Tensor, *, max_pairs: int = MAX_MEDIAN_PAIRS, seed: int = 0,
@@ -113,6 +115,20 @@ def _kernel_sum(a: Tensor, b: Tensor, gamma: Tensor, same: bool, chunk_size: int
     return total
 
 
+def _bandwidth(x: Tensor, y: Tensor, bandwidth: float | Tensor | None, bandwidth_from: str, max_pairs: int,
+               seed: int, chunk_size: int | None) -> Tensor:
+    """The given ``bandwidth``, else the median pairwise distance of ``x`` (reference) or ``y`` (generated)."""
+    if bandwidth is None:
+        if bandwidth_from not in ("reference", "generated"):
+            raise ValueError(f"KAD: bandwidth_from={bandwidth_from!r}; use 'reference' or 'generated'")
+        return median_pairwise_distance(x if bandwidth_from == "reference" else y, max_pairs=max_pairs, seed=seed,
+                                        chunk_size=chunk_size)
+    h = torch.as_tensor(bandwidth, dtype=torch.float64, device=x.device)
+    if not h > 0:
+        raise ValueError(f"KAD: bandwidth must be > 0, got {float(h)}")
+    return h
+
+
 def kernel_audio_distance(reference: Tensor, generated: Tensor, *, bandwidth: float | Tensor | None = None,
                           bandwidth_from: BandwidthFrom = "reference", scale: float = KADTK_SCALE,
                           chunk_size: int | None = None, max_median_pairs: int = MAX_MEDIAN_PAIRS,
@@ -124,20 +140,88 @@ def kernel_audio_distance(reference: Tensor, generated: Tensor, *, bandwidth: fl
     m, n = len(x), len(y)
     if m < 2 or n < 2:
         raise ValueError(f"KAD needs >= 2 embeddings on each side, got reference={m}, generated={n}")
-    if bandwidth is None:
-        if bandwidth_from not in ("reference", "generated"):
-            raise ValueError(f"KAD: bandwidth_from={bandwidth_from!r}; use 'reference' or 'generated'")
-        h = median_pairwise_distance(x if bandwidth_from == "reference" else y, max_pairs=max_median_pairs,
-                                     seed=seed, chunk_size=chunk_size)
-    else:
-        h = torch.as_tensor(bandwidth, dtype=torch.float64, device=x.device)
-        if not h > 0:
-            raise ValueError(f"KAD: bandwidth must be > 0, got {float(h)}")
+    h = _bandwidth(x, y, bandwidth, bandwidth_from, max_median_pairs, seed, chunk_size)
     gamma = 1.0 / (2 * h * h + KADTK_EPS)
     xx = _kernel_sum(x, x, gamma, True, chunk_size) / (m * (m - 1))
     yy = _kernel_sum(y, y, gamma, True, chunk_size) / (n * (n - 1))
     xy = _kernel_sum(x, y, gamma, False, chunk_size) / (m * n)
     return (xx + yy - 2 * xy) * scale, h
+
+
+class _ClipKernels:
+    """KAD as a function of per-clip multiplicities ``w [C]`` of the generated clips (a bootstrap replicate pools
+    clip ``a``'s rows ``w_a`` times), from kernel sums computed once: ``B [C, C]`` (sums of k over the rows of two
+    clips), the self-kernel of each clip's rows, and each clip's kernel sum against the reference. With the pooled
+    rows counted as distinct positions (duplicates included), the generated term is ``(w^T B w - w.diag) /
+    (N_w (N_w - 1))`` with ``N_w = w.F``, exactly what ``kernel_audio_distance`` gives on the pooled rows."""
+
+    def __init__(self, reference: Tensor, clips: Sequence[Tensor], gamma: Tensor, scale: float,
+                 chunk_size: int | None) -> None:
+        x = reference.detach().double()
+        y = torch.cat([c.detach().double() for c in clips]).to(x.device)
+        c = len(clips)
+        owner = torch.repeat_interleave(torch.arange(c, device=x.device),
+                                        torch.tensor([len(clip) for clip in clips], device=x.device))
+        f64 = dict(dtype=torch.float64, device=x.device)
+        self.frames = torch.bincount(owner, minlength=c).double()
+        self.between, self.diag, self.cross = torch.zeros(c, c, **f64), torch.zeros(c, **f64), torch.zeros(c, **f64)
+        y_sq, x_sq = (y * y).sum(1), (x * x).sum(1)
+        step = _rows(max(len(y), len(x), c), chunk_size)
+        for s in range(0, len(y), step):
+            rows = slice(s, s + step)
+            k = _sq_dist(y[rows], y_sq[rows], y, y_sq).mul_(-gamma).exp_()
+            per_clip = torch.zeros(len(k), c, **f64).index_add_(1, owner, k)  # [rows, C]: summed over each clip
+            self.between.index_add_(0, owner[rows], per_clip)
+            self.diag.index_add_(0, owner[rows], k[:, rows].diagonal())
+            kx = _sq_dist(y[rows], y_sq[rows], x, x_sq).mul_(-gamma).exp_()
+            self.cross.index_add_(0, owner[rows], kx.sum(1))
+        m = len(x)
+        self.xx = _kernel_sum(x, x, gamma, True, chunk_size) / (m * (m - 1))
+        self.m, self.scale = m, scale
+
+    def kad(self, weights: Tensor) -> Tensor:
+        """``weights [C]`` or ``[R, C]`` (R replicates at once) -> KAD, ``[]`` or ``[R]`` float64."""
+        w = weights.to(self.between)
+        n = w @ self.frames
+        yy = (((w @ self.between) * w).sum(-1) - w @ self.diag) / (n * (n - 1))
+        return (self.xx + yy - 2 * (w @ self.cross) / (self.m * n)) * self.scale
+
+
+def bootstrap_kad(reference: Tensor, clips: Sequence[Tensor], resamples: int, seed: int = 0, level: float = 0.95,
+                  *, bandwidth: float | Tensor | None = None, bandwidth_from: BandwidthFrom = "reference",
+                  scale: float = KADTK_SCALE, chunk_size: int | None = None) -> dict[str, Any]:
+    """Bootstrap confidence interval of KAD over the generated clips, the mechanism of ``fad.bootstrap_fad``.
+
+    ``reference [M, D]``; ``clips``: per clip ``[F_i, D]`` embeddings (frames, or ``[1, D]`` clip embeddings).
+    Each of ``resamples`` replicates draws the clips with replacement (seeded ``torch.Generator``) and pools their
+    rows; the kernel (bandwidth of the full sets) stays fixed. Drawn twice, a clip adds ``k(y, y) = 1`` terms to the
+    generated sum, which biases replicates upwards as repeated draws bias FAD: the percentile interval is taken of
+    the replicates shifted by their mean bias, centring it on the point estimate (not clamped: KAD may be < 0).
+    Costs one pass over the kernel matrices; each replicate is then ``O(C^2)`` for ``C`` clips.
+
+    Returns ``fad.shifted_percentile_interval``'s ``{"point", "low", "high", "level", "std", "bias", "method"}`` and
+    ``"resamples", "seed", "bandwidth"``. ``ostinato fad --kad --bootstrap N`` calls it on clip embeddings.
+    """
+    if resamples < 2:
+        raise ValueError(f"bootstrap needs >= 2 resamples, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(clips) < 2:
+        raise ValueError(f"bootstrap needs >= 2 generated clips, got {len(clips)}")
+    x = _check_embeddings(reference, "reference")
+    if len(x) < 2:
+        raise ValueError(f"KAD needs >= 2 reference embeddings, got {len(x)}")
+    clips = [_check_embeddings(c, "generated", x.shape[1]).to(x.device) for c in clips]
+    h = _bandwidth(x, torch.cat(clips), bandwidth, bandwidth_from, MAX_MEDIAN_PAIRS, 0, chunk_size)
+    kernels = _ClipKernels(x, clips, 1.0 / (2 * h * h + KADTK_EPS), scale, chunk_size)
+    point = kernels.kad(torch.ones(len(clips)))
+    gen = torch.Generator().manual_seed(int(seed))
+    draws = [torch.bincount(torch.randint(len(clips), (len(clips),), generator=gen), minlength=len(clips))
+             for _ in range(int(resamples))]
+    reps = torch.cat([kernels.kad(torch.stack(draws[s:s + _REPLICATES_AT_ONCE]))
+                      for s in range(0, len(draws), _REPLICATES_AT_ONCE)]).cpu()
+    return {**shifted_percentile_interval(float(point), reps, level), "resamples": int(resamples), "seed": int(seed),
+            "bandwidth": float(h)}
 
 
 class KernelAudioDistance(Metric):
