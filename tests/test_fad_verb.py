@@ -113,7 +113,7 @@ def test_fad_inf_and_per_song_fad_are_refused_with_the_reason(data, capsys) -> N
     row = _fad(data, data["a"], data["b"], "--inf", "--per-song")["rows"][0]
     out = capsys.readouterr().out
     assert "fad_inf" not in row["fad_inf"] and row["fad_inf"]["refused"].startswith("FAD-inf refused (8 clips < 100")
-    assert row["fad_inf"]["refused"] in out and "refused" in out.splitlines()[2]
+    assert row["fad_inf"]["refused"] in out and "refused (ostinato)" in out.splitlines()[2]
     assert row["per_song_fad"]["median"] > 0  # 38 frames a song >= D + 1
     short = _fad(data, data["a"], data["short"], "--per-song", "--inf-protocol", "fadtk", "--inf")["rows"][0]
     assert short["per_song_fad"]["refused"] == ("per-song FAD refused: the shortest song has 8 frames of 16-dim "

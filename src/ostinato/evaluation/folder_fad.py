@@ -260,7 +260,7 @@ def format_fad_table(result: dict[str, Any]) -> str:
         body.append([
             row["embedding"], p["statistics"], str(p["n_ref"]), str(p["n_gen"]), _cell(row["fad"]),
             f"[{ci['low']:.4g}, {ci['high']:.4g}] ({ci['level']:.0%}, {ci['resamples']} resamples)" if ci else "-",
-            "-" if inf is None else ("refused" if "refused" in inf else
+            "-" if inf is None else (f"refused ({inf['protocol']})" if "refused" in inf else
                                      f"{inf['fad_inf']:.4g} ({inf['protocol']}, R^2 {inf['r2']:.3f})"),
             "-" if song is None else ("refused" if "refused" in song else f"median {song['median']:.4g}"),
             "-" if "kad" not in row else _cell(row["kad"]["kad"]) + (
