@@ -209,3 +209,27 @@ def test_kad_beside_fad_with_its_bootstrap(data) -> None:
     same = _fad(data, data["a"], data["a"], "--kad")["rows"][0]["kad"]["kad"]
     assert same <= 0 < kad["kad"]  # one set on both sides: the unbiased MMD^2 drops the k(x, x) = 1 terms only
     # from the within-set means, so it is <= 0
+
+
+def test_bootstrap_replicates_are_fad_of_the_resampled_clips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bootstrap_fad sums per-clip moments weighted by the draw counts; the same draws, FAD of the pooled frames;
+    in blocks of 4 clips and replicates too (what large D gets)."""
+    from ostinato.metrics import fad as fad_module
+
+    gen = torch.Generator().manual_seed(5)
+    reference = gaussian_stats(torch.randn(300, 6, generator=gen, dtype=torch.float64)) + (300,)
+    clips = [torch.randn(int(f), 6, generator=gen) + 0.3 for f in torch.randint(3, 12, (15,), generator=gen)]
+    ci = bootstrap_fad(reference, clips, resamples=40, seed=9)
+    draws = torch.Generator().manual_seed(9)
+    reps = []
+    for _ in range(40):
+        pooled = torch.cat([clips[i] for i in torch.randint(15, (15,), generator=draws).tolist()])
+        reps.append(frechet_distance(reference[0], reference[1], *gaussian_stats(pooled)))
+    reps = torch.stack(reps)
+    point = float(frechet_distance(reference[0], reference[1], *gaussian_stats(torch.cat(clips))))
+    assert ci["point"] == pytest.approx(point, rel=1e-9)
+    assert ci["std"] == pytest.approx(float(reps.std()), rel=1e-9)
+    assert ci["bias"] == pytest.approx(float(reps.mean()) - point, rel=1e-9)
+    monkeypatch.setattr(fad_module, "_BOOTSTRAP_BLOCK_BYTES", 4 * 8 * 6 * 6)
+    blocked = bootstrap_fad(reference, clips, resamples=40, seed=9)
+    assert all(blocked[k] == pytest.approx(ci[k], rel=1e-9) for k in ("point", "low", "high", "std"))

@@ -101,6 +101,7 @@ FAD_INF_MIN_ITEMS = 100
 FAD_INF_MIN_R2 = 0.8
 FAD_INF_PROTOCOLS = ("ostinato", "fadtk")
 FADTK_MIN_N, FADTK_STEPS = 500, 25  # fadtk's score_inf defaults
+_BOOTSTRAP_BLOCK_BYTES = 1 << 28  # float64 [block, D, D] outer products held at once by bootstrap_fad
 
 
 def fad_inf_reliability(r2: float | None, num_items: int) -> dict[str, Any]:
@@ -167,20 +168,28 @@ def bootstrap_fad(reference: Stats, clips: Sequence[Tensor], resamples: int, see
         raise ValueError(f"bootstrap needs >= 2 generated clips, got {len(clips)}")
     mu_r, sigma_r, _ = (t.double() if isinstance(t, Tensor) else t for t in reference)
     root_r, trace_r = _sqrtm_psd(sigma_r), torch.trace(sigma_r)
-    x = torch.cat([c.detach().double().cpu() for c in clips])
-    owner = torch.repeat_interleave(torch.arange(len(clips)), torch.tensor([len(c) for c in clips]))
-
-    def fad_of(weights: Tensor) -> Tensor:
-        w = weights[owner].double()
-        n = w.sum()
-        mu = (w @ x) / n
-        sigma = ((x * w[:, None]).mT @ x - n * torch.outer(mu, mu)) / (n - 1)
-        return _frechet_from_root(mu_r, root_r, trace_r, mu, (sigma + sigma.mT) / 2)
-
-    point = float(fad_of(torch.ones(len(clips))))
+    clips = [c.detach().double().cpu() for c in clips]
+    n_clips, dim = len(clips), clips[0].shape[1]
     gen = torch.Generator().manual_seed(int(seed))
-    reps = torch.stack([fad_of(torch.bincount(torch.randint(len(clips), (len(clips),), generator=gen),
-                                              minlength=len(clips))) for _ in range(int(resamples))])
+    draws = [torch.bincount(torch.randint(n_clips, (n_clips,), generator=gen), minlength=n_clips)
+             for _ in range(int(resamples))]
+    # Row 0 weighs every clip once (the point estimate); a replicate's moments are its clip counts times the
+    # per-clip moments, so the frames are read once per block of replicates, not once per replicate.
+    counts = torch.stack([torch.ones(n_clips, dtype=torch.long)] + draws).double()  # [R + 1, N]
+    n = counts @ torch.tensor([len(c) for c in clips], dtype=torch.float64)  # [R + 1]
+    mu = counts @ torch.stack([c.sum(0) for c in clips]) / n[:, None]  # [R + 1, D]
+    block = max(1, _BOOTSTRAP_BLOCK_BYTES // (8 * dim * dim))
+    fads = []
+    for r0 in range(0, len(counts), block):
+        outer = torch.zeros(min(block, len(counts) - r0), dim, dim, dtype=torch.float64)
+        for c0 in range(0, n_clips, block):
+            per_clip = torch.stack([c.mT @ c for c in clips[c0:c0 + block]])  # [c, D, D]
+            outer += torch.einsum("rc,cij->rij", counts[r0:r0 + len(outer), c0:c0 + block], per_clip)
+        for i, o in enumerate(outer):
+            r = r0 + i
+            sigma = (o - n[r] * torch.outer(mu[r], mu[r])) / (n[r] - 1)
+            fads.append(_frechet_from_root(mu_r, root_r, trace_r, mu[r], (sigma + sigma.mT) / 2))
+    point, reps = float(fads[0]), torch.stack(fads[1:])
     return {**shifted_percentile_interval(point, reps, level, floor=0.0), "resamples": int(resamples),
             "seed": int(seed)}
 
