@@ -112,6 +112,12 @@ def test_cli_eval_errors_name_the_suite_key(parts: dict, capsys: pytest.CaptureF
         main(["eval", str(parts["suites"]["t2m"]), "--model", "x", "--set", "generation.beam=4"])
     assert exit_.value.code == 2
     assert "t2m.yaml: generation.beam (set by --set): unknown generation setting" in capsys.readouterr().err
+    # reranking needs a MuLaN: a MusicGen refuses it in one line, once it knows the model is a MusicGen
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(parts["suites"]["t2m"]), "--model", str(parts["model"]), "--set", "rerank=2", "--quiet"])
+    assert exit_.value.code == 2
+    assert re.search(r"t2m.yaml: rerank: 2: .* is a MusicGen, which has no MuLaN to rank candidates with; rerank "
+                     r"is for MusicLM bundles", capsys.readouterr().err)
 
 
 def _ddp_worker(rank: int, world: int, port: int, suite: str, codec: str, out: str, cache: str) -> None:

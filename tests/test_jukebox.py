@@ -189,7 +189,6 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     import ostinato
     from ostinato.encoding.arrays import encode_shards
     from ostinato.engine.weights import export, load_weights
-    from ostinato.evaluation.runner import run_suite
     from ostinato.generation.jukebox import load_bundle, write_bundle
     from tests.synth import write_tiny_encodec
 
@@ -256,11 +255,14 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
     assert (again[1, 0].clamp(-1, 1) - torch.from_numpy(wav)).abs().max() < 2 / 32768
 
     encodec = write_tiny_encodec(tmp_path / "encodec")
-    result = run_suite("musika_demo", str(bundle), tmp_path / "eval", progress=False,
-                       overrides=["num_samples=2", "seconds=0.5", f"embedding=codec:{encodec}",
-                                  f"reference={data / 'shards' / 'test'}"],
-                       cache=tmp_path / "cache")
-    assert result["settings"]["family"] == "jukebox" and result["metrics"]["fad"] >= 0
+    # `ostinato eval jukebox_demo --model BUNDLE`: the registry finds Jukebox's producer by the bundle file
+    proc = cli(env, "eval", "jukebox_demo", "--model", str(bundle), "--out", str(tmp_path / "eval"), "--quiet",
+               "--num-samples", "2", "--set", "seconds=0.5", "--set", f"embedding=codec:{encodec}",
+               "--set", f"reference={data / 'shards' / 'test'}", "--set", "batch_size=2")
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["suite"] == "jukebox_demo" and result["settings"]["family"] == "jukebox"
+    assert result["metrics"]["fad"] >= 0 and result["metrics"]["diversity_pairs"] == 1
+    assert -1 <= result["metrics"]["diversity_spectral_sim_mean"] <= 1 and "diversity_spectral_sim_mean" in proc.stdout
     write_bundle(tmp_path / "b2", str(exports["top"]), str(exports["middle"]), str(exports["bottom"]),
                  vqvae=str(tmp_path / "vqvae"))
     assert json.loads((tmp_path / "b2" / "jukebox.json").read_text())["vqvae"] == str(tmp_path / "vqvae")

@@ -417,7 +417,18 @@ def test_retrieval_suite_ranks_clips_against_their_captions(trained: dict, tmp_p
         run_suite("demo", str(trained["export"]), tmp_path / "x", progress=False)
     with pytest.raises(SuiteError, match=r"metrics.retrieval \(set by --set\): retrieval ranks clips against"):
         load_suite("demo", {"metrics": {"retrieval": {}}})
-    with pytest.raises(SuiteError, match=r"prompts.*takes no prompts"):
-        load_suite("mulan_demo", ["prompts=[a]"])
+    # a caption file: line i is clip i's caption, in place of the shards' (here: reversed, so the pairs change)
+    captions = [it["prompt"] for it in saved["items"]][::-1]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    result = run_suite("mulan_demo", str(trained["export"]), tmp_path / "eval_file", progress=False,
+                       overrides=[f"reference={test}", "seconds=1.0", "batch_size=4",
+                                  f"prompts_file={tmp_path / 'captions.txt'}"])
+    assert [it["prompt"] for it in result["items"]] == captions and result["metrics"]["n"] == 16
+    expected = retrieval_scores(emb[:16], mulan.embed_text(captions).to(emb.dtype), (1, 5, 10))
+    assert all(abs(expected[k] - result["metrics"][k]) < 1e-5 for k in expected), (expected, result["metrics"])
+    assert result["metrics"] != m  # the file's captions were ranked, not the shards'
+    with pytest.raises(SuiteError, match=r"mulan_demo.yaml: prompts \(set by --set\): 1 captions for "
+                                         r"num_samples=2 clips: caption i is clip i's"):
+        load_suite("mulan_demo", ["prompts=[a]", "num_samples=2"])
     with pytest.raises(SuiteError, match=r"metrics.retrieval.ks"):
         load_suite("mulan_demo", ["metrics.retrieval.ks=[0]"])

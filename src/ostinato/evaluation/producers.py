@@ -4,7 +4,10 @@ A producer is built from ``(suite, model_ref, codec, device, trust)``; ``kinds``
 ``configure(suite)`` takes a suite's settings (a sweep reuses one producer); ``__call__(items, progress) -> (wav
 [B, C, T], lengths [B])`` makes the clips of a batch of items (retrieval producers embed instead: ``embed``);
 ``describe()`` is what ``metrics.json`` records as ``settings``. ``sample_rate``, ``channels`` and ``codec_ref``
-say what the clips are; ``family`` and ``label`` what the model is (for messages and records).
+say what the clips are; ``family`` and ``label`` what the model is (for messages and records). A producer that
+learns something per item while producing (MusicLM's reranking scores) has ``item_records() -> {index: record}``
+and ``summarize(records) -> (scalars, details)``, which the runner calls on every rank's records together.
+``from_model(suite, model)`` wraps a model already in memory (tests, notebooks) where the family has one.
 
 Generating producers seed a batch with ``seed + index of its first item``, so clips do not depend on the number
 of ranks.
@@ -24,6 +27,13 @@ __all__ = ["MusicGenProducer", "CodecProducer", "MusikaProducer", "JukeboxProduc
            "MuLaNProducer"]
 
 Progress = Callable[[float], None]
+
+
+def _from_model(cls: type, suite: Suite, model: Any) -> Any:
+    producer = cls.__new__(cls)
+    producer._attach(model)
+    producer.configure(suite)
+    return producer
 
 
 def _seed(settings: dict[str, Any], items: list[EvalItem]) -> int | None:
@@ -56,6 +66,9 @@ class MusicGenProducer:
         from ostinato.generation.musicgen import LongForm
         from ostinato.nn.decoding import GenerationParams
 
+        if suite.rerank > 1:
+            raise SuiteError(f"{_where(suite)}: rerank: {suite.rerank}: {self.model_ref} is a MusicGen, which has no "
+                             "MuLaN to rank candidates with; rerank is for MusicLM bundles (set it to 1)")
         self.suite = suite
         has_melody = getattr(self.module, "melody", None) is not None
         if suite.melody_from_reference is True and not has_melody:
@@ -155,10 +168,18 @@ class JukeboxProducer:
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation import jukebox
 
-        self.jukebox = jukebox.load_bundle(model_ref, codec, trust=trust).to(device)
-        self.sample_rate, self.codec_ref = self.jukebox.sample_rate, self.jukebox.refs["vqvae"]
-        self.channels = self.jukebox.channels
+        self._attach(jukebox.load_bundle(model_ref, codec, trust=trust).to(device))
         self.configure(suite)
+
+    @classmethod
+    def from_model(cls, suite: Suite, model: Any) -> JukeboxProducer:
+        """A producer of a ``Jukebox`` already in memory (on its device)."""
+        return _from_model(cls, suite, model)
+
+    def _attach(self, model: Any) -> None:
+        self.jukebox = model
+        self.sample_rate, self.channels = model.sample_rate, model.channels
+        self.codec_ref = (getattr(model, "refs", None) or {}).get("vqvae")
 
     def configure(self, suite: Suite) -> None:
         self.suite = suite
@@ -191,10 +212,18 @@ class MusicLMProducer:
     def __init__(self, suite: Suite, model_ref: str, codec: str | None, device: torch.device, trust: bool) -> None:
         from ostinato.generation.musiclm import load_bundle
 
-        self.model = load_bundle(model_ref, codec, trust=trust).to(device)
-        self.codec_ref = self.model.sources.get("codec")
-        self.sample_rate, self.channels = self.model.sample_rate, self.model.codec.channels
+        self._attach(load_bundle(model_ref, codec, trust=trust).to(device))
         self.configure(suite)
+
+    @classmethod
+    def from_model(cls, suite: Suite, model: Any) -> MusicLMProducer:
+        """A producer of a ``MusicLM`` already in memory (on its device)."""
+        return _from_model(cls, suite, model)
+
+    def _attach(self, model: Any) -> None:
+        self.model = model
+        self.codec_ref = model.sources.get("codec")
+        self.sample_rate, self.channels = model.sample_rate, model.codec.channels
 
     def configure(self, suite: Suite) -> None:
         from ostinato.nn.decoding import GenerationParams
@@ -210,6 +239,7 @@ class MusicLMProducer:
         self.suite = suite
         self.settings = {"seed": 0, **suite.generation}
         GenerationParams(**self.settings)  # the ranges, before anything runs
+        self.reranked: dict[int, dict[str, Any]] = {}
 
     @torch.no_grad()
     def __call__(self, items: list[EvalItem], progress: Progress) -> tuple[Tensor, Tensor]:
@@ -217,12 +247,35 @@ class MusicLMProducer:
 
         assert self.suite.seconds is not None
         params = GenerationParams(**{**self.settings, "seed": _seed(self.settings, items)})
-        wav = self.model.generate([it.prompt for it in items], duration=self.suite.seconds, params=params,
-                                  progress=lambda done, total: progress(done / max(total, 1)))
-        return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
+        out = self.model.sample([it.prompt for it in items], duration=self.suite.seconds, params=params,
+                                num_candidates=self.suite.rerank,
+                                progress=lambda done, total: progress(done / max(total, 1)))
+        if self.suite.rerank > 1:
+            for it, scores, kept in zip(items, out.scores.tolist(), out.best.tolist()):
+                self.reranked[it.index] = {"scores": [float(s) for s in scores], "kept": int(kept),
+                                           "prompt": bool(it.prompt.strip())}
+        return out.wav, torch.full((len(items),), out.wav.shape[-1], dtype=torch.long)
+
+    def item_records(self) -> dict[int, dict[str, Any]]:
+        """``{item index: {"scores": [k MuLaN cosines], "kept": index of the kept candidate, "prompt": bool}}``."""
+        return dict(self.reranked)
+
+    def summarize(self, records: dict[int, dict[str, Any]]) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """All ranks' reranking records -> ``rerank_score_kept`` / ``rerank_score_all`` (mean MuLaN cosine of the
+        kept candidates / of every candidate, over the items with a prompt) and ``rerank`` (per item)."""
+        if self.suite.rerank <= 1:
+            return {}, {}
+        scored = [r for r in records.values() if r["prompt"]]  # "" prompts are not reranked (score 0)
+        kept = [r["scores"][r["kept"]] for r in scored]
+        every = [s for r in scored for s in r["scores"]]
+        scalars = {"rerank_score_kept": sum(kept) / len(kept) if kept else None,
+                   "rerank_score_all": sum(every) / len(every) if every else None}
+        return scalars, {"rerank": {"candidates": self.suite.rerank, "by": "MuLaN audio-text cosine",
+                                    "items": [{"index": i, **records[i]} for i in sorted(records)]}}
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "generation": dict(self.settings), "parts": dict(self.model.sources)}
+        return {"family": self.family, "generation": dict(self.settings), "parts": dict(self.model.sources),
+                "rerank": self.suite.rerank}
 
 
 class MuLaNProducer:
@@ -238,9 +291,17 @@ class MuLaNProducer:
         if codec is not None:
             raise ValueError(f"{_where(suite)}: a retrieval suite embeds the reference clips with the MuLaN given as "
                              f"--model ({model_ref}); drop --codec {codec}")
-        self.mulan = as_mulan(model_ref).to(device)
+        self._attach(as_mulan(model_ref).to(device))
+
+    @classmethod
+    def from_model(cls, suite: Suite, model: Any) -> MuLaNProducer:
+        """A producer of a ``MuLaN`` already in memory (on its device)."""
+        return _from_model(cls, suite, model)
+
+    def _attach(self, model: Any) -> None:
+        self.mulan = model
         self.codec_ref = None
-        self.sample_rate, self.channels = self.mulan.sample_rate, 1
+        self.sample_rate, self.channels = model.sample_rate, 1
 
     def configure(self, suite: Suite) -> None:
         pass

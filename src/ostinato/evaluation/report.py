@@ -58,6 +58,13 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "a2t_mean_rank": ("mean rank, audio -> text (1 = perfect)", "lower"),
     "chance_mean_rank": ("mean rank of a random model", NOT_A_SCORE),
     "n": ("clips", NOT_A_SCORE),
+    "rerank_score_kept": ("MuLaN text-audio cosine of the kept candidates (mean)", "higher"),
+    "rerank_score_all": ("MuLaN text-audio cosine of every candidate (mean; what one draw gives)", NOT_A_SCORE),
+    "diversity_waveform_corr_mean": ("waveform correlation between clips, mean over pairs (1 = copies)", "lower"),
+    "diversity_waveform_corr_max": ("waveform correlation between clips, most similar pair", "lower"),
+    "diversity_spectral_sim_mean": ("log-mel cosine between clips, mean over pairs (1 = collapsed)", "lower"),
+    "diversity_spectral_sim_max": ("log-mel cosine between clips, most similar pair", "lower"),
+    "diversity_pairs": ("pairs of clips the diversity compares", NOT_A_SCORE),
 }
 _SPLITS = ("train/", "valid/", "test/")
 
@@ -208,6 +215,10 @@ def _header(result: dict) -> list[tuple[str, str]]:
     if "generation" in settings:
         gen = ", ".join(f"{k}={v}" for k, v in settings["generation"].items() if v is not None)
         out.append(("generation", gen + f"; melody from reference: {settings.get('melody_from_reference')}"))
+    rerank = result.get("rerank")
+    if rerank:
+        out.append(("reranking", f"each clip is the best of {rerank['candidates']} candidates for its prompt by "
+                                 f"{rerank['by']} (rerank_score_kept vs rerank_score_all below)"))
     versions = result.get("versions") or {}
     out.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
     return out

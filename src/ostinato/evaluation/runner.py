@@ -208,6 +208,10 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
                           ref_lengths)
             bar.update(done + len(group) - bar.n)
     scalars, details = scores.compute(num_items=len(items))
+    if hasattr(producer, "item_records"):  # what the producer learnt per item (MusicLM's reranking scores)
+        more, extra = producer.summarize(_gather_records(producer.item_records()))
+        scalars.update(more)
+        details.update(extra)
     if "fad_inf" in scalars:  # the flag that reports show beside the number
         from ostinato.metrics.fad import fad_inf_reliability
 
@@ -234,6 +238,18 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
             write_report(out)
     barrier()
     return {**result, "out_dir": str(out), "report": str(out / "report.md")}
+
+
+def _gather_records(mine: dict[int, Any]) -> dict[int, Any]:
+    """Every rank's ``{item index: record}`` merged (all ranks call this together)."""
+    rank, world = dist_info()
+    if world == 1:
+        return dict(mine)
+    import torch.distributed as dist
+
+    everyone: list[dict[int, Any] | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {i: r for part in everyone for i, r in (part or {}).items()}
 
 
 def default_out_dir(suite: Suite, model_ref: str, overrides: Sequence[str] = ()) -> Path:

@@ -146,6 +146,11 @@ class SuiteMetrics:
 
             return KernelAudioDistance(self.backends[o["embedding"]].dim, reference=self._embeddings[
                 (o["embedding"], o["per"])], bandwidth=o["bandwidth"], bandwidth_from=o["bandwidth_from"])
+        if spec.name == "diversity":
+            from ostinato.metrics.diversity import ClipDiversity
+
+            assert self.suite.seconds is not None  # generating suites have seconds
+            return ClipDiversity(self.sample_rate, round(self.suite.seconds * self.sample_rate), o["max_clips"])
         if spec.name == "text_audio":
             from ostinato.metrics.text_audio import TextAudioScore
 
@@ -195,6 +200,8 @@ class SuiteMetrics:
                 metric.update(torch.cat(f) if o["per"] == "frame" else clip_embeddings(f))
             elif spec.name == "per_song_fad":
                 metric.update(frames[o["embedding"]], ids=list(ids))
+            elif spec.name == "diversity":  # ids are the item indices
+                metric.update(wav, torch.tensor([int(i) for i in ids], device=self.device))
             elif spec.name == "text_audio":
                 backend = self.backends[o["embedding"]]
                 text = backend.embed_text(list(prompts)).to(self.device)
@@ -245,7 +252,10 @@ class SuiteMetrics:
                     details["fad_inf_refused"] = refused
                 continue
             value = metric.compute()
-            if spec.name == "per_song_fad":
+            if spec.name == "diversity":
+                for key, v in value.items():
+                    scalars[f"diversity_{key}"] = _finite(v)
+            elif spec.name == "per_song_fad":
                 fad = value["fad"].double().cpu().reshape(-1)  # one clip: a 0-d tensor
                 frames = [int(n) for n in value["frames"].reshape(-1).tolist()]
                 refused = per_song_refusal(frames, metric.dim)

@@ -4,11 +4,13 @@ A suite is ``kind: text_to_music`` (a MusicGen or a MusicLM bundle writes ``num_
 prompts) or ``kind: reconstruction`` (a codec re-encodes the reference clips) or ``kind: unconditional`` (a Musika
 GAN or a Jukebox bundle writes ``num_samples`` clips of ``seconds``; Jukebox is conditioned on reference clip
 ``i``'s metadata, e.g. genre and composer) or ``kind: retrieval`` (a MuLaN ranks the reference clips against their
-captions, both ways). Which families run which kind is the registry's (``Family.evaluate``). Prompts are the
-reference clips' captions
-(``description(meta)``, as MusicGen trains on them) unless ``prompts`` or ``prompts_file`` gives them. Item ``i``
-pairs with reference clip ``i`` (shard order), which the paired metrics (chroma, kld, mel, sisnr, stft) and the
-melody condition use. See ``evaluation/README.md`` for every key.
+captions, both ways). Which families run which kind is the registry's (``Family.evaluate``). Every kind has the
+same top-level keys (``TOP_KEYS``); a key that means nothing to a kind (``generation`` of a reconstruction,
+``rerank`` of anything but text_to_music) is refused in one line naming it. Prompts (a retrieval suite's
+captions) are the reference clips' ``description(meta)``, as MusicGen trains on them, unless ``prompts`` or
+``prompts_file`` gives them. Item ``i`` pairs with reference clip ``i`` (shard order), which the paired metrics
+(chroma, kld, mel, sisnr, stft), the melody condition and retrieval use. ``rerank: k`` (MusicLM) generates ``k``
+candidates per prompt and keeps the one MuLaN scores highest. See ``evaluation/README.md`` for every key.
 """
 from __future__ import annotations
 
@@ -41,15 +43,17 @@ METRICS: dict[str, dict[str, Any]] = {
     "stft": {"n_ffts": [2048, 1024, 512, 256], "hop_ratio": 0.25},
     "sisnr": {},
     "retrieval": {"ks": [1, 5, 10]},
+    "diversity": {"max_clips": 32},
 }
 EMBEDDING_METRICS = ("fad", "fad_inf", "per_song_fad", "kad", "text_audio")
 PAIRED_METRICS = ("chroma", "kld", "mel", "stft", "sisnr")
 RECONSTRUCTION_ONLY = ("mel", "stft", "sisnr")
+GENERATING_KINDS = ("text_to_music", "unconditional")
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_beta", "seed", "truncation")
 LONG_FORM_KEYS = ("mode", "window", "stride", "overlap")
 
 TOP_KEYS = ("name", "description", "kind", "reference", "reference_max_items", "prompts", "prompts_file",
-            "num_samples", "seconds", "batch_size", "embedding", "generation", "long_form",
+            "num_samples", "seconds", "batch_size", "embedding", "generation", "rerank", "long_form",
             "melody_from_reference", "metrics", "report")
 
 
@@ -85,6 +89,7 @@ class Suite:
     batch_size: int = 8
     embedding: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    rerank: int = 1
     long_form: dict[str, Any] = field(default_factory=dict)
     melody_from_reference: bool | str = "auto"
     report: dict[str, Any] = field(default_factory=dict)
@@ -194,9 +199,6 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
         raise err("prompts", "a reconstruction suite re-encodes the reference clips; it takes no prompts")
     if kind == "unconditional" and prompts is not None:
         raise err("prompts", "an unconditional suite takes no prompts (Jukebox reads the reference clips' metadata)")
-    if kind == "retrieval" and prompts is not None:
-        raise err("prompts", "a retrieval suite ranks the reference clips against their own captions; it takes no "
-                             "prompts")
     num_samples = _int(cfg, "num_samples", err, minimum=1, optional=True)
     if num_samples is None and kind == "unconditional":
         raise err("num_samples", "missing: how many clips to generate")
@@ -204,6 +206,12 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
         if prompts is None:
             raise err("num_samples", "missing: how many clips to generate (from the first reference captions)")
         num_samples = len(prompts)
+    if kind == "retrieval" and prompts is not None:  # caption i belongs to clip i: never cycled
+        num_samples = len(prompts) if num_samples is None else num_samples
+        if num_samples > len(prompts):
+            key = "prompts_file" if cfg.get("prompts_file") is not None else "prompts"
+            raise err(key, f"{len(prompts)} captions for num_samples={num_samples} clips: caption i is clip i's; "
+                           "give one per clip or lower num_samples")
     seconds = cfg.get("seconds")
     if seconds is None and kind in ("text_to_music", "unconditional"):
         raise err("seconds", "missing: the length of each generated clip in seconds")
@@ -222,6 +230,15 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
         raise err("melody_from_reference", "only text_to_music suites generate, so only they take a melody")
 
     generation = dict(cfg.get("generation") or {})
+    if generation and kind not in GENERATING_KINDS:
+        raise err("generation", f"a {kind} suite generates nothing; leave generation out")
+    rerank = _int(cfg, "rerank", err, minimum=1, optional=True) or 1
+    if rerank > 1 and kind != "text_to_music":
+        raise err("rerank", f"{rerank}: {kind} suites have no prompts to rerank against; rerank is for "
+                                     "text_to_music (MusicLM)")
+    if any(m.name == "diversity" for m in metrics) and (num_samples or 0) < 2:
+        raise err("metrics.diversity", f"num_samples={num_samples}: diversity compares pairs of clips; generate "
+                                       "at least 2")
     for key in generation:
         if key not in GENERATION_KEYS:
             raise err(f"generation.{key}", f"unknown generation setting{did_you_mean(key, GENERATION_KEYS)}; use "
@@ -247,7 +264,7 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
         num_samples=num_samples, seconds=None if seconds is None else float(seconds), metrics=metrics,
         prompts=prompts, reference_max_items=_int(cfg, "reference_max_items", err, minimum=1, optional=True),
         batch_size=_int(cfg, "batch_size", err, minimum=1, optional=True) or 8, embedding=embedding,
-        generation=generation, long_form=long_form, melody_from_reference=melody, report=report,
+        generation=generation, rerank=rerank, long_form=long_form, melody_from_reference=melody, report=report,
         description=str(cfg.get("description") or ""), path=path, config=cfg)
     return suite
 
@@ -343,6 +360,12 @@ def _metrics(value: Any, kind: str, embedding: str | None, err) -> list[MetricSp
             raise err(key, f"{name} compares a clip with its own reconstruction: use it in a reconstruction suite")
         if name in ("text_audio", "kld") and kind != "text_to_music":
             raise err(key, f"{name} scores generated music against its prompt: use it in a text_to_music suite")
+        if name == "diversity" and kind not in GENERATING_KINDS:
+            raise err(key, "diversity compares generated clips with each other: use it in a text_to_music or "
+                           "unconditional suite")
+        if name == "diversity" and (isinstance(merged["max_clips"], bool) or not isinstance(merged["max_clips"], int)
+                                    or merged["max_clips"] < 2):
+            raise err(f"{key}.max_clips", f"{merged['max_clips']!r}: an integer >= 2 (the first clips compared)")
         if (name == "retrieval") != (kind == "retrieval"):
             raise err(key, "a retrieval suite takes the retrieval metric only, and only it" if kind == "retrieval"
                       else "retrieval ranks clips against captions: use it in a retrieval suite")

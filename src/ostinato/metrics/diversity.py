@@ -7,16 +7,19 @@ Two views of every pair of clips (each in ``[-1, 1]``, 1 = identical):
 * ``spectral_similarity``: the cosine of the log-mel spectrograms (mean removed per clip), which also finds two
   clips identical when their phase differs: a steady buzz is a steady buzz at any offset.
 
-``diversity_report`` gives the mean and maximum of each over all pairs. Written here (no library computes it) as
-a few lines of torch.
+``diversity_report`` gives the mean and maximum of each over all pairs; ``ClipDiversity`` is the same over an
+evaluation's first clips as a torchmetrics ``Metric`` (the suites' ``diversity``). Written here (no library
+computes it) as a few lines of torch.
 """
 from __future__ import annotations
 
 import torch
 import torchaudio
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["waveform_correlation", "spectral_similarity", "diversity_report"]
+__all__ = ["ClipDiversity", "waveform_correlation", "spectral_similarity", "diversity_report"]
 
 
 def _pairwise_cosine(x: Tensor) -> Tensor:
@@ -61,3 +64,37 @@ def diversity_report(clips: Tensor, sample_rate: int) -> dict[str, float]:
         out[f"{name}_mean"] = float(values.mean())
         out[f"{name}_max"] = float(values.max())
     return out
+
+
+class ClipDiversity(Metric):
+    """``diversity_report`` of the first ``max_clips`` clips of an evaluation (by item index), as a torchmetrics
+    ``Metric``: under DDP every rank keeps its own clips among the first ``max_clips`` and ``compute`` gathers them,
+    so any number of ranks compares the same pairs. Clips are cropped or zero-padded to ``num_samples``.
+
+    ``update(wav [B, C, T], index [B])``; ``compute()`` -> ``diversity_report`` of the kept clips, or every value
+    NaN with fewer than two.
+    """
+
+    full_state_update = False
+
+    def __init__(self, sample_rate: int, num_samples: int, max_clips: int = 32) -> None:
+        super().__init__()
+        self.sample_rate, self.num_samples, self.max_clips = int(sample_rate), int(num_samples), int(max_clips)
+        self.add_state("clips", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, wav: Tensor, index: Tensor) -> None:
+        # rows of 0 clips too: every rank then gathers tensors of one rank (DDP), whatever its items
+        keep = (index < self.max_clips).nonzero().squeeze(1).tolist()
+        clips = wav[keep].float()[..., : self.num_samples]
+        clips = torch.nn.functional.pad(clips, (0, self.num_samples - clips.shape[-1]))
+        self.clips.append(clips)
+        self.index.append(index[keep].to(clips.device).long())
+
+    def compute(self) -> dict[str, float]:
+        clips = dim_zero_cat(self.clips) if self.clips else torch.zeros(0)
+        if clips.shape[0] < 2:
+            return {k: float("nan") for k in ("waveform_corr_mean", "waveform_corr_max", "spectral_sim_mean",
+                                              "spectral_sim_max", "pairs")}
+        order = dim_zero_cat(self.index).argsort()
+        return diversity_report(clips[order].cpu(), self.sample_rate)
