@@ -233,3 +233,18 @@ def test_bootstrap_replicates_are_fad_of_the_resampled_clips(monkeypatch: pytest
     monkeypatch.setattr(fad_module, "_BOOTSTRAP_BLOCK_BYTES", 4 * 8 * 6 * 6)
     blocked = bootstrap_fad(reference, clips, resamples=40, seed=9)
     assert all(blocked[k] == pytest.approx(ci[k], rel=1e-9) for k in ("point", "low", "high", "std"))
+
+
+def test_several_embeddings_give_a_row_each(data, capsys) -> None:
+    from tests.synth import write_tiny_hubert
+
+    hubert = write_tiny_hubert(data["root"] / "hubert")
+    path = data["root"] / "rows.json"
+    main(["fad", str(data["a"]), str(data["b"]), "--embedding", f"encodec:{data['codec']}", "--embedding",
+          f"hf:{hubert}", "--cache", str(data["cache"]), "--out", str(path), "--quiet"])
+    rows = json.loads(path.read_text())["rows"]
+    table = capsys.readouterr().out.splitlines()
+    assert [r["embedding"] for r in rows] == [f"encodec:{data['codec']}", f"hf:{hubert}"]
+    assert [r["protocol"]["sample_rate"] for r in rows] == [SR, 16000] and rows[1]["protocol"]["backend"] == "hf"
+    assert rows[0]["fad"] == pytest.approx(_fad(data, data["a"], data["b"])["rows"][0]["fad"], rel=1e-12)
+    assert all(r["fad"] > 0 for r in rows) and table[2].startswith("encodec:") and table[3].startswith("hf:")

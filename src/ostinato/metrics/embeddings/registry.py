@@ -18,6 +18,7 @@ from ostinato.metrics.embeddings.base import EmbeddingBackend
 
 BACKENDS: dict[str, str] = {
     "codec": "ostinato.metrics.embeddings.codec:CodecBackend",
+    "encodec": "ostinato.metrics.embeddings.codec:CodecBackend",  # the name fadtk users type; any codec folder
     "vggish": "ostinato.metrics.embeddings.vggish:VGGishBackend",
     "hf": "ostinato.metrics.embeddings.hf:HFBackend",
     "clap": "ostinato.metrics.embeddings.clap:ClapBackend",
