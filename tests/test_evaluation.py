@@ -273,9 +273,12 @@ def test_suite_format_and_rank_split(tmp_path: Path) -> None:
     assert load_suite(path, ["metrics.fad.per=clip"]).metric("fad").options["per"] == "clip"
     for name in ("demo", "codec_demo"):  # the shipped suites validate
         assert load_suite(name).name == name
-    # batches do not depend on the number of ranks; every rank gets some
+    # batches do not depend on the number of ranks (nor shrink for more ranks: the clips would change); every rank
+    # gets some
     assert rank_batches(8, 4, 0, 1) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert rank_batches(8, 4, 1, 2) == [[4, 5, 6, 7]]
-    assert [rank_batches(3, 8, r, 2) for r in range(2)] == [[[0, 1]], [[2]]]
-    with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
+    assert [rank_batches(5, 2, r, 2) for r in range(2)] == [[[0, 1], [2, 3]], [[4]]]
+    with pytest.raises(ValueError, match="make 1 batches, fewer than the 2 ranks: lower batch_size to 1"):
+        rank_batches(3, 8, 0, 2)
+    with pytest.raises(ValueError, match="fewer than the 4 ranks"):
         rank_batches(3, 1, 0, 4)

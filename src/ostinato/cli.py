@@ -15,6 +15,7 @@
     ostinato generate --semantic S --coarse C ...   text -> semantic -> coarse -> fine -> wav, MuLaN-reranked
     ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
     ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
+    ostinato eval SUITE --model REF -d N         ... shared by N ranks here (--slurm nodes=K,gpus=G: a SLURM job)
     ostinato demo                                the embedded default end to end (what `make demo` runs)
     ostinato app --model REF                     a web app (Gradio) generating with a MusicGen
 """
@@ -29,6 +30,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -467,6 +469,13 @@ def _eval(args: argparse.Namespace) -> None:
     suite = load_suite(args.suite, overrides)
     out = Path(args.out) if args.out else default_out_dir(suite, args.model, overrides)
     _check_out(str(out))
+    if args.slurm is not None:
+        return _eval_submit(args, suite, out)
+    if args.distributed > 1 and "WORLD_SIZE" not in os.environ:
+        return _eval_ranks(args, suite)
+    if args.distributed > 1 and int(os.environ["WORLD_SIZE"]) != args.distributed:
+        raise ValueError(f"-d {args.distributed}, but WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun or a job "
+                         "started the ranks already): drop -d")
     device = setup_distributed(args.device)
     try:
         result = run_suite(suite, args.model, out, codec=args.codec, device=device, trust=args.trust,
@@ -492,6 +501,59 @@ def _fad(args: argparse.Namespace) -> None:
     atomic_write_json(out, result)
     print(format_fad_table(result))
     print(f"protocol: {out}")
+
+
+def _check_ranks(suite: Any, world: int, device: str) -> None:
+    """Refuse, before any rank starts, more ranks than GPUs or than the suite's batches (when num_samples says)."""
+    import torch
+
+    from ostinato.errors import UserError
+    from ostinato.evaluation.items import rank_batches
+
+    if device.startswith("cuda") and world > torch.cuda.device_count():
+        raise UserError(f"-d {world} --device cuda: {torch.cuda.device_count()} GPUs are visible; one rank per GPU: "
+                        f"-d {torch.cuda.device_count()} or less")
+    if suite.num_samples is not None:
+        try:
+            rank_batches(suite.num_samples, suite.batch_size, 0, world)
+        except ValueError as e:
+            raise UserError(f"{suite.path or suite.name}: {e}") from None
+
+
+def _eval_ranks(args: argparse.Namespace, suite: Any) -> None:
+    """``eval -d N``: the same command as N ranks on this machine (each sees torchrun's variables)."""
+    from ostinato.engine.launch import python_command, run_local_ranks
+
+    _check_ranks(suite, args.distributed, args.device)
+    code = run_local_ranks(python_command("ostinato.cli", args.argv), args.distributed)
+    if code:
+        raise SystemExit(code)
+
+
+def _eval_submit(args: argparse.Namespace, suite: Any, out: Path) -> None:
+    """``eval --slurm KEY=VALUE,...``: one submitit job whose tasks are the ranks (logs in OUT/slurm)."""
+    import json
+
+    from ostinato.engine.launch import SlurmOptions, submit_ranks, without_option
+    from ostinato.evaluation.report import format_table, metric_notes
+
+    if args.distributed > 1:
+        raise ValueError("--slurm and -d: the job's tasks are the ranks; drop -d and give --slurm gpus=N (or tasks=N)")
+    options = SlurmOptions.parse(args.slurm)
+    _check_ranks(suite, options.world_size, "cpu")  # GPUs are the job's, not this machine's
+    argv = without_option(args.argv, "--slurm") + ["--out", str(out.absolute())]
+    if options.gpus and not any(t == "--device" or t.startswith("--device=") for t in argv):
+        argv += ["--device", "cuda"]
+    from ostinato.cli import main as entry  # by module name: under `python -m ostinato.cli` this is __main__
+
+    job = submit_ranks(entry, argv, options, out.absolute() / "slurm", name=f"eval-{suite.name}")
+    where = f"{options.world_size} ranks ({options.nodes} x {options.tasks_per_node})"
+    if options.cluster == "local":
+        result = json.loads((out / "metrics.json").read_text())
+        print(format_table(result["metrics"], metric_notes(result)))
+        print(f"job {job.job_id} ({where}) done; report: {out / 'report.md'}; logs: {out / 'slurm'}")
+    else:
+        print(f"submitted job {job.job_id} ({where}); logs: {out / 'slurm'}; results: {out / 'metrics.json'}")
 
 
 def _app(args: argparse.Namespace) -> None:
@@ -743,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
                          description="Run an evaluation suite (a YAML file, or a name in evaluation/) on a model. "
-                                     "Under torchrun the clips are shared by the ranks.")
+                                     "With -d N, --slurm or under torchrun the ranks share the suite's batches.")
     v.add_argument("suite", help="a suite YAML file or the name of one in evaluation/ (demo, codec_demo, ...)")
     v.add_argument("--model", required=True,
                    help="text_to_music: a MusicGen (XP signature, XP folder, checkpoint, export or import folder); "
@@ -757,6 +819,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a suite key, e.g. --set generation.cfg_scale=1 --set embedding=codec:/m/codec "
                         "(repeatable)")
     v.add_argument("--device", default="cpu", type=_device, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    v.add_argument("-d", "--distributed", type=_number(int, 1), default=1, metavar="N",
+                   help="N ranks on this machine (one per GPU with --device cuda, else gloo CPU processes); the "
+                        "suite's batches are dealt to them, metrics gathered exactly")
+    v.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
+                   help="submit the evaluation as one SLURM job whose tasks are the ranks, e.g. --slurm "
+                        "nodes=2,gpus=8,partition=learn,time=120 (keys: nodes, gpus, tasks, partition, time, cpus, "
+                        "mem, account, qos; cluster=local runs the tasks here through submitit and waits)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     v.set_defaults(func=_eval)
@@ -823,6 +892,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in DORA_VERBS:
         return _dora(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # what `eval -d` / `eval --slurm` hand their ranks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors("ostinato"):

@@ -77,7 +77,9 @@ class EvaluationCallback(L.Callback):
         model = pl_module.model  # the MusicGen the family trains
         codec = model.codec
         suite = self.suite
-        batches = rank_batches(self.num_samples, suite.batch_size, trainer.global_rank, trainer.world_size)
+        # every rank needs a batch: smaller batches here (a run's world size is fixed, so its clips still repeat)
+        size = min(suite.batch_size, -(-self.num_samples // trainer.world_size))
+        batches = rank_batches(self.num_samples, size, trainer.global_rank, trainer.world_size)
         if self._items is None:
             self._items = read_items(suite, codec.sample_rate, codec.channels, self.num_samples,
                                      keep={i for b in batches for i in b})

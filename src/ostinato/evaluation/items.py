@@ -82,14 +82,17 @@ def read_items(suite: Suite, sample_rate: int, channels: int, num_samples: int |
 def rank_batches(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """Item indices of ``rank``'s batches.
 
-    The items are cut into global batches of ``batch_size`` (fewer when there are fewer batches than ranks), and
-    the batches are dealt to the ranks in contiguous runs: the same items meet in the same batches (hence the same
-    seeds) whatever the number of ranks, and gathered per-item results come back in item order.
+    The items are cut into global batches of ``batch_size`` whatever the number of ranks, and the batches are
+    dealt to the ranks in contiguous runs: an item meets the same items in the same batch (hence the same seed,
+    ``seed + index of the batch's first item``, and the same clip) on any number of ranks, and gathered per-item
+    results come back in item order. Every rank needs a batch (the metrics gather what each rank saw), so fewer
+    batches than ranks is refused rather than cutting smaller batches, which would change the clips.
     """
-    if num_items < world:
-        raise ValueError(f"{num_items} items cannot be shared by {world} ranks: evaluate at least {world} items")
-    batch_size = max(1, min(batch_size, math.ceil(num_items / world)))
     batches = [list(range(s, min(s + batch_size, num_items))) for s in range(0, num_items, batch_size)]
+    if len(batches) < world:
+        raise ValueError(f"{num_items} items in batches of batch_size={batch_size} make {len(batches)} batches, "
+                         f"fewer than the {world} ranks: lower batch_size to {max(1, num_items // world)} or less, "
+                         "or run fewer ranks")
     per, extra = divmod(len(batches), world)
     start = rank * per + min(rank, extra)
     return batches[start: start + per + (1 if rank < extra else 0)]

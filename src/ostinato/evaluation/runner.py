@@ -32,10 +32,14 @@ __all__ = ["default_out_dir", "generate_items", "load_producer", "model_family",
 
 
 def setup_distributed(device: str = "cpu") -> str:
-    """Initialise the process group from ``torchrun``'s environment (``WORLD_SIZE`` > 1): gloo on CPU, nccl on
-    GPU. Returns this rank's device (``cuda:LOCAL_RANK`` on GPU)."""
+    """Initialise the process group from ``torchrun``'s environment (``WORLD_SIZE`` > 1; ``ostinato eval -d N``
+    sets it, and a submitit task's is set from its job): gloo on CPU, nccl on GPU. Returns this rank's device
+    (``cuda:LOCAL_RANK`` on GPU)."""
     import torch.distributed as dist
 
+    from ostinato.engine.launch import rendezvous_from_job
+
+    rendezvous_from_job()  # a task of `ostinato eval --slurm`: its rank and rendezvous from the job
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -1,0 +1,100 @@
+"""`ostinato eval -d 2` (two gloo CPU ranks), `ostinato eval --slurm cluster=local,tasks=2` (two submitit tasks)
+and the evaluation grid on such a job give the one-process run's clips, byte for byte, and its metrics; the sbatch
+file a SLURM submission writes; more ranks than batches refused."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ostinato.cli import main
+from ostinato.engine.launch import SlurmOptions, sbatch_script
+from ostinato.evaluation.runner import run_suite
+from tests.test_evaluation import _write_suite, parts  # noqa: F401  (the tiny MusicGen, codec and shards)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def suite(parts: dict) -> Path:  # noqa: F811
+    root = parts["root"]
+    return _write_suite(root / "dist.yaml", name="dist", kind="text_to_music", reference=str(root / "data" / "demo" /
+                        "shards" / "test"), num_samples=4, seconds=0.5, batch_size=2,
+                        embedding=f"codec:{parts['codec']}", generation={"cfg_scale": 3.0, "top_k": 20, "seed": 7},
+                        melody_from_reference="auto",
+                        metrics={"fad": {}, "fad_inf": {"num_points": 3}, "per_song_fad": {}, "chroma": {}})
+
+
+@pytest.fixture(scope="module")
+def one(parts: dict, suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("one")
+    run_suite(suite, str(parts["model"]), out, cache=parts["cache"], progress=False)  # one thread, as the ranks
+    return out
+
+
+def _eval(parts: dict, suite: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:  # noqa: F811
+    for key, value in parts["env"].items():  # the ranks take this process's environment
+        monkeypatch.setenv(key, value)
+    main(["eval", str(suite), "--model", str(parts["model"]), "--out", str(out), "--quiet", *extra])
+
+
+def _same_run(one: Path, many: Path, world: int) -> None:
+    a, b = (json.loads((p / "metrics.json").read_text()) for p in (one, many))
+    assert a["world_size"] == 1 and b["world_size"] == world and set(a["metrics"]) == set(b["metrics"])
+    for key, value in a["metrics"].items():
+        assert value is not None and math.isclose(b["metrics"][key], value, rel_tol=1e-9, abs_tol=1e-12), key
+    assert b["per_song_fad"]["ids"] == ["0", "1", "2", "3"]  # gathered in item order
+    assert b["fad_inf_curve"] == a["fad_inf_curve"]
+    for i in range(4):  # item i: the same clip whichever rank made it
+        assert (many / "generated" / f"00{i}.wav").read_bytes() == (one / "generated" / f"00{i}.wav").read_bytes()
+    assert a["items"] == b["items"]
+
+
+def test_two_ranks_give_the_one_process_run(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811
+                                            monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    _eval(parts, suite, tmp_path / "two", monkeypatch, "-d", "2")
+    assert capfd.readouterr().out.count("report: ") == 1  # rank 0 alone reports
+    _same_run(one, tmp_path / "two", 2)
+
+
+def test_slurm_job_tasks_are_the_ranks(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    _eval(parts, suite, tmp_path / "job", monkeypatch, "--slurm", "cluster=local,tasks=2,cpus=1,time=5")
+    assert "done; report: " in capsys.readouterr().out
+    _same_run(one, tmp_path / "job", 2)
+    assert len(list((tmp_path / "job" / "slurm").glob("*_log.out"))) == 2  # submitit's log of each task
+
+
+def test_eval_sweep_on_a_slurm_job(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from grids.eval_sweep import main as sweep_main
+
+    for key, value in parts["env"].items():
+        monkeypatch.setenv(key, value)
+    sweep_main(["--model", str(parts["model"]), "--suite", str(suite), "--out", str(tmp_path / "sweep"),
+                "--grid", "generation.cfg_scale=3.0", "--slurm", "cluster=local,tasks=2,cpus=1,time=5"])
+    rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())["rows"]
+    assert [r["settings"] for r in rows] == [{"generation.cfg_scale": 3.0}]  # the suite's own setting: one's run
+    _same_run(one, tmp_path / "sweep" / "cfg_scale=3.0", 2)
+
+
+def test_more_ranks_than_batches_is_refused(parts: dict, suite: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(suite), "--model", str(parts["model"]), "-d", "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "dist.yaml: 4 items in batches of batch_size=2 make 2 batches, fewer than the 3 ranks" in err
+
+
+def test_sbatch_file_of_a_two_node_submission(tmp_path: Path) -> None:
+    options = SlurmOptions.parse("nodes=2,gpus=8,partition=learn,time=120")
+    assert options.world_size == 16
+    script = sbatch_script(options, tmp_path)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=learn", "#SBATCH --time=120"):
+        assert line in script, line
+    assert "srun" in script and "submitit.core._submit" in script
+    with pytest.raises(ValueError, match="'gpu=8' is not KEY=VALUE with KEY one of nodes, gpus"):
+        SlurmOptions.parse("gpu=8")
