@@ -163,6 +163,8 @@ def test_unreadable_files_are_skipped_and_counted(data) -> None:
     (mixed / "broken.wav").write_bytes(b"not audio at all" * 10)
     side = _fad(data, mixed, data["a"], out="mixed.json")["rows"][0]["protocol"]["sides"]["REF"]
     assert side["clips"] == 3 and side["corrupt_skipped"] == 1
+    gen = _fad(data, data["a"], mixed, "--bootstrap", "5", out="mixed.json")["rows"][0]["protocol"]["sides"]["GEN"]
+    assert gen["clips"] == 3 and gen["corrupt_skipped"] == 1  # the embeddings path counts them too
 
 
 def test_suites_refuse_fad_inf_and_per_song_fad_too(data) -> None:

@@ -77,12 +77,14 @@ def _stats_file(flag: str, path: str, backend: Any, per: str) -> tuple[Tensor, T
     return mu, sigma, n, meta
 
 
-def _embeddings(flag: str, path: str, backend: Any, cache: Path, progress: bool) -> tuple[list[Tensor], bool]:
-    """Per clip ``[F_i, D]`` frames of an audio side, and whether they came from the cache."""
+def _embeddings(flag: str, path: str, backend: Any, cache: Path,
+                progress: bool) -> tuple[list[Tensor], dict[str, Any]]:
+    """Per clip ``[F_i, D]`` frames of an audio side, and what the JSON says of the side."""
+    from ostinato.fileio import read_json
     from ostinato.metrics.embeddings.cache import cache_entry, reference_embeddings
 
     try:
-        _, hit = cache_entry(backend, path, cache, kind="embeddings")
+        entry, hit = cache_entry(backend, path, cache, kind="embeddings")
         clips = reference_embeddings(backend, path, cache, progress=progress)
     except FileNotFoundError as e:
         raise UserError(f"{flag} {e}; give a folder with audio files or shards") from e
@@ -90,7 +92,9 @@ def _embeddings(flag: str, path: str, backend: Any, cache: Path, progress: bool)
         raise UserError(f"{flag} {path}: {len(clips)} clip(s) with at least one {backend.name} frame (unreadable "
                         "files are skipped, see the log); give at least 2 readable clips longer than "
                         f"{backend.window_seconds or 0:.3g} s")
-    return clips, hit
+    meta = read_json(entry.with_suffix(".json"))
+    return clips, {"source": str(path), "kind": "audio", "clips": len(clips), "corrupt_skipped": meta.get("corrupt"),
+                   "from_cache": hit}
 
 
 def _stats(flag: str, path: str, backend: Any, per: str, cache: Path,
@@ -176,12 +180,11 @@ def compare_folders(ref: str, gen: str, embeddings: Sequence[str], *, per: str =
                                "from_cache": True}
                 continue
             if (flag == "GEN" and needs_gen_embeddings) or (flag == "REF" and kad):
-                clips[flag], hit = _embeddings(flag, path, backend, cache_path, progress)
+                clips[flag], side = _embeddings(flag, path, backend, cache_path, progress)
                 rows_ = _rows(clips[flag], per)
                 mu, sigma = gaussian_stats(rows_)
                 stats[flag] = (mu, sigma, len(rows_))
-                sides[flag] = {"source": str(path), "kind": "audio", "n": len(rows_), "clips": len(clips[flag]),
-                               "from_cache": hit}
+                sides[flag] = {**side, "n": len(rows_)}
             else:
                 stats[flag], sides[flag] = _stats(flag, path, backend, per, cache_path, progress)
         (mu_r, sigma_r, n_r), (mu_g, sigma_g, n_g) = stats["REF"], stats["GEN"]
