@@ -5,11 +5,16 @@ the Jukebox of test_jukebox), synthetic shards and a tiny transformers EnCodec a
 from __future__ import annotations
 
 import json
+import math
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ostinato.evaluation.producers import JukeboxProducer, MusicLMProducer
 from ostinato.evaluation.runner import run_suite
@@ -69,6 +74,48 @@ def test_musiclm_suite_keeps_the_candidate_mulan_scores_highest(parts: dict, tmp
     assert "best of 3 candidates for its prompt by MuLaN audio-text cosine" in report
     assert "`rerank_score_kept`" in report and "`diversity_spectral_sim_mean`" in report
     assert json.loads((tmp_path / "metrics.json").read_text())["rerank"] == rerank
+
+
+def _musiclm_run(out: Path, cache: Path, reference: str, embedding: str) -> dict:
+    from tests.test_musiclm import pipeline
+
+    torch.manual_seed(0)
+    model = pipeline(window=0.4)
+    suite = load_suite("musiclm_demo", [f"reference={reference}", f"embedding={embedding}", "num_samples=4",
+                                        "seconds=0.5", "batch_size=2", "generation.top_k=8",
+                                        "metrics.diversity.max_clips=2"])
+    return run_suite(suite, "musiclm-tiny", out, producer=MusicLMProducer.from_model(suite, model), cache=cache,
+                     progress=False)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, cache: str, reference: str, embedding: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        _musiclm_run(Path(out), Path(cache), reference, embedding)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reranking_and_diversity_on_two_ranks_give_the_numbers_of_one(parts: dict, tmp_path: Path) -> None:
+    """Rank 1 makes items 2-3: its reranking records join rank 0's, and it keeps no clip for diversity (the first
+    2 are rank 0's), yet both gather."""
+    one = _musiclm_run(tmp_path / "one", parts["cache"], parts["reference"], parts["embedding"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the ranks share this process's string hashes (the stub MuLaN's text embedding) and skip re-imports
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "two"), str(parts["cache"]), parts["reference"],
+                                          parts["embedding"]), nprocs=2, join=True, start_method="fork")
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and set(two["metrics"]) == set(one["metrics"])
+    assert [r["index"] for r in two["rerank"]["items"]] == [0, 1, 2, 3]
+    for mine, theirs in zip(one["rerank"]["items"], two["rerank"]["items"]):
+        assert mine["kept"] == theirs["kept"] and theirs["scores"] == pytest.approx(mine["scores"], abs=1e-6)
+    assert one["metrics"]["diversity_pairs"] == 1
+    for key, value in one["metrics"].items():
+        assert math.isclose(two["metrics"][key], value, rel_tol=1e-6, abs_tol=1e-6), key
 
 
 def test_jukebox_suite_generates_scores_and_measures_seed_diversity(parts: dict, tmp_path: Path) -> None:

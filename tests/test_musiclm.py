@@ -556,6 +556,10 @@ def test_a_bundle_generates_without_family_and_continues_from_an_export(stage_xp
                        overrides=["num_samples=2", "seconds=0.5", "batch_size=2", f"reference={tmp_path / 'ref'}",
                                   f"embedding=codec:{stage_xps['parts']['codec']}", "generation.top_k=8"])
     assert result["kind"] == "text_to_music" and result["settings"]["family"] == "musiclm"
+    # the shipped suite reranks with the bundle's own MuLaN: 3 candidates per prompt, the best-scored one kept
+    assert result["rerank"]["candidates"] == 3 and all(
+        r["kept"] == max(range(3), key=r["scores"].__getitem__) for r in result["rerank"]["items"])
+    assert result["metrics"]["rerank_score_kept"] >= result["metrics"]["rerank_score_all"]
     assert result["metrics"]["fad"] >= 0 and len(list((tmp_path / "eval" / "generated").glob("*.wav"))) == 2
     assert result["settings"]["parts"]["coarse"] == str(export.resolve())
     with pytest.raises(SuiteError, match=r"mulan_demo.yaml: kind: a retrieval suite cannot run here: --model .* is a "

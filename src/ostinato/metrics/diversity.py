@@ -92,7 +92,8 @@ class ClipDiversity(Metric):
         self.index.append(index[keep].to(clips.device).long())
 
     def compute(self) -> dict[str, float]:
-        clips = dim_zero_cat(self.clips) if self.clips else torch.zeros(0)
+        empty = isinstance(self.clips, list) and not self.clips  # a list before a DDP sync, one tensor after
+        clips = torch.zeros(0) if empty else dim_zero_cat(self.clips)
         if clips.shape[0] < 2:
             return {k: float("nan") for k in ("waveform_corr_mean", "waveform_corr_max", "spectral_sim_mean",
                                               "spectral_sim_max", "pairs")}
