@@ -12,6 +12,7 @@ import pytest
 from ostinato.cli import main
 from ostinato.engine.launch import SlurmOptions, sbatch_script
 from ostinato.evaluation.runner import run_suite
+from ostinato.evaluation.timing import stage_shares
 from tests.test_evaluation import _write_suite, parts  # noqa: F401  (the tiny MusicGen, codec and shards)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +61,11 @@ def test_two_ranks_give_the_one_process_run(parts: dict, suite: Path, one: Path,
     _eval(parts, suite, tmp_path / "two", monkeypatch, "-d", "2")
     assert capfd.readouterr().out.count("report: ") == 1  # rank 0 alone reports
     _same_run(one, tmp_path / "two", 2)
+    ranks = json.loads((tmp_path / "two" / "metrics.json").read_text())["ranks"]
+    assert [(r["rank"], r["items"]) for r in ranks] == [(0, 2), (1, 2)]  # each rank made one batch of 2
+    assert all(r["seconds"]["generate"] > 0 and r["seconds"]["embed"] > 0 for r in ranks)
+    table = stage_shares(tmp_path / "two" / "metrics.json")
+    assert table.startswith("2 rank(s), 4 items") and "| generate |" in table and "items per rank: 2, 2" in table
 
 
 def test_slurm_job_tasks_are_the_ranks(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811

@@ -23,6 +23,7 @@ from ostinato.evaluation.items import EvalItem, count_clips, rank_batches, read_
 from ostinato.evaluation.report import versions
 from ostinato.evaluation.scoring import SuiteMetrics, barrier, dist_info
 from ostinato.evaluation.suite import Suite, SuiteError, load_suite
+from ostinato.evaluation.timing import StageClock
 from ostinato.fileio import atomic_write_json, write_wav
 from ostinato.registry import Family
 
@@ -171,8 +172,10 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
     device = torch.device(device)
     out = Path(out_dir)
     t0 = time.time()
+    clock = StageClock(device)
     if producer is None:
-        producer = load_producer(suite, model_ref, codec=codec, device=device, trust=trust)
+        with clock("load"):
+            producer = load_producer(suite, model_ref, codec=codec, device=device, trust=trust)
     else:
         _check_kind(suite, producer, str(model_ref), trust)
         producer.configure(suite)
@@ -182,9 +185,11 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
         return run_retrieval(suite, producer, str(model_ref), out, device, progress=progress, report=report)
     n = suite.num_samples if suite.num_samples is not None else count_clips(suite)
     mine = rank_batches(n, suite.batch_size, rank, world)
-    items = read_items(suite, producer.sample_rate, producer.channels, n, keep={i for b in mine for i in b})
-    scores = SuiteMetrics(suite, suite.metrics, producer.sample_rate, device, progress=progress and rank == 0,
-                          cache=cache)
+    with clock("read"):
+        items = read_items(suite, producer.sample_rate, producer.channels, n, keep={i for b in mine for i in b})
+    with clock("references"):  # the embedding models and the reference statistics (cached)
+        scores = SuiteMetrics(suite, suite.metrics, producer.sample_rate, device, progress=progress and rank == 0,
+                              cache=cache)
     width = max(3, len(str(len(items) - 1)))
     if rank == 0:
         _clean(out)
@@ -200,18 +205,24 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
             def on_progress(fraction: float, done: float = done, size: int = len(group)) -> None:
                 bar.update(round(done + size * fraction, 2) - bar.n)  # update() rate-limits the redraws
 
-            wav, lengths = producer(group, on_progress)
+            with clock("reconstruct" if suite.kind == "reconstruction" else "generate"):
+                wav, lengths = producer(group, on_progress)
             reference = ref_lengths = None
             if all(it.reference is not None for it in group):
                 reference, ref_lengths = stack_references(group)
-            for it, w, valid in zip(group, wav, lengths.tolist()):
-                write_wav(out / "generated" / f"{it.index:0{width}d}.wav", w[:, :valid], producer.sample_rate)
-                if it.reference is not None:
-                    write_wav(out / "reference" / f"{it.index:0{width}d}.wav", it.reference, producer.sample_rate)
-            scores.update(wav, lengths, [it.prompt for it in group], [str(it.index) for it in group], reference,
-                          ref_lengths)
+            with clock("write"):
+                for it, w, valid in zip(group, wav, lengths.tolist()):
+                    write_wav(out / "generated" / f"{it.index:0{width}d}.wav", w[:, :valid], producer.sample_rate)
+                    if it.reference is not None:
+                        write_wav(out / "reference" / f"{it.index:0{width}d}.wav", it.reference,
+                                  producer.sample_rate)
+            with clock("embed"):  # embeddings and metric updates
+                scores.update(wav, lengths, [it.prompt for it in group], [str(it.index) for it in group],
+                              reference, ref_lengths)
             bar.update(done + len(group) - bar.n)
-    scalars, details = scores.compute(num_items=len(items))
+    with clock("compute"):  # the metrics' gathers and final computations
+        scalars, details = scores.compute(num_items=len(items))
+    timings = _gather_records({rank: {"rank": rank, "items": total, "seconds": clock.rounded()}})
     if hasattr(producer, "item_records"):  # what the producer learnt per item (MusicLM's reranking scores)
         more, extra = producer.summarize(_gather_records(producer.item_records()))
         scalars.update(more)
@@ -232,6 +243,7 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
         "suite_config": suite.config, "device": str(device), "world_size": world,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
         "elapsed_seconds": round(time.time() - t0, 2),
+        "ranks": [timings[r] for r in range(world)],  # seconds per stage on each rank (timing.stage_shares)
     }
     barrier()  # every rank's wavs are on disk
     if rank == 0:
