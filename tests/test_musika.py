@@ -326,4 +326,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
                                   f"reference={data / 'shards' / 'test'}"],
                        cache=tmp_path / "cache")
     assert result["kind"] == "unconditional" and result["settings"]["family"] == "musika"
+    # the seed diversity is in every Musika eval (a collapsed GAN: log-mel cosine near 1 whatever its FAD)
+    assert result["metrics"]["diversity_pairs"] == 1
+    assert -1 <= result["metrics"]["diversity_spectral_sim_mean"] <= 1
     assert result["metrics"]["fad"] >= 0 and len(list((tmp_path / "eval" / "generated").glob("*.wav"))) == 2
