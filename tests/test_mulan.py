@@ -404,6 +404,12 @@ def test_retrieval_suite_ranks_clips_against_their_captions(trained: dict, tmp_p
         assert m[f"{way}_r1"] <= m[f"{way}_r5"] <= m[f"{way}_r10"]
         assert 1 <= m[f"{way}_median_rank"] <= 16 and 1 <= m[f"{way}_mean_rank"] <= 16
     assert m["chance_r5"] == 5 / 16 and m["chance_mean_rank"] == 8.5
+    # the model ranks its own training captions (the train split) better than chance: it learnt the pairs
+    own = run_suite("mulan_demo", str(trained["export"]), tmp_path / "eval_train", progress=False,
+                    overrides=[f"reference={trained['data'] / 'demo' / 'shards' / 'train'}", "seconds=1.0",
+                               "batch_size=8"])["metrics"]
+    assert own["t2a_mean_rank"] < own["chance_mean_rank"] - 1 and own["t2a_r10"] > own["chance_r10"]
+    assert (own["t2a_mean_rank"] + own["a2t_mean_rank"]) / 2 < own["chance_mean_rank"]
     saved = json_.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == m and saved["items"][3]["prompt"] and (tmp_path / "eval" / "report.md").is_file()
     # the same numbers from the model's own embeddings of the same clips and captions
