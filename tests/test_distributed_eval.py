@@ -1,18 +1,25 @@
 """`ostinato eval -d 2` (two gloo CPU ranks), `ostinato eval --slurm cluster=local,tasks=2` (two submitit tasks)
 and the evaluation grid on such a job give the one-process run's clips, byte for byte, and its metrics; the sbatch
-file a SLURM submission writes; more ranks than batches refused."""
+file a SLURM submission writes; reference statistics embedded by two ranks equal one process's; more ranks than
+batches refused."""
 from __future__ import annotations
 
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ostinato.cli import main
-from ostinato.engine.launch import SlurmOptions, sbatch_script
+from ostinato.engine.launch import SlurmOptions, free_port, sbatch_script
 from ostinato.evaluation.runner import run_suite
 from ostinato.evaluation.timing import stage_shares
+from ostinato.metrics.embeddings import load_backend
+from ostinato.metrics.embeddings.cache import reference_stats
 from tests.test_evaluation import _write_suite, parts  # noqa: F401  (the tiny MusicGen, codec and shards)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,6 +94,31 @@ def test_eval_sweep_on_a_slurm_job(parts: dict, suite: Path, one: Path, tmp_path
     rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())["rows"]
     assert [r["settings"] for r in rows] == [{"generation.cfg_scale": 3.0}]  # the suite's own setting: one's run
     _same_run(one, tmp_path / "sweep" / "cfg_scale=3.0", 2)
+
+
+def _stats_worker(rank: int, port: int, codec: str, shards: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        mu, sigma, n = reference_stats(load_backend(f"codec:{codec}"), shards, out, progress=False, sharded=True)
+        torch.save({"mu": mu, "sigma": sigma, "n": n}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reference_statistics_shared_by_two_ranks(parts: dict, tmp_path: Path) -> None:  # noqa: F811
+    shards = str(parts["root"] / "data" / "demo" / "shards" / "test")
+    mu, sigma, n = reference_stats(load_backend(f"codec:{parts['codec']}"), shards, None, progress=False)
+    # fork: a spawned child would re-import torch and transformers (slow here)
+    mp.start_processes(_stats_worker, args=(free_port(), parts["codec"], shards, str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    for rank in (0, 1):  # each embedded 4 of the 8 clips; the summed moments are one process's
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["n"] == n
+        torch.testing.assert_close(got["mu"], mu, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["sigma"], sigma, rtol=1e-9, atol=1e-12)
+    assert len(list(tmp_path.glob("**/*.json"))) == 1  # rank 0 alone wrote the cache entry
 
 
 def test_more_ranks_than_batches_is_refused(parts: dict, suite: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811

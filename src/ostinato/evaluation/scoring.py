@@ -2,7 +2,8 @@
 
 Every embedding backend is loaded once and its frames computed once per batch, whatever the number of metrics
 that use it. Reference statistics come from the embedding cache (``reference_stats``; KAD's reference embeddings from
-``reference_embeddings``), computed by rank 0 first so the other ranks read the cache.
+``reference_embeddings``): the statistics computed by all ranks together (each embeds its share of the clips),
+KAD's embeddings by rank 0 first so the other ranks read the cache.
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ class SuiteMetrics:
 
     def _reference_stats(self, progress: bool) -> None:
         """``(mu, sigma, n)`` per (backend, per) that a FAD metric needs, and the reference embeddings (frames or
-        clip means) a KAD needs; rank 0 fills the cache first."""
+        clip means) a KAD needs. The statistics are computed by all ranks together (each embeds every world-th
+        clip); the KAD embeddings by rank 0 first, filling the cache that the others read."""
         from ostinato.metrics.embeddings import clip_embeddings
         from ostinato.metrics.embeddings.cache import reference_embeddings, reference_stats
 
@@ -110,12 +112,14 @@ class SuiteMetrics:
         if not needed and not points:
             return
         rank, world = dist_info()
-        if rank != 0:
-            barrier()
-        for name, per in needed:
+        for name, per in needed:  # every rank embeds its share of the reference clips; the moments are summed
             self._stats[(name, per)] = reference_stats(self.backends[name], self.suite.reference, self.cache,
                                                        per=per, max_items=self.suite.reference_max_items,
-                                                       progress=progress)
+                                                       progress=progress, sharded=True)
+        if not points:
+            return
+        if rank != 0:
+            barrier()
         for name, per in points:
             clips = reference_embeddings(self.backends[name], self.suite.reference, self.cache,
                                          max_items=self.suite.reference_max_items, progress=progress)

@@ -82,19 +82,25 @@ class _Source:
 
 def reference_stats(backend: EmbeddingBackend, sources: str | os.PathLike | Sequence[str | os.PathLike],
                     cache_dir: str | Path | None, *, per: str = "frame", max_items: int | None = None,
-                    batch_size: int = 8, progress: bool = True) -> tuple[Tensor, Tensor, int]:
+                    batch_size: int = 8, progress: bool = True, sharded: bool = False) -> tuple[Tensor, Tensor, int]:
     """Gaussian statistics of the embeddings of every clip of ``sources`` -> (mu [D], sigma [D, D], n) float64.
 
     ``per="frame"``: over all frames of all clips (n = frames); ``per="clip"``: over clip means (n = clips with
     at least one frame). sigma is the unbiased covariance (divides by n - 1). ``cache_dir=None`` disables the cache.
+    ``sharded``: every rank of the initialised process group calls this together; rank r embeds clips
+    r, r + world, ...; the float64 moments are summed over the ranks (every rank returns the same statistics,
+    equal to one process's up to summation order) and rank 0 writes the cache.
     """
     if per not in ("frame", "clip"):
         raise ValueError(f"per must be 'frame' or 'clip', got {per!r}")
+    rank, world = _dist_info() if sharded else (0, 1)
     entries, total = _resolve(sources)
     key = _cache_key(backend, "stats", per, max_items, entries)
     paths = _entry_paths(cache_dir, backend, f"stats-{per}", key)
+    cached = None if paths is None else _read_entry(*paths, key)
+    if world > 1 and not _everyone(cached is not None):  # one rank without the entry: all compute
+        cached = None
     if paths is not None:
-        cached = _read_entry(*paths, key)
         if cached is not None:
             tensors, meta = cached
             mu, sigma = tensors.get("mu"), tensors.get("sigma")
@@ -105,15 +111,18 @@ def reference_stats(backend: EmbeddingBackend, sources: str | os.PathLike | Sequ
             log.warning("cache entry %s holds tensors of the wrong shape; recomputing", paths[0])
     report = WalkReport()
     moments = _Moments()
-    for _, frames in _walk(backend, entries, total, report, max_items, batch_size, progress):
+    for _, frames in _walk(backend, entries, total, report, max_items, batch_size, progress, (rank, world)):
         moments.add(frames.mean(dim=0, keepdim=True) if per == "clip" else frames)
+    if world > 1:
+        moments.all_reduce(backend.dim)
+        report.frames, report.empty = (int(v) for v in _sum_over_ranks([report.frames, report.empty]))
     if moments.n < 2:
         raise ValueError(f"reference statistics of {_describe(sources)} need at least 2 {per}s, got {moments.n} "
                          f"({report.clips} clips, {report.corrupt} corrupt, {report.empty} shorter than one "
                          f"{backend.name} window); give more or longer audio")
     mu, sigma = moments.result()
     _log_report(report, sources)
-    if paths is not None:
+    if paths is not None and rank == 0:
         _write_entry(*paths, {"mu": mu, "sigma": sigma},
                      _meta(key, backend, per, max_items, entries, sources, report, n=moments.n))
     return mu, sigma, moments.n
@@ -249,12 +258,17 @@ def _iter_clips(entries: list[_Source], report: WalkReport) -> Iterator[tuple[st
 
 
 def _walk(backend: EmbeddingBackend, entries: list[_Source], total: int | None, report: WalkReport,
-          max_items: int | None, batch_size: int, progress: bool) -> Iterator[tuple[str, Tensor]]:
-    """(name, frames [F, D] on the CPU) of every clip with at least one frame, in entry order."""
+          max_items: int | None, batch_size: int, progress: bool,
+          shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, Tensor]]:
+    """(name, frames [F, D] on the CPU) of every clip with at least one frame, in entry order; with ``shard=(r,
+    world)`` only clips r, r + world, ... are embedded (every rank decodes all, so all count the same clips)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_items is not None:
         total = max_items if total is None else min(total, max_items)
+    rank, world = shard
+    if total is not None and world > 1:
+        total = len(range(rank, total, world))
     bar = tqdm(total=total, disable=not progress, unit="clip", desc=f"{backend.name} embeddings")
     batch: list[tuple[str, Tensor, int]] = []
 
@@ -274,6 +288,8 @@ def _walk(backend: EmbeddingBackend, entries: list[_Source], total: int | None, 
             if max_items is not None and report.clips >= max_items:
                 break
             report.clips += 1
+            if (report.clips - 1) % world != rank:
+                continue
             batch.append(clip)
             if len(batch) == batch_size:
                 yield from flush()
@@ -318,11 +334,49 @@ class _Moments:
         self.outer += xc.T @ xc
         self.n += x.shape[0]
 
+    def all_reduce(self, dim: int) -> None:
+        """Sum the moments of every rank (re-centred on the mean of the ranks' shifts first): float64 sums."""
+        has = self.shift is not None
+        shift = self.shift if self.shift is not None else torch.zeros(dim, dtype=torch.float64)
+        total_shift = _sum_over_ranks(torch.cat([shift * has, torch.tensor([float(has)], dtype=torch.float64)]))
+        common = total_shift[:-1] / total_shift[-1].clamp(min=1)
+        d = shift - common
+        s = self.sum if self.sum is not None else torch.zeros(dim, dtype=torch.float64)
+        outer = self.outer if self.outer is not None else torch.zeros(dim, dim, dtype=torch.float64)
+        s, outer = s + self.n * d, outer + torch.outer(s, d) + torch.outer(d, s) + self.n * torch.outer(d, d)
+        summed = _sum_over_ranks(torch.cat([s, outer.reshape(-1), torch.tensor([float(self.n)], dtype=torch.float64)]))
+        self.shift, self.sum, self.outer = common, summed[:dim], summed[dim:-1].reshape(dim, dim)
+        self.n = int(summed[-1].item())
+
     def result(self) -> tuple[Tensor, Tensor]:
         assert self.shift is not None and self.sum is not None and self.outer is not None
         mean = self.sum / self.n
         cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
         return self.shift + mean, (cov + cov.T) / 2
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(values: Tensor | list[int]) -> Tensor:
+    """float64 sum over the ranks (on the GPU under NCCL, which takes no CPU tensors), back on the CPU."""
+    import torch.distributed as dist
+
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        x = x.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(x)
+    return x.cpu()
+
+
+def _everyone(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    return bool(_sum_over_ranks([0 if flag else 1])[0].item() == 0)
 
 
 # ----------------------------------------------------------------------------------------------- the cache
