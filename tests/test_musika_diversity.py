@@ -1,6 +1,9 @@
 """Musika's generations depend on their seed: the autoencoder's latents stay out of the tanh's flat ends (else every
 clip encodes to the same +-1 pattern and decodes to one steady buzz, which the GAN then learns whatever its seed),
-and a GAN trained on them writes clips that differ from seed to seed and with ``--truncation``."""
+and a GAN trained on them writes clips that differ from seed to seed and with ``--truncation``.
+``autoencoder_diversity`` tells an autoencoder whose decoder writes one spectrum whatever its latents (PyTorch's
+default init) from one that keeps clips apart, and ``unit_gain_`` keeps a signal's size through convs and transposed
+convs."""
 from __future__ import annotations
 
 import lightning as L
@@ -10,9 +13,12 @@ from torch.utils.data import DataLoader
 
 from ostinato.data.arrays import ArrayBatch
 from ostinato.families.musika import MusikaAutoencoderFamily, MusikaFamily, saturation_loss
-from ostinato.generation.musika import seed_diversity
+from ostinato.generation.musika import autoencoder_diversity, seed_diversity
 from ostinato.metrics.diversity import diversity_report
+from ostinato.models.musika import SpectralAutoencoder
+from ostinato.nn.conv import NormConv1d, NormConvTranspose1d
 from ostinato.nn.discriminators import LatentDiscriminator
+from ostinato.nn.init import unit_gain_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +89,45 @@ def test_minibatch_std_lets_the_critic_see_identical_windows():
     assert set(LatentDiscriminator(8, [16, 16]).state_dict()) == set(d.state_dict())  # the same parameter names
 
 
+def test_unit_gain_keeps_a_signal_s_size_through_convs_and_transposed_convs():
+    torch.manual_seed(0)
+    up = torch.nn.Sequential(NormConvTranspose1d(64, 32, 8, 4, norm="weight_norm"),
+                             NormConvTranspose1d(32, 16, 4, 2, norm="weight_norm"), NormConvTranspose1d(16, 8, 4, 2),
+                             NormConv1d(8, 8, 3, norm="weight_norm"), NormConv1d(8, 4, 3))
+    x = torch.randn(4, 64, 50)
+    with torch.no_grad():
+        shrunk = float(up(x).std())  # PyTorch's default init: ~1/sqrt(3) per layer
+        unit_gain_(up)
+        kept = float(up(x).std())
+    assert shrunk < 0.2 and 0.6 < kept < 1.6, (shrunk, kept)
+    convs = [m for m in up.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    assert len(convs) == 5 and not any(m.bias.detach().any() for m in convs)
+
+
+def test_autoencoder_diversity_tells_a_decoder_that_ignores_its_latents():
+    """At PyTorch's default init the autoencoder's output is its decoder's biases: every clip decodes to one
+    spectrum (``logmag_cos`` 1.000, latents' spread 0.02 across clips against a centre of 0.10); at unit gain the
+    decoded spectra differ as the clips do (0.84 against the inputs' 0.66). Training from either start settles on
+    the average spectrum first (see the README's Musika bullet): the check the GPU run prints."""
+    x = melodies(6, 1.28, 7)
+    reports = {}
+    for gain in (None, 1.0):
+        torch.manual_seed(0)
+        ae = SpectralAutoencoder(SR, 1, **AE)
+        if gain is not None:
+            unit_gain_(ae.encoder, gain)
+            unit_gain_(ae.decoder, gain)
+        reports[gain] = autoencoder_diversity(ae, x)
+    flat, live = reports[None], reports[1.0]
+    assert flat["logmag_cos"] > 0.99 > 0.8 > flat["target_cos"] and flat["recon_spectral_sim_mean"] > 0.99
+    assert flat["latent_spread"] < 0.5 * flat["latent_centre"]
+    assert live["logmag_cos"] < 0.9 and live["recon_spectral_sim_mean"] < 0.9
+    assert live["latent_spread"] > 5 * flat["latent_spread"]
+    assert flat["target_cos"] == live["target_cos"] and flat["spec_l1_clip"] < flat["spec_l1_constant"]
+    with pytest.raises(ValueError, match="N >= 2"):
+        autoencoder_diversity(ae, x[:1])
+
+
 class _Crops(L.LightningDataModule):
     """``steps`` batches of ``batch`` whole-latent items drawn from ``latents [N, D, L]``."""
 
@@ -135,6 +180,9 @@ def test_generations_depend_on_the_seed_and_the_truncation(trained_musika):
     print({k: {n: round(v, 3) if isinstance(v, float) else v for n, v in r.items()} for k, r in report.items()})
     ceiling = report["reference"]  # real clips through the same autoencoder: what different clips look like
     assert ceiling["spectral_sim_mean"] < 0.9  # the autoencoder itself keeps different clips apart
+    ae = autoencoder_diversity(model.autoencoder, reference)
+    assert ae["recon_spectral_sim_mean"] == pytest.approx(ceiling["spectral_sim_mean"], abs=0.02)
+    assert ae["logmag_cos"] < 0.95 and ae["latent_spread"] > 0.5 * ae["latent_centre"]
     # a collapsed GAN (the demo's symptom): waveform correlation 0.997 and log-mel cosine ~1 between seeds.
     # Measured with the critic's minibatch std (without it, the old critic: 0.19 against 0.38, 0.85, 0.968, 0.985)
     seeds, latents = report["seeds"], report["latents"]

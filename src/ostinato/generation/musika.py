@@ -18,7 +18,8 @@ from ostinato.metrics.diversity import diversity_report
 from ostinato.models.musika import Musika, SpectralAutoencoder
 from ostinato.nn.decoding import Progress
 
-__all__ = ["load_autoencoder", "load_musika", "generate_clips", "spectral_flux", "seam_statistics", "seed_diversity"]
+__all__ = ["load_autoencoder", "load_musika", "generate_clips", "spectral_flux", "seam_statistics", "seed_diversity",
+           "autoencoder_diversity"]
 
 
 
@@ -169,3 +170,48 @@ def seed_diversity(model: Musika | str, seeds: int = 8, seconds: float = 5.0, tr
         out["reference"] = diversity_report(recon[..., :reference.shape[-1]], ae.sample_rate)
         out["latents"]["std_real"] = float(real.std(dim=0).mean())
     return out
+
+
+def _centred_cosines(x: Tensor) -> Tensor:
+    """x [N, ...] -> mean cosine over the N(N-1)/2 pairs of rows, each row's mean removed."""
+    x = x.flatten(1).double()
+    x = x - x.mean(1, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    pairs = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+    return (x @ x.T)[pairs[0], pairs[1]].mean()
+
+
+@torch.no_grad()
+def autoencoder_diversity(autoencoder: SpectralAutoencoder, clips: Tensor) -> dict[str, float]:
+    """Does a Musika autoencoder keep different clips apart? ``clips [N, C, T]`` (N >= 2, different pieces, at
+    its rate) go through it once.
+
+    Returns, beside ``diversity_report`` of the reconstructions (``recon_*``) and of the clips (``real_*``):
+
+    * ``logmag_cos`` / ``target_cos``: the mean centred cosine between clips of the decoder's normalised
+      log-magnitudes and of the input's (a decoder that ignores its latents: ``logmag_cos`` near 1);
+    * ``spec_l1`` (decoded vs input log-magnitudes), against ``spec_l1_constant`` (the per-bin median over all
+      clips and frames: one spectrum for everything) and ``spec_l1_clip`` (each clip's own per-bin median), both
+      fitted to these very clips (oracles: a young decoder can lie above them and still tell clips apart, which
+      the cosines show);
+    * ``latent_spread`` (std across clips, mean over dimensions and frames) and ``latent_centre`` (mean |mean|
+      per dimension): latents that are mostly their centre carry little of the clip.
+    """
+    if clips.dim() != 3 or clips.shape[0] < 2:
+        raise ValueError(f"autoencoder_diversity needs clips [N >= 2, C, T], got {tuple(clips.shape)}")
+    device = next(autoencoder.parameters()).device
+    out = autoencoder(clips.to(device))
+    target, logmag = out.target.float().cpu(), out.logmag.float().cpu()
+    constant = target.median(dim=2, keepdim=True).values.median(dim=0, keepdim=True).values
+    own = target.median(dim=2, keepdim=True).values
+    z = out.latents.float().cpu()
+    report = {f"recon_{k}": v for k, v in diversity_report(out.recon.cpu(), autoencoder.sample_rate).items()
+              if k != "pairs"}
+    report.update({f"real_{k}": v for k, v in diversity_report(clips.cpu(), autoencoder.sample_rate).items()
+                   if k != "pairs"})
+    report.update(logmag_cos=float(_centred_cosines(logmag)), target_cos=float(_centred_cosines(target)),
+                  spec_l1=float((logmag - target).abs().mean()),
+                  spec_l1_constant=float((constant - target).abs().mean()),
+                  spec_l1_clip=float((own - target).abs().mean()),
+                  latent_spread=float(z.std(dim=0).mean()), latent_centre=float(z.mean(dim=(0, 2)).abs().mean()))
+    return report

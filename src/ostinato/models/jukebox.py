@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from ostinato.data.manifest import StreamInfo
 from ostinato.models.codec import Codec, CodecOutput
 from ostinato.nn.decoding import GenerationParams, Progress, generate
+from ostinato.nn.init import unit_gain_
 from ostinato.nn.patterns import ParallelPattern
 from ostinato.nn.transformer import CodebookLM, lm_config
 
@@ -59,22 +60,6 @@ def _kwargs(fn: Callable[..., Any], family: Mapping[str, Any]) -> dict[str, Any]
     """The keys of a training config's ``family`` that ``fn`` takes (the wrapper's own keys are left out)."""
     names = set(inspect.signature(fn).parameters)
     return {k: v for k, v in family.items() if k in names}
-
-
-@torch.no_grad()
-def unit_gain_(module: nn.Module, gain: float = 1.0) -> None:
-    """Give every ``Conv1d`` in ``module`` the norm ``gain`` per output channel (the weight-norm magnitude where the
-    conv is weight-normed) and a zero bias, so that a signal keeps its size through the layers."""
-    for conv in module.modules():
-        if not isinstance(conv, nn.Conv1d):
-            continue
-        if conv.bias is not None:
-            conv.bias.zero_()
-        parametrizations = getattr(conv, "parametrizations", None)
-        if parametrizations is not None and hasattr(parametrizations, "weight"):
-            parametrizations.weight.original0.fill_(gain)
-        else:
-            conv.weight.mul_(gain / conv.weight.norm(dim=(1, 2), keepdim=True).clamp(min=1e-12))
 
 
 class HierarchicalVQVAE(nn.Module):
