@@ -1,7 +1,7 @@
-"""`ostinato eval -d 2` (two gloo CPU ranks), `ostinato eval --slurm cluster=local,tasks=2` (two submitit tasks)
-and the evaluation grid on such a job give the one-process run's clips, byte for byte, and its metrics; the sbatch
-file a SLURM submission writes; reference statistics embedded by two ranks equal one process's; more ranks than
-batches refused."""
+"""`ostinato eval -d 2` (two gloo CPU ranks), `ostinato eval --slurm cluster=local,tasks=2` and the evaluation grid
+on such a job (two submitit tasks) give the one-process run's clips, byte for byte, and
+its metrics; the sbatch file of a two-node submission; reference statistics embedded by two ranks equal one
+process's; more ranks than batches refused."""
 from __future__ import annotations
 
 import json
@@ -77,10 +77,23 @@ def test_two_ranks_give_the_one_process_run(parts: dict, suite: Path, one: Path,
 
 def test_slurm_job_tasks_are_the_ranks(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # cluster=local: submitit's local executor, the same job and task environment as SLURM's on this machine (the
+    # test SLURM node's CPU count follows whoever started it: 1 on a restricted cpuset, too few for two tasks)
     _eval(parts, suite, tmp_path / "job", monkeypatch, "--slurm", "cluster=local,tasks=2,cpus=1,time=5")
     assert "done; report: " in capsys.readouterr().out
     _same_run(one, tmp_path / "job", 2)
     assert len(list((tmp_path / "job" / "slurm").glob("*_log.out"))) == 2  # submitit's log of each task
+
+
+def test_sbatch_refusal_is_one_line(parts: dict, suite: Path, tmp_path: Path,  # noqa: F811
+                                    capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:  # no such partition (or no SLURM here): sbatch says no
+        main(["eval", str(suite), "--model", str(parts["model"]), "--out", str(tmp_path / "x"), "--slurm",
+              "tasks=2,partition=no_such_partition"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after sbatch's own lines: ours, with its reason
+    assert last.startswith("ostinato: error: --slurm tasks=2,partition=no_such_partition: the job was not submitted: ")
+    assert "partition" in last[100:] and "Traceback" not in last
 
 
 def test_eval_sweep_on_a_slurm_job(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ostinato.errors import UserError
+
 __all__ = ["SlurmOptions", "free_port", "python_command", "rendezvous_from_job", "run_local_ranks", "sbatch_script",
            "submit_ranks", "without_option"]
 
@@ -104,11 +106,12 @@ class SlurmOptions:
     account: str | None = None
     qos: str | None = None
     cluster: str = "slurm"
+    text: str = ""  # as given, for messages
 
     @classmethod
     def parse(cls, text: str, option: str = "--slurm") -> SlurmOptions:
         """``"nodes=2,gpus=8,partition=learn,time=120"`` -> options; one-line ValueError naming a bad key."""
-        fields = cls.__dataclass_fields__
+        fields = [f for f in cls.__dataclass_fields__ if f != "text"]
         values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
@@ -123,7 +126,7 @@ class SlurmOptions:
                 raise ValueError(f"{option} {text}: {key}={value} is not a whole number") from None
             if values[key] < (0 if key == "gpus" else 1):
                 raise ValueError(f"{option} {text}: {key}={value} must be at least {0 if key == 'gpus' else 1}")
-        options = cls(**values)
+        options = cls(**values, text=text)
         if options.cluster not in ("slurm", "local"):
             raise ValueError(f"{option} {text}: cluster={options.cluster}: use slurm or local")
         if options.cluster == "local" and options.nodes != 1:
@@ -174,7 +177,13 @@ def submit_ranks(fn: Callable[[list[str]], Any], argv: list[str], options: Slurm
     """Submit ``fn(argv)`` as one job of ``options.world_size`` tasks (logs and submitit's files in ``folder``).
     Every task runs ``fn(argv)``; ``rendezvous_from_job`` gives each its rank. Returns the submitit job; a
     ``cluster=local`` job is waited for (its failure raised with the log tail)."""
-    job = _executor(options, Path(folder), name).submit(fn, argv)
+    from submitit.core.utils import FailedJobError
+
+    try:
+        job = _executor(options, Path(folder), name).submit(fn, argv)
+    except (FailedJobError, FileNotFoundError) as e:  # sbatch refused it (partition, resources), or no sbatch here
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"--slurm {options.text}: the job was not submitted: {reason[-400:]}") from None
     if options.cluster == "local":
         try:
             job.results()
