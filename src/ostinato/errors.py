@@ -25,8 +25,13 @@ class UserError(Exception):
 
 
 def did_you_mean(word: str, options: Iterable[str], n: int = 3) -> str:
-    """`` (did you mean a, b?)`` for the closest of ``options``, or ``""``."""
+    """`` (did you mean a, b?)`` for the closest of ``options``, or ``""``: at most ``n``, and only those about as
+    close as the best (``trainer.max_stepz`` suggests ``max_steps``, not also ``max_time``)."""
     close = difflib.get_close_matches(word, list(options), n=n, cutoff=0.6)
+    if close:
+        score = lambda option: difflib.SequenceMatcher(None, word, option).ratio()  # noqa: E731
+        best = score(close[0])
+        close = [c for c in close if score(c) >= best - 0.05]
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
