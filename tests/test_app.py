@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 
 from tests.browser import chromium, media_duration
 from tests.synth import tone, write_tiny_encodec
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
@@ -59,16 +59,11 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_musicgen(root / "model", write_tiny_encodec(root / "codec", SR))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(export: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("served")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(root / "gradio")}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "ostinato.cli", "app", "--model", str(export), "--port",

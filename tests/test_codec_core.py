@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ostinato.models.codec import Codec
 from ostinato.nn.conv import NormConv1d, NormConvTranspose1d
 from ostinato.nn.quantization import ResidualVectorQuantizer
 from ostinato.nn.seanet import SEANetDecoder, SEANetEncoder
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
@@ -262,11 +262,6 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_keeps_codebooks_identical_across_ranks(tmp_path: Path) -> None:

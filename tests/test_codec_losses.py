@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ostinato.nn.losses import (
     hinge_generator_loss,
     l1_waveform,
 )
+from tests.helpers import free_port
 
 SR = 16000
 N_FFTS = (1024, 2048, 512, 256, 128)
@@ -449,11 +449,6 @@ def test_sisnr_orders_reconstructions_and_matches_torchmetrics() -> None:
 # --------------------------------------------------------------------------------------------- two-rank DDP (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
@@ -490,7 +485,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

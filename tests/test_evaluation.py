@@ -23,9 +23,9 @@ import yaml
 from ostinato.evaluation.items import rank_batches
 from ostinato.evaluation.runner import run_suite
 from ostinato.evaluation.suite import SuiteError, load_suite
-from ostinato.metrics.embeddings import EmbeddingBackend
 from tests.runner import train, xp_folder
 from tests.synth import write_shards, write_tiny_encodec
+from tests.helpers import BandBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast, and never stalls a busy core
 
@@ -175,21 +175,10 @@ def test_run_demo_eval_returns_the_report(parts: dict, tmp_path: Path) -> None:
     assert result["suite"] == "demo" and _finite(result["metrics"]["fad"]) and _finite(result["metrics"]["chroma"])
 
 
-class FakeTextBackend(EmbeddingBackend):
+class FakeTextBackend(BandBackend):
     """A joint audio-text "model" for the text_audio path: RMS of 10 ms frames per band, texts by their letters."""
 
-    name, sample_rate, channels, dim, has_text = "faketext", 16000, 1, 4, True
-    window_seconds = hop_seconds = 0.01
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def _identity(self) -> dict:
-        return {"path": self.path}
-
-    def _embed(self, wav: torch.Tensor) -> list[torch.Tensor]:
-        frames = wav[:, 0, : wav.shape[-1] // 160 * 160].reshape(len(wav), -1, 4, 40)
-        return list(frames.square().mean(-1).sqrt())
+    name, has_text = "faketext", True
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         return torch.tensor([[float(t.count(c)) + 0.1 for c in "aeio"] for t in texts])

@@ -3,7 +3,6 @@ estimator's properties (near 0 for one distribution, growing with a shift, unbia
 reference option, a two-rank gloo run equal to one process, and the ``kad`` suite metric."""
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ostinato.metrics.embeddings import EmbeddingBackend
 from ostinato.metrics.kad import KADTK_SCALE, KernelAudioDistance, kernel_audio_distance, median_pairwise_distance
 from tests.references import kadtk
+from tests.helpers import BandBackend, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,11 +146,6 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.timeout(120)
 def test_two_rank_ddp_equals_single_process(tmp_path: Path) -> None:
@@ -165,23 +159,6 @@ def test_two_rank_ddp_equals_single_process(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- the suite metric
 
-class BandBackend(EmbeddingBackend):
-    """RMS of 4 bands of 10 ms frames: embeddings that follow the audio's loudness."""
-
-    name, sample_rate, channels, dim, has_text = "bands", 16000, 1, 4, False
-    window_seconds = hop_seconds = 0.01
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def _identity(self) -> dict:
-        return {"path": self.path}
-
-    def _embed(self, wav: torch.Tensor) -> list[torch.Tensor]:
-        frames = wav[:, 0, : wav.shape[-1] // 160 * 160].reshape(len(wav), -1, 4, 40)
-        return list(frames.square().mean(-1).sqrt())
-
-
 def test_suite_kad_scores_clip_means_against_the_reference_folder(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import soundfile
@@ -191,7 +168,7 @@ def test_suite_kad_scores_clip_means_against_the_reference_folder(tmp_path: Path
     from ostinato.evaluation.suite import SuiteError, load_suite
     from ostinato.metrics.embeddings import BACKENDS, clip_embeddings
 
-    monkeypatch.setitem(BACKENDS, "bands", "tests.test_kad:BandBackend")
+    monkeypatch.setitem(BACKENDS, "bands", "tests.helpers:BandBackend")
     g = torch.Generator().manual_seed(7)
     (tmp_path / "ref").mkdir()
     for i in range(12):

@@ -2,7 +2,6 @@
 two-rank gloo run equal to one process (FAD, FAD-inf, per-song FAD, text-audio score, label KLD)."""
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from ostinato.metrics.fad import FADInf, FrechetAudioDistance, PerSongFAD, fad_inf_fit, frechet_distance, gaussian_stats
 from ostinato.metrics.kld import LabelKLD
 from ostinato.metrics.text_audio import TextAudioScore
+from tests.helpers import free_port
 
 F64 = torch.float64
 
@@ -240,11 +240,6 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(120)

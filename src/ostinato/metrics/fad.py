@@ -148,6 +148,16 @@ def per_song_refusal(frames: Sequence[int], dim: int) -> str | None:
     return None
 
 
+def check_bootstrap(resamples: int, level: float, n_clips: int) -> None:
+    """The arguments every bootstrap interval takes (FAD's, KAD's), or a ValueError naming the one that is off."""
+    if resamples < 2:
+        raise ValueError(f"bootstrap needs >= 2 resamples, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_clips < 2:
+        raise ValueError(f"bootstrap needs >= 2 generated clips, got {n_clips}")
+
+
 def bootstrap_fad(reference: Stats, clips: Sequence[Tensor], resamples: int, seed: int = 0,
                   level: float = 0.95) -> dict[str, Any]:
     """Bootstrap confidence interval of FAD over the generated clips.
@@ -160,12 +170,7 @@ def bootstrap_fad(reference: Stats, clips: Sequence[Tensor], resamples: int, see
 
     Returns ``{"point", "low", "high", "level", "resamples", "seed", "std", "bias", "method"}`` (floats, ints).
     """
-    if resamples < 2:
-        raise ValueError(f"bootstrap needs >= 2 resamples, got {resamples}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if len(clips) < 2:
-        raise ValueError(f"bootstrap needs >= 2 generated clips, got {len(clips)}")
+    check_bootstrap(resamples, level, len(clips))
     mu_r, sigma_r, _ = (t.double() if isinstance(t, Tensor) else t for t in reference)
     root_r, trace_r = _sqrtm_psd(sigma_r), torch.trace(sigma_r)
     clips = [c.detach().double().cpu() for c in clips]

@@ -39,7 +39,7 @@ from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ostinato.metrics.fad import _move_keeping_dtype, shifted_percentile_interval
+from ostinato.metrics.fad import _move_keeping_dtype, check_bootstrap, shifted_percentile_interval
 
 __all__ = ["KADTK_EPS", "KADTK_SCALE", "KernelAudioDistance", "bootstrap_kad", "kernel_audio_distance",
            "median_pairwise_distance"]
@@ -202,12 +202,7 @@ def bootstrap_kad(reference: Tensor, clips: Sequence[Tensor], resamples: int, se
     Returns ``fad.shifted_percentile_interval``'s ``{"point", "low", "high", "level", "std", "bias", "method"}`` and
     ``"resamples", "seed", "bandwidth"``. ``ostinato fad --kad --bootstrap N`` calls it on clip embeddings.
     """
-    if resamples < 2:
-        raise ValueError(f"bootstrap needs >= 2 resamples, got {resamples}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if len(clips) < 2:
-        raise ValueError(f"bootstrap needs >= 2 generated clips, got {len(clips)}")
+    check_bootstrap(resamples, level, len(clips))
     x = _check_embeddings(reference, "reference")
     if len(x) < 2:
         raise ValueError(f"KAD needs >= 2 reference embeddings, got {len(x)}")
