@@ -180,7 +180,6 @@ def test_every_shipped_suite_has_the_one_format() -> None:
                                           r"generates nothing"),
     ("codec_demo", ["metrics.diversity.max_clips=4"], r"metrics.diversity \(set by --set\): diversity compares "
                                                       r"generated clips"),
-    ("musika_demo", ["num_samples=1"], r"metrics.diversity: num_samples=1: diversity compares pairs"),
     ("musika_demo", ["metrics.diversity.max_clips=1"], r"metrics.diversity.max_clips \(set by --set\): 1: an "
                                                        r"integer >= 2"),
     ("musiclm_demo", ["rerank=0"], r"rerank \(set by --set\): 0: an integer >= 1"),
@@ -188,3 +187,19 @@ def test_every_shipped_suite_has_the_one_format() -> None:
 def test_suite_keys_a_kind_cannot_use_are_named(suite: str, overrides: list[str], message: str) -> None:
     with pytest.raises(SuiteError, match=message):
         load_suite(suite, overrides)
+
+
+def test_diversity_of_one_clip_is_refused_with_its_reason() -> None:
+    """A suite cut to one clip (the quick demo's one test clip) runs: diversity is None with the reason, as FAD-inf."""
+    from ostinato.evaluation.scoring import SuiteMetrics
+    from ostinato.evaluation.suite import load_suite
+
+    suite = load_suite("musika_demo", ["num_samples=1"])
+    spec = suite.metric("diversity")
+    scores = SuiteMetrics(suite, [spec], 16000, progress=False)
+    seconds = round(suite.seconds * 16000)
+    scores.update(torch.randn(1, 1, seconds) * 0.1, None, [""], ["0"])
+    scalars, details = scores.compute(num_items=1)
+    assert scalars["diversity_spectral_sim_mean"] is None and scalars["diversity_waveform_corr_max"] is None
+    assert details["diversity_refused"] == ("diversity refused: it compares pairs of clips and 1 clip(s) were "
+                                            "scored; generate at least 2")

@@ -257,8 +257,12 @@ class SuiteMetrics:
                 continue
             value = metric.compute()
             if spec.name == "diversity":
+                if not value["pairs"] >= 1:  # NaN: fewer than two clips, no pair to compare
+                    details["diversity_refused"] = ("diversity refused: it compares pairs of clips and "
+                                                    f"{num_items if num_items is not None else 'fewer than 2'} "
+                                                    "clip(s) were scored; generate at least 2")
                 for key, v in value.items():
-                    scalars[f"diversity_{key}"] = _finite(v)
+                    scalars[f"diversity_{key}"] = None if "diversity_refused" in details else _finite(v)
             elif spec.name == "per_song_fad":
                 fad = value["fad"].double().cpu().reshape(-1)  # one clip: a 0-d tensor
                 frames = [int(n) for n in value["frames"].reshape(-1).tolist()]

@@ -236,9 +236,6 @@ def _build(raw: DictConfig, path: Path | None, overrides: DictConfig, overridden
     if rerank > 1 and kind != "text_to_music":
         raise err("rerank", f"{rerank}: {kind} suites have no prompts to rerank against; rerank is for "
                                      "text_to_music (MusicLM)")
-    if any(m.name == "diversity" for m in metrics) and (num_samples or 0) < 2:
-        raise err("metrics.diversity", f"num_samples={num_samples}: diversity compares pairs of clips; generate "
-                                       "at least 2")
     for key in generation:
         if key not in GENERATION_KEYS:
             raise err(f"generation.{key}", f"unknown generation setting{did_you_mean(key, GENERATION_KEYS)}; use "
