@@ -25,7 +25,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP) sysdeps
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile  # a new reference package in REF installs on the next make
 	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	  [ "$$free_gb" -ge $(INSTALL_GB) ] || echo "warning: $$free_gb GB free in $(CURDIR); the install (torch with its CUDA libraries) takes about $(INSTALL_GB) GB" >&2
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
