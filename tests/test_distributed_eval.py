@@ -87,13 +87,14 @@ def test_slurm_job_tasks_are_the_ranks(parts: dict, suite: Path, one: Path, tmp_
 
 def test_sbatch_refusal_is_one_line(parts: dict, suite: Path, tmp_path: Path,  # noqa: F811
                                     capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_:  # no such partition (or no SLURM here): sbatch says no
+    with pytest.raises(SystemExit) as exit_:  # no such partition, or no controller running here: sbatch says no
         main(["eval", str(suite), "--model", str(parts["model"]), "--out", str(tmp_path / "x"), "--slurm",
               "tasks=2,partition=no_such_partition"])
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after sbatch's own lines: ours, with its reason
     assert last.startswith("ostinato: error: --slurm tasks=2,partition=no_such_partition: the job was not submitted: ")
-    assert "partition" in last[100:] and "Traceback" not in last
+    # sbatch's own reason, whichever it is (CI may run this before any test has started the controller)
+    assert "Batch job submission failed: " in last[100:] and "Traceback" not in last
 
 
 def test_eval_sweep_on_a_slurm_job(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811
