@@ -186,3 +186,35 @@ def test_compiled_step_matches_the_eager_step(cond) -> None:
                         params=GenerationParams(seed=2, top_k=4, backend="static", compile=mode)) for mode in
                (None, "default")]
     assert torch.equal(sampled[0], sampled[1])
+
+
+@pytest.mark.parametrize("attention", ["bmm", "sdpa"])
+def test_bucketed_attention_gives_the_whole_buffers_tokens(model, cond, attention) -> None:
+    """A step that attends to its filled cache positions rounded up to 4 (several lengths over a window, with a
+    prefix and a sliding window) draws the tokens of one that attends to the whole buffer, greedy and sampled."""
+    c, m = cond
+    prefix = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(4))
+    args = dict(cond=c, cond_mask=m, prefix=prefix)
+    for kw in ({"temperature": 0.0}, {"seed": 3, "top_k": 10}, {"seed": 5, "max_window_frames": 9,
+                                                               "extend_stride_frames": 4}):
+        whole = generate(model, DelayPattern(K), 17, params=GenerationParams(backend="static", kv_bucket=0, **kw),
+                         **args)
+        bucketed = generate(model, DelayPattern(K), 17, params=GenerationParams(backend="static", kv_bucket=4,
+                                                                                  attention=attention, **kw), **args)
+        assert torch.equal(whole, bucketed), kw
+    ref = generate(model, DelayPattern(K), 17, params=greedy("cache"), **args)
+    assert torch.equal(ref, generate(model, DelayPattern(K), 17, params=greedy("static", kv_bucket=4,
+                                                                               attention=attention), **args))
+
+
+def test_a_step_attends_to_its_position_rounded_up_to_the_bucket(model) -> None:
+    spec = SamplingSpec(temperature=0.0)
+    dec = FastDecoder(model, inference_weights(model, torch.float32), 1, 40, 3, 0, spec, kv_bucket=16)
+    assert dec.max_len == 48  # 3 + 40 rounded up to 16
+    assert [dec.attended(s) for s in (0, 12, 13, 28, 29, 39)] == [16, 16, 32, 32, 48, 48]
+    assert FastDecoder(model, inference_weights(model, torch.float32), 1, 40, 3, 0, spec, kv_bucket=0).attended(0) \
+        == 48
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FastDecoder(model, inference_weights(model, torch.float32), 1, 40, 3, 0, spec, attention="flash")
+    with pytest.raises(ValueError, match="generation attention='flash': must be one of auto, bmm, sdpa"):
+        GenerationParams(attention="flash")

@@ -50,7 +50,7 @@ import math
 import torch
 from torch import Tensor
 
-from ostinato.nn.fast_decoding import SamplingSpec, fast_decoder
+from ostinato.nn.fast_decoding import ATTENTIONS, SamplingSpec, fast_decoder
 from ostinato.nn.sampling import cfg_logits, double_cfg_logits, sample_next
 from ostinato.nn.patterns import CodebookPattern
 from ostinato.nn.transformer import CodebookLM
@@ -84,6 +84,10 @@ class GenerationParams:
             autocast is on, else the model's).
         compile: ``torch.compile`` mode of the fast step (``"default"``, ``"max-autotune-no-cudagraphs"``) or None
             (eager kernels); compiled once per window shape, tens of seconds.
+        kv_bucket: a fast step attends to its filled cache positions rounded up to a multiple of this (0 = the
+            whole window every step; a compiled step always does).
+        attention: the fast step's one-query attention kernel: ``"bmm"``, ``"sdpa"`` or ``"auto"`` (the faster of
+            both, timed at each graph capture; ``"bmm"`` eagerly).
     """
 
     temperature: float = 1.0
@@ -97,6 +101,8 @@ class GenerationParams:
     backend: str = "auto"
     dtype: str | None = None
     compile: str | None = None
+    kv_bucket: int = 64
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name, ok, rule in (("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
@@ -105,7 +111,9 @@ class GenerationParams:
                                ("cfg_scale", self.cfg_scale >= 0, ">= 0 (1 = no guidance)"),
                                ("cfg_beta", self.cfg_beta is None or self.cfg_beta >= 0, ">= 0 or None"),
                                ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
-                               ("dtype", self.dtype is None or self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")):
+                               ("dtype", self.dtype is None or self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+                               ("kv_bucket", self.kv_bucket >= 0, ">= 0 (0 = the whole window)"),
+                               ("attention", self.attention in ATTENTIONS, f"one of {', '.join(ATTENTIONS)}")):
             if not ok:
                 raise ValueError(f"generation {name}={getattr(self, name)!r}: must be {rule}")
 
@@ -298,7 +306,7 @@ class _Decoder:
         cond_len = 0 if self.cond is None else self.cond.shape[1]
         dec = fast_decoder(self.model, self.dtype, self.b, steps, 0 if prefix is None else prefix.shape[1],
                            cond_len, spec, graph=self.backend == "graph", compile_mode=p.compile,
-                           step_cond=step_cond is not None)
+                           step_cond=step_cond is not None, kv_bucket=p.kv_bucket, attention=p.attention)
         dec.start(seq, valid, forced, first, self.cond, self.cond_mask, prefix, self.generator, step_cond)
         self._tick(base + first)
         for s in range(first, steps - 1):
