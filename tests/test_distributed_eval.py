@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from ostinato.cli import main
 from ostinato.engine.launch import SlurmOptions, free_port, sbatch_script
 from ostinato.evaluation.runner import run_suite
-from ostinato.evaluation.timing import stage_shares
+from ostinato.evaluation.timing import StageClock, stage_shares
 from ostinato.metrics.embeddings import load_backend
 from ostinato.metrics.embeddings.cache import reference_stats
 from tests.test_evaluation import _write_suite, parts  # noqa: F401  (the tiny MusicGen, codec and shards)
@@ -70,9 +70,20 @@ def test_two_ranks_give_the_one_process_run(parts: dict, suite: Path, one: Path,
     _same_run(one, tmp_path / "two", 2)
     ranks = json.loads((tmp_path / "two" / "metrics.json").read_text())["ranks"]
     assert [(r["rank"], r["items"]) for r in ranks] == [(0, 2), (1, 2)]  # each rank made one batch of 2
-    assert all(r["seconds"]["generate"] > 0 and r["seconds"]["embed"] > 0 for r in ranks)
+    # the codec's decoding is its own stage, out of generate's time
+    assert all(r["seconds"]["generate"] > 0 and r["seconds"]["decode"] > 0 and r["seconds"]["embed"] > 0
+               for r in ranks)
     table = stage_shares(tmp_path / "two" / "metrics.json")
     assert table.startswith("2 rank(s), 4 items") and "| generate |" in table and "items per rank: 2, 2" in table
+    assert "| decode |" in table
+
+
+def test_a_stage_moves_a_measured_part_to_another() -> None:
+    clock = StageClock()
+    clock.seconds = {"generate": 3.0}
+    clock.move("generate", "decode", 1.25)
+    clock.move("generate", "decode", 9.0)  # never more than the stage measured
+    assert clock.seconds == {"generate": 0.0, "decode": 3.0}
 
 
 def test_slurm_job_tasks_are_the_ranks(parts: dict, suite: Path, one: Path, tmp_path: Path,  # noqa: F811

@@ -7,13 +7,16 @@ A producer is built from ``(suite, model_ref, codec, device, trust)``; ``kinds``
 say what the clips are; ``family`` and ``label`` what the model is (for messages and records). A producer that
 learns something per item while producing (MusicLM's reranking scores) has ``item_records() -> {index: record}``
 and ``summarize(records) -> (scalars, details)``, which the runner calls on every rank's records together.
-``from_model(suite, model)`` wraps a model already in memory (tests, notebooks) where the family has one.
+``from_model(suite, model)`` wraps a model already in memory (tests, notebooks) where the family has one. A
+producer whose clips come out of a codec may set ``decode_seconds`` after each call: the part of the call spent
+decoding codes to audio, which the runner charges to a ``decode`` stage instead of ``generate``.
 
 Generating producers seed a batch with ``seed + index of its first item``, so clips do not depend on the number
 of ranks.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +42,13 @@ def _from_model(cls: type, suite: Suite, model: Any) -> Any:
 def _seed(settings: dict[str, Any], items: list[EvalItem]) -> int | None:
     seed = settings.get("seed")
     return None if seed is None else seed + items[0].index
+
+
+def _sync(module: torch.nn.Module) -> None:
+    """Wait for the queued GPU work of ``module``'s device (a stage's time is its kernels', not the host's)."""
+    device = next(module.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _where(suite: Suite) -> str:
@@ -75,7 +85,8 @@ class MusicGenProducer:
             raise SuiteError(f"{_where(suite)}: melody_from_reference: true, but {self.model_ref} has no melody "
                              "conditioner (family.melody); set it to auto or false")
         self.melody = has_melody and suite.melody_from_reference in (True, "auto")
-        self.params = GenerationParams(**{"seed": 0, **suite.generation})
+        on_gpu = next(self.module.parameters()).device.type == "cuda"
+        self.params = GenerationParams(**{"seed": 0, "dtype": "bf16" if on_gpu else None, **suite.generation})
         window = suite.long_form.get("window", (self.cfg.get("data") or {}).get("segment_seconds"))
         self.long_form = LongForm(**{"mode": "window", **suite.long_form, "window": window})
 
@@ -83,8 +94,18 @@ class MusicGenProducer:
         from ostinato.evaluation.runner import generate_items
 
         assert self.suite.seconds is not None
+        codes_done: list[float] = []
+
+        def tick(fraction: float) -> None:  # the last decoding step: the codes are done, audio decoding starts
+            if fraction >= 1.0 and not codes_done:
+                _sync(self.codec)
+                codes_done.append(time.perf_counter())
+            progress(fraction)
+
         wav = generate_items(self.module, self.codec, items, self.suite.seconds, self.params, self.long_form,
-                             melody=self.melody, progress=progress)
+                             melody=self.melody, progress=tick)
+        _sync(self.codec)
+        self.decode_seconds = time.perf_counter() - codes_done[0] if codes_done else 0.0
         return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
 
     def describe(self) -> dict[str, Any]:

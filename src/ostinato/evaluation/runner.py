@@ -205,8 +205,10 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
             def on_progress(fraction: float, done: float = done, size: int = len(group)) -> None:
                 bar.update(round(done + size * fraction, 2) - bar.n)  # update() rate-limits the redraws
 
-            with clock("reconstruct" if suite.kind == "reconstruction" else "generate"):
+            stage = "reconstruct" if suite.kind == "reconstruction" else "generate"
+            with clock(stage):
                 wav, lengths = producer(group, on_progress)
+            clock.move(stage, "decode", getattr(producer, "decode_seconds", 0.0))
             reference = ref_lengths = None
             if all(it.reference is not None for it in group):
                 reference, ref_lengths = stack_references(group)

@@ -37,6 +37,14 @@ class StageClock:
             self._sync()
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Charge ``seconds`` of what ``source`` measured to ``target`` (a part that the stage's own code timed,
+        e.g. the codec decoding inside ``generate``)."""
+        seconds = min(max(0.0, seconds), self.seconds.get(source, 0.0))
+        if seconds:
+            self.seconds[source] -= seconds
+            self.seconds[target] = self.seconds.get(target, 0.0) + seconds
+
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.seconds.items()}
 
