@@ -508,7 +508,12 @@ class FastDecoder:
         kernels = ATTENTIONS[1:] if self.attention == "auto" else (self.attention,)
         best: tuple[float, str, tuple[torch.cuda.CUDAGraph, Tensor]] | None = None
         for kernel in kernels:
-            captured = self._graph_of(length, kernel)
+            try:
+                captured = self._graph_of(length, kernel)
+            except RuntimeError:  # a kernel this GPU or build cannot capture: "auto" keeps the other
+                if len(kernels) == 1 or kernel == kernels[0]:
+                    raise
+                continue
             seconds = self._replay_seconds(captured[0]) if len(kernels) > 1 else 0.0
             if best is None or seconds < best[0]:
                 best = (seconds, kernel, captured)
