@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
-from tests.test_musicgen_family import write_token_shards
+from tests.references import write_t5
 from tests.test_musicgen_import import hf_musicgen  # noqa: F401  (fixture: a tiny transformers MusicGen folder)
 from tests.test_slurm import cluster  # noqa: F401  (fixture: the single-node SLURM cluster, started once)
 
@@ -37,7 +38,7 @@ def run_journey(name: str, cwd: Path, timeout: float, **variables: str | Path) -
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            **{k: str(v) for k, v in variables.items()}}
-    env.pop("PYTHONPATH", None)  # the journeys run the installed package, as a user's shell does
+    # the installed ``ostinato`` command runs this checkout's package where PYTHONPATH names it (a worktree)
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + journey(name)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -54,22 +55,87 @@ def test_the_page_marks_the_three_journeys() -> None:
 
 
 # -- 1. a distributed sweep ------------------------------------------------------------------------------------
-def test_sweep_journey_runs_a_grid_on_slurm(cluster, tmp_path: Path) -> None:  # noqa: F811
-    tokens = tmp_path / "tokens"
-    write_token_shards(tokens / "train", [150] * 8)
-    write_token_shards(tokens / "valid", [150] * 4, first_index=100)
-    out = tmp_path / "outputs"
-    proc = run_journey("sweep", tmp_path / "work", timeout=420, OSTINATO_OUTPUTS=out, TOKENS=tokens, GPUS=0,
-                       CPUS_PER_GPU=1, MEM_PER_GPU=1, MINUTES=10, PARTITION="debug", TRAINER="default", DIM=32,
-                       HEADS=2, LAYERS=1, FFN=64, SEGMENT=0.5, BATCH=4, STEPS=4, CKPT_EVERY=4, INTERVAL=0.05)
+# What shrinks the recipe to a CPU rehearsal (the page quotes this line): width, batch and lengths only.
+SHRINK = ('"trainer": "default", "logger": "csv", "family.lm.dim": 32, "family.lm.num_heads": 2, '
+          '"family.lm.num_layers": 1, "family.lm.ffn_dim": 64, "data.segment_seconds": 0.5, "data.batch_size": 4, '
+          '"data.batches_per_epoch": 2, "data.num_workers": 0, "trainer.max_steps": 4, '
+          '"trainer.checkpoint_every_steps": 4, "optim.schedule.warmup_steps": 2')
+
+
+def _models(folder: Path) -> Path:
+    """``$OSTINATO_MODELS`` of the recipe, random and tiny in the real shapes: ``encodec_32khz/`` a transformers
+    EncodecModel of EnCodec 32 kHz's layout (hop 640: 50 Hz, 4 codebooks of 2048 at 2.2 kbps) and ``t5-base/`` a
+    T5 encoder with its tokenizer."""
+    from transformers import EncodecConfig, EncodecModel
+
+    torch.manual_seed(0)
+    codec = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, upsampling_ratios=[8, 5, 4, 4],
+                          codebook_size=2048, hidden_size=8, codebook_dim=8, num_lstm_layers=1,
+                          target_bandwidths=[2.2], use_causal_conv=False, normalize=False)
+    EncodecModel(codec).eval().save_pretrained(folder / "encodec_32khz")
+    write_t5(folder / "t5-base")
+    return folder
+
+
+def _my_audio(folder: Path, n: int = 12) -> Path:
+    """A user's folder tree of 1.2 s tones (44.1 kHz stereo: prep converts), each with a caption sidecar."""
+    t = np.arange(int(1.2 * 44100)) / 44100
+    for i in range(n):
+        sub = folder / f"album{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        tone = 0.3 * np.sin(2 * np.pi * 110.0 * (1 + i) * t)
+        sf.write(sub / f"song{i:02d}.wav", np.stack([tone, tone], 1).astype(np.float32), 44100)
+        (sub / f"song{i:02d}.txt").write_text(f"a tone at {110 * (1 + i)} Hz")
+    return folder
+
+
+def test_the_page_quotes_the_rehearsal() -> None:
+    assert f"SHRINK='{SHRINK}'" in " ".join(DOC.read_text().split())
+
+
+def test_sweep_journey_runs_the_recipe_on_real_tokens_on_slurm(cluster, tmp_path: Path) -> None:  # noqa: F811
+    data, out = tmp_path / "data", tmp_path / "outputs"
+    proc = run_journey("sweep", tmp_path / "work", timeout=600, OSTINATO_OUTPUTS=out,
+                       OSTINATO_MODELS=_models(tmp_path / "models"), OSTINATO_DATA=data,
+                       AUDIO=_my_audio(tmp_path / "music"), HOLDOUT_EVERY=4, SEGMENT=0.5, WORKERS=1,
+                       FILES_PER_SHARD=2, NODES=1, TASKS=2, SRUN_RESOURCES="--overcommit",
+                       PARTITION="debug", TOKENIZE_MINUTES=10, TOKENIZE_WORKERS=0, GPUS=0, CPUS_PER_GPU=1,
+                       MEM_PER_GPU=1, MINUTES=10, SHRINK=SHRINK, INTERVAL=0.05)
+    tokens = data / "encodec32k" / "tokens"
+    counts = {}
+    for split in ("train", "valid", "test"):
+        files = sorted(p.name for p in (data / "encodec32k" / "audio" / split).iterdir())
+        counts[split] = sum(name.endswith(".wav") for name in files)
+        assert len(files) == 2 * counts[split], files  # every song with its caption
+        manifest = json.loads((tokens / split / "manifest.json").read_text())
+        codec = manifest["codec"]
+        assert (codec["n_q"], codec["card"], codec["frame_rate"], codec["sample_rate"]) == (4, 2048, 50, 32000)
+        assert manifest["total_samples"] == 2 * counts[split]  # two 0.5 s segments of each 1.2 s song
+        assert len(manifest["shards"]) >= 2  # shared by the two srun tasks
+    assert counts == {"train": 6, "valid": 3, "test": 3}
+    assert "the last part to finish writes the manifest" in proc.stdout  # one of the two parts
     folders = sorted(p.parent for p in (out / "xps").glob("*/job.json"))
     logs = {f.name: (f / "train.log").read_text()[-1500:] for f in folders if (f / "train.log").is_file()}
     assert len(folders) == 2, (folders, proc.stdout[-2000:])
+    recipe = yaml.safe_load((ROOT / "conf" / "experiment" / "recipe_musicgen_small.yaml").read_text())
     for folder in folders:
         ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["global_step"] == 4, logs
         cfg = ckpt["ostinato_config"]
-        assert cfg["family"]["lm"]["num_layers"] == 1 and cfg["data"]["train"] == str(tokens / "train")
+        fam = cfg["family"]
+        assert (fam["n_q"], fam["card"]) == (4, 2048) and fam["lm"]["num_layers"] == 1
+        assert fam["text"]["model"] == str(tmp_path / "models" / "t5-base")
+        assert cfg["data"]["train"] == str(tokens / "train")
+        # the recipe's structure, not the CPU demo's: what SHRINK leaves alone comes from the recipe
+        for key in ("cfg_dropout", "attribute_dropout"):
+            assert fam[key] == recipe["family"][key]
+        assert cfg["ema"] == {**cfg["ema"], **recipe["ema"]} and cfg["ema"]["decay"] == 0.99
+        for key in ("name", "betas", "weight_decay"):
+            assert cfg["optim"][key] == recipe["optim"][key]
+        assert cfg["optim"]["schedule"]["name"] == "cosine" and cfg["trainer"]["validate_first"] is False
+        assert cfg["data"]["min_segment_ratio"] == 0.8 and cfg["trainer"]["log_every_n_steps"] == 25
+        emb = [v for k, v in ckpt["state_dict"].items() if k.endswith("lm.emb.0.weight")]
+        assert emb and emb[0].shape == (2048 + 1, 32), [e.shape for e in emb]  # 2048 codes + the special one
     assert sorted(torch.load(f / "checkpoints" / "last.ckpt", weights_only=True)["ostinato_config"]["optim"]["lr"]
                   for f in folders) == [1e-4, 3e-4]
     table = proc.stdout[proc.stdout.rindex("opt.lr") - 2000:]  # the last table: `--no_monitoring`

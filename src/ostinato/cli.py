@@ -213,13 +213,18 @@ def _encode(args: argparse.Namespace) -> None:
 def _tokenize(args: argparse.Namespace) -> None:
     from ostinato.models.semantic import is_semantic_tokenizer
     from ostinato.encoding.tokens import tokenize
+    from ostinato.encoding.writer import parse_part
 
     if args.semantic is not None and not is_semantic_tokenizer(args.semantic):
         raise FileNotFoundError(f"--semantic {args.semantic}: no semantic_tokenizer.json there; fit one with "
                                 f"`ostinato prep semantic SHARDS {args.semantic}`")
     devices = None if args.devices == "auto" else args.devices.split(",")
     m = tokenize(args.semantic or args.codec, args.shards, args.out, n_q=args.n_q, batch_size=args.batch_size,
-                 workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust)
+                 workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust,
+                 part=parse_part(args.part) if args.part else (0, 1))
+    if m is None:
+        print(f"part {args.part}: its shards are written in {args.out}; the last part to finish writes the manifest")
+        return
     c = m.codec
     print(f"{len(m.shards)} token shards, {m.total_samples} samples, {m.total_frames} frames "
           f"({m.total_frames / c.frame_rate / 3600:.2f} h) of {c.n_q} x {c.card} codes at {c.frame_rate:g} Hz "
@@ -698,6 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=_number(int, 0), default=2, help="audio decoding processes per device "
                                                                       "(0: in the main process)")
     t.add_argument("--devices", default="auto", help="comma-separated (cuda:0,cuda:1 or cpu); auto = all GPUs")
+    t.add_argument("--part", default=None, metavar="I/N|slurm",
+                   help="this process's share when several machines tokenize into OUT together: I/N (every N-th "
+                        "shard from the I-th, I from 0), or slurm (the task's SLURM_PROCID of SLURM_NTASKS: srun "
+                        "--nodes 4 ostinato tokenize ... --part slurm); the last part to finish writes the manifest")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     t.set_defaults(func=_tokenize)

@@ -272,7 +272,7 @@ render_conf() {
     [[ "$c_line" == NodeName=* ]] || die "slurmd -C failed: $c_line"
     cpus=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$c_line")
     mem=$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$c_line")
-    nproc_cpus=$(nproc)
+    nproc_cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS, as the tests set it
     if [[ "$cpus" == "$nproc_cpus" ]]; then
         # Full topology as slurmd reports it (Boards/Sockets/Cores/Threads).
         hw=$(grep -o 'CPUs=[0-9]* .*ThreadsPerCore=[0-9]*' <<<"$c_line")

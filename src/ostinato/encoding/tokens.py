@@ -62,10 +62,12 @@ def _open(ref: str, n_q: int, trust: bool, device: str) -> CodecTokens:
 
 def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = None, batch_size: int = 16,
              workers: int = 1, devices: list[str] | None = None, overwrite: bool = False, trust: bool = False,
-             progress: bool = True) -> TokenManifest:
+             progress: bool = True, part: tuple[int, int] = (0, 1)) -> TokenManifest | None:
     """Encode every sample of ``shards`` (any spec ``resolve_shards`` takes) into token shards in ``out``.
 
     ``codec_ref``: a semantic tokenizer folder (``ostinato prep semantic``) or anything ``load_codec`` takes.
+    ``part``: ``(I, N)``, this process's share when N processes tokenize together (``write_shards``); the one that
+    finishes last writes the manifest and returns it, the others return None.
     """
     if batch_size < 1 or workers < 0 or (n_q is not None and n_q < 1):
         raise ValueError(f"--batch-size {batch_size}, --workers {workers}, --n-q {n_q}: the batch size and n_q must "
@@ -81,7 +83,9 @@ def tokenize(codec_ref: str, shards: Any, out: str | Path, *, n_q: int | None = 
     written = write_shards(partial(_open, str(codec_ref), n_q, trust), shards, out,
                            identity={"codec_hash": info.hash, "n_q": n_q}, what="token shards",
                            batch_size=batch_size, workers=workers, devices=devices, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, part=part)
+    if written is None:
+        return None
     is_semantic = isinstance(codec, SemanticTokenizer)
     semantic = {"semantic": codec.id} if is_semantic else {}
     model = ModelInfo(info.id, info.hash, "semantic_tokenizer" if is_semantic else "codec", info.sample_rate,

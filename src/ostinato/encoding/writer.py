@@ -4,11 +4,14 @@ Each audio shard becomes one shard of the same name, written atomically with a d
 name, samples, frames, skipped), so a re-run skips finished shards; the caller writes the manifest last. Items of
 equal length are encoded together, so a batch gives exactly what encoding each item alone gives. Several devices
 each take every n-th pending shard in their own (spawned) process; ``workers`` processes per device decode audio.
+Several machines share one output with ``part``: part I of N takes every N-th shard from the I-th, and the part
+that finds every shard done when it finishes (the last one) returns the markers for the manifest.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, rea
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardEncoder", "Written", "open_output", "write_shards"]
+__all__ = ["ShardEncoder", "Written", "open_output", "parse_part", "write_shards"]
 
 
 class ShardEncoder(Protocol):
@@ -143,6 +146,22 @@ def _run_device(opener: Opener | ShardEncoder, urls: list[str], out: Path, batch
     bar.close()
 
 
+def parse_part(text: str, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``--part``: ``I/N`` (the I-th of N parts, from 0) or ``slurm`` (``SLURM_PROCID`` of ``SLURM_NTASKS``, the
+    task of an ``srun`` step) -> ``(I, N)``."""
+    env = os.environ if env is None else env
+    if text == "slurm":
+        if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+            raise UserError("--part slurm: SLURM_PROCID / SLURM_NTASKS are not set; run the command under srun "
+                            "(srun --nodes 4 --ntasks-per-node 1 ostinato tokenize ...) or give --part I/N")
+        text = f"{env['SLURM_PROCID']}/{env['SLURM_NTASKS']}"
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise UserError(f"--part {text}: give I/N with 0 <= I < N (the I-th of N processes sharing the shards), "
+                        "or slurm")
+    return int(index), int(count)
+
+
 def open_output(shards: Any, out: str | Path) -> tuple[ShardSource, Path]:
     """The audio shards and the output folder, checked before any model loads (a file there, a read-only disk)."""
     return resolve_shards(shards), output_folder(out, "OUT")
@@ -150,22 +169,30 @@ def open_output(shards: Any, out: str | Path) -> tuple[ShardSource, Path]:
 
 def write_shards(opener: Opener, shards: Any, out: str | Path, *, identity: dict[str, Any], what: str,
                  batch_size: int = 16, workers: int = 1, devices: list[str] | None = None, overwrite: bool = False,
-                 progress: bool = True, loaded: ShardEncoder | None = None) -> Written:
+                 progress: bool = True, loaded: ShardEncoder | None = None,
+                 part: tuple[int, int] = (0, 1)) -> Written | None:
     """Encode every sample of ``shards`` (any spec ``resolve_shards`` takes) into shards in ``out``.
 
     ``identity`` (the model's weights hash and settings) must match an earlier run's to resume it; ``what`` names
     the output in messages (``token shards``); ``loaded``: the encoder already on ``devices[0]``, used instead of
-    ``opener`` when one device does the work.
+    ``opener`` when one device does the work; ``part``: ``(I, N)``, this process's share of the shards when N
+    processes (on several machines) write ``out`` together: None comes back unless this part finished last.
     """
     if batch_size < 1 or workers < 0:
         raise ValueError(f"--batch-size {batch_size}, --workers {workers}: the batch size must be at least 1, "
                          "the workers at least 0")
+    index, parts = part
+    if parts > 1 and overwrite:  # one part would delete the shards that the others are writing
+        raise UserError(f"--overwrite with --part {index}/{parts}: the parts cannot clear {out} together; delete "
+                        "it, or run once with --overwrite and no --part")
     source, out = open_output(shards, out)
     with naming(out / ".progress.json"):
         check_progress(out, {**identity, "shards": source.urls}, overwrite, what)
-    sweep_temps(out, [n for u in source.urls for n in (shard_name(u), shard_marker(out, u).name)]
-                + ["manifest.json", ".progress.json"])
-    todo = [u for u in source.urls if not shard_done(out, u)]
+    mine = source.urls[index::parts]
+    # the manifest's and progress file's temps may be another part's, in flight: only a lone part sweeps them
+    sweep_temps(out, [n for u in mine for n in (shard_name(u), shard_marker(out, u).name)]
+                + (["manifest.json", ".progress.json"] if parts == 1 else []))
+    todo = [u for u in mine if not shard_done(out, u)]
     devices = devices or (["cuda:%d" % i for i in range(torch.cuda.device_count())] or ["cpu"])
     devices = devices[: max(1, len(todo))]
     log.info("writing %d of %d %s on %s", len(todo), len(source.urls), what, ", ".join(devices))
@@ -185,6 +212,12 @@ def write_shards(opener: Opener, shards: Any, out: str | Path, *, identity: dict
         failed = [d for d, p in zip(devices, procs) if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"{what} failed on {', '.join(failed)}; re-run to finish the remaining shards")
+    if parts > 1:
+        waiting = [u for u in source.urls if not shard_done(out, u)]
+        if waiting:
+            log.info("part %d/%d: my %d shards are done; %d shards of other parts are not, the last part to finish "
+                     "writes the manifest", index, parts, len(mine), len(waiting))
+            return None
     markers = [read_json(shard_marker(out, u)) for u in source.urls]
     by_shard = {u: int(m.get("skipped", 0)) for u, m in zip(source.urls, markers) if m.get("skipped")}
     written = Written(source, markers, by_shard)
