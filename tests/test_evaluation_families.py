@@ -142,7 +142,31 @@ def test_jukebox_suite_generates_scores_and_measures_seed_diversity(parts: dict,
              for s in (0, 2)]
     assert not torch.equal(codes[0], codes[1])
     assert m["diversity_waveform_corr_mean"] > 0.999 and m["diversity_spectral_sim_mean"] > 0.999
-    assert "log-mel cosine between clips" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "log-mel cosine between clips" in report
+    # nothing conditioned these clips (no genre or composer in the reference metadata): no prompt, no caption
+    assert all("prompt" not in it and "conditioning" not in it for it in result["items"])
+    assert "clip 0" not in report and "| # | generated | reference | per-song FAD |" in report
+
+
+def test_unconditional_items_carry_no_prompt_and_a_jukebox_lists_the_metadata_it_read(parts: dict) -> None:
+    from ostinato.evaluation.items import read_items
+    from ostinato.evaluation.report import _markdown
+    from tests.test_jukebox import _tiny_jukebox
+
+    reference = [f"reference={parts['reference']}", f"embedding={parts['embedding']}", "num_samples=2"]
+    musika, text = load_suite("musika_demo", reference), load_suite("demo", reference)
+    assert [it.prompt for it in read_items(musika, SR, 1)] == ["", ""]  # the reference captions were never used
+    assert [it.prompt for it in read_items(text, SR, 1)] == ["clip 0", "clip 1"]
+    jukebox = load_suite("jukebox_demo", reference)
+    producer = JukeboxProducer.from_model(jukebox, _tiny_jukebox())
+    item = read_items(jukebox, SR, 1)[0]
+    item.meta.update(genre="chorale", composer="Bach", caption="a caption the priors never read")
+    assert producer.item_fields(item) == {"conditioning": "genre: chorale, composer: Bach"}
+    result = {"suite": "jukebox_demo", "kind": "unconditional", "model": "m", "metrics": {},
+              "items": [{"index": 0, "conditioning": "genre: chorale, composer: Bach", "generated": "g.wav"}]}
+    assert "| # | conditioning | generated | reference |\n|---:|---|---|---|\n| 0 | genre: chorale, composer: Bach" \
+        in _markdown(result, result["items"], {})
 
 
 def test_clip_diversity_keeps_the_first_clips_whatever_the_batches_and_finds_a_collapse() -> None:

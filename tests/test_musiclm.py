@@ -435,6 +435,40 @@ def stage_xps(env, demo_streams, tmp_path_factory) -> dict:
     return {"env": run_env, "folders": folders, "parts": parts}
 
 
+def test_a_stage_whose_card_is_not_its_tokens_names_both_numbers_the_key_and_the_fix():
+    from types import SimpleNamespace
+
+    from ostinato.errors import DataMismatch
+    from ostinato.families.musiclm import CoarseStage, SemanticStage
+
+    fitted = CodecInfo(id="data/demo/semantic_tokenizer", hash="0", sample_rate=16000, channels=1, frame_rate=25.0,
+                       n_q=1, card=500)  # `ostinato prep semantic`'s default k
+    dm = SimpleNamespace(semantic=fitted, codec=CODEC)
+    kw = dict(mulan_n_q=MULAN_NQ, mulan_card=MULAN_CARD, lm=TINY_LM)
+    for stage, key in ((SemanticStage(64, **kw), "card"),
+                       (CoarseStage(CODEC.card, coarse_q=2, semantic_card=64, **kw), "semantic_card")):
+        stage._trainer = SimpleNamespace(datamodule=dm)
+        with pytest.raises(DataMismatch) as e:
+            stage.setup("fit")
+        assert str(e.value) == (f"family.{key}=64 but the semantic tokens (data/demo/semantic_tokenizer) have 500 "
+                                f"codes: set family.{key}=500 (or leave it out: the stage reads the data's manifest),"
+                                " or `ostinato prep semantic --k 64` and tokenize the splits again")
+
+
+def test_train_refuses_a_card_override_that_its_tokens_do_not_have_in_one_line(env, demo_streams, tmp_path):
+    from tests.runner import train
+
+    data, _ = demo_streams
+    run_env = {**env, "OSTINATO_DATA": str(data), "OSTINATO_OUTPUTS": str(tmp_path / "out")}
+    run = [a for a in _stage_run("semantic", 1) if not a.startswith("family.card=")] + ["family.card=64"]
+    proc = train(run_env, *run, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "ostinato train: error: family.card=64 but the semantic tokens") and "set family.card=32" in proc.stderr
+    assert not list((tmp_path / "out").rglob("*.ckpt"))  # refused before any step
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
 def test_stage_trains_through_the_engine(stage, stage_xps):
     folder = stage_xps["folders"][stage]

@@ -24,6 +24,11 @@ class UserError(Exception):
     """A problem the user can fix; the message is one line naming the file, key or flag and the fix."""
 
 
+class DataMismatch(UserError, ValueError):
+    """A family's dimensions (codebooks, card, channels, streams) that do not fit its data's manifests, found when
+    training sets up, before any step; one line naming both numbers, the key and the fix."""
+
+
 def did_you_mean(word: str, options: Iterable[str], n: int = 3) -> str:
     """`` (did you mean a, b?)`` for the closest of ``options``, or ``""``: at most ``n``, and only those about as
     close as the best (``trainer.max_stepz`` suggests ``max_steps``, not also ``max_time``)."""

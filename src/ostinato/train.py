@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ostinato.data.dims import read_manifests, register_resolvers
+from ostinato.engine import console
 from ostinato.engine.callbacks import grouped
 from ostinato.engine.config import ConfigError, check_global_batch, check_overrides, composition_error, validate
 from ostinato.families.base import plain
@@ -66,6 +67,7 @@ def _preflight(cfg: DictConfig, world_size: int):
 
 
 def run(cfg: DictConfig) -> L.Trainer:
+    console.install()  # before the Trainer: Lightning warns while it is built
     xp = get_xp()
     read_manifests()  # the signature is fixed: the family's ${manifest:...} dimensions now come from the data
     folder = Path(xp.folder)
@@ -102,14 +104,18 @@ def run(cfg: DictConfig) -> L.Trainer:
             xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0})
         return trainer
     if cfg.trainer.validate_first and resume is None:  # the untrained baseline, as history's epoch -1
-        metrics = {k: v for r in trainer.validate(family, datamodule) for k, v in r.items()}
+        metrics = {k: v for r in trainer.validate(family, datamodule, verbose=False) for k, v in r.items()}
         if trainer.is_global_zero:
             xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0, "epoch": -1})
+            main = {k: v for k, v in trainer.progress_bar_metrics.items() if k.startswith("valid/")} or metrics
+            log.info("untrained baseline: %s", " ".join(f"{k} {float(v):.4g}" for k, v in sorted(main.items())))
     try:
         trainer.fit(family, datamodule, ckpt_path=str(resume) if resume else None)
     except NonFiniteError as e:
         kept = last_checkpoint(folder)
         raise NonFiniteError(f"{e} ({kept or 'no checkpoint was written yet'})") from None
+    if trainer.is_global_zero:  # the last line: what `ostinato export`, `generate --model` and continue_from take
+        log.info("XP %s in %s (step %d): ostinato export %s OUT", xp.sig, folder, trainer.global_step, xp.sig)
     return trainer
 
 

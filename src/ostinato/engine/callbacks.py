@@ -58,7 +58,7 @@ class DoraHistory(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Log samples/s and audio-seconds/s of training (shown on the progress bar), the corrupt samples skipped per
+    """Log samples/s and audio-seconds/s of training, the corrupt samples skipped per
     split, and stop an evaluation pass whose every sample was corrupt (``DataError``)."""
 
     def __init__(self) -> None:
@@ -79,8 +79,7 @@ class Throughput(L.Callback):
         sr = getattr(pl_module, "sample_rate", None)
         pl_module.log("perf/samples_per_s", n / dt, batch_size=len(batch))
         if sr:
-            pl_module.log("perf/audio_s_per_s", n * batch.audio.shape[-1] / sr / dt, prog_bar=True,
-                          batch_size=len(batch))
+            pl_module.log("perf/audio_s_per_s", n * batch.audio.shape[-1] / sr / dt, batch_size=len(batch))
 
     # -- evaluation passes: count the blanks, stop when a pass read nothing else ------------------------------
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

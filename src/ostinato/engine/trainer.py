@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ostinato.engine.callbacks import AudioSamples, DoraHistory, PreemptionCheckpoint, Throughput
 from ostinato.engine.checkpoint_io import SafeCheckpointIO
+from ostinato.engine.console import OneLineSummary, StepProgressBar
 from ostinato.store.checkpoint import (LAST_NAME, checkpoint_damage, is_checkpoint,
                                         older_checkpoints, set_aside, sweep_temp_files)
 from ostinato.engine.cluster import DoraEnvironment
@@ -198,6 +199,10 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
         callbacks.append(DoraHistory(xp))
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if t.progress_bar:
+        callbacks.append(StepProgressBar())
+    if t.model_summary:
+        callbacks.append(OneLineSummary())
     if not family.automatic_optimization:  # Lightning clips only automatic optimization; the family clips itself
         family.manual_gradient_clip = float(t.gradient_clip_val or 0)
     plugins: list[Any] = []

@@ -62,7 +62,7 @@ def read_items(suite: Suite, sample_rate: int, channels: int, num_samples: int |
                 break
             i = len(items)
             ref = _convert(wav, sr, sample_rate, channels, suite.seconds) if keep is None or i in keep else None
-            prompt = "" if suite.kind == "reconstruction" else (
+            prompt = "" if suite.kind in ("reconstruction", "unconditional") else (  # no text reaches the model
                 suite.prompts[i % len(suite.prompts)] if suite.prompts else description(meta))
             items.append(EvalItem(i, prompt, key, meta, ref, 0 if ref is None else ref.shape[-1], True))
     if n is None:

@@ -219,6 +219,12 @@ class JukeboxProducer:
                                     lambda done, total: progress(done / max(total, 1)))
         return wav, torch.full((len(items),), wav.shape[-1], dtype=torch.long)
 
+    def item_fields(self, item: EvalItem) -> dict[str, str]:
+        """What the report lists for a clip: the metadata fields of its reference clip that the priors read (none
+        for an unconditioned Jukebox, or a reference clip without them)."""
+        used = [f"{name}: {item.meta[name]}" for name in self.jukebox.fields if item.meta.get(name) not in (None, "")]
+        return {"conditioning": ", ".join(used)} if used else {}
+
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "generation": dict(self.settings)}
 

@@ -144,8 +144,10 @@ def _per_song_histogram(values: list[float | None], bins: int, path: Path) -> bo
     return True
 
 
-def _spectrogram_grid(folder: Path, items: list[dict], labels: tuple[str, str], path: Path) -> bool:
-    """Rows: items; columns: generated (and reference when present). Log-mel of each clip."""
+def _spectrogram_grid(folder: Path, items: list[dict], labels: tuple[str, str], path: Path,
+                      text: str | None = None) -> bool:
+    """Rows: items; columns: generated (and reference when present). Log-mel of each clip, the generated one
+    titled with its ``text`` (prompt, conditioning) when it has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +169,7 @@ def _spectrogram_grid(folder: Path, items: list[dict], labels: tuple[str, str], 
                 continue
             wav, sr = load_audio(folder / it[key])
             ax.imshow(log_mel(wav, sr), origin="lower", aspect="auto", cmap="magma")
-            title = f"{labels[col]} {it['index']}" + (f": {it['prompt']}" if col == 0 and it.get("prompt") else "")
+            title = f"{labels[col]} {it['index']}" + (f": {it[text]}" if col == 0 and text and it.get(text) else "")
             ax.set_title(title[:70], fontsize=7)
     fig.tight_layout()
     _savefig(fig, path)
@@ -197,7 +199,9 @@ def write_report(folder: str | Path) -> Path:
         figures["per-song FAD histogram"] = "figures/per_song_fad.png"
     rows = _item_rows(result)
     labels = _labels(result)
-    if _spectrogram_grid(folder, rows[:max_items], labels, folder / "figures" / "spectrograms.png"):
+    text = _text_column(result)
+    if _spectrogram_grid(folder, rows[:max_items], labels, folder / "figures" / "spectrograms.png",
+                         None if text == "key" else text):
         figures[f"log-mel spectrograms ({labels[0]} | {labels[1]})"] = "figures/spectrograms.png"
     atomic_write_text(folder / "report.md", _markdown(result, rows, figures))
     atomic_write_text(folder / "report.html", _html(result, rows, figures))
@@ -224,8 +228,13 @@ def _header(result: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _text_column(result: dict) -> str:
-    return "key" if result.get("kind") == "reconstruction" else "prompt"
+def _text_column(result: dict) -> str | None:
+    """The clips table's text: the reference clip's key (a codec), the prompt (text to music), what conditioned a
+    clip (a Jukebox's metadata); None for clips that nothing conditioned (Musika, an unconditioned Jukebox)."""
+    if result.get("kind") == "reconstruction":
+        return "key"
+    column = "conditioning" if result.get("kind") == "unconditional" else "prompt"
+    return column if any(it.get(column) for it in result.get("items", [])) else None
 
 
 def _markdown(result: dict, rows: list[dict], figures: dict[str, str]) -> str:
@@ -240,11 +249,13 @@ def _markdown(result: dict, rows: list[dict], figures: dict[str, str]) -> str:
     for title, src in figures.items():
         lines += ["", f"## {title[0].upper() + title[1:]}", "", f"![{title}]({src})"]
     text, labels, per_song = _text_column(result), _labels(result), "per_song_fad" in result
-    head = ["#", text, labels[0], labels[1]] + (["per-song FAD"] if per_song else [])
-    lines += ["", "## Clips", "", "| " + " | ".join(head) + " |", "|---:|---|---|---|" + ("---:|" if per_song else "")]
+    head = ["#", *([text] if text else []), labels[0], labels[1]] + (["per-song FAD"] if per_song else [])
+    lines += ["", "## Clips", "", "| " + " | ".join(head) + " |",
+              "|---:|" + "---|" * (len(head) - 1 - per_song) + ("---:|" if per_song else "")]
     for it in rows:
         ref = f"[wav]({it['reference']})" if it.get("reference") else ""
-        cells = [str(it["index"]), str(it.get(text) or "").replace("|", "\\|"), f"[wav]({it['generated']})", ref]
+        cells = [str(it["index"]), *([str(it.get(text) or "").replace("|", "\\|")] if text else []),
+                 f"[wav]({it['generated']})", ref]
         cells += [format_value(it.get("per_song_fad"))] if per_song else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -270,12 +281,13 @@ def _html(result: dict, rows: list[dict], figures: dict[str, str]) -> str:
     for title, src in figures.items():
         parts.append(f"<h2>{e(title[0].upper() + title[1:])}</h2><img src='{e(src)}' alt='{e(title)}'>")
     text, labels, per_song = _text_column(result), _labels(result), "per_song_fad" in result
-    head = ["#", text, labels[0], labels[1]] + (["per-song FAD"] if per_song else [])
+    head = ["#", *([text] if text else []), labels[0], labels[1]] + (["per-song FAD"] if per_song else [])
     parts.append("<h2>Clips</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
     for it in rows:
         ref = f"<audio controls preload='none' src='{e(it['reference'])}'></audio>" if it.get("reference") else ""
         fad = f"<td class='n'>{e(format_value(it.get('per_song_fad')))}</td>" if per_song else ""
-        parts.append(f"<tr><td class='n'>{it['index']}</td><td>{e(str(it.get(text) or ''))}</td>"
+        cell = f"<td>{e(str(it.get(text) or ''))}</td>" if text else ""
+        parts.append(f"<tr><td class='n'>{it['index']}</td>{cell}"
                      f"<td><audio controls preload='none' src='{e(it['generated'])}'></audio></td><td>{ref}</td>"
                      f"{fad}</tr>")
     parts.append("</table></body></html>")

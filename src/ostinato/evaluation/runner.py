@@ -238,7 +238,8 @@ def run_suite(suite: Suite | str | os.PathLike, model_ref: str, out_dir: str | o
         "model": str(model_ref), "codec": producer.codec_ref, "sample_rate": producer.sample_rate,
         "num_items": len(items), "seconds": suite.seconds, "metrics": scalars, **details,
         "settings": producer.describe(), "items": [
-            {"index": it.index, "prompt": it.prompt, "key": it.key,
+            {"index": it.index, **({"prompt": it.prompt} if suite.kind == "text_to_music" else {}), "key": it.key,
+             **(producer.item_fields(it) if hasattr(producer, "item_fields") else {}),
              "generated": f"generated/{it.index:0{width}d}.wav",
              "reference": f"reference/{it.index:0{width}d}.wav" if it.has_reference else None}
             for it in items],

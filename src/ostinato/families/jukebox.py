@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ostinato.data.arrays import ArrayBatch, StreamInfo
 from ostinato.data.batch import AudioBatch
+from ostinato.errors import DataMismatch
 from ostinato.families.base import FamilyModule, plain
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.metrics.codebooks import CodePerplexity
@@ -140,16 +141,16 @@ class JukeboxPrior(CodebookLMFamily):
         prior = self.model
         need = [prior.level] + ([prior.upper] if prior.upper else [])
         if list(streams)[:len(need)] != need:
-            raise ValueError(f"the {prior.level} prior reads the streams {need} (this level first); set "
+            raise DataMismatch(f"the {prior.level} prior reads the streams {need} (this level first); set "
                              f"data.streams={need} (the data holds {list(streams)})")
         info = streams[prior.level]
         if info.card != prior.card:
-            raise ValueError(f"family.card={prior.card} but the {prior.level} codes have {info.card} codes; "
+            raise DataMismatch(f"family.card={prior.card} but the {prior.level} codes have {info.card} codes; "
                              f"set family.card={info.card}")
         if prior.upper is not None:
             ratio = info.rate / streams[prior.upper].rate
             if abs(ratio - prior.level_ratio) > 1e-6:
-                raise ValueError(f"family.level_ratio={prior.level_ratio} but the {prior.level} codes are {ratio:g}x "
+                raise DataMismatch(f"family.level_ratio={prior.level_ratio} but the {prior.level} codes are {ratio:g}x "
                                  f"as fast as the {prior.upper} codes")
         prior.codes_per_second.fill_(info.rate)
         prior.window_frames.fill_(round(dm.segment_seconds * info.rate))

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ostinato.data.batch import AudioBatch
 from ostinato.data.token_datamodule import TokenBatch
-from ostinato.errors import UserError
+from ostinato.errors import DataMismatch, UserError
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.interop.codecs import load_codec
 from ostinato.models.codec import Codec
@@ -130,7 +130,7 @@ class MusicGenFamily(CodebookLMFamily):
                 mine = self.n_q if key == "n_q" else self.card
                 if int(have) != mine:
                     name = "n_q" if key == "n_q" else "card"
-                    raise ValueError(f"family.{name}={mine} does not match the token shards: their codec "
+                    raise DataMismatch(f"family.{name}={mine} does not match the token shards: their codec "
                                      f"({info.id}) has {key}={have}; set family.{name}={have}")
             self._sample_rate = info.sample_rate
             if self.model.codec_ref is None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ostinato.data.musiclm_tokens import MusicLMBatch
+from ostinato.errors import DataMismatch
 from ostinato.families.codebook_lm import CodebookLMFamily, masked_lm_losses
 from ostinato.models.musiclm import CoarseLM, FineLM, SemanticLM
 
@@ -53,19 +54,27 @@ class _Stage(CodebookLMFamily):
             return
         mulan = getattr(dm, "mulan_tokens", None)
         if mulan is None:
-            raise ValueError(f"{type(self).__name__} needs MuLaN tokens: set data.<split>.mulan "
+            raise DataMismatch(f"{type(self).__name__} needs MuLaN tokens: set data.<split>.mulan "
                              "(written by write_mulan_tokens)")
         have, want = (mulan.tokens[namespace].shape[1], mulan.card[namespace]), self.model.mulan_shape
         if have != want:
-            raise ValueError(f"family.mulan_n_q / mulan_card = {want} but the MuLaN tokens have {have}; "
-                             f"set family.mulan_n_q={have[0]} family.mulan_card={have[1]}")
+            raise DataMismatch(f"family.mulan_n_q / mulan_card = {want} but the MuLaN tokens have {have}; set "
+                               f"family.mulan_n_q={have[0]} family.mulan_card={have[1]}, or fit them anew with "
+                               f"`ostinato prep mulan --n-q {want[0]} --card {want[1]}`")
 
-    def _check(self, info: Any, name: str, n_q: int, card: int) -> None:
+    def _check(self, info: Any, name: str, n_q: int, card: int, keys: tuple[str, str]) -> None:
+        """``info``: the ``name`` tokens' manifest; ``keys``: the family keys of their codebooks and card."""
         if info is None:
-            raise ValueError(f"{type(self).__name__} needs {name} tokens: set data.<split>.{name}")
-        if int(info.n_q) < n_q or int(info.card) != card:
-            raise ValueError(f"the {name} tokens have {info.n_q} x {info.card} codes but the family "
-                             f"expects {n_q} x {card}; fix family.card / n_q / coarse_q")
+            raise DataMismatch(f"{type(self).__name__} needs {name} tokens: set data.<split>.{name}")
+        if int(info.card) != card:
+            refit = (f"`ostinato prep semantic --k {card}` and tokenize the splits again" if name == "semantic" else
+                     f"tokenize with a codec of {card} codes")
+            raise DataMismatch(f"family.{keys[1]}={card} but the {name} tokens ({info.id}) have {info.card} codes: "
+                               f"set family.{keys[1]}={info.card} (or leave it out: the stage reads the data's "
+                               f"manifest), or {refit}")
+        if int(info.n_q) < n_q:
+            raise DataMismatch(f"family.{keys[0]}={n_q} but the {name} tokens ({info.id}) have {info.n_q} codebooks: "
+                               f"set family.{keys[0]}={info.n_q} or tokenize with more codebooks")
 
     def keep(self, batch_size: int, train: bool) -> Tensor | None:
         """Items ``[B]`` that keep their MuLaN prefix: all outside training, else each with 1 - ``cfg_dropout``."""
@@ -103,7 +112,7 @@ class SemanticStage(_Stage):
         self.use_lora(lora)
 
     def check_data(self, dm: Any) -> None:
-        self._check(getattr(dm, "semantic", None), "semantic", 1, self.model.card)
+        self._check(getattr(dm, "semantic", None), "semantic", 1, self.model.card, ("n_q", "card"))
         super().check_data(dm)
 
     def targets(self, batch: MusicLMBatch) -> tuple[Tensor, Tensor]:
@@ -131,8 +140,8 @@ class CoarseStage(_Stage):
         self.use_lora(lora)
 
     def check_data(self, dm: Any) -> None:
-        self._check(getattr(dm, "codec", None), "codec", self.model.n_q, self.model.card)
-        self._check(getattr(dm, "semantic", None), "semantic", 1, self.model.semantic_card)
+        self._check(getattr(dm, "codec", None), "codec", self.model.n_q, self.model.card, ("coarse_q", "card"))
+        self._check(getattr(dm, "semantic", None), "semantic", 1, self.model.semantic_card, ("n_q", "semantic_card"))
         super().check_data(dm)
 
     def targets(self, batch: MusicLMBatch) -> tuple[Tensor, Tensor]:
@@ -159,7 +168,7 @@ class FineStage(_Stage):
         self.use_lora(lora)
 
     def check_data(self, dm: Any) -> None:
-        self._check(getattr(dm, "codec", None), "codec", self.model.total_q, self.model.card)
+        self._check(getattr(dm, "codec", None), "codec", self.model.total_q, self.model.card, ("n_q", "card"))
 
     def targets(self, batch: MusicLMBatch) -> tuple[Tensor, Tensor]:
         assert batch.codes is not None and batch.code_lengths is not None

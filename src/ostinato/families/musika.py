@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ostinato.data.arrays import ArrayBatch
 from ostinato.data.batch import AudioBatch
+from ostinato.errors import DataMismatch
 from ostinato.families.base import plain
 from ostinato.families.gan import GANFamily, WaveformGANFamily
 from ostinato.metrics.fad import FrechetAudioDistance
@@ -143,11 +144,11 @@ class MusikaFamily(GANFamily):
         if dm is None or streams is None:
             return
         if "latents" not in streams:
-            raise ValueError(f"MusikaFamily trains on the `latents` stream of Musika autoencoder arrays; the data "
+            raise DataMismatch(f"MusikaFamily trains on the `latents` stream of Musika autoencoder arrays; the data "
                              f"holds {list(streams)} ({dm.model.kind})")
         info, window = streams["latents"], self.model.window
         if info.channels != self.model.dimension:
-            raise ValueError(f"family.dimension={self.model.dimension} but the latents have {info.channels} "
+            raise DataMismatch(f"family.dimension={self.model.dimension} but the latents have {info.channels} "
                              f"channels; set family.dimension={info.channels}")
         frames = round(dm.segment_seconds * info.rate)
         if frames < window:
