@@ -182,7 +182,7 @@ def test_a_semantics_value_that_is_none_is_one_line(t5: Path, tmp_path: Path, ca
     (edited / "config.yaml").write_text(yaml.safe_dump(config))
     capsys.readouterr()  # transformers' loading progress
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--model", str(edited), "--prompt", "organ", "--duration", "0.1", "--out",
+        main(["generate", "--model", str(edited), "--prompt", "organ", "--seconds", "0.1", "--out",
               str(tmp_path / "gen")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err

@@ -36,7 +36,7 @@ def test_prep_shards_cli_and_refusal(tmp_path, capsys):
         sf.write(src / f"song{i}.wav", tone(220 + 50 * i, 1.5, 22050).T.numpy(), 22050)
         (src / f"song{i}.txt").write_text(f"song number {i}")
     out = tmp_path / "out"
-    main(["prep", "shards", str(src), str(out), "--sample-rate", "16000", "--segment", "1.0"])
+    main(["prep", "shards", str(src), str(out), "--sample-rate", "16000", "--seconds", "1.0"])
     m = Manifest.load(out)
     assert m.sample_rate == 16000 and m.total_samples == 6  # 1.0 s + a 0.5 s tail per file
     with pytest.raises(SystemExit) as exit_info:

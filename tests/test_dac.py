@@ -140,7 +140,7 @@ def test_musicgen_trains_on_dac_tokens_and_generates_through_the_dac(tmp_path):
     folder = last.parent.parent
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["state_dict"]["model.lm.heads.0.weight"].shape == (64, 32)
-    main(["generate", "--model", str(folder), "--prompt", "clip 3", "--duration", "0.5", "--seed", "1", "--quiet",
+    main(["generate", "--model", str(folder), "--prompt", "clip 3", "--seconds", "0.5", "--seed", "1", "--quiet",
           "--out", str(tmp_path / "gen")])  # the codec: the one the token manifest records, the DAC
     wav, sr = sf.read(tmp_path / "gen" / "000.wav")
     assert sr == 22050 and wav.shape == (round(0.5 * 22050),) and abs(wav).max() > 0

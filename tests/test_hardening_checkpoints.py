@@ -219,7 +219,7 @@ def test_generate_with_a_damaged_model_checkpoint_is_one_line(env, tmp_path, tra
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes((trained / "last.ckpt").read_bytes()[:1000])
     proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "generate", "--model", str(ckpt), "--prompt", "x",
-                           "--duration", "1", "--out", str(tmp_path / "gen")], env=env, capture_output=True,
+                           "--seconds", "1", "--out", str(tmp_path / "gen")], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     line = _one_line_error(proc.stderr)

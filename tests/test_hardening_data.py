@@ -320,12 +320,12 @@ def test_prep_shards_says_out_is_a_file(tmp_path: Path, capsys):
     (["prep", "shards", "S", "O", "--files-per-shard", "0"], "--files-per-shard"),
     (["prep", "shards", "S", "O", "--workers", "0"], "--workers"),
     (["prep", "shards", "S", "O", "--workers", "-2"], "--workers"),
-    (["prep", "shards", "S", "O", "--segment", "0"], "--segment"),
+    (["prep", "shards", "S", "O", "--seconds", "0"], "--seconds"),
     (["prep", "shards", "S", "O", "--overlap", "-1"], "--overlap"),
     (["prep", "shards", "S", "O", "--sample-rate", "0"], "--sample-rate"),
     (["prep", "shards", "S", "O", "--files-per-shard", "many"], "--files-per-shard"),
     (["prep", "corpus", "--hours", "0"], "--hours"),
-    (["prep", "corpus", "--clip-seconds", "-1"], "--clip-seconds"),
+    (["prep", "corpus", "--seconds", "-1"], "--seconds"),
     (["prep", "corpus", "--files-per-shard", "0"], "--files-per-shard"),
     (["prep", "corpus", "--workers", "0"], "--workers"),
     (["prep", "semantic", "S", "O", "--k", "1"], "--k"),
@@ -333,7 +333,7 @@ def test_prep_shards_says_out_is_a_file(tmp_path: Path, capsys):
     (["prep", "semantic", "S", "O", "--iterations", "0"], "--iterations"),
     (["prep", "mulan", "--mulan", "M", "--n-q", "0"], "--n-q"),
     (["prep", "mulan", "--mulan", "M", "--card", "1"], "--card"),
-    (["prep", "mulan", "--mulan", "M", "--segment", "0"], "--segment"),
+    (["prep", "mulan", "--mulan", "M", "--seconds", "0"], "--seconds"),
     (["tokenize", "S", "O", "--codec", "C", "--batch-size", "0"], "--batch-size"),
     (["tokenize", "S", "O", "--codec", "C", "--workers", "-1"], "--workers"),
     (["tokenize", "S", "O", "--codec", "C", "--n-q", "0"], "--n-q"),
@@ -346,7 +346,7 @@ def test_out_of_range_numbers_are_refused_before_any_work(capsys, argv: list[str
 
 def test_overlap_not_below_segment_is_one_line(tmp_path: Path, capsys):
     src = _audio_folder(tmp_path / "src")
-    code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "out"), "--segment", "1",
+    code, err = _run_cli(capsys, "prep", "shards", str(src), str(tmp_path / "out"), "--seconds", "1",
                          "--overlap", "1")
     assert code == 2 and "overlap_seconds must be in [0, segment_seconds)" in _one_line_error(err)
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -72,17 +72,17 @@ def fails(capsys: pytest.CaptureFixture, *argv: str, loaded: bool = False) -> st
 # ---------------------------------------------------------------------------------------------- generate: numbers
 
 @pytest.mark.parametrize("flag, value, words", [
-    ("--duration", "0", "--duration: must be > 0"),
-    ("--duration", "-3", "--duration: must be > 0"),
+    ("--seconds", "0", "--seconds: must be > 0"),
+    ("--seconds", "-3", "--seconds: must be > 0"),
     ("--temperature", "-1", "--temperature: must be >= 0"),
     ("--top-k", "-5", "--top-k: must be >= 0"),
     ("--top-p", "1.5", "--top-p: must be in [0, 1]"),
     ("--top-p", "-0.1", "--top-p: must be in [0, 1]"),
-    ("--cfg", "-2", "--cfg: must be >= 0"),
-    ("--num-candidates", "0", "--num-candidates: must be >= 1"),
-    ("--duration", "ten", "--duration: not a number"),
-    ("--window", "0", "--window: must be > 0"),
-    ("--overlap", "-1", "--overlap: must be >= 0"),
+    ("--cfg-scale", "-2", "--cfg-scale: must be >= 0"),
+    ("--rerank", "0", "--rerank: must be >= 1"),
+    ("--seconds", "ten", "--seconds: not a number"),
+    ("--long-form-window", "0", "--long-form-window: must be > 0"),
+    ("--long-form-overlap", "-1", "--long-form-overlap: must be >= 0"),
 ])
 def test_generate_refuses_out_of_range_numbers_before_loading(capsys, tmp_path, flag, value, words) -> None:
     # the model does not exist: the argument is refused first, so nothing loads
@@ -129,8 +129,8 @@ def test_generate_refuses_a_missing_or_empty_prompts_file(capsys, tmp_path) -> N
 @pytest.mark.parametrize("family", ["musicgen", "musiclm", "musika", "jukebox"])
 def test_every_family_checks_arguments_before_loading(capsys, tmp_path, family) -> None:
     line = fails(capsys, "generate", "--family", family, "--model", str(tmp_path / "nope"), "--out",
-                 str(tmp_path / "o"), "--duration", "-1")
-    assert "--duration" in line
+                 str(tmp_path / "o"), "--seconds", "-1")
+    assert "--seconds" in line
 
 
 @pytest.mark.parametrize("flag", ["--melody", "--style", "--continue"])
@@ -149,13 +149,13 @@ def test_generate_audio_inputs_are_checked_before_loading(capsys, tmp_path, flag
 
 def test_generate_with_a_codec_as_model_says_it_is_a_codec(capsys, models, tmp_path) -> None:
     line = fails(capsys, "generate", "--model", str(models["codec"]), "--prompt", "x", "--out", str(tmp_path / "o"),
-                 "--duration", "0.1")
+                 "--seconds", "0.1")
     assert "is a codec" in line and str(models["codec"]) in line and "musicgen" in line
     assert "{" not in line and "not found" not in line
 
 
 def test_generate_into_a_file_or_a_read_only_folder(capsys, models, tmp_path) -> None:
-    args = ["generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "0.1", "--seed", "0"]
+    args = ["generate", "--model", str(models["musicgen"]), "--prompt", "x", "--seconds", "0.1", "--seed", "0"]
     (tmp_path / "file").write_text("x")
     line = fails(capsys, *args, "--out", str(tmp_path / "file"))
     assert "--out" in line and "not a folder" in line
@@ -166,7 +166,7 @@ def test_generate_into_a_file_or_a_read_only_folder(capsys, models, tmp_path) ->
 
 def test_generate_on_a_full_disk_leaves_no_half_written_clip(capsys, models, tmp_path) -> None:
     with tmpfs(tmp_path / "full", "size=16k") as full:  # 2 s at 24 kHz is ~96 kB of wav: it cannot fit
-        line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "2",
+        line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--seconds", "2",
                      "--seed", "0", "--out", str(full / "clips"), loaded=True)
         assert f"{full / 'clips' / '000.wav'}: no space left on device" in line
         assert sorted(p.name for p in (full / "clips").iterdir()) == []
@@ -179,7 +179,7 @@ def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch
     write_shards(work / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
     (work / "encodec").symlink_to(models["encodec"], target_is_directory=True)
     monkeypatch.chdir(work)
-    main(["tokenize", "shards", "tokens", "--codec", "encodec", "--devices", "cpu", "--workers", "1"])
+    main(["tokenize", "shards", "tokens", "--codec", "encodec", "--device", "cpu", "--workers", "1"])
     cfg = OmegaConf.to_container(OmegaConf.load(models["musicgen"] / "config.yaml"))
     cfg["family"]["codec"] = None  # the codec of the token shards
     cfg["data"]["train"] = str(work / "tokens")
@@ -189,18 +189,18 @@ def test_an_export_finds_its_codec_from_any_folder(models, tmp_path, monkeypatch
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    main(["generate", "--model", str(work / "export"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
+    main(["generate", "--model", str(work / "export"), "--prompt", "x", "--seconds", "0.2", "--seed", "0",
           "--out", "clips", "--quiet"])
     assert (elsewhere / "clips" / "000.wav").is_file()
     assert yaml.safe_load((work / "export" / "config.yaml").read_text())["family"]["codec"] == "codec"
     (work / "export").rename(tmp_path / "moved")  # the export records its codec relative to itself: it travels
-    main(["generate", "--model", str(tmp_path / "moved"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
+    main(["generate", "--model", str(tmp_path / "moved"), "--prompt", "x", "--seconds", "0.2", "--seed", "0",
           "--out", "clips2", "--quiet"])
     assert (elsewhere / "clips2" / "000.wav").is_file()
 
 
 def test_generate_keeps_an_earlier_runs_clips_unless_told(models, tmp_path, capsys) -> None:
-    args = ["generate", "--model", str(models["musicgen"]), "--duration", "0.1", "--seed", "0", "--quiet",
+    args = ["generate", "--model", str(models["musicgen"]), "--seconds", "0.1", "--seed", "0", "--quiet",
             "--out", str(tmp_path / "clips")]
     main([*args, "--prompt", "a", "--prompt", "b", "--prompt", "c"])
     first = (tmp_path / "clips" / "000.wav").read_bytes()
@@ -341,13 +341,13 @@ def test_eval_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(capsys,
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--window", "0.5", "--extend-stride", "0.8"], "stride 0.8 s must be > 0 and at most the window (0.5 s): "
-                                                    "lower --extend-stride or raise --window"),
-    (["--long-form", "chain", "--window", "0.5", "--overlap", "0.5"], "overlap 0.5 s must be >= 0 and shorter than "
-                                                                      "the window (0.5 s): lower --overlap"),
+    (["--long-form-window", "0.5", "--long-form-stride", "0.8"],
+     "stride 0.8 s must be > 0 and at most the window (0.5 s): lower --long-form-stride or raise --long-form-window"),
+    (["--long-form-mode", "chain", "--long-form-window", "0.5", "--long-form-overlap", "0.5"],
+     "overlap 0.5 s must be >= 0 and shorter than the window (0.5 s): lower --long-form-overlap"),
 ])
 def test_long_form_settings_that_cannot_work_name_the_flags(capsys, models, tmp_path, flags, words) -> None:
-    line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--duration", "1.2",
+    line = fails(capsys, "generate", "--model", str(models["musicgen"]), "--prompt", "x", "--seconds", "1.2",
                  "--out", str(tmp_path / "o"), *flags, loaded=True)
     assert words in line
     assert not (tmp_path / "o").exists()
@@ -362,7 +362,7 @@ def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(mode
     write_shards(work / "shards", n_shards=1, per_shard=2, sample_rate=SR, seconds=0.3)
     (work / "encodec").symlink_to(models["encodec"], target_is_directory=True)
     monkeypatch.chdir(work)
-    main(["tokenize", "shards", "tokens", "--codec", "encodec", "--devices", "cpu", "--workers", "1"])
+    main(["tokenize", "shards", "tokens", "--codec", "encodec", "--device", "cpu", "--workers", "1"])
     assert json.loads((work / "tokens" / "manifest.json").read_text())["codec"]["id"] == str(models["encodec"])
     cfg = OmegaConf.to_container(OmegaConf.load(models["musicgen"] / "config.yaml"))
     cfg["family"]["codec"] = None
@@ -372,7 +372,7 @@ def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(mode
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    main(["generate", "--model", str(work / "last.ckpt"), "--prompt", "x", "--duration", "0.2", "--seed", "0",
+    main(["generate", "--model", str(work / "last.ckpt"), "--prompt", "x", "--seconds", "0.2", "--seed", "0",
           "--out", "clips", "--quiet"])
     assert (elsewhere / "clips" / "000.wav").is_file()
 

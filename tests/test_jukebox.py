@@ -241,7 +241,7 @@ def test_cli_trains_resumes_exports_bundles_generates_and_evaluates(env, tmp_pat
         "--bottom", str(exports["bottom"]))
     out = tmp_path / "gen"
     cli(env, "generate", "--model", str(bundle), "--prompt", "genre: chorale, composer: Bach",
-         "--prompt", "genre: reel", "--duration", "1.0", "--seed", "0", "--out", str(out), "--quiet")
+         "--prompt", "genre: reel", "--seconds", "1.0", "--seed", "0", "--out", str(out), "--quiet")
     wav, sr = sf.read(out / "001.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())
     assert sr == SR and wav.shape == (SR,) and record["metadata"] == {"genre": "chorale", "composer": "Bach"}

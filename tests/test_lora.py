@@ -51,7 +51,7 @@ def musicgen_run(imported, env, tmp_path_factory):  # noqa: F811
     for split, n in (("train", 8), ("valid", 4)):
         write_shards(root / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR)
         main(["tokenize", str(root / "audio" / split), str(root / "tokens" / split), "--codec", str(out / "codec"),
-              "--devices", "cpu", "--workers", "1"])
+              "--device", "cpu", "--workers", "1"])
     run_env = {**env, "OSTINATO_OUTPUTS": str(root / "xps"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     base = ["family=musicgen_import", f"family.export={out}", f"continue_from={out}", "data=demo_tokens",
             f"data.train={root / 'tokens' / 'train'}", f"data.valid={root / 'tokens' / 'valid'}", "data.test=null",
@@ -163,7 +163,7 @@ def test_export_merges_or_keeps_the_adapters(musicgen_run, tmp_path) -> None:
         assert torch.allclose(hf[f"decoder.model.decoder.layers.1.{name}.weight"],
                               merged.state_dict()[f"lm.layers.1.{ours}.weight"], atol=1e-6)
     for model in (folder, kept):  # generation takes the adapted model as it is, from its XP or kept apart
-        main(["generate", "--model", str(model), "--prompt", TEXTS[0], "--duration", "0.2", "--seed", "0",
+        main(["generate", "--model", str(model), "--prompt", TEXTS[0], "--seconds", "0.2", "--seed", "0",
               "--out", str(tmp_path / "gen" / model.name)])
     clips = [sorted((tmp_path / "gen" / m.name).glob("*.wav")) for m in (folder, kept)]
     assert len(clips[0]) == 1 and clips[0][0].read_bytes() == clips[1][0].read_bytes()

@@ -451,7 +451,7 @@ def test_generate_with_a_melody_file_from_an_import(hf_melody, hf_import, tmp_pa
     # the CLI, with a melody file
     sf.write(tmp_path / "tune.wav", tune[0].numpy(), SR)
     main(["generate", "--model", str(hf_import.out), "--prompt", TEXTS[0], "--melody", str(tmp_path / "tune.wav"),
-          "--duration", "0.06", "--temperature", "0", "--out", str(tmp_path / "clips"), "--quiet"])
+          "--seconds", "0.06", "--temperature", "0", "--out", str(tmp_path / "clips"), "--quiet"])
     clip, rate = sf.read(tmp_path / "clips" / "000.wav")
     assert rate == SR and clip.shape[0] == round(0.06 * SR)
     assert torch.allclose(torch.from_numpy(clip).float(), expected[0, 0], atol=1e-4)

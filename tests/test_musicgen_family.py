@@ -202,7 +202,7 @@ def test_musicgen_tiny_trains_and_overfits_a_repeated_pattern(env, tmp_path):
     for name in ("gen_a", "gen_b"):
         cmd = [sys.executable, "-m", "ostinato.cli", "generate", "--model", str(folder), "--codec",
                str(tmp_path / "codec"), "--prompt", "a baroque chorale for organ", "--unconditional", "1",
-               "--duration", "1.0", "--seed", "7", "--top-k", "20", "--out", str(tmp_path / name)]
+               "--seconds", "1.0", "--seed", "7", "--top-k", "20", "--out", str(tmp_path / name)]
         proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(tmp_path / name)

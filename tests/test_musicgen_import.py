@@ -328,7 +328,7 @@ def test_finetune_an_import_with_continue_from(imported, env, tmp_path: Path) ->
     for split, n in (("train", 8), ("valid", 4)):
         write_shards(tmp_path / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR)
         main(["tokenize", str(tmp_path / "audio" / split), str(tmp_path / "tokens" / split), "--codec",
-              str(out / "codec"), "--devices", "cpu", "--workers", "1"])
+              str(out / "codec"), "--device", "cpu", "--workers", "1"])
     run_env = {**env, "OSTINATO_OUTPUTS": str(tmp_path / "xps"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     run = ["family=musicgen_import", f"family.export={out}", f"continue_from={out}", "data=demo_tokens",
            f"data.train={tmp_path / 'tokens' / 'train'}", f"data.valid={tmp_path / 'tokens' / 'valid'}",

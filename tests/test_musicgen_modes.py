@@ -149,7 +149,8 @@ def test_cli_every_option_writes_wavs_and_parameters(trained: dict, tmp_path: Pa
     cmd = [sys.executable, "-m", "ostinato.cli", "generate", "--model", str(trained["folder"]),
            "--prompts", str(tmp_path / "prompts.txt"), "--melody", str(tmp_path / "melody.wav"),
            "--style", str(tmp_path / "style.wav"), "--continue", str(tmp_path / "prompt.wav"),
-           "--duration", str(3 * SEGMENT), "--long-form", "chain", "--overlap", "0.2", "--cfg-beta", "1.5",
+           "--seconds", str(3 * SEGMENT), "--long-form-mode", "chain", "--long-form-overlap", "0.2",
+           "--cfg-beta", "1.5",
            "--style-eval-q", "1", "--style-excerpt", "0.4",
            "--seed", "1", "--out", str(out)]
     proc = subprocess.run(cmd, env=trained["env"], capture_output=True, text=True)

@@ -519,8 +519,8 @@ def test_cli_generates_from_text_and_continues_audio(stage_xps, tmp_path):
             str(folders["semantic"]), "--coarse", str(folders["coarse"]), "--fine", str(folders["fine"]),
             "--top-k", "8", "--seed", "0", "--quiet"]
     out = tmp_path / "text"
-    proc = subprocess.run(base + ["--prompt", "an organ chorale", "--prompt", "a fiddle reel", "--num-candidates", "3",
-                                  "--duration", "1.1", "--out", str(out)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(base + ["--prompt", "an organ chorale", "--prompt", "a fiddle reel", "--rerank", "3",
+                                  "--seconds", "1.1", "--out", str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in range(2):
         wav, sr = sf.read(out / f"{i:03d}.wav")
@@ -533,7 +533,7 @@ def test_cli_generates_from_text_and_continues_audio(stage_xps, tmp_path):
     prompt = tmp_path / "prompt.wav"
     sf.write(prompt, (0.2 * np.sin(2 * np.pi * 220 * np.arange(12000) / 24000)).astype(np.float32), 24000)
     cont = tmp_path / "cont"
-    proc = subprocess.run(base + ["--continue", str(prompt), "--duration", "1.0", "--out", str(cont)], env=env,
+    proc = subprocess.run(base + ["--continue", str(prompt), "--seconds", "1.0", "--out", str(cont)], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(sf.read(cont / "000.wav")[0]) == 24000
@@ -567,7 +567,7 @@ def test_a_bundle_generates_without_family_and_continues_from_an_export(stage_xp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert bundle_family(str(bundle)).name == "musiclm"
     out = tmp_path / "clips"
-    proc = subprocess.run(cli + ["generate", "--model", str(bundle), "--prompt", "a reel", "--duration", "0.5",
+    proc = subprocess.run(cli + ["generate", "--model", str(bundle), "--prompt", "a reel", "--seconds", "0.5",
                                  "--top-k", "8", "--seed", "0", "--quiet", "--out", str(out)],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

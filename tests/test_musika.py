@@ -270,7 +270,7 @@ def test_cli_trains_resumes_exports_encodes_generates_and_evaluates(env, tmp_pat
     assert not torch.equal(last["state_dict"]["gp_weight"], torch.tensor(10.0))  # the switch kept moving
     export(folder, tmp_path / "gan")
     out = tmp_path / "gen"
-    cli(env, "generate", "--family", "musika", "--model", str(tmp_path / "gan"), "--duration", "20", "--seed", "3",
+    cli(env, "generate", "--family", "musika", "--model", str(tmp_path / "gan"), "--seconds", "20", "--seed", "3",
          "--out", str(out), "--quiet")
     wav, sr = sf.read(out / "000.wav", dtype="float32")
     record = json.loads((out / "000.json").read_text())

@@ -355,7 +355,7 @@ def test_stereo_from_mono_fine_tunes_on_stereo_tokens(hf_mono, env, tmp_path: Pa
     for split, n in (("train", 8), ("valid", 4)):
         write_shards(tmp_path / "audio" / split, n_shards=1, per_shard=n, sample_rate=SR, channels=2)
         main(["tokenize", str(tmp_path / "audio" / split), str(tmp_path / "tokens" / split), "--codec",
-              str(stereo_codec), "--devices", "cpu", "--workers", "1"])
+              str(stereo_codec), "--device", "cpu", "--workers", "1"])
     manifest = json.loads((tmp_path / "tokens" / "train" / "manifest.json").read_text())
     assert (manifest["codec"]["n_q"], manifest["codec"]["channels"]) == (K, 2)
     run_env = {**env, "OSTINATO_OUTPUTS": str(tmp_path / "xps"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

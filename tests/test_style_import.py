@@ -426,7 +426,7 @@ def test_generate_cli_with_style_and_double_cfg(ac_style, tmp_path: Path) -> Non
     write_wav(ref, wavs(1, seconds=4.0, seed=8)[0], SR)
     for eval_q in ("1", "2"):
         main(["generate", "--model", str(out), "--prompt", "organ", "--prompt", "an irish reel", "--style", str(ref),
-              "--cfg", "3", "--cfg-beta", "2", "--style-eval-q", eval_q, "--temperature", "0", "--duration", "0.1",
+              "--cfg-scale", "3", "--cfg-beta", "2", "--style-eval-q", eval_q, "--temperature", "0", "--seconds", "0.1",
               "--out", str(tmp_path / f"q{eval_q}")])
     clips = {q: sorted((tmp_path / f"q{q}").glob("*.wav")) for q in "12"}
     assert len(clips["1"]) == len(clips["2"]) == 2

@@ -29,6 +29,7 @@ import gradio as gr  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+from ostinato.devices import resolve_device  # noqa: E402
 from ostinato.fileio import atomic_write_json, write_wav  # noqa: E402
 from ostinato.nn.decoding import GenerationParams, crossfade  # noqa: E402
 from ostinato.generation.musicgen import LongForm, load_generator  # noqa: E402
@@ -88,8 +89,7 @@ class Studio:
                  window: float | None = None, device: str = "auto", trust: bool = False) -> None:
         self.model_ref = model
         self.model, self.codec, cfg, self.codec_ref = load_generator(model, codec, trust=trust)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.model.to(self.device)
         self.codec.to(self.device)
         self.window = window if window is not None else (cfg.get("data") or {}).get("segment_seconds")

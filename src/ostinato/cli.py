@@ -33,14 +33,97 @@ from pathlib import Path
 from typing import Any
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every verb's ``--help``: descriptions as written, each option's default after its help (left out where it
+    is unset or a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``PROG: error: MESSAGE; see PROG --help``), exit 2, not the
-    usage block; its sub-parsers are of the same class. The only parser: argparse lives in this module alone."""
+    usage block; its sub-parsers are of the same class and help formatter. The only parser: argparse lives in this
+    module alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         from ostinato.errors import EXIT_USER_ERROR
 
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: it still works, hidden from ``--help``, and says its new name in one line."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _alias(parser: Any, old: str, new: argparse.Action) -> None:
+    """``old`` as a deprecated spelling of the flag ``new`` (same value, same checks)."""
+    parser.add_argument(old, dest=new.dest, type=new.type, choices=new.choices, metavar=new.metavar,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS, action=DeprecatedFlag,
+                        new=new.option_strings[0] if new.option_strings else (new.metavar or new.dest.upper()))
+
+
+# The shared flags: one spelling and one meaning on every verb (docs/cli.md). Verbs that write take
+# --overwrite and --quiet; verbs that load a model take --trust; verbs that run one take --device (default auto).
+TRUST_HELP = ("allow checkpoints that need full unpickling (torch.load weights_only=False: code in the file runs); "
+              "only for files you trust")
+QUIET_HELP = "no progress bars and no info log lines (results and errors are still printed)"
+DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
+DEVICES_HELP = ("auto (every visible GPU, else cpu), cpu, cuda:N or a comma-separated list (cuda:0,cuda:1); each "
+                "device takes every n-th pending shard")
+
+
+def _trust(p: Any) -> None:
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+
+
+def _quiet(p: Any) -> None:
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+
+def _overwrite(p: Any, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (without it, refused)")
+
+
+def _device_flag(p: Any, many: bool = False, help: str | None = None) -> argparse.Action:
+    return p.add_argument("--device", default="auto", type=_devices if many else _device,
+                          help=help or (DEVICES_HELP if many else DEVICE_HELP))
+
+
+@contextlib.contextmanager
+def _quieted(quiet: bool):
+    """``--quiet``: tqdm's bars off (TQDM_DISABLE, which rank and worker processes inherit) and info logs off, for
+    the verb's run only."""
+    if not quiet:
+        yield
+        return
+    before, root = os.environ.get("TQDM_DISABLE"), logging.getLogger()
+    level = root.level
+    os.environ["TQDM_DISABLE"] = "1"
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def _prep_corpus(args: argparse.Namespace) -> None:
@@ -50,7 +133,7 @@ def _prep_corpus(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     summary = render_corpus(out, sample_rate=args.sample_rate, channels=args.channels, hours=args.hours,
-                            clip_seconds=args.clip_seconds, seed=args.seed, workers=args.workers,
+                            clip_seconds=args.seconds, seed=args.seed, workers=args.workers,
                             soundfont=args.soundfont, overwrite=args.overwrite)
     if not args.no_shards:
         for split in ("train", "valid", "test"):
@@ -72,8 +155,8 @@ def _prep_shards(args: argparse.Namespace) -> None:
     from ostinato.data.shards import build_shards
 
     m = build_shards(args.src, args.out, sample_rate=args.sample_rate, channels=args.channels,
-                     loudness=args.loudness, segment_seconds=args.segment, overlap_seconds=args.overlap,
-                     min_segment_seconds=args.min_segment, metadata=args.metadata,
+                     loudness=args.loudness, segment_seconds=args.seconds, overlap_seconds=args.overlap,
+                     min_segment_seconds=args.min_seconds, metadata=args.metadata,
                      files_per_shard=args.files_per_shard, bits=args.bits, workers=args.workers,
                      overwrite=args.overwrite)
     print(f"{len(m.shards)} shards, {m.total_samples} samples, {m.total_seconds / 3600:.2f} h at "
@@ -88,12 +171,14 @@ def _prep_shards(args: argparse.Namespace) -> None:
 
 
 def _prep_semantic(args: argparse.Namespace) -> None:
+    from ostinato.devices import resolve_device
     from ostinato.encoding.semantic import fit_semantic_tokenizer
 
     tok = fit_semantic_tokenizer(args.shards, args.out, features=args.features, layer=args.layer,
                                  frame_rate=args.frame_rate, k=args.k, batch_frames=args.batch_frames,
                                  iterations=args.iterations, max_hours=args.max_hours, seed=args.seed,
-                                 workers=args.workers, init=args.init, device=args.device, overwrite=args.overwrite)
+                                 workers=args.workers, init=args.init, device=resolve_device(args.device),
+                                 overwrite=args.overwrite, progress=not args.quiet)
     fit, last = tok.fit_stats, tok.fit_stats["passes"][-1]
     print(f"{tok.id}: {tok.card} centroids of {tok.dim}-dim {tok.features.kind} features at "
           f"{tok.frame_rate:g} Hz, fitted on {fit['hours']:.2f} h ({fit['clips']} clips, {fit['skipped']} skipped) "
@@ -105,21 +190,26 @@ def _prep_semantic(args: argparse.Namespace) -> None:
 
 def _prep_mulan(args: argparse.Namespace) -> None:
     from ostinato.data.sources import output_folder
+    from ostinato.devices import resolve_device
     from ostinato.encoding.mulan import write_mulan_tokens
+    from ostinato.errors import UserError
     from ostinato.models.mulan import as_mulan, fit_mulan_quantizer
 
     shards, out = Path(args.shards), Path(args.out)
     if not (shards / "train").is_dir():
         raise FileNotFoundError(f"--shards {shards}: no train/ split there (expected SHARDS/train/manifest.json)")
     output_folder(out, "--out")  # before any model loads
-    mulan = as_mulan(args.mulan)
+    if (out / "quantizer.safetensors").exists() and not args.overwrite:
+        raise UserError(f"--out {out} already holds a quantizer and MuLaN tokens; pass --overwrite to fit them anew, "
+                        "or choose another --out")
+    mulan = as_mulan(args.mulan, map_location=resolve_device(args.device), trust=args.trust)
     quantizer = fit_mulan_quantizer(mulan, str(shards / "train"), n_q=args.n_q, card=args.card,
-                                    segment_seconds=args.segment, with_text=args.with_text, seed=args.seed,
+                                    segment_seconds=args.seconds, with_text=args.with_text, seed=args.seed,
                                     out=out / "quantizer.safetensors")
     for split in ("train", "valid", "test"):
         if (shards / split).is_dir():
             tokens = write_mulan_tokens(str(shards / split), out / split, mulan, quantizer,
-                                        segment_seconds=args.segment, source=args.mulan,
+                                        segment_seconds=args.seconds, source=args.mulan,
                                         overwrite=True)  # the quantizer is fitted anew
             print(f"mulan/{split}: {len(tokens.keys)} clips x {list(tokens.tokens)} -> {out / split}")
     print(f"quantizer: {out / 'quantizer.safetensors'} ({args.n_q} x {args.card} per namespace)")
@@ -139,6 +229,10 @@ def _dora(verb: str, rest: list[str]) -> None:
     from ostinato.engine.config import ConfigError
     from ostinato.errors import user_errors
 
+    if "-h" in rest or "--help" in rest:
+        print(dora_help(verb))
+        return
+    rest = ["--help" if a == "--dora-help" else a for a in rest]
     argv = ["-P", "ostinato", DORA_VERBS[verb], *rest]
     with user_errors(f"ostinato {verb}", value_errors=False):
         args = get_parser().parse_args(argv)
@@ -155,6 +249,86 @@ def _dora(verb: str, rest: list[str]) -> None:
             if getattr(args, "grid", None):
                 raise ConfigError(f"grid {args.grid}: {e}") from e
             raise
+
+
+DORA_USAGE = {
+    "train": ("ostinato train [-d] [dora run options] [OVERRIDE ...]",
+              "Train one experiment: conf/config.yaml composed with the overrides, in its XP folder (== dora -P "
+              "ostinato run). A stopped run resumes from the folder's last checkpoint when started again.",
+              "-d (one process per local GPU), -f SIG (the overrides of an existing XP, more may follow), --clear "
+              "(start the XP afresh)"),
+    "grid": ("ostinato grid NAME [dora grid options]",
+             "Launch (or monitor) a grid of XPs on SLURM: NAME is a file of grids/ (== dora -P ostinato grid).",
+             "--dry_run (list the XPs, launch nothing), --init (create the XPs), --cancel, --clear, -r/--replace, "
+             "-t N (tail an XP's log)"),
+    "launch": ("ostinato launch [-g GPUS] [dora launch options] [OVERRIDE ...]",
+               "Submit one XP to SLURM (== dora -P ostinato launch).",
+               "-g GPUS, -p PARTITION, -a (attach: tail the log), -f SIG"),
+    "info": ("ostinato info [-f SIG | OVERRIDE ...]",
+             "An XP's signature, folder and state, without training (== dora -P ostinato info).",
+             "-f SIG, -l (the log), -t (tail the log)"),
+}
+
+
+def dora_help(verb: str) -> str:
+    """``ostinato train|grid|launch|info --help``: ostinato's config groups and presets, the override syntax, the
+    XP folder; dora's own options behind ``--dora-help``."""
+    from ostinato.store.records import conf_dir
+
+    usage, what, options = DORA_USAGE[verb]
+    conf = Path(conf_dir())
+    groups = sorted(d for d in conf.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
+    lines = [f"usage: {usage}", "", what, "", f"config groups and their presets ({conf}; default: conf/config.yaml):"]
+    for group in groups:
+        presets = ", ".join(sorted(p.stem for p in group.glob("*.yaml")))
+        lines.append(f"  {group.name + '=':<12}{presets}")
+    lines += ["", "overrides:",
+              "  GROUP=PRESET    pick a preset of a group            experiment=musicgen_tiny",
+              "  KEY=VALUE       set any key of the composed config   optim.lr=3e-4 trainer.max_steps=1000",
+              "  +KEY=VALUE      add a key the config lacks           +trainer.note=first",
+              "", "XP folder: $OSTINATO_OUTPUTS (default outputs)/xps/<signature>; the signature is a hash of the "
+              "overrides.", "  `ostinato config OVERRIDE ...` prints the resolved config and the XP folder without "
+              "training; `ostinato config OVERRIDE ... --folder` prints the folder alone.",
+              "", f"dora's options pass through, e.g. {options}.",
+              f"  `ostinato {verb} --dora-help` prints dora's own help."]
+    if verb == "grid":
+        from ostinato.train import main
+
+        package = main.dora.grid_package or "ostinato.grids"
+        try:
+            root = Path(importlib.import_module(package).__file__).parent
+            names = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py")
+                           if not p.name.startswith("_"))
+            lines += ["", f"grids ({root}): {', '.join(names)}"]
+        except ImportError:
+            pass
+    return "\n".join(lines)
+
+
+def _config(args: argparse.Namespace) -> None:
+    """``ostinato config OVERRIDES``: the config a run of these overrides trains with, and its XP folder."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ostinato.data.dims import read_manifests
+    from ostinato.engine.config import ConfigError
+    from ostinato.errors import user_errors
+    from ostinato.train import main as train_main
+
+    with user_errors("ostinato config", value_errors=False):
+        xp = train_main.get_xp(list(args.overrides))
+        if args.folder:
+            print(xp.folder)
+            return
+        read_manifests()  # as a run does once it has its XP: ${manifest:...} from the data when it is there
+        try:
+            text = OmegaConf.to_yaml(xp.cfg, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
+        finally:
+            read_manifests(False)
+        print(text, end="")
+        print(f"# XP {xp.sig}: {xp.folder}")
 
 
 def _check_dora_args(args: argparse.Namespace) -> None:
@@ -200,10 +374,11 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
+    from ostinato.devices import resolve_devices
     from ostinato.encoding.arrays import encode_shards
 
     m = encode_shards(args.model, args.shards, args.out, batch_size=args.batch_size, workers=args.workers,
-                      devices=args.device.split(","), overwrite=args.overwrite, trust=args.trust,
+                      devices=resolve_devices(args.device), overwrite=args.overwrite, trust=args.trust,
                       progress=not args.quiet)
     streams = ", ".join(f"{n} [{s.channels}, {s.rate:g} Hz]" for n, s in m.streams.items())
     print(f"{len(m.shards)} array shards, {m.total_samples} samples ({streams}), {m.source['skipped']} skipped "
@@ -211,17 +386,18 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
-    from ostinato.models.semantic import is_semantic_tokenizer
+    from ostinato.devices import resolve_devices
     from ostinato.encoding.tokens import tokenize
     from ostinato.encoding.writer import parse_part
+    from ostinato.models.semantic import is_semantic_tokenizer
 
     if args.semantic is not None and not is_semantic_tokenizer(args.semantic):
         raise FileNotFoundError(f"--semantic {args.semantic}: no semantic_tokenizer.json there; fit one with "
                                 f"`ostinato prep semantic SHARDS {args.semantic}`")
-    devices = None if args.devices == "auto" else args.devices.split(",")
+    devices = resolve_devices(args.device)
     m = tokenize(args.semantic or args.codec, args.shards, args.out, n_q=args.n_q, batch_size=args.batch_size,
                  workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust,
-                 part=parse_part(args.part) if args.part else (0, 1))
+                 part=parse_part(args.part) if args.part else (0, 1), progress=not args.quiet)
     if m is None:
         print(f"part {args.part}: its shards are written in {args.out}; the last part to finish writes the manifest")
         return
@@ -251,17 +427,20 @@ def _number(kind: type, low: float | None = None, high: float | None = None, abo
 
 
 def _device(text: str) -> str:
-    """An argparse ``type=`` for ``--device``: ``auto`` or what ``torch.device`` takes (cpu, cuda, cuda:N; cuda only
-    where a GPU is visible)."""
-    import torch
+    """An argparse ``type=`` for ``--device``: ``auto`` or what ``torch.device`` takes (cuda only where a GPU is
+    visible); ``ostinato.devices.resolve_device`` turns ``auto`` into one."""
+    from ostinato.devices import check_device
 
-    if text != "auto":
-        try:
-            torch.device(text)
-        except RuntimeError:
-            raise argparse.ArgumentTypeError(f"not a device: {text!r}; use cpu, cuda or cuda:N") from None
-        if text.startswith("cuda") and not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: no GPU is visible (CUDA_VISIBLE_DEVICES?); use cpu")
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _devices(text: str) -> str:
+    """``--device`` of the verbs that spread shards over devices: ``auto`` or a comma-separated list."""
+    for name in text.split(","):
+        _device(name.strip())
     return text
 
 
@@ -378,6 +557,8 @@ def _generation_family(args: argparse.Namespace) -> str:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from ostinato.devices import resolve_device
+    from ostinato.errors import UserError
     from ostinato.nn.decoding import GenerationParams
     from ostinato.generation.request import GenerationRequest, read_audio_input
     from ostinato.registry import FAMILIES, resolve
@@ -390,24 +571,36 @@ def _generate(args: argparse.Namespace) -> None:
     family = _generation_family(args)
     if args.truncation is not None and family != "musika":
         raise ValueError(f"--truncation is a Musika setting; a {family} model does not take it")
+    if family != "musicgen" and args.device.startswith("cuda"):
+        raise UserError(f"--device {args.device}: {family} generation runs on the CPU here; use --device auto or cpu")
     params = GenerationParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              cfg_scale=args.cfg, cfg_beta=args.cfg_beta, seed=args.seed)
+                              cfg_scale=args.cfg_scale, cfg_beta=args.cfg_beta, seed=args.seed)
     request = GenerationRequest(
-        prompts=prompts, duration=args.duration, params=params, model=args.model, codec=args.codec, trust=args.trust,
+        prompts=prompts, duration=args.seconds, params=params, model=args.model, codec=args.codec, trust=args.trust,
+        device=resolve_device(args.device) if family == "musicgen" else "cpu",
         melody=audio["melody"], style=audio["style"], continuation=audio["continue"], inputs=paths,
-        window=args.window, long_form=args.long_form, extend_stride=args.extend_stride, overlap=args.overlap,
-        style_eval_q=args.style_eval_q, style_excerpt=args.style_excerpt, semantic=args.semantic,
-        coarse=args.coarse, fine=args.fine, mulan=args.mulan, quantizer=args.quantizer,
-        semantic_tokenizer=args.semantic_tokenizer, num_candidates=args.num_candidates, truncation=args.truncation)
+        window=args.long_form_window, long_form=args.long_form_mode, extend_stride=args.long_form_stride,
+        overlap=args.long_form_overlap, style_eval_q=args.style_eval_q, style_excerpt=args.style_excerpt,
+        semantic=args.semantic, coarse=args.coarse, fine=args.fine, mulan=args.mulan, quantizer=args.quantizer,
+        semantic_tokenizer=args.semantic_tokenizer, num_candidates=args.rerank, truncation=args.truncation)
     generate_clips = resolve(f"{FAMILIES[family].generate}:generate_clips")
     with _progress_bar(args.quiet) as progress:
         wavs, sample_rate, records = generate_clips(request, progress)
     _write_clips(Path(args.out), wavs, sample_rate, records)
 
 
+def _check_bundle(path: Path, overwrite: bool) -> None:
+    from ostinato.errors import UserError
+
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists (a bundle written before); pass --overwrite to replace it, or choose another "
+                        "OUT")
+
+
 def _bundle_musiclm(args: argparse.Namespace) -> None:
     from ostinato.generation.musiclm import write_bundle
 
+    _check_bundle(Path(args.out) / "musiclm.json", args.overwrite)
     path = write_bundle(args.out, args.semantic, args.coarse, args.fine, mulan=args.mulan, quantizer=args.quantizer,
                         codec=args.codec, semantic_tokenizer=args.semantic_tokenizer)
     print(f"bundle: {path}; next: ostinato generate --model {args.out} --prompt TEXT")
@@ -446,6 +639,7 @@ def _bundle_jukebox(args: argparse.Namespace) -> None:
     for part in ("top", "middle", "bottom", "vqvae"):  # a part that is nothing here fails now, not at generation
         if getattr(args, part) is not None:
             require_ref(getattr(args, part), f"--{part}", "an export folder, an XP folder or a checkpoint")
+    _check_bundle(Path(args.out) / "jukebox.json", args.overwrite)
     path = write_bundle(args.out, args.top, args.middle, args.bottom, args.vqvae)
     print(f"wrote {path}; generate with: ostinato generate --model {args.out} --duration 4 --out gen/jukebox")
 
@@ -456,9 +650,17 @@ def _bundle_stereo_codec(args: argparse.Namespace) -> None:
     from ostinato.store.records import require_ref
 
     require_ref(args.codec, "codec", CODEC_KINDS)
-    if Path(args.out).exists():
-        raise UserError(f"{args.out} exists; give a new folder for the stereo codec")
-    out = write_stereo_codec(args.codec, args.out, trust=args.trust)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; give a new folder for the stereo codec, or pass --overwrite to replace it")
+    if out.exists():  # written beside it first: a failure leaves the old one whole
+        import shutil
+
+        new = write_stereo_codec(args.codec, out.with_name(f".{out.name}.new"), trust=args.trust)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out = new.rename(out)
+    else:
+        out = write_stereo_codec(args.codec, args.out, trust=args.trust)
     print(f"wrote {out} (interleaved stereo over {args.codec}); tokenize stereo audio with it: "
           f"ostinato tokenize SHARDS TOKENS --codec {out}")
 
@@ -466,6 +668,7 @@ def _bundle_stereo_codec(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
+    from ostinato.devices import resolve_device
     from ostinato.evaluation.report import format_table, metric_notes
     from ostinato.evaluation.runner import default_out_dir, run_suite, setup_distributed
     from ostinato.evaluation.suite import load_suite
@@ -474,6 +677,8 @@ def _eval(args: argparse.Namespace) -> None:
     suite = load_suite(args.suite, overrides)
     out = Path(args.out) if args.out else default_out_dir(suite, args.model, overrides)
     _check_out(str(out))
+    if "WORLD_SIZE" not in os.environ:  # once, before any rank starts: rank 0 writes metrics.json
+        _check_results(out / "metrics.json", args.overwrite, "an evaluation")
     if args.slurm is not None:
         return _eval_submit(args, suite, out)
     if args.distributed > 1 and "WORLD_SIZE" not in os.environ:
@@ -481,7 +686,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.distributed > 1 and int(os.environ["WORLD_SIZE"]) != args.distributed:
         raise ValueError(f"-d {args.distributed}, but WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun or a job "
                          "started the ranks already): drop -d")
-    device = setup_distributed(args.device)
+    device = setup_distributed(resolve_device(args.device))
     try:
         result = run_suite(suite, args.model, out, codec=args.codec, device=device, trust=args.trust,
                            progress=not args.quiet)
@@ -493,16 +698,30 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"report: {result['report']} (and report.html); metrics: {out / 'metrics.json'}")
 
 
+def _check_results(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse, before anything runs, to replace the results of an earlier run without ``--overwrite``."""
+    from ostinato.errors import UserError
+
+    if path.exists() and not overwrite:
+        raise UserError(f"--out {path.parent}: already holds {what} ({path.name}); pass --overwrite to replace it, "
+                        "or choose another --out")
+
+
 def _fad(args: argparse.Namespace) -> None:
+    from ostinato.devices import resolve_device
+    from ostinato.errors import UserError
     from ostinato.evaluation.folder_fad import compare_folders, format_fad_table
     from ostinato.fileio import atomic_write_json
 
     out = Path(args.out) if args.out else (Path(os.environ.get("OSTINATO_OUTPUTS", "outputs")) / "fad" /
                                           f"{Path(args.ref).stem}__{Path(args.gen).stem}.json")
     _check_out(str(out.parent), "--out")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: exists (an earlier comparison); pass --overwrite to replace it, or choose "
+                        "another --out")
     result = compare_folders(args.ref, args.gen, args.embedding, per=args.per, per_song=args.per_song, inf=args.inf,
                              inf_protocol=args.inf_protocol, kad=args.kad, bootstrap=args.bootstrap, seed=args.seed,
-                             device=args.device, cache=args.cache, progress=not args.quiet)
+                             device=resolve_device(args.device), cache=args.cache, progress=not args.quiet)
     atomic_write_json(out, result)
     print(format_fad_table(result))
     print(f"protocol: {out}")
@@ -529,7 +748,9 @@ def _eval_ranks(args: argparse.Namespace, suite: Any) -> None:
     """``eval -d N``: the same command as N ranks on this machine (each sees torchrun's variables)."""
     from ostinato.engine.launch import python_command, run_local_ranks
 
-    _check_ranks(suite, args.distributed, args.device)
+    from ostinato.devices import resolve_device
+
+    _check_ranks(suite, args.distributed, resolve_device(args.device))
     code = run_local_ranks(python_command("ostinato.cli", args.argv), args.distributed)
     if code:
         raise SystemExit(code)
@@ -561,12 +782,52 @@ def _eval_submit(args: argparse.Namespace, suite: Any, out: Path) -> None:
         print(f"submitted job {job.job_id} ({where}); logs: {out / 'slurm'}; results: {out / 'metrics.json'}")
 
 
+def _eval_sweep(args: argparse.Namespace) -> None:
+    """``eval-sweep``: the suite once per combination of --grid (``evaluation.sweep``), then one summary table;
+    ``-d N`` and ``--slurm`` start the ranks as ``eval`` does, every combination run by all of them."""
+    from ostinato.devices import resolve_device
+    from ostinato.engine.launch import SlurmOptions, python_command, run_local_ranks, submit_ranks, without_option
+    from ostinato.evaluation.runner import setup_distributed
+    from ostinato.evaluation.sweep import DEFAULT_GRID, parse_grid, sweep
+
+    args.suite = args.old_suite or args.suite
+    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+    out = Path(args.out) if args.out else (Path(os.environ.get("OSTINATO_OUTPUTS", "outputs")) / "eval" / "sweeps" /
+                                          Path(args.suite).stem / Path(args.model.rstrip("/")).name)
+    _check_out(str(out))
+    if "WORLD_SIZE" not in os.environ:
+        _check_results(out / "summary.json", args.overwrite, "a sweep")
+    if args.slurm is not None:
+        if args.distributed > 1:
+            raise ValueError("--slurm and -d: the job's tasks are the ranks; drop -d and give --slurm gpus=N")
+        options = SlurmOptions.parse(args.slurm)
+        argv = without_option(args.argv, "--slurm") + ["--out", str(out.absolute()), "--overwrite"]
+        if options.gpus and not any(t == "--device" or t.startswith("--device=") for t in argv):
+            argv += ["--device", "cuda"]
+        from ostinato.cli import main as entry  # by module name: under `python -m ostinato.cli` this is __main__
+
+        job = submit_ranks(entry, argv, options, out.absolute() / "slurm", name="eval-sweep")
+        print(f"job {job.job_id} ({options.world_size} ranks): summary {out / 'summary.md'}; logs {out / 'slurm'}")
+        return
+    if args.distributed > 1 and "WORLD_SIZE" not in os.environ:
+        code = run_local_ranks(python_command("ostinato.cli", [*args.argv, "--overwrite"]), args.distributed)
+        if code:
+            raise SystemExit(code)
+        return
+    device = setup_distributed(resolve_device(args.device))
+    summary = sweep(args.suite, args.model, grid, out, codec=args.codec, overrides=args.set or [], device=device,
+                    trust=args.trust, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.read_text())
+        print(f"summary: {summary}")
+
+
 def _app(args: argparse.Namespace) -> None:
     from ostinato.app import launch_app
 
     if args.out is not None:
         _check_out(args.out)
-    launch_app(args.model, args.codec, host=args.host, port=args.port, out=args.out, window=args.window,
+    launch_app(args.model, args.codec, host=args.host, port=args.port, out=args.out, window=args.long_form_window,
                device=args.device, trust=args.trust)
 
 
@@ -588,36 +849,40 @@ def build_parser() -> argparse.ArgumentParser:
     prep_verbs = prep.add_subparsers(dest="what", required=True)
 
     c = prep_verbs.add_parser("corpus", help="render the demo corpus from music21's bundled scores")
-    c.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
-    c.add_argument("--sample-rate", type=int, default=24000, choices=[16000, 22050, 24000, 32000, 44100, 48000])
-    c.add_argument("--channels", choices=["mono", "stereo"], default="mono")
-    c.add_argument("--hours", type=_number(float, 0, above=True), default=1.0,
-                   help="total audio to render (default 1.0)")
-    c.add_argument("--clip-seconds", type=_number(float, 0, above=True), default=10.0)
+    c.add_argument("--out", default="data/demo", help="output folder")
+    c.add_argument("--sample-rate", type=int, default=24000, choices=[16000, 22050, 24000, 32000, 44100, 48000],
+                   help="Hz")
+    c.add_argument("--channels", choices=["mono", "stereo"], default="mono", help="channels rendered")
+    c.add_argument("--hours", type=_number(float, 0, above=True), default=1.0, help="total audio to render")
+    _alias(c, "--clip-seconds", c.add_argument("--seconds", type=_number(float, 0, above=True), default=10.0,
+                                               help="length of each clip"))
     c.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
     c.add_argument("--workers", type=_number(int, 1), default=None, help="processes (default: all cores)")
     c.add_argument("--soundfont", default=None, help="a GM .sf2 (default: $OSTINATO_SOUNDFONT or Debian's)")
-    c.add_argument("--files-per-shard", type=_number(int, 1), default=64)
+    c.add_argument("--files-per-shard", type=_number(int, 1), default=64, help="clips per shard tar")
     c.add_argument("--no-shards", action="store_true", help="render clips only, do not write shards")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
+    _overwrite(c, "an existing corpus")
+    _quiet(c)
     c.set_defaults(func=_prep_corpus)
 
     s = prep_verbs.add_parser("shards", help="audio folder -> WebDataset shards (FLAC + JSON) + manifest.json")
     s.add_argument("src", help="folder of wav/flac/mp3/ogg files, searched recursively")
     s.add_argument("out", help="output folder for shard-*.tar, manifest.json and report.json")
     s.add_argument("--sample-rate", type=_number(int, 1), default=None, help="target rate (default: the most common)")
-    s.add_argument("--channels", choices=["mono", "stereo", "keep"], default="keep")
+    s.add_argument("--channels", choices=["mono", "stereo", "keep"], default="keep", help="channels written")
     s.add_argument("--loudness", type=float, default=None, metavar="LUFS", help="normalise to this loudness")
-    s.add_argument("--segment", type=_number(float, 0, above=True), default=None, metavar="SECONDS",
-                   help="cut into fixed-length segments (default: whole files)")
-    s.add_argument("--overlap", type=_number(float, 0), default=0.0, metavar="SECONDS")
-    s.add_argument("--min-segment", type=_number(float, 0, above=True), default=None, metavar="SECONDS",
-                   help="shortest tail segment kept (default: half a segment)")
+    _alias(s, "--segment", s.add_argument("--seconds", type=_number(float, 0, above=True), default=None,
+                                          help="cut into segments of this length (default: whole files)"))
+    s.add_argument("--overlap", type=_number(float, 0), default=0.0, metavar="SECONDS",
+                   help="seconds shared by consecutive segments")
+    _alias(s, "--min-segment", s.add_argument("--min-seconds", type=_number(float, 0, above=True), default=None,
+                                              help="shortest tail segment kept (default: half a segment)"))
     s.add_argument("--metadata", default=None, help="CSV or JSONL table with a `path` column (captions, fields)")
-    s.add_argument("--files-per-shard", type=_number(int, 1), default=64)
-    s.add_argument("--bits", type=int, choices=[16, 24], default=16)
-    s.add_argument("--workers", type=_number(int, 1), default=1)
-    s.add_argument("--overwrite", action="store_true", help="rebuild a finished output folder")
+    s.add_argument("--files-per-shard", type=_number(int, 1), default=64, help="clips per shard tar")
+    s.add_argument("--bits", type=int, choices=[16, 24], default=16, help="FLAC sample width")
+    s.add_argument("--workers", type=_number(int, 1), default=1, help="decoding processes")
+    _overwrite(s, "a finished output folder")
+    _quiet(s)
     s.set_defaults(func=_prep_shards)
 
     m = prep_verbs.add_parser("semantic", help="fit a semantic tokenizer (MusicLM family): k-means over frame "
@@ -629,17 +894,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layer", type=int, default=None, help="hf features: hidden layer (default: the last)")
     m.add_argument("--k", type=_number(int, 2), default=None,
                    help="centroids (default 500 for mfcc/logmel, 1024 for hf)")
-    m.add_argument("--frame-rate", type=_number(float, 0, above=True), default=25.0,
-                   help="tokens per second (default 25)")
+    m.add_argument("--frame-rate", type=_number(float, 0, above=True), default=25.0, help="tokens per second")
     m.add_argument("--max-hours", type=_number(float, 0, above=True), default=None,
                    help="audio to fit on (default: all)")
-    m.add_argument("--iterations", type=_number(int, 1), default=10, help="k-means passes over the audio (default 10)")
+    m.add_argument("--iterations", type=_number(int, 1), default=10, help="k-means passes over the audio")
     m.add_argument("--batch-frames", type=_number(int, 1), default=10000, help="frames per k-means mini-batch")
-    m.add_argument("--init", choices=["k-means++", "random"], default="k-means++")
+    m.add_argument("--init", choices=["k-means++", "random"], default="k-means++", help="centroid initialisation")
     m.add_argument("--seed", type=int, default=0, help="same seed, same tokenizer")
     m.add_argument("--workers", type=_number(int, 0), default=1, help="audio decoding processes")
-    m.add_argument("--device", default=None, help="hf features: cpu or cuda (default: cuda when available)")
-    m.add_argument("--overwrite", action="store_true", help="replace a tokenizer fitted in OUT")
+    _device_flag(m, help=f"where hf features run: {DEVICE_HELP}")
+    _overwrite(m, "a tokenizer fitted in OUT")
+    _quiet(m)
     m.set_defaults(func=_prep_semantic)
 
     u = prep_verbs.add_parser("mulan", help="MuLaN tokens for the MusicLM stages: fit the quantizer on the "
@@ -649,15 +914,27 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default="data/demo/mulan", help="output root: quantizer.safetensors + one folder per split")
     u.add_argument("--n-q", type=_number(int, 1), default=12, help="residual codebooks per namespace (MusicLM: 12)")
     u.add_argument("--card", type=_number(int, 2), default=1024, help="codes per codebook (MusicLM: 1024)")
-    u.add_argument("--segment", type=_number(float, 0, above=True), default=10.0,
-                   help="seconds of each clip embedded (default 10)")
+    _alias(u, "--segment", u.add_argument("--seconds", type=_number(float, 0, above=True), default=10.0,
+                                          help="length of each clip embedded"))
     u.add_argument("--with-text", action="store_true",
                    help="fit on the captions' text embeddings too (generation quantizes text embeddings)")
-    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--seed", type=int, default=0, help="same seed, same quantizer")
+    _device_flag(u)
+    _trust(u)
+    _overwrite(u, "a quantizer and the MuLaN tokens in --out")
+    _quiet(u)
     u.set_defaults(func=_prep_mulan)
 
     for verb, dora_verb in DORA_VERBS.items():
         verbs.add_parser(verb, help=f"dora {dora_verb} for ostinato (see `ostinato {verb} --help`)", add_help=False)
+    cf = verbs.add_parser("config", help="the resolved config of a training run and its XP folder, without training",
+                          description="Print the config `ostinato train OVERRIDE ...` would train with (YAML, "
+                                      "resolved) and its XP folder (the dora signature of the overrides). Nothing "
+                                      "is trained or written.")
+    cf.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                    help="GROUP=PRESET or KEY=VALUE, as `ostinato train` takes them")
+    cf.add_argument("--folder", action="store_true", help="print the XP folder alone (for scripts)")
+    cf.set_defaults(func=_config)
 
     n = verbs.add_parser("encode", help="audio shards -> latent / code array shards with a Musika autoencoder or "
                                         "Jukebox VQ-VAE (resumable; corrupt samples skipped and counted)")
@@ -665,20 +942,21 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("out", help="output folder for the array shards")
     n.add_argument("--model", required=True, help="a Musika autoencoder or Jukebox VQ-VAE (XP signature, XP folder, "
                                                   ".ckpt or export folder)")
-    n.add_argument("--batch-size", type=_number(int, 1), default=16)
+    n.add_argument("--batch-size", type=_number(int, 1), default=16, help="clips per forward pass")
     n.add_argument("--workers", type=_number(int, 0), default=0, help="audio decoding processes per device")
-    n.add_argument("--device", "--devices", default="cpu", help="comma-separated (cuda:0,cuda:1 or cpu)")
-    n.add_argument("--overwrite", action="store_true")
-    n.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
-    n.add_argument("--quiet", action="store_true")
+    _alias(n, "--devices", _device_flag(n, many=True))
+    _overwrite(n, "finished array shards in OUT")
+    _trust(n)
+    _quiet(n)
     n.set_defaults(func=_encode)
 
     e = verbs.add_parser("export", help="write an XP's EMA weights as safetensors + config for ostinato.load")
     e.add_argument("ref", help="an XP signature, //sig/SIG, an XP folder or a .ckpt file (with --format also an "
                                "export or import folder)")
     e.add_argument("out", help="output folder")
-    e.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
-    e.add_argument("--overwrite", action="store_true", help="replace an OUT that already holds files")
+    _trust(e)
+    _overwrite(e, "an OUT that already holds files")
+    _quiet(e)
     e.add_argument("--lora", choices=("merge", "keep"), default="merge",
                    help="a LoRA run: merge the adapters into the weights (default), or keep them apart in peft's "
                         "format (adapter/) beside the base's reference")
@@ -699,16 +977,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an ostinato codec (XP signature, export folder, .ckpt), a transformers EncodecModel "
                             "folder, audiocraft's compression_state_dict.bin, or a DAC .pth (descript-audio-codec)")
     t.add_argument("--n-q", type=_number(int, 1), default=None, help="codebooks to keep (default: all)")
-    t.add_argument("--batch-size", type=_number(int, 1), default=16)
+    t.add_argument("--batch-size", type=_number(int, 1), default=16, help="clips per forward pass")
     t.add_argument("--workers", type=_number(int, 0), default=2, help="audio decoding processes per device "
                                                                       "(0: in the main process)")
-    t.add_argument("--devices", default="auto", help="comma-separated (cuda:0,cuda:1 or cpu); auto = all GPUs")
+    _alias(t, "--devices", _device_flag(t, many=True))
     t.add_argument("--part", default=None, metavar="I/N|slurm",
                    help="this process's share when several machines tokenize into OUT together: I/N (every N-th "
                         "shard from the I-th, I from 0), or slurm (the task's SLURM_PROCID of SLURM_NTASKS: srun "
                         "--nodes 4 ostinato tokenize ... --part slurm); the last part to finish writes the manifest")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    _overwrite(t, "finished token shards in OUT")
+    _trust(t)
+    _quiet(t)
     t.set_defaults(func=_tokenize)
 
     g = verbs.add_parser("generate", help="text / melody / style / audio prompt -> audio with a trained model")
@@ -729,24 +1008,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style-excerpt", type=_number(float, 0, above=True), default=None,
                    help="seconds of the style reference used (default: the model's eval_excerpt_seconds)")
     g.add_argument("--continue", dest="continue_", default=None,
-                   help="audio to continue: the output starts with it and lasts --duration in all")
-    g.add_argument("--duration", type=_number(float, 0, above=True), default=10.0,
-                   help="seconds of output (default 10)")
-    g.add_argument("--window", type=_number(float, 0, above=True), default=None,
-                   help="seconds decoded per window (default: the training segment length)")
-    g.add_argument("--long-form", choices=["window", "chain"], default="window",
-                   help="past one window: sliding window (audiocraft) or chained segments with a crossfade")
-    g.add_argument("--extend-stride", type=_number(float, 0, above=True), default=None,
-                   help="window mode: seconds added per extra window (default: half a window)")
-    g.add_argument("--overlap", type=_number(float, 0), default=2.0, help="chain mode: seconds shared by segments")
-    g.add_argument("--cfg", type=_number(float, 0), default=3.0,
-                   help="classifier-free guidance scale (alpha of double CFG)")
+                   help="audio to continue: the output starts with it and lasts --seconds in all")
+    _alias(g, "--duration", g.add_argument("--seconds", type=_number(float, 0, above=True), default=10.0,
+                                           help="length of each output clip"))
+    # the long-form and sampling flags are the suite keys long_form.* and generation.* (evaluation/README.md)
+    _alias(g, "--long-form", g.add_argument("--long-form-mode", choices=["window", "chain"], default="window",
+                                            help="past one window: sliding window (audiocraft) or chained "
+                                                 "segments with a crossfade"))
+    _alias(g, "--window", g.add_argument("--long-form-window", type=_number(float, 0, above=True), default=None,
+                                         help="seconds decoded per window (default: the training segment length)"))
+    _alias(g, "--extend-stride", g.add_argument("--long-form-stride", type=_number(float, 0, above=True),
+                                                default=None, help="window mode: seconds added per extra window "
+                                                                   "(default: half a window)"))
+    _alias(g, "--overlap", g.add_argument("--long-form-overlap", type=_number(float, 0), default=2.0,
+                                          help="chain mode: seconds shared by segments"))
+    _alias(g, "--cfg", g.add_argument("--cfg-scale", type=_number(float, 0), default=3.0,
+                                      help="classifier-free guidance scale (alpha of double CFG)"))
     g.add_argument("--cfg-beta", type=_number(float, 0), default=None,
                    help="double CFG (text + style, MusicGen-Style): weight of the text given the style")
     g.add_argument("--top-k", type=_number(int, 0), default=250, help="0 = no top-k filtering")
     g.add_argument("--top-p", type=_number(float, 0, 1), default=0.0, help="0 = no nucleus filtering")
     g.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="same seed, same clips (default: random)")
     lm = g.add_argument_group("musiclm", "MusicLM: the three stages (or --model BUNDLE), MuLaN and reranking")
     lm.add_argument("--semantic", default=None, help="the semantic stage (XP signature, folder, export)")
     lm.add_argument("--coarse", default=None, help="the coarse stage")
@@ -755,16 +1038,19 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--quantizer", default=None, help="the MuLaN quantizer file (default: the stages' one)")
     lm.add_argument("--semantic-tokenizer", default=None, metavar="DIR",
                     help="for --continue (default: the one of the semantic stage's token shards)")
-    lm.add_argument("--num-candidates", type=_number(int, 1), default=1,
-                    help="samples per prompt, generated in one batch; the best MuLaN text-audio score is kept")
+    _alias(lm, "--num-candidates", lm.add_argument(
+        "--rerank", type=_number(int, 1), default=1, metavar="K",
+        help="K samples per prompt, generated in one batch; the best MuLaN text-audio score is kept"))
     mk = g.add_argument_group("musika", "Musika")
     mk.add_argument("--truncation", type=_number(float, 0), default=None,
                     help="latent anchors and style drawn from a normal cut at +-T (default 2; lower = more typical, "
                          "less varied; 0 = untruncated)")
     g.add_argument("--out", required=True, help="output folder: NNN.wav + NNN.json (prompt and parameters)")
-    g.add_argument("--overwrite", action="store_true", help="replace the clips an earlier run wrote in --out")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--trust", action="store_true")
+    _device_flag(g, help=f"{DEVICE_HELP}; MusicGen runs there (the other families generate on the CPU: auto is "
+                         "cpu for them)")
+    _overwrite(g, "the clips an earlier run wrote in --out")
+    _quiet(g)
+    _trust(g)
     g.set_defaults(func=_generate)
 
     i = verbs.add_parser("import", help="a transformers or audiocraft MusicGen, or a DAC codec -> an export folder "
@@ -784,8 +1070,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--style-encoder", default=None, metavar="FOLDER",
                    help="audiocraft MusicGen-Style only: the local MERT folder (m-a-p/MERT-v1-95M) its style "
                         "conditioner reads; copied into OUT/style_encoder")
-    i.add_argument("--trust", action="store_true", help="allow audiocraft files that need full unpickling")
-    i.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _trust(i)
+    _overwrite(i, "an existing OUT")
+    _quiet(i)
     i.set_defaults(func=_import)
 
     b = verbs.add_parser("bundle", help="a folder naming the models that generate together (what --model takes)")
@@ -795,6 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
     for part in ("top", "middle", "bottom"):
         j.add_argument(f"--{part}", required=True, help=f"the {part} prior (export folder, XP folder, //sig/SIG)")
     j.add_argument("--vqvae", default=None, help="the VQ-VAE (default: the one the priors' array shards record)")
+    _overwrite(j, "an OUT/jukebox.json")
+    _quiet(j)
     j.set_defaults(func=_bundle_jukebox)
     ml = bundles.add_parser("musiclm", help="OUT/musiclm.json: the three MusicLM stages (and MuLaN, its quantizer,"
                                             " the codec, the semantic tokenizer: default, from the stages' data)")
@@ -802,14 +1091,18 @@ def build_parser() -> argparse.ArgumentParser:
     for part in ("semantic", "coarse", "fine"):
         ml.add_argument(f"--{part}", required=True, help=f"the {part} stage: XP signature, XP folder, export, .ckpt")
     for part in ("mulan", "quantizer", "codec", "semantic-tokenizer"):
-        ml.add_argument(f"--{part}", default=None)
+        ml.add_argument(f"--{part}", default=None, help=f"the {part.replace('-', ' ')} (default: the stages' own)")
+    _overwrite(ml, "an OUT/musiclm.json")
+    _quiet(ml)
     ml.set_defaults(func=_bundle_musiclm)
     st = bundles.add_parser("stereo-codec", help="OUT: a mono codec on each channel, L/R codebooks interleaved (the "
                                                  "codec of a stereo MusicGen: tokenize stereo audio with it)")
     st.add_argument("codec", help="the mono codec: a transformers EncodecModel folder, a compression_state_dict.bin, "
                                   "an export folder")
-    st.add_argument("out", help="output folder (new)")
-    st.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    st.add_argument("out", help="output folder")
+    _trust(st)
+    _overwrite(st, "an existing OUT")
+    _quiet(st)
     st.set_defaults(func=_bundle_stereo_codec)
 
     v = verbs.add_parser("eval", help="run a benchmark suite on a model: generate, score, report",
@@ -827,17 +1120,45 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a suite key, e.g. --set generation.cfg_scale=1 --set embedding=codec:/m/codec "
                         "(repeatable)")
-    v.add_argument("--device", default="cpu", type=_device, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    _device_flag(v, help=f"{DEVICE_HELP}; each rank of -d N takes cuda:LOCAL_RANK")
     v.add_argument("-d", "--distributed", type=_number(int, 1), default=1, metavar="N",
-                   help="N ranks on this machine (one per GPU with --device cuda, else gloo CPU processes); the "
-                        "suite's batches are dealt to them, metrics gathered exactly")
+                   help="N ranks on this machine (one per GPU on cuda, else gloo CPU processes); the suite's "
+                        "batches are dealt to them, metrics gathered exactly")
     v.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
                    help="submit the evaluation as one SLURM job whose tasks are the ranks, e.g. --slurm "
                         "nodes=2,gpus=8,partition=learn,time=120 (keys: nodes, gpus, tasks, partition, time, cpus, "
                         "mem, account, qos; cluster=local runs the tasks here through submitit and waits)")
-    v.add_argument("--quiet", action="store_true", help="no progress bars")
-    v.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    _overwrite(v, "an earlier evaluation in --out (its metrics.json)")
+    _quiet(v)
+    _trust(v)
     v.set_defaults(func=_eval)
+
+    w = verbs.add_parser("eval-sweep", help="a suite over a grid of settings (default: cfg_scale x top_k) -> one "
+                                            "summary table",
+                         description="Run SUITE on --model once per combination of the --grid values (suite keys, "
+                                     "as --set takes them), each into OUT/<key=value,...>/, then OUT/summary.md and "
+                                     "summary.json. With -d N or --slurm the ranks share every combination's "
+                                     "batches, as in `ostinato eval`.")
+    w.add_argument("suite", nargs="?", default="demo", help="a suite YAML file or the name of one in evaluation/")
+    w.add_argument("--suite", dest="old_suite", default=None, help=argparse.SUPPRESS, action=DeprecatedFlag,
+                   new="SUITE")  # a positional with a default would hide the flag's value: a dest of its own
+    w.add_argument("--model", required=True, help="the trained MusicGen (XP signature, XP folder, export)")
+    w.add_argument("--codec", default=None, help="the MusicGen's codec when it records none")
+    w.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="a suite key and its values (repeatable; default: generation.cfg_scale=1,3,5 and "
+                        "generation.top_k=50,250)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed suite overrides (repeatable)")
+    w.add_argument("--out", default=None, help="output folder (default: $OSTINATO_OUTPUTS/eval/sweeps/<suite>/"
+                                                "<model>)")
+    _device_flag(w, help=f"{DEVICE_HELP}; each rank of -d N takes cuda:LOCAL_RANK")
+    w.add_argument("-d", "--distributed", type=_number(int, 1), default=1, metavar="N",
+                   help="N ranks on this machine, as in `ostinato eval -d N`")
+    w.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
+                   help="one SLURM job whose tasks are the ranks (the keys of `ostinato eval --slurm`)")
+    _overwrite(w, "an earlier sweep in --out (its summary.json)")
+    _quiet(w)
+    _trust(w)
+    w.set_defaults(func=_eval_sweep)
 
     f = verbs.add_parser("fad", help="FAD between two folders of audio (or shard sets, or cached statistics)",
                          description="FAD of GEN against REF, one row per --embedding; writes the exact protocol "
@@ -862,8 +1183,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and FAD-inf subsets")
     f.add_argument("--out", default=None, help="the JSON (default: $OSTINATO_OUTPUTS/fad/REF__GEN.json)")
     f.add_argument("--cache", default=None, help="embedding cache folder (default: $OSTINATO_OUTPUTS/eval_cache)")
-    f.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_flag(f)
+    _overwrite(f, "the JSON of an earlier comparison at --out")
+    _quiet(f)
     f.set_defaults(func=_fad)
 
     a = verbs.add_parser("app", help="a Gradio web app to generate with a MusicGen (prompt, duration or unlimited, "
@@ -871,17 +1193,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="XP signature, XP folder, checkpoint, export or import folder")
     a.add_argument("--codec", default=None, help="codec to decode with (default: the model's)")
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    a.add_argument("--port", type=_number(int, 1, 65535), default=7860)
+    a.add_argument("--port", type=_number(int, 1, 65535), default=7860, help="port to serve on")
     a.add_argument("--out", default=None, help="folder for the clips (default: $OSTINATO_OUTPUTS/app)")
-    a.add_argument("--window", type=_number(float, 0, above=True), default=None,
-                   help="seconds decoded per window (default: the training segment length)")
-    a.add_argument("--device", default="auto", type=_device, help="auto (cuda when available), cpu or cuda")
-    a.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    _alias(a, "--window", a.add_argument("--long-form-window", type=_number(float, 0, above=True), default=None,
+                                         help="seconds decoded per window (default: the training segment length)"))
+    _device_flag(a)
+    _trust(a)
     a.set_defaults(func=_app)
 
     d = verbs.add_parser("demo", help="the embedded default end to end: corpus -> codec, MusicGen, MuLaN -> "
                                       "generation -> evaluation -> outputs/demo/report.html")
-    d.add_argument("--data", default="data/demo")
+    d.add_argument("--data", default="data/demo", help="the demo corpus (rendered when missing)")
     d.add_argument("--outputs", default=os.environ.get("OSTINATO_OUTPUTS", "outputs"),
                    help="everything the demo writes: XPs, exports, clips, report (default: $OSTINATO_OUTPUTS or "
                         "outputs)")
@@ -904,7 +1226,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = list(argv)  # what `eval -d` / `eval --slurm` hand their ranks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with user_errors("ostinato"):
+    with user_errors("ostinato"), _quieted(getattr(args, "quiet", False)):
         args.func(args)
 
 

@@ -203,14 +203,14 @@ def _generation_modes(data: Path, inputs: Path, plan: DemoPlan) -> dict[str, lis
     intro = wav[: 3 * sr // 2]  # 1.5 s: inside the 2 s training window
     write_wav(inputs / "intro.wav", torch.from_numpy(intro.reshape(len(intro), -1).T), sr)
     prompts = [a for p in PROMPTS for a in ("--prompt", p)]
-    seconds = ["--duration", f"{plan.seconds:g}"]
+    seconds = ["--seconds", f"{plan.seconds:g}"]
     return {
         "text": prompts + seconds,
-        "text_chained": prompts[:2] + seconds + ["--long-form", "chain", "--overlap", "0.5"],
+        "text_chained": prompts[:2] + seconds + ["--long-form-mode", "chain", "--long-form-overlap", "0.5"],
         "melody": prompts[:2] + seconds + ["--melody", str(clips[0])],
         "style": prompts[2:4] + seconds + ["--style", str(clips[1 % len(clips)]), "--cfg-beta", "2"],
         "continuation": prompts[:2] + seconds + ["--continue", str(inputs / "intro.wav")],
-        "long": prompts[:2] + ["--duration", f"{plan.long_seconds:g}"],
+        "long": prompts[:2] + ["--seconds", f"{plan.long_seconds:g}"],
     }
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ostinato.data.sources import iter_shard_audio, output_folder, resolve_shards
+from ostinato.devices import resolve_device
 from ostinato.models.semantic import (CONFIG_NAME, SemanticFeatures, SemanticTokenizer, make_features,
                                   token_stats)
 
@@ -194,7 +195,7 @@ def fit_semantic_tokenizer(shards: Any, out: str | Path | None, *, features: str
     start = time.perf_counter()
     feats = make_features(features, frame_rate=frame_rate, layer=layer) if isinstance(features, str) else features
     # MFCC / log-mel are cheapest on the CPU, in the decoding workers; SSL models run on the device.
-    dev = torch.device("cpu" if feats.in_workers else device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device("cpu" if feats.in_workers else resolve_device(device))
     feats = feats.to(dev).eval()
     k = k or DEFAULT_K[feats.kind]
     if k < 2:

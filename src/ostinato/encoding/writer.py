@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ostinato.data.sources import ShardSource, iter_shard_audio, naming, output_folder, resolve_shards, sweep_temps
 from ostinato.errors import UserError
+from ostinato.devices import resolve_devices
 from ostinato.fileio import (atomic_path, atomic_write_json, check_progress, read_json, shard_done, shard_marker,
                              shard_name)
 
@@ -193,7 +194,7 @@ def write_shards(opener: Opener, shards: Any, out: str | Path, *, identity: dict
     sweep_temps(out, [n for u in mine for n in (shard_name(u), shard_marker(out, u).name)]
                 + (["manifest.json", ".progress.json"] if parts == 1 else []))
     todo = [u for u in mine if not shard_done(out, u)]
-    devices = devices or (["cuda:%d" % i for i in range(torch.cuda.device_count())] or ["cpu"])
+    devices = devices or resolve_devices("auto")
     devices = devices[: max(1, len(todo))]
     log.info("writing %d of %d %s on %s", len(todo), len(source.urls), what, ", ".join(devices))
     desc = what.split()[0]

@@ -144,7 +144,12 @@ def apply_compile_and_checkpointing(cfg: Any, family: FamilyModule) -> None:
     """``trainer.compile``: submodules to ``torch.compile`` (a ``ModuleList`` such as ``lm.layers``: each of its
     blocks, which share one compiled graph); ``activation_checkpointing`` for DDP/single."""
     for name in cfg.compile or []:
-        module = family.get_submodule(name)
+        try:
+            module = family.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(n for n, _ in family.named_children()) or "none"
+            raise UserError(f"trainer.compile: {name!r} is no submodule of this {type(family).__name__} (its "
+                            f"children: {children}); name one, e.g. model.lm.layers for a MusicGen") from None
         targets = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
         for target in targets:
             target.compile()

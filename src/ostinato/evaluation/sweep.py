@@ -1,7 +1,7 @@
 """A suite over a grid of settings: one ``run_suite`` per combination and one summary table.
 
 dora grids launch training XPs (``ostinato.train``), not ``ostinato eval``, so the evaluation sweep is this plain
-launcher, which ``grids/eval_sweep.py`` calls (see ``evaluation/README.md``).
+launcher, which ``ostinato eval-sweep`` calls (see ``evaluation/README.md``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,25 @@ from ostinato.evaluation.scoring import dist_info
 from ostinato.evaluation.suite import Suite, load_suite
 from ostinato.fileio import atomic_write_json, atomic_write_text
 
-__all__ = ["sweep"]
+__all__ = ["DEFAULT_GRID", "DEFAULT_SUITE", "parse_grid", "sweep"]
+
+DEFAULT_SUITE = "demo"
+DEFAULT_GRID: dict[str, list] = {"generation.cfg_scale": [1.0, 3.0, 5.0], "generation.top_k": [50, 250]}
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """``["generation.cfg_scale=1,3"]`` -> ``{"generation.cfg_scale": [1, 3]}`` (values read as YAML)."""
+    import yaml
+
+    from ostinato.errors import UserError
+
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise UserError(f"--grid {item}: give KEY=V1,V2,... (e.g. generation.cfg_scale=1,3)")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
 
 
 def _override(key: str, value: Any) -> str:

@@ -6,7 +6,7 @@ holding export folders named ``top``, ``middle``, ``bottom`` (and ``vqvae``), or
 ``top=REF,middle=REF,bottom=REF[,vqvae=REF]``.
 
     ostinato bundle jukebox OUT --top REF --middle REF --bottom REF [--vqvae REF]
-    ostinato generate --model OUT --prompt "genre: baroque chorale, composer: Bach" --duration 4
+    ostinato generate --model OUT --prompt "genre: baroque chorale, composer: Bach" --seconds 4
 """
 from __future__ import annotations
 

@@ -98,6 +98,8 @@ def generate_audio(model: MusicGen, codec: Codec, prompts: Sequence[str], second
 def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tensor, int, list[dict]]:
     """``ostinato generate --model MUSICGEN``: text / melody / style / continuation -> clips and their records."""
     module, codec, cfg, codec_ref = load_generator(request.model, request.codec, trust=request.trust)
+    module.to(request.device)
+    codec.to(request.device)
     if request.style_eval_q is not None or request.style_excerpt is not None:
         if module.style is None:
             raise ValueError("--style-eval-q / --style-excerpt: this model has no style conditioner")
@@ -122,4 +124,4 @@ def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tens
                 "style_eval_q": None if module.style is None else module.style.eval_q,
                 "style_excerpt": None if module.style is None else module.style.eval_excerpt_seconds,
                 "long_form": long_form.__dict__, **params.__dict__} for prompt in prompts]
-    return wavs, codec.sample_rate, records
+    return wavs.cpu(), codec.sample_rate, records

@@ -130,7 +130,7 @@ def load_bundle(ref: str | Path, codec: str | None = None, trust: bool = False) 
 
 def generate_clips(request: GenerationRequest, progress: Progress | None) -> tuple[Tensor, int, list[dict]]:
     """``ostinato generate --model BUNDLE`` or ``--semantic REF --coarse REF --fine REF [--mulan REF --quantizer
-    FILE] --prompt TEXT [--num-candidates N] [--continue WAV]``."""
+    FILE] --prompt TEXT [--rerank K] [--continue WAV]``."""
     if request.model is not None:
         model = load_bundle(request.model, request.codec, trust=request.trust)
     else:

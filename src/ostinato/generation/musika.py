@@ -2,7 +2,7 @@
 (``load_musika``) and call ``Musika.generate`` (``ostinato.models.musika``: any length, many windows generated in
 parallel and stitched without seams); ``spectral_flux`` and ``seam_statistics`` measure the joins.
 
-``ostinato generate --model REF --duration 600 --seed 0 --out gen/musika``
+``ostinato generate --model REF --seconds 600 --seed 0 --out gen/musika``
 """
 from __future__ import annotations
 

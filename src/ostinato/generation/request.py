@@ -55,6 +55,7 @@ class GenerationRequest:
     model: str | None = None
     codec: str | None = None
     trust: bool = False
+    device: str = "cpu"
     melody: AudioInput | None = None
     style: AudioInput | None = None
     continuation: AudioInput | None = None

@@ -535,7 +535,7 @@ class MuLaNQuantizer(nn.Module):
 # ------------------------------------------------------------------------------------------- after training
 
 
-def as_mulan(model: MuLaN | str | Path, map_location: str | torch.device = "cpu") -> MuLaN:
+def as_mulan(model: MuLaN | str | Path, map_location: str | torch.device = "cpu", trust: bool = False) -> MuLaN:
     """A ``MuLaN`` from itself or any ``ostinato.load`` ref (export, XP folder or signature, ``//sig/SIG``,
     ``.ckpt``), in eval mode; a module holding one as ``.model`` (its training wrapper) gives that one."""
     if isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), MuLaN):
@@ -545,7 +545,7 @@ def as_mulan(model: MuLaN | str | Path, map_location: str | torch.device = "cpu"
     from ostinato.models import load
     from ostinato.store.records import resolve_ref, xps_dir
 
-    module = load(resolve_ref(str(model)), map_location=map_location, xps_dir=xps_dir())
+    module = load(resolve_ref(str(model)), map_location=map_location, xps_dir=xps_dir(), trust=trust)
     if not isinstance(module, MuLaN):
         raise ValueError(f"{model} holds a {type(module).__name__}, not a MuLaN (train one with "
                          "`ostinato train experiment=mulan_tiny`)")
@@ -577,9 +577,11 @@ def mulan_embeddings(mulan: MuLaN, data: Any, segment_seconds: float = 10.0, bat
     audio, text = [], []
     was_training = mulan.training
     mulan.eval()
+    device = next(mulan.parameters()).device  # `prep mulan --device`: the clips go where the model is
     for batch in clips:
         valid = batch.lengths > 0
-        audio.append(mulan.embed_audio(batch.audio[valid], mulan.sample_rate, batch.lengths[valid]).cpu())
+        audio.append(mulan.embed_audio(batch.audio[valid].to(device), mulan.sample_rate,
+                                       batch.lengths[valid].to(device)).cpu())
         if with_text:
             text.append(mulan.embed_text([description(m) for m, v in zip(batch.meta, valid.tolist()) if v]).cpu())
     mulan.train(was_training)

@@ -91,15 +91,15 @@ class LongForm:
         if self.mode not in ("window", "chain"):
             raise ValueError(f"long-form mode must be 'window' or 'chain', got {self.mode!r}")
         if self.window is not None and self.window <= 0:
-            raise ValueError(f"long-form window {self.window:g} s must be > 0 (--window)")
+            raise ValueError(f"long-form window {self.window:g} s must be > 0 (--long-form-window)")
         if self.window is None:
             return
         if self.mode == "window" and self.stride is not None and not 0 < self.stride <= self.window:
             raise ValueError(f"long-form stride {self.stride:g} s must be > 0 and at most the window "
-                             f"({self.window:g} s): lower --extend-stride or raise --window")
+                             f"({self.window:g} s): lower --long-form-stride or raise --long-form-window")
         if self.mode == "chain" and not 0 <= self.overlap < self.window:
             raise ValueError(f"long-form overlap {self.overlap:g} s must be >= 0 and shorter than the window "
-                             f"({self.window:g} s): lower --overlap or raise --window")
+                             f"({self.window:g} s): lower --long-form-overlap or raise --long-form-window")
 
 
 def recorded_codec(cfg: Mapping[str, Any] | None, strict: bool = False) -> str | None:
@@ -554,7 +554,7 @@ class MusicGen(nn.Module):
             prompt = codec.encode(wav, n_q=self.n_q).codes.expand(b, -1, -1)
             if prompt.shape[-1] >= frames:
                 raise ValueError(f"the continued audio ({prompt.shape[-1] / fr:.2f} s) is not shorter than the "
-                                 f"requested duration ({duration:g} s); ask for a longer --duration")
+                                 f"requested duration ({duration:g} s); ask for a longer --seconds")
         window = None if long_form.window is None else max(1, round(long_form.window * fr))
         n_samples = round(duration * codec.sample_rate)
         chain = long_form.mode == "chain" and window is not None and window < frames

@@ -350,7 +350,7 @@ class MusicLM(nn.Module):
         codes = codec.encode(at(codec.sample_rate, codec.channels), n_q=self.fine.total_q).codes
         if codes.shape[-1] >= n_codes:
             raise ValueError(f"the continued audio ({codes.shape[-1] / codec.frame_rate:.2f} s) is not shorter than "
-                             f"the requested duration ({duration:g} s); ask for a longer --duration")
+                             f"the requested duration ({duration:g} s); ask for a longer --seconds")
         qc = self.coarse.n_q
         return sem, codes[:, :qc], codes[:, qc:self.fine.total_q]
 
