@@ -380,7 +380,7 @@ def test_token_shards_record_their_codec_so_an_xp_generates_from_any_folder(mode
 @pytest.mark.parametrize("verb", [["eval", "demo"], ["app"]])
 def test_a_device_that_is_none_is_one_line_before_loading(capsys, tmp_path, verb) -> None:
     line = fails(capsys, *verb, "--model", str(tmp_path / "nope"), "--device", "gpu")
-    assert "--device: not a device: 'gpu'; use cpu, cuda or cuda:N" in line
+    assert "--device: not a device: 'gpu'; use auto, cpu, cuda or cuda:N" in line
     if not torch.cuda.is_available():
         line = fails(capsys, *verb, "--model", str(tmp_path / "nope"), "--device", "cuda")
         assert "--device: cuda: no GPU is visible" in line

@@ -1,21 +1,24 @@
-"""The ``ostinato`` command: the same verbs for every model family.
+"""The ``ostinato`` command: the same verbs for every model family (docs/cli.md: the shared flags).
 
     ostinato prep corpus --out data/demo         render the demo corpus (music21 + fluidsynth) and shard it
     ostinato prep shards SRC OUT [options]       any audio folder -> WebDataset shards + manifest.json
     ostinato prep semantic SHARDS OUT [options]  fit a semantic tokenizer (k-means over MFCC / SSL features)
     ostinato prep mulan --mulan REF              fit the MuLaN quantizer, write MuLaN tokens of every split
     ostinato train [-d] [overrides ...]          train an experiment (== dora -P ostinato run ...)
+    ostinato config [overrides ...]              the resolved config of those overrides and their XP folder
     ostinato grid NAME [dora grid options]       launch/monitor a grid from grids/ (== dora -P ostinato grid)
     ostinato launch / info [...]                 dora's launch (one XP on SLURM) and info verbs
     ostinato export SIG|PATH OUT [--format F]    EMA weights + config; a MusicGen also as audiocraft / transformers
-    ostinato tokenize --codec REF SHARDS OUT     audio shards -> token shards (int16 codes + metadata)
-    ostinato tokenize --semantic DIR SHARDS OUT  audio shards -> semantic token shards (one k-means stream)
+    ostinato tokenize SHARDS OUT --codec REF     audio shards -> token shards (int16 codes + metadata)
+    ostinato tokenize SHARDS OUT --semantic DIR  audio shards -> semantic token shards (one k-means stream)
     ostinato encode SHARDS OUT --model REF       audio shards -> Musika latents / Jukebox codes (array shards)
-    ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav with a MusicGen
-    ostinato generate --semantic S --coarse C ...   text -> semantic -> coarse -> fine -> wav, MuLaN-reranked
-    ostinato import SRC OUT                      a transformers / audiocraft MusicGen -> an export folder
+    ostinato generate --model REF --prompt TEXT  text / melody / style / continuation -> wav
+    ostinato import SRC OUT                      a transformers / audiocraft MusicGen, a DAC -> an export folder
+    ostinato bundle jukebox|musiclm|stereo-codec the models that generate together -> one --model folder
     ostinato eval SUITE --model REF              a benchmark suite (evaluation/*.yaml) -> metrics.json + report
     ostinato eval SUITE --model REF -d N         ... shared by N ranks here (--slurm nodes=K,gpus=G: a SLURM job)
+    ostinato eval-sweep SUITE --model REF        the suite over a grid of settings -> one summary table
+    ostinato fad REF GEN --embedding SPEC        FAD (and KAD, FAD-inf, per-song FAD) between two folders
     ostinato demo                                the embedded default end to end (what `make demo` runs)
     ostinato app --model REF                     a web app (Gradio) generating with a MusicGen
 """
