@@ -31,6 +31,7 @@ SAMPLES = {
     "limit_val": "`Trainer(limit_val_batches=1)` was configured so 1 batch will be used.",
     "stopped": "`Trainer.fit` stopped: `max_steps=4` reached.",
     "summary callbacks": "Trainer already configured with model summary callbacks: [OneLineSummary].",
+    "restoring": "Restoring states from the checkpoint path at /x/checkpoints/last.ckpt",
 }
 ACTIONABLE = "The number of training batches (3) is smaller than the logging interval Trainer(log_every_n_steps=10)"
 
@@ -75,18 +76,23 @@ def codec_console(env):
     run = ["experiment=codec_tiny", "trainer.max_steps=7", "data.batches_per_epoch=3", "data.num_workers=0",
            "data.batch_size=2", "data.eval_batch_size=2", "trainer.limit_val_batches=1",
            "trainer.checkpoint_every_steps=2", "logger=csv"]
-    proc = subprocess.run([sys.executable, "-m", "ostinato.cli", "train", *run], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    procs = [subprocess.run([sys.executable, "-m", "ostinato.cli", "train", *run], env=env, capture_output=True,
+                            text=True, timeout=300) for _ in range(2)]  # the second resumes from last.ckpt
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return procs
+
+
+def _lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The console's lines, a bar's redraws (carriage returns) apart."""
+    return [line for chunk in (proc.stdout + proc.stderr).splitlines() for line in chunk.split("\r") if line.strip()]
 
 
 def test_train_console_is_one_bar_with_the_planned_total_and_no_noise(codec_console):
-    proc = codec_console
-    console = proc.stdout + proc.stderr
-    lines = [line for chunk in console.splitlines() for line in chunk.split("\r") if line.strip()]
+    proc, resumed = codec_console
+    console, lines = proc.stdout + proc.stderr, _lines(proc)
     for noise in NOISE:
-        assert not [line for line in lines if re.search(noise.message, line)], noise.message
+        assert not [line for line in lines + _lines(resumed) if re.search(noise.message, line)], noise.message
     assert "Epoch" not in console and "/-" not in console and "┏" not in console  # no epoch bar, no tables
     bars = [line for line in lines if line.startswith("step ")]
     assert bars and all(re.match(r"step \d/7 ", line) for line in bars), bars[-3:]
@@ -99,3 +105,6 @@ def test_train_console_is_one_bar_with_the_planned_total_and_no_noise(codec_cons
     last_line = re.search(r"XP (\w+) in (\S+) \(step 7\): ostinato export \1 OUT$",
                           proc.stderr.strip().splitlines()[-1])
     assert last_line and (Path(last_line[2]) / "checkpoints" / "last.ckpt").is_file()  # what export, generate take
+    again = [line for line in _lines(resumed) if line.startswith("step ")]
+    assert "resuming" in resumed.stderr and again[-1].startswith("step 7/7 ")
+    assert all(re.match(r"step [67]/7 ", line) for line in again), again  # from the checkpoint's step on

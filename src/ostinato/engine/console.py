@@ -53,6 +53,7 @@ NOISE: tuple[Noise, ...] = (
     Noise(None, r"`Trainer\(limit_(train|val|test)_batches=", "echoes trainer.limit_val_batches"),
     Noise(None, r"`Trainer\.fit` stopped: `max_steps=\d+` reached", "the progress bar ends at step N/N"),
     Noise(None, r"Trainer already configured with model summary callbacks", "the summary is the engine's one line"),
+    Noise(None, r"Restor(ing|ed all) states from the checkpoint", "the run's own line says `resuming PATH`"),
 )
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
