@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -26,13 +27,16 @@ class NaNFamily(DebugFamily):
 
 
 class RankDumpMixin:
-    """Writes each rank's final state (weights and buffers) to ``$OSTINATO_DUMP/rank{r}.pt``."""
+    """Writes each rank's final state (weights and buffers) to ``$OSTINATO_DUMP/rank{r}.pt``, with where the rank
+    ran: its host name, that name's address and its network namespace."""
 
     def on_train_end(self) -> None:
         folder = Path(os.environ["OSTINATO_DUMP"])
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-        torch.save({"state": state, "world": self.trainer.world_size, "step": self.global_step},
+        host = socket.gethostname()
+        torch.save({"state": state, "world": self.trainer.world_size, "step": self.global_step, "host": host,
+                    "addr": socket.gethostbyname(host), "netns": os.readlink("/proc/self/ns/net")},
                    folder / f"rank{self.global_rank}.pt")
 
 

@@ -17,8 +17,10 @@ class DoraEnvironment(ClusterEnvironment):
 
     def __init__(self) -> None:
         super().__init__()
-        set_distrib_env()  # MASTER_ADDR/PORT, RANK, WORLD_SIZE for torch.distributed
+        # the spec first: once set_distrib_env has exported RANK/WORLD_SIZE, dora reads those and no longer
+        # submitit's job, whose node count and node rank they lack (every node would be node 0 of 1)
         spec = get_distrib_spec()
+        set_distrib_env()  # MASTER_ADDR/PORT, RANK, WORLD_SIZE for torch.distributed
         self._rank, self._world_size = spec.rank, spec.world_size
         self._local_rank, self._node_rank, self.num_nodes = spec.local_rank, spec.node_rank, spec.num_nodes
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -178,6 +179,10 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
     # dora's processes (run -d, SLURM tasks) or Lightning's own; never Lightning's SLURM requeue (submitit's)
     dora_env = DoraEnvironment() if DoraEnvironment.detect() else None
     env = dora_env or LightningEnvironment()
+    if dora_env is not None:  # where each rank runs and meets the others: the first thing to read when ranks hang
+        log.info("rank %d of %d on host %s (node %d of %d); rendezvous at %s:%d", dora_env.global_rank(),
+                 dora_env.world_size(), socket.gethostname(), dora_env.node_rank(), dora_env.num_nodes,
+                 dora_env.main_address, dora_env.main_port)
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     # cuDNN attention for the self-attention on Hopper GPUs, except under FSDP: there it spent ~19 ms of host time
     # per call on MusicGen-large (its execution plan rebuilt every call; torch 2.11, cuDNN 9.19), flash does not
