@@ -44,7 +44,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _fad(data: dict[str, Path], ref: Path, gen: Path, *flags: str, out: str = "fad.json") -> dict:
     path = data["root"] / out
     main(["fad", str(ref), str(gen), "--embedding", f"codec:{data['codec']}", "--cache", str(data["cache"]),
-          "--out", str(path), "--quiet", *flags])
+          "--out", str(path), "--quiet", "--overwrite", *flags])  # the tests share a few --out files
     return json.loads(path.read_text())
 
 
