@@ -32,6 +32,7 @@ SAMPLES = {
     "stopped": "`Trainer.fit` stopped: `max_steps=4` reached.",
     "summary callbacks": "Trainer already configured with model summary callbacks: [OneLineSummary].",
     "restoring": "Restoring states from the checkpoint path at /x/checkpoints/last.ckpt",
+    "list": "Total length of `list` across ranks is zero. Please make sure this was your intention.",
 }
 ACTIONABLE = "The number of training batches (3) is smaller than the logging interval Trainer(log_every_n_steps=10)"
 
@@ -108,3 +109,15 @@ def test_train_console_is_one_bar_with_the_planned_total_and_no_noise(codec_cons
     again = [line for line in _lines(resumed) if line.startswith("step ")]
     assert "resuming" in resumed.stderr and again[-1].startswith("step 7/7 ")
     assert all(re.match(r"step [67]/7 ", line) for line in again), again  # from the checkpoint's step on
+
+
+def test_a_run_without_validation_trains_quietly(env):
+    """data.valid=null (and test): no validation by design, was a ValueError traceback from val_dataloader."""
+    from tests.runner import train
+
+    proc = train(env, "family=debug", "data.valid=null", "data.test=null", "trainer.max_steps=2",
+                 "trainer.validate_first=true", "trainer.progress_bar=true")
+    lines = _lines(proc)
+    assert not [line for line in lines if any(re.search(n.message, line) for n in NOISE)], lines
+    assert "untrained baseline" not in proc.stderr
+    assert re.search(r"XP (\w+) in \S+ \(step 2\): ostinato export \1 OUT$", lines[-1]), lines[-1]

@@ -103,7 +103,8 @@ def run(cfg: DictConfig) -> L.Trainer:
         if trainer.is_global_zero:
             xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0})
         return trainer
-    if cfg.trainer.validate_first and resume is None:  # the untrained baseline, as history's epoch -1
+    baseline = cfg.trainer.validate_first and resume is None and cfg.data.get("valid") is not None
+    if baseline:  # the untrained model, as history's epoch -1
         metrics = {k: v for r in trainer.validate(family, datamodule, verbose=False) for k, v in r.items()}
         if trainer.is_global_zero:
             xp.link.push_metrics({**grouped({k: float(v) for k, v in metrics.items()}), "step": 0, "epoch": -1})

@@ -141,10 +141,15 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return _EpochLoader(self.train_dataset(), self._next_train_epoch, **self._loader_kw())
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """The valid split's loader; none (Lightning skips validation) when ``data.valid`` is null."""
+        if self.specs["valid"] is None:
+            return []
         return DataLoader(self.eval_dataset("valid"), batch_size=None, **self._loader_kw())
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list:
+        if self.specs["test"] is None:
+            return []
         return DataLoader(self.eval_dataset("test"), batch_size=None, **self._loader_kw())
 
     # -- resume ---------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ NOISE: tuple[Noise, ...] = (
           "the shard datasets split their shards over the loader workers; the length is data.batches_per_epoch"),
     Noise(PossibleUserWarning, r"You defined a `validation_step` but have no `val_dataloader`",
           "data.valid=null is how a run trains without validation"),
+    Noise(UserWarning, r"Total length of `list` across ranks is zero",
+          "data.valid=null / data.test=null: the datamodule gives no loader (a DataLoader would be named instead)"),
     Noise(UserWarning, r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
           "a resumed run may leave out callbacks (evaluation, samples, EMA) that the run which wrote it had"),
     Noise(FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", "inside Lightning"),
