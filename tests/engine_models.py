@@ -46,3 +46,13 @@ class RankDumpFamily(RankDumpMixin, DebugFamily):
 
 class RankDumpCodec(RankDumpMixin, CodecFamily):
     pass
+
+
+class StopAtFamily(DebugFamily):
+    """DebugFamily that stops training after global step ``$OSTINATO_STOP_AT`` (when set), as a preempted run would:
+    its checkpoint written, the rest of ``max_steps`` left to a resume."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        stop = os.environ.get("OSTINATO_STOP_AT")
+        if stop and self.global_step >= int(stop):
+            self.trainer.should_stop = True

@@ -135,3 +135,36 @@ def test_ddp_on_two_nodes_ends_with_the_same_weights_on_every_rank(two_nodes, tm
     assert _state(env, _job_id(folder)) == "COMPLETED"
     last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 30
+
+
+def test_fsdp_on_two_nodes_writes_sharded_checkpoints_and_resumes(two_nodes, tmp_path):
+    env = _env(tmp_path, two_nodes)
+    _grid({**env, "OSTINATO_STOP_AT": "20"}, tmp_path, "two_nodes_fsdp")  # the first launch stops at step 20
+    folder = _submitted(tmp_path)
+    first = _job_id(folder)
+    _wait(env, folder, lambda: _state(env, first) == "COMPLETED", "completed first launch")
+    last = folder / "checkpoints" / "last.ckpt"
+    # a sharded checkpoint (a directory): one shard file per rank, so one from each node
+    assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert _meta_step(last) == 20, _logs(folder)
+    assert (last / "callbacks.rank1.pt").is_file()  # rank 1's EMA of its own shards, for its resume
+
+    _grid(env, tmp_path, "two_nodes_fsdp", "--replace_done")  # the second launch: a new job, the same XP
+    deadline = time.time() + 60
+    while time.time() < deadline and _job_id(folder) == first:
+        time.sleep(0.5)
+    assert _job_id(folder) != first, "the second launch submitted no job"
+    _wait(env, folder, lambda: _state(env, _job_id(folder)) == "COMPLETED", "completed second launch")
+    logs = _logs(folder)
+    assert _meta_step(last) == 40, logs
+    resumed = [line for line in (folder / "train.log").read_text().splitlines() if "resuming" in line]
+    assert len(resumed) == 1 and str(last) in resumed[0], logs
+    for rank, host in enumerate(NODES):  # both launches ran a rank on each node
+        text = (folder / ("train.log" if rank == 0 else f"train.rank{rank}.log")).read_text()
+        assert text.count(f"rank {rank} of 2 on host {host} (node {rank} of 2)") == 2, text[-3000:]
+    history = json.loads((folder / "history.json").read_text())
+    assert [entry["step"] for entry in history] == [10, 20, 30, 40], history  # steps go on from the checkpoint
+
+
+def _meta_step(sharded: Path) -> int:
+    return int(torch.load(sharded / "meta.pt", weights_only=True)["global_step"])

@@ -20,7 +20,8 @@ checkpoints always hold raw weights under ``state_dict`` (the shadows go to the 
 
 Distributed: under DDP every rank holds identical weights, so every rank computes identical shadows without
 communication. Under FSDP the parameters are sharded and each rank only shadows its local shards; gathering a
-full EMA state dict is not done here.
+full EMA state dict is not done here. A sharded checkpoint keeps each rank's shadows for that rank
+(``engine.fsdp``).
 """
 from __future__ import annotations
 

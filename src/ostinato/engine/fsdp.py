@@ -13,7 +13,9 @@
 * sharded checkpoints: ``last.ckpt`` is a directory (``torch.distributed.checkpoint`` shards plus ``meta.pt`` with
   the loop state, callbacks and config). It is written next to the old one and swapped in once every rank has
   written, so a run killed while saving still resumes from the previous checkpoint; the one it replaces stays as
-  ``last-previous.ckpt``, the fallback when ``last.ckpt`` turns out damaged. The format itself (reading,
+  ``last-previous.ckpt``, the fallback when ``last.ckpt`` turns out damaged. Callback states are per rank (the EMA
+  of a rank's shards): rank 0's in ``meta.pt``, each other rank's in ``callbacks.rankN.pt``, each restored to its
+  own rank. The format itself (reading,
   consolidating on one process for export, ``continue_from`` and ``ostinato.load``) is in ``engine.checkpoint``.
 """
 from __future__ import annotations
@@ -32,6 +34,9 @@ from ostinato.store.checkpoint import LAST_NAME, PREVIOUS_NAME
 
 log = logging.getLogger(__name__)
 ORIGINAL_NDIM = "_ostinato_ndim"  # set on parameters before FSDP flattens them (weight decay grouping)
+# A rank's callback states in a sharded checkpoint: the EMA shadows that rank's own shards, which Lightning's meta.pt
+# (rank 0's states) would hand to every rank on resume (wrong values, or shapes that do not fit)
+RANK_CALLBACKS = "callbacks.rank{rank}.pt"
 
 
 def remember_parameter_ndims(module: torch.nn.Module) -> None:
@@ -88,7 +93,10 @@ class ShardedFSDPStrategy(FSDPStrategy):
         if self.global_rank == 0:
             _remove(partial)
         self.barrier("sharded_save_start")
+        callbacks = checkpoint.get("callbacks")
         super().save_checkpoint(checkpoint, partial, storage_options)
+        if self.global_rank > 0 and callbacks:  # rank 0's are in meta.pt
+            torch.save(callbacks, partial / RANK_CALLBACKS.format(rank=self.global_rank))
         self.barrier("sharded_save_written")
         if self.global_rank == 0:
             keep = path.with_name(PREVIOUS_NAME) if path.name == LAST_NAME else old
@@ -99,6 +107,14 @@ class ShardedFSDPStrategy(FSDPStrategy):
             _fsync_dir(path.parent)
             _remove(old)  # for last.ckpt: left by a version that swapped through last.ckpt.old
         self.barrier("sharded_save_done")
+
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        own = Path(self.broadcast(str(checkpoint_path))) / RANK_CALLBACKS.format(rank=self.global_rank)
+        if self.global_rank > 0 and own.is_file():
+            checkpoint["callbacks"] = torch.load(own, map_location="cpu", weights_only=True)
+        return checkpoint
 
 
 def _remove(path: Path) -> None:
