@@ -1,7 +1,8 @@
 """A real two-node SLURM cluster on this machine (tests/slurm/setup_two_nodes.sh: nodes on1 and on2, each a slurmd in
 its own network namespace): `ostinato grid` trains a dora XP on 2 nodes x 1 process, the ranks talking gloo over
 TCP through the namespaces' veth pairs, with DDP (every rank ends with the same weights) and FSDP (a sharded
-checkpoint written by both nodes, resumed by a second launch)."""
+checkpoint written by both nodes, resumed by a second launch); a global batch that does not divide over the ranks
+fails the job in one line. The multi-node failure modes (requeue, a node lost) have their own file."""
 from __future__ import annotations
 
 import json
@@ -168,3 +169,19 @@ def test_fsdp_on_two_nodes_writes_sharded_checkpoints_and_resumes(two_nodes, tmp
 
 def _meta_step(sharded: Path) -> int:
     return int(torch.load(sharded / "meta.pt", weights_only=True)["global_step"])
+
+
+def test_a_global_batch_that_does_not_divide_over_the_ranks_fails_the_job_in_one_line(two_nodes, tmp_path):
+    env = _env(tmp_path, two_nodes)
+    _grid(env, tmp_path, "two_nodes_odd_batch")  # one rank on each node: 3 items do not divide over 2 ranks
+    folder = _submitted(tmp_path)
+    job = _job_id(folder)
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and _state(env, job) in ("PENDING", "RUNNING", "COMPLETING", "UNKNOWN"):
+        time.sleep(1)
+    assert _state(env, job) == "FAILED"
+    log = (folder / "submitit" / f"{job}_0_log.out").read_text()
+    line = "ostinato train: error: data.batch_size=3 does not divide over 2 ranks: the batch size is global, use a " \
+           "multiple of 2"
+    assert line in log.splitlines(), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
