@@ -573,6 +573,12 @@ def test_a_bundle_generates_without_family_and_continues_from_an_export(stage_xp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(sf.read(out / "000.wav")[0]) == 12000
     assert json.loads((out / "000.json").read_text())["coarse"] == str(export.resolve())
+    # README's continuation: the bundle continues the clip the line before wrote
+    proc = subprocess.run(cli + ["generate", "--model", str(bundle), "--continue", str(out / "000.wav"), "--seconds",
+                                 "1.0", "--top-k", "8", "--seed", "0", "--quiet", "--out", str(tmp_path / "cont")],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(sf.read(tmp_path / "cont" / "000.wav")[0]) == 24000
     model = load_bundle(bundle)
     assert model.sources["mulan"] == stage_xps["parts"]["mulan"]
     import ostinato
