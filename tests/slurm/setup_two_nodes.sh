@@ -172,7 +172,7 @@ render_conf() {
     c_line=$(slurmd -C 2>/dev/null | head -1) || true
     [[ "$c_line" == NodeName=* ]] || die "slurmd -C failed: $c_line"
     mem=$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$c_line")
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS, as the tests set it
     # The two nodes share this machine's memory: each declares less than half of it.
     realmem=$((mem * 45 / 100))
     defmem=1024
@@ -273,6 +273,11 @@ start_daemons() {
         log "slurmctld, slurmd ${NODES[*]}: already running with this configuration"
         return 0
     fi
+    if pid_alive slurmctld "$ROOT/run/slurmctld.pid" && [[ "$(cat "$ROOT/run/conf.sha256" 2>/dev/null)" == "$(conf_hash)" ]]; then
+        # a node lost (its slurmd killed): bring back only that one, the jobs of the other node keep running
+        for n in "${NODES[@]}"; do pid_alive slurmd "$ROOT/run/slurmd-$n.pid" || start_node "$n"; done
+        return 0
+    fi
     pid_alive slurmctld "$ROOT/run/slurmctld.pid" && log "configuration changed or a daemon is missing: restarting"
     stop_daemons
     log "starting slurmctld on $CTL_ADDR:$CTL_PORT"
@@ -330,7 +335,12 @@ smoke_test() {
 cmd_start() {
     need_root
     [[ -r "$TEMPLATE" ]] || die "template $TEMPLATE not found"
-    command -v ip >/dev/null && command -v unshare >/dev/null || die "needs ip (iproute2) and unshare (util-linux)"
+    if ! command -v ip >/dev/null; then
+        log "installing iproute2 (apt-get)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } >/dev/null 2>&1 ||
+            die "apt-get install iproute2 failed"
+    fi
+    command -v nsenter >/dev/null && command -v unshare >/dev/null || die "needs nsenter and unshare (util-linux)"
     mkdir -p "$ROOT"/{state,spool,log,run,etc}
     chmod 0755 "$ROOT"
     # munged and the accounting (slurmdbd + MariaDB) are the single-node script's; it starts them when missing
