@@ -229,3 +229,30 @@ def test_results_of_an_earlier_run_are_kept_without_overwrite(tmp_path, capsys, 
         main([*verb, "--model", str(tmp_path / "nope"), "--out", out, "--overwrite"] if verb[0] != "fad" else
              [*verb, "--out", out, "--overwrite"])
     assert "--overwrite" not in capsys.readouterr().err
+
+
+def test_quiet_silences_the_bars_of_that_run_only(tmp_path, capsys) -> None:
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "song.wav", tone(220, 1.5, 16000).T.numpy(), 16000)
+    main(["prep", "shards", str(src), str(tmp_path / "loud")])
+    assert "%|" in capsys.readouterr().err  # a tqdm bar
+    main(["prep", "shards", str(src), str(tmp_path / "quiet"), "--quiet"])
+    captured = capsys.readouterr()
+    assert captured.err == "" and "1 shards" in captured.out  # the result is still printed
+    assert "TQDM_DISABLE" not in os.environ
+
+
+def test_the_old_module_entries_point_to_their_verbs() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ostinato.generation.jukebox", "bundle"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "ostinato bundle jukebox OUT --top REF" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ostinato.grids.eval_sweep", "--help"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "is `ostinato eval-sweep` now" in proc.stderr
+    assert "usage: ostinato eval-sweep" in proc.stdout

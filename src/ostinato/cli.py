@@ -137,7 +137,7 @@ def _prep_corpus(args: argparse.Namespace) -> None:
     out = Path(args.out)
     summary = render_corpus(out, sample_rate=args.sample_rate, channels=args.channels, hours=args.hours,
                             clip_seconds=args.seconds, seed=args.seed, workers=args.workers,
-                            soundfont=args.soundfont, overwrite=args.overwrite)
+                            soundfont=args.soundfont, overwrite=args.overwrite, progress=not args.quiet)
     if not args.no_shards:
         for split in ("train", "valid", "test"):
             folder = out / "shards" / split
@@ -146,7 +146,8 @@ def _prep_corpus(args: argparse.Namespace) -> None:
             else:
                 manifest = build_shards(out / "audio" / split, folder, sample_rate=args.sample_rate,
                                         channels=args.channels, workers=args.workers or os.cpu_count() or 1,
-                                        files_per_shard=args.files_per_shard, overwrite=args.overwrite)
+                                        files_per_shard=args.files_per_shard, overwrite=args.overwrite,
+                                        progress=not args.quiet)
             print(f"shards/{split}: {len(manifest.shards)} shards, {manifest.total_samples} clips "
                   f"-> {out / 'shards' / split / 'manifest.json'}")
     print(summary.format())
@@ -161,7 +162,7 @@ def _prep_shards(args: argparse.Namespace) -> None:
                      loudness=args.loudness, segment_seconds=args.seconds, overlap_seconds=args.overlap,
                      min_segment_seconds=args.min_seconds, metadata=args.metadata,
                      files_per_shard=args.files_per_shard, bits=args.bits, workers=args.workers,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, progress=not args.quiet)
     print(f"{len(m.shards)} shards, {m.total_samples} samples, {m.total_seconds / 3600:.2f} h at "
           f"{m.sample_rate} Hz x {m.channels} ch; {m.skipped} files skipped")
     print(f"manifest: {Path(args.out) / 'manifest.json'}")

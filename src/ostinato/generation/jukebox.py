@@ -120,3 +120,11 @@ def generate_clips(request: GenerationRequest, progress: Progress) -> tuple[Tens
                 "duration": request.duration, **{k: v for k, v in params.__dict__.items() if v is not None}}
                for p, m in zip(prompts or [""], metas)]
     return wav, jukebox.sample_rate, records
+
+
+if __name__ == "__main__":  # `python -m ostinato.generation.jukebox bundle ...` once wrote a bundle: say where it went
+    import sys
+
+    print("python -m ostinato.generation.jukebox: write a bundle with `ostinato bundle jukebox OUT --top REF "
+          "--middle REF --bottom REF [--vqvae REF]`", file=sys.stderr)
+    sys.exit(2)
