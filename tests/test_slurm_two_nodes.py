@@ -148,7 +148,11 @@ def test_fsdp_on_two_nodes_writes_sharded_checkpoints_and_resumes(two_nodes, tmp
     # a sharded checkpoint (a directory): one shard file per rank, so one from each node
     assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert _meta_step(last) == 20, _logs(folder)
-    assert (last / "callbacks.rank1.pt").is_file()  # rank 1's EMA of its own shards, for its resume
+    # each rank's EMA shadows its own shards: rank 0's in meta.pt, rank 1's beside them (a copy of rank 0's was what
+    # every rank resumed with, which does not fit rank 1's shards)
+    ema0 = _ema_shadow(torch.load(last / "meta.pt", weights_only=True)["callbacks"])
+    ema1 = _ema_shadow(torch.load(last / "callbacks.rank1.pt", weights_only=True))
+    assert ema0.keys() == ema1.keys() and any(ema0[k].shape != ema1[k].shape for k in ema0)
 
     _grid(env, tmp_path, "two_nodes_fsdp", "--replace_done")  # the second launch: a new job, the same XP
     deadline = time.time() + 60
@@ -165,6 +169,11 @@ def test_fsdp_on_two_nodes_writes_sharded_checkpoints_and_resumes(two_nodes, tmp
         assert text.count(f"rank {rank} of 2 on host {host} (node {rank} of 2)") == 2, text[-3000:]
     history = json.loads((folder / "history.json").read_text())
     assert [entry["step"] for entry in history] == [10, 20, 30, 40], history  # steps go on from the checkpoint
+
+
+def _ema_shadow(callbacks: dict) -> dict[str, torch.Tensor]:
+    (state,) = [v for k, v in callbacks.items() if k.startswith("EMA")]
+    return state["shadow"]
 
 
 def _meta_step(sharded: Path) -> int:
