@@ -121,3 +121,30 @@ def test_a_run_without_validation_trains_quietly(env):
     assert not [line for line in lines if any(re.search(n.message, line) for n in NOISE)], lines
     assert "untrained baseline" not in proc.stderr
     assert re.search(r"XP (\w+) in \S+ \(step 2\): ostinato export \1 OUT$", lines[-1]), lines[-1]
+
+
+def test_the_bar_draws_on_a_terminal_that_reports_no_size(env):
+    """A pseudo-terminal nobody sized (0 x 0: CI runners, `script`) made tqdm draw nothing at all."""
+    import os
+    import pty
+
+    from tests.runner import cli_args
+
+    master, slave = pty.openpty()  # a fresh pty reports 0 columns and 0 rows
+    proc = subprocess.Popen([sys.executable, "-m", "ostinato.cli", "train", *cli_args(
+        ["family=debug", "trainer.max_steps=3", "trainer.progress_bar=true", "trainer.validate_first=false"])],
+                            env=env, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    console = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"step 3/3 .*steps/s", console), console[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import sys
 import warnings
@@ -92,6 +93,13 @@ def planned_steps(trainer: L.Trainer) -> int | None:
     return int(epochs * math.ceil(batches / max(trainer.accumulate_grad_batches, 1)))
 
 
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4g}"
 
@@ -107,7 +115,11 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
         self._bar: tqdm | None = None
         self._pass: tqdm | None = None
-        self._interval = 0.1 if sys.stderr.isatty() else log_interval
+        tty = sys.stderr.isatty()
+        self._interval = 0.1 if tty else log_interval
+        # a terminal that reports no width (a pty nobody sized) would make tqdm draw nothing at all
+        self._width: dict[str, Any] = ({"ncols": 120, "nrows": 50} if tty and _columns() == 0 else
+                                       {"dynamic_ncols": True})
 
     def disable(self) -> None:
         self._enabled = False
@@ -124,7 +136,7 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = planned_steps(trainer)
         self._bar = tqdm(total=total, initial=trainer.global_step, unit=" steps", file=sys.stderr, leave=True,
-                         dynamic_ncols=True, mininterval=self._interval, disable=not self._enabled,
+                         mininterval=self._interval, disable=not self._enabled, **self._width,
                          bar_format="step {n}/{total} {bar:20} {elapsed}<{remaining} {rate_fmt}{postfix}"
                          if total else "step {n} {elapsed} {rate_fmt}{postfix}")  # tqdm puts ", " before a postfix
 
@@ -144,8 +156,7 @@ class StepProgressBar(ProgressBar):
     def _pass_start(self, trainer: L.Trainer, what: str, total: float) -> None:
         if self._bar is None and not trainer.sanity_checking:  # a pass of its own: trainer.validate / test
             self._pass = tqdm(total=total if math.isfinite(total) else None, desc=what, file=sys.stderr,
-                              leave=False, dynamic_ncols=True, mininterval=self._interval,
-                              disable=not self._enabled)
+                              leave=False, mininterval=self._interval, disable=not self._enabled, **self._width)
 
     def _pass_step(self, trainer: L.Trainer, what: str, done: int, total: float) -> None:
         if self._pass is not None:
