@@ -57,8 +57,11 @@ NOISE: tuple[Noise, ...] = (
     Noise(None, r"`Trainer\.fit` stopped: `max_steps=\d+` reached", "the progress bar ends at step N/N"),
     Noise(None, r"Trainer already configured with model summary callbacks", "the summary is the engine's one line"),
     Noise(None, r"Restor(ing|ed all) states from the checkpoint", "the run's own line says `resuming PATH`"),
+    Noise(None, r"Initializing distributed: GLOBAL_RANK", "the engine logs each rank's host and rendezvous"),
+    Noise(None, r"-{100}\ndistributed_backend=", "a banner: the ranks are in the engine's lines"),
 )
-LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                     "lightning.fabric.utilities.distributed")
 
 
 class _DropNoise(logging.Filter):
