@@ -86,6 +86,7 @@ def _alias(parser: Any, old: str, new: argparse.Action) -> None:
 TRUST_HELP = ("allow checkpoints that need full unpickling (torch.load weights_only=False: code in the file runs); "
               "only for files you trust")
 QUIET_HELP = "no progress bars and no info log lines (results and errors are still printed)"
+WINDOW_HELP = "seconds decoded per window (default: the training segment length)"
 DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
 DEVICES_HELP = ("auto (every visible GPU, else cpu), cpu, cuda:N or a comma-separated list (cuda:0,cuda:1); each "
                 "device takes every n-th pending shard")
@@ -101,6 +102,11 @@ def _quiet(p: Any) -> None:
 
 def _overwrite(p: Any, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=f"replace {what} (without it, refused)")
+
+
+def _seconds(p: Any, flag: str, default: float | None, help: str, zero: bool = False) -> argparse.Action:
+    """A length of time in seconds (> 0, or >= 0 with ``zero``)."""
+    return p.add_argument(flag, type=_number(float, 0, above=not zero), default=default, metavar="SECONDS", help=help)
 
 
 def _device_flag(p: Any, many: bool = False, help: str | None = None) -> argparse.Action:
@@ -858,8 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hz")
     c.add_argument("--channels", choices=["mono", "stereo"], default="mono", help="channels rendered")
     c.add_argument("--hours", type=_number(float, 0, above=True), default=1.0, help="total audio to render")
-    _alias(c, "--clip-seconds", c.add_argument("--seconds", type=_number(float, 0, above=True), default=10.0,
-                                               help="length of each clip"))
+    _alias(c, "--clip-seconds", _seconds(c, "--seconds", 10.0, help="length of each clip"))
     c.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
     c.add_argument("--workers", type=_number(int, 1), default=None, help="processes (default: all cores)")
     c.add_argument("--soundfont", default=None, help="a GM .sf2 (default: $OSTINATO_SOUNDFONT or Debian's)")
@@ -875,12 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-rate", type=_number(int, 1), default=None, help="target rate (default: the most common)")
     s.add_argument("--channels", choices=["mono", "stereo", "keep"], default="keep", help="channels written")
     s.add_argument("--loudness", type=float, default=None, metavar="LUFS", help="normalise to this loudness")
-    _alias(s, "--segment", s.add_argument("--seconds", type=_number(float, 0, above=True), default=None,
-                                          help="cut into segments of this length (default: whole files)"))
+    _alias(s, "--segment", _seconds(s, "--seconds", None,
+                                    help="cut into segments of this length (default: whole files)"))
     s.add_argument("--overlap", type=_number(float, 0), default=0.0, metavar="SECONDS",
                    help="seconds shared by consecutive segments")
-    _alias(s, "--min-segment", s.add_argument("--min-seconds", type=_number(float, 0, above=True), default=None,
-                                              help="shortest tail segment kept (default: half a segment)"))
+    _alias(s, "--min-segment", _seconds(s, "--min-seconds", None,
+                                        help="shortest tail segment kept (default: half a segment)"))
     s.add_argument("--metadata", default=None, help="CSV or JSONL table with a `path` column (captions, fields)")
     s.add_argument("--files-per-shard", type=_number(int, 1), default=64, help="clips per shard tar")
     s.add_argument("--bits", type=int, choices=[16, 24], default=16, help="FLAC sample width")
@@ -918,8 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default="data/demo/mulan", help="output root: quantizer.safetensors + one folder per split")
     u.add_argument("--n-q", type=_number(int, 1), default=12, help="residual codebooks per namespace (MusicLM: 12)")
     u.add_argument("--card", type=_number(int, 2), default=1024, help="codes per codebook (MusicLM: 1024)")
-    _alias(u, "--segment", u.add_argument("--seconds", type=_number(float, 0, above=True), default=10.0,
-                                          help="length of each clip embedded"))
+    _alias(u, "--segment", _seconds(u, "--seconds", 10.0, help="length of each clip embedded"))
     u.add_argument("--with-text", action="store_true",
                    help="fit on the captions' text embeddings too (generation quantizes text embeddings)")
     u.add_argument("--seed", type=int, default=0, help="same seed, same quantizer")
@@ -1013,19 +1017,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of the style reference used (default: the model's eval_excerpt_seconds)")
     g.add_argument("--continue", dest="continue_", default=None,
                    help="audio to continue: the output starts with it and lasts --seconds in all")
-    _alias(g, "--duration", g.add_argument("--seconds", type=_number(float, 0, above=True), default=10.0,
-                                           help="length of each output clip"))
+    _alias(g, "--duration", _seconds(g, "--seconds", 10.0, help="length of each output clip"))
     # the long-form and sampling flags are the suite keys long_form.* and generation.* (evaluation/README.md)
     _alias(g, "--long-form", g.add_argument("--long-form-mode", choices=["window", "chain"], default="window",
                                             help="past one window: sliding window (audiocraft) or chained "
                                                  "segments with a crossfade"))
-    _alias(g, "--window", g.add_argument("--long-form-window", type=_number(float, 0, above=True), default=None,
-                                         help="seconds decoded per window (default: the training segment length)"))
-    _alias(g, "--extend-stride", g.add_argument("--long-form-stride", type=_number(float, 0, above=True),
-                                                default=None, help="window mode: seconds added per extra window "
-                                                                   "(default: half a window)"))
-    _alias(g, "--overlap", g.add_argument("--long-form-overlap", type=_number(float, 0), default=2.0,
-                                          help="chain mode: seconds shared by segments"))
+    _alias(g, "--window", _seconds(g, "--long-form-window", None, help=WINDOW_HELP))
+    _alias(g, "--extend-stride", _seconds(g, "--long-form-stride", None,
+                                          help="window mode: seconds added per extra window (default: half a window)"))
+    _alias(g, "--overlap", _seconds(g, "--long-form-overlap", 2.0, zero=True,
+                                    help="chain mode: seconds shared by segments"))
     _alias(g, "--cfg", g.add_argument("--cfg-scale", type=_number(float, 0), default=3.0,
                                       help="classifier-free guidance scale (alpha of double CFG)"))
     g.add_argument("--cfg-beta", type=_number(float, 0), default=None,
@@ -1199,8 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     a.add_argument("--port", type=_number(int, 1, 65535), default=7860, help="port to serve on")
     a.add_argument("--out", default=None, help="folder for the clips (default: $OSTINATO_OUTPUTS/app)")
-    _alias(a, "--window", a.add_argument("--long-form-window", type=_number(float, 0, above=True), default=None,
-                                         help="seconds decoded per window (default: the training segment length)"))
+    _alias(a, "--window", _seconds(a, "--long-form-window", None, help=WINDOW_HELP))
     _device_flag(a)
     _trust(a)
     a.set_defaults(func=_app)
