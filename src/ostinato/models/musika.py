@@ -8,10 +8,17 @@ Autoencoder (``SpectralAutoencoder``)::
         --SEANet decoder--> [B, C * (n_fft + 2), T / hop]: normalised log-magnitude and phase per bin
         --ISTFT ("same" padding, overlap-add normalised by the window envelope)--> wav [B, C, T]
 
-Log-magnitudes are floored at ``log_floor`` (-60 dB) and normalised, ``(log(|X| + floor) - log_mean) / log_std``,
-both as the encoder's input and as the decoder's magnitude output, so the decoder can also be trained directly on
-the input spectrogram (``AutoencoderOutput.logmag`` vs ``.target``), which teaches it magnitudes far faster than
-waveform losses alone.
+Log-magnitudes are floored at ``log_floor`` (-60 dB) and normalised per bin, ``(log(|X| + floor) - mean_bin) /
+scale``, both as the encoder's input and as the decoder's magnitude output, so the decoder can also be trained
+directly on the input spectrogram (``AutoencoderOutput.logmag`` vs ``.target``), which teaches it magnitudes far
+faster than waveform losses alone. ``mean_bin`` (the average log-spectrum) and ``scale`` (one std around it) are
+fitted to the first training batch (``fit_spectrum_``), as a codebook's k-means is, so that at the start the
+encoder reads a centred input and the decoder's zero output is the average spectrum. Why: with fixed statistics
+(``log_mean`` / ``log_std``, what an unfitted model uses) the demo's spectra normalise to a mean near -1 over 481
+bins; the decoder's first hundreds of steps then go to lowering its level, with an L1 gradient of the same sign for
+every clip, which the network follows fastest through the encoder: its first conv turns into a level detector whose
+units sit in the ELU's flat end (91 % of them after 25 steps) or, without the saturation loss, its latents into the
+tanh's (all of them after 10 steps), and every clip reconstructs to the same average spectrum.
 
 The decoder works at the STFT frame rate and the waveform comes from an inverse FFT, which is what makes Musika
 fast on a CPU: no layer runs at the audio rate. Latents are bounded in [-1, 1] (tanh) so the GAN has a fixed range.
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -106,7 +114,8 @@ class SpectralAutoencoder(nn.Module):
         dimension: latent size D.
         n_filters, ratios, n_residual_layers, ...: the SEANet encoder / decoder over STFT frames (``ratios``
             compress time further: latent hop = ``hop * prod(ratios)``); any key of ``SEANetEncoder`` passes.
-        log_floor, log_mean, log_std: the log-magnitude floor and normalisation (see the module docstring).
+        log_floor: the log-magnitude floor. log_mean, log_std: the normalisation until ``fit_spectrum_`` replaces
+            them by the data's per-bin mean and its scale (on the first training forward; see the module docstring).
         max_log_magnitude: clamp of the predicted (natural) log-magnitude, keeping ``exp`` finite.
     ``config`` holds the constructor arguments (``SpectralAutoencoder(**ae.config)`` rebuilds it).
     """
@@ -137,6 +146,9 @@ class SpectralAutoencoder(nn.Module):
         self.encoder = SEANetEncoder(channels=self.channels * self.bins, **seanet)
         self.decoder = SEANetDecoder(channels=self.channels * 2 * self.bins, **seanet)
         self.frame_ratio = self.encoder.hop_length
+        self.register_buffer("spectrum_mean", torch.full((self.channels * self.bins,), self.log_mean))
+        self.register_buffer("spectrum_scale", torch.tensor(self.log_std))
+        self.register_buffer("spectrum_fitted", torch.tensor(False))
 
     array_kind = "musika_autoencoder"  # what ``ostinato encode`` records as the writer of its latent arrays
 
@@ -169,12 +181,31 @@ class SpectralAutoencoder(nn.Module):
     def _pad(self, wav: Tensor) -> Tensor:
         return F.pad(wav, (0, -wav.shape[-1] % self.hop_length))
 
-    def features(self, wav: Tensor) -> Tensor:
-        """wav [B, C, T] -> normalised log-magnitudes [B, C * bins, ceil(T / hop_length) * frame_ratio]."""
+    def _logmag(self, wav: Tensor) -> Tensor:
         if wav.dim() != 3 or wav.shape[1] != self.channels:
             raise ValueError(f"expected audio [B, {self.channels}, T], got {tuple(wav.shape)}")
-        logmag = stft_logmag(self._pad(wav), self.n_fft, self.hop, eps=self.log_floor)
-        return (logmag - self.log_mean) / self.log_std
+        return stft_logmag(self._pad(wav), self.n_fft, self.hop, eps=self.log_floor)
+
+    @torch.no_grad()
+    def fit_spectrum_(self, wav: Tensor) -> None:
+        """Set the normalisation to ``wav [B, C, T]``'s (rank 0's batch under DDP, so all ranks agree): the mean
+        log-magnitude of every bin over items and frames, and the std of the log-magnitudes around it."""
+        logmag = self._logmag(wav).float()
+        mean = logmag.mean(dim=(0, 2))
+        packed = torch.cat([mean, (logmag - mean[:, None]).std().clamp_min(1e-3)[None]])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(packed, src=0)
+        self.spectrum_mean.copy_(packed[:-1])
+        self.spectrum_scale.copy_(packed[-1])
+        self.spectrum_fitted.fill_(True)
+
+    def features(self, wav: Tensor) -> Tensor:
+        """wav [B, C, T] -> normalised log-magnitudes [B, C * bins, ceil(T / hop_length) * frame_ratio]."""
+        return (self._logmag(wav) - self.spectrum_mean[:, None]) / self.spectrum_scale
+
+    def denormalise(self, logmag: Tensor) -> Tensor:
+        """Normalised log-magnitudes [B, C * bins, F] (``features``, ``AutoencoderOutput.logmag``) -> natural ones."""
+        return logmag * self.spectrum_scale + self.spectrum_mean[:, None]
 
     def encode(self, wav: Tensor) -> Tensor:
         """wav [B, C, T] -> latents [B, D, ceil(T / hop_length)] in [-1, 1]."""
@@ -183,10 +214,10 @@ class SpectralAutoencoder(nn.Module):
     def synthesize(self, out: Tensor) -> Tensor:
         """Decoder output [B, C * 2 * bins, F] (normalised log-magnitude, phase) -> wav [B, C, F * hop]."""
         b, _, frames = out.shape
-        out = out.float().reshape(b * self.channels, 2, self.bins, frames)
-        logmag = out[:, 0] * self.log_std + self.log_mean
+        out = out.float().reshape(b, self.channels, 2, self.bins, frames)
+        logmag = self.denormalise(out[:, :, 0].reshape(b, -1, frames)).reshape(b * self.channels, self.bins, frames)
         magnitude = torch.exp(logmag.clamp(max=self.max_log_magnitude))
-        phase = out[:, 1]
+        phase = out[:, :, 1].reshape(b * self.channels, self.bins, frames)
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         return istft_same(spec, self.n_fft, self.hop).reshape(b, self.channels, frames * self.hop)
 
@@ -227,6 +258,8 @@ class SpectralAutoencoder(nn.Module):
     def forward(self, wav: Tensor) -> AutoencoderOutput:
         """wav [B, C, T] -> ``AutoencoderOutput`` (reconstruction [B, C, T], latents, decoded and input spectra)."""
         length = wav.shape[-1]
+        if self.training and not bool(self.spectrum_fitted):
+            self.fit_spectrum_(wav)
         target = self.features(wav)
         pre = self.encoder(target)
         z = torch.tanh(pre)
