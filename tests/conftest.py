@@ -13,7 +13,8 @@ from tests.synth import write_shards
 os.environ.setdefault("WANDB_MODE", "offline")
 # `make test` runs two xdist workers on the two cores: one thread each (2 x 2 threads spin-wait each other)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-SLURM_FILES = {"test_slurm", "test_journeys", "test_slurm_two_nodes"}  # they start real SLURM clusters: one at a time
+# they start real SLURM clusters: one at a time
+SLURM_FILES = {"test_slurm", "test_journeys", "test_slurm_two_nodes", "test_slurm_two_nodes_failures"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,8 +1,10 @@
 """Families with fault injection and introspection, for engine tests (selected with family._target_=...)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -56,3 +58,23 @@ class StopAtFamily(DebugFamily):
         stop = os.environ.get("OSTINATO_STOP_AT")
         if stop and self.global_step >= int(stop):
             self.trainer.should_stop = True
+
+
+class PacedRankDumpFamily(RankDumpFamily):
+    """RankDumpFamily whose steps take at least ``STEP_SECONDS`` (a run long enough to be requeued or lose a node
+    mid-way, whatever the machine's speed), and whose every rank writes, at train start (after a resume restored
+    its checkpoint), ``$OSTINATO_DUMP/start.rank{r}.restart{n}.json``: the global step, host and
+    ``SLURM_RESTART_COUNT`` (n) it started with."""
+
+    STEP_SECONDS = 0.3
+
+    def training_step(self, batch: AudioBatch, batch_idx: int) -> torch.Tensor:
+        time.sleep(self.STEP_SECONDS)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_start(self) -> None:
+        folder = Path(os.environ["OSTINATO_DUMP"])
+        folder.mkdir(parents=True, exist_ok=True)
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        (folder / f"start.rank{self.global_rank}.restart{restart}.json").write_text(json.dumps(
+            {"step": self.global_step, "host": socket.gethostname(), "restart": restart}))

@@ -31,6 +31,7 @@ from ostinato.engine.config import ConfigError, check_global_batch, check_overri
 from ostinato.families.base import plain
 from ostinato.families.guard import NonFiniteError
 from ostinato.engine.loggers import build_loggers
+from ostinato.engine.lost_node import LostNodeError, lost_node_message
 from ostinato.engine.trainer import (apply_compile_and_checkpointing, build_trainer, check_resume_fits,
                                      last_checkpoint, sweep_checkpoint_temp_files)
 from ostinato.engine.weights import load_weights
@@ -115,6 +116,14 @@ def run(cfg: DictConfig) -> L.Trainer:
     except NonFiniteError as e:
         kept = last_checkpoint(folder)
         raise NonFiniteError(f"{e} ({kept or 'no checkpoint was written yet'})") from None
+    except Exception as e:  # noqa: BLE001 - a collective that failed on a lost node is said in one line; else re-raised
+        lost = lost_node_message(e, spec.rank, cfg.trainer.collective_timeout) if spec.world_size > 1 else None
+        if lost is None:
+            raise
+        kept = last_checkpoint(folder)
+        message = f"{lost} ({kept or 'no checkpoint was written yet'})"
+        log.error("%s", message)  # the rank's log file (train.log / train.rankN.log), not only its stderr
+        raise LostNodeError(message) from None
     if trainer.is_global_zero:  # the last line: what `ostinato export`, `generate --model` and continue_from take
         log.info("XP %s in %s (step %d): ostinato export %s OUT", xp.sig, folder, trainer.global_step, xp.sig)
     return trainer

@@ -54,6 +54,7 @@ class TrainerSchema:
     activation_checkpointing: bool = MISSING
     find_unused_parameters: bool = MISSING
     fsdp_sharding: str = MISSING
+    collective_timeout: float = MISSING
     deterministic: bool = MISSING
     progress_bar: bool = MISSING
     model_summary: bool = MISSING
@@ -149,6 +150,7 @@ BOUNDS: dict[str, Bound] = {
     "trainer.num_nodes": POSITIVE,
     "trainer.max_steps": POSITIVE,
     "trainer.max_time": POSITIVE,  # minutes; null = no limit
+    "trainer.collective_timeout": POSITIVE,  # seconds
     "trainer.val_every_epochs": POSITIVE,
     "trainer.limit_val_batches": NON_NEGATIVE,
     "trainer.sanity_val_steps": Bound(ge=-1),  # -1: all of them (Lightning)

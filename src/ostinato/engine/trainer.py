@@ -123,8 +123,10 @@ def _precision_plugin(cfg: Any, accelerator: str) -> Precision | None:
 def _strategy(cfg: Any, family: FamilyModule, env: DoraEnvironment | LightningEnvironment,
               accelerator: str) -> Strategy | str:
     name = cfg.strategy
-    plugins = {"cluster_environment": env}
+    plugins: dict[str, Any] = {"cluster_environment": env}
     backend = "nccl" if accelerator == "gpu" else "gloo"
+    # a rank whose peers' node is gone without closing its sockets waits this long in a collective (torch: 30 min)
+    plugins["timeout"] = timedelta(seconds=float(cfg.collective_timeout))
     if name == "ddp":
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=cfg.find_unused_parameters,
                            checkpoint_io=SafeCheckpointIO(cfg.trust_checkpoints),
