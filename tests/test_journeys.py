@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from tests.references import write_t5
+from tests.test_musicgen_import import audiocraft_checkpoint
 from tests.test_musicgen_import import hf_musicgen  # noqa: F401  (fixture: a tiny transformers MusicGen folder)
 from tests.test_slurm import cluster  # noqa: F401  (fixture: the single-node SLURM cluster, started once)
 
@@ -156,27 +157,52 @@ def _audio(folder: Path) -> Path:
     return folder
 
 
+def _source(kind: str, hf_musicgen, folder: Path) -> dict[str, str | Path]:  # noqa: F811
+    """The pretrained MusicGen as its toolkit ships it, and the journey's variables for it: transformers' folder,
+    or audiocraft's ``state_dict.bin`` written by audiocraft's own exporter (with its T5 and EnCodec beside it)."""
+    model, hf_folder = hf_musicgen
+    if kind == "transformers":
+        return {"SRC": hf_folder, "FORMAT": "transformers"}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _, t5, encodec = audiocraft_checkpoint(hf_musicgen, folder, monkeypatch)
+    return {"SRC": folder / "state_dict.bin", "IMPORT_FLAGS": f"--text-encoder {t5} --codec {encodec}",
+            "FORMAT": "audiocraft"}
+
+
 @pytest.fixture(scope="module")
-def finetuned(hf_musicgen, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
-    _, src = hf_musicgen
-    root = tmp_path_factory.mktemp("finetune")
-    paths = {"SRC": src, "OG": root / "og", "AUDIO": _audio(root / "audio"), "MINE": root / "mine",
-             "TUNED": root / "tuned", "ADAPTERS": root / "adapters", "BACK": root / "back", "GEN": root / "gen",
-             "OSTINATO_OUTPUTS": root / "outputs"}
-    proc = run_journey("finetune", root / "work", timeout=400, SR=16000, SEGMENT=1, WORKERS=1, BATCH=4, STEPS=2,
-                       TRAINER="default", LR=1e-3, LOGGER="csv", DURATION=1.5, RANK=4, **paths)
-    return {**paths, "proc": proc}
+def journeys_2(hf_musicgen, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    """Journey 2 from a source kind, run once per kind in this module (journey 3 scores the transformers one)."""
+    done: dict[str, dict] = {}
+
+    def run(kind: str) -> dict:
+        if kind not in done:
+            root = tmp_path_factory.mktemp(f"finetune_{kind}")
+            paths = {"OG": root / "og", "AUDIO": _audio(root / "audio"), "MINE": root / "mine",
+                     "TUNED": root / "tuned", "ADAPTERS": root / "adapters", "BACK": root / "back",
+                     "GEN": root / "gen", "OSTINATO_OUTPUTS": root / "outputs",
+                     **_source(kind, hf_musicgen, root / "source")}
+            proc = run_journey("finetune", root / "work", timeout=400, SR=16000, SEGMENT=1, WORKERS=1, BATCH=4,
+                               STEPS=2, TRAINER="default", LR=1e-3, LOGGER="csv", DURATION=1.5, RANK=4, **paths)
+            done[kind] = {**paths, "kind": kind, "proc": proc}
+        return done[kind]
+    return run
+
+
+@pytest.fixture(scope="module", params=["transformers", "audiocraft"])
+def finetuned(journeys_2, request: pytest.FixtureRequest) -> dict:
+    return journeys_2(request.param)
 
 
 def test_finetune_journey_imports_tunes_exports_and_generates(finetuned: dict) -> None:
     from safetensors.torch import load_file
-    from transformers import MusicgenForConditionalGeneration
 
     import ostinato
     from ostinato.nn.lora import has_adapters
 
     og, tuned = finetuned["OG"], finetuned["TUNED"]
     assert (og / "codec").is_dir() and (og / "text_encoder").is_dir()
+    source = yaml.safe_load((og / "config.yaml").read_text())["family"]["semantics"]
+    assert source["text_padding"] == ("attended" if finetuned["kind"] == "audiocraft" else "masked"), source
     for split in ("train", "valid"):
         manifest = json.loads((finetuned["MINE"] / "tokens" / split / "manifest.json").read_text())
         assert manifest["codec"]["sample_rate"] == 16000
@@ -198,20 +224,44 @@ def test_finetune_journey_imports_tunes_exports_and_generates(finetuned: dict) -
     with torch.no_grad():
         cond, mask = merged.condition(["a sine tone"])
         assert (kept.lm(codes, cond, mask) - merged.lm(codes, cond, mask)).abs().max() <= 1e-5
-    back = MusicgenForConditionalGeneration.from_pretrained(finetuned["BACK"])
-    q = "decoder.model.decoder.layers.0.self_attn.q_proj.weight"
-    assert torch.allclose(back.state_dict()[q], after["lm.layers.0.self_attn.q_proj.weight"], atol=1e-6)
+    q = after["lm.layers.0.self_attn.q_proj.weight"]
+    if finetuned["kind"] == "transformers":  # handed back: what transformers loads holds the tuned weights
+        from transformers import MusicgenForConditionalGeneration
+
+        back = MusicgenForConditionalGeneration.from_pretrained(finetuned["BACK"]).state_dict()
+        assert torch.allclose(back["decoder.model.decoder.layers.0.self_attn.q_proj.weight"], q, atol=1e-6)
+    else:  # audiocraft's files: the LM (q, k, v packed in in_proj_weight) and the codec
+        best = torch.load(finetuned["BACK"] / "state_dict.bin", weights_only=True)["best_state"]
+        packed = best["transformer.layers.0.self_attn.mha.in_proj_weight"]
+        assert torch.allclose(packed[:q.shape[0]], q, atol=1e-6)
+        assert (finetuned["BACK"] / "compression_state_dict.bin").is_file()
 
 
-def test_eval_journey_scores_the_tuned_model(finetuned: dict, tmp_path: Path) -> None:
+def _within(point: float, ci: dict) -> bool:
+    """``point`` in the bootstrap interval, up to rounding (with 4 clips an end can be the point itself)."""
+    slack = 1e-6 * abs(point)
+    return ci["low"] - slack <= point <= ci["high"] + slack
+
+
+def test_eval_journey_scores_the_tuned_model(journeys_2, tmp_path: Path) -> None:
+    finetuned = journeys_2("transformers")
     out = tmp_path / "eval"
     proc = run_journey("eval", tmp_path / "work", timeout=300, MODEL=finetuned["TUNED"],
                        CODEC=finetuned["OG"] / "codec", REFERENCE=finetuned["MINE"] / "shards" / "test",
                        NUM_SAMPLES=4, CLIP_SECONDS=1, BATCH=4, FAD_POINTS=3, EVAL_OUT=out, DEVICE="cpu",
-                       OSTINATO_OUTPUTS=tmp_path / "outputs")
+                       OSTINATO_OUTPUTS=tmp_path / "outputs", REF_AUDIO=finetuned["AUDIO"],
+                       EMBEDDING=f"codec:{finetuned['OG'] / 'codec'}", BOOTSTRAP=20, FAD_OUT=tmp_path / "fad.json")
     result = json.loads((out / "metrics.json").read_text())
     metrics = result["metrics"]
     assert {"fad", "fad_inf", "per_song_fad_mean"} <= set(metrics) and metrics["fad"] >= 0
     assert result["settings"]["generation"]["cfg_scale"] == 3.0 and result["num_items"] == 4
     assert (out / "report.html").is_file() and len(list((out / "generated").glob("*.wav"))) == 4
     assert f"report: {out / 'report.md'}" in proc.stdout
+    # two folders: the 8 clips of the user's audio against the 4 the eval wrote
+    row = json.loads((tmp_path / "fad.json").read_text())["rows"][0]
+    sides = row["protocol"]["sides"]
+    assert (sides["REF"]["clips"], sides["GEN"]["clips"]) == (8, 4) and row["fad"] > 0
+    assert _within(row["fad"], row["bootstrap"]) and row["bootstrap"]["resamples"] == 20
+    kad = row["kad"]
+    assert (kad["n_ref"], kad["n_gen"]) == (8, 4) and _within(kad["kad"], kad["bootstrap"])
+    assert f"protocol: {tmp_path / 'fad.json'}" in proc.stdout
