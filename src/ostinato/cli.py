@@ -405,11 +405,13 @@ def _tokenize(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--semantic {args.semantic}: no semantic_tokenizer.json there; fit one with "
                                 f"`ostinato prep semantic SHARDS {args.semantic}`")
     devices = resolve_devices(args.device)
+    part = parse_part(args.part) if args.part else (0, 1)
     m = tokenize(args.semantic or args.codec, args.shards, args.out, n_q=args.n_q, batch_size=args.batch_size,
-                 workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust,
-                 part=parse_part(args.part) if args.part else (0, 1), progress=not args.quiet)
+                 workers=args.workers, devices=devices, overwrite=args.overwrite, trust=args.trust, part=part,
+                 progress=not args.quiet)
     if m is None:
-        print(f"part {args.part}: its shards are written in {args.out}; the last part to finish writes the manifest")
+        print(f"part {part[0]}/{part[1]}: its shards are written in {args.out}; the last part to finish writes the "
+              "manifest")
         return
     c = m.codec
     print(f"{len(m.shards)} token shards, {m.total_samples} samples, {m.total_frames} frames "
