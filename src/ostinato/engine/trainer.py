@@ -166,6 +166,18 @@ def apply_compile_and_checkpointing(cfg: Any, family: FamilyModule) -> None:
         apply_activation_checkpointing(family, check_fn=lambda m: isinstance(m, blocks))
 
 
+class LastStepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, which also writes ``last.ckpt`` when training ends past the last one it wrote:
+    Lightning writes it at the end only when it wrote none, so a run whose ``max_steps`` (or ``max_time`` stop) fell
+    between two ``checkpoint_every_steps`` lost its last steps, and its rerun trained them again."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
+
+
 def _max_time(cfg: Any) -> timedelta | None:
     """``trainer.max_time`` (minutes, or null) as Lightning's ``max_time``: training stops at the first batch end
     past it (checkpointed as at any stop), so a run fits a wall-clock budget whatever its steps per second."""
@@ -193,7 +205,7 @@ def build_trainer(cfg: Any, folder: Path, family: FamilyModule, xp: Any | None =
     devices, num_nodes = (dora_env.devices_per_node, dora_env.num_nodes) if dora_env else (t.devices, t.num_nodes)
     ckpt_dir = checkpoint_dir(folder)
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+        LastStepCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
                         every_n_train_steps=t.checkpoint_every_steps, save_last=True,
                         save_top_k=-1 if t.keep_checkpoints else 0, save_on_train_epoch_end=True,
                         enable_version_counter=False),  # a last.ckpt from elsewhere is overwritten, not kept beside
