@@ -98,6 +98,7 @@ def test_train_console_is_one_bar_with_the_planned_total_and_no_noise(codec_cons
     for noise in NOISE:
         assert not [line for line in lines + _lines(resumed) if re.search(noise.message, line)], noise.message
     assert "Epoch" not in console and "/-" not in console and "┏" not in console  # no epoch bar, no tables
+    assert "validate:" not in console  # validate_first's own bar is for terminals: a log keeps no cleared bar
     bars = [line for line in lines if line.startswith("step ")]
     assert bars and all(re.match(r"step \d/7 ", line) for line in bars), bars[-3:]
     last = bars[-1]

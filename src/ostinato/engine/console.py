@@ -110,7 +110,7 @@ def _number(value: float) -> str:
 class StepProgressBar(ProgressBar):
     """One bar over the whole run: ``step N/TOTAL``, steps/s, the metrics the family logs with ``prog_bar=True``
     (its loss and main validation metric) and the learning rate. Validation inside training shows on the same bar;
-    a stand-alone validation or test pass gets a bar that is cleared when done. Off a terminal (a SLURM log) it
+    a stand-alone validation or test pass gets a bar on a terminal, cleared when done. Off a terminal (a SLURM log) it
     redraws at most every ``log_interval`` seconds."""
 
     def __init__(self, log_interval: float = 30.0) -> None:
@@ -118,7 +118,7 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
         self._bar: tqdm | None = None
         self._pass: tqdm | None = None
-        tty = sys.stderr.isatty()
+        self._tty = tty = sys.stderr.isatty()
         self._interval = 0.1 if tty else log_interval
         # a terminal that reports no width (a pty nobody sized) would make tqdm draw nothing at all
         self._width: dict[str, Any] = ({"ncols": 120, "nrows": 50} if tty and _columns() == 0 else
@@ -159,7 +159,8 @@ class StepProgressBar(ProgressBar):
     def _pass_start(self, trainer: L.Trainer, what: str, total: float) -> None:
         if self._bar is None and not trainer.sanity_checking:  # a pass of its own: trainer.validate / test
             self._pass = tqdm(total=total if math.isfinite(total) else None, desc=what, file=sys.stderr,
-                              leave=False, mininterval=self._interval, disable=not self._enabled, **self._width)
+                              leave=False, mininterval=self._interval, **self._width,
+                              disable=not (self._enabled and self._tty))  # a log file keeps no cleared bar
 
     def _pass_step(self, trainer: L.Trainer, what: str, done: int, total: float) -> None:
         if self._pass is not None:
