@@ -1,6 +1,8 @@
 """docs/journeys.md, run as written: the bash blocks marked ``<!-- journey: NAME -->`` of each journey, in one
-shell, with tiny values in the variables the page uses for sizes and paths (a real single-node SLURM cluster, a
-random transformers MusicGen, a few steps on a CPU). The page and this test cannot drift apart."""
+shell, with tiny values in the variables the page uses for sizes and paths: a real single-node SLURM cluster, random
+models in the real shapes (journey 1: the MusicGen-small recipe over 4 x 2048 EnCodec-32k-shaped tokens, shrunk in
+width and lengths only; journey 2: a transformers and an audiocraft MusicGen), a few steps on a CPU. The page and
+this test cannot drift apart."""
 from __future__ import annotations
 
 import json
