@@ -18,7 +18,7 @@ encoder reads a centred input and the decoder's zero output is the average spect
 bins; the decoder's first hundreds of steps then go to lowering its level, with an L1 gradient of the same sign for
 every clip, which the network follows fastest through the encoder: its first conv turns into a level detector whose
 units sit in the ELU's flat end (91 % of them after 25 steps) or, without the saturation loss, its latents into the
-tanh's (all of them after 10 steps), and every clip reconstructs to the same average spectrum.
+tanh's (all of them after 10 steps), and for hundreds of steps every clip reconstructs to one average spectrum.
 
 The decoder works at the STFT frame rate and the waveform comes from an inverse FFT, which is what makes Musika
 fast on a CPU: no layer runs at the audio rate. Latents are bounded in [-1, 1] (tanh) so the GAN has a fixed range.
