@@ -1,7 +1,8 @@
 """Failures on the two-node SLURM cluster (tests/slurm/setup_two_nodes.sh, nodes on1 and on2), all through
 `ostinato grid`: a job requeued mid-run checkpoints on both ranks and resumes on both nodes; a node killed mid-run
 fails the job with one line naming that node, and a relaunch once it is back resumes from the last checkpoint;
-a grid of two two-node XPs shows both in its live table until both completed."""
+a rank that stops answering fails the other after trainer.collective_timeout, naming its node; a grid of two
+two-node XPs shows both in its live table until both completed."""
 from __future__ import annotations
 
 import json
@@ -163,6 +164,48 @@ def test_a_lost_node_fails_the_job_naming_it_and_a_relaunch_resumes(two_nodes, t
     resumed = [line for line in (folder / "train.log").read_text().splitlines() if "resuming" in line]
     assert len(resumed) == 1 and "last.ckpt" in resumed[0], _logs(folder)
     _same_weights(dump)
+
+
+def _rank_pid(node: str) -> int:
+    """The pid of the job's rank (submitit's Python) in the node's network namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", f"ostinato-{node}"], capture_output=True, text=True, check=True,
+                          timeout=10).stdout.split()
+    ranks = [int(p) for p in pids if b"submitit.core._submit" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(ranks) == 1, ranks
+    return ranks[0]
+
+
+def test_a_stuck_rank_fails_the_others_after_the_collective_timeout(two_nodes, tmp_path):
+    """The hang guard: rank 1 stops answering without closing its connections (SIGSTOP: a rank stuck, a node whose
+    network went); rank 0 waits trainer.collective_timeout (30 s here), not torch's 30 minutes, and fails in one
+    line naming on2. Once rank 1 runs again, its own next collective finds rank 0 gone: the job ends FAILED."""
+    env = _env(tmp_path, two_nodes, OSTINATO_DUMP=str(tmp_path / "dump"))
+    _grid(env, tmp_path, "two_nodes_stuck")
+    folder = _submitted(tmp_path)
+    _until(env, folder, lambda: 10 <= _step(folder) < 50, "checkpoint at step 10..49")
+    pid = _rank_pid("on2")
+    stopped_at = time.time()
+    subprocess.run(["kill", "-STOP", str(pid)], check=True, timeout=10)
+    try:
+        _until(env, folder, lambda: any("waited 30 s" in line for line in _lost_lines(folder, "on1")),
+               "rank 0's timeout", timeout=150)
+        waited = time.time() - stopped_at
+    finally:
+        subprocess.run(["kill", "-CONT", str(pid)], timeout=10)
+    line = next(line for line in _lost_lines(folder, "on1") if "waited 30 s" in line)
+    assert "rank 0 on on1 waited 30 s (trainer.collective_timeout) for node on2 in a collective" in line, line
+    assert 30 <= waited < 120, waited
+    _until(env, folder, lambda: _state(env, _job_id(folder)) not in RUNNING, "end of the job", timeout=180)
+    assert _state(env, _job_id(folder)) == "FAILED"
+    # rank 1, running again, finds rank 0 gone (or its own wait past the timeout) and names rank 0's node
+    rank1 = [line for line in (folder / "train.rank1.log").read_text().splitlines() if "rank 1 on on2 " in line]
+    assert len(rank1) == 1 and "node on1" in rank1[0], _logs(folder)
+    print(f"rank 0 gave up on the stopped rank 1 after {waited:.0f}s: {line}")
+
+
+def _lost_lines(folder: Path, host: str) -> list[str]:
+    return [line for line in (folder / "train.log").read_text().splitlines() if f"on {host} " in line
+            and "collective" in line]
 
 
 def test_a_grid_of_two_multi_node_xps_shows_both_in_the_live_table(two_nodes, tmp_path):

@@ -92,9 +92,10 @@ def lost_node_message(error: BaseException, rank: int, timeout_s: float | None =
     where = f"node {', '.join(lost)}" if lost else "another rank"
     if timed_out:
         waited = f"{timeout_s:g} s (trainer.collective_timeout)" if timeout_s else "trainer.collective_timeout"
-        what = f"waited {waited} for {where} in a collective, which never answered"
+        what = (f"waited {waited} for {where} in a collective, which never answered: its ranks hung, or it or its "
+                "network died")
     else:
-        what = f"lost {where} in a collective"
+        what = f"lost {where} in a collective: that node, its network or its job processes died"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(failure).__name__)
-    return (f"rank {rank} on {host} {what}: that node, its network or its job processes died ({first[-160:]}); "
-            "once the node is back (sinfo), relaunch the XP: it resumes from its last checkpoint")
+    return (f"rank {rank} on {host} {what} ({first[-160:]}); once the node is back (sinfo), relaunch the XP: it "
+            "resumes from its last checkpoint")
