@@ -108,6 +108,20 @@ def _restarts(env: dict[str, str], job: str) -> int:
     return int(out.split("Restarts=")[1].split()[0]) if "Restarts=" in out else 0
 
 
+def _steps(node: str) -> list[int]:
+    """The slurmstepd processes in the node's network namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", f"ostinato-{node}"], capture_output=True, text=True, check=True,
+                          timeout=10).stdout.split()
+    return [int(p) for p in pids if _comm(p) == "slurmstepd"]
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:  # gone meanwhile
+        return ""
+
+
 def _lost_line(folder: Path) -> list[str]:
     return [line for line in (folder / "train.log").read_text().splitlines() if "lost node on2 (10.77.0.12)" in line]
 
@@ -141,6 +155,10 @@ def test_a_lost_node_fails_the_job_naming_it_and_a_relaunch_resumes(two_nodes, t
         # SLURM declares on2 down (SlurmdTimeout=30 here): the job is requeued, or ends NODE_FAIL
         if after == "slurm_requeues":
             _until(env, folder, lambda: _restarts(env, first) > restarts, "requeue of the job", LOST, timeout=240)
+            # The requeued job (same id) may start 6 s later here (cred_expire=5; 121 s by default), while the
+            # killed incarnation's batch step on on1 still waits out KillWait (30 s) and then signals job 'first'
+            # everywhere: the new run would take that SIGTERM for a preemption. Bring on2 back once it is gone.
+            _until(env, folder, lambda: not _steps("on1"), "end of the lost run's steps on on1", LOST, timeout=90)
         else:
             _until(env, folder, lambda: _state(env, first) not in RUNNING, "end of the job", timeout=240)
             assert _state(env, first) == "NODE_FAIL", _state(env, first)
