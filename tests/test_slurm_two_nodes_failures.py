@@ -152,6 +152,11 @@ def test_a_lost_node_fails_the_job_naming_it_and_a_relaunch_resumes(two_nodes, t
         kept = _step(folder)
         assert kept >= 20 and str(folder / "checkpoints" / "last.ckpt") in lines[0], (kept, lines[0])
         assert said_after < 60, said_after
+        # rank 0's stderr (the XP's submitit log): the same line, as `ostinato train: error:`, and no traceback
+        out = folder / "submitit" / f"{first}_0_log.out"
+        said = "ostinato train: error: rank 0 on on1 lost node on2 (10.77.0.12)"
+        _until(env, folder, lambda: said in out.read_text(), "the line on rank 0's stderr", LOST, timeout=30)
+        assert "Traceback" not in out.read_text(), out.read_text()
         # SLURM declares on2 down (SlurmdTimeout=30 here): the job is requeued, or ends NODE_FAIL
         if after == "slurm_requeues":
             _until(env, folder, lambda: _restarts(env, first) > restarts, "requeue of the job", LOST, timeout=240)
