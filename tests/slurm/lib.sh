@@ -94,3 +94,26 @@ with_lock() {
     fi
     "$@"
 }
+
+# node_state NODE: its state in sinfo (idle, mixed, down*, ...), empty if sinfo does not answer.
+node_state() { timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -1; }
+
+# wait_node_up NODE: poll until the node is usable (resuming it, at most 3 times, while it is down or drained).
+wait_node_up() {
+    local node="$1" i st resumed=0
+    for ((i = 0; i < 120; i++)); do
+        st=$(node_state "$node" || true)
+        case "$st" in
+            idle | mixed | allocated | completing) log "node $node: $st"; return 0 ;;
+            *'*') ;; # not responding yet (slurmd registering)
+            down* | drain* | fail* | inval*)
+                if ((resumed < 3)) && ((i % 10 == 0)); then
+                    log "node $node is '$st' ($(timeout 5 sinfo -h -R -n "$node" -o '%E' | head -1)): resuming"
+                    timeout 10 scontrol update nodename="$node" state=resume || true
+                    resumed=$((resumed + 1))
+                fi ;;
+        esac
+        sleep 0.5
+    done
+    die "node $node did not become idle (state: '${st:-unknown}')"
+}

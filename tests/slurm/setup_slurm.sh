@@ -347,30 +347,9 @@ start_slurm() {
     file_hash "$CONF" >"$ROOT/run/slurm.conf.sha256"
 }
 
-node_state() { timeout 10 sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -1; }
-
-wait_node_up() {
-    local i st resumed=0
-    for ((i = 0; i < 120; i++)); do
-        st=$(node_state || true)
-        case "$st" in
-            idle | mixed | allocated | completing) log "node $HOST: $st"; return 0 ;;
-            *'*') ;; # not responding yet (slurmd registering)
-            down* | drain* | fail* | inval*)
-                if ((resumed < 3)) && (( i % 10 == 0 )); then
-                    log "node $HOST is '$st' ($(timeout 5 sinfo -h -R -n "$HOST" -o '%E' | head -1)): resuming"
-                    timeout 10 scontrol update nodename="$HOST" state=resume || true
-                    resumed=$((resumed + 1))
-                fi ;;
-        esac
-        sleep 0.5
-    done
-    die "node $HOST did not become idle (state: '${st:-unknown}')"
-}
-
 smoke_test() {
     [[ "$NO_SMOKE" == 1 ]] && { log "smoke test skipped (OSTINATO_SLURM_NO_SMOKE=1)"; return 0; }
-    if [[ "$(node_state)" == allocated ]]; then
+    if [[ "$(node_state "$HOST")" == allocated ]]; then
         log "node fully allocated by running jobs: smoke test skipped"
         return 0
     fi
@@ -399,7 +378,7 @@ cmd_start() {
     check_foreign
     start_slurmdbd
     start_slurm
-    wait_node_up
+    wait_node_up "$HOST"
     smoke_test
     log "cluster '$CLUSTER' ready: partition 'debug', node $HOST, conf $CONF (total $((SECONDS - T0))s)"
 }

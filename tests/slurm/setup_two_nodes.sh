@@ -287,28 +287,9 @@ start_daemons() {
     conf_hash >"$ROOT/run/conf.sha256"
 }
 
-node_state() { timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -1; }
-
 wait_nodes_up() {
-    local n i st resumed
-    for n in "${NODES[@]}"; do
-        resumed=0
-        for ((i = 0; i < 120; i++)); do
-            st=$(node_state "$n" || true)
-            case "$st" in
-                idle | mixed | allocated | completing) log "node $n: $st"; continue 2 ;;
-                *'*') ;;  # not responding yet (slurmd registering)
-                down* | drain* | fail* | inval*)
-                    if ((resumed < 3)) && ((i % 10 == 0)); then
-                        log "node $n is '$st' ($(timeout 5 sinfo -h -R -n "$n" -o '%E' | head -1)): resuming"
-                        timeout 10 scontrol update nodename="$n" state=resume || true
-                        resumed=$((resumed + 1))
-                    fi ;;
-            esac
-            sleep 0.5
-        done
-        die "node $n did not become idle (state: '${st:-unknown}')"
-    done
+    local n
+    for n in "${NODES[@]}"; do wait_node_up "$n"; done
 }
 
 smoke_test() {
