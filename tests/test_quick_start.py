@@ -1,27 +1,17 @@
-"""The README's quick start, run as written against a tiny MusicGen export at ``exports/x``."""
+"""``ostinato.load`` of a tiny MusicGen export (what the README's Python quick start loads; tests/test_readme.py runs
+that block as written against ``self_contained_export``)."""
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 import yaml
 
 from ostinato.models.musicgen import MusicGen
 from tests.synth import write_tiny_encodec
 from tests.test_app import SR, write_tiny_musicgen
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def quick_start_python() -> str:
-    """The Python block of the README's quick start section (the first ```python block under it)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S)[1]
 
 
 def self_contained_export(folder: Path) -> Path:
@@ -33,24 +23,6 @@ def self_contained_export(folder: Path) -> Path:
     cfg["family"]["codec"] = "codec"
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     return folder
-
-
-def test_readme_opens_with_the_quick_start() -> None:
-    first = re.search(r"^## (.+)$", (ROOT / "README.md").read_text(), re.M)[1]
-    code = quick_start_python()
-    assert first == "Quick start" and 'load("exports/x").generate(["a jig"], duration=8)' in code
-
-
-def test_quick_start_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    self_contained_export(tmp_path / "elsewhere" / "x")
-    (tmp_path / "exports").mkdir()
-    shutil.move(str(tmp_path / "elsewhere" / "x"), str(tmp_path / "exports" / "x"))  # moved: still whole
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    scope: dict = {}
-    exec(compile(quick_start_python(), "README.md", "exec"), scope)
-    audio = scope["audio"]
-    assert audio.shape == (1, 1, 8 * SR) and torch.isfinite(audio).all() and audio.abs().max() > 0
 
 
 def test_load_returns_the_plain_model(tmp_path: Path) -> None:
