@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from tests.doc_blocks import PAGES, ROOT, Block, marked_blocks, shell_commands
+from tests.synth import write_shards
 from tests.test_quick_start import self_contained_export
 
 RUNNABLE = [b for page in PAGES for b in marked_blocks(page, "runnable")]
@@ -27,7 +28,7 @@ TINY = {
     "train": ["trainer.max_steps=2", "trainer.checkpoint_every_steps=2", "data.batches_per_epoch=2",
               "trainer.limit_val_batches=1", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=4"],
     "export": [],
-    "generate": ["--duration", "1"],
+    "generate": ["--seconds", "1"],
     "eval": ["--num-samples", "1", "--set", "seconds=1", "--set", "batch_size=1"],  # the quick demo tests 1 clip
 }
 # A placeholder of the quick start and where its value is printed by the command before it.
@@ -43,9 +44,16 @@ def environment(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def musicgen_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``exports/musicgen`` of the runnable blocks: a tiny MusicGen export that carries its codec."""
-    return self_contained_export(tmp_path_factory.mktemp("models") / "musicgen")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the runnable blocks name, in a folder each copy of which is a block's current folder:
+    ``exports/musicgen`` (a tiny MusicGen export that carries its codec) and ``data/demo/shards/{train,valid,test}``
+    (tones in the demo corpus' shard format)."""
+    root = tmp_path_factory.mktemp("world")
+    (root / "exports").mkdir()
+    self_contained_export(root / "exports" / "musicgen")
+    for split in ("train", "valid", "test"):
+        write_shards(root / "data" / "demo" / "shards" / split, n_shards=2, per_shard=4, sample_rate=24000)
+    return root
 
 
 def test_the_pages_mark_their_blocks() -> None:
@@ -60,13 +68,12 @@ def test_the_pages_mark_their_blocks() -> None:
 
 
 @pytest.fixture(scope="module")
-def ran(musicgen_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
-    """Each runnable block, run once in its own folder beside a copy of ``exports/musicgen``: name -> (folder,
-    finished process)."""
+def ran(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    """Each runnable block, run once in its own copy of ``world``: name -> (folder, finished process)."""
     results = {}
     for block in RUNNABLE:
-        folder = tmp_path_factory.mktemp("block")
-        shutil.copytree(musicgen_export, folder / "exports" / "musicgen")
+        folder = tmp_path_factory.mktemp("block") / "work"
+        shutil.copytree(world, folder)
         if block.lang == "python":
             (folder / "block.py").write_text(block.code)
             cmd = [sys.executable, "block.py"]
