@@ -4,6 +4,7 @@ README's CLI quick start (``<!-- cli-quick-start -->``) run in the order given o
 filled from an earlier command's output. Links between the pages resolve, anchors included."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -171,3 +172,62 @@ def test_cli_quick_start_runs_in_order(quick_start: dict) -> None:
     assert json.loads((root / "gen" / "reel" / "000.json").read_text())["prompt"].startswith("An irish reel")
     result = json.loads(next((root / "outputs" / "eval").rglob("metrics.json")).read_text())
     assert result["num_items"] == 1 and result["metrics"]["fad"] >= 0
+
+
+# -- every `ostinato VERB --flag` the pages write exists ------------------------------------------------------
+DORA_VERBS = {"train", "grid", "launch", "info"}  # their options and overrides are dora's and Hydra's
+# `ostinato` in command position: a line's start (a shell prompt, indentation), after `$(`, `&&`, `;`, `do`, `then`
+COMMAND = re.compile(r"(?:^|\$\(|&&|;|\bdo\b|\bthen\b)\s*(?:\$ )?ostinato ((?:[^\n|;&#)`]|\\\n)*)", re.M)
+
+
+def written_commands(page: Path) -> list[list[str]]:
+    """The words after ``ostinato`` of each command the page writes, in code blocks and inline code alike."""
+    text = page.read_text()
+    fenced = re.findall(r"^```[\w-]*\n(.*?)^```", text, re.M | re.S)
+    inline = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+    commands = []
+    for code in [*fenced, *inline]:
+        for m in COMMAND.finditer(code.replace("\\\n", " ")):
+            commands.append(m[1].split())
+    return commands
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    """``VERB`` (and ``prep corpus``, ``bundle jukebox``, ...) -> its parser, from the CLI itself."""
+    from ostinato.cli import build_parser
+
+    def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices) if actions else {}
+
+    found = {}
+    for verb, parser in subparsers(build_parser()).items():
+        found[verb] = parser
+        found.update({f"{verb} {sub}": p for sub, p in subparsers(parser).items()})
+    return found
+
+
+def test_every_verb_and_flag_the_pages_write_exists() -> None:
+    """A renamed or removed flag (or one kept only as a deprecated spelling) in any page fails here, naming the page
+    and the command."""
+    verbs = parsers()
+    wrong = []
+    for page in [p for p in PAGES if p.name != "errors.md"]:  # errors.md quotes wrong commands on purpose
+        for words in written_commands(page):
+            words = [w for w in words if w not in ("--debug", "-v", "--verbose")]
+            if not words or words[0] in ("VERB", "VERB,") or words[0].startswith(("<", "-")):
+                continue  # `ostinato VERB --help` and the like: prose about every verb
+            verb = words[0] if words[0] in verbs else None
+            if verb is None:
+                wrong.append(f"{page.relative_to(ROOT)}: ostinato {' '.join(words)}: no verb {words[0]!r}")
+                continue
+            if len(words) > 1 and f"{verb} {words[1]}" in verbs:
+                verb = f"{verb} {words[1]}"
+            if verb in DORA_VERBS:
+                continue
+            options = {o for a in verbs[verb]._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
+            for word in words:
+                flag = re.match(r"--?[a-zA-Z][\w-]*", word)
+                if flag and flag[0] not in options:
+                    wrong.append(f"{page.relative_to(ROOT)}: ostinato {' '.join(words)}: {verb} has no {flag[0]}")
+    assert not wrong, "\n".join(wrong)
