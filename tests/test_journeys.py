@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 import yaml
 
+from tests.doc_blocks import marked_blocks
 from tests.references import write_t5
 from tests.test_musicgen_import import audiocraft_checkpoint
 from tests.test_musicgen_import import hf_musicgen  # noqa: F401  (fixture: a tiny transformers MusicGen folder)
@@ -30,8 +31,7 @@ JOURNEYS = ("sweep", "finetune", "eval")
 
 def journey(name: str) -> str:
     """The marked bash blocks of journey ``name``, joined in page order."""
-    blocks = re.findall(r"<!-- journey: (\w+) -->\s*```bash\n(.*?)```", DOC.read_text(), re.S)
-    script = "\n".join(body for marked, body in blocks if marked == name)
+    script = "\n".join(b.code for b in marked_blocks(DOC, f"journey: {name}") if b.lang == "bash")
     assert script, f"{DOC}: no ```bash block marked <!-- journey: {name} -->"
     return script
 
@@ -51,7 +51,7 @@ def run_journey(name: str, cwd: Path, timeout: float, **variables: str | Path) -
 
 
 def test_the_page_marks_the_three_journeys() -> None:
-    marked = re.findall(r"<!-- journey: (\w+) -->\s*```bash\n", DOC.read_text())
+    marked = [b.mark.removeprefix("journey: ") for b in marked_blocks(DOC) if b.mark.startswith("journey: ")]
     assert sorted(set(marked)) == sorted(JOURNEYS)
     readme = (ROOT / "README.md").read_text()
     assert "docs/journeys.md" in readme

@@ -108,7 +108,7 @@ def test_autoencoder_diversity_tells_a_decoder_that_ignores_its_latents():
     """At PyTorch's default init the autoencoder's output is its decoder's biases: every clip decodes to one
     spectrum (``logmag_cos`` 1.000, latents' spread 0.02 across clips against a centre of 0.10); at unit gain the
     decoded spectra differ as the clips do (0.84 against the inputs' 0.66). Training from either start settles on
-    the average spectrum first (see the README's Musika bullet): the check the GPU run prints."""
+    the average spectrum first (see docs/musika.md, the diversity bullet): the check the GPU run prints."""
     x = melodies(6, 1.28, 7)
     reports = {}
     for gain in (None, 1.0):
