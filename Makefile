@@ -53,7 +53,7 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2
 
 bench: install
 	$(BIN)/python bench/data_throughput.py --shards $(DEMO_DIR)/shards/train

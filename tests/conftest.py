@@ -13,19 +13,34 @@ from tests.synth import write_shards
 os.environ.setdefault("WANDB_MODE", "offline")
 # `make test` runs two xdist workers on the two cores: one thread each (2 x 2 threads spin-wait each other)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-# they start real SLURM clusters: one at a time
-SLURM_FILES = {"test_slurm", "test_journeys", "test_slurm_two_nodes", "test_slurm_two_nodes_failures"}
+# the files that start the one-node SLURM cluster, and those that start the two-node one: one file of each at a time
+SLURM_GROUPS = {"test_slurm": "slurm", "test_journeys": "slurm", "test_slurm_two_nodes": "slurm2n",
+                "test_slurm_two_nodes_failures": "slurm2n"}
+
+
+def scheduling_unit(nodeid: str) -> str:
+    """The scheduling unit of a test under xdist: its file, or its SLURM cluster's group of files."""
+    stem = Path(nodeid.split("::", 1)[0]).stem
+    return SLURM_GROUPS.get(stem, stem)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``-n 2 --dist loadgroup`` a test file runs on one worker, so its module fixtures (trained models,
-    the quick demo) are built once; the files that start SLURM share a worker. Without xdist (``-p no:xdist``)
-    there are no groups to mark."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        stem = Path(str(item.fspath)).stem
-        item.add_marker(pytest.mark.xdist_group("slurm" if stem in SLURM_FILES else stem))
+    """The SLURM groups first (stable: a file's tests keep their order), so that the longest units start first."""
+    items.sort(key=lambda item: scheduling_unit(item.nodeid) not in SLURM_GROUPS.values())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> object:
+    """Under ``make test``'s ``-n 2`` a test file runs on one worker, so its module fixtures (trained models, the
+    quick demo) are built once, and the files of one SLURM cluster run one after the other. Scopes, not xdist's
+    ``xdist_group`` marks: pytest-xdist 3.8 renames ``item._nodeid`` for those, which pytest 9 no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_unit(nodeid)
+
+    return FileGroups(config, log)
 
 
 @pytest.fixture
