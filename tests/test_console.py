@@ -3,6 +3,7 @@ third-party message a user cannot act on, every other warning still shown."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -152,3 +153,27 @@ def test_the_bar_draws_on_a_terminal_that_reports_no_size(env):
     assert proc.wait(timeout=300) == 0
     console = b"".join(chunks).decode(errors="replace")
     assert re.search(r"step 3/3 .*steps/s", console), console[-2000:]
+
+
+LOAD_A_TEXT_ENCODER = """
+import sys
+from transformers import BertConfig, BertModel
+if sys.argv[1] == "quiet":
+    from ostinato.engine.console import install
+    install()
+folder = sys.argv[2]
+BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                     vocab_size=32)).save_pretrained(folder)
+BertModel.from_pretrained(folder, local_files_only=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["quiet", "plain"])
+def test_a_local_text_encoder_loads_without_a_bar(tmp_path: Path, when: str) -> None:
+    """transformers draws a "Loading weights" bar per model it loads; the training console has none (transformers
+    is imported first here, as a family's text encoder imports it before the console is installed)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # an earlier install's
+    proc = subprocess.run([sys.executable, "-c", LOAD_A_TEXT_ENCODER, when, str(tmp_path / "bert")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("Loading weights" in proc.stderr) == (when == "plain"), proc.stderr[-2000:]

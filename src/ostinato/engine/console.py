@@ -75,7 +75,8 @@ class _DropNoise(logging.Filter):
 
 def install(noise: tuple[Noise, ...] = NOISE) -> None:
     """Drop ``noise`` from this process's console (idempotent): warning filters by category and message, a filter
-    on Lightning's rank-zero info loggers for its log lines."""
+    on Lightning's rank-zero info loggers for its log lines, and transformers' per-model "Loading weights" bars."""
+    _no_local_loading_bars()
     for item in noise:
         if item.category is not None:
             warnings.filterwarnings("ignore", message=item.message, category=item.category)
@@ -84,6 +85,21 @@ def install(noise: tuple[Noise, ...] = NOISE) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(lines))
+
+
+def _no_local_loading_bars() -> None:
+    """ostinato reads every pretrained weight from a local path (a text encoder loads in a second): transformers'
+    bars are off, through huggingface_hub's switch that transformers reads when it is imported, or directly when
+    it already is."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def planned_steps(trainer: L.Trainer) -> int | None:
