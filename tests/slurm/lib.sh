@@ -117,3 +117,17 @@ wait_node_up() {
     done
     die "node $node did not become idle (state: '${st:-unknown}')"
 }
+
+# cancel_jobs: scancel every job of the cluster the environment names, then wait up to 20 s for them to leave.
+cancel_jobs() {
+    local jobs i
+    jobs=$(timeout 10 squeue -h -o '%A' 2>/dev/null | tr '\n' ' ' || true)
+    [[ -n "${jobs// /}" ]] || return 0
+    log "cancelling jobs: $jobs"
+    # shellcheck disable=SC2086
+    timeout 10 scancel $jobs || true
+    for ((i = 0; i < 40; i++)); do
+        [[ -z "$(timeout 5 squeue -h -o '%A' 2>/dev/null)" ]] && break
+        sleep 0.5
+    done
+}

@@ -341,18 +341,8 @@ cmd_start() {
 
 cmd_stop() {
     need_root
-    local jobs i
     if pid_alive slurmctld "$ROOT/run/slurmctld.pid"; then
-        jobs=$(timeout 10 squeue -h -o '%A' 2>/dev/null | tr '\n' ' ' || true)
-        if [[ -n "${jobs// /}" ]]; then
-            log "cancelling jobs: $jobs"
-            # shellcheck disable=SC2086
-            timeout 10 scancel $jobs || true
-            for ((i = 0; i < 40; i++)); do
-                [[ -z "$(timeout 5 squeue -h -o '%A' 2>/dev/null)" ]] && break
-                sleep 0.5
-            done
-        fi
+        cancel_jobs
     fi
     stop_daemons
     log "stopped"
